@@ -1,0 +1,922 @@
+//! Signed documents: the root of trust and each device's desired state.
+//!
+//! Both travel in the same envelope, [`Signed`]: the document itself as a
+//! JSON object under `signed`, and a list of `{keyid, sig}` pairs. A
+//! signature covers [`crate::canonical::signing_input`] of the whole
+//! `signed` object, so every field (model hash, URLs, version, expiry,
+//! device id) is bound together and nothing can be mixed and matched.
+//!
+//! * [`RootDocument`] names the root keys (kept offline) and the online keys
+//!   allowed to sign desired state, each role with a threshold. Devices are
+//!   flashed with the first root document and only ever move forward
+//!   ([`RootDocument::verify_successor`]).
+//! * [`DesiredState`] tells one device which models to run. It is signed by
+//!   the fleet server's online key and checked with [`DesiredState::verify`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::canonical::signing_input;
+use crate::crypto::{decode_signature, encode_signature, KeyId, PublicKey, SecretKey};
+use crate::ids::{validate_name, DeviceId};
+use crate::SCHEMA_VERSION;
+
+/// Why a signed document was refused. Every variant names what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("malformed document: {0}")]
+    Malformed(String),
+    #[error("expected a {expected:?} document, got {found:?}")]
+    WrongType { expected: String, found: String },
+    #[error("unsupported schema version {found} (this build understands {supported})")]
+    UnsupportedSchema { found: u32, supported: u32 },
+    #[error("signature by key {keyid} is not valid base64 of 64 bytes: {reason}")]
+    BadSignatureEncoding { keyid: String, reason: String },
+    #[error("signature by key {keyid} is not trusted for the {role} role")]
+    UnknownKey { keyid: String, role: String },
+    #[error("signature by key {keyid} does not verify (document altered or wrong key)")]
+    BadSignature { keyid: String },
+    #[error("{role} role needs {required} valid signature(s), found {valid}")]
+    ThresholdNotMet {
+        role: String,
+        valid: usize,
+        required: u32,
+    },
+    #[error("document expired at {expires} (now {now}); the fleet server must re-sign it")]
+    Expired { expires: u64, now: u64 },
+    #[error("desired state is for device {found}, not this device ({expected})")]
+    WrongDevice { expected: String, found: String },
+    #[error("invalid root document: {0}")]
+    InvalidRoot(String),
+    #[error("invalid desired state: {0}")]
+    InvalidDesired(String),
+    #[error("root version {offered} does not follow trusted version {trusted}")]
+    RootVersion { trusted: u64, offered: u64 },
+    #[error("desired state version {offered} is not newer than trusted version {trusted} (rollback or replay)")]
+    Rollback { trusted: u64, offered: u64 },
+}
+
+/// A document kind that travels inside a [`Signed`] envelope.
+pub trait Document: Serialize + DeserializeOwned {
+    /// The value of the document's `type` field and its signing domain.
+    const TYPE: &'static str;
+}
+
+/// One signature in an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureEntry {
+    pub keyid: String,
+    pub sig: String,
+}
+
+/// The envelope every signed document travels in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signed {
+    pub signed: Value,
+    pub signatures: Vec<SignatureEntry>,
+}
+
+impl Signed {
+    /// Serialises `doc` and signs it with each of `keys`.
+    pub fn sign<D: Document>(doc: &D, keys: &[&SecretKey]) -> Self {
+        let signed = serde_json::to_value(doc).expect("documents always serialise");
+        let message = signing_input(D::TYPE, &signed);
+        let signatures = keys
+            .iter()
+            .map(|key| SignatureEntry {
+                keyid: key.key_id().to_string(),
+                sig: encode_signature(&key.sign(&message)),
+            })
+            .collect();
+        Self { signed, signatures }
+    }
+
+    /// Parses an envelope from JSON bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, VerifyError> {
+        serde_json::from_slice(bytes).map_err(|e| VerifyError::Malformed(e.to_string()))
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("envelopes always serialise")
+    }
+
+    /// The document's `type` field, if it has one.
+    pub fn doc_type(&self) -> Option<&str> {
+        self.signed.get("type").and_then(Value::as_str)
+    }
+
+    /// Deserialises the signed document, checking its type and schema but
+    /// *not* its signatures.
+    pub fn parse_unverified<D: Document>(&self) -> Result<D, VerifyError> {
+        let found = self.doc_type().unwrap_or("<none>");
+        if found != D::TYPE {
+            return Err(VerifyError::WrongType {
+                expected: D::TYPE.into(),
+                found: found.into(),
+            });
+        }
+        let schema = self.signed.get("schema").and_then(Value::as_u64);
+        if schema != Some(u64::from(SCHEMA_VERSION)) {
+            return Err(VerifyError::UnsupportedSchema {
+                found: schema.map_or(0, |s| s as u32),
+                supported: SCHEMA_VERSION,
+            });
+        }
+        D::deserialize(&self.signed).map_err(|e| VerifyError::Malformed(e.to_string()))
+    }
+
+    /// Checks that at least `role.threshold` distinct keys of `role` signed
+    /// this envelope. Signatures by other keys are ignored if the threshold
+    /// is met; otherwise the most telling problem is returned.
+    pub fn check_role(
+        &self,
+        doc_type: &str,
+        role_name: &str,
+        role: &RoleKeys,
+        keys: &BTreeMap<KeyId, PublicKey>,
+    ) -> Result<(), VerifyError> {
+        let message = signing_input(doc_type, &self.signed);
+        let mut valid = BTreeSet::new();
+        let mut bad_signature = None;
+        let mut bad_encoding = None;
+        let mut unknown = None;
+        for entry in &self.signatures {
+            let key = entry
+                .keyid
+                .parse::<KeyId>()
+                .ok()
+                .filter(|id| role.keyids.contains(id))
+                .and_then(|id| keys.get(&id).map(|key| (id, key)));
+            let Some((id, key)) = key else {
+                unknown.get_or_insert_with(|| entry.keyid.clone());
+                continue;
+            };
+            match decode_signature(&entry.sig) {
+                Err(e) => {
+                    bad_encoding.get_or_insert((entry.keyid.clone(), e.to_string()));
+                }
+                Ok(sig) if key.verify(&message, &sig) => {
+                    valid.insert(id);
+                }
+                Ok(_) => {
+                    bad_signature.get_or_insert_with(|| entry.keyid.clone());
+                }
+            }
+        }
+        if valid.len() >= role.threshold as usize && role.threshold > 0 {
+            return Ok(());
+        }
+        if let Some(keyid) = bad_signature {
+            return Err(VerifyError::BadSignature { keyid });
+        }
+        if let Some((keyid, reason)) = bad_encoding {
+            return Err(VerifyError::BadSignatureEncoding { keyid, reason });
+        }
+        if let Some(keyid) = unknown {
+            return Err(VerifyError::UnknownKey {
+                keyid,
+                role: role_name.into(),
+            });
+        }
+        Err(VerifyError::ThresholdNotMet {
+            role: role_name.into(),
+            valid: valid.len(),
+            required: role.threshold,
+        })
+    }
+}
+
+/// The keys allowed to sign for one role, and how many must.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleKeys {
+    pub keyids: Vec<KeyId>,
+    pub threshold: u32,
+}
+
+/// The root of trust: root keys (offline) and desired-state keys (online).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootDocument {
+    #[serde(rename = "type")]
+    pub doc_type: String,
+    pub schema: u32,
+    /// Starts at 1; each rotation adds exactly 1.
+    pub version: u64,
+    /// Unix seconds after which this root is no longer trusted.
+    pub expires: u64,
+    /// Every key any role refers to.
+    pub keys: BTreeMap<KeyId, PublicKey>,
+    /// Keys that sign root documents.
+    pub root: RoleKeys,
+    /// Keys that sign desired-state documents (the fleet server's keys).
+    pub desired: RoleKeys,
+}
+
+impl Document for RootDocument {
+    const TYPE: &'static str = "root";
+}
+
+impl RootDocument {
+    /// A root document trusting `root_keys` (with `root_threshold`) and
+    /// `desired_keys` (threshold 1).
+    pub fn new(
+        version: u64,
+        expires: u64,
+        root_keys: &[PublicKey],
+        root_threshold: u32,
+        desired_keys: &[PublicKey],
+    ) -> Self {
+        let mut keys = BTreeMap::new();
+        for key in root_keys.iter().chain(desired_keys) {
+            keys.insert(key.key_id(), *key);
+        }
+        Self {
+            doc_type: Self::TYPE.into(),
+            schema: SCHEMA_VERSION,
+            version,
+            expires,
+            keys,
+            root: RoleKeys {
+                keyids: root_keys.iter().map(PublicKey::key_id).collect(),
+                threshold: root_threshold,
+            },
+            desired: RoleKeys {
+                keyids: desired_keys.iter().map(PublicKey::key_id).collect(),
+                threshold: 1,
+            },
+        }
+    }
+
+    /// Structural checks: every role key is listed, ids match their keys,
+    /// thresholds are reachable.
+    pub fn validate(&self) -> Result<(), VerifyError> {
+        let invalid = |m: String| Err(VerifyError::InvalidRoot(m));
+        if self.version == 0 {
+            return invalid("version must start at 1".into());
+        }
+        for (id, key) in &self.keys {
+            if key.key_id() != *id {
+                return invalid(format!("key id {id} does not match its public key"));
+            }
+        }
+        for (name, role) in [("root", &self.root), ("desired", &self.desired)] {
+            let distinct: BTreeSet<_> = role.keyids.iter().collect();
+            if role.threshold == 0 || role.threshold as usize > distinct.len() {
+                return invalid(format!(
+                    "{name} role threshold {} is not between 1 and its {} distinct key(s)",
+                    role.threshold,
+                    distinct.len()
+                ));
+            }
+            if let Some(missing) = role.keyids.iter().find(|id| !self.keys.contains_key(id)) {
+                return invalid(format!("{name} role names unknown key {missing}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies a root document that is trusted by being pinned (flashed
+    /// onto the device): well formed and signed by a threshold of its own
+    /// root keys.
+    pub fn verify_initial(envelope: &Signed) -> Result<Self, VerifyError> {
+        let doc: Self = envelope.parse_unverified()?;
+        doc.validate()?;
+        envelope.check_role(Self::TYPE, "root", &doc.root, &doc.keys)?;
+        Ok(doc)
+    }
+
+    /// Verifies the next root in the chain: exactly one version newer,
+    /// signed by a threshold of this root's root keys *and* of its own.
+    pub fn verify_successor(&self, envelope: &Signed) -> Result<Self, VerifyError> {
+        let next: Self = envelope.parse_unverified()?;
+        if next.version != self.version + 1 {
+            return Err(VerifyError::RootVersion {
+                trusted: self.version,
+                offered: next.version,
+            });
+        }
+        next.validate()?;
+        envelope.check_role(Self::TYPE, "root (previous)", &self.root, &self.keys)?;
+        envelope.check_role(Self::TYPE, "root", &next.root, &next.keys)?;
+        Ok(next)
+    }
+
+    /// Public keys of the desired-state role.
+    pub fn desired_keys(&self) -> impl Iterator<Item = (&KeyId, &PublicKey)> {
+        self.desired
+            .keyids
+            .iter()
+            .filter_map(|id| self.keys.get_key_value(id))
+    }
+}
+
+/// Model file formats the agent can load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    Onnx,
+    Tflite,
+}
+
+impl ModelFormat {
+    /// The format implied by a file name's extension.
+    pub fn from_path(path: &std::path::Path) -> Option<Self> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "onnx" => Some(Self::Onnx),
+            "tflite" => Some(Self::Tflite),
+            _ => None,
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Onnx => "onnx",
+            Self::Tflite => "tflite",
+        }
+    }
+}
+
+impl fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.extension())
+    }
+}
+
+impl std::str::FromStr for ModelFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "onnx" => Ok(Self::Onnx),
+            "tflite" => Ok(Self::Tflite),
+            other => Err(format!("unknown model format {other:?} (expected onnx or tflite)")),
+        }
+    }
+}
+
+/// Name, datatype (Open Inference Protocol names: `FP32`, `INT64`, ...) and
+/// shape of one model input or output; `-1` marks a dynamic dimension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+}
+
+/// A tensor's values inside a signed test vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestTensor {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<u64>,
+    pub data: Vec<f64>,
+}
+
+/// An input and the output the model must produce for it on the device,
+/// within `tolerance` (absolute, per element).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestVector {
+    pub inputs: Vec<TestTensor>,
+    pub expected: Vec<TestTensor>,
+    pub tolerance: f64,
+}
+
+/// One model a device should run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSlot {
+    pub name: String,
+    /// Monotonic per model name.
+    pub version: u64,
+    pub format: ModelFormat,
+    /// Lowercase hex SHA-256 of the model file.
+    pub sha256: String,
+    /// Exact size of the model file in bytes; downloads stop here.
+    pub size: u64,
+    /// Where to download it, tried in order.
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<TensorSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<TensorSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_vector: Option<TestVector>,
+}
+
+impl ModelSlot {
+    fn validate(&self) -> Result<(), String> {
+        validate_name("model name", &self.name).map_err(|e| e.to_string())?;
+        if self.sha256.len() != 64
+            || !self
+                .sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(format!(
+                "model {}: sha256 must be 64 lowercase hex characters",
+                self.name
+            ));
+        }
+        if self.size == 0 {
+            return Err(format!("model {}: size must be positive", self.name));
+        }
+        if self.urls.is_empty() {
+            return Err(format!("model {}: no download URL", self.name));
+        }
+        if let Some(tv) = &self.test_vector {
+            if !(tv.tolerance.is_finite() && tv.tolerance >= 0.0) {
+                return Err(format!("model {}: test vector tolerance must be >= 0", self.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one device should run, signed by the fleet server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredState {
+    #[serde(rename = "type")]
+    pub doc_type: String,
+    pub schema: u32,
+    pub device_id: DeviceId,
+    /// Only ever increases for a device.
+    pub version: u64,
+    /// Unix seconds when the server signed it.
+    pub issued_at: u64,
+    /// Unix seconds after which the device must not act on it.
+    pub expires: u64,
+    pub models: Vec<ModelSlot>,
+}
+
+impl Document for DesiredState {
+    const TYPE: &'static str = "desired";
+}
+
+impl DesiredState {
+    pub fn new(
+        device_id: DeviceId,
+        version: u64,
+        issued_at: u64,
+        expires: u64,
+        models: Vec<ModelSlot>,
+    ) -> Self {
+        Self {
+            doc_type: Self::TYPE.into(),
+            schema: SCHEMA_VERSION,
+            device_id,
+            version,
+            issued_at,
+            expires,
+            models,
+        }
+    }
+
+    /// Verifies an envelope for `device` against the trusted `root` at time
+    /// `now`: signatures by the desired role, the device id, expiry and the
+    /// model slots' structure. Freshness against what the device already
+    /// trusts is [`DesiredState::check_newer_than`].
+    pub fn verify(
+        envelope: &Signed,
+        root: &RootDocument,
+        device: &DeviceId,
+        now: u64,
+    ) -> Result<Self, VerifyError> {
+        let doc: Self = envelope.parse_unverified()?;
+        envelope.check_role(Self::TYPE, "desired", &root.desired, &root.keys)?;
+        if doc.device_id != *device {
+            return Err(VerifyError::WrongDevice {
+                expected: device.to_string(),
+                found: doc.device_id.to_string(),
+            });
+        }
+        if now >= doc.expires {
+            return Err(VerifyError::Expired {
+                expires: doc.expires,
+                now,
+            });
+        }
+        let mut names = BTreeSet::new();
+        for slot in &doc.models {
+            slot.validate().map_err(VerifyError::InvalidDesired)?;
+            if !names.insert(slot.name.as_str()) {
+                return Err(VerifyError::InvalidDesired(format!(
+                    "model {} appears twice",
+                    slot.name
+                )));
+            }
+        }
+        Ok(doc)
+    }
+
+    /// Refuses a document whose version is not above the trusted one.
+    pub fn check_newer_than(&self, trusted: Option<u64>) -> Result<(), VerifyError> {
+        match trusted {
+            Some(trusted) if self.version <= trusted => Err(VerifyError::Rollback {
+                trusted,
+                offered: self.version,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+    use serde_json::json;
+
+    struct Fixture {
+        root_key: SecretKey,
+        online_key: SecretKey,
+        root: RootDocument,
+        device: DeviceId,
+    }
+
+    fn fixture() -> Fixture {
+        let root_key = SecretKey::from_seed([1; 32]);
+        let online_key = SecretKey::from_seed([2; 32]);
+        let root = RootDocument::new(1, 2_000_000_000, &[root_key.public()], 1, &[online_key.public()]);
+        Fixture {
+            root_key,
+            online_key,
+            root,
+            device: DeviceId::new("pi-1").unwrap(),
+        }
+    }
+
+    fn slot() -> ModelSlot {
+        ModelSlot {
+            name: "digits".into(),
+            version: 3,
+            format: ModelFormat::Onnx,
+            sha256: "ab".repeat(32),
+            size: 1234,
+            urls: vec!["http://server/artifacts/abab".into()],
+            inputs: vec![TensorSpec {
+                name: "input".into(),
+                datatype: "FP32".into(),
+                shape: vec![-1, 64],
+            }],
+            outputs: vec![],
+            test_vector: Some(TestVector {
+                inputs: vec![TestTensor {
+                    name: "input".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![1, 2],
+                    data: vec![0.5, 1.0],
+                }],
+                expected: vec![],
+                tolerance: 0.01,
+            }),
+        }
+    }
+
+    fn desired(f: &Fixture) -> DesiredState {
+        DesiredState::new(f.device.clone(), 7, 1_000, 1_000_000_000, vec![slot()])
+    }
+
+    const NOW: u64 = 500_000;
+
+    #[test]
+    fn root_document_verifies_itself_and_survives_json() {
+        let f = fixture();
+        let env = Signed::sign(&f.root, &[&f.root_key]);
+        let parsed = Signed::from_json(&env.to_json()).unwrap();
+        assert_eq!(RootDocument::verify_initial(&parsed).unwrap(), f.root);
+    }
+
+    #[test]
+    fn root_signed_by_online_key_is_refused() {
+        let f = fixture();
+        let env = Signed::sign(&f.root, &[&f.online_key]);
+        assert!(matches!(
+            RootDocument::verify_initial(&env).unwrap_err(),
+            VerifyError::UnknownKey { role, .. } if role == "root"
+        ));
+    }
+
+    #[test]
+    fn desired_state_round_trips_and_verifies() {
+        let f = fixture();
+        let doc = desired(&f);
+        let env = Signed::sign(&doc, &[&f.online_key]);
+        let parsed = Signed::from_json(&env.to_json()).unwrap();
+        assert_eq!(DesiredState::verify(&parsed, &f.root, &f.device, NOW).unwrap(), doc);
+    }
+
+    #[test]
+    fn canonical_signing_input_is_stable() {
+        // If this changes, every signature in the field breaks: bump the
+        // schema version instead of editing the expected bytes.
+        let f = fixture();
+        let mut doc = desired(&f);
+        doc.models[0].test_vector = None;
+        let value = serde_json::to_value(&doc).unwrap();
+        let bytes = crate::canonical::signing_input("desired", &value);
+        let expected = concat!(
+            "edgefleet/v1/desired\0",
+            r#"{"device_id":"pi-1","expires":1000000000,"issued_at":1000,"models":[{"format":"onnx","#,
+            r#""inputs":[{"datatype":"FP32","name":"input","shape":[-1,64]}],"name":"digits","#,
+            r#""sha256":"abababababababababababababababababababababababababababababababab","size":1234,"#,
+            r#""urls":["http://server/artifacts/abab"],"version":3}],"schema":1,"type":"desired","version":7}"#
+        );
+        assert_eq!(String::from_utf8(bytes).unwrap(), expected);
+        let sig = f.online_key.sign(expected.as_bytes());
+        assert_eq!(
+            Signed::sign(&doc, &[&f.online_key]).signatures[0].sig,
+            crate::crypto::encode_signature(&sig)
+        );
+    }
+
+    #[test]
+    fn wrong_key_is_refused() {
+        let f = fixture();
+        let rogue = SecretKey::from_seed([66; 32]);
+        let env = Signed::sign(&desired(&f), &[&rogue]);
+        let err = DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err();
+        assert_eq!(
+            err,
+            VerifyError::UnknownKey {
+                keyid: rogue.key_id().to_string(),
+                role: "desired".into()
+            }
+        );
+    }
+
+    #[test]
+    fn root_key_cannot_sign_desired_state() {
+        let f = fixture();
+        let env = Signed::sign(&desired(&f), &[&f.root_key]);
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::UnknownKey { .. }
+        ));
+    }
+
+    #[test]
+    fn rogue_key_claiming_a_trusted_key_id_is_refused() {
+        let f = fixture();
+        let rogue = SecretKey::from_seed([66; 32]);
+        let mut env = Signed::sign(&desired(&f), &[&rogue]);
+        env.signatures[0].keyid = f.online_key.key_id().to_string();
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::BadSignature { .. }
+        ));
+    }
+
+    /// Changes one scalar somewhere inside `value`, returning false when
+    /// `index` is past the number of scalars.
+    fn flip_nth_scalar(value: &mut Value, index: &mut usize) -> bool {
+        match value {
+            Value::Object(map) => map.values_mut().any(|v| flip_nth_scalar(v, index)),
+            Value::Array(items) => items.iter_mut().any(|v| flip_nth_scalar(v, index)),
+            scalar => {
+                if *index > 0 {
+                    *index -= 1;
+                    return false;
+                }
+                *scalar = match scalar.take() {
+                    Value::String(s) => {
+                        let mut bytes = s.into_bytes();
+                        bytes[0] ^= 0x01;
+                        Value::String(String::from_utf8(bytes).unwrap())
+                    }
+                    Value::Number(n) if n.is_u64() => json!(n.as_u64().unwrap() ^ 1),
+                    Value::Number(n) if n.is_i64() => json!(n.as_i64().unwrap() ^ 1),
+                    Value::Number(n) => json!(n.as_f64().unwrap() + 0.25),
+                    Value::Bool(b) => json!(!b),
+                    Value::Null => json!(0),
+                    other => other,
+                };
+                true
+            }
+        }
+    }
+
+    #[test]
+    fn flipping_any_field_breaks_the_signature() {
+        let f = fixture();
+        let env = Signed::sign(&desired(&f), &[&f.online_key]);
+        let mut checked = 0;
+        for index in 0.. {
+            let mut tampered = env.clone();
+            let mut i = index;
+            if !flip_nth_scalar(&mut tampered.signed, &mut i) {
+                break;
+            }
+            let err = DesiredState::verify(&tampered, &f.root, &f.device, NOW).unwrap_err();
+            // Changing `type` or `schema` is caught before signatures are
+            // checked; everything else must fail the signature.
+            assert!(
+                matches!(
+                    err,
+                    VerifyError::BadSignature { .. }
+                        | VerifyError::WrongType { .. }
+                        | VerifyError::UnsupportedSchema { .. }
+                        | VerifyError::Malformed(_)
+                ),
+                "field {index}: {err}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} fields visited");
+    }
+
+    #[test]
+    fn flipping_any_signature_byte_breaks_it() {
+        let f = fixture();
+        let env = Signed::sign(&desired(&f), &[&f.online_key]);
+        let raw = decode_signature(&env.signatures[0].sig).unwrap();
+        for byte in 0..64 {
+            let mut sig = raw;
+            sig[byte] ^= 0x80;
+            let mut tampered = env.clone();
+            tampered.signatures[0].sig = encode_signature(&sig);
+            assert!(
+                DesiredState::verify(&tampered, &f.root, &f.device, NOW).is_err(),
+                "byte {byte}"
+            );
+        }
+    }
+
+    #[test]
+    fn added_field_breaks_the_signature() {
+        let f = fixture();
+        let mut env = Signed::sign(&desired(&f), &[&f.online_key]);
+        env.signed["models"][0]["urls"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("http://evil/model"));
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::BadSignature { .. }
+        ));
+    }
+
+    #[test]
+    fn truncated_signature_is_refused() {
+        let f = fixture();
+        let mut env = Signed::sign(&desired(&f), &[&f.online_key]);
+        let sig = &env.signatures[0].sig;
+        env.signatures[0].sig = sig[..sig.len() - 8].to_string();
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::BadSignatureEncoding { .. }
+        ));
+    }
+
+    #[test]
+    fn unsigned_document_is_refused() {
+        let f = fixture();
+        let mut env = Signed::sign(&desired(&f), &[&f.online_key]);
+        env.signatures.clear();
+        assert_eq!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::ThresholdNotMet {
+                role: "desired".into(),
+                valid: 0,
+                required: 1
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_id_is_refused() {
+        let f = fixture();
+        let mut env = Signed::sign(&desired(&f), &[&f.online_key]);
+        env.signatures[0].keyid = "00".repeat(32);
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::UnknownKey { .. }
+        ));
+        env.signatures[0].keyid = "not-a-key-id".into();
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::UnknownKey { .. }
+        ));
+    }
+
+    #[test]
+    fn duplicate_signatures_do_not_meet_a_threshold_of_two() {
+        let mut f = fixture();
+        let second = SecretKey::from_seed([3; 32]);
+        f.root = RootDocument::new(
+            1,
+            2_000_000_000,
+            &[f.root_key.public()],
+            1,
+            &[f.online_key.public(), second.public()],
+        );
+        f.root.desired.threshold = 2;
+        let env = Signed::sign(&desired(&f), &[&f.online_key, &f.online_key]);
+        assert_eq!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::ThresholdNotMet {
+                role: "desired".into(),
+                valid: 1,
+                required: 2
+            }
+        );
+        let env = Signed::sign(&desired(&f), &[&f.online_key, &second]);
+        assert!(DesiredState::verify(&env, &f.root, &f.device, NOW).is_ok());
+    }
+
+    #[test]
+    fn expired_wrong_device_and_wrong_type_are_refused() {
+        let f = fixture();
+        let env = Signed::sign(&desired(&f), &[&f.online_key]);
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &f.device, 1_000_000_000).unwrap_err(),
+            VerifyError::Expired { .. }
+        ));
+        let other = DeviceId::new("pi-2").unwrap();
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &other, NOW).unwrap_err(),
+            VerifyError::WrongDevice { .. }
+        ));
+        let root_env = Signed::sign(&f.root, &[&f.root_key]);
+        assert!(matches!(
+            DesiredState::verify(&root_env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::WrongType { .. }
+        ));
+    }
+
+    #[test]
+    fn rollback_and_replay_are_refused() {
+        let f = fixture();
+        let doc = desired(&f);
+        assert!(doc.check_newer_than(None).is_ok());
+        assert!(doc.check_newer_than(Some(6)).is_ok());
+        assert_eq!(
+            doc.check_newer_than(Some(7)).unwrap_err(),
+            VerifyError::Rollback {
+                trusted: 7,
+                offered: 7
+            }
+        );
+        assert!(doc.check_newer_than(Some(9)).is_err());
+    }
+
+    #[test]
+    fn invalid_slots_are_refused_even_when_signed() {
+        let f = fixture();
+        let mut doc = desired(&f);
+        doc.models[0].sha256 = "XYZ".into();
+        let env = Signed::sign(&doc, &[&f.online_key]);
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::InvalidDesired(_)
+        ));
+        let mut doc = desired(&f);
+        doc.models.push(slot());
+        let env = Signed::sign(&doc, &[&f.online_key]);
+        assert!(matches!(
+            DesiredState::verify(&env, &f.root, &f.device, NOW).unwrap_err(),
+            VerifyError::InvalidDesired(m) if m.contains("twice")
+        ));
+    }
+
+    #[test]
+    fn root_rotation_needs_old_and_new_root_keys_and_the_next_version() {
+        let f = fixture();
+        let new_root_key = SecretKey::from_seed([11; 32]);
+        let new_online = SecretKey::from_seed([12; 32]);
+        let next = RootDocument::new(2, 2_000_000_000, &[new_root_key.public()], 1, &[new_online.public()]);
+        let both = Signed::sign(&next, &[&f.root_key, &new_root_key]);
+        assert_eq!(f.root.verify_successor(&both).unwrap(), next);
+
+        let only_new = Signed::sign(&next, &[&new_root_key]);
+        assert!(f.root.verify_successor(&only_new).is_err());
+        let only_old = Signed::sign(&next, &[&f.root_key]);
+        assert!(f.root.verify_successor(&only_old).is_err());
+
+        let mut skipping = next.clone();
+        skipping.version = 3;
+        let env = Signed::sign(&skipping, &[&f.root_key, &new_root_key]);
+        assert_eq!(
+            f.root.verify_successor(&env).unwrap_err(),
+            VerifyError::RootVersion {
+                trusted: 1,
+                offered: 3
+            }
+        );
+    }
+
+    #[test]
+    fn root_validation_catches_inconsistent_documents() {
+        let f = fixture();
+        let mut bad = f.root.clone();
+        bad.root.threshold = 2;
+        assert!(matches!(bad.validate().unwrap_err(), VerifyError::InvalidRoot(_)));
+        let mut bad = f.root.clone();
+        bad.desired.keyids.push("ff".repeat(32).parse().unwrap());
+        assert!(matches!(bad.validate().unwrap_err(), VerifyError::InvalidRoot(_)));
+        let mut bad = f.root.clone();
+        let (id, _) = bad.keys.iter().next().map(|(k, v)| (k.clone(), *v)).unwrap();
+        bad.keys.insert(id, SecretKey::from_seed([99; 32]).public());
+        assert!(matches!(bad.validate().unwrap_err(), VerifyError::InvalidRoot(_)));
+    }
+}

@@ -1,0 +1,158 @@
+//! Messages agents publish: `status` (retained) and `events`.
+//!
+//! Every agent → server message carries the device id (the server rejects a
+//! message whose id differs from its topic's), the schema version, and a
+//! per-device sequence number so the server can drop redelivered copies.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::DeviceId;
+use crate::SCHEMA_VERSION;
+
+/// A model as the agent is serving it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    /// Which runtime serves it (e.g. `tract-onnx`).
+    pub runtime: String,
+}
+
+/// Retained on `status`: whether the agent is online and what it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusMessage {
+    pub schema: u32,
+    pub device_id: DeviceId,
+    /// 0 on the last-will message, which is fixed when the agent connects.
+    pub seq: u64,
+    pub online: bool,
+    /// Unix seconds.
+    pub at: u64,
+    #[serde(default)]
+    pub agent_version: String,
+    /// Version of the last desired state the agent accepted.
+    #[serde(default)]
+    pub desired_version: Option<u64>,
+    #[serde(default)]
+    pub models: Vec<ModelStatus>,
+}
+
+impl StatusMessage {
+    /// The last-will message: the broker publishes it when the agent drops.
+    pub fn offline(device_id: DeviceId) -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            device_id,
+            seq: 0,
+            online: false,
+            at: 0,
+            agent_version: String::new(),
+            desired_version: None,
+            models: Vec::new(),
+        }
+    }
+}
+
+/// What happened to an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A desired state passed every check and is being applied.
+    Accepted,
+    /// A desired state was refused (bad signature, expired, rollback, ...);
+    /// nothing on the device changed.
+    Refused,
+    /// A model artifact could not be downloaded or failed its size or hash check.
+    DownloadFailed,
+    /// A model could not be loaded or failed its test vector.
+    ActivationFailed,
+    /// A model is now serving.
+    Activated,
+    /// The device went back to a previous model.
+    RolledBack,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Refused => "refused",
+            Self::DownloadFailed => "download_failed",
+            Self::ActivationFailed => "activation_failed",
+            Self::Activated => "activated",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// Published on `events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateEvent {
+    pub schema: u32,
+    pub device_id: DeviceId,
+    pub seq: u64,
+    pub at: u64,
+    pub kind: EventKind,
+    /// The desired-state version this event is about, if known.
+    #[serde(default)]
+    pub desired_version: Option<u64>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub model_version: Option<u64>,
+    /// Human-readable reason, always set for failures and refusals.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips() {
+        let msg = StatusMessage {
+            schema: SCHEMA_VERSION,
+            device_id: DeviceId::new("d1").unwrap(),
+            seq: 4,
+            online: true,
+            at: 99,
+            agent_version: "0.1.0".into(),
+            desired_version: Some(3),
+            models: vec![ModelStatus {
+                name: "digits".into(),
+                version: 2,
+                sha256: "00".repeat(32),
+                runtime: "tract-onnx".into(),
+            }],
+        };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert_eq!(serde_json::from_str::<StatusMessage>(&json).unwrap(), msg);
+    }
+
+    #[test]
+    fn event_kind_uses_snake_case_on_the_wire() {
+        let ev = UpdateEvent {
+            schema: SCHEMA_VERSION,
+            device_id: DeviceId::new("d1").unwrap(),
+            seq: 1,
+            at: 5,
+            kind: EventKind::DownloadFailed,
+            desired_version: Some(2),
+            model: Some("m".into()),
+            model_version: Some(1),
+            reason: Some("hash mismatch".into()),
+        };
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(json["kind"], "download_failed");
+        assert_eq!(ev.kind.as_str(), "download_failed");
+        assert_eq!(serde_json::from_value::<UpdateEvent>(json).unwrap(), ev);
+    }
+
+    #[test]
+    fn message_with_bad_device_id_is_rejected() {
+        let json = r#"{"schema":1,"device_id":"a/b","seq":1,"online":true,"at":0}"#;
+        assert!(serde_json::from_str::<StatusMessage>(json).is_err());
+    }
+}
