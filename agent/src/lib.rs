@@ -1,1 +1,145 @@
-//! placeholder
+//! The edgefleet edge agent.
+//!
+//! [`run`] wires the pieces together: the [`model_store`] on disk and the
+//! [`registry`] of served models, the local inference [`api`], and, when a
+//! fleet is configured, the [`uplink`] (MQTT) feeding the [`updater`],
+//! whose decisions come from the I/O-free [`update`] module.
+
+pub mod api;
+pub mod config;
+pub mod download;
+pub mod durable;
+pub mod engine;
+pub mod model_store;
+pub mod registry;
+pub mod report;
+pub mod tensor;
+pub mod trust;
+pub mod update;
+pub mod updater;
+pub mod uplink;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use edgefleet_shared::ModelFormat;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::download::Downloader;
+use crate::model_store::{sha256_file, ModelStore};
+use crate::registry::{ModelRegistry, ServedModel};
+use crate::report::Reporter;
+
+/// How long tasks get to finish after shutdown is requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Loads the config's local model files (standalone use). A file that is
+/// not a loadable model is reported and skipped; the others are served.
+async fn serve_local_models(config: &AgentConfig, registry: &ModelRegistry) {
+    for local in &config.models {
+        let result = async {
+            let format = ModelFormat::from_path(&local.path).with_context(|| {
+                format!("{}: unknown model format (use a .onnx or .tflite file)", local.path.display())
+            })?;
+            let path = local.path.clone();
+            let sha256 = sha256_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let engine = tokio::task::spawn_blocking(move || {
+                let bytes = std::fs::read(&path)?;
+                engine::load(format, &bytes).map_err(anyhow::Error::from)
+            })
+            .await??;
+            anyhow::Ok((format, sha256, engine))
+        }
+        .await;
+        match result {
+            Ok((format, sha256, engine)) => {
+                tracing::info!(model = %local.name, path = %local.path.display(), runtime = engine.runtime(), "serving local model");
+                registry.insert(ServedModel {
+                    name: local.name.clone(),
+                    version: 1,
+                    sha256,
+                    format,
+                    engine,
+                    stats: Default::default(),
+                });
+            }
+            Err(e) => tracing::error!(model = %local.name, error = %format!("{e:#}"), "local model not served"),
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let registry = ModelRegistry::default();
+    let store = ModelStore::open(&config.data_dir)?;
+    updater::serve_installed(&store, &registry).await?;
+    serve_local_models(&config, &registry).await;
+
+    let api_state = api::ApiState::new(
+        registry.clone(),
+        config.api.max_request_bytes,
+        config.api.max_concurrent_requests,
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    let unix = api::bind_unix(&config.api.socket).await?;
+    tracing::info!(socket = %config.api.socket.display(), "local API listening");
+    tasks.spawn(api::serve_unix(unix, api_state.clone(), shutdown.clone()));
+    if let Some(addr) = config.api.tcp {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on api.tcp {addr}"))?;
+        tracing::info!(%addr, "local API listening on loopback TCP");
+        tasks.spawn(api::serve_tcp(tcp, api_state, shutdown.clone()));
+    }
+
+    if let Some(mqtt) = &config.mqtt {
+        let device = config.device_id.clone().context("device_id is required with [mqtt]")?;
+        let root_path = config.root_document.clone().context("root_document is required with [mqtt]")?;
+        let trust = trust::TrustStore::open(&config.data_dir, &root_path)?;
+        tracing::info!(device = %device, root_version = trust.root().version, "fleet mode");
+        let (desired_tx, desired_rx) = mpsc::channel(4);
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(None);
+        let updater = updater::Updater {
+            device: device.clone(),
+            trust,
+            store,
+            registry: registry.clone(),
+            downloader: Downloader::new(
+                Duration::from_secs(config.update.download_stall_secs),
+                config.update.download_attempts,
+            ),
+            reporter: Reporter::connected(device.clone(), events_tx, status_tx),
+        };
+        tasks.spawn(updater.run(desired_rx, shutdown.clone()));
+        let uplink = uplink::Uplink {
+            device,
+            prefix: mqtt.prefix()?,
+            config: mqtt.clone(),
+        };
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = uplink.run(desired_tx, events_rx, status_rx, token.clone()).await {
+                tracing::error!(error = %format!("{e:#}"), "uplink stopped");
+                token.cancel();
+            }
+        });
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    let _ = std::fs::remove_file(&config.api.socket);
+    Ok(())
+}
+

@@ -1,1 +1,121 @@
-fn main() {}
+//! `edgefleet-agent`: parse arguments, load config, start logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgefleet_agent::config::{AgentConfig, LocalModel};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "edgefleet-agent", version, about = "Runs ML models on an edge device and installs signed updates from an edgefleet server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run with a config file (fleet mode when it has an [mqtt] section).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Serve local model files with no fleet server.
+    Serve {
+        /// NAME=PATH, repeatable; the format comes from the extension.
+        #[arg(long = "model", value_parser = parse_model, required = true)]
+        models: Vec<LocalModel>,
+        /// Unix socket for the local API.
+        #[arg(long, default_value = "/run/edgefleet/agent.sock")]
+        socket: PathBuf,
+        /// Also listen on this loopback TCP address.
+        #[arg(long)]
+        tcp: Option<std::net::SocketAddr>,
+        /// Data directory (model store).
+        #[arg(long, default_value = "/var/lib/edgefleet")]
+        data_dir: PathBuf,
+    },
+}
+
+fn parse_model(s: &str) -> Result<LocalModel, String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PATH, got {s:?}"))?;
+    Ok(LocalModel {
+        name: name.to_string(),
+        path: PathBuf::from(path),
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let config = match cli.command {
+        Command::Run { config } => AgentConfig::load(&config),
+        Command::Serve {
+            models,
+            socket,
+            tcp,
+            data_dir,
+        } => {
+            let mut config = AgentConfig::standalone(socket, data_dir);
+            config.api.tcp = tcp;
+            config.models = models;
+            config.validate().map(|()| config)
+        }
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgefleet-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgefleet-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let result = runtime.block_on(async {
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            token.cancel();
+        });
+        edgefleet_agent::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgefleet-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

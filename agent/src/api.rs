@@ -1,0 +1,400 @@
+//! The local inference API: Open Inference Protocol v2 (KServe / Triton)
+//! JSON over HTTP/1.1, on a Unix socket and optionally a loopback TCP port,
+//! both served by the same router.
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/v2` | server metadata |
+//! | GET | `/v2/health/live` | 200 while the process runs |
+//! | GET | `/v2/health/ready` | 200 when at least one model is served |
+//! | GET | `/v2/models/{m}[/versions/{v}]` | model metadata |
+//! | GET | `/v2/models/{m}[/versions/{v}]/ready` | model readiness |
+//! | POST | `/v2/models/{m}[/versions/{v}]/infer` | inference |
+//!
+//! Every error is `{"error": "..."}` with a message naming the problem.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{self, IoSpec};
+use crate::registry::{ModelRegistry, ServedModel};
+use crate::tensor::{decode_json_data, DataType, Tensor};
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct ApiState {
+    pub registry: ModelRegistry,
+    pub max_request_bytes: usize,
+    pub permits: Arc<Semaphore>,
+    pub max_concurrent: usize,
+}
+
+impl ApiState {
+    pub fn new(registry: ModelRegistry, max_request_bytes: usize, max_concurrent: usize) -> Self {
+        Self {
+            registry,
+            max_request_bytes,
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+            max_concurrent,
+        }
+    }
+}
+
+/// An API error: status plus a message for the client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).expect("json serialises"))))
+        .expect("response builds")
+}
+
+fn error_response(e: ApiError) -> Response<Full<Bytes>> {
+    json_response(e.status, &json!({ "error": e.message }))
+}
+
+/// Binds the Unix socket: removes a stale socket file left by a crash,
+/// refuses to steal one another agent is serving on, sets mode 0660.
+pub async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create socket directory {}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another process is already serving on {}; stop it or choose another api.socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| anyhow::anyhow!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
+    Ok(listener)
+}
+
+/// Serves connections from a bound Unix listener until `shutdown`.
+pub async fn serve_unix(listener: UnixListener, state: ApiState, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => spawn_connection(stream, state.clone(), shutdown.clone()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unix accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves connections from a bound TCP listener until `shutdown`.
+pub async fn serve_tcp(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    spawn_connection(stream, state.clone(), shutdown.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "tcp accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+fn spawn_connection<S>(stream: S, state: ApiState, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(state, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            }
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    });
+}
+
+/// Routes one request.
+pub async fn handle(state: ApiState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let result = match (&method, segments.as_slice()) {
+        (&Method::GET, ["v2"]) => Ok(json_response(
+            StatusCode::OK,
+            &json!({"name": "edgefleet-agent", "version": env!("CARGO_PKG_VERSION"), "extensions": []}),
+        )),
+        (&Method::GET, ["v2", "health", "live"]) => Ok(json_response(StatusCode::OK, &json!({"live": true}))),
+        (&Method::GET, ["v2", "health", "ready"]) => {
+            let ready = !state.registry.all().is_empty();
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            Ok(json_response(status, &json!({"ready": ready})))
+        }
+        (_, ["v2", "models", name, rest @ ..]) => {
+            model_route(&state, &method, name, rest, req).await
+        }
+        _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
+    };
+    result.unwrap_or_else(error_response)
+}
+
+async fn model_route(
+    state: &ApiState,
+    method: &Method,
+    name: &str,
+    rest: &[&str],
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (version, action) = match rest {
+        ["versions", v, action @ ..] => (Some(*v), action),
+        action => (None, action),
+    };
+    let model = find_model(state, name, version)?;
+    match (method, action) {
+        (&Method::GET, []) => Ok(json_response(StatusCode::OK, &metadata(&model))),
+        (&Method::GET, ["ready"]) => Ok(json_response(
+            StatusCode::OK,
+            &json!({"name": model.name, "version": model.version.to_string(), "ready": true}),
+        )),
+        (&Method::POST, ["infer"]) => infer(state, model, req).await,
+        _ => Err(ApiError::not_found(format!(
+            "no route for {method} {}",
+            req.uri().path()
+        ))),
+    }
+}
+
+fn find_model(state: &ApiState, name: &str, version: Option<&str>) -> Result<Arc<ServedModel>, ApiError> {
+    let model = state.registry.get(name).ok_or_else(|| {
+        let served: Vec<String> = state.registry.all().iter().map(|m| m.name.clone()).collect();
+        ApiError::not_found(format!(
+            "unknown model {name:?}; served models: [{}]",
+            served.join(", ")
+        ))
+    })?;
+    if let Some(v) = version {
+        if v != model.version.to_string() {
+            return Err(ApiError::not_found(format!(
+                "model {name:?} version {v} is not served (serving version {})",
+                model.version
+            )));
+        }
+    }
+    Ok(model)
+}
+
+fn spec_json(spec: &IoSpec) -> Value {
+    json!({"name": spec.name, "datatype": spec.datatype.as_str(), "shape": spec.oip_shape()})
+}
+
+fn metadata(model: &ServedModel) -> Value {
+    json!({
+        "name": model.name,
+        "versions": [model.version.to_string()],
+        "platform": format!("{}_{}", model.format, model.engine.runtime()),
+        "inputs": model.engine.inputs().iter().map(spec_json).collect::<Vec<_>>(),
+        "outputs": model.engine.outputs().iter().map(spec_json).collect::<Vec<_>>(),
+        "parameters": {"runtime": model.engine.runtime(), "sha256": model.sha256},
+    })
+}
+
+#[derive(Deserialize)]
+struct InferRequest {
+    id: Option<String>,
+    inputs: Vec<InferInput>,
+    #[serde(default)]
+    outputs: Option<Vec<RequestedOutput>>,
+}
+
+#[derive(Deserialize)]
+struct InferInput {
+    name: String,
+    shape: Vec<usize>,
+    datatype: String,
+    data: Value,
+}
+
+#[derive(Deserialize)]
+struct RequestedOutput {
+    name: String,
+}
+
+async fn read_body(state: &ApiState, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let limit = state.max_request_bytes;
+    if let Some(len) = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body of {len} bytes exceeds the limit of {limit} bytes (api.max_request_bytes)"),
+            ));
+        }
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds the limit of {limit} bytes (api.max_request_bytes)"),
+        )),
+        Err(e) => Err(ApiError::bad_request(format!("could not read request body: {e}"))),
+    }
+}
+
+fn decode_inputs(request: InferRequest) -> Result<(Option<String>, Vec<Tensor>, Option<Vec<String>>), ApiError> {
+    let mut tensors = Vec::with_capacity(request.inputs.len());
+    for input in request.inputs {
+        let datatype: DataType = input
+            .datatype
+            .parse()
+            .map_err(|e: String| ApiError::bad_request(format!("input {:?}: {e}", input.name)))?;
+        let data = decode_json_data(&input.name, datatype, &input.data)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        tensors.push(Tensor {
+            name: input.name,
+            shape: input.shape,
+            data,
+        });
+    }
+    let outputs = request.outputs.map(|o| o.into_iter().map(|r| r.name).collect());
+    Ok((request.id, tensors, outputs))
+}
+
+async fn infer(
+    state: &ApiState,
+    model: Arc<ServedModel>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let _permit = state.permits.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "too many concurrent requests (limit {}, api.max_concurrent_requests); retry shortly",
+                state.max_concurrent
+            ),
+        )
+    })?;
+    let body = read_body(state, req).await?;
+    let request: InferRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed inference request JSON: {e}")))?;
+    let (id, inputs, wanted) = decode_inputs(request)?;
+    if let Some(wanted) = &wanted {
+        for name in wanted {
+            if !model.engine.outputs().iter().any(|o| &o.name == name) {
+                let known: Vec<&str> = model.engine.outputs().iter().map(|o| o.name.as_str()).collect();
+                return Err(ApiError::bad_request(format!(
+                    "unknown output {name:?}; the model's outputs are: {}",
+                    known.join(", ")
+                )));
+            }
+        }
+    }
+    let started = Instant::now();
+    let worker_model = Arc::clone(&model);
+    let result = tokio::task::spawn_blocking(move || engine::infer(worker_model.engine.as_ref(), inputs))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("inference task failed: {e}")))?;
+    let elapsed = started.elapsed();
+    model.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    model
+        .stats
+        .busy_micros
+        .fetch_add(elapsed.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    let outputs = result.map_err(|e| {
+        model.stats.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let status = if e.is_client_error() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiError::new(status, e.to_string())
+    })?;
+    let outputs: Vec<Value> = outputs
+        .into_iter()
+        .filter(|t| wanted.as_ref().is_none_or(|w| w.contains(&t.name)))
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "datatype": t.data.datatype().as_str(),
+                "shape": t.shape,
+                "data": t.data.to_json(),
+            })
+        })
+        .collect();
+    let mut body = json!({
+        "model_name": model.name,
+        "model_version": model.version.to_string(),
+        "outputs": outputs,
+    });
+    if let Some(id) = id {
+        body["id"] = Value::String(id);
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}

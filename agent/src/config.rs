@@ -1,0 +1,312 @@
+//! Agent configuration: defaults, then a TOML file, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edgefleet_shared::{DeviceId, TopicPrefix};
+use serde::Deserialize;
+
+/// Why the configuration is unusable. Each variant says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This device's id in the fleet. Required when `mqtt` is set.
+    pub device_id: Option<DeviceId>,
+    /// Where models, trust state and staging files live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The root document this device was flashed with. Required when
+    /// `mqtt` is set: without it no update can be verified.
+    pub root_document: Option<PathBuf>,
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// The fleet connection; absent for a standalone agent.
+    pub mqtt: Option<MqttConfig>,
+    /// Local model files served at start, by name (standalone use).
+    #[serde(default)]
+    pub models: Vec<LocalModel>,
+    #[serde(default)]
+    pub update: UpdateConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Unix socket of the local inference API (created with mode 0660).
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Optional loopback TCP listener for clients that only speak TCP.
+    pub tcp: Option<SocketAddr>,
+    /// Largest request body accepted, in bytes.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Requests served at once; more get 503 with a clear message.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+            tcp: None,
+            max_request_bytes: default_max_request_bytes(),
+            max_concurrent_requests: default_max_concurrent(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host:port`.
+    pub url: String,
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+}
+
+impl MqttConfig {
+    /// Host and port from `url`.
+    pub fn host_port(&self) -> Result<(String, u16), ConfigError> {
+        parse_mqtt_url(&self.url)
+    }
+
+    pub fn prefix(&self) -> Result<TopicPrefix, ConfigError> {
+        TopicPrefix::new(self.topic_prefix.clone()).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+/// Parses `mqtt://host:port` (port defaults to 1883).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
+    let bad = |why: &str| ConfigError::Invalid(format!("mqtt url {url:?} {why}; expected mqtt://host:port"));
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| bad("has an unsupported scheme"))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("has an invalid port"))?),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalModel {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateConfig {
+    /// Seconds without a single byte before a download is abandoned.
+    #[serde(default = "default_stall_secs")]
+    pub download_stall_secs: u64,
+    /// Attempts per URL before giving up on a model.
+    #[serde(default = "default_attempts")]
+    pub download_attempts: u32,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        Self {
+            download_stall_secs: default_stall_secs(),
+            download_attempts: default_attempts(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/edgefleet")
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/edgefleet/agent.sock")
+}
+fn default_max_request_bytes() -> usize {
+    16 * 1024 * 1024
+}
+fn default_max_concurrent() -> usize {
+    16
+}
+fn default_prefix() -> String {
+    TopicPrefix::default().as_str().to_string()
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_stall_secs() -> u64 {
+    30
+}
+fn default_attempts() -> u32 {
+    3
+}
+
+impl AgentConfig {
+    /// A config with every default and nothing connected.
+    pub fn standalone(socket: PathBuf, data_dir: PathBuf) -> Self {
+        Self {
+            device_id: None,
+            data_dir,
+            root_document: None,
+            api: ApiConfig {
+                socket,
+                ..ApiConfig::default()
+            },
+            mqtt: None,
+            models: Vec::new(),
+            update: UpdateConfig::default(),
+        }
+    }
+
+    /// Reads and validates a TOML file. Relative paths inside it are taken
+    /// relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        if let Some(base) = path.parent() {
+            config.resolve_relative_to(base);
+        }
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_relative_to(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.api.socket);
+        if let Some(root) = &mut self.root_document {
+            fix(root);
+        }
+        for model in &mut self.models {
+            fix(&mut model.path);
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(mqtt) = &self.mqtt {
+            mqtt.host_port()?;
+            mqtt.prefix()?;
+            if self.device_id.is_none() {
+                return invalid("device_id is required when [mqtt] is set".into());
+            }
+            if self.root_document.is_none() {
+                return invalid("root_document is required when [mqtt] is set: updates cannot be verified without it".into());
+            }
+        }
+        if self.api.max_request_bytes < 1024 {
+            return invalid("api.max_request_bytes must be at least 1024".into());
+        }
+        if self.api.max_concurrent_requests == 0 {
+            return invalid("api.max_concurrent_requests must be at least 1".into());
+        }
+        if let Some(tcp) = self.api.tcp {
+            if !tcp.ip().is_loopback() {
+                return invalid(format!(
+                    "api.tcp {tcp} is not a loopback address; the local API has no authentication and must not be exposed"
+                ));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for model in &self.models {
+            edgefleet_shared::ids::validate_name("model name", &model.name)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if !names.insert(&model.name) {
+                return invalid(format!("model {:?} is listed twice", model.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let c = AgentConfig::from_toml(
+            r#"
+            device_id = "pi-1"
+            data_dir = "/tmp/x"
+            root_document = "root.json"
+            [api]
+            socket = "/tmp/a.sock"
+            tcp = "127.0.0.1:8500"
+            [mqtt]
+            url = "mqtt://broker.local:1884"
+            [[models]]
+            name = "digits"
+            path = "digits.onnx"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.unwrap().host_port().unwrap(), ("broker.local".into(), 1884));
+        assert_eq!(c.models[0].name, "digits");
+    }
+
+    #[test]
+    fn problems_are_named() {
+        let err = AgentConfig::from_toml("[mqtt]\nurl = \"mqtt://h:1\"").unwrap_err();
+        assert!(err.to_string().contains("device_id is required"), "{err}");
+        let err = AgentConfig::from_toml("devcie_id = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let err = AgentConfig::from_toml("[api]\ntcp = \"0.0.0.0:80\"").unwrap_err();
+        assert!(err.to_string().contains("loopback"), "{err}");
+        let err = AgentConfig::from_toml("device_id = \"a/b\"").unwrap_err();
+        assert!(err.to_string().contains("invalid device id"), "{err}");
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        assert_eq!(parse_mqtt_url("mqtt://h").unwrap(), ("h".into(), 1883));
+        assert_eq!(parse_mqtt_url("tcp://[::1]:9").unwrap(), ("::1".into(), 9));
+        assert!(parse_mqtt_url("http://h:1").is_err());
+        assert!(parse_mqtt_url("mqtt://h:x").is_err());
+        assert!(parse_mqtt_url("mqtt://:1").is_err());
+    }
+}

@@ -1,0 +1,189 @@
+//! Model downloads: HTTP with `Range` resume into a staging file, capped at
+//! the signed size, hashed before anything else may look at the file.
+//!
+//! An interrupted download keeps its staging file; the next attempt asks
+//! only for the missing bytes. A server that sends more than the declared
+//! size is cut off at the cap (endless-data attack); a body that hashes
+//! wrong is deleted.
+
+use std::path::Path;
+use std::time::Duration;
+
+use edgefleet_shared::ModelSlot;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::fs::{File, OpenOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DownloadError {
+    #[error("server sent more than the signed size of {declared} bytes; download refused")]
+    TooLarge { declared: u64 },
+    #[error("downloaded file has sha256 {actual}, the signed desired state says {expected}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("staging file I/O failed: {0}")]
+    Io(String),
+    #[error("every download URL failed; last error: {0}")]
+    AllUrlsFailed(String),
+}
+
+/// One attempt's outcome.
+enum Attempt {
+    /// The staging file holds exactly `size` bytes with the right hash.
+    Complete,
+    /// Try again (the same or the next URL), keeping the bytes we have.
+    Retry(String),
+    /// Stop trying this model.
+    Fatal(DownloadError),
+}
+
+#[derive(Debug, Clone)]
+pub struct Downloader {
+    client: reqwest::Client,
+    stall: Duration,
+    attempts: u32,
+}
+
+impl Downloader {
+    pub fn new(stall: Duration, attempts: u32) -> Self {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("edgefleet-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("HTTP client builds");
+        Self {
+            client,
+            stall,
+            attempts: attempts.max(1),
+        }
+    }
+
+    /// Fetches `slot` into `dest` (a staging path). On success `dest` holds
+    /// the verified file.
+    pub async fn fetch(&self, slot: &ModelSlot, dest: &Path) -> Result<(), DownloadError> {
+        let mut last_error = String::from("no URL");
+        for url in &slot.urls {
+            for attempt in 0..self.attempts {
+                if attempt > 0 {
+                    let backoff = Duration::from_millis(250 * (1 << attempt.min(6)));
+                    tokio::time::sleep(backoff).await;
+                }
+                match self.attempt(url, slot, dest).await {
+                    Attempt::Complete => return Ok(()),
+                    Attempt::Fatal(e) => {
+                        let _ = tokio::fs::remove_file(dest).await;
+                        return Err(e);
+                    }
+                    Attempt::Retry(why) => {
+                        tracing::warn!(%url, attempt, reason = %why, "download attempt failed");
+                        last_error = format!("{url}: {why}");
+                    }
+                }
+            }
+        }
+        Err(DownloadError::AllUrlsFailed(last_error))
+    }
+
+    async fn attempt(&self, url: &str, slot: &ModelSlot, dest: &Path) -> Attempt {
+        let io = |e: std::io::Error| Attempt::Fatal(DownloadError::Io(e.to_string()));
+        let mut have = match tokio::fs::metadata(dest).await {
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        };
+        if have > slot.size {
+            // A leftover from something else: start over.
+            if let Err(e) = tokio::fs::remove_file(dest).await {
+                return io(e);
+            }
+            have = 0;
+        }
+        if have == slot.size {
+            return self.verify(slot, dest).await;
+        }
+        let mut request = self.client.get(url);
+        if have > 0 {
+            request = request
+                .header(reqwest::header::RANGE, format!("bytes={have}-"))
+                .header(reqwest::header::IF_RANGE, format!("\"{}\"", slot.sha256));
+        }
+        let response = match tokio::time::timeout(self.stall, request.send()).await {
+            Err(_) => return Attempt::Retry(format!("no response within {:?}", self.stall)),
+            Ok(Err(e)) => return Attempt::Retry(e.to_string()),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        let resuming = have > 0 && status == reqwest::StatusCode::PARTIAL_CONTENT;
+        if !resuming && !status.is_success() {
+            return Attempt::Retry(format!("HTTP {status}"));
+        }
+        if !resuming {
+            have = 0;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(resuming)
+            .truncate(!resuming)
+            .open(dest)
+            .await;
+        let mut file: File = match file {
+            Ok(f) => f,
+            Err(e) => return io(e),
+        };
+        let mut stream = response.bytes_stream();
+        loop {
+            let chunk = match tokio::time::timeout(self.stall, stream.next()).await {
+                Err(_) => {
+                    let _ = file.sync_all().await;
+                    return Attempt::Retry(format!("stalled: no data for {:?}", self.stall));
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    let _ = file.sync_all().await;
+                    return Attempt::Retry(format!("connection broke: {e}"));
+                }
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            let room = slot.size - have;
+            if chunk.len() as u64 > room {
+                return Attempt::Fatal(DownloadError::TooLarge { declared: slot.size });
+            }
+            if let Err(e) = file.write_all(&chunk).await {
+                return io(e);
+            }
+            have += chunk.len() as u64;
+        }
+        if let Err(e) = file.sync_all().await {
+            return io(e);
+        }
+        if have < slot.size {
+            return Attempt::Retry(format!("body ended after {have} of {} bytes", slot.size));
+        }
+        self.verify(slot, dest).await
+    }
+
+    async fn verify(&self, slot: &ModelSlot, dest: &Path) -> Attempt {
+        match sha256_async(dest).await {
+            Ok(actual) if actual == slot.sha256 => Attempt::Complete,
+            Ok(actual) => Attempt::Fatal(DownloadError::HashMismatch {
+                expected: slot.sha256.clone(),
+                actual,
+            }),
+            Err(e) => Attempt::Fatal(DownloadError::Io(e.to_string())),
+        }
+    }
+}
+
+async fn sha256_async(path: &Path) -> std::io::Result<String> {
+    let mut file = File::open(path).await?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}

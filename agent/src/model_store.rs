@@ -1,0 +1,350 @@
+//! The on-disk model store.
+//!
+//! ```text
+//! {data_dir}/models/{name}/{version}/model.{onnx|tflite}
+//! {data_dir}/models/{name}/{version}/slot.json     the signed slot it came from
+//! {data_dir}/models/{name}/active                  {"version": V, "previous": P}
+//! {data_dir}/staging/{sha256}.part                 downloads in progress
+//! ```
+//!
+//! A version directory is complete before it gets its final name (it is
+//! assembled under a temporary name and renamed), and `active` is replaced
+//! atomically, so after a crash at any point the store names a version
+//! whose files are all there. The previous version is kept for rollback;
+//! older ones are removed.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use edgefleet_shared::ModelSlot;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::durable::{rename_durable, sync_dir, write_atomic};
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("model store I/O on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("model store entry {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The `active` pointer of one model name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivePointer {
+    pub version: u64,
+    pub previous: Option<u64>,
+}
+
+/// An installed model version.
+#[derive(Debug, Clone)]
+pub struct InstalledModel {
+    pub slot: ModelSlot,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelStore {
+    root: PathBuf,
+}
+
+impl ModelStore {
+    /// Opens (creating if needed) the store under `data_dir` and removes
+    /// leftovers of interrupted installs.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let store = Self {
+            root: data_dir.to_path_buf(),
+        };
+        for dir in [store.models_dir(), store.staging_dir()] {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        store.remove_incomplete_installs()?;
+        Ok(store)
+    }
+
+    fn models_dir(&self) -> PathBuf {
+        self.root.join("models")
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
+    /// Where a download of `sha256` is assembled.
+    pub fn staging_path(&self, sha256: &str) -> PathBuf {
+        self.staging_dir().join(format!("{sha256}.part"))
+    }
+
+    fn name_dir(&self, name: &str) -> PathBuf {
+        self.models_dir().join(name)
+    }
+
+    fn version_dir(&self, name: &str, version: u64) -> PathBuf {
+        self.name_dir(name).join(version.to_string())
+    }
+
+    fn remove_incomplete_installs(&self) -> Result<(), StoreError> {
+        let models = self.models_dir();
+        for entry in fs::read_dir(&models).map_err(io_err(&models))? {
+            let dir = entry.map_err(io_err(&models))?.path();
+            let Ok(children) = fs::read_dir(&dir) else { continue };
+            for child in children.flatten() {
+                let name = child.file_name();
+                if name.to_string_lossy().starts_with(".installing-") {
+                    let _ = fs::remove_dir_all(child.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a verified staged file into place as `slot.version` of
+    /// `slot.name`. Does not activate it.
+    pub fn install(&self, slot: &ModelSlot, staged: &Path) -> Result<InstalledModel, StoreError> {
+        let name_dir = self.name_dir(&slot.name);
+        fs::create_dir_all(&name_dir).map_err(io_err(&name_dir))?;
+        let final_dir = self.version_dir(&slot.name, slot.version);
+        let file_name = format!("model.{}", slot.format.extension());
+        if final_dir.exists() {
+            // Already installed earlier (e.g. a rollback target): trust it
+            // only if it is intact.
+            let installed = self.load_version(&slot.name, slot.version)?;
+            if installed.slot.sha256 == slot.sha256 {
+                let _ = fs::remove_file(staged);
+                return Ok(installed);
+            }
+            fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
+        }
+        let tmp_dir = name_dir.join(format!(".installing-{}", slot.version));
+        let _ = fs::remove_dir_all(&tmp_dir);
+        fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        let model_path = tmp_dir.join(&file_name);
+        fs::rename(staged, &model_path).map_err(io_err(staged))?;
+        fs::File::open(&model_path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&model_path))?;
+        let slot_json = serde_json::to_vec_pretty(slot).expect("slots serialise");
+        write_atomic(&tmp_dir.join("slot.json"), &slot_json).map_err(io_err(&tmp_dir))?;
+        rename_durable(&tmp_dir, &final_dir).map_err(io_err(&final_dir))?;
+        Ok(InstalledModel {
+            slot: slot.clone(),
+            path: final_dir.join(file_name),
+        })
+    }
+
+    /// Points `name` at `version` atomically, remembering the version it
+    /// replaces, and removes versions that are neither.
+    pub fn activate(&self, name: &str, version: u64) -> Result<ActivePointer, StoreError> {
+        let current = self.active_pointer(name)?;
+        let previous = match current {
+            Some(p) if p.version == version => p.previous,
+            Some(p) => Some(p.version),
+            None => None,
+        };
+        let pointer = ActivePointer { version, previous };
+        let path = self.name_dir(name).join("active");
+        write_atomic(&path, &serde_json::to_vec(&pointer).expect("pointer serialises"))
+            .map_err(io_err(&path))?;
+        self.collect_garbage(name, &pointer);
+        Ok(pointer)
+    }
+
+    /// Stops serving `name` (it is no longer in the desired state). Its
+    /// files are removed.
+    pub fn deactivate(&self, name: &str) -> Result<(), StoreError> {
+        let dir = self.name_dir(name);
+        let active = dir.join("active");
+        match fs::remove_file(&active) {
+            Ok(()) => sync_dir(&dir).map_err(io_err(&dir))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&active)(e)),
+        }
+        let _ = fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    fn collect_garbage(&self, name: &str, keep: &ActivePointer) {
+        let Ok(entries) = fs::read_dir(self.name_dir(name)) else { return };
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(version) = file_name.to_str().and_then(|s| s.parse::<u64>().ok()) else {
+                continue;
+            };
+            if version != keep.version && Some(version) != keep.previous {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    pub fn active_pointer(&self, name: &str) -> Result<Option<ActivePointer>, StoreError> {
+        let path = self.name_dir(name).join("active");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::Corrupt {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Reads an installed version and checks its file against the hash in
+    /// its slot.
+    pub fn load_version(&self, name: &str, version: u64) -> Result<InstalledModel, StoreError> {
+        let dir = self.version_dir(name, version);
+        let slot_path = dir.join("slot.json");
+        let bytes = fs::read(&slot_path).map_err(io_err(&slot_path))?;
+        let slot: ModelSlot = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path: slot_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let path = dir.join(format!("model.{}", slot.format.extension()));
+        let actual = sha256_file(&path).map_err(io_err(&path))?;
+        if actual != slot.sha256 {
+            return Err(StoreError::Corrupt {
+                path,
+                reason: format!("sha256 is {actual}, expected {}", slot.sha256),
+            });
+        }
+        Ok(InstalledModel { slot, path })
+    }
+
+    /// Every model with an active pointer, checked on disk.
+    pub fn active_models(&self) -> Result<Vec<InstalledModel>, StoreError> {
+        let models = self.models_dir();
+        let mut out = Vec::new();
+        let mut names: Vec<String> = fs::read_dir(&models)
+            .map_err(io_err(&models))?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        for name in names {
+            let Some(pointer) = self.active_pointer(&name)? else { continue };
+            match self.load_version(&name, pointer.version) {
+                Ok(model) => out.push(model),
+                Err(e) => {
+                    // The active version is damaged (e.g. storage fault):
+                    // fall back to the previous one rather than serve nothing.
+                    tracing::error!(model = %name, error = %e, "active model damaged");
+                    if let Some(prev) = pointer.previous {
+                        let model = self.load_version(&name, prev)?;
+                        self.activate(&name, prev)?;
+                        out.push(model);
+                    } else {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Lowercase hex SHA-256 of a file's contents.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgefleet_shared::ModelFormat;
+
+    fn slot(version: u64, content: &[u8]) -> ModelSlot {
+        ModelSlot {
+            name: "digits".into(),
+            version,
+            format: ModelFormat::Onnx,
+            sha256: hex::encode(Sha256::digest(content)),
+            size: content.len() as u64,
+            urls: vec!["http://x/".into()],
+            inputs: vec![],
+            outputs: vec![],
+            test_vector: None,
+        }
+    }
+
+    fn stage(store: &ModelStore, s: &ModelSlot, content: &[u8]) -> PathBuf {
+        let p = store.staging_path(&s.sha256);
+        fs::write(&p, content).unwrap();
+        p
+    }
+
+    #[test]
+    fn install_activate_and_keep_one_previous_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        for v in 1..=3u64 {
+            let content = format!("model v{v}").into_bytes();
+            let s = slot(v, &content);
+            let staged = stage(&store, &s, &content);
+            store.install(&s, &staged).unwrap();
+            let pointer = store.activate("digits", v).unwrap();
+            assert_eq!(pointer.previous, v.checked_sub(1).filter(|&p| p > 0));
+        }
+        let active = store.active_models().unwrap();
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].slot.version, 3);
+        assert!(store.load_version("digits", 2).is_ok());
+        assert!(store.load_version("digits", 1).is_err(), "version 1 was garbage-collected");
+    }
+
+    #[test]
+    fn a_damaged_active_version_falls_back_to_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        for v in 1..=2u64 {
+            let content = format!("model v{v}").into_bytes();
+            let s = slot(v, &content);
+            let staged = stage(&store, &s, &content);
+            let installed = store.install(&s, &staged).unwrap();
+            store.activate("digits", v).unwrap();
+            if v == 2 {
+                fs::write(&installed.path, b"bit rot").unwrap();
+            }
+        }
+        let active = store.active_models().unwrap();
+        assert_eq!(active[0].slot.version, 1);
+        assert_eq!(store.active_pointer("digits").unwrap().unwrap().version, 1);
+    }
+
+    #[test]
+    fn interrupted_installs_are_cleaned_up_and_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        let leftover = dir.path().join("models/digits/.installing-4");
+        fs::create_dir_all(&leftover).unwrap();
+        fs::write(leftover.join("model.onnx"), b"half").unwrap();
+        let store2 = ModelStore::open(dir.path()).unwrap();
+        assert!(!leftover.exists());
+        assert!(store2.active_models().unwrap().is_empty());
+        drop(store);
+    }
+
+    #[test]
+    fn deactivate_removes_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        let s = slot(1, b"m");
+        let staged = stage(&store, &s, b"m");
+        store.install(&s, &staged).unwrap();
+        store.activate("digits", 1).unwrap();
+        store.deactivate("digits").unwrap();
+        assert!(store.active_models().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,86 @@
+//! The models the agent is serving right now.
+//!
+//! Requests take an `Arc` to a [`ServedModel`] and keep using it even if an
+//! update swaps a new version in meanwhile; the swap itself is one pointer
+//! replacement under a short write lock, so serving never pauses for an
+//! update.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use edgefleet_shared::{ModelFormat, ModelStatus};
+
+use crate::engine::Engine;
+
+/// Inference counters of one served model.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    /// Sum of inference time in microseconds.
+    pub busy_micros: AtomicU64,
+}
+
+/// A loaded model and what it came from.
+pub struct ServedModel {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub format: ModelFormat,
+    pub engine: Box<dyn Engine>,
+    pub stats: ModelStats,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedModel")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("runtime", &self.engine.runtime())
+            .finish()
+    }
+}
+
+impl ServedModel {
+    pub fn status(&self) -> ModelStatus {
+        ModelStatus {
+            name: self.name.clone(),
+            version: self.version,
+            sha256: self.sha256.clone(),
+            runtime: self.engine.runtime().to_string(),
+        }
+    }
+}
+
+/// Name → served model, shared by the API and the updater.
+#[derive(Debug, Default, Clone)]
+pub struct ModelRegistry {
+    models: Arc<RwLock<BTreeMap<String, Arc<ServedModel>>>>,
+}
+
+impl ModelRegistry {
+    pub fn get(&self, name: &str) -> Option<Arc<ServedModel>> {
+        self.models.read().expect("registry lock").get(name).cloned()
+    }
+
+    /// Serves `model` under its name, replacing any previous version.
+    pub fn insert(&self, model: ServedModel) -> Option<Arc<ServedModel>> {
+        self.models
+            .write()
+            .expect("registry lock")
+            .insert(model.name.clone(), Arc::new(model))
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<ServedModel>> {
+        self.models.write().expect("registry lock").remove(name)
+    }
+
+    pub fn all(&self) -> Vec<Arc<ServedModel>> {
+        self.models.read().expect("registry lock").values().cloned().collect()
+    }
+
+    pub fn statuses(&self) -> Vec<ModelStatus> {
+        self.all().iter().map(|m| m.status()).collect()
+    }
+}
