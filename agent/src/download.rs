@@ -46,6 +46,7 @@ pub struct Downloader {
 
 impl Downloader {
     pub fn new(stall: Duration, attempts: u32) -> Self {
+        install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("edgefleet-agent/", env!("CARGO_PKG_VERSION")))
@@ -172,6 +173,11 @@ impl Downloader {
             Err(e) => Attempt::Fatal(DownloadError::Io(e.to_string())),
         }
     }
+}
+
+/// Makes rustls use ring (small, cross-compiles cleanly). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 async fn sha256_async(path: &Path) -> std::io::Result<String> {

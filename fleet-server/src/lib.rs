@@ -1,1 +1,104 @@
+//! The edgefleet fleet server.
+//!
+//! [`serve`] wires the pieces: the SQLite [`store`], the content-addressed
+//! [`artifacts`], the [`keys::Signer`], the MQTT [`bridge`] (to the
+//! embedded [`broker`] or an external one), and the HTTP [`api`]. The
+//! [`demo`] runs all of it with real agents; [`unix_http`] is the small
+//! client that talks to an agent's Unix socket.
 
+pub mod api;
+pub mod artifacts;
+pub mod bridge;
+pub mod broker;
+pub mod config;
+pub mod demo;
+pub mod fleet;
+pub mod keys;
+pub mod store;
+pub mod unix_http;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use edgefleet_shared::TopicPrefix;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServerConfig;
+use crate::fleet::Fleet;
+
+/// Makes rustls (inside reqwest) use ring. Call before building an HTTP
+/// client; idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A server that is up: where it listens.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub http: std::net::SocketAddr,
+    pub mqtt: (String, u16),
+    pub public_url: String,
+}
+
+/// Starts everything and returns once the server is ready; it keeps
+/// running until `shutdown` is cancelled, then `done` resolves.
+pub async fn start(
+    config: ServerConfig,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Running, tokio::task::JoinHandle<()>)> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let signer = keys::Signer::load(&config.keys_dir()).with_context(|| {
+        format!(
+            "cannot load the fleet keys from {} (create them with `fleetctl keys init --dir {}`)",
+            config.keys_dir().display(),
+            config.keys_dir().display()
+        )
+    })?;
+    let store = store::Store::open(&config.data_dir.join("fleet.db"))?;
+    let artifacts = artifacts::ArtifactStore::open(&config.data_dir.join("artifacts"))?;
+    let (host, port) = match (&config.broker.url, config.broker.embedded_listen) {
+        (Some(url), _) => config::parse_mqtt_url(url)?,
+        (None, Some(listen)) => {
+            broker::start_embedded(listen)?;
+            (listen.ip().to_string(), listen.port())
+        }
+        (None, None) => anyhow::bail!("no MQTT broker configured"),
+    };
+    let (mqtt, mut eventloop) = bridge::client(&host, port);
+    bridge::connect(&mut eventloop, &format!("{host}:{port}")).await?;
+    let bound = http.local_addr()?;
+    let public_url = config.public_url(bound);
+    let fleet = Fleet {
+        store,
+        artifacts,
+        signer: Arc::new(signer),
+        mqtt,
+        prefix: TopicPrefix::new(config.topic_prefix.clone())?,
+        public_url: public_url.clone(),
+        desired_expiry_secs: config.desired_expiry_secs,
+        max_upload_bytes: config.max_upload_bytes,
+    };
+    let bridge_task = tokio::spawn(bridge::run(fleet.clone(), eventloop, shutdown.clone()));
+    let app = api::router(fleet);
+    let token = shutdown.clone();
+    let done = tokio::spawn(async move {
+        let server = axum::serve(http, app).with_graceful_shutdown(async move { token.cancelled().await });
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), bridge_task).await;
+    });
+    tracing::info!(http = %bound, mqtt = %format!("{host}:{port}"), "fleet server ready");
+    Ok((
+        Running {
+            http: bound,
+            mqtt: (host, port),
+            public_url,
+        },
+        done,
+    ))
+}

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use edgefleet_shared::{ModelFormat, ModelStatus, StatusMessage, UpdateEvent};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -73,7 +73,7 @@ const MIGRATIONS: &[&str] = &[r#"
 pub const ALL_DEVICES: &str = "*";
 
 /// A model version in the registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelRecord {
     pub name: String,
     pub version: u64,
@@ -84,7 +84,7 @@ pub struct ModelRecord {
 }
 
 /// A device as the server knows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub id: String,
     pub first_seen: u64,
@@ -97,7 +97,7 @@ pub struct DeviceRecord {
 }
 
 /// A stored update event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventRecord {
     pub device_id: String,
     pub seq: u64,

@@ -1,1 +1,165 @@
-fn main() {}
+//! `fleet-server`: `serve` runs the fleet service; `demo` runs it with
+//! real agents on this machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fleet_server::config::ServerConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "fleet-server", version, about = "The edgefleet fleet server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the fleet server.
+    Serve {
+        /// TOML config file; flags below override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        keys_dir: Option<PathBuf>,
+        /// HTTP API listen address.
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// Embedded MQTT broker listen address.
+        #[arg(long)]
+        mqtt_listen: Option<SocketAddr>,
+        /// Use an external broker (mqtt://host:port) instead of the embedded one.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Base URL devices download artifacts from.
+        #[arg(long)]
+        public_url: Option<String>,
+    },
+    /// Start a server and N real agents, push and deploy the example model,
+    /// run an inference on each device.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        devices: usize,
+        /// Exit after the summary (0 when every device answered correctly).
+        #[arg(long)]
+        exit_when_done: bool,
+        /// Keep demo state here instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Path of the edgefleet-agent binary (default: beside this one).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// Seconds to wait for every device to activate the model.
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn wait_for_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    token.cancel();
+}
+
+async fn serve(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e} (is another server running? choose another --http)", config.http_listen))?;
+    let (running, done) = fleet_server::start(config, listener, shutdown).await?;
+    eprintln!("fleet-server: API on http://{}, MQTT on {}:{}", running.http, running.mqtt.0, running.mqtt.1);
+    done.await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let shutdown = CancellationToken::new();
+    runtime.spawn(wait_for_signal(shutdown.clone()));
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            data_dir,
+            keys_dir,
+            http,
+            mqtt_listen,
+            broker,
+            public_url,
+        } => {
+            init_logging("info,rumqttd=warn,rumqttd::router::routing=off");
+            let loaded = match &config {
+                Some(path) => ServerConfig::load(path),
+                None => Ok(ServerConfig::default()),
+            };
+            match loaded {
+                Err(e) => Err(e.into()),
+                Ok(mut c) => {
+                    if let Some(v) = data_dir {
+                        c.data_dir = v;
+                    }
+                    if keys_dir.is_some() {
+                        c.keys_dir = keys_dir;
+                    }
+                    if let Some(v) = http {
+                        c.http_listen = v;
+                    }
+                    if let Some(v) = mqtt_listen {
+                        c.broker.embedded_listen = Some(v);
+                    }
+                    if broker.is_some() {
+                        c.broker.url = broker;
+                    }
+                    if public_url.is_some() {
+                        c.public_url = public_url;
+                    }
+                    runtime.block_on(serve(c, shutdown))
+                }
+            }
+        }
+        Command::Demo {
+            devices,
+            exit_when_done,
+            data_dir,
+            http,
+            agent_bin,
+            timeout,
+        } => {
+            init_logging("warn,rumqttd=off");
+            let options = fleet_server::demo::DemoOptions {
+                devices,
+                exit_when_done,
+                data_dir,
+                http,
+                agent_bin,
+                timeout: Duration::from_secs(timeout),
+            };
+            runtime.block_on(fleet_server::demo::run(options, shutdown))
+        }
+    };
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleet-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

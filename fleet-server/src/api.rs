@@ -1,0 +1,299 @@
+//! The HTTP API under `/api/v1`, plus artifact downloads under
+//! `/artifacts/{sha256}` (with `Range`, for resumable device downloads).
+//! Every error is `{"error": "..."}` naming the problem.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use edgefleet_shared::{DeviceId, ModelFormat};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::artifacts::{parse_range, ArtifactError, ByteRange};
+use crate::fleet::Fleet;
+use crate::store::{self, ModelRecord, StoreError, ALL_DEVICES};
+
+/// An API error with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad_request(m: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, m.into())
+    }
+    fn not_found(m: impl Into<String>) -> Self {
+        Self(StatusCode::NOT_FOUND, m.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => Self(StatusCode::CONFLICT, m),
+            StoreError::NotFound(m) => Self(StatusCode::NOT_FOUND, m),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                Self(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+            }
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(fleet: Fleet) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/root", get(root_document))
+        .route("/api/v1/models", get(list_models))
+        .route("/api/v1/models/{name}/versions/{version}", post(upload_model).get(get_model))
+        .route("/api/v1/deployments", post(deploy))
+        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices/{id}", get(get_device))
+        .route("/api/v1/devices/{id}/events", get(device_events))
+        .route("/api/v1/devices/{id}/desired", get(device_desired))
+        .route("/artifacts/{sha256}", get(download_artifact))
+        .fallback(|| async { ApiError::not_found("no such endpoint; the API lives under /api/v1") })
+        .with_state(fleet)
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn root_document(State(fleet): State<Fleet>) -> Json<Value> {
+    Json(serde_json::to_value(fleet.signer.root_envelope()).expect("root serialises"))
+}
+
+async fn list_models(State(fleet): State<Fleet>) -> ApiResult<Json<Vec<ModelRecord>>> {
+    Ok(Json(fleet.store.call(|c| store::list_models(c)).await?))
+}
+
+fn check_model_name(name: &str) -> ApiResult<()> {
+    edgefleet_shared::ids::validate_name("model name", name).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+async fn get_model(State(fleet): State<Fleet>, Path((name, version)): Path<(String, u64)>) -> ApiResult<Json<ModelRecord>> {
+    let n = name.clone();
+    fleet
+        .store
+        .call(move |c| store::get_model(c, &n, version))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("model {name} version {version} does not exist")))
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    format: Option<String>,
+}
+
+/// Streams the request body into the artifact store and registers it.
+async fn upload_model(
+    State(fleet): State<Fleet>,
+    Path((name, version)): Path<(String, String)>,
+    Query(query): Query<UploadQuery>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
+    check_model_name(&name)?;
+    let version: u64 = version
+        .parse()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ApiError::bad_request(format!("version {version:?} must be a positive integer")))?;
+    let format: ModelFormat = query
+        .format
+        .as_deref()
+        .unwrap_or("onnx")
+        .parse()
+        .map_err(ApiError::bad_request)?;
+    let (sha256, size) = fleet
+        .artifacts
+        .put(body.into_data_stream(), fleet.max_upload_bytes)
+        .await
+        .map_err(|e| match e {
+            ArtifactError::TooLarge { .. } => ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            ArtifactError::Empty | ArtifactError::Interrupted(_) => ApiError::bad_request(e.to_string()),
+            ArtifactError::Io { .. } => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        })?;
+    let record = ModelRecord {
+        name,
+        version,
+        format,
+        sha256,
+        size,
+        created_at: edgefleet_shared::unix_now(),
+    };
+    let r = record.clone();
+    let stored = fleet.store.call(move |c| store::add_model(c, &r)).await?;
+    tracing::info!(model = %stored.name, version = stored.version, size = stored.size, "model pushed");
+    Ok((StatusCode::CREATED, Json(stored)))
+}
+
+#[derive(Deserialize)]
+struct DeployRequest {
+    model: String,
+    version: u64,
+    #[serde(default)]
+    devices: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// Points devices (or the whole fleet) at a model version and publishes
+/// the new signed desired state to each affected device.
+async fn deploy(State(fleet): State<Fleet>, body: axum::body::Bytes) -> ApiResult<Json<Value>> {
+    let req: DeployRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed deployment JSON: {e}")))?;
+    if req.all == !req.devices.is_empty() {
+        return Err(ApiError::bad_request(
+            "give either \"devices\": [ids] or \"all\": true (exactly one)",
+        ));
+    }
+    let devices = req
+        .devices
+        .iter()
+        .map(|d| DeviceId::new(d.clone()).map_err(|e| ApiError::bad_request(e.to_string())))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let (model, version) = (req.model.clone(), req.version);
+    let all = req.all;
+    let ids = devices.clone();
+    let targets: Vec<String> = fleet
+        .store
+        .call(move |c| {
+            if store::get_model(c, &model, version)?.is_none() {
+                return Err(StoreError::NotFound(format!(
+                    "model {model} version {version} does not exist; push it first"
+                )));
+            }
+            let tx = c.transaction()?;
+            if all {
+                store::assign(&tx, ALL_DEVICES, &model, version)?;
+            } else {
+                for id in &ids {
+                    store::ensure_device(&tx, id.as_str(), edgefleet_shared::unix_now())?;
+                    store::assign(&tx, id.as_str(), &model, version)?;
+                }
+            }
+            tx.commit()?;
+            Ok(if all {
+                store::list_devices(c)?.into_iter().map(|d| d.id).collect()
+            } else {
+                ids.iter().map(|d| d.to_string()).collect()
+            })
+        })
+        .await?;
+    let mut published = Vec::new();
+    for id in targets {
+        let device = DeviceId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if let Some(v) = fleet.publish_desired(&device).await? {
+            published.push(json!({"device": device, "desired_version": v}));
+        }
+    }
+    Ok(Json(json!({
+        "model": req.model,
+        "version": req.version,
+        "scope": if req.all { "all" } else { "devices" },
+        "published": published,
+    })))
+}
+
+async fn list_devices(State(fleet): State<Fleet>) -> ApiResult<Json<Value>> {
+    let devices = fleet.store.call(|c| store::list_devices(c)).await?;
+    Ok(Json(json!(devices)))
+}
+
+async fn get_device(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let key = id.clone();
+    let device = fleet.store.call(move |c| store::get_device(c, &key)).await?;
+    device
+        .map(|d| Json(json!(d)))
+        .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    limit: Option<u32>,
+}
+
+async fn device_events(
+    State(fleet): State<Fleet>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let events = fleet.store.call(move |c| store::events_for_device(c, &id, limit)).await?;
+    Ok(Json(json!(events)))
+}
+
+async fn device_desired(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Response> {
+    let key = id.clone();
+    let doc = fleet.store.call(move |c| store::desired_json(c, &key)).await?;
+    let doc = doc.ok_or_else(|| ApiError::not_found(format!("device {id:?} has no desired state")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response())
+}
+
+/// Serves an artifact, honouring a single-range `Range` header and
+/// `If-Range` against the artifact's ETag (its sha256).
+async fn download_artifact(
+    State(fleet): State<Fleet>,
+    Path(sha256): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let path = fleet
+        .artifacts
+        .path(&sha256)
+        .ok_or_else(|| ApiError::bad_request("artifact names are 64 lowercase hex characters"))?;
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| ApiError::not_found(format!("no artifact {sha256}")))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .len();
+    let etag = format!("\"{sha256}\"");
+    let if_range_ok = headers
+        .get(header::IF_RANGE)
+        .is_none_or(|v| v.to_str().map(|s| s == etag).unwrap_or(false));
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| if_range_ok)
+        .and_then(|v| parse_range(v, len));
+    let builder = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, "application/octet-stream");
+    let io = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let response = match range {
+        None => builder
+            .status(StatusCode::OK)
+            .header(header::CONTENT_LENGTH, len)
+            .body(Body::from_stream(tokio_util::io::ReaderStream::new(file))),
+        Some(ByteRange::Unsatisfiable) => builder
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+            .body(Body::empty()),
+        Some(ByteRange::Satisfiable { start, end }) => {
+            file.seek(std::io::SeekFrom::Start(start)).await.map_err(io)?;
+            let count = end - start + 1;
+            builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_LENGTH, count)
+                .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
+                .body(Body::from_stream(tokio_util::io::ReaderStream::new(file.take(count))))
+        }
+    };
+    response.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}

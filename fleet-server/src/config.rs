@@ -1,0 +1,175 @@
+//! Server configuration: defaults, then an optional TOML file, then
+//! command-line flags; validated once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// Which MQTT broker the server uses.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Start the embedded broker listening here (the default).
+    #[serde(default = "default_embedded")]
+    pub embedded_listen: Option<SocketAddr>,
+    /// Use an external broker instead: `mqtt://host:port`.
+    pub url: Option<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            embedded_listen: default_embedded(),
+            url: None,
+        }
+    }
+}
+
+fn default_embedded() -> Option<SocketAddr> {
+    Some("127.0.0.1:1883".parse().expect("valid address"))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Defaults to `{data_dir}/keys`.
+    pub keys_dir: Option<PathBuf>,
+    #[serde(default = "default_http")]
+    pub http_listen: SocketAddr,
+    /// Base URL devices use to download artifacts; defaults to
+    /// `http://{http_listen}`.
+    pub public_url: Option<String>,
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// Lifetime of each signed desired state.
+    #[serde(default = "default_expiry")]
+    pub desired_expiry_secs: u64,
+    /// Largest model upload accepted.
+    #[serde(default = "default_max_upload")]
+    pub max_upload_bytes: u64,
+    #[serde(default)]
+    pub broker: BrokerConfig,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("fleet-data")
+}
+fn default_http() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("valid address")
+}
+fn default_prefix() -> String {
+    edgefleet_shared::TopicPrefix::default().as_str().into()
+}
+fn default_expiry() -> u64 {
+    30 * 86_400
+}
+fn default_max_upload() -> u64 {
+    4 * 1024 * 1024 * 1024
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.keys_dir.clone().unwrap_or_else(|| self.data_dir.join("keys"))
+    }
+
+    /// The artifact base URL for a server actually bound to `bound`.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"))
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        edgefleet_shared::TopicPrefix::new(self.topic_prefix.clone())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.desired_expiry_secs < 60 {
+            return Err(ConfigError::Invalid("desired_expiry_secs must be at least 60".into()));
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!("public_url {url:?} must start with http:// or https://")));
+            }
+        }
+        match (&self.broker.url, &self.broker.embedded_listen) {
+            (Some(url), _) => {
+                parse_mqtt_url(url)?;
+            }
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "no broker: set broker.embedded_listen or broker.url".into(),
+                ))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Parses `mqtt://host:port` (port defaults to 1883).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
+    let bad = |why: &str| ConfigError::Invalid(format!("broker url {url:?} {why}; expected mqtt://host:port"));
+    let rest = url.strip_prefix("mqtt://").ok_or_else(|| bad("has an unsupported scheme"))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("has an invalid port"))?),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = ServerConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.keys_dir(), PathBuf::from("fleet-data/keys"));
+        assert_eq!(c.public_url("127.0.0.1:9".parse().unwrap()), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let c: ServerConfig = toml::from_str("public_url = \"ftp://x\"").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("public_url"));
+        let c: ServerConfig = toml::from_str("[broker]\nurl = \"http://x\"").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("broker url"));
+        assert!(toml::from_str::<ServerConfig>("htp_listen = 1").is_err());
+    }
+}

@@ -1,0 +1,124 @@
+//! The fleet service's core: turns assignments into signed desired state
+//! and publishes it, and records what devices report.
+
+use std::sync::Arc;
+
+use edgefleet_shared::{DesiredState, DeviceId, ModelSlot, StatusMessage, TopicKind, TopicPrefix, UpdateEvent};
+use rumqttc::{AsyncClient, QoS};
+
+use crate::artifacts::ArtifactStore;
+use crate::keys::Signer;
+use crate::store::{self, ModelRecord, Store, StoreError};
+
+/// Shared state of the running server.
+#[derive(Clone)]
+pub struct Fleet {
+    pub store: Store,
+    pub artifacts: ArtifactStore,
+    pub signer: Arc<Signer>,
+    pub mqtt: AsyncClient,
+    pub prefix: TopicPrefix,
+    /// Base URL for artifact downloads, without trailing slash.
+    pub public_url: String,
+    pub desired_expiry_secs: u64,
+    pub max_upload_bytes: u64,
+}
+
+impl Fleet {
+    fn slot(&self, m: &ModelRecord) -> ModelSlot {
+        ModelSlot {
+            name: m.name.clone(),
+            version: m.version,
+            format: m.format,
+            sha256: m.sha256.clone(),
+            size: m.size,
+            urls: vec![format!("{}/artifacts/{}", self.public_url, m.sha256)],
+            inputs: vec![],
+            outputs: vec![],
+            test_vector: None,
+        }
+    }
+
+    /// Signs a new desired state for `device` from its assignments, stores
+    /// it and publishes it retained. Returns the new document version, or
+    /// `None` when the device has nothing assigned.
+    pub async fn publish_desired(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        let fleet = self.clone();
+        let id = device.clone();
+        let signed = self
+            .store
+            .call(move |conn| {
+                let models = store::models_for_device(conn, id.as_str())?;
+                if models.is_empty() {
+                    return Ok(None);
+                }
+                store::ensure_device(conn, id.as_str(), edgefleet_shared::unix_now())?;
+                let slots: Vec<ModelSlot> = models.iter().map(|m| fleet.slot(m)).collect();
+                let now = edgefleet_shared::unix_now();
+                let (version, bytes) = store::store_desired(conn, id.as_str(), |version| {
+                    let doc = DesiredState::new(id.clone(), version, now, now + fleet.desired_expiry_secs, slots);
+                    fleet.signer.sign(&doc).to_json()
+                })?;
+                Ok(Some((version, bytes)))
+            })
+            .await?;
+        let Some((version, bytes)) = signed else { return Ok(None) };
+        let topic = self.prefix.device(device, TopicKind::Desired).to_string();
+        if let Err(e) = self.mqtt.publish(topic, QoS::AtLeastOnce, true, bytes).await {
+            tracing::error!(device = %device, error = %e, "could not queue desired state; it is stored and will be re-published when the device reports");
+        }
+        tracing::info!(device = %device, version, "desired state published");
+        Ok(Some(version))
+    }
+
+    /// Records a status message; a device seen for the first time gets its
+    /// desired state from the fleet-wide assignments.
+    pub async fn on_status(&self, msg: StatusMessage) -> Result<(), StoreError> {
+        let now = edgefleet_shared::unix_now();
+        let m = msg.clone();
+        let is_new = self.store.call(move |conn| store::record_status(conn, &m, now)).await?;
+        if msg.online {
+            let id = msg.device_id.clone();
+            let (stored_version, has_doc) = self
+                .store
+                .call(move |conn| {
+                    let dev = store::get_device(conn, id.as_str())?;
+                    let doc = store::desired_json(conn, id.as_str())?;
+                    Ok((dev.map(|d| d.desired_version).unwrap_or(0), doc.is_some()))
+                })
+                .await?;
+            let behind = msg.desired_version.unwrap_or(0) < stored_version;
+            if is_new || !has_doc {
+                self.publish_desired(&msg.device_id).await?;
+            } else if behind {
+                // The retained message may have been lost (e.g. an external
+                // broker restarted without persistence): publish it again.
+                self.republish_stored(&msg.device_id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn republish_stored(&self, device: &DeviceId) -> Result<(), StoreError> {
+        let id = device.clone();
+        if let Some(bytes) = self.store.call(move |c| store::desired_json(c, id.as_str())).await? {
+            let topic = self.prefix.device(device, TopicKind::Desired).to_string();
+            let _ = self.mqtt.publish(topic, QoS::AtLeastOnce, true, bytes).await;
+        }
+        Ok(())
+    }
+
+    pub async fn on_event(&self, event: UpdateEvent) -> Result<(), StoreError> {
+        if event.reason.is_some() {
+            tracing::warn!(device = %event.device_id, kind = event.kind.as_str(), reason = ?event.reason, "device event");
+        } else {
+            tracing::info!(device = %event.device_id, kind = event.kind.as_str(), model = ?event.model, version = ?event.model_version, "device event");
+        }
+        self.store
+            .call(move |conn| {
+                store::ensure_device(conn, event.device_id.as_str(), event.at)?;
+                store::record_event(conn, &event).map(|_| ())
+            })
+            .await
+    }
+}
