@@ -1,1 +1,305 @@
+//! Harness for the end-to-end tests: real `fleet-server`, `fleetctl` and
+//! `edgefleet-agent` processes on temp dirs and free ports.
+//!
+//! The binaries are taken from the cargo target dir (`target/debug` by
+//! default, or `$CARGO_TARGET_DIR`); if one is missing it is built first.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+pub use fleet_server::unix_http;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+        .join("debug")
+}
+
+/// Path of a workspace binary, building the binaries once if needed.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = target_dir().join(name);
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .current_dir(repo_root())
+                .args(["build", "-p", "edgefleet-agent", "-p", "fleet-server", "--bins"])
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building the binaries failed");
+        });
+    }
+    assert!(path.exists(), "{} missing after build", path.display());
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn digits_model(variant: &str) -> PathBuf {
+    repo_root().join("models/digits").join(format!("digits_{variant}.onnx"))
+}
+
+/// Held-out digit samples with their labels.
+pub struct Samples {
+    pub inputs: Vec<Vec<f64>>,
+    pub labels: Vec<usize>,
+}
+
+pub fn samples() -> Samples {
+    let v: Value = serde_json::from_slice(&std::fs::read(repo_root().join("models/digits/samples.json")).unwrap()).unwrap();
+    let inputs = v["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect();
+    let labels = v["labels"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    Samples { inputs, labels }
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A child process killed when dropped, with its log kept for failures.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .env("EDGEFLEET_LOG", "debug,rumqttd=warn,rumqttd::router::routing=off,hyper=info,reqwest=info")
+            .spawn()
+            .with_context(|| format!("spawn {cmd:?}"))?;
+        Ok(Self { child, log })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait up to `grace` for a clean exit.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `fleetctl` against `server` and returns its output.
+pub fn fleetctl(server: &str, args: &[&str]) -> Output {
+    Command::new(binary("fleetctl"))
+        .env("FLEETCTL_SERVER", server)
+        .args(args)
+        .output()
+        .expect("run fleetctl")
+}
+
+/// A running fleet server with its embedded broker.
+pub struct Server {
+    pub proc: Proc,
+    pub url: String,
+    pub mqtt_port: u16,
+    pub keys_dir: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Server {
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let keys_dir = dir.join("keys");
+        let out = Command::new(binary("fleetctl"))
+            .args(["keys", "init", "--dir"])
+            .arg(&keys_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("keys init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let http_port = free_port();
+        let mqtt_port = free_port();
+        let mut cmd = Command::new(binary("fleet-server"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(dir.join("server"))
+            .arg("--keys-dir")
+            .arg(&keys_dir)
+            .arg("--http")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .arg("--mqtt-listen")
+            .arg(format!("127.0.0.1:{mqtt_port}"));
+        let mut proc = Proc::spawn(cmd, dir.join("server.log"))?;
+        let url = format!("http://127.0.0.1:{http_port}");
+        fleet_server::install_crypto_provider();
+        let health = format!("{url}/api/v1/health");
+        let started = wait_for("fleet server health", Duration::from_secs(20), || {
+            let health = health.clone();
+            async move { reqwest::get(&health).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+        if let Err(e) = started {
+            let status = proc.child.try_wait()?;
+            bail!("{e}; exit status {status:?}; log:\n{}", proc.log_text());
+        }
+        Ok(Self {
+            proc,
+            url,
+            mqtt_port,
+            keys_dir,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        Ok(reqwest::get(format!("{}{path}", self.url)).await?.json().await?)
+    }
+
+    /// The device record once it reports `model` at `version` as served.
+    pub async fn wait_for_model(&self, device: &str, model: &str, version: u64) -> anyhow::Result<Value> {
+        let path = format!("/api/v1/devices/{device}");
+        wait_for(&format!("{device} serving {model} v{version}"), Duration::from_secs(60), || {
+            let path = path.clone();
+            async move {
+                let d = self.get_json(&path).await.ok()?;
+                let serving = d["models"]
+                    .as_array()?
+                    .iter()
+                    .any(|m| m["name"] == model && m["version"] == version);
+                (serving && d["online"] == true).then_some(d)
+            }
+        })
+        .await
+    }
+
+    pub fn root_document(&self) -> PathBuf {
+        self.keys_dir.join("root.json")
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    pub proc: Proc,
+    pub id: String,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent in fleet mode against `server`.
+    pub fn start_fleet(dir: &Path, id: &str, server: &Server) -> anyhow::Result<Self> {
+        let agent_dir = dir.join(id);
+        std::fs::create_dir_all(&agent_dir)?;
+        let socket = agent_dir.join("agent.sock");
+        let config = format!(
+            "device_id = \"{id}\"\ndata_dir = \"{data}\"\nroot_document = \"{root}\"\n[api]\nsocket = \"{sock}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nkeep_alive_secs = 5\n[update]\ndownload_stall_secs = 5\n",
+            data = agent_dir.join("data").display(),
+            root = server.root_document().display(),
+            sock = socket.display(),
+            port = server.mqtt_port,
+        );
+        let config_path = agent_dir.join("agent.toml");
+        std::fs::write(&config_path, config)?;
+        let mut cmd = Command::new(binary("edgefleet-agent"));
+        cmd.arg("run").arg("--config").arg(&config_path);
+        Ok(Self {
+            proc: Proc::spawn(cmd, agent_dir.join("agent.log"))?,
+            id: id.to_string(),
+            socket,
+            dir: agent_dir,
+        })
+    }
+
+    /// Starts a standalone agent serving local files.
+    pub fn start_standalone(dir: &Path, models: &[(&str, &Path)]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("agent.sock");
+        let mut cmd = Command::new(binary("edgefleet-agent"));
+        cmd.arg("serve").arg("--socket").arg(&socket).arg("--data-dir").arg(dir.join("data"));
+        for (name, path) in models {
+            cmd.arg("--model").arg(format!("{name}={}", path.display()));
+        }
+        Ok(Self {
+            proc: Proc::spawn(cmd, dir.join("agent.log"))?,
+            id: "standalone".into(),
+            socket,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub async fn request(&self, method: http::Method, path: &str, body: Option<&Value>) -> anyhow::Result<(http::StatusCode, Value)> {
+        unix_http::request(&self.socket, method, path, body).await
+    }
+
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        wait_for(&format!("agent {} ready", self.id), Duration::from_secs(30), || async {
+            self.request(http::Method::GET, "/v2/health/ready", None)
+                .await
+                .ok()
+                .filter(|(s, _)| s.is_success())
+                .map(|_| ())
+        })
+        .await
+        .with_context(|| self.proc.log_text())
+    }
+
+    /// Classifies one digit; returns the predicted label.
+    pub async fn classify(&self, pixels: &[f64]) -> anyhow::Result<usize> {
+        let body = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": pixels}]});
+        let (status, reply) = self.request(http::Method::POST, "/v2/models/digits/infer", Some(&body)).await?;
+        if !status.is_success() {
+            bail!("inference failed: {status} {reply}");
+        }
+        let probs = reply["outputs"][0]["data"].as_array().context("no output data")?;
+        Ok(probs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+            .map(|(i, _)| i)
+            .unwrap())
+    }
+}

@@ -1,1 +1,342 @@
-fn main() {}
+//! `fleetctl`: the operator's command line for an edgefleet server.
+//!
+//! Exit codes: 0 success, 1 the server refused or failed the request,
+//! 2 bad usage or local input, 3 the server could not be reached.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleet_server::store::{DeviceRecord, EventRecord, ModelRecord};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "fleetctl", version, about = "Operate an edgefleet fleet server")]
+struct Cli {
+    /// Fleet server base URL.
+    #[arg(long, global = true, env = "FLEETCTL_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Model registry.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Point devices (or every device) at a model version.
+    Deploy {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: u64,
+        /// A device id; repeat for several.
+        #[arg(long = "device", conflicts_with = "all", required_unless_present = "all")]
+        devices: Vec<String>,
+        /// Every device, including ones that enroll later.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List devices with the model versions they report.
+    Devices,
+    /// Recent update events of one device.
+    Events {
+        device: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create the offline root key(s), the online signing key and the
+    /// signed root document.
+    Init {
+        #[arg(long, default_value = "fleet-data/keys")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        root_keys: u32,
+        #[arg(long, default_value_t = 1)]
+        threshold: u32,
+        #[arg(long, default_value_t = 365)]
+        expires_days: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Upload a model file as NAME version VERSION.
+    Push {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: u64,
+        /// onnx or tflite; taken from the file extension by default.
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// List model versions.
+    List,
+}
+
+/// A failure with its exit code.
+struct Failure(u8, anyhow::Error);
+
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    Failure(2, e.into())
+}
+
+fn classify(e: reqwest::Error) -> Failure {
+    if e.is_connect() || e.is_timeout() {
+        Failure(3, anyhow::anyhow!("cannot reach the fleet server: {e}"))
+    } else {
+        Failure(1, e.into())
+    }
+}
+
+async fn check(resp: reqwest::Response) -> Result<Value, Failure> {
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        Ok(body)
+    } else {
+        let msg = body["error"].as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
+        Err(Failure(1, anyhow::anyhow!("server answered {status}: {msg}")))
+    }
+}
+
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    for row in rows {
+        println!("{}", line(row));
+    }
+}
+
+fn ago(ts: u64) -> String {
+    let now = edgefleet_shared::unix_now();
+    let d = now.saturating_sub(ts);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86399 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+async fn push(cli: &Cli, file: &PathBuf, name: &str, version: u64, format: Option<&str>) -> Result<Value, Failure> {
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => edgefleet_shared::ModelFormat::from_path(file)
+            .map(|f| f.to_string())
+            .ok_or_else(|| usage(anyhow::anyhow!("cannot tell the format of {} from its extension; pass --format", file.display())))?,
+    };
+    let handle = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("cannot open {}", file.display()))
+        .map_err(usage)?;
+    let size = handle.metadata().await.map_err(|e| usage(anyhow::Error::from(e)))?.len();
+    let bar = if cli.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(size)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("pushing {name} v{version}"));
+    let progress = bar.clone();
+    let stream = tokio_util::io::ReaderStream::new(handle).map(move |chunk| {
+        if let Ok(c) = &chunk {
+            progress.inc(c.len() as u64);
+        }
+        chunk
+    });
+    let url = format!("{}/api/v1/models/{name}/versions/{version}?format={format}", cli.server);
+    let resp = reqwest::Client::new()
+        .post(url)
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .map_err(classify)?;
+    bar.finish_and_clear();
+    check(resp).await
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    fleet_server::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let base = cli.server.trim_end_matches('/').to_string();
+    match &cli.command {
+        Command::Keys {
+            command:
+                KeysCommand::Init {
+                    dir,
+                    root_keys,
+                    threshold,
+                    expires_days,
+                },
+        } => {
+            let keys = fleet_server::keys::init_keys(dir, *root_keys, *threshold, *expires_days).map_err(usage)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"root_keys": keys.root_key_paths, "online_key": keys.online_key_path, "root": keys.root_path})
+                );
+            } else {
+                for p in &keys.root_key_paths {
+                    println!("root key     {}   <- move offline; needed only to rotate keys", p.display());
+                }
+                println!("online key   {}   <- stays with the server (mode 0600)", keys.online_key_path.display());
+                println!("root doc     {}   <- flash onto every device", keys.root_path.display());
+            }
+        }
+        Command::Model {
+            command: ModelCommand::Push {
+                file,
+                name,
+                version,
+                format,
+            },
+        } => {
+            let record = push(&cli, file, name, *version, format.as_deref()).await?;
+            if cli.json {
+                println!("{record}");
+            } else {
+                let m: ModelRecord = serde_json::from_value(record).map_err(|e| Failure(1, e.into()))?;
+                println!("pushed {} v{} ({} bytes, {}, sha256 {})", m.name, m.version, m.size, m.format, &m.sha256[..16]);
+            }
+        }
+        Command::Model { command: ModelCommand::List } => {
+            let body = check(client.get(format!("{base}/api/v1/models")).send().await.map_err(classify)?).await?;
+            if cli.json {
+                println!("{body}");
+            } else {
+                let models: Vec<ModelRecord> = serde_json::from_value(body).map_err(|e| Failure(1, e.into()))?;
+                print_table(
+                    &["NAME", "VERSION", "FORMAT", "SIZE", "SHA256", "PUSHED"],
+                    models
+                        .into_iter()
+                        .map(|m| vec![m.name, m.version.to_string(), m.format.to_string(), m.size.to_string(), m.sha256[..16].to_string(), ago(m.created_at)])
+                        .collect(),
+                );
+            }
+        }
+        Command::Deploy {
+            model,
+            version,
+            devices,
+            all,
+        } => {
+            let body = json!({"model": model, "version": version, "devices": devices, "all": all});
+            let resp = client.post(format!("{base}/api/v1/deployments")).json(&body).send().await.map_err(classify)?;
+            let result = check(resp).await?;
+            if cli.json {
+                println!("{result}");
+            } else {
+                let n = result["published"].as_array().map_or(0, Vec::len);
+                println!("{model} v{version} deployed; signed desired state published to {n} device(s)");
+            }
+        }
+        Command::Devices => {
+            let body = check(client.get(format!("{base}/api/v1/devices")).send().await.map_err(classify)?).await?;
+            if cli.json {
+                println!("{body}");
+            } else {
+                let devices: Vec<DeviceRecord> = serde_json::from_value(body).map_err(|e| Failure(1, e.into()))?;
+                print_table(
+                    &["DEVICE", "STATE", "MODELS", "DESIRED", "LAST SEEN"],
+                    devices
+                        .into_iter()
+                        .map(|d| {
+                            let models = d
+                                .models
+                                .iter()
+                                .map(|m| format!("{} v{}", m.name, m.version))
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            let desired = format!(
+                                "{}/{}",
+                                d.reported_desired_version.map_or("-".into(), |v| v.to_string()),
+                                d.desired_version
+                            );
+                            vec![d.id, if d.online { "online" } else { "offline" }.into(), if models.is_empty() { "-".into() } else { models }, desired, ago(d.last_seen)]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Command::Events { device, limit } => {
+            let url = format!("{base}/api/v1/devices/{device}/events?limit={limit}");
+            let body = check(client.get(url).send().await.map_err(classify)?).await?;
+            if cli.json {
+                println!("{body}");
+            } else {
+                let events: Vec<EventRecord> = serde_json::from_value(body).map_err(|e| Failure(1, e.into()))?;
+                print_table(
+                    &["WHEN", "EVENT", "DESIRED", "MODEL", "REASON"],
+                    events
+                        .into_iter()
+                        .map(|e| {
+                            vec![
+                                ago(e.at),
+                                e.kind,
+                                e.desired_version.map_or("-".into(), |v| v.to_string()),
+                                match (e.model, e.model_version) {
+                                    (Some(m), Some(v)) => format!("{m} v{v}"),
+                                    _ => "-".into(),
+                                },
+                                e.reason.unwrap_or_default(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("fleetctl: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
