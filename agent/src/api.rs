@@ -81,7 +81,9 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(serde_json::to_vec(body).expect("json serialises"))))
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(body).expect("json serialises"),
+        )))
         .expect("response builds")
 }
 
@@ -93,8 +95,9 @@ fn error_response(e: ApiError) -> Response<Full<Bytes>> {
 /// refuses to steal one another agent is serving on, sets mode 0660.
 pub async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create socket directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create socket directory {}: {e}", dir.display())
+        })?;
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -188,10 +191,16 @@ pub async fn handle(state: ApiState, req: Request<Incoming>) -> Response<Full<By
             StatusCode::OK,
             &json!({"name": "edgefleet-agent", "version": env!("CARGO_PKG_VERSION"), "extensions": []}),
         )),
-        (&Method::GET, ["v2", "health", "live"]) => Ok(json_response(StatusCode::OK, &json!({"live": true}))),
+        (&Method::GET, ["v2", "health", "live"]) => {
+            Ok(json_response(StatusCode::OK, &json!({"live": true})))
+        }
         (&Method::GET, ["v2", "health", "ready"]) => {
             let ready = !state.registry.all().is_empty();
-            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             Ok(json_response(status, &json!({"ready": ready})))
         }
         (_, ["v2", "models", name, rest @ ..]) => {
@@ -228,9 +237,18 @@ async fn model_route(
     }
 }
 
-fn find_model(state: &ApiState, name: &str, version: Option<&str>) -> Result<Arc<ServedModel>, ApiError> {
+fn find_model(
+    state: &ApiState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Arc<ServedModel>, ApiError> {
     let model = state.registry.get(name).ok_or_else(|| {
-        let served: Vec<String> = state.registry.all().iter().map(|m| m.name.clone()).collect();
+        let served: Vec<String> = state
+            .registry
+            .all()
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
         ApiError::not_found(format!(
             "unknown model {name:?}; served models: [{}]",
             served.join(", ")
@@ -300,15 +318,29 @@ async fn read_body(state: &ApiState, req: Request<Incoming>) -> Result<Bytes, Ap
     }
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body exceeds the limit of {limit} bytes (api.max_request_bytes)"),
-        )),
-        Err(e) => Err(ApiError::bad_request(format!("could not read request body: {e}"))),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds the limit of {limit} bytes (api.max_request_bytes)"),
+            ))
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read request body: {e}"
+        ))),
     }
 }
 
-fn decode_inputs(request: InferRequest) -> Result<(Option<String>, Vec<Tensor>, Option<Vec<String>>), ApiError> {
+/// A decoded request: its id, input tensors and the outputs asked for.
+struct Decoded {
+    id: Option<String>,
+    inputs: Vec<Tensor>,
+    wanted: Option<Vec<String>>,
+}
+
+fn decode_inputs(request: InferRequest) -> Result<Decoded, ApiError> {
     let mut tensors = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
         let datatype: DataType = input
@@ -323,8 +355,14 @@ fn decode_inputs(request: InferRequest) -> Result<(Option<String>, Vec<Tensor>, 
             data,
         });
     }
-    let outputs = request.outputs.map(|o| o.into_iter().map(|r| r.name).collect());
-    Ok((request.id, tensors, outputs))
+    let outputs = request
+        .outputs
+        .map(|o| o.into_iter().map(|r| r.name).collect());
+    Ok(Decoded {
+        id: request.id,
+        inputs: tensors,
+        wanted: outputs,
+    })
 }
 
 async fn infer(
@@ -344,11 +382,16 @@ async fn infer(
     let body = read_body(state, req).await?;
     let request: InferRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed inference request JSON: {e}")))?;
-    let (id, inputs, wanted) = decode_inputs(request)?;
+    let Decoded { id, inputs, wanted } = decode_inputs(request)?;
     if let Some(wanted) = &wanted {
         for name in wanted {
             if !model.engine.outputs().iter().any(|o| &o.name == name) {
-                let known: Vec<&str> = model.engine.outputs().iter().map(|o| o.name.as_str()).collect();
+                let known: Vec<&str> = model
+                    .engine
+                    .outputs()
+                    .iter()
+                    .map(|o| o.name.as_str())
+                    .collect();
                 return Err(ApiError::bad_request(format!(
                     "unknown output {name:?}; the model's outputs are: {}",
                     known.join(", ")
@@ -358,17 +401,29 @@ async fn infer(
     }
     let started = Instant::now();
     let worker_model = Arc::clone(&model);
-    let result = tokio::task::spawn_blocking(move || engine::infer(worker_model.engine.as_ref(), inputs))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("inference task failed: {e}")))?;
+    let result =
+        tokio::task::spawn_blocking(move || engine::infer(worker_model.engine.as_ref(), inputs))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("inference task failed: {e}"),
+                )
+            })?;
     let elapsed = started.elapsed();
-    model.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     model
         .stats
-        .busy_micros
-        .fetch_add(elapsed.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    model.stats.busy_micros.fetch_add(
+        elapsed.as_micros() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let outputs = result.map_err(|e| {
-        model.stats.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        model
+            .stats
+            .errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let status = if e.is_client_error() {
             StatusCode::BAD_REQUEST
         } else {

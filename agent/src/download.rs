@@ -147,7 +147,9 @@ impl Downloader {
             };
             let room = slot.size - have;
             if chunk.len() as u64 > room {
-                return Attempt::Fatal(DownloadError::TooLarge { declared: slot.size });
+                return Attempt::Fatal(DownloadError::TooLarge {
+                    declared: slot.size,
+                });
             }
             if let Err(e) = file.write_all(&chunk).await {
                 return io(e);

@@ -41,10 +41,14 @@ async fn serve_local_models(config: &AgentConfig, registry: &ModelRegistry) {
     for local in &config.models {
         let result = async {
             let format = ModelFormat::from_path(&local.path).with_context(|| {
-                format!("{}: unknown model format (use a .onnx or .tflite file)", local.path.display())
+                format!(
+                    "{}: unknown model format (use a .onnx or .tflite file)",
+                    local.path.display()
+                )
             })?;
             let path = local.path.clone();
-            let sha256 = sha256_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let sha256 =
+                sha256_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
             let engine = tokio::task::spawn_blocking(move || {
                 let bytes = std::fs::read(&path)?;
                 engine::load(format, &bytes).map_err(anyhow::Error::from)
@@ -65,7 +69,9 @@ async fn serve_local_models(config: &AgentConfig, registry: &ModelRegistry) {
                     stats: Default::default(),
                 });
             }
-            Err(e) => tracing::error!(model = %local.name, error = %format!("{e:#}"), "local model not served"),
+            Err(e) => {
+                tracing::error!(model = %local.name, error = %format!("{e:#}"), "local model not served")
+            }
         }
     }
 }
@@ -97,8 +103,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
 
     if let Some(mqtt) = &config.mqtt {
-        let device = config.device_id.clone().context("device_id is required with [mqtt]")?;
-        let root_path = config.root_document.clone().context("root_document is required with [mqtt]")?;
+        let device = config
+            .device_id
+            .clone()
+            .context("device_id is required with [mqtt]")?;
+        let root_path = config
+            .root_document
+            .clone()
+            .context("root_document is required with [mqtt]")?;
         let trust = trust::TrustStore::open(&config.data_dir, &root_path)?;
         tracing::info!(device = %device, root_version = trust.root().version, "fleet mode");
         let (desired_tx, desired_rx) = mpsc::channel(4);
@@ -123,7 +135,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         };
         let token = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = uplink.run(desired_tx, events_rx, status_rx, token.clone()).await {
+            if let Err(e) = uplink
+                .run(desired_tx, events_rx, status_rx, token.clone())
+                .await
+            {
                 tracing::error!(error = %format!("{e:#}"), "uplink stopped");
                 token.cancel();
             }
@@ -142,4 +157,3 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let _ = std::fs::remove_file(&config.api.socket);
     Ok(())
 }
-

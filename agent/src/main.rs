@@ -8,7 +8,11 @@ use edgefleet_agent::config::{AgentConfig, LocalModel};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "edgefleet-agent", version, about = "Runs ML models on an edge device and installs signed updates from an edgefleet server")]
+#[command(
+    name = "edgefleet-agent",
+    version,
+    about = "Runs ML models on an edge device and installs signed updates from an edgefleet server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

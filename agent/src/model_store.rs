@@ -97,7 +97,9 @@ impl ModelStore {
         let models = self.models_dir();
         for entry in fs::read_dir(&models).map_err(io_err(&models))? {
             let dir = entry.map_err(io_err(&models))?.path();
-            let Ok(children) = fs::read_dir(&dir) else { continue };
+            let Ok(children) = fs::read_dir(&dir) else {
+                continue;
+            };
             for child in children.flatten() {
                 let name = child.file_name();
                 if name.to_string_lossy().starts_with(".installing-") {
@@ -153,8 +155,11 @@ impl ModelStore {
         };
         let pointer = ActivePointer { version, previous };
         let path = self.name_dir(name).join("active");
-        write_atomic(&path, &serde_json::to_vec(&pointer).expect("pointer serialises"))
-            .map_err(io_err(&path))?;
+        write_atomic(
+            &path,
+            &serde_json::to_vec(&pointer).expect("pointer serialises"),
+        )
+        .map_err(io_err(&path))?;
         self.collect_garbage(name, &pointer);
         Ok(pointer)
     }
@@ -174,7 +179,9 @@ impl ModelStore {
     }
 
     fn collect_garbage(&self, name: &str, keep: &ActivePointer) {
-        let Ok(entries) = fs::read_dir(self.name_dir(name)) else { return };
+        let Ok(entries) = fs::read_dir(self.name_dir(name)) else {
+            return;
+        };
         for entry in entries.flatten() {
             let file_name = entry.file_name();
             let Some(version) = file_name.to_str().and_then(|s| s.parse::<u64>().ok()) else {
@@ -189,10 +196,14 @@ impl ModelStore {
     pub fn active_pointer(&self, name: &str) -> Result<Option<ActivePointer>, StoreError> {
         let path = self.name_dir(name).join("active");
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::Corrupt {
-                path,
-                reason: e.to_string(),
-            }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        path,
+                        reason: e.to_string(),
+                    })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&path)(e)),
         }
@@ -231,7 +242,9 @@ impl ModelStore {
             .collect();
         names.sort();
         for name in names {
-            let Some(pointer) = self.active_pointer(&name)? else { continue };
+            let Some(pointer) = self.active_pointer(&name)? else {
+                continue;
+            };
             match self.load_version(&name, pointer.version) {
                 Ok(model) => out.push(model),
                 Err(e) => {
@@ -301,7 +314,10 @@ mod tests {
         assert_eq!(active.len(), 1);
         assert_eq!(active[0].slot.version, 3);
         assert!(store.load_version("digits", 2).is_ok());
-        assert!(store.load_version("digits", 1).is_err(), "version 1 was garbage-collected");
+        assert!(
+            store.load_version("digits", 1).is_err(),
+            "version 1 was garbage-collected"
+        );
     }
 
     #[test]

@@ -61,7 +61,11 @@ pub struct ModelRegistry {
 
 impl ModelRegistry {
     pub fn get(&self, name: &str) -> Option<Arc<ServedModel>> {
-        self.models.read().expect("registry lock").get(name).cloned()
+        self.models
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
     }
 
     /// Serves `model` under its name, replacing any previous version.
@@ -77,7 +81,12 @@ impl ModelRegistry {
     }
 
     pub fn all(&self) -> Vec<Arc<ServedModel>> {
-        self.models.read().expect("registry lock").values().cloned().collect()
+        self.models
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn statuses(&self) -> Vec<ModelStatus> {

@@ -5,7 +5,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use edgefleet_shared::{DeviceId, EventKind, ModelStatus, StatusMessage, UpdateEvent, SCHEMA_VERSION};
+use edgefleet_shared::{
+    DeviceId, EventKind, ModelStatus, StatusMessage, UpdateEvent, SCHEMA_VERSION,
+};
 use tokio::sync::{mpsc, watch};
 
 /// Per-device sequence numbers. They start from the boot time in

@@ -62,7 +62,10 @@ impl FromStr for DataType {
             .find(|d| d.as_str() == s)
             .ok_or_else(|| {
                 let known: Vec<_> = Self::ALL.iter().map(|d| d.as_str()).collect();
-                format!("unsupported datatype {s:?} (supported: {})", known.join(", "))
+                format!(
+                    "unsupported datatype {s:?} (supported: {})",
+                    known.join(", ")
+                )
             })
     }
 }
@@ -180,7 +183,11 @@ pub enum DecodeError {
 }
 
 /// Flattens row-major nested (or already flat) JSON arrays into typed data.
-pub fn decode_json_data(input: &str, datatype: DataType, data: &Value) -> Result<TensorData, DecodeError> {
+pub fn decode_json_data(
+    input: &str,
+    datatype: DataType,
+    data: &Value,
+) -> Result<TensorData, DecodeError> {
     let mut flat = Vec::new();
     flatten(data, &mut flat);
     let bad = |index: usize, v: &Value, expected: &'static str| DecodeError::BadElement {
@@ -226,7 +233,11 @@ pub fn decode_json_data(input: &str, datatype: DataType, data: &Value) -> Result
         DataType::Fp32 => TensorData::Fp32(
             flat.iter()
                 .enumerate()
-                .map(|(i, v)| v.as_f64().map(|x| x as f32).ok_or_else(|| bad(i, v, "a number")))
+                .map(|(i, v)| {
+                    v.as_f64()
+                        .map(|x| x as f32)
+                        .ok_or_else(|| bad(i, v, "a number"))
+                })
                 .collect::<Result<_, _>>()?,
         ),
         DataType::Fp64 => TensorData::Fp64(
@@ -290,9 +301,15 @@ mod tests {
             TensorData::Uint8(vec![0, 255])
         );
         let err = decode_json_data("x", DataType::Uint8, &json!([0, 256])).unwrap_err();
-        assert!(matches!(err, DecodeError::OutOfRange { index: 1, .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::OutOfRange { index: 1, .. }),
+            "{err}"
+        );
         let err = decode_json_data("x", DataType::Int8, &json!([1.5])).unwrap_err();
-        assert!(matches!(err, DecodeError::OutOfRange { index: 0, .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::OutOfRange { index: 0, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -311,7 +328,10 @@ mod tests {
         for dt in DataType::ALL {
             assert_eq!(dt.as_str().parse::<DataType>().unwrap(), dt);
         }
-        assert!("FP128".parse::<DataType>().unwrap_err().contains("supported"));
+        assert!("FP128"
+            .parse::<DataType>()
+            .unwrap_err()
+            .contains("supported"));
     }
 
     #[test]
@@ -320,7 +340,11 @@ mod tests {
         for dt in DataType::ALL {
             let data = TensorData::from_f64(dt, &values);
             assert_eq!(data.datatype(), dt);
-            let expected: Vec<f64> = if dt == DataType::Bool { vec![0.0, 1.0, 1.0] } else { values.to_vec() };
+            let expected: Vec<f64> = if dt == DataType::Bool {
+                vec![0.0, 1.0, 1.0]
+            } else {
+                values.to_vec()
+            };
             assert_eq!(data.to_f64(), expected);
         }
     }

@@ -16,9 +16,15 @@ use crate::durable::write_atomic;
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("root document {path} is not trustworthy: {source}")]
     Root { path: PathBuf, source: VerifyError },
 }
@@ -67,9 +73,11 @@ impl TrustStore {
             }
             stored
         } else {
-            write_atomic(&stored_path, &pinned_env.to_json()).map_err(|source| TrustError::Write {
-                path: stored_path.clone(),
-                source,
+            write_atomic(&stored_path, &pinned_env.to_json()).map_err(|source| {
+                TrustError::Write {
+                    path: stored_path.clone(),
+                    source,
+                }
             })?;
             pinned
         };
@@ -113,7 +121,8 @@ impl TrustStore {
     /// that after a crash the device resumes the same update.
     pub fn accept_desired(&mut self, envelope: &Signed, version: u64) -> Result<(), TrustError> {
         let path = self.dir.join("desired.json");
-        write_atomic(&path, &envelope.to_json()).map_err(|source| TrustError::Write { path, source })?;
+        write_atomic(&path, &envelope.to_json())
+            .map_err(|source| TrustError::Write { path, source })?;
         self.desired = Some(envelope.clone());
         self.desired_version = Some(version);
         Ok(())

@@ -118,7 +118,10 @@ mod tests {
         let device = DeviceId::new("d").unwrap();
         let doc = DesiredState::new(device, 1, 0, 10, vec![slot("a", 2), slot("b", 1)]);
         let steps = plan(&doc, &[serving("a", 1), serving("b", 1), serving("c", 5)]);
-        assert_eq!(steps, vec![Step::Install(slot("a", 2)), Step::Remove("c".into())]);
+        assert_eq!(
+            steps,
+            vec![Step::Install(slot("a", 2)), Step::Remove("c".into())]
+        );
         assert!(plan(&doc, &[serving("a", 2), serving("b", 1)]).is_empty());
     }
 
@@ -163,8 +166,14 @@ mod tests {
             assess(&payload, newer_trusted, 10),
             Verdict::Refuse(VerifyError::Rollback { .. })
         ));
-        assert!(matches!(assess(&payload, fresh, 2000), Verdict::Refuse(VerifyError::Expired { .. })));
-        assert!(matches!(assess(b"{not json", fresh, 10), Verdict::Refuse(VerifyError::Malformed(_))));
+        assert!(matches!(
+            assess(&payload, fresh, 2000),
+            Verdict::Refuse(VerifyError::Expired { .. })
+        ));
+        assert!(matches!(
+            assess(b"{not json", fresh, 10),
+            Verdict::Refuse(VerifyError::Malformed(_))
+        ));
         let rogue = Signed::sign(&doc, &[&SecretKey::from_seed([9; 32])]);
         assert!(matches!(
             assess(&rogue.to_json(), fresh, 10),

@@ -41,7 +41,8 @@ pub async fn load_engine(installed: &InstalledModel) -> Result<Box<dyn Engine>, 
     let path = installed.path.clone();
     let format = installed.slot.format;
     tokio::task::spawn_blocking(move || {
-        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         engine::load(format, &bytes).map_err(|e| e.to_string())
     })
     .await
@@ -57,7 +58,9 @@ pub async fn serve_installed(store: &ModelStore, registry: &ModelRegistry) -> an
                 tracing::info!(model = %installed.slot.name, version = installed.slot.version, runtime = engine.runtime(), "serving installed model");
                 registry.insert(served(&installed, engine));
             }
-            Err(e) => tracing::error!(model = %installed.slot.name, error = %e, "installed model failed to load"),
+            Err(e) => {
+                tracing::error!(model = %installed.slot.name, error = %e, "installed model failed to load")
+            }
         }
     }
     Ok(())
@@ -81,7 +84,12 @@ fn check_model(engine: &dyn Engine, slot: &ModelSlot) -> Result<(), String> {
             .inputs()
             .iter()
             .find(|s| s.name == declared.name)
-            .ok_or_else(|| format!("model has no input {:?} declared in the desired state", declared.name))?;
+            .ok_or_else(|| {
+                format!(
+                    "model has no input {:?} declared in the desired state",
+                    declared.name
+                )
+            })?;
         if actual.datatype.as_str() != declared.datatype {
             return Err(format!(
                 "input {:?} is {} in the model but {} in the desired state",
@@ -106,7 +114,11 @@ fn to_tensor(t: &TestTensor) -> Result<Tensor, String> {
 
 /// Runs a signed test vector; any output outside the tolerance fails it.
 pub fn run_test_vector(engine: &dyn Engine, tv: &TestVector) -> Result<(), String> {
-    let inputs = tv.inputs.iter().map(to_tensor).collect::<Result<Vec<_>, _>>()?;
+    let inputs = tv
+        .inputs
+        .iter()
+        .map(to_tensor)
+        .collect::<Result<Vec<_>, _>>()?;
     let outputs = engine::infer(engine, inputs).map_err(|e| format!("test vector: {e}"))?;
     for expected in &tv.expected {
         let actual = outputs
@@ -126,7 +138,7 @@ pub fn run_test_vector(engine: &dyn Engine, tv: &TestVector) -> Result<(), Strin
             .iter()
             .zip(&expected.data)
             .enumerate()
-            .find(|(_, (g, e))| !((*g - *e).abs() <= tv.tolerance))
+            .find(|(_, (g, e))| (*g - *e).abs().is_nan() || (*g - *e).abs() > tv.tolerance)
         {
             return Err(format!(
                 "test vector failed: output {:?}[{i}] is {g}, expected {e} ± {}",
@@ -151,7 +163,11 @@ impl Updater {
     }
 
     /// Runs until `shutdown`, applying each desired state that arrives.
-    pub async fn run(mut self, mut desired_rx: mpsc::Receiver<Vec<u8>>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut desired_rx: mpsc::Receiver<Vec<u8>>,
+        shutdown: CancellationToken,
+    ) {
         self.resume().await;
         loop {
             tokio::select! {
@@ -170,9 +186,16 @@ impl Updater {
             self.publish_status();
             return;
         };
-        match DesiredState::verify(&envelope, self.trust.root(), &self.device, edgefleet_shared::unix_now()) {
+        match DesiredState::verify(
+            &envelope,
+            self.trust.root(),
+            &self.device,
+            edgefleet_shared::unix_now(),
+        ) {
             Ok(doc) => self.reconcile(&doc).await,
-            Err(e) => tracing::warn!(error = %e, "stored desired state no longer valid; waiting for a new one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "stored desired state no longer valid; waiting for a new one")
+            }
         }
         self.publish_status();
     }
@@ -191,18 +214,28 @@ impl Updater {
                 let offered = serde_json::from_slice::<serde_json::Value>(payload)
                     .ok()
                     .and_then(|v| v["signed"]["version"].as_u64());
-                self.reporter.event(EventKind::Refused, offered, None, Some(e.to_string()));
+                self.reporter
+                    .event(EventKind::Refused, offered, None, Some(e.to_string()));
             }
             Verdict::Apply(boxed) => {
                 let (envelope, doc) = *boxed;
                 if let Err(e) = self.trust.accept_desired(&envelope, doc.version) {
                     tracing::error!(error = %e, "cannot persist desired state");
-                    self.reporter
-                        .event(EventKind::Refused, Some(doc.version), None, Some(e.to_string()));
+                    self.reporter.event(
+                        EventKind::Refused,
+                        Some(doc.version),
+                        None,
+                        Some(e.to_string()),
+                    );
                     return;
                 }
-                tracing::info!(version = doc.version, models = doc.models.len(), "desired state accepted");
-                self.reporter.event(EventKind::Accepted, Some(doc.version), None, None);
+                tracing::info!(
+                    version = doc.version,
+                    models = doc.models.len(),
+                    "desired state accepted"
+                );
+                self.reporter
+                    .event(EventKind::Accepted, Some(doc.version), None, None);
                 self.reconcile(&doc).await;
                 self.publish_status();
             }
@@ -228,7 +261,12 @@ impl Updater {
                             _ => EventKind::ActivationFailed,
                         };
                         tracing::error!(model = %slot.name, version = slot.version, error = %e, "model not activated; previous version keeps serving");
-                        self.reporter.event(kind, Some(doc.version), Some((&slot.name, slot.version)), Some(e.to_string()));
+                        self.reporter.event(
+                            kind,
+                            Some(doc.version),
+                            Some((&slot.name, slot.version)),
+                            Some(e.to_string()),
+                        );
                     }
                 },
                 Step::Remove(name) => {
@@ -246,12 +284,16 @@ impl Updater {
         let staging = self.store.staging_path(&slot.sha256);
         self.downloader.fetch(slot, &staging).await?;
         let installed = self.store.install(slot, &staging)?;
-        let engine = load_engine(&installed).await.map_err(SlotError::Activation)?;
-        let check_slot = slot.clone();
-        let engine = tokio::task::spawn_blocking(move || check_model(engine.as_ref(), &check_slot).map(|()| engine))
+        let engine = load_engine(&installed)
             .await
-            .map_err(|e| SlotError::Activation(e.to_string()))?
             .map_err(SlotError::Activation)?;
+        let check_slot = slot.clone();
+        let engine = tokio::task::spawn_blocking(move || {
+            check_model(engine.as_ref(), &check_slot).map(|()| engine)
+        })
+        .await
+        .map_err(|e| SlotError::Activation(e.to_string()))?
+        .map_err(SlotError::Activation)?;
         self.store.activate(&slot.name, slot.version)?;
         let runtime = engine.runtime();
         self.registry.insert(served(&installed, engine));
@@ -263,4 +305,3 @@ impl Updater {
             .status(self.trust.desired_version(), self.registry.statuses());
     }
 }
-

@@ -40,9 +40,18 @@ impl Uplink {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let (host, port) = self.config.host_port()?;
-        let desired_topic = self.prefix.device(&self.device, TopicKind::Desired).to_string();
-        let status_topic = self.prefix.device(&self.device, TopicKind::Status).to_string();
-        let events_topic = self.prefix.device(&self.device, TopicKind::Events).to_string();
+        let desired_topic = self
+            .prefix
+            .device(&self.device, TopicKind::Desired)
+            .to_string();
+        let status_topic = self
+            .prefix
+            .device(&self.device, TopicKind::Status)
+            .to_string();
+        let events_topic = self
+            .prefix
+            .device(&self.device, TopicKind::Events)
+            .to_string();
 
         let mut options = MqttOptions::new(self.device.as_str(), host, port);
         options

@@ -48,11 +48,16 @@ fn check(file: &str, expected: impl Fn(&Samples) -> &Vec<Vec<f32>>, tolerance: f
     };
     let out = engine::infer(engine.as_ref(), vec![batch]).unwrap();
     assert_eq!(out[0].shape, vec![s.inputs.len(), 10]);
-    let TensorData::Fp32(probs) = &out[0].data else { panic!("expected FP32") };
+    let TensorData::Fp32(probs) = &out[0].data else {
+        panic!("expected FP32")
+    };
     for (i, row) in probs.chunks(10).enumerate() {
         assert_eq!(argmax(row), s.labels[i], "{file} sample {i}");
         for (got, want) in row.iter().zip(&expected(&s)[i]) {
-            assert!((got - want).abs() <= tolerance, "{file} sample {i}: {got} vs onnxruntime {want}");
+            assert!(
+                (got - want).abs() <= tolerance,
+                "{file} sample {i}: {got} vs onnxruntime {want}"
+            );
         }
     }
     let single = Tensor {
@@ -61,7 +66,9 @@ fn check(file: &str, expected: impl Fn(&Samples) -> &Vec<Vec<f32>>, tolerance: f
         data: TensorData::Fp32(s.inputs[3].clone()),
     };
     let out = engine::infer(engine.as_ref(), vec![single]).unwrap();
-    let TensorData::Fp32(p) = &out[0].data else { panic!() };
+    let TensorData::Fp32(p) = &out[0].data else {
+        panic!()
+    };
     assert_eq!(argmax(p), s.labels[3]);
 }
 
@@ -77,11 +84,18 @@ fn int8_model_matches_labels_and_onnxruntime() {
 
 #[test]
 fn garbage_is_refused_at_load_with_a_reason() {
-    let err = engine::load(ModelFormat::Onnx, b"this is not an onnx model").err().unwrap();
+    let err = engine::load(ModelFormat::Onnx, b"this is not an onnx model")
+        .err()
+        .unwrap();
     assert!(matches!(err, EngineError::Load { .. }), "{err}");
     let bytes = std::fs::read(models_dir().join("digits_int8.onnx")).unwrap();
-    let err = engine::load(ModelFormat::Onnx, &bytes[..bytes.len() / 2]).err().unwrap();
-    assert!(matches!(err, EngineError::Load { .. } | EngineError::Panicked { .. }), "{err}");
+    let err = engine::load(ModelFormat::Onnx, &bytes[..bytes.len() / 2])
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, EngineError::Load { .. } | EngineError::Panicked { .. }),
+        "{err}"
+    );
 }
 
 #[test]

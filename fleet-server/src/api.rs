@@ -56,7 +56,10 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/health", get(health))
         .route("/api/v1/root", get(root_document))
         .route("/api/v1/models", get(list_models))
-        .route("/api/v1/models/{name}/versions/{version}", post(upload_model).get(get_model))
+        .route(
+            "/api/v1/models/{name}/versions/{version}",
+            post(upload_model).get(get_model),
+        )
         .route("/api/v1/deployments", post(deploy))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
@@ -80,17 +83,23 @@ async fn list_models(State(fleet): State<Fleet>) -> ApiResult<Json<Vec<ModelReco
 }
 
 fn check_model_name(name: &str) -> ApiResult<()> {
-    edgefleet_shared::ids::validate_name("model name", name).map_err(|e| ApiError::bad_request(e.to_string()))
+    edgefleet_shared::ids::validate_name("model name", name)
+        .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-async fn get_model(State(fleet): State<Fleet>, Path((name, version)): Path<(String, u64)>) -> ApiResult<Json<ModelRecord>> {
+async fn get_model(
+    State(fleet): State<Fleet>,
+    Path((name, version)): Path<(String, u64)>,
+) -> ApiResult<Json<ModelRecord>> {
     let n = name.clone();
     fleet
         .store
         .call(move |c| store::get_model(c, &n, version))
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("model {name} version {version} does not exist")))
+        .ok_or_else(|| {
+            ApiError::not_found(format!("model {name} version {version} does not exist"))
+        })
 }
 
 #[derive(Deserialize)]
@@ -106,11 +115,9 @@ async fn upload_model(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
     check_model_name(&name)?;
-    let version: u64 = version
-        .parse()
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| ApiError::bad_request(format!("version {version:?} must be a positive integer")))?;
+    let version: u64 = version.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
+        ApiError::bad_request(format!("version {version:?} must be a positive integer"))
+    })?;
     let format: ModelFormat = query
         .format
         .as_deref()
@@ -122,8 +129,12 @@ async fn upload_model(
         .put(body.into_data_stream(), fleet.max_upload_bytes)
         .await
         .map_err(|e| match e {
-            ArtifactError::TooLarge { .. } => ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-            ArtifactError::Empty | ArtifactError::Interrupted(_) => ApiError::bad_request(e.to_string()),
+            ArtifactError::TooLarge { .. } => {
+                ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
+            ArtifactError::Empty | ArtifactError::Interrupted(_) => {
+                ApiError::bad_request(e.to_string())
+            }
             ArtifactError::Io { .. } => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         })?;
     let record = ModelRecord {
@@ -155,7 +166,7 @@ struct DeployRequest {
 async fn deploy(State(fleet): State<Fleet>, body: axum::body::Bytes) -> ApiResult<Json<Value>> {
     let req: DeployRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed deployment JSON: {e}")))?;
-    if req.all == !req.devices.is_empty() {
+    if req.all != req.devices.is_empty() {
         return Err(ApiError::bad_request(
             "give either \"devices\": [ids] or \"all\": true (exactly one)",
         ));
@@ -215,7 +226,10 @@ async fn list_devices(State(fleet): State<Fleet>) -> ApiResult<Json<Value>> {
 
 async fn get_device(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let key = id.clone();
-    let device = fleet.store.call(move |c| store::get_device(c, &key)).await?;
+    let device = fleet
+        .store
+        .call(move |c| store::get_device(c, &key))
+        .await?;
     device
         .map(|d| Json(json!(d)))
         .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))
@@ -232,14 +246,21 @@ async fn device_events(
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(100).min(1000);
-    let events = fleet.store.call(move |c| store::events_for_device(c, &id, limit)).await?;
+    let events = fleet
+        .store
+        .call(move |c| store::events_for_device(c, &id, limit))
+        .await?;
     Ok(Json(json!(events)))
 }
 
 async fn device_desired(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Response> {
     let key = id.clone();
-    let doc = fleet.store.call(move |c| store::desired_json(c, &key)).await?;
-    let doc = doc.ok_or_else(|| ApiError::not_found(format!("device {id:?} has no desired state")))?;
+    let doc = fleet
+        .store
+        .call(move |c| store::desired_json(c, &key))
+        .await?;
+    let doc =
+        doc.ok_or_else(|| ApiError::not_found(format!("device {id:?} has no desired state")))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response())
 }
 
@@ -286,13 +307,17 @@ async fn download_artifact(
             .header(header::CONTENT_RANGE, format!("bytes */{len}"))
             .body(Body::empty()),
         Some(ByteRange::Satisfiable { start, end }) => {
-            file.seek(std::io::SeekFrom::Start(start)).await.map_err(io)?;
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(io)?;
             let count = end - start + 1;
             builder
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_LENGTH, count)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
-                .body(Body::from_stream(tokio_util::io::ReaderStream::new(file.take(count))))
+                .body(Body::from_stream(tokio_util::io::ReaderStream::new(
+                    file.take(count),
+                )))
         }
     };
     response.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))

@@ -13,7 +13,10 @@ use tokio::io::AsyncWriteExt;
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     #[error("artifact storage I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("upload exceeds the limit of {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("upload is empty")]
@@ -30,19 +33,27 @@ pub struct ArtifactStore {
 impl ArtifactStore {
     pub fn open(dir: &Path) -> Result<Self, ArtifactError> {
         let tmp = dir.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(|source| ArtifactError::Io { path: tmp.clone(), source })?;
+        std::fs::create_dir_all(&tmp).map_err(|source| ArtifactError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
         // Leftovers of uploads interrupted by a crash.
         if let Ok(entries) = std::fs::read_dir(&tmp) {
             for entry in entries.flatten() {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// Path of the artifact with this hash (which may not exist).
     pub fn path(&self, sha256: &str) -> Option<PathBuf> {
-        let valid = sha256.len() == 64 && sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let valid = sha256.len() == 64
+            && sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         valid.then(|| self.dir.join(&sha256[..2]).join(sha256))
     }
 
@@ -65,7 +76,9 @@ impl ArtifactStore {
             move |source| ArtifactError::Io { path, source }
         };
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp_path).await.map_err(io(&tmp_path))?;
+            let mut file = tokio::fs::File::create(&tmp_path)
+                .await
+                .map_err(io(&tmp_path))?;
             let mut hasher = Sha256::new();
             let mut size = 0u64;
             while let Some(chunk) = body.next().await {
@@ -93,8 +106,12 @@ impl ArtifactStore {
         };
         let final_path = self.path(&sha256).expect("hex digest is a valid name");
         let parent = final_path.parent().expect("has a parent");
-        tokio::fs::create_dir_all(parent).await.map_err(io(parent))?;
-        tokio::fs::rename(&tmp_path, &final_path).await.map_err(io(&final_path))?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(io(parent))?;
+        tokio::fs::rename(&tmp_path, &final_path)
+            .await
+            .map_err(io(&final_path))?;
         Ok((sha256, size))
     }
 }
@@ -129,7 +146,11 @@ pub fn parse_range(header: &str, len: u64) -> Option<ByteRange> {
         });
     }
     let start: u64 = a.parse().ok()?;
-    let end: u64 = if b.is_empty() { u64::MAX } else { b.parse().ok()? };
+    let end: u64 = if b.is_empty() {
+        u64::MAX
+    } else {
+        b.parse().ok()?
+    };
     if end < start {
         return None;
     }
@@ -149,10 +170,22 @@ mod tests {
     #[test]
     fn ranges() {
         use ByteRange::*;
-        assert_eq!(parse_range("bytes=0-9", 100), Some(Satisfiable { start: 0, end: 9 }));
-        assert_eq!(parse_range("bytes=90-", 100), Some(Satisfiable { start: 90, end: 99 }));
-        assert_eq!(parse_range("bytes=90-500", 100), Some(Satisfiable { start: 90, end: 99 }));
-        assert_eq!(parse_range("bytes=-10", 100), Some(Satisfiable { start: 90, end: 99 }));
+        assert_eq!(
+            parse_range("bytes=0-9", 100),
+            Some(Satisfiable { start: 0, end: 9 })
+        );
+        assert_eq!(
+            parse_range("bytes=90-", 100),
+            Some(Satisfiable { start: 90, end: 99 })
+        );
+        assert_eq!(
+            parse_range("bytes=90-500", 100),
+            Some(Satisfiable { start: 90, end: 99 })
+        );
+        assert_eq!(
+            parse_range("bytes=-10", 100),
+            Some(Satisfiable { start: 90, end: 99 })
+        );
         assert_eq!(parse_range("bytes=100-", 100), Some(Unsatisfiable));
         assert_eq!(parse_range("bytes=5-1", 100), None);
         assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
@@ -163,14 +196,30 @@ mod tests {
     async fn put_is_content_addressed_and_limited() {
         let dir = tempfile::tempdir().unwrap();
         let store = ArtifactStore::open(dir.path()).unwrap();
-        let chunks = vec![Ok::<_, std::io::Error>(Bytes::from_static(b"hello ")), Ok(Bytes::from_static(b"world"))];
-        let (sha, size) = store.put(futures_util::stream::iter(chunks), 100).await.unwrap();
+        let chunks = vec![
+            Ok::<_, std::io::Error>(Bytes::from_static(b"hello ")),
+            Ok(Bytes::from_static(b"world")),
+        ];
+        let (sha, size) = store
+            .put(futures_util::stream::iter(chunks), 100)
+            .await
+            .unwrap();
         assert_eq!(size, 11);
         assert_eq!(sha, hex::encode(Sha256::digest(b"hello world")));
-        assert_eq!(std::fs::read(store.path(&sha).unwrap()).unwrap(), b"hello world");
+        assert_eq!(
+            std::fs::read(store.path(&sha).unwrap()).unwrap(),
+            b"hello world"
+        );
         let big = vec![Ok::<_, std::io::Error>(Bytes::from(vec![0u8; 200]))];
-        assert!(matches!(store.put(futures_util::stream::iter(big), 100).await, Err(ArtifactError::TooLarge { .. })));
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp file left");
+        assert!(matches!(
+            store.put(futures_util::stream::iter(big), 100).await,
+            Err(ArtifactError::TooLarge { .. })
+        ));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0,
+            "no temp file left"
+        );
         assert!(store.path("../../etc/passwd").is_none());
     }
 }

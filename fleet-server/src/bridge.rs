@@ -33,7 +33,9 @@ pub enum InboundError {
 
 /// Parses and checks one inbound publish.
 pub fn decode(prefix: &TopicPrefix, topic: &str, payload: &[u8]) -> Result<Inbound, InboundError> {
-    let parsed: DeviceTopic = prefix.parse(topic).map_err(|e| InboundError::Topic(e.to_string()))?;
+    let parsed: DeviceTopic = prefix
+        .parse(topic)
+        .map_err(|e| InboundError::Topic(e.to_string()))?;
     let payload_err = |e: serde_json::Error| InboundError::Payload {
         topic: topic.to_string(),
         reason: e.to_string(),
@@ -49,7 +51,9 @@ pub fn decode(prefix: &TopicPrefix, topic: &str, payload: &[u8]) -> Result<Inbou
             let claimed = msg.device_id.clone();
             (Inbound::Event(msg), claimed)
         }
-        TopicKind::Desired | TopicKind::Telemetry => return Err(InboundError::WrongDirection(topic.into())),
+        TopicKind::Desired | TopicKind::Telemetry => {
+            return Err(InboundError::WrongDirection(topic.into()))
+        }
     };
     if claimed != parsed.device {
         return Err(InboundError::DeviceMismatch {
@@ -94,7 +98,10 @@ pub async fn connect(eventloop: &mut EventLoop, what: &str) -> anyhow::Result<()
 pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationToken) {
     let subscribe = |fleet: &Fleet| {
         for kind in [TopicKind::Status, TopicKind::Events] {
-            if let Err(e) = fleet.mqtt.try_subscribe(fleet.prefix.all_devices(kind), QoS::AtLeastOnce) {
+            if let Err(e) = fleet
+                .mqtt
+                .try_subscribe(fleet.prefix.all_devices(kind), QoS::AtLeastOnce)
+            {
                 tracing::error!(error = %e, "subscribe failed");
             }
         }
@@ -113,22 +120,24 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
                 tracing::info!("reconnected to broker");
                 subscribe(&fleet);
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => match decode(&fleet.prefix, &publish.topic, &publish.payload) {
-                Ok(inbound) => {
-                    // Handle off the event loop so slow storage never stalls MQTT keep-alives.
-                    let fleet = fleet.clone();
-                    tokio::spawn(async move {
-                        let result = match inbound {
-                            Inbound::Status(s) => fleet.on_status(s).await,
-                            Inbound::Event(e) => fleet.on_event(e).await,
-                        };
-                        if let Err(e) = result {
-                            tracing::error!(error = %e, "could not record device message");
-                        }
-                    });
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                match decode(&fleet.prefix, &publish.topic, &publish.payload) {
+                    Ok(inbound) => {
+                        // Handle off the event loop so slow storage never stalls MQTT keep-alives.
+                        let fleet = fleet.clone();
+                        tokio::spawn(async move {
+                            let result = match inbound {
+                                Inbound::Status(s) => fleet.on_status(s).await,
+                                Inbound::Event(e) => fleet.on_event(e).await,
+                            };
+                            if let Err(e) = result {
+                                tracing::error!(error = %e, "could not record device message");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "inbound message dropped"),
                 }
-                Err(e) => tracing::warn!(error = %e, "inbound message dropped"),
-            },
+            }
             Ok(_) => {}
             Err(e) => {
                 failures += 1;
@@ -152,7 +161,10 @@ mod tests {
     fn payload_device_id_must_match_the_topic() {
         let prefix = TopicPrefix::default();
         let payload = br#"{"schema":1,"device_id":"pi-2","seq":1,"online":true,"at":0}"#;
-        assert!(matches!(decode(&prefix, "edgefleet/v1/devices/pi-2/status", payload), Ok(Inbound::Status(_))));
+        assert!(matches!(
+            decode(&prefix, "edgefleet/v1/devices/pi-2/status", payload),
+            Ok(Inbound::Status(_))
+        ));
         assert_eq!(
             decode(&prefix, "edgefleet/v1/devices/pi-1/status", payload).unwrap_err(),
             InboundError::DeviceMismatch {
@@ -165,8 +177,17 @@ mod tests {
     #[test]
     fn garbage_and_wrong_direction_are_dropped_with_reasons() {
         let prefix = TopicPrefix::default();
-        assert!(matches!(decode(&prefix, "edgefleet/v1/devices/a/status", b"{"), Err(InboundError::Payload { .. })));
-        assert!(matches!(decode(&prefix, "edgefleet/v1/devices/a/desired", b"{}"), Err(InboundError::WrongDirection(_))));
-        assert!(matches!(decode(&prefix, "other/topic", b"{}"), Err(InboundError::Topic(_))));
+        assert!(matches!(
+            decode(&prefix, "edgefleet/v1/devices/a/status", b"{"),
+            Err(InboundError::Payload { .. })
+        ));
+        assert!(matches!(
+            decode(&prefix, "edgefleet/v1/devices/a/desired", b"{}"),
+            Err(InboundError::WrongDirection(_))
+        ));
+        assert!(matches!(
+            decode(&prefix, "other/topic", b"{}"),
+            Err(InboundError::Topic(_))
+        ));
     }
 }

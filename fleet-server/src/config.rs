@@ -9,7 +9,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config: {0}")]
@@ -99,7 +102,9 @@ impl ServerConfig {
     }
 
     pub fn keys_dir(&self) -> PathBuf {
-        self.keys_dir.clone().unwrap_or_else(|| self.data_dir.join("keys"))
+        self.keys_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys"))
     }
 
     /// The artifact base URL for a server actually bound to `bound`.
@@ -115,11 +120,15 @@ impl ServerConfig {
         edgefleet_shared::TopicPrefix::new(self.topic_prefix.clone())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.desired_expiry_secs < 60 {
-            return Err(ConfigError::Invalid("desired_expiry_secs must be at least 60".into()));
+            return Err(ConfigError::Invalid(
+                "desired_expiry_secs must be at least 60".into(),
+            ));
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::Invalid(format!("public_url {url:?} must start with http:// or https://")));
+                return Err(ConfigError::Invalid(format!(
+                    "public_url {url:?} must start with http:// or https://"
+                )));
             }
         }
         match (&self.broker.url, &self.broker.embedded_listen) {
@@ -139,17 +148,7 @@ impl ServerConfig {
 
 /// Parses `mqtt://host:port` (port defaults to 1883).
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
-    let bad = |why: &str| ConfigError::Invalid(format!("broker url {url:?} {why}; expected mqtt://host:port"));
-    let rest = url.strip_prefix("mqtt://").ok_or_else(|| bad("has an unsupported scheme"))?;
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("has an invalid port"))?),
-        None => (rest, 1883),
-    };
-    if host.is_empty() {
-        return Err(bad("has no host"));
-    }
-    Ok((host.to_string(), port))
+    edgefleet_shared::broker_url::parse(url).map_err(ConfigError::Invalid)
 }
 
 #[cfg(test)]
@@ -161,7 +160,10 @@ mod tests {
         let c = ServerConfig::default();
         c.validate().unwrap();
         assert_eq!(c.keys_dir(), PathBuf::from("fleet-data/keys"));
-        assert_eq!(c.public_url("127.0.0.1:9".parse().unwrap()), "http://127.0.0.1:9");
+        assert_eq!(
+            c.public_url("127.0.0.1:9".parse().unwrap()),
+            "http://127.0.0.1:9"
+        );
     }
 
     #[test]

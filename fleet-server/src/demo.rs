@@ -55,13 +55,18 @@ pub fn find_agent_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
     if let Some(cargo) = std::env::var_os("CARGO") {
         let release = dir.ends_with("release");
-        eprintln!("edgefleet-agent is not built yet; building it (cargo build -p edgefleet-agent{})...", if release { " --release" } else { "" });
+        eprintln!(
+            "edgefleet-agent is not built yet; building it (cargo build -p edgefleet-agent{})...",
+            if release { " --release" } else { "" }
+        );
         let mut cmd = std::process::Command::new(cargo);
         cmd.args(["build", "-p", "edgefleet-agent"]);
         if release {
             cmd.arg("--release");
         }
-        let status = cmd.status().context("cannot run cargo to build the agent")?;
+        let status = cmd
+            .status()
+            .context("cannot run cargo to build the agent")?;
         if status.success() && beside.exists() {
             return Ok(beside);
         }
@@ -73,7 +78,9 @@ pub fn find_agent_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 struct Agent {
@@ -82,7 +89,13 @@ struct Agent {
     child: Child,
 }
 
-async fn spawn_agent(bin: &Path, dir: &Path, id: &str, mqtt_port: u16, root: &Path) -> anyhow::Result<Agent> {
+async fn spawn_agent(
+    bin: &Path,
+    dir: &Path,
+    id: &str,
+    mqtt_port: u16,
+    root: &Path,
+) -> anyhow::Result<Agent> {
     let agent_dir = dir.join("agents").join(id);
     std::fs::create_dir_all(&agent_dir)?;
     let socket = agent_dir.join("agent.sock");
@@ -112,15 +125,17 @@ async fn spawn_agent(bin: &Path, dir: &Path, id: &str, mqtt_port: u16, root: &Pa
 
 /// Runs the demo. Returns an error (non-zero exit) if any step fails.
 pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let started = Instant::now();
     let agent_bin = find_agent_binary(options.agent_bin.as_deref())?;
+    let started = Instant::now();
     let (_tmp, dir) = match &options.data_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
             (None, d.clone())
         }
         None => {
-            let t = tempfile::Builder::new().prefix("edgefleet-demo-").tempdir()?;
+            let t = tempfile::Builder::new()
+                .prefix("edgefleet-demo-")
+                .tempdir()?;
             let p = t.path().to_path_buf();
             (Some(t), p)
         }
@@ -146,14 +161,30 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     let server_token = shutdown.child_token();
     let (running, server_done) = crate::start(config, http, server_token.clone()).await?;
     let api = format!("http://{}", running.http);
-    println!("fleet server   {api}  (MQTT 127.0.0.1:{mqtt_port}, data {})", dir.display());
+    println!(
+        "fleet server   {api}  (MQTT 127.0.0.1:{mqtt_port}, data {})",
+        dir.display()
+    );
 
     let root = keys_dir.join("root.json");
     let mut agents = Vec::new();
     for i in 1..=options.devices {
-        agents.push(spawn_agent(&agent_bin, &dir, &format!("demo-device-{i}"), mqtt_port, &root).await?);
+        agents.push(
+            spawn_agent(
+                &agent_bin,
+                &dir,
+                &format!("demo-device-{i}"),
+                mqtt_port,
+                &root,
+            )
+            .await?,
+        );
     }
-    println!("agents         {} started ({})", agents.len(), agent_bin.display());
+    println!(
+        "agents         {} started ({})",
+        agents.len(),
+        agent_bin.display()
+    );
 
     crate::install_crypto_provider();
     let client = reqwest::Client::new();
@@ -163,7 +194,11 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         .send()
         .await?;
     if !push.status().is_success() {
-        bail!("model push failed: {} {}", push.status(), push.text().await.unwrap_or_default());
+        bail!(
+            "model push failed: {} {}",
+            push.status(),
+            push.text().await.unwrap_or_default()
+        );
     }
     let deploy = client
         .post(format!("{api}/api/v1/deployments"))
@@ -171,9 +206,16 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         .send()
         .await?;
     if !deploy.status().is_success() {
-        bail!("deploy failed: {} {}", deploy.status(), deploy.text().await.unwrap_or_default());
+        bail!(
+            "deploy failed: {} {}",
+            deploy.status(),
+            deploy.text().await.unwrap_or_default()
+        );
     }
-    println!("model          digits v1 (int8, {} bytes) pushed and deployed to all devices", EXAMPLE_MODEL.len());
+    println!(
+        "model          digits v1 (int8, {} bytes) pushed and deployed to all devices",
+        EXAMPLE_MODEL.len()
+    );
 
     // Wait until every agent reports the model active.
     let deadline = Instant::now() + options.timeout;
@@ -187,7 +229,11 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
             .iter()
             .filter(|id| {
                 fleet_devices.iter().any(|d| {
-                    &d.id == *id && d.online && d.models.iter().any(|m| m.name == "digits" && m.version == 1)
+                    &d.id == *id
+                        && d.online
+                        && d.models
+                            .iter()
+                            .any(|m| m.name == "digits" && m.version == 1)
                 })
             })
             .count();
@@ -196,33 +242,60 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         }
         for agent in &mut agents {
             if let Some(status) = agent.child.try_wait()? {
-                bail!("agent {} exited with {status}; see {}", agent.id, dir.join("agents").join(&agent.id).join("agent.log").display());
+                bail!(
+                    "agent {} exited with {status}; see {}",
+                    agent.id,
+                    dir.join("agents")
+                        .join(&agent.id)
+                        .join("agent.log")
+                        .display()
+                );
             }
         }
         if Instant::now() > deadline {
-            bail!("only {ready} of {} devices activated digits v1 within {:?}", ids.len(), options.timeout);
+            bail!(
+                "only {ready} of {} devices activated digits v1 within {:?}",
+                ids.len(),
+                options.timeout
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("rollout        {} of {} devices serving digits v1 after {:.1} s", ids.len(), ids.len(), started.elapsed().as_secs_f64());
+    println!(
+        "rollout        {} of {} devices serving digits v1 after {:.1} s",
+        ids.len(),
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
 
     let samples: Samples = serde_json::from_str(SAMPLES)?;
     let mut failures = 0;
-    println!("\n  {:<16} {:>6} {:>9} {:>11}", "device", "label", "predicted", "latency ms");
+    println!(
+        "\n  {:<16} {:>6} {:>9} {:>11}",
+        "device", "label", "predicted", "latency ms"
+    );
     for (i, agent) in agents.iter().enumerate() {
         let k = i % samples.inputs.len();
         let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": samples.inputs[k]}]});
         let t = Instant::now();
-        let (status, reply) = crate::unix_http::request(&agent.socket, http::Method::POST, "/v2/models/digits/infer", Some(&body)).await?;
+        let (status, reply) = crate::unix_http::request(
+            &agent.socket,
+            http::Method::POST,
+            "/v2/models/digits/infer",
+            Some(&body),
+        )
+        .await?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
-        let predicted = reply["outputs"][0]["data"]
-            .as_array()
-            .and_then(|p| {
-                p.iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.as_f64().unwrap_or(0.0).total_cmp(&b.1.as_f64().unwrap_or(0.0)))
-                    .map(|(i, _)| i)
-            });
+        let predicted = reply["outputs"][0]["data"].as_array().and_then(|p| {
+            p.iter()
+                .enumerate()
+                .max_by(|a, b| {
+                    a.1.as_f64()
+                        .unwrap_or(0.0)
+                        .total_cmp(&b.1.as_f64().unwrap_or(0.0))
+                })
+                .map(|(i, _)| i)
+        });
         let ok = status.is_success() && predicted == Some(samples.labels[k]);
         if !ok {
             failures += 1;
@@ -241,7 +314,9 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     let result = if failures == 0 {
         Ok(())
     } else {
-        Err(anyhow::anyhow!("{failures} device(s) gave a wrong or failed inference"))
+        Err(anyhow::anyhow!(
+            "{failures} device(s) gave a wrong or failed inference"
+        ))
     };
     if !options.exit_when_done && result.is_ok() {
         println!("\nRunning; press Ctrl-C to stop.");
@@ -250,11 +325,16 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     for agent in &mut agents {
         if let Some(pid) = agent.child.id() {
             // Ask nicely (SIGTERM) so agents say goodbye; kill if they hang.
-            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
         }
     }
     for agent in &mut agents {
-        if tokio::time::timeout(Duration::from_secs(5), agent.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), agent.child.wait())
+            .await
+            .is_err()
+        {
             let _ = agent.child.kill().await;
         }
     }

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use edgefleet_shared::{DesiredState, DeviceId, ModelSlot, StatusMessage, TopicKind, TopicPrefix, UpdateEvent};
+use edgefleet_shared::{
+    DesiredState, DeviceId, ModelSlot, StatusMessage, TopicKind, TopicPrefix, UpdateEvent,
+};
 use rumqttc::{AsyncClient, QoS};
 
 use crate::artifacts::ArtifactStore;
@@ -56,15 +58,27 @@ impl Fleet {
                 let slots: Vec<ModelSlot> = models.iter().map(|m| fleet.slot(m)).collect();
                 let now = edgefleet_shared::unix_now();
                 let (version, bytes) = store::store_desired(conn, id.as_str(), |version| {
-                    let doc = DesiredState::new(id.clone(), version, now, now + fleet.desired_expiry_secs, slots);
+                    let doc = DesiredState::new(
+                        id.clone(),
+                        version,
+                        now,
+                        now + fleet.desired_expiry_secs,
+                        slots,
+                    );
                     fleet.signer.sign(&doc).to_json()
                 })?;
                 Ok(Some((version, bytes)))
             })
             .await?;
-        let Some((version, bytes)) = signed else { return Ok(None) };
+        let Some((version, bytes)) = signed else {
+            return Ok(None);
+        };
         let topic = self.prefix.device(device, TopicKind::Desired).to_string();
-        if let Err(e) = self.mqtt.publish(topic, QoS::AtLeastOnce, true, bytes).await {
+        if let Err(e) = self
+            .mqtt
+            .publish(topic, QoS::AtLeastOnce, true, bytes)
+            .await
+        {
             tracing::error!(device = %device, error = %e, "could not queue desired state; it is stored and will be re-published when the device reports");
         }
         tracing::info!(device = %device, version, "desired state published");
@@ -76,7 +90,10 @@ impl Fleet {
     pub async fn on_status(&self, msg: StatusMessage) -> Result<(), StoreError> {
         let now = edgefleet_shared::unix_now();
         let m = msg.clone();
-        let is_new = self.store.call(move |conn| store::record_status(conn, &m, now)).await?;
+        let is_new = self
+            .store
+            .call(move |conn| store::record_status(conn, &m, now))
+            .await?;
         if msg.online {
             let id = msg.device_id.clone();
             let (stored_version, has_doc) = self
@@ -101,9 +118,16 @@ impl Fleet {
 
     async fn republish_stored(&self, device: &DeviceId) -> Result<(), StoreError> {
         let id = device.clone();
-        if let Some(bytes) = self.store.call(move |c| store::desired_json(c, id.as_str())).await? {
+        if let Some(bytes) = self
+            .store
+            .call(move |c| store::desired_json(c, id.as_str()))
+            .await?
+        {
             let topic = self.prefix.device(device, TopicKind::Desired).to_string();
-            let _ = self.mqtt.publish(topic, QoS::AtLeastOnce, true, bytes).await;
+            let _ = self
+                .mqtt
+                .publish(topic, QoS::AtLeastOnce, true, bytes)
+                .await;
         }
         Ok(())
     }

@@ -18,9 +18,15 @@ use edgefleet_shared::{DesiredState, RootDocument, SecretKey, Signed};
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid key file: {reason}")]
     BadKeyFile { path: PathBuf, reason: String },
     #[error("{path} is not a valid root document: {reason}")]
@@ -99,7 +105,12 @@ pub struct InitializedKeys {
 }
 
 /// Creates root key(s), the online key and the signed root document.
-pub fn init_keys(dir: &Path, root_keys: u32, threshold: u32, expires_days: u64) -> Result<InitializedKeys, KeyError> {
+pub fn init_keys(
+    dir: &Path,
+    root_keys: u32,
+    threshold: u32,
+    expires_days: u64,
+) -> Result<InitializedKeys, KeyError> {
     if root_keys == 0 || threshold == 0 || threshold > root_keys {
         return Err(KeyError::Invalid(format!(
             "threshold {threshold} must be between 1 and the number of root keys ({root_keys})"
@@ -114,7 +125,9 @@ pub fn init_keys(dir: &Path, root_keys: u32, threshold: u32, expires_days: u64) 
         return Err(KeyError::Exists(root_path));
     }
     let gen = || SecretKey::generate().map_err(|e| KeyError::Invalid(e.to_string()));
-    let roots = (0..root_keys).map(|_| gen()).collect::<Result<Vec<_>, _>>()?;
+    let roots = (0..root_keys)
+        .map(|_| gen())
+        .collect::<Result<Vec<_>, _>>()?;
     let online = gen()?;
     let expires = edgefleet_shared::unix_now() + expires_days * 86_400;
     let root = RootDocument::new(
@@ -202,10 +215,16 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(&keys.online_key_path).unwrap().permissions().mode();
+            let mode = fs::metadata(&keys.online_key_path)
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        assert!(matches!(init_keys(dir.path(), 1, 1, 1), Err(KeyError::Exists(_))));
+        assert!(matches!(
+            init_keys(dir.path(), 1, 1, 1),
+            Err(KeyError::Exists(_))
+        ));
     }
 
     #[test]
@@ -213,13 +232,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init_keys(dir.path(), 1, 1, 365).unwrap();
         fs::remove_file(dir.path().join("online.key")).unwrap();
-        write_key(&dir.path().join("online.key"), &SecretKey::generate().unwrap()).unwrap();
-        assert!(matches!(Signer::load(dir.path()), Err(KeyError::KeyNotInRoot { .. })));
+        write_key(
+            &dir.path().join("online.key"),
+            &SecretKey::generate().unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            Signer::load(dir.path()),
+            Err(KeyError::KeyNotInRoot { .. })
+        ));
     }
 
     #[test]
     fn bad_threshold_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(init_keys(dir.path(), 2, 3, 1), Err(KeyError::Invalid(_))));
+        assert!(matches!(
+            init_keys(dir.path(), 2, 3, 1),
+            Err(KeyError::Invalid(_))
+        ));
     }
 }

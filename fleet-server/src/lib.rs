@@ -86,7 +86,8 @@ pub async fn start(
     let app = api::router(fleet);
     let token = shutdown.clone();
     let done = tokio::spawn(async move {
-        let server = axum::serve(http, app).with_graceful_shutdown(async move { token.cancelled().await });
+        let server =
+            axum::serve(http, app).with_graceful_shutdown(async move { token.cancelled().await });
         if let Err(e) = server.await {
             tracing::error!(error = %e, "HTTP server failed");
         }

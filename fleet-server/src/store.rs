@@ -17,7 +17,10 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot open database {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -121,7 +124,8 @@ impl std::fmt::Debug for Store {
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    let current: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     if current > MIGRATIONS.len() {
         return Err(StoreError::Conflict(format!(
             "database schema version {current} is newer than this server understands ({}); upgrade the server",
@@ -162,7 +166,9 @@ impl Store {
     {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| StoreError::Task("store lock poisoned".into()))?;
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Task("store lock poisoned".into()))?;
             f(&mut guard)
         })
         .await
@@ -170,8 +176,14 @@ impl Store {
     }
 
     /// Runs `f` with the connection on the current thread (tests, start-up).
-    pub fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let mut guard = self.conn.lock().map_err(|_| StoreError::Task("store lock poisoned".into()))?;
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError::Task("store lock poisoned".into()))?;
         f(&mut guard)
     }
 }
@@ -181,7 +193,11 @@ impl Store {
 /// Records a status message. Returns true if the device was new. Stale
 /// (lower-sequence) online messages are ignored; offline last-will
 /// messages always mark the device offline.
-pub fn record_status(conn: &mut Connection, msg: &StatusMessage, now: u64) -> Result<bool, StoreError> {
+pub fn record_status(
+    conn: &mut Connection,
+    msg: &StatusMessage,
+    now: u64,
+) -> Result<bool, StoreError> {
     let tx = conn.transaction()?;
     let existing: Option<u64> = tx
         .query_row(
@@ -272,7 +288,11 @@ pub fn store_desired(
 ) -> Result<(u64, Vec<u8>), StoreError> {
     let tx = conn.transaction()?;
     let current: i64 = tx
-        .query_row("SELECT desired_version FROM devices WHERE id = ?1", [device], |r| r.get(0))
+        .query_row(
+            "SELECT desired_version FROM devices WHERE id = ?1",
+            [device],
+            |r| r.get(0),
+        )
         .optional()?
         .ok_or_else(|| StoreError::NotFound(format!("unknown device {device:?}")))?;
     let version = current as u64 + 1;
@@ -287,9 +307,11 @@ pub fn store_desired(
 
 pub fn desired_json(conn: &Connection, device: &str) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(conn
-        .query_row("SELECT desired_json FROM devices WHERE id = ?1", [device], |r| {
-            r.get::<_, Option<Vec<u8>>>(0)
-        })
+        .query_row(
+            "SELECT desired_json FROM devices WHERE id = ?1",
+            [device],
+            |r| r.get::<_, Option<Vec<u8>>>(0),
+        )
         .optional()?
         .flatten())
 }
@@ -327,7 +349,11 @@ fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRecord> {
     })
 }
 
-pub fn get_model(conn: &Connection, name: &str, version: u64) -> Result<Option<ModelRecord>, StoreError> {
+pub fn get_model(
+    conn: &Connection,
+    name: &str,
+    version: u64,
+) -> Result<Option<ModelRecord>, StoreError> {
     Ok(conn
         .query_row(
             "SELECT name, version, format, sha256, size, created_at FROM models WHERE name = ?1 AND version = ?2",
@@ -394,7 +420,11 @@ pub fn record_event(conn: &Connection, e: &UpdateEvent) -> Result<bool, StoreErr
     Ok(n == 1)
 }
 
-pub fn events_for_device(conn: &Connection, device: &str, limit: u32) -> Result<Vec<EventRecord>, StoreError> {
+pub fn events_for_device(
+    conn: &Connection,
+    device: &str,
+    limit: u32,
+) -> Result<Vec<EventRecord>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT device_id, seq, at, kind, desired_version, model, model_version, reason
          FROM events WHERE device_id = ?1 ORDER BY seq DESC LIMIT ?2",
@@ -467,7 +497,11 @@ mod tests {
             assert!(record_status(c, &status("a", 5, true), 100)?);
             assert!(!record_status(c, &status("a", 3, true), 101)?);
             let dev = get_device(c, "a")?.unwrap();
-            assert_eq!(dev.reported_desired_version, Some(5), "stale status ignored");
+            assert_eq!(
+                dev.reported_desired_version,
+                Some(5),
+                "stale status ignored"
+            );
             record_status(c, &status("a", 0, false), 102)?;
             assert!(!get_device(c, "a")?.unwrap().online);
             record_status(c, &status("a", 6, true), 103)?;
@@ -487,9 +521,15 @@ mod tests {
             assign(c, ALL_DEVICES, "digits", 1)?;
             assign(c, ALL_DEVICES, "kws", 1)?;
             assign(c, "pi-2", "digits", 2)?;
-            let a: Vec<_> = models_for_device(c, "pi-1")?.iter().map(|m| (m.name.clone(), m.version)).collect();
+            let a: Vec<_> = models_for_device(c, "pi-1")?
+                .iter()
+                .map(|m| (m.name.clone(), m.version))
+                .collect();
             assert_eq!(a, vec![("digits".into(), 1), ("kws".into(), 1)]);
-            let b: Vec<_> = models_for_device(c, "pi-2")?.iter().map(|m| (m.name.clone(), m.version)).collect();
+            let b: Vec<_> = models_for_device(c, "pi-2")?
+                .iter()
+                .map(|m| (m.name.clone(), m.version))
+                .collect();
             assert_eq!(b, vec![("digits".into(), 2), ("kws".into(), 1)]);
             Ok(())
         })
@@ -519,7 +559,10 @@ mod tests {
             let (v2, bytes) = store_desired(c, "a", |v| format!("doc {v}").into_bytes())?;
             assert_eq!((v1, v2), (1, 2));
             assert_eq!(desired_json(c, "a")?.unwrap(), bytes);
-            assert!(matches!(store_desired(c, "nope", |_| vec![]), Err(StoreError::NotFound(_))));
+            assert!(matches!(
+                store_desired(c, "nope", |_| vec![]),
+                Err(StoreError::NotFound(_))
+            ));
             Ok(())
         })
         .unwrap();

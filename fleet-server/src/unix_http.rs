@@ -21,7 +21,9 @@ pub async fn request(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let bytes = body.map(|b| serde_json::to_vec(b).expect("json")).unwrap_or_default();
+    let bytes = body
+        .map(|b| serde_json::to_vec(b).expect("json"))
+        .unwrap_or_default();
     let req = http::Request::builder()
         .method(method)
         .uri(path)
@@ -34,7 +36,8 @@ pub async fn request(
     let json = if body.is_empty() {
         serde_json::Value::Null
     } else {
-        serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("agent sent invalid JSON: {e}"))?
+        serde_json::from_slice(&body)
+            .map_err(|e| anyhow::anyhow!("agent sent invalid JSON: {e}"))?
     };
     Ok((status, json))
 }

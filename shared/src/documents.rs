@@ -351,7 +351,9 @@ impl std::str::FromStr for ModelFormat {
         match s.to_ascii_lowercase().as_str() {
             "onnx" => Ok(Self::Onnx),
             "tflite" => Ok(Self::Tflite),
-            other => Err(format!("unknown model format {other:?} (expected onnx or tflite)")),
+            other => Err(format!(
+                "unknown model format {other:?} (expected onnx or tflite)"
+            )),
         }
     }
 }
@@ -426,7 +428,10 @@ impl ModelSlot {
         }
         if let Some(tv) = &self.test_vector {
             if !(tv.tolerance.is_finite() && tv.tolerance >= 0.0) {
-                return Err(format!("model {}: test vector tolerance must be >= 0", self.name));
+                return Err(format!(
+                    "model {}: test vector tolerance must be >= 0",
+                    self.name
+                ));
             }
         }
         Ok(())
@@ -537,7 +542,13 @@ mod tests {
     fn fixture() -> Fixture {
         let root_key = SecretKey::from_seed([1; 32]);
         let online_key = SecretKey::from_seed([2; 32]);
-        let root = RootDocument::new(1, 2_000_000_000, &[root_key.public()], 1, &[online_key.public()]);
+        let root = RootDocument::new(
+            1,
+            2_000_000_000,
+            &[root_key.public()],
+            1,
+            &[online_key.public()],
+        );
         Fixture {
             root_key,
             online_key,
@@ -603,7 +614,10 @@ mod tests {
         let doc = desired(&f);
         let env = Signed::sign(&doc, &[&f.online_key]);
         let parsed = Signed::from_json(&env.to_json()).unwrap();
-        assert_eq!(DesiredState::verify(&parsed, &f.root, &f.device, NOW).unwrap(), doc);
+        assert_eq!(
+            DesiredState::verify(&parsed, &f.root, &f.device, NOW).unwrap(),
+            doc
+        );
     }
 
     #[test]
@@ -884,7 +898,13 @@ mod tests {
         let f = fixture();
         let new_root_key = SecretKey::from_seed([11; 32]);
         let new_online = SecretKey::from_seed([12; 32]);
-        let next = RootDocument::new(2, 2_000_000_000, &[new_root_key.public()], 1, &[new_online.public()]);
+        let next = RootDocument::new(
+            2,
+            2_000_000_000,
+            &[new_root_key.public()],
+            1,
+            &[new_online.public()],
+        );
         let both = Signed::sign(&next, &[&f.root_key, &new_root_key]);
         assert_eq!(f.root.verify_successor(&both).unwrap(), next);
 
@@ -910,13 +930,27 @@ mod tests {
         let f = fixture();
         let mut bad = f.root.clone();
         bad.root.threshold = 2;
-        assert!(matches!(bad.validate().unwrap_err(), VerifyError::InvalidRoot(_)));
+        assert!(matches!(
+            bad.validate().unwrap_err(),
+            VerifyError::InvalidRoot(_)
+        ));
         let mut bad = f.root.clone();
         bad.desired.keyids.push("ff".repeat(32).parse().unwrap());
-        assert!(matches!(bad.validate().unwrap_err(), VerifyError::InvalidRoot(_)));
+        assert!(matches!(
+            bad.validate().unwrap_err(),
+            VerifyError::InvalidRoot(_)
+        ));
         let mut bad = f.root.clone();
-        let (id, _) = bad.keys.iter().next().map(|(k, v)| (k.clone(), *v)).unwrap();
+        let (id, _) = bad
+            .keys
+            .iter()
+            .next()
+            .map(|(k, v)| (k.clone(), *v))
+            .unwrap();
         bad.keys.insert(id, SecretKey::from_seed([99; 32]).public());
-        assert!(matches!(bad.validate().unwrap_err(), VerifyError::InvalidRoot(_)));
+        assert!(matches!(
+            bad.validate().unwrap_err(),
+            VerifyError::InvalidRoot(_)
+        ));
     }
 }

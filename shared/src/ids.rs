@@ -99,7 +99,17 @@ mod tests {
 
     #[test]
     fn rejects_ids_that_break_topics_or_paths() {
-        for bad in ["", "a/b", "+", "#", "..", ".hidden", "a b", "é", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "a/b",
+            "+",
+            "#",
+            "..",
+            ".hidden",
+            "a b",
+            "é",
+            &"x".repeat(65),
+        ] {
             let err = DeviceId::new(bad).unwrap_err();
             assert_eq!(err.value, bad);
         }

@@ -6,6 +6,7 @@
 //! ([`documents`]), the one canonical byte encoding those signatures cover
 //! ([`canonical`]) and the ed25519 keys that make them ([`crypto`]).
 
+pub mod broker_url;
 pub mod canonical;
 pub mod crypto;
 pub mod documents;

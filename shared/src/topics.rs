@@ -64,7 +64,9 @@ pub enum TopicError {
     UnknownKind(String),
     #[error(transparent)]
     Device(#[from] InvalidId),
-    #[error("invalid topic prefix {0:?}: use non-empty segments without '+', '#' or a trailing '/'")]
+    #[error(
+        "invalid topic prefix {0:?}: use non-empty segments without '+', '#' or a trailing '/'"
+    )]
     BadPrefix(String),
 }
 
@@ -161,7 +163,9 @@ impl FromStr for DeviceTopic {
     /// Parses a topic under any prefix: everything before the last
     /// `/devices/` segment is the prefix.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let idx = s.rfind("/devices/").ok_or_else(|| TopicError::Shape(s.into()))?;
+        let idx = s
+            .rfind("/devices/")
+            .ok_or_else(|| TopicError::Shape(s.into()))?;
         TopicPrefix::new(&s[..idx])?.parse(s)
     }
 }
@@ -189,17 +193,35 @@ mod tests {
         let device = DeviceId::new("cam_3").unwrap();
         let topic = prefix.device(&device, TopicKind::Telemetry);
         assert_eq!(topic.to_string().parse::<DeviceTopic>().unwrap(), topic);
-        assert_eq!(prefix.all_devices(TopicKind::Status), "acme/fleet/v1/devices/+/status");
+        assert_eq!(
+            prefix.all_devices(TopicKind::Status),
+            "acme/fleet/v1/devices/+/status"
+        );
     }
 
     #[test]
     fn malformed_topics_are_rejected_with_a_reason() {
         let prefix = TopicPrefix::default();
-        assert!(matches!(prefix.parse("other/v1/devices/a/status"), Err(TopicError::WrongPrefix(..))));
-        assert!(matches!(prefix.parse("edgefleet/v1/devices/a"), Err(TopicError::Shape(_))));
-        assert!(matches!(prefix.parse("edgefleet/v1/devices/a/status/x"), Err(TopicError::Shape(_))));
-        assert!(matches!(prefix.parse("edgefleet/v1/devices/a/bogus"), Err(TopicError::UnknownKind(_))));
-        assert!(matches!(prefix.parse("edgefleet/v1/devices/+/status"), Err(TopicError::Device(_))));
+        assert!(matches!(
+            prefix.parse("other/v1/devices/a/status"),
+            Err(TopicError::WrongPrefix(..))
+        ));
+        assert!(matches!(
+            prefix.parse("edgefleet/v1/devices/a"),
+            Err(TopicError::Shape(_))
+        ));
+        assert!(matches!(
+            prefix.parse("edgefleet/v1/devices/a/status/x"),
+            Err(TopicError::Shape(_))
+        ));
+        assert!(matches!(
+            prefix.parse("edgefleet/v1/devices/a/bogus"),
+            Err(TopicError::UnknownKind(_))
+        ));
+        assert!(matches!(
+            prefix.parse("edgefleet/v1/devices/+/status"),
+            Err(TopicError::Device(_))
+        ));
     }
 
     #[test]

@@ -16,7 +16,10 @@ pub use fleet_server::unix_http;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
@@ -35,7 +38,14 @@ pub fn binary(name: &str) -> PathBuf {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
                 .current_dir(repo_root())
-                .args(["build", "-p", "edgefleet-agent", "-p", "fleet-server", "--bins"])
+                .args([
+                    "build",
+                    "-p",
+                    "edgefleet-agent",
+                    "-p",
+                    "fleet-server",
+                    "--bins",
+                ])
                 .status()
                 .expect("run cargo build");
             assert!(status.success(), "building the binaries failed");
@@ -46,11 +56,17 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn digits_model(variant: &str) -> PathBuf {
-    repo_root().join("models/digits").join(format!("digits_{variant}.onnx"))
+    repo_root()
+        .join("models/digits")
+        .join(format!("digits_{variant}.onnx"))
 }
 
 /// Held-out digit samples with their labels.
@@ -60,14 +76,28 @@ pub struct Samples {
 }
 
 pub fn samples() -> Samples {
-    let v: Value = serde_json::from_slice(&std::fs::read(repo_root().join("models/digits/samples.json")).unwrap()).unwrap();
+    let v: Value = serde_json::from_slice(
+        &std::fs::read(repo_root().join("models/digits/samples.json")).unwrap(),
+    )
+    .unwrap();
     let inputs = v["inputs"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
         .collect();
-    let labels = v["labels"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    let labels = v["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
     Samples { inputs, labels }
 }
 
@@ -102,7 +132,10 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
-            .env("EDGEFLEET_LOG", "debug,rumqttd=warn,rumqttd::router::routing=off,hyper=info,reqwest=info")
+            .env(
+                "EDGEFLEET_LOG",
+                "debug,rumqttd=warn,rumqttd::router::routing=off,hyper=info,reqwest=info",
+            )
             .spawn()
             .with_context(|| format!("spawn {cmd:?}"))?;
         Ok(Self { child, log })
@@ -114,7 +147,9 @@ impl Proc {
 
     /// SIGTERM, then wait up to `grace` for a clean exit.
     pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -179,7 +214,13 @@ impl Server {
         let health = format!("{url}/api/v1/health");
         let started = wait_for("fleet server health", Duration::from_secs(20), || {
             let health = health.clone();
-            async move { reqwest::get(&health).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+            async move {
+                reqwest::get(&health)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            }
         })
         .await;
         if let Err(e) = started {
@@ -196,24 +237,74 @@ impl Server {
     }
 
     pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
-        Ok(reqwest::get(format!("{}{path}", self.url)).await?.json().await?)
+        Ok(reqwest::get(format!("{}{path}", self.url))
+            .await?
+            .json()
+            .await?)
     }
 
     /// The device record once it reports `model` at `version` as served.
-    pub async fn wait_for_model(&self, device: &str, model: &str, version: u64) -> anyhow::Result<Value> {
+    pub async fn wait_for_model(
+        &self,
+        device: &str,
+        model: &str,
+        version: u64,
+    ) -> anyhow::Result<Value> {
         let path = format!("/api/v1/devices/{device}");
-        wait_for(&format!("{device} serving {model} v{version}"), Duration::from_secs(60), || {
-            let path = path.clone();
-            async move {
-                let d = self.get_json(&path).await.ok()?;
-                let serving = d["models"]
-                    .as_array()?
-                    .iter()
-                    .any(|m| m["name"] == model && m["version"] == version);
-                (serving && d["online"] == true).then_some(d)
-            }
-        })
+        wait_for(
+            &format!("{device} serving {model} v{version}"),
+            Duration::from_secs(60),
+            || {
+                let path = path.clone();
+                async move {
+                    let d = self.get_json(&path).await.ok()?;
+                    let serving = d["models"]
+                        .as_array()?
+                        .iter()
+                        .any(|m| m["name"] == model && m["version"] == version);
+                    (serving && d["online"] == true).then_some(d)
+                }
+            },
+        )
         .await
+    }
+
+    /// `fleetctl model push`, asserting success.
+    pub fn push(&self, model: &Path, name: &str, version: u64) {
+        let out = fleetctl(
+            &self.url,
+            &[
+                "model",
+                "push",
+                model.to_str().unwrap(),
+                "--name",
+                name,
+                "--version",
+                &version.to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "push: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `fleetctl deploy` to `target` (`--all` or a device id), asserting success.
+    pub fn deploy(&self, name: &str, version: u64, target: &str) {
+        let version = version.to_string();
+        let mut args = vec!["deploy", "--model", name, "--version", &version];
+        if target == "--all" {
+            args.push("--all");
+        } else {
+            args.extend(["--device", target]);
+        }
+        let out = fleetctl(&self.url, &args);
+        assert!(
+            out.status.success(),
+            "deploy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn root_document(&self) -> PathBuf {
@@ -259,7 +350,11 @@ impl Agent {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("agent.sock");
         let mut cmd = Command::new(binary("edgefleet-agent"));
-        cmd.arg("serve").arg("--socket").arg(&socket).arg("--data-dir").arg(dir.join("data"));
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(dir.join("data"));
         for (name, path) in models {
             cmd.arg("--model").arg(format!("{name}={}", path.display()));
         }
@@ -271,18 +366,27 @@ impl Agent {
         })
     }
 
-    pub async fn request(&self, method: http::Method, path: &str, body: Option<&Value>) -> anyhow::Result<(http::StatusCode, Value)> {
+    pub async fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(http::StatusCode, Value)> {
         unix_http::request(&self.socket, method, path, body).await
     }
 
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
-        wait_for(&format!("agent {} ready", self.id), Duration::from_secs(30), || async {
-            self.request(http::Method::GET, "/v2/health/ready", None)
-                .await
-                .ok()
-                .filter(|(s, _)| s.is_success())
-                .map(|_| ())
-        })
+        wait_for(
+            &format!("agent {} ready", self.id),
+            Duration::from_secs(30),
+            || async {
+                self.request(http::Method::GET, "/v2/health/ready", None)
+                    .await
+                    .ok()
+                    .filter(|(s, _)| s.is_success())
+                    .map(|_| ())
+            },
+        )
         .await
         .with_context(|| self.proc.log_text())
     }
@@ -290,11 +394,15 @@ impl Agent {
     /// Classifies one digit; returns the predicted label.
     pub async fn classify(&self, pixels: &[f64]) -> anyhow::Result<usize> {
         let body = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": pixels}]});
-        let (status, reply) = self.request(http::Method::POST, "/v2/models/digits/infer", Some(&body)).await?;
+        let (status, reply) = self
+            .request(http::Method::POST, "/v2/models/digits/infer", Some(&body))
+            .await?;
         if !status.is_success() {
             bail!("inference failed: {status} {reply}");
         }
-        let probs = reply["outputs"][0]["data"].as_array().context("no output data")?;
+        let probs = reply["outputs"][0]["data"]
+            .as_array()
+            .context("no output data")?;
         Ok(probs
             .iter()
             .enumerate()

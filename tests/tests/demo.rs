@@ -11,13 +11,29 @@ fn demo_with_three_devices_exits_zero() {
     let agent = binary("edgefleet-agent");
     let started = Instant::now();
     let out = Command::new(binary("fleet-server"))
-        .args(["demo", "--devices", "3", "--exit-when-done", "--http", "127.0.0.1:0", "--timeout", "100"])
+        .args([
+            "demo",
+            "--devices",
+            "3",
+            "--exit-when-done",
+            "--http",
+            "127.0.0.1:0",
+            "--timeout",
+            "100",
+        ])
         .env("EDGEFLEET_AGENT_BIN", agent)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("3 of 3 devices serving digits v1"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("3 of 3 devices serving digits v1"),
+        "{stdout}"
+    );
     assert_eq!(stdout.matches(" ok").count(), 3, "{stdout}");
     assert!(started.elapsed() < Duration::from_secs(120));
 }

@@ -13,45 +13,105 @@ async fn standalone_agent_serves_and_rejects_bad_requests_clearly() -> anyhow::R
     let junk = dir.path().join("junk.onnx");
     std::fs::write(&junk, b"definitely not a model")?;
     let fp32 = digits_model("fp32");
-    let agent = Agent::start_standalone(&dir.path().join("agent"), &[("digits", &fp32), ("broken", &junk)])?;
+    let agent = Agent::start_standalone(
+        &dir.path().join("agent"),
+        &[("digits", &fp32), ("broken", &junk)],
+    )?;
     agent.wait_ready().await?;
 
     let (status, live) = agent.request(Method::GET, "/v2/health/live", None).await?;
     assert!(status.is_success() && live["live"] == true);
     let (_, server) = agent.request(Method::GET, "/v2", None).await?;
     assert_eq!(server["name"], "edgefleet-agent");
-    let (status, ready) = agent.request(Method::GET, "/v2/models/digits/versions/1/ready", None).await?;
+    let (status, ready) = agent
+        .request(Method::GET, "/v2/models/digits/versions/1/ready", None)
+        .await?;
     assert!(status.is_success() && ready["ready"] == true);
 
     let s = samples();
     let nested: Vec<Vec<f64>> = s.inputs[..4].to_vec();
     let body = json!({"id": "req-1", "inputs": [{"name": "input", "shape": [4, 64], "datatype": "FP32", "data": nested}],
                       "outputs": [{"name": "probabilities"}]});
-    let (status, reply) = agent.request(Method::POST, "/v2/models/digits/infer", Some(&body)).await?;
+    let (status, reply) = agent
+        .request(Method::POST, "/v2/models/digits/infer", Some(&body))
+        .await?;
     assert!(status.is_success(), "{reply}");
     assert_eq!(reply["id"], "req-1");
     assert_eq!(reply["model_version"], "1");
     assert_eq!(reply["outputs"][0]["shape"], json!([4, 10]));
-    let probs: Vec<f64> = reply["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let probs: Vec<f64> = reply["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     for (row, label) in probs.chunks(10).zip(&s.labels) {
-        let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let best = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
         assert_eq!(best, *label);
     }
 
-    let input = |shape: serde_json::Value, datatype: &str, data: serde_json::Value| {
-        json!({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]})
-    };
+    let input = |shape: serde_json::Value, datatype: &str, data: serde_json::Value| json!({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]});
     let row = json!(s.inputs[0]);
     let cases = [
-        ("/v2/models/digits/infer", json!("{not json"), 400, "malformed"),
-        ("/v2/models/digits/infer", input(json!([1, 63]), "FP32", json!(vec![0.0; 63])), 400, "shape"),
-        ("/v2/models/digits/infer", input(json!([1, 64]), "INT64", json!(vec![0; 64])), 400, "datatype INT64"),
-        ("/v2/models/digits/infer", input(json!([2, 64]), "FP32", row.clone()), 400, "elements"),
-        ("/v2/models/digits/infer", input(json!([1, 64]), "FP17", row.clone()), 400, "unsupported datatype"),
-        ("/v2/models/digits/infer", input(json!([1, 64]), "FP32", json!(["x"])), 400, "expected a number"),
-        ("/v2/models/nope/infer", input(json!([1, 64]), "FP32", row.clone()), 404, "unknown model"),
-        ("/v2/models/broken/infer", input(json!([1, 64]), "FP32", row.clone()), 404, "unknown model"),
-        ("/v2/models/digits/versions/7/infer", input(json!([1, 64]), "FP32", row.clone()), 404, "version 7"),
+        (
+            "/v2/models/digits/infer",
+            json!("{not json"),
+            400,
+            "malformed",
+        ),
+        (
+            "/v2/models/digits/infer",
+            input(json!([1, 63]), "FP32", json!(vec![0.0; 63])),
+            400,
+            "shape",
+        ),
+        (
+            "/v2/models/digits/infer",
+            input(json!([1, 64]), "INT64", json!(vec![0; 64])),
+            400,
+            "datatype INT64",
+        ),
+        (
+            "/v2/models/digits/infer",
+            input(json!([2, 64]), "FP32", row.clone()),
+            400,
+            "elements",
+        ),
+        (
+            "/v2/models/digits/infer",
+            input(json!([1, 64]), "FP17", row.clone()),
+            400,
+            "unsupported datatype",
+        ),
+        (
+            "/v2/models/digits/infer",
+            input(json!([1, 64]), "FP32", json!(["x"])),
+            400,
+            "expected a number",
+        ),
+        (
+            "/v2/models/nope/infer",
+            input(json!([1, 64]), "FP32", row.clone()),
+            404,
+            "unknown model",
+        ),
+        (
+            "/v2/models/broken/infer",
+            input(json!([1, 64]), "FP32", row.clone()),
+            404,
+            "unknown model",
+        ),
+        (
+            "/v2/models/digits/versions/7/infer",
+            input(json!([1, 64]), "FP32", row.clone()),
+            404,
+            "version 7",
+        ),
     ];
     for (path, body, code, needle) in cases {
         let (status, reply) = if body.is_string() {
@@ -62,23 +122,39 @@ async fn standalone_agent_serves_and_rejects_bad_requests_clearly() -> anyhow::R
         };
         assert_eq!(status.as_u16(), code, "{path} {body}: {reply}");
         let message = reply["error"].as_str().unwrap_or_default();
-        assert!(message.contains(needle), "{path}: {message:?} should mention {needle:?}");
+        assert!(
+            message.contains(needle),
+            "{path}: {message:?} should mention {needle:?}"
+        );
     }
     let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}], "outputs": [{"name": "logits"}]});
-    let (status, reply) = agent.request(Method::POST, "/v2/models/digits/infer", Some(&body)).await?;
+    let (status, reply) = agent
+        .request(Method::POST, "/v2/models/digits/infer", Some(&body))
+        .await?;
     assert_eq!(status.as_u16(), 400);
-    assert!(reply["error"].as_str().unwrap().contains("unknown output \"logits\""));
+    assert!(reply["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown output \"logits\""));
 
     // Still serving after all that.
     assert_eq!(agent.classify(&s.inputs[5]).await?, s.labels[5]);
-    assert!(agent.proc.log_text().contains("local model not served"), "the broken model was reported");
+    assert!(
+        agent.proc.log_text().contains("local model not served"),
+        "the broken model was reported"
+    );
     Ok(())
 }
 
-async fn raw_post(agent: &Agent, path: &str, body: &str) -> anyhow::Result<(http::StatusCode, serde_json::Value)> {
+async fn raw_post(
+    agent: &Agent,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<(http::StatusCode, serde_json::Value)> {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::net::UnixStream::connect(&agent.socket).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = http::Request::post(path)
         .header("host", "agent")
@@ -90,7 +166,8 @@ async fn raw_post(agent: &Agent, path: &str, body: &str) -> anyhow::Result<(http
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_agent_cannot_steal_a_live_socket_but_replaces_a_stale_one() -> anyhow::Result<()> {
+async fn a_second_agent_cannot_steal_a_live_socket_but_replaces_a_stale_one() -> anyhow::Result<()>
+{
     let dir = tempfile::tempdir()?;
     let model = digits_model("int8");
     let first = Agent::start_standalone(&dir.path().join("a"), &[("digits", &model)])?;
@@ -102,7 +179,11 @@ async fn a_second_agent_cannot_steal_a_live_socket_but_replaces_a_stale_one() ->
     })
     .await?;
     assert!(!status.0.success());
-    assert!(status.1.proc.log_text().contains("already serving"), "{}", status.1.proc.log_text());
+    assert!(
+        status.1.proc.log_text().contains("already serving"),
+        "{}",
+        status.1.proc.log_text()
+    );
     // Kill the first one hard: its socket file stays behind, and a new
     // agent replaces it.
     drop(first);

@@ -16,13 +16,27 @@ async fn two_agents_serve_correct_predictions_after_a_push() -> anyhow::Result<(
     ];
 
     let model = digits_model("int8");
-    let out = fleetctl(&server.url, &["model", "push", model.to_str().unwrap(), "--name", "digits", "--version", "1"]);
-    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    let out = fleetctl(
+        &server.url,
+        &[
+            "model",
+            "push",
+            model.to_str().unwrap(),
+            "--name",
+            "digits",
+            "--version",
+            "1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "push: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("pushed digits v1"));
 
     // Deploy fleet-wide; devices may register before or after this.
-    let out = fleetctl(&server.url, &["deploy", "--model", "digits", "--version", "1", "--all"]);
-    assert!(out.status.success(), "deploy: {}", String::from_utf8_lossy(&out.stderr));
+    server.deploy("digits", 1, "--all");
 
     for agent in &agents {
         let device = server.wait_for_model(&agent.id, "digits", 1).await?;
@@ -35,7 +49,9 @@ async fn two_agents_serve_correct_predictions_after_a_push() -> anyhow::Result<(
             let predicted = agent.classify(&s.inputs[i]).await?;
             assert_eq!(predicted, s.labels[i], "{} sample {i}", agent.id);
         }
-        let (status, meta) = agent.request(http::Method::GET, "/v2/models/digits", None).await?;
+        let (status, meta) = agent
+            .request(http::Method::GET, "/v2/models/digits", None)
+            .await?;
         assert!(status.is_success());
         assert_eq!(meta["versions"][0], "1");
         assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 64]));
@@ -45,31 +61,51 @@ async fn two_agents_serve_correct_predictions_after_a_push() -> anyhow::Result<(
     let out = fleetctl(&server.url, &["devices"]);
     let table = String::from_utf8_lossy(&out.stdout);
     for agent in &agents {
-        let line = table.lines().find(|l| l.starts_with(&agent.id)).expect("device listed");
-        assert!(line.contains("online") && line.contains("digits v1"), "{line}");
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&agent.id))
+            .expect("device listed");
+        assert!(
+            line.contains("online") && line.contains("digits v1"),
+            "{line}"
+        );
     }
     let out = fleetctl(&server.url, &["--json", "events", "pi-berlin-1"]);
     let events: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let kinds: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert!(kinds.contains(&"accepted") && kinds.contains(&"activated"), "{kinds:?}");
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"accepted") && kinds.contains(&"activated"),
+        "{kinds:?}"
+    );
 
     // A second version replaces the first on one device only.
-    let fp32 = digits_model("fp32");
-    let out = fleetctl(&server.url, &["model", "push", fp32.to_str().unwrap(), "--name", "digits", "--version", "2"]);
-    assert!(out.status.success());
-    let out = fleetctl(&server.url, &["deploy", "--model", "digits", "--version", "2", "--device", "pi-berlin-1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    server.push(&digits_model("fp32"), "digits", 2);
+    server.deploy("digits", 2, "pi-berlin-1");
     server.wait_for_model("pi-berlin-1", "digits", 2).await?;
     assert_eq!(agents[0].classify(&s.inputs[9]).await?, s.labels[9]);
     let other = server.get_json("/api/v1/devices/jetson-lyon-2").await?;
-    assert_eq!(other["models"][0]["version"], 1, "the other device is untouched");
+    assert_eq!(
+        other["models"][0]["version"], 1,
+        "the other device is untouched"
+    );
 
     // Clean shutdown: SIGTERM → exit 0, and the server sees the device offline.
     let mut agents = agents;
-    let status = agents[1].proc.terminate(Duration::from_secs(10)).expect("agent exits on SIGTERM");
+    let status = agents[1]
+        .proc
+        .terminate(Duration::from_secs(10))
+        .expect("agent exits on SIGTERM");
     assert!(status.success(), "{status}");
     edgefleet_tests::wait_for("device offline", Duration::from_secs(20), || async {
-        let d = server.get_json("/api/v1/devices/jetson-lyon-2").await.ok()?;
+        let d = server
+            .get_json("/api/v1/devices/jetson-lyon-2")
+            .await
+            .ok()?;
         (d["online"] == false).then_some(())
     })
     .await?;
@@ -81,19 +117,57 @@ async fn fleetctl_reports_errors_with_exit_codes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server = Server::start(dir.path()).await?;
     // Deploying a model that was never pushed: the server refuses (exit 1).
-    let out = fleetctl(&server.url, &["deploy", "--model", "nope", "--version", "3", "--all"]);
+    let out = fleetctl(
+        &server.url,
+        &["deploy", "--model", "nope", "--version", "3", "--all"],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     // A file with no known extension: local usage error (exit 2).
     let junk = dir.path().join("model.bin");
     std::fs::write(&junk, b"x")?;
-    let out = fleetctl(&server.url, &["model", "push", junk.to_str().unwrap(), "--name", "m", "--version", "1"]);
+    let out = fleetctl(
+        &server.url,
+        &[
+            "model",
+            "push",
+            junk.to_str().unwrap(),
+            "--name",
+            "m",
+            "--version",
+            "1",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2));
     // Pushing different bytes under an existing version is a conflict.
     let a = digits_model("int8");
     let b = digits_model("fp32");
-    assert!(fleetctl(&server.url, &["model", "push", a.to_str().unwrap(), "--name", "m", "--version", "1"]).status.success());
-    let out = fleetctl(&server.url, &["model", "push", b.to_str().unwrap(), "--name", "m", "--version", "1"]);
+    assert!(fleetctl(
+        &server.url,
+        &[
+            "model",
+            "push",
+            a.to_str().unwrap(),
+            "--name",
+            "m",
+            "--version",
+            "1"
+        ]
+    )
+    .status
+    .success());
+    let out = fleetctl(
+        &server.url,
+        &[
+            "model",
+            "push",
+            b.to_str().unwrap(),
+            "--name",
+            "m",
+            "--version",
+            "1",
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     // No server at all: exit 3.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use edgefleet_shared::{DesiredState, DeviceId, SecretKey, Signed, TopicKind, TopicPrefix};
-use edgefleet_tests::{digits_model, fleetctl, samples, wait_for, Agent, Server};
+use edgefleet_tests::{digits_model, samples, wait_for, Agent, Server};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -12,14 +12,18 @@ async fn agent_refuses_a_desired_state_signed_by_an_unknown_key() -> anyhow::Res
     let dir = tempfile::tempdir()?;
     let server = Server::start(dir.path()).await?;
     let agent = Agent::start_fleet(dir.path(), "cam-7", &server)?;
-    let model = digits_model("int8");
-    assert!(fleetctl(&server.url, &["model", "push", model.to_str().unwrap(), "--name", "digits", "--version", "1"]).status.success());
-    assert!(fleetctl(&server.url, &["deploy", "--model", "digits", "--version", "1", "--device", "cam-7"]).status.success());
+    server.push(&digits_model("int8"), "digits", 1);
+    server.deploy("digits", 1, "cam-7");
     server.wait_for_model("cam-7", "digits", 1).await?;
 
     // An attacker with broker access takes the genuine document, points it
     // at their own model, raises the version and re-signs it with their key.
-    let genuine: Signed = Signed::from_json(&reqwest::get(format!("{}/api/v1/devices/cam-7/desired", server.url)).await?.bytes().await?)?;
+    let genuine: Signed = Signed::from_json(
+        &reqwest::get(format!("{}/api/v1/devices/cam-7/desired", server.url))
+            .await?
+            .bytes()
+            .await?,
+    )?;
     let mut doc: DesiredState = genuine.parse_unverified()?;
     doc.version += 10;
     doc.models[0].version = 99;
@@ -28,11 +32,15 @@ async fn agent_refuses_a_desired_state_signed_by_an_unknown_key() -> anyhow::Res
     let rogue = SecretKey::generate()?;
     let forged = Signed::sign(&doc, &[&rogue]);
 
-    let topic = TopicPrefix::default().device(&DeviceId::new("cam-7")?, TopicKind::Desired).to_string();
+    let topic = TopicPrefix::default()
+        .device(&DeviceId::new("cam-7")?, TopicKind::Desired)
+        .to_string();
     let mut options = MqttOptions::new("attacker", "127.0.0.1", server.mqtt_port);
     options.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(options, 10);
-    client.publish(&topic, QoS::AtLeastOnce, true, forged.to_json()).await?;
+    client
+        .publish(&topic, QoS::AtLeastOnce, true, forged.to_json())
+        .await?;
     // Drive the connection until the broker acknowledges the publish.
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -46,21 +54,34 @@ async fn agent_refuses_a_desired_state_signed_by_an_unknown_key() -> anyhow::Res
     let events_path = "/api/v1/devices/cam-7/events";
     let refusal = wait_for("refusal event", Duration::from_secs(20), || async {
         let events = server.get_json(events_path).await.ok()?;
-        events.as_array()?.iter().find(|e| e["kind"] == "refused").cloned()
+        events
+            .as_array()?
+            .iter()
+            .find(|e| e["kind"] == "refused")
+            .cloned()
     })
     .await?;
     let reason = refusal["reason"].as_str().unwrap();
-    assert!(reason.contains(rogue.key_id().as_str()) && reason.contains("not trusted"), "{reason}");
+    assert!(
+        reason.contains(rogue.key_id().as_str()) && reason.contains("not trusted"),
+        "{reason}"
+    );
     assert_eq!(refusal["desired_version"], doc.version);
 
     // Nothing changed on the device: still v1, still correct.
-    let (status, meta) = agent.request(http::Method::GET, "/v2/models/digits", None).await?;
+    let (status, meta) = agent
+        .request(http::Method::GET, "/v2/models/digits", None)
+        .await?;
     assert!(status.is_success());
     assert_eq!(meta["versions"][0], "1");
     let s = samples();
     assert_eq!(agent.classify(&s.inputs[0]).await?, s.labels[0]);
-    let trusted: Signed = Signed::from_json(&std::fs::read(agent.dir.join("data/trust/desired.json"))?)?;
-    assert_eq!(trusted, genuine, "the stored trusted document is the genuine one");
+    let trusted: Signed =
+        Signed::from_json(&std::fs::read(agent.dir.join("data/trust/desired.json"))?)?;
+    assert_eq!(
+        trusted, genuine,
+        "the stored trusted document is the genuine one"
+    );
     assert!(!agent.proc.log_text().contains("evil.onnx\" downloaded"));
     Ok(())
 }

@@ -38,7 +38,10 @@ impl IoSpec {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
     #[error("model could not be loaded by {runtime}: {reason}")]
-    Load { runtime: &'static str, reason: String },
+    Load {
+        runtime: &'static str,
+        reason: String,
+    },
     #[error("no runtime in this build can load {0} models")]
     UnsupportedFormat(ModelFormat),
     #[error("unknown input {name:?}; the model's inputs are: {expected}")]
@@ -67,9 +70,15 @@ pub enum EngineError {
         got: usize,
     },
     #[error("inference failed in {runtime}: {reason}")]
-    Runtime { runtime: &'static str, reason: String },
+    Runtime {
+        runtime: &'static str,
+        reason: String,
+    },
     #[error("{runtime} panicked ({reason}); the request was dropped and the agent keeps serving")]
-    Panicked { runtime: &'static str, reason: String },
+    Panicked {
+        runtime: &'static str,
+        reason: String,
+    },
 }
 
 impl EngineError {
@@ -116,7 +125,10 @@ pub fn infer(engine: &dyn Engine, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, En
     guard(engine.runtime(), || engine.run(ordered))
 }
 
-fn guard<T>(runtime: &'static str, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+fn guard<T>(
+    runtime: &'static str,
+    f: impl FnOnce() -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,
         Err(payload) => {
@@ -136,7 +148,11 @@ pub fn validate_inputs(specs: &[IoSpec], inputs: Vec<Tensor>) -> Result<Vec<Tens
     let mut slots: Vec<Option<Tensor>> = vec![None; specs.len()];
     for tensor in inputs {
         let Some(index) = specs.iter().position(|s| s.name == tensor.name) else {
-            let expected = specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+            let expected = specs
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(EngineError::UnknownInput {
                 name: tensor.name,
                 expected,
@@ -235,7 +251,17 @@ mod tests {
         let err = validate_inputs(&s, vec![a(vec![2], 2), b()]).unwrap_err();
         assert!(matches!(err, EngineError::WrongShape { .. }), "{err}");
         let err = validate_inputs(&s, vec![a(vec![1, 2], 3), b()]).unwrap_err();
-        assert!(matches!(err, EngineError::ElementCount { expected: 2, got: 3, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                EngineError::ElementCount {
+                    expected: 2,
+                    got: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let err = validate_inputs(&s, vec![a(vec![1, 2], 2)]).unwrap_err();
         assert_eq!(err, EngineError::MissingInput("b".into()));
         let err = validate_inputs(&s, vec![a(vec![1, 2], 2), b(), b()]).unwrap_err();
@@ -247,7 +273,10 @@ mod tests {
         let mut unknown = b();
         unknown.name = "zzz".into();
         let err = validate_inputs(&s, vec![unknown]).unwrap_err();
-        assert_eq!(err.to_string(), "unknown input \"zzz\"; the model's inputs are: a, b");
+        assert_eq!(
+            err.to_string(),
+            "unknown input \"zzz\"; the model's inputs are: a, b"
+        );
         assert!(err.is_client_error());
     }
 

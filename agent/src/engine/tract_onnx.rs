@@ -7,7 +7,7 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceModelExt, IntoRunnable, IntoTValue, IntoTensor, TVec, TValue,
+    DatumType, Framework, InferenceModelExt, IntoRunnable, IntoTValue, IntoTensor, TValue, TVec,
     Tensor as TractTensor, TypedFact, TypedRunnableModel,
 };
 
@@ -54,7 +54,11 @@ fn io_spec(name: String, fact: &TypedFact) -> Result<IoSpec, EngineError> {
         ))
     })?;
     let shape = fact.shape.iter().map(|d| d.to_usize().ok()).collect();
-    Ok(IoSpec { name, datatype, shape })
+    Ok(IoSpec {
+        name,
+        datatype,
+        shape,
+    })
 }
 
 impl TractOnnx {
@@ -124,11 +128,20 @@ fn from_tract(name: &str, value: TValue) -> Result<Tensor, EngineError> {
         runtime: RUNTIME,
         reason: format!("output {name:?}: {e}"),
     };
-    let datatype = to_datatype(tensor.datum_type().unquantized())
-        .ok_or_else(|| fail(format!("unsupported output datatype {:?}", tensor.datum_type())))?;
+    let datatype = to_datatype(tensor.datum_type().unquantized()).ok_or_else(|| {
+        fail(format!(
+            "unsupported output datatype {:?}",
+            tensor.datum_type()
+        ))
+    })?;
     macro_rules! read {
         ($variant:ident, $t:ty) => {
-            TensorData::$variant(tensor.try_as_plain_ram().and_then(|v| v.as_slice::<$t>().map(|s| s.to_vec())).map_err(|e| fail(e.to_string()))?)
+            TensorData::$variant(
+                tensor
+                    .try_as_plain_ram()
+                    .and_then(|v| v.as_slice::<$t>().map(|s| s.to_vec()))
+                    .map_err(|e| fail(e.to_string()))?,
+            )
         };
     }
     let data = match datatype {
@@ -162,7 +175,10 @@ impl Engine for TractOnnx {
     }
 
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
-        let values = inputs.into_iter().map(to_tract).collect::<Result<TVec<_>, _>>()?;
+        let values = inputs
+            .into_iter()
+            .map(to_tract)
+            .collect::<Result<TVec<_>, _>>()?;
         let results = self.plan.run(values).map_err(|e| EngineError::Runtime {
             runtime: RUNTIME,
             reason: format!("{e:#}"),

@@ -66,7 +66,10 @@ enum Command {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn wait_for_signal(token: CancellationToken) {
@@ -82,16 +85,27 @@ async fn wait_for_signal(token: CancellationToken) {
 async fn serve(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e} (is another server running? choose another --http)", config.http_listen))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {e} (is another server running? choose another --http)",
+                config.http_listen
+            )
+        })?;
     let (running, done) = fleet_server::start(config, listener, shutdown).await?;
-    eprintln!("fleet-server: API on http://{}, MQTT on {}:{}", running.http, running.mqtt.0, running.mqtt.1);
+    eprintln!(
+        "fleet-server: API on http://{}, MQTT on {}:{}",
+        running.http, running.mqtt.0, running.mqtt.1
+    );
     done.await?;
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let shutdown = CancellationToken::new();
     runtime.spawn(wait_for_signal(shutdown.clone()));
     let result = match cli.command {

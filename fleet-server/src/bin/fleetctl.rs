@@ -13,10 +13,19 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "fleetctl", version, about = "Operate an edgefleet fleet server")]
+#[command(
+    name = "fleetctl",
+    version,
+    about = "Operate an edgefleet fleet server"
+)]
 struct Cli {
     /// Fleet server base URL.
-    #[arg(long, global = true, env = "FLEETCTL_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCTL_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     server: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -44,7 +53,11 @@ enum Command {
         #[arg(long)]
         version: u64,
         /// A device id; repeat for several.
-        #[arg(long = "device", conflicts_with = "all", required_unless_present = "all")]
+        #[arg(
+            long = "device",
+            conflicts_with = "all",
+            required_unless_present = "all"
+        )]
         devices: Vec<String>,
         /// Every device, including ones that enroll later.
         #[arg(long)]
@@ -114,8 +127,14 @@ async fn check(resp: reqwest::Response) -> Result<Value, Failure> {
     if status.is_success() {
         Ok(body)
     } else {
-        let msg = body["error"].as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
-        Err(Failure(1, anyhow::anyhow!("server answered {status}: {msg}")))
+        let msg = body["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| body.to_string());
+        Err(Failure(
+            1,
+            anyhow::anyhow!("server answered {status}: {msg}"),
+        ))
     }
 }
 
@@ -153,27 +172,44 @@ fn ago(ts: u64) -> String {
     }
 }
 
-async fn push(cli: &Cli, file: &PathBuf, name: &str, version: u64, format: Option<&str>) -> Result<Value, Failure> {
+async fn push(
+    cli: &Cli,
+    file: &PathBuf,
+    name: &str,
+    version: u64,
+    format: Option<&str>,
+) -> Result<Value, Failure> {
     let format = match format {
         Some(f) => f.to_string(),
         None => edgefleet_shared::ModelFormat::from_path(file)
             .map(|f| f.to_string())
-            .ok_or_else(|| usage(anyhow::anyhow!("cannot tell the format of {} from its extension; pass --format", file.display())))?,
+            .ok_or_else(|| {
+                usage(anyhow::anyhow!(
+                    "cannot tell the format of {} from its extension; pass --format",
+                    file.display()
+                ))
+            })?,
     };
     let handle = tokio::fs::File::open(file)
         .await
         .with_context(|| format!("cannot open {}", file.display()))
         .map_err(usage)?;
-    let size = handle.metadata().await.map_err(|e| usage(anyhow::Error::from(e)))?.len();
+    let size = handle
+        .metadata()
+        .await
+        .map_err(|e| usage(anyhow::Error::from(e)))?
+        .len();
     let bar = if cli.json {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(size)
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-            .expect("template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
     );
     bar.set_message(format!("pushing {name} v{version}"));
     let progress = bar.clone();
@@ -183,7 +219,10 @@ async fn push(cli: &Cli, file: &PathBuf, name: &str, version: u64, format: Optio
         }
         chunk
     });
-    let url = format!("{}/api/v1/models/{name}/versions/{version}?format={format}", cli.server);
+    let url = format!(
+        "{}/api/v1/models/{name}/versions/{version}?format={format}",
+        cli.server
+    );
     let resp = reqwest::Client::new()
         .post(url)
         .header(reqwest::header::CONTENT_LENGTH, size)
@@ -193,6 +232,23 @@ async fn push(cli: &Cli, file: &PathBuf, name: &str, version: u64, format: Optio
         .map_err(classify)?;
     bar.finish_and_clear();
     check(resp).await
+}
+
+/// GETs a list from the API. With `--json` it prints the body and returns
+/// `None`; otherwise it returns the parsed rows for a table.
+async fn get_rows<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    url: String,
+    json: bool,
+) -> Result<Option<Vec<T>>, Failure> {
+    let body = check(client.get(url).send().await.map_err(classify)?).await?;
+    if json {
+        println!("{body}");
+        return Ok(None);
+    }
+    serde_json::from_value(body)
+        .map(Some)
+        .map_err(|e| Failure(1, anyhow::anyhow!("unexpected answer from the server: {e}")))
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -209,7 +265,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     expires_days,
                 },
         } => {
-            let keys = fleet_server::keys::init_keys(dir, *root_keys, *threshold, *expires_days).map_err(usage)?;
+            let keys = fleet_server::keys::init_keys(dir, *root_keys, *threshold, *expires_days)
+                .map_err(usage)?;
             if cli.json {
                 println!(
                     "{}",
@@ -217,39 +274,66 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             } else {
                 for p in &keys.root_key_paths {
-                    println!("root key     {}   <- move offline; needed only to rotate keys", p.display());
+                    println!(
+                        "root key     {}   <- move offline; needed only to rotate keys",
+                        p.display()
+                    );
                 }
-                println!("online key   {}   <- stays with the server (mode 0600)", keys.online_key_path.display());
-                println!("root doc     {}   <- flash onto every device", keys.root_path.display());
+                println!(
+                    "online key   {}   <- stays with the server (mode 0600)",
+                    keys.online_key_path.display()
+                );
+                println!(
+                    "root doc     {}   <- flash onto every device",
+                    keys.root_path.display()
+                );
             }
         }
         Command::Model {
-            command: ModelCommand::Push {
-                file,
-                name,
-                version,
-                format,
-            },
+            command:
+                ModelCommand::Push {
+                    file,
+                    name,
+                    version,
+                    format,
+                },
         } => {
             let record = push(&cli, file, name, *version, format.as_deref()).await?;
             if cli.json {
                 println!("{record}");
             } else {
-                let m: ModelRecord = serde_json::from_value(record).map_err(|e| Failure(1, e.into()))?;
-                println!("pushed {} v{} ({} bytes, {}, sha256 {})", m.name, m.version, m.size, m.format, &m.sha256[..16]);
+                let m: ModelRecord =
+                    serde_json::from_value(record).map_err(|e| Failure(1, e.into()))?;
+                println!(
+                    "pushed {} v{} ({} bytes, {}, sha256 {})",
+                    m.name,
+                    m.version,
+                    m.size,
+                    m.format,
+                    &m.sha256[..16]
+                );
             }
         }
-        Command::Model { command: ModelCommand::List } => {
-            let body = check(client.get(format!("{base}/api/v1/models")).send().await.map_err(classify)?).await?;
-            if cli.json {
-                println!("{body}");
-            } else {
-                let models: Vec<ModelRecord> = serde_json::from_value(body).map_err(|e| Failure(1, e.into()))?;
+        Command::Model {
+            command: ModelCommand::List,
+        } => {
+            let rows =
+                get_rows::<ModelRecord>(&client, format!("{base}/api/v1/models"), cli.json).await?;
+            if let Some(models) = rows {
                 print_table(
                     &["NAME", "VERSION", "FORMAT", "SIZE", "SHA256", "PUSHED"],
                     models
                         .into_iter()
-                        .map(|m| vec![m.name, m.version.to_string(), m.format.to_string(), m.size.to_string(), m.sha256[..16].to_string(), ago(m.created_at)])
+                        .map(|m| {
+                            vec![
+                                m.name,
+                                m.version.to_string(),
+                                m.format.to_string(),
+                                m.size.to_string(),
+                                m.sha256[..16].to_string(),
+                                ago(m.created_at),
+                            ]
+                        })
                         .collect(),
                 );
             }
@@ -261,21 +345,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             all,
         } => {
             let body = json!({"model": model, "version": version, "devices": devices, "all": all});
-            let resp = client.post(format!("{base}/api/v1/deployments")).json(&body).send().await.map_err(classify)?;
+            let resp = client
+                .post(format!("{base}/api/v1/deployments"))
+                .json(&body)
+                .send()
+                .await
+                .map_err(classify)?;
             let result = check(resp).await?;
             if cli.json {
                 println!("{result}");
             } else {
                 let n = result["published"].as_array().map_or(0, Vec::len);
-                println!("{model} v{version} deployed; signed desired state published to {n} device(s)");
+                println!(
+                    "{model} v{version} deployed; signed desired state published to {n} device(s)"
+                );
             }
         }
         Command::Devices => {
-            let body = check(client.get(format!("{base}/api/v1/devices")).send().await.map_err(classify)?).await?;
-            if cli.json {
-                println!("{body}");
-            } else {
-                let devices: Vec<DeviceRecord> = serde_json::from_value(body).map_err(|e| Failure(1, e.into()))?;
+            let rows =
+                get_rows::<DeviceRecord>(&client, format!("{base}/api/v1/devices"), cli.json)
+                    .await?;
+            if let Some(devices) = rows {
                 print_table(
                     &["DEVICE", "STATE", "MODELS", "DESIRED", "LAST SEEN"],
                     devices
@@ -289,10 +379,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                                 .join(", ");
                             let desired = format!(
                                 "{}/{}",
-                                d.reported_desired_version.map_or("-".into(), |v| v.to_string()),
+                                d.reported_desired_version
+                                    .map_or("-".into(), |v| v.to_string()),
                                 d.desired_version
                             );
-                            vec![d.id, if d.online { "online" } else { "offline" }.into(), if models.is_empty() { "-".into() } else { models }, desired, ago(d.last_seen)]
+                            vec![
+                                d.id,
+                                if d.online { "online" } else { "offline" }.into(),
+                                if models.is_empty() {
+                                    "-".into()
+                                } else {
+                                    models
+                                },
+                                desired,
+                                ago(d.last_seen),
+                            ]
                         })
                         .collect(),
                 );
@@ -300,11 +401,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Events { device, limit } => {
             let url = format!("{base}/api/v1/devices/{device}/events?limit={limit}");
-            let body = check(client.get(url).send().await.map_err(classify)?).await?;
-            if cli.json {
-                println!("{body}");
-            } else {
-                let events: Vec<EventRecord> = serde_json::from_value(body).map_err(|e| Failure(1, e.into()))?;
+            if let Some(events) = get_rows::<EventRecord>(&client, url, cli.json).await? {
                 print_table(
                     &["WHEN", "EVENT", "DESIRED", "MODEL", "REASON"],
                     events
@@ -331,7 +428,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, e)) => {
