@@ -16,7 +16,8 @@
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{self, IoSpec};
 use crate::registry::{ModelRegistry, ServedModel};
-use crate::tensor::{decode_json_data, DataType, Tensor};
+use crate::tensor::{decode_json_data, DataType, Tensor, TensorData};
 
 /// Shared state of the API.
 #[derive(Clone)]
@@ -42,15 +43,17 @@ pub struct ApiState {
     pub max_request_bytes: usize,
     pub permits: Arc<Semaphore>,
     pub max_concurrent: usize,
+    pub request_timeout: Duration,
 }
 
 impl ApiState {
-    pub fn new(registry: ModelRegistry, max_request_bytes: usize, max_concurrent: usize) -> Self {
+    pub fn new(registry: ModelRegistry, limits: &crate::config::ApiConfig) -> Self {
         Self {
             registry,
-            max_request_bytes,
-            permits: Arc::new(Semaphore::new(max_concurrent)),
-            max_concurrent,
+            max_request_bytes: limits.max_request_bytes,
+            permits: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
+            max_concurrent: limits.max_concurrent_requests,
+            request_timeout: Duration::from_millis(limits.request_timeout_ms),
         }
     }
 }
@@ -280,27 +283,6 @@ fn metadata(model: &ServedModel) -> Value {
     })
 }
 
-#[derive(Deserialize)]
-struct InferRequest {
-    id: Option<String>,
-    inputs: Vec<InferInput>,
-    #[serde(default)]
-    outputs: Option<Vec<RequestedOutput>>,
-}
-
-#[derive(Deserialize)]
-struct InferInput {
-    name: String,
-    shape: Vec<usize>,
-    datatype: String,
-    data: Value,
-}
-
-#[derive(Deserialize)]
-struct RequestedOutput {
-    name: String,
-}
-
 async fn read_body(state: &ApiState, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let limit = state.max_request_bytes;
     if let Some(len) = req
@@ -333,114 +315,169 @@ async fn read_body(state: &ApiState, req: Request<Incoming>) -> Result<Bytes, Ap
     }
 }
 
-/// A decoded request: its id, input tensors and the outputs asked for.
+#[derive(Deserialize, Default)]
+struct RequestParameters {
+    binary_data_output: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct InferRequest {
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<RequestParameters>,
+    inputs: Vec<InferInput>,
+    #[serde(default)]
+    outputs: Option<Vec<RequestedOutput>>,
+}
+
+#[derive(Deserialize, Default)]
+struct InputParameters {
+    binary_data_size: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct InferInput {
+    name: String,
+    shape: Vec<usize>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Option<InputParameters>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct OutputParameters {
+    binary_data: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RequestedOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Option<OutputParameters>,
+}
+
+/// A decoded request: its id, input tensors and the outputs asked for
+/// (`None`: all), each with whether to return it as binary.
+#[derive(Debug)]
 struct Decoded {
     id: Option<String>,
     inputs: Vec<Tensor>,
-    wanted: Option<Vec<String>>,
+    wanted: Option<Vec<(String, bool)>>,
+    binary_by_default: bool,
 }
 
-fn decode_inputs(request: InferRequest) -> Result<Decoded, ApiError> {
-    let mut tensors = Vec::with_capacity(request.inputs.len());
+/// Name of the header that splits a binary-extension body into its JSON
+/// part and the raw tensor bytes that follow.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// Splits the body per the binary tensor extension and decodes every input.
+fn decode_request(header_len: Option<usize>, body: &[u8]) -> Result<Decoded, ApiError> {
+    let (json_part, mut binary) = match header_len {
+        Some(n) if n > body.len() => {
+            return Err(ApiError::bad_request(format!(
+                "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+                body.len()
+            )))
+        }
+        Some(n) => body.split_at(n),
+        None => (body, &[][..]),
+    };
+    let request: InferRequest = serde_json::from_slice(json_part)
+        .map_err(|e| ApiError::bad_request(format!("malformed inference request JSON: {e}")))?;
+    let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
         let datatype: DataType = input
             .datatype
             .parse()
             .map_err(|e: String| ApiError::bad_request(format!("input {:?}: {e}", input.name)))?;
-        let data = decode_json_data(&input.name, datatype, &input.data)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        tensors.push(Tensor {
+        let binary_size = input.parameters.and_then(|p| p.binary_data_size);
+        let data = match (binary_size, &input.data) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(format!(
+                    "input {:?} has both \"data\" and binary_data_size; send one",
+                    input.name
+                )))
+            }
+            (Some(size), None) => {
+                if size > binary.len() {
+                    return Err(ApiError::bad_request(format!(
+                        "input {:?} declares binary_data_size {size} but only {} binary bytes remain (truncated body?)",
+                        input.name,
+                        binary.len()
+                    )));
+                }
+                let (chunk, rest) = binary.split_at(size);
+                binary = rest;
+                TensorData::from_le_bytes(datatype, chunk)
+                    .map_err(|e| ApiError::bad_request(format!("input {:?}: {e}", input.name)))?
+            }
+            (None, Some(data)) => decode_json_data(&input.name, datatype, data)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            (None, None) => {
+                return Err(ApiError::bad_request(format!(
+                    "input {:?} has neither \"data\" nor parameters.binary_data_size",
+                    input.name
+                )))
+            }
+        };
+        inputs.push(Tensor {
             name: input.name,
             shape: input.shape,
             data,
         });
     }
-    let outputs = request
-        .outputs
-        .map(|o| o.into_iter().map(|r| r.name).collect());
+    if !binary.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{} bytes of binary data follow the inputs that no input's binary_data_size accounts for",
+            binary.len()
+        )));
+    }
+    let binary_by_default = request
+        .parameters
+        .and_then(|p| p.binary_data_output)
+        .unwrap_or(false);
+    let wanted = request.outputs.map(|outputs| {
+        outputs
+            .into_iter()
+            .map(|o| {
+                let binary = o
+                    .parameters
+                    .and_then(|p| p.binary_data)
+                    .unwrap_or(binary_by_default);
+                (o.name, binary)
+            })
+            .collect()
+    });
     Ok(Decoded {
         id: request.id,
-        inputs: tensors,
-        wanted: outputs,
+        inputs,
+        wanted,
+        binary_by_default,
     })
 }
 
-async fn infer(
-    state: &ApiState,
-    model: Arc<ServedModel>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
-    let _permit = state.permits.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "too many concurrent requests (limit {}, api.max_concurrent_requests); retry shortly",
-                state.max_concurrent
-            ),
-        )
-    })?;
-    let body = read_body(state, req).await?;
-    let request: InferRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("malformed inference request JSON: {e}")))?;
-    let Decoded { id, inputs, wanted } = decode_inputs(request)?;
-    if let Some(wanted) = &wanted {
-        for name in wanted {
-            if !model.engine.outputs().iter().any(|o| &o.name == name) {
-                let known: Vec<&str> = model
-                    .engine
-                    .outputs()
-                    .iter()
-                    .map(|o| o.name.as_str())
-                    .collect();
-                return Err(ApiError::bad_request(format!(
-                    "unknown output {name:?}; the model's outputs are: {}",
-                    known.join(", ")
-                )));
-            }
-        }
-    }
-    let started = Instant::now();
-    let worker_model = Arc::clone(&model);
-    let result =
-        tokio::task::spawn_blocking(move || engine::infer(worker_model.engine.as_ref(), inputs))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("inference task failed: {e}"),
-                )
-            })?;
-    let elapsed = started.elapsed();
-    model
-        .stats
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    model.stats.busy_micros.fetch_add(
-        elapsed.as_micros() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    let outputs = result.map_err(|e| {
-        model
-            .stats
-            .errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let status = if e.is_client_error() {
-            StatusCode::BAD_REQUEST
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
-        ApiError::new(status, e.to_string())
-    })?;
+/// Builds the response: plain JSON, or JSON followed by raw tensors when
+/// any output is returned as binary.
+fn encode_response(model: &ServedModel, id: Option<String>, outputs: Vec<(Tensor, bool)>) -> Response<Full<Bytes>> {
+    let mut binary = Vec::new();
     let outputs: Vec<Value> = outputs
         .into_iter()
-        .filter(|t| wanted.as_ref().is_none_or(|w| w.contains(&t.name)))
-        .map(|t| {
-            json!({
+        .map(|(t, as_binary)| {
+            let mut out = json!({
                 "name": t.name,
                 "datatype": t.data.datatype().as_str(),
                 "shape": t.shape,
-                "data": t.data.to_json(),
-            })
+            });
+            if as_binary {
+                let bytes = t.data.to_le_bytes();
+                out["parameters"] = json!({"binary_data_size": bytes.len()});
+                binary.extend_from_slice(&bytes);
+            } else {
+                out["data"] = t.data.to_json();
+            }
+            out
         })
         .collect();
     let mut body = json!({
@@ -451,5 +488,163 @@ async fn infer(
     if let Some(id) = id {
         body["id"] = Value::String(id);
     }
-    Ok(json_response(StatusCode::OK, &body))
+    let mut bytes = serde_json::to_vec(&body).expect("json serialises");
+    let builder = Response::builder().status(StatusCode::OK);
+    let builder = if binary.is_empty() {
+        builder.header(http::header::CONTENT_TYPE, "application/json")
+    } else {
+        let json_len = bytes.len();
+        bytes.extend_from_slice(&binary);
+        builder
+            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+            .header(HEADER_LENGTH, json_len)
+    };
+    builder.body(Full::new(Bytes::from(bytes))).expect("response builds")
+}
+
+async fn infer(
+    state: &ApiState,
+    model: Arc<ServedModel>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let permit = state.permits.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "too many concurrent requests (limit {}, api.max_concurrent_requests); retry shortly",
+                state.max_concurrent
+            ),
+        )
+    })?;
+    let header_len = match req.headers().get(HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| ApiError::bad_request("Inference-Header-Content-Length must be a byte count"))?,
+        ),
+    };
+    let body = read_body(state, req).await?;
+    let Decoded {
+        id,
+        inputs,
+        wanted,
+        binary_by_default,
+    } = decode_request(header_len, &body)?;
+    drop(body);
+    if let Some(wanted) = &wanted {
+        for (name, _) in wanted {
+            if !model.engine.outputs().iter().any(|o| &o.name == name) {
+                let known: Vec<&str> = model.engine.outputs().iter().map(|o| o.name.as_str()).collect();
+                return Err(ApiError::bad_request(format!(
+                    "unknown output {name:?}; the model's outputs are: {}",
+                    known.join(", ")
+                )));
+            }
+        }
+    }
+    let started = Instant::now();
+    let worker_model = Arc::clone(&model);
+    // The permit travels with the work: a request that times out still
+    // holds its slot until the runtime actually finishes.
+    let work = tokio::task::spawn_blocking(move || {
+        let result = engine::infer(worker_model.engine.as_ref(), inputs);
+        drop(permit);
+        result
+    });
+    let result = match tokio::time::timeout(state.request_timeout, work).await {
+        Err(_) => {
+            model.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "inference took longer than {} ms (api.request_timeout_ms)",
+                    state.request_timeout.as_millis()
+                ),
+            ));
+        }
+        Ok(joined) => joined.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("inference task failed: {e}")))?,
+    };
+    let elapsed = started.elapsed();
+    model.stats.requests.fetch_add(1, Ordering::Relaxed);
+    model.stats.busy_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    let outputs = result.map_err(|e| {
+        model.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let status = if e.is_client_error() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiError::new(status, e.to_string())
+    })?;
+    let selected: Vec<(Tensor, bool)> = match &wanted {
+        None => outputs.into_iter().map(|t| (t, binary_by_default)).collect(),
+        Some(wanted) => wanted
+            .iter()
+            .filter_map(|(name, binary)| outputs.iter().find(|t| &t.name == name).map(|t| (t.clone(), *binary)))
+            .collect(),
+    };
+    Ok(encode_response(&model, id, selected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binary_body(json: &Value, tensors: &[&[u8]]) -> (usize, Vec<u8>) {
+        let mut body = serde_json::to_vec(json).unwrap();
+        let len = body.len();
+        for t in tensors {
+            body.extend_from_slice(t);
+        }
+        (len, body)
+    }
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn binary_inputs_are_split_in_order_and_mixed_with_json() {
+        let a = f32_bytes(&[1.0, 2.0]);
+        let b = [7u8, 8, 9];
+        let json = json!({"inputs": [
+            {"name": "a", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}},
+            {"name": "j", "shape": [1], "datatype": "INT64", "data": [5]},
+            {"name": "b", "shape": [3], "datatype": "UINT8", "parameters": {"binary_data_size": 3}}
+        ], "outputs": [{"name": "y", "parameters": {"binary_data": true}}, {"name": "z"}]});
+        let (len, body) = binary_body(&json, &[&a, &b]);
+        let d = decode_request(Some(len), &body).unwrap();
+        assert_eq!(d.inputs[0].data, TensorData::Fp32(vec![1.0, 2.0]));
+        assert_eq!(d.inputs[1].data, TensorData::Int64(vec![5]));
+        assert_eq!(d.inputs[2].data, TensorData::Uint8(vec![7, 8, 9]));
+        assert_eq!(d.wanted.unwrap(), vec![("y".to_string(), true), ("z".to_string(), false)]);
+    }
+
+    #[test]
+    fn truncated_or_padded_binary_bodies_are_refused_with_a_reason() {
+        let json = json!({"inputs": [{"name": "a", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]});
+        let (len, body) = binary_body(&json, &[&[0u8; 5]]);
+        let err = decode_request(Some(len), &body).unwrap_err();
+        assert!(err.message.contains("only 5 binary bytes remain"), "{}", err.message);
+        let (len, body) = binary_body(&json, &[&[0u8; 12]]);
+        let err = decode_request(Some(len), &body).unwrap_err();
+        assert!(err.message.contains("4 bytes of binary data"), "{}", err.message);
+        let err = decode_request(Some(body.len() + 1), &body).unwrap_err();
+        assert!(err.message.contains("Inference-Header-Content-Length"), "{}", err.message);
+        let json = json!({"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}, "data": [1]}]});
+        let (len, body) = binary_body(&json, &[&[0u8; 4]]);
+        assert!(decode_request(Some(len), &body).unwrap_err().message.contains("both"));
+        let json = json!({"inputs": [{"name": "a", "shape": [1], "datatype": "FP32"}]});
+        let (len, body) = binary_body(&json, &[]);
+        assert!(decode_request(Some(len), &body).unwrap_err().message.contains("neither"));
+    }
+
+    #[test]
+    fn request_level_binary_output_applies_to_every_output() {
+        let json = json!({"inputs": [], "parameters": {"binary_data_output": true}});
+        let d = decode_request(None, &serde_json::to_vec(&json).unwrap()).unwrap();
+        assert!(d.binary_by_default && d.wanted.is_none());
+    }
 }

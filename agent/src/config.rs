@@ -57,6 +57,9 @@ pub struct ApiConfig {
     /// Requests served at once; more get 503 with a clear message.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
+    /// Longest an inference may take before the client gets a 504.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
 }
 
 impl Default for ApiConfig {
@@ -66,6 +69,7 @@ impl Default for ApiConfig {
             tcp: None,
             max_request_bytes: default_max_request_bytes(),
             max_concurrent_requests: default_max_concurrent(),
+            request_timeout_ms: default_request_timeout_ms(),
         }
     }
 }
@@ -137,6 +141,9 @@ fn default_max_request_bytes() -> usize {
 }
 fn default_max_concurrent() -> usize {
     16
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
 }
 fn default_prefix() -> String {
     TopicPrefix::default().as_str().to_string()
@@ -227,6 +234,9 @@ impl AgentConfig {
         }
         if self.api.max_request_bytes < 1024 {
             return invalid("api.max_request_bytes must be at least 1024".into());
+        }
+        if self.api.request_timeout_ms == 0 {
+            return invalid("api.request_timeout_ms must be at least 1".into());
         }
         if self.api.max_concurrent_requests == 0 {
             return invalid("api.max_concurrent_requests must be at least 1".into());

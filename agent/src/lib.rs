@@ -85,11 +85,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     updater::serve_installed(&store, &registry).await?;
     serve_local_models(&config, &registry).await;
 
-    let api_state = api::ApiState::new(
-        registry.clone(),
-        config.api.max_request_bytes,
-        config.api.max_concurrent_requests,
-    );
+    let api_state = api::ApiState::new(registry.clone(), &config.api);
     let mut tasks = tokio::task::JoinSet::new();
     let unix = api::bind_unix(&config.api.socket).await?;
     tracing::info!(socket = %config.api.socket.display(), "local API listening");

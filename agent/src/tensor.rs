@@ -2,49 +2,148 @@
 //! and what every engine takes and returns.
 //!
 //! Datatype names are the Open Inference Protocol's (`FP32`, `INT64`, ...).
+//! Tensors come in two wire forms: JSON numbers (nested or flat, row-major)
+//! and raw little-endian bytes (Triton's binary tensor extension).
 
 use std::fmt;
 use std::str::FromStr;
 
+use half::f16;
 use serde_json::Value;
 
-/// Element types the agent moves between clients and engines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DataType {
-    Bool,
-    Uint8,
-    Int8,
-    Int16,
-    Int32,
-    Int64,
-    Fp32,
-    Fp64,
+/// Calls `$m!(Variant, rust_type, "NAME", byte_size)` for every datatype.
+macro_rules! for_each_datatype {
+    ($m:ident) => {
+        $m! {
+            (Bool, bool, "BOOL", 1),
+            (Uint8, u8, "UINT8", 1),
+            (Uint16, u16, "UINT16", 2),
+            (Uint32, u32, "UINT32", 4),
+            (Uint64, u64, "UINT64", 8),
+            (Int8, i8, "INT8", 1),
+            (Int16, i16, "INT16", 2),
+            (Int32, i32, "INT32", 4),
+            (Int64, i64, "INT64", 8),
+            (Fp16, f16, "FP16", 2),
+            (Fp32, f32, "FP32", 4),
+            (Fp64, f64, "FP64", 8)
+        }
+    };
 }
 
-impl DataType {
-    pub const ALL: [DataType; 8] = [
-        Self::Bool,
-        Self::Uint8,
-        Self::Int8,
-        Self::Int16,
-        Self::Int32,
-        Self::Int64,
-        Self::Fp32,
-        Self::Fp64,
-    ];
-
-    /// The Open Inference Protocol name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Bool => "BOOL",
-            Self::Uint8 => "UINT8",
-            Self::Int8 => "INT8",
-            Self::Int16 => "INT16",
-            Self::Int32 => "INT32",
-            Self::Int64 => "INT64",
-            Self::Fp32 => "FP32",
-            Self::Fp64 => "FP64",
+macro_rules! define_types {
+    ($(($variant:ident, $t:ty, $name:literal, $size:literal)),*) => {
+        /// Element types the agent moves between clients and engines.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum DataType {
+            $($variant),*
         }
+
+        impl DataType {
+            pub const ALL: &'static [DataType] = &[$(Self::$variant),*];
+
+            /// The Open Inference Protocol name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name),*
+                }
+            }
+
+            /// Bytes per element in the binary wire form.
+            pub fn byte_size(self) -> usize {
+                match self {
+                    $(Self::$variant => $size),*
+                }
+            }
+        }
+
+        /// A tensor's elements, one variant per [`DataType`].
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum TensorData {
+            $($variant(Vec<$t>)),*
+        }
+
+        impl TensorData {
+            pub fn datatype(&self) -> DataType {
+                match self {
+                    $(Self::$variant(_) => DataType::$variant),*
+                }
+            }
+
+            pub fn len(&self) -> usize {
+                match self {
+                    $(Self::$variant(v) => v.len()),*
+                }
+            }
+
+            /// Every element as f64 (booleans as 0/1), for tolerance comparisons.
+            pub fn to_f64(&self) -> Vec<f64> {
+                match self {
+                    $(Self::$variant(v) => v.iter().map(|x| Element::to_f64(*x)).collect()),*
+                }
+            }
+
+            /// Builds data of `datatype` from f64 values (signed test
+            /// vectors carry JSON numbers).
+            pub fn from_f64(datatype: DataType, values: &[f64]) -> Self {
+                match datatype {
+                    $(DataType::$variant => Self::$variant(values.iter().map(|&x| <$t as Element>::from_f64(x)).collect())),*
+                }
+            }
+
+            /// JSON numbers (or booleans) for a response body.
+            pub fn to_json(&self) -> Value {
+                match self {
+                    $(Self::$variant(v) => Value::Array(v.iter().map(|x| x.to_json()).collect())),*
+                }
+            }
+
+            /// Raw little-endian bytes (the binary tensor extension).
+            pub fn to_le_bytes(&self) -> Vec<u8> {
+                let mut out = Vec::with_capacity(self.len() * self.datatype().byte_size());
+                match self {
+                    $(Self::$variant(v) => v.iter().for_each(|x| x.write_le(&mut out))),*
+                }
+                out
+            }
+
+            /// Parses raw little-endian bytes of `datatype`.
+            pub fn from_le_bytes(datatype: DataType, bytes: &[u8]) -> Result<Self, String> {
+                let size = datatype.byte_size();
+                if bytes.len() % size != 0 {
+                    return Err(format!(
+                        "{} bytes is not a whole number of {} elements ({size} bytes each)",
+                        bytes.len(),
+                        datatype
+                    ));
+                }
+                Ok(match datatype {
+                    $(DataType::$variant => Self::$variant(
+                        bytes.chunks_exact(size).map(<$t as Element>::read_le).collect::<Result<_, _>>()?,
+                    )),*
+                })
+            }
+
+            /// Decodes flattened JSON values as `datatype`.
+            fn from_json_values(input: &str, datatype: DataType, flat: &[&Value]) -> Result<Self, DecodeError> {
+                Ok(match datatype {
+                    $(DataType::$variant => Self::$variant(
+                        flat.iter()
+                            .enumerate()
+                            .map(|(index, v)| <$t as Element>::from_json(v).map_err(|problem| problem.at(input, index, v, datatype)))
+                            .collect::<Result<_, _>>()?,
+                    )),*
+                })
+            }
+        }
+    };
+}
+
+for_each_datatype!(define_types);
+
+impl TensorData {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -57,111 +156,136 @@ impl fmt::Display for DataType {
 impl FromStr for DataType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| {
-                let known: Vec<_> = Self::ALL.iter().map(|d| d.as_str()).collect();
-                format!(
-                    "unsupported datatype {s:?} (supported: {})",
-                    known.join(", ")
-                )
-            })
+        Self::ALL.iter().copied().find(|d| d.as_str() == s).ok_or_else(|| {
+            let known: Vec<_> = Self::ALL.iter().map(|d| d.as_str()).collect();
+            format!("unsupported datatype {s:?} (supported: {})", known.join(", "))
+        })
     }
 }
 
-/// A tensor's elements, one variant per [`DataType`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum TensorData {
-    Bool(Vec<bool>),
-    Uint8(Vec<u8>),
-    Int8(Vec<i8>),
-    Int16(Vec<i16>),
-    Int32(Vec<i32>),
-    Int64(Vec<i64>),
-    Fp32(Vec<f32>),
-    Fp64(Vec<f64>),
+/// Why one JSON element does not fit the datatype.
+enum Problem {
+    WrongKind(&'static str),
+    OutOfRange,
 }
 
-impl TensorData {
-    pub fn datatype(&self) -> DataType {
+impl Problem {
+    fn at(self, input: &str, index: usize, v: &Value, datatype: DataType) -> DecodeError {
         match self {
-            Self::Bool(_) => DataType::Bool,
-            Self::Uint8(_) => DataType::Uint8,
-            Self::Int8(_) => DataType::Int8,
-            Self::Int16(_) => DataType::Int16,
-            Self::Int32(_) => DataType::Int32,
-            Self::Int64(_) => DataType::Int64,
-            Self::Fp32(_) => DataType::Fp32,
-            Self::Fp64(_) => DataType::Fp64,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            Self::Bool(v) => v.len(),
-            Self::Uint8(v) => v.len(),
-            Self::Int8(v) => v.len(),
-            Self::Int16(v) => v.len(),
-            Self::Int32(v) => v.len(),
-            Self::Int64(v) => v.len(),
-            Self::Fp32(v) => v.len(),
-            Self::Fp64(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Every element as f64 (booleans as 0/1), for tolerance comparisons.
-    pub fn to_f64(&self) -> Vec<f64> {
-        match self {
-            Self::Bool(v) => v.iter().map(|&b| f64::from(u8::from(b))).collect(),
-            Self::Uint8(v) => v.iter().map(|&x| f64::from(x)).collect(),
-            Self::Int8(v) => v.iter().map(|&x| f64::from(x)).collect(),
-            Self::Int16(v) => v.iter().map(|&x| f64::from(x)).collect(),
-            Self::Int32(v) => v.iter().map(|&x| f64::from(x)).collect(),
-            Self::Int64(v) => v.iter().map(|&x| x as f64).collect(),
-            Self::Fp32(v) => v.iter().map(|&x| f64::from(x)).collect(),
-            Self::Fp64(v) => v.clone(),
-        }
-    }
-
-    /// Builds data of `datatype` from f64 values (used for signed test
-    /// vectors, whose numbers are JSON).
-    pub fn from_f64(datatype: DataType, values: &[f64]) -> Self {
-        match datatype {
-            DataType::Bool => Self::Bool(values.iter().map(|&x| x != 0.0).collect()),
-            DataType::Uint8 => Self::Uint8(values.iter().map(|&x| x as u8).collect()),
-            DataType::Int8 => Self::Int8(values.iter().map(|&x| x as i8).collect()),
-            DataType::Int16 => Self::Int16(values.iter().map(|&x| x as i16).collect()),
-            DataType::Int32 => Self::Int32(values.iter().map(|&x| x as i32).collect()),
-            DataType::Int64 => Self::Int64(values.iter().map(|&x| x as i64).collect()),
-            DataType::Fp32 => Self::Fp32(values.iter().map(|&x| x as f32).collect()),
-            DataType::Fp64 => Self::Fp64(values.to_vec()),
-        }
-    }
-
-    /// JSON numbers (or booleans) for the response body.
-    pub fn to_json(&self) -> Value {
-        fn arr<T: Into<Value> + Copy>(v: &[T]) -> Value {
-            Value::Array(v.iter().map(|&x| x.into()).collect())
-        }
-        match self {
-            Self::Bool(v) => arr(v),
-            Self::Uint8(v) => arr(v),
-            Self::Int8(v) => arr(v),
-            Self::Int16(v) => arr(v),
-            Self::Int32(v) => arr(v),
-            Self::Int64(v) => arr(v),
-            // Non-finite floats have no JSON form; they become null, which
-            // clients can detect (the binary extension carries them as-is).
-            Self::Fp32(v) => Value::Array(v.iter().map(|&x| Value::from(f64::from(x))).collect()),
-            Self::Fp64(v) => arr(v),
+            Problem::WrongKind(expected) => DecodeError::BadElement {
+                input: input.to_string(),
+                index,
+                found: describe(v),
+                expected,
+            },
+            Problem::OutOfRange => DecodeError::OutOfRange {
+                input: input.to_string(),
+                index,
+                value: v.to_string(),
+                datatype,
+            },
         }
     }
 }
+
+/// One element type: conversions to and from JSON, f64 and bytes.
+trait Element: Sized + Copy {
+    fn from_json(v: &Value) -> Result<Self, Problem>;
+    fn to_json(self) -> Value;
+    fn to_f64(self) -> f64;
+    fn from_f64(x: f64) -> Self;
+    fn write_le(self, out: &mut Vec<u8>);
+    fn read_le(bytes: &[u8]) -> Result<Self, String>;
+}
+
+macro_rules! int_element {
+    ($($t:ty),*) => {$(
+        impl Element for $t {
+            fn from_json(v: &Value) -> Result<Self, Problem> {
+                if let Some(n) = v.as_i64() {
+                    return <$t>::try_from(n).map_err(|_| Problem::OutOfRange);
+                }
+                if let Some(n) = v.as_u64() {
+                    return <$t>::try_from(n).map_err(|_| Problem::OutOfRange);
+                }
+                Err(if v.is_number() { Problem::OutOfRange } else { Problem::WrongKind("an integer") })
+            }
+            fn to_json(self) -> Value {
+                Value::from(self)
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn write_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn read_le(bytes: &[u8]) -> Result<Self, String> {
+                Ok(<$t>::from_le_bytes(bytes.try_into().expect("chunk size matches")))
+            }
+        }
+    )*};
+}
+
+int_element!(u8, u16, u32, u64, i8, i16, i32, i64);
+
+impl Element for bool {
+    fn from_json(v: &Value) -> Result<Self, Problem> {
+        v.as_bool().ok_or(Problem::WrongKind("true or false"))
+    }
+    fn to_json(self) -> Value {
+        Value::Bool(self)
+    }
+    fn to_f64(self) -> f64 {
+        f64::from(u8::from(self))
+    }
+    fn from_f64(x: f64) -> Self {
+        x != 0.0
+    }
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.push(u8::from(self));
+    }
+    fn read_le(bytes: &[u8]) -> Result<Self, String> {
+        match bytes[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(format!("BOOL byte must be 0 or 1, got {b}")),
+        }
+    }
+}
+
+macro_rules! float_element {
+    ($t:ty, $from:expr, $to:expr) => {
+        impl Element for $t {
+            fn from_json(v: &Value) -> Result<Self, Problem> {
+                v.as_f64().map($from).ok_or(Problem::WrongKind("a number"))
+            }
+            fn to_json(self) -> Value {
+                // Non-finite floats have no JSON form and become null; the
+                // binary extension carries them exactly.
+                Value::from($to(self))
+            }
+            fn to_f64(self) -> f64 {
+                $to(self)
+            }
+            fn from_f64(x: f64) -> Self {
+                $from(x)
+            }
+            fn write_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn read_le(bytes: &[u8]) -> Result<Self, String> {
+                Ok(<$t>::from_le_bytes(bytes.try_into().expect("chunk size matches")))
+            }
+        }
+    };
+}
+
+float_element!(f16, f16::from_f64, f16::to_f64);
+float_element!(f32, |x: f64| x as f32, f64::from);
+float_element!(f64, |x: f64| x, |x: f64| x);
 
 /// Why JSON `data` could not become a tensor.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -183,70 +307,10 @@ pub enum DecodeError {
 }
 
 /// Flattens row-major nested (or already flat) JSON arrays into typed data.
-pub fn decode_json_data(
-    input: &str,
-    datatype: DataType,
-    data: &Value,
-) -> Result<TensorData, DecodeError> {
+pub fn decode_json_data(input: &str, datatype: DataType, data: &Value) -> Result<TensorData, DecodeError> {
     let mut flat = Vec::new();
     flatten(data, &mut flat);
-    let bad = |index: usize, v: &Value, expected: &'static str| DecodeError::BadElement {
-        input: input.to_string(),
-        index,
-        found: describe(v),
-        expected,
-    };
-    let range = |index: usize, v: &Value| DecodeError::OutOfRange {
-        input: input.to_string(),
-        index,
-        value: v.to_string(),
-        datatype,
-    };
-    macro_rules! ints {
-        ($variant:ident, $t:ty) => {{
-            let mut out = Vec::with_capacity(flat.len());
-            for (i, v) in flat.iter().enumerate() {
-                let n = v.as_i64().ok_or_else(|| {
-                    if v.is_number() {
-                        range(i, v)
-                    } else {
-                        bad(i, v, "an integer")
-                    }
-                })?;
-                out.push(<$t>::try_from(n).map_err(|_| range(i, v))?);
-            }
-            TensorData::$variant(out)
-        }};
-    }
-    Ok(match datatype {
-        DataType::Bool => TensorData::Bool(
-            flat.iter()
-                .enumerate()
-                .map(|(i, v)| v.as_bool().ok_or_else(|| bad(i, v, "true or false")))
-                .collect::<Result<_, _>>()?,
-        ),
-        DataType::Uint8 => ints!(Uint8, u8),
-        DataType::Int8 => ints!(Int8, i8),
-        DataType::Int16 => ints!(Int16, i16),
-        DataType::Int32 => ints!(Int32, i32),
-        DataType::Int64 => ints!(Int64, i64),
-        DataType::Fp32 => TensorData::Fp32(
-            flat.iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.as_f64()
-                        .map(|x| x as f32)
-                        .ok_or_else(|| bad(i, v, "a number"))
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        DataType::Fp64 => TensorData::Fp64(
-            flat.iter()
-                .enumerate()
-                .map(|(i, v)| v.as_f64().ok_or_else(|| bad(i, v, "a number")))
-                .collect::<Result<_, _>>()?,
-        ),
-    })
+    TensorData::from_json_values(input, datatype, &flat)
 }
 
 fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
@@ -301,14 +365,12 @@ mod tests {
             TensorData::Uint8(vec![0, 255])
         );
         let err = decode_json_data("x", DataType::Uint8, &json!([0, 256])).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::OutOfRange { index: 1, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, DecodeError::OutOfRange { index: 1, .. }), "{err}");
         let err = decode_json_data("x", DataType::Int8, &json!([1.5])).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::OutOfRange { index: 0, .. }),
-            "{err}"
+        assert!(matches!(err, DecodeError::OutOfRange { index: 0, .. }), "{err}");
+        assert_eq!(
+            decode_json_data("x", DataType::Uint64, &json!([u64::MAX])).unwrap(),
+            TensorData::Uint64(vec![u64::MAX])
         );
     }
 
@@ -325,27 +387,35 @@ mod tests {
 
     #[test]
     fn datatype_names_round_trip() {
-        for dt in DataType::ALL {
+        for &dt in DataType::ALL {
             assert_eq!(dt.as_str().parse::<DataType>().unwrap(), dt);
         }
-        assert!("FP128"
-            .parse::<DataType>()
-            .unwrap_err()
-            .contains("supported"));
+        assert!("FP128".parse::<DataType>().unwrap_err().contains("supported"));
     }
 
     #[test]
-    fn f64_conversion_round_trips_for_each_type() {
+    fn f64_and_byte_forms_round_trip_for_each_type() {
         let values = [0.0, 1.0, 3.0];
-        for dt in DataType::ALL {
+        for &dt in DataType::ALL {
             let data = TensorData::from_f64(dt, &values);
             assert_eq!(data.datatype(), dt);
-            let expected: Vec<f64> = if dt == DataType::Bool {
-                vec![0.0, 1.0, 1.0]
-            } else {
-                values.to_vec()
-            };
+            let expected: Vec<f64> = if dt == DataType::Bool { vec![0.0, 1.0, 1.0] } else { values.to_vec() };
             assert_eq!(data.to_f64(), expected);
+            let bytes = data.to_le_bytes();
+            assert_eq!(bytes.len(), 3 * dt.byte_size());
+            assert_eq!(TensorData::from_le_bytes(dt, &bytes).unwrap(), data);
+            let json = data.to_json();
+            assert_eq!(decode_json_data("x", dt, &json).unwrap(), data, "{dt}");
         }
+    }
+
+    #[test]
+    fn bad_binary_data_is_refused() {
+        assert!(TensorData::from_le_bytes(DataType::Fp32, &[0; 7]).unwrap_err().contains("whole number"));
+        assert!(TensorData::from_le_bytes(DataType::Bool, &[2]).unwrap_err().contains("0 or 1"));
+        assert_eq!(
+            TensorData::from_le_bytes(DataType::Fp32, &1.5f32.to_le_bytes()).unwrap(),
+            TensorData::Fp32(vec![1.5])
+        );
     }
 }

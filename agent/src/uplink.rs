@@ -144,6 +144,6 @@ mod tests {
         assert!(backoff(1) <= Duration::from_millis(400));
         assert!(backoff(3) >= Duration::from_millis(800));
         assert!(backoff(50) <= Duration::from_millis(30_000));
-        assert!(backoff(50) >= Duration::from_millis(15_000));
+        assert!(backoff(50) >= Duration::from_millis(12_800));
     }
 }

@@ -36,10 +36,14 @@ fn to_datatype(dt: DatumType) -> Option<DataType> {
     Some(match dt {
         DatumType::Bool => DataType::Bool,
         DatumType::U8 => DataType::Uint8,
+        DatumType::U16 => DataType::Uint16,
+        DatumType::U32 => DataType::Uint32,
+        DatumType::U64 => DataType::Uint64,
         DatumType::I8 => DataType::Int8,
         DatumType::I16 => DataType::Int16,
         DatumType::I32 => DataType::Int32,
         DatumType::I64 => DataType::Int64,
+        DatumType::F16 => DataType::Fp16,
         DatumType::F32 => DataType::Fp32,
         DatumType::F64 => DataType::Fp64,
         _ => return None,
@@ -103,19 +107,24 @@ impl TractOnnx {
     }
 }
 
+/// Applies `$m!(Variant, rust_type)` for every tensor datatype.
+macro_rules! each_type {
+    ($m:ident) => {
+        $m!(Bool, bool; Uint8, u8; Uint16, u16; Uint32, u32; Uint64, u64; Int8, i8; Int16, i16;
+            Int32, i32; Int64, i64; Fp16, half::f16; Fp32, f32; Fp64, f64)
+    };
+}
+
 fn to_tract(t: Tensor) -> Result<TValue, EngineError> {
     let shape = &t.shape;
-    let tensor = match &t.data {
-        TensorData::Bool(v) => TractTensor::from_shape(shape, v),
-        TensorData::Uint8(v) => TractTensor::from_shape(shape, v),
-        TensorData::Int8(v) => TractTensor::from_shape(shape, v),
-        TensorData::Int16(v) => TractTensor::from_shape(shape, v),
-        TensorData::Int32(v) => TractTensor::from_shape(shape, v),
-        TensorData::Int64(v) => TractTensor::from_shape(shape, v),
-        TensorData::Fp32(v) => TractTensor::from_shape(shape, v),
-        TensorData::Fp64(v) => TractTensor::from_shape(shape, v),
+    macro_rules! convert {
+        ($($variant:ident, $ty:ty);*) => {
+            match &t.data {
+                $(TensorData::$variant(v) => TractTensor::from_shape(shape, v),)*
+            }
+        };
     }
-    .map_err(|e| EngineError::Runtime {
+    let tensor = each_type!(convert).map_err(|e| EngineError::Runtime {
         runtime: RUNTIME,
         reason: format!("input {:?}: {e}", t.name),
     })?;
@@ -128,32 +137,17 @@ fn from_tract(name: &str, value: TValue) -> Result<Tensor, EngineError> {
         runtime: RUNTIME,
         reason: format!("output {name:?}: {e}"),
     };
-    let datatype = to_datatype(tensor.datum_type().unquantized()).ok_or_else(|| {
-        fail(format!(
-            "unsupported output datatype {:?}",
-            tensor.datum_type()
-        ))
-    })?;
+    let datatype = to_datatype(tensor.datum_type().unquantized())
+        .ok_or_else(|| fail(format!("unsupported output datatype {:?}", tensor.datum_type())))?;
+    let view = tensor.try_as_plain_ram().map_err(|e| fail(e.to_string()))?;
     macro_rules! read {
-        ($variant:ident, $t:ty) => {
-            TensorData::$variant(
-                tensor
-                    .try_as_plain_ram()
-                    .and_then(|v| v.as_slice::<$t>().map(|s| s.to_vec()))
-                    .map_err(|e| fail(e.to_string()))?,
-            )
+        ($($variant:ident, $ty:ty);*) => {
+            match datatype {
+                $(DataType::$variant => TensorData::$variant(view.as_slice::<$ty>().map_err(|e| fail(e.to_string()))?.to_vec()),)*
+            }
         };
     }
-    let data = match datatype {
-        DataType::Bool => read!(Bool, bool),
-        DataType::Uint8 => read!(Uint8, u8),
-        DataType::Int8 => read!(Int8, i8),
-        DataType::Int16 => read!(Int16, i16),
-        DataType::Int32 => read!(Int32, i32),
-        DataType::Int64 => read!(Int64, i64),
-        DataType::Fp32 => read!(Fp32, f32),
-        DataType::Fp64 => read!(Fp64, f64),
-    };
+    let data = each_type!(read);
     Ok(Tensor {
         name: name.to_string(),
         shape: tensor.shape().to_vec(),
