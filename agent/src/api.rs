@@ -15,8 +15,8 @@
 
 use std::convert::Infallible;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -279,7 +279,11 @@ fn metadata(model: &ServedModel) -> Value {
         "platform": format!("{}_{}", model.format, model.engine.runtime()),
         "inputs": model.engine.inputs().iter().map(spec_json).collect::<Vec<_>>(),
         "outputs": model.engine.outputs().iter().map(spec_json).collect::<Vec<_>>(),
-        "parameters": {"runtime": model.engine.runtime(), "sha256": model.sha256},
+        "parameters": {
+            "runtime": model.engine.runtime(),
+            "sha256": model.sha256,
+            "runtime_trials": model.trials.iter().map(crate::engine::Trial::to_json).collect::<Vec<_>>(),
+        },
     })
 }
 
@@ -460,7 +464,11 @@ fn decode_request(header_len: Option<usize>, body: &[u8]) -> Result<Decoded, Api
 
 /// Builds the response: plain JSON, or JSON followed by raw tensors when
 /// any output is returned as binary.
-fn encode_response(model: &ServedModel, id: Option<String>, outputs: Vec<(Tensor, bool)>) -> Response<Full<Bytes>> {
+fn encode_response(
+    model: &ServedModel,
+    id: Option<String>,
+    outputs: Vec<(Tensor, bool)>,
+) -> Response<Full<Bytes>> {
     let mut binary = Vec::new();
     let outputs: Vec<Value> = outputs
         .into_iter()
@@ -499,7 +507,9 @@ fn encode_response(model: &ServedModel, id: Option<String>, outputs: Vec<(Tensor
             .header(http::header::CONTENT_TYPE, "application/octet-stream")
             .header(HEADER_LENGTH, json_len)
     };
-    builder.body(Full::new(Bytes::from(bytes))).expect("response builds")
+    builder
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("response builds")
 }
 
 async fn infer(
@@ -522,7 +532,9 @@ async fn infer(
             v.to_str()
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| ApiError::bad_request("Inference-Header-Content-Length must be a byte count"))?,
+                .ok_or_else(|| {
+                    ApiError::bad_request("Inference-Header-Content-Length must be a byte count")
+                })?,
         ),
     };
     let body = read_body(state, req).await?;
@@ -536,7 +548,12 @@ async fn infer(
     if let Some(wanted) = &wanted {
         for (name, _) in wanted {
             if !model.engine.outputs().iter().any(|o| &o.name == name) {
-                let known: Vec<&str> = model.engine.outputs().iter().map(|o| o.name.as_str()).collect();
+                let known: Vec<&str> = model
+                    .engine
+                    .outputs()
+                    .iter()
+                    .map(|o| o.name.as_str())
+                    .collect();
                 return Err(ApiError::bad_request(format!(
                     "unknown output {name:?}; the model's outputs are: {}",
                     known.join(", ")
@@ -564,11 +581,19 @@ async fn infer(
                 ),
             ));
         }
-        Ok(joined) => joined.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("inference task failed: {e}")))?,
+        Ok(joined) => joined.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("inference task failed: {e}"),
+            )
+        })?,
     };
     let elapsed = started.elapsed();
     model.stats.requests.fetch_add(1, Ordering::Relaxed);
-    model.stats.busy_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    model
+        .stats
+        .busy_micros
+        .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     let outputs = result.map_err(|e| {
         model.stats.errors.fetch_add(1, Ordering::Relaxed);
         let status = if e.is_client_error() {
@@ -579,10 +604,18 @@ async fn infer(
         ApiError::new(status, e.to_string())
     })?;
     let selected: Vec<(Tensor, bool)> = match &wanted {
-        None => outputs.into_iter().map(|t| (t, binary_by_default)).collect(),
+        None => outputs
+            .into_iter()
+            .map(|t| (t, binary_by_default))
+            .collect(),
         Some(wanted) => wanted
             .iter()
-            .filter_map(|(name, binary)| outputs.iter().find(|t| &t.name == name).map(|t| (t.clone(), *binary)))
+            .filter_map(|(name, binary)| {
+                outputs
+                    .iter()
+                    .find(|t| &t.name == name)
+                    .map(|t| (t.clone(), *binary))
+            })
             .collect(),
     };
     Ok(encode_response(&model, id, selected))
@@ -619,7 +652,10 @@ mod tests {
         assert_eq!(d.inputs[0].data, TensorData::Fp32(vec![1.0, 2.0]));
         assert_eq!(d.inputs[1].data, TensorData::Int64(vec![5]));
         assert_eq!(d.inputs[2].data, TensorData::Uint8(vec![7, 8, 9]));
-        assert_eq!(d.wanted.unwrap(), vec![("y".to_string(), true), ("z".to_string(), false)]);
+        assert_eq!(
+            d.wanted.unwrap(),
+            vec![("y".to_string(), true), ("z".to_string(), false)]
+        );
     }
 
     #[test]
@@ -627,18 +663,36 @@ mod tests {
         let json = json!({"inputs": [{"name": "a", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]});
         let (len, body) = binary_body(&json, &[&[0u8; 5]]);
         let err = decode_request(Some(len), &body).unwrap_err();
-        assert!(err.message.contains("only 5 binary bytes remain"), "{}", err.message);
+        assert!(
+            err.message.contains("only 5 binary bytes remain"),
+            "{}",
+            err.message
+        );
         let (len, body) = binary_body(&json, &[&[0u8; 12]]);
         let err = decode_request(Some(len), &body).unwrap_err();
-        assert!(err.message.contains("4 bytes of binary data"), "{}", err.message);
+        assert!(
+            err.message.contains("4 bytes of binary data"),
+            "{}",
+            err.message
+        );
         let err = decode_request(Some(body.len() + 1), &body).unwrap_err();
-        assert!(err.message.contains("Inference-Header-Content-Length"), "{}", err.message);
+        assert!(
+            err.message.contains("Inference-Header-Content-Length"),
+            "{}",
+            err.message
+        );
         let json = json!({"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}, "data": [1]}]});
         let (len, body) = binary_body(&json, &[&[0u8; 4]]);
-        assert!(decode_request(Some(len), &body).unwrap_err().message.contains("both"));
+        assert!(decode_request(Some(len), &body)
+            .unwrap_err()
+            .message
+            .contains("both"));
         let json = json!({"inputs": [{"name": "a", "shape": [1], "datatype": "FP32"}]});
         let (len, body) = binary_body(&json, &[]);
-        assert!(decode_request(Some(len), &body).unwrap_err().message.contains("neither"));
+        assert!(decode_request(Some(len), &body)
+            .unwrap_err()
+            .message
+            .contains("neither"));
     }
 
     #[test]

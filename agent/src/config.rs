@@ -41,6 +41,22 @@ pub struct AgentConfig {
     pub models: Vec<LocalModel>,
     #[serde(default)]
     pub update: UpdateConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// Which inference runtimes to use.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Serve every model with this runtime instead of choosing per model
+    /// (`tract-onnx`, `tract-tflite`, `onnxruntime`, `tflite`).
+    pub pin: Option<String>,
+    /// Path of `libonnxruntime.so` (native build). Default: the
+    /// `ORT_DYLIB_PATH` environment variable, then the loader's search path.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// Path of `libtensorflowlite_c.so` (native build).
+    pub tflite_library: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -108,6 +124,9 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
 pub struct LocalModel {
     pub name: String,
     pub path: PathBuf,
+    /// Pin this model to one runtime.
+    #[serde(default)]
+    pub runtime: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +191,7 @@ impl AgentConfig {
             mqtt: None,
             models: Vec::new(),
             update: UpdateConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 

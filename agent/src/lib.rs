@@ -37,7 +37,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Loads the config's local model files (standalone use). A file that is
 /// not a loadable model is reported and skipped; the others are served.
-async fn serve_local_models(config: &AgentConfig, registry: &ModelRegistry) {
+async fn serve_local_models(
+    config: &AgentConfig,
+    registry: &ModelRegistry,
+    loading: &updater::Loading,
+) {
     for local in &config.models {
         let result = async {
             let format = ModelFormat::from_path(&local.path).with_context(|| {
@@ -49,23 +53,34 @@ async fn serve_local_models(config: &AgentConfig, registry: &ModelRegistry) {
             let path = local.path.clone();
             let sha256 =
                 sha256_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let engine = tokio::task::spawn_blocking(move || {
+            let runtimes = loading.runtimes.clone();
+            let pin = local.runtime.clone().or_else(|| loading.pin.clone());
+            let selection = tokio::task::spawn_blocking(move || {
                 let bytes = std::fs::read(&path)?;
-                engine::load(format, &bytes).map_err(anyhow::Error::from)
+                runtimes
+                    .select(
+                        format,
+                        &bytes,
+                        &[],
+                        engine::Check::CrossCompare,
+                        pin.as_deref(),
+                    )
+                    .map_err(anyhow::Error::from)
             })
             .await??;
-            anyhow::Ok((format, sha256, engine))
+            anyhow::Ok((format, sha256, selection))
         }
         .await;
         match result {
-            Ok((format, sha256, engine)) => {
-                tracing::info!(model = %local.name, path = %local.path.display(), runtime = engine.runtime(), "serving local model");
+            Ok((format, sha256, selection)) => {
+                tracing::info!(model = %local.name, path = %local.path.display(), runtime = selection.engine.runtime(), "serving local model");
                 registry.insert(ServedModel {
                     name: local.name.clone(),
                     version: 1,
                     sha256,
                     format,
-                    engine,
+                    engine: selection.engine,
+                    trials: selection.trials,
                     stats: Default::default(),
                 });
             }
@@ -82,8 +97,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let registry = ModelRegistry::default();
     let store = ModelStore::open(&config.data_dir)?;
-    updater::serve_installed(&store, &registry).await?;
-    serve_local_models(&config, &registry).await;
+    let loading = updater::Loading {
+        runtimes: engine::runtimes::detect(&config.runtime),
+        pin: config.runtime.pin.clone(),
+    };
+    tracing::info!(runtimes = ?loading.runtimes, pin = ?loading.pin, "inference runtimes");
+    updater::serve_installed(&store, &registry, &loading).await?;
+    serve_local_models(&config, &registry, &loading).await;
 
     let api_state = api::ApiState::new(registry.clone(), &config.api);
     let mut tasks = tokio::task::JoinSet::new();
@@ -122,6 +142,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 config.update.download_attempts,
             ),
             reporter: Reporter::connected(device.clone(), events_tx, status_tx),
+            loading,
         };
         tasks.spawn(updater.run(desired_rx, shutdown.clone()));
         let uplink = uplink::Uplink {

@@ -39,6 +39,12 @@ enum Command {
         /// Data directory (model store).
         #[arg(long, default_value = "/var/lib/edgefleet")]
         data_dir: PathBuf,
+        /// Serve every model with this runtime instead of the fastest correct one.
+        #[arg(long)]
+        runtime: Option<String>,
+        /// Path of libonnxruntime.so (native build).
+        #[arg(long, env = "ORT_DYLIB_PATH")]
+        onnxruntime_library: Option<PathBuf>,
     },
 }
 
@@ -49,6 +55,7 @@ fn parse_model(s: &str) -> Result<LocalModel, String> {
     Ok(LocalModel {
         name: name.to_string(),
         path: PathBuf::from(path),
+        runtime: None,
     })
 }
 
@@ -72,9 +79,13 @@ fn main() -> ExitCode {
             socket,
             tcp,
             data_dir,
+            runtime,
+            onnxruntime_library,
         } => {
             let mut config = AgentConfig::standalone(socket, data_dir);
             config.api.tcp = tcp;
+            config.runtime.pin = runtime;
+            config.runtime.onnxruntime_library = onnxruntime_library;
             config.models = models;
             config.validate().map(|()| config)
         }

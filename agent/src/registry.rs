@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use edgefleet_shared::{ModelFormat, ModelStatus};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Trial};
 
 /// Inference counters of one served model.
 #[derive(Debug, Default)]
@@ -29,6 +29,8 @@ pub struct ServedModel {
     pub sha256: String,
     pub format: ModelFormat,
     pub engine: Box<dyn Engine>,
+    /// How each runtime fared when the model was activated.
+    pub trials: Vec<Trial>,
     pub stats: ModelStats,
 }
 

@@ -156,10 +156,17 @@ impl fmt::Display for DataType {
 impl FromStr for DataType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.iter().copied().find(|d| d.as_str() == s).ok_or_else(|| {
-            let known: Vec<_> = Self::ALL.iter().map(|d| d.as_str()).collect();
-            format!("unsupported datatype {s:?} (supported: {})", known.join(", "))
-        })
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<_> = Self::ALL.iter().map(|d| d.as_str()).collect();
+                format!(
+                    "unsupported datatype {s:?} (supported: {})",
+                    known.join(", ")
+                )
+            })
     }
 }
 
@@ -277,7 +284,9 @@ macro_rules! float_element {
                 out.extend_from_slice(&self.to_le_bytes());
             }
             fn read_le(bytes: &[u8]) -> Result<Self, String> {
-                Ok(<$t>::from_le_bytes(bytes.try_into().expect("chunk size matches")))
+                Ok(<$t>::from_le_bytes(
+                    bytes.try_into().expect("chunk size matches"),
+                ))
             }
         }
     };
@@ -307,7 +316,11 @@ pub enum DecodeError {
 }
 
 /// Flattens row-major nested (or already flat) JSON arrays into typed data.
-pub fn decode_json_data(input: &str, datatype: DataType, data: &Value) -> Result<TensorData, DecodeError> {
+pub fn decode_json_data(
+    input: &str,
+    datatype: DataType,
+    data: &Value,
+) -> Result<TensorData, DecodeError> {
     let mut flat = Vec::new();
     flatten(data, &mut flat);
     TensorData::from_json_values(input, datatype, &flat)
@@ -365,9 +378,15 @@ mod tests {
             TensorData::Uint8(vec![0, 255])
         );
         let err = decode_json_data("x", DataType::Uint8, &json!([0, 256])).unwrap_err();
-        assert!(matches!(err, DecodeError::OutOfRange { index: 1, .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::OutOfRange { index: 1, .. }),
+            "{err}"
+        );
         let err = decode_json_data("x", DataType::Int8, &json!([1.5])).unwrap_err();
-        assert!(matches!(err, DecodeError::OutOfRange { index: 0, .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::OutOfRange { index: 0, .. }),
+            "{err}"
+        );
         assert_eq!(
             decode_json_data("x", DataType::Uint64, &json!([u64::MAX])).unwrap(),
             TensorData::Uint64(vec![u64::MAX])
@@ -390,7 +409,10 @@ mod tests {
         for &dt in DataType::ALL {
             assert_eq!(dt.as_str().parse::<DataType>().unwrap(), dt);
         }
-        assert!("FP128".parse::<DataType>().unwrap_err().contains("supported"));
+        assert!("FP128"
+            .parse::<DataType>()
+            .unwrap_err()
+            .contains("supported"));
     }
 
     #[test]
@@ -399,7 +421,11 @@ mod tests {
         for &dt in DataType::ALL {
             let data = TensorData::from_f64(dt, &values);
             assert_eq!(data.datatype(), dt);
-            let expected: Vec<f64> = if dt == DataType::Bool { vec![0.0, 1.0, 1.0] } else { values.to_vec() };
+            let expected: Vec<f64> = if dt == DataType::Bool {
+                vec![0.0, 1.0, 1.0]
+            } else {
+                values.to_vec()
+            };
             assert_eq!(data.to_f64(), expected);
             let bytes = data.to_le_bytes();
             assert_eq!(bytes.len(), 3 * dt.byte_size());
@@ -411,8 +437,12 @@ mod tests {
 
     #[test]
     fn bad_binary_data_is_refused() {
-        assert!(TensorData::from_le_bytes(DataType::Fp32, &[0; 7]).unwrap_err().contains("whole number"));
-        assert!(TensorData::from_le_bytes(DataType::Bool, &[2]).unwrap_err().contains("0 or 1"));
+        assert!(TensorData::from_le_bytes(DataType::Fp32, &[0; 7])
+            .unwrap_err()
+            .contains("whole number"));
+        assert!(TensorData::from_le_bytes(DataType::Bool, &[2])
+            .unwrap_err()
+            .contains("0 or 1"));
         assert_eq!(
             TensorData::from_le_bytes(DataType::Fp32, &1.5f32.to_le_bytes()).unwrap(),
             TensorData::Fp32(vec![1.5])

@@ -2,17 +2,15 @@
 //! with [`crate::update`], and carries the steps out (download, install,
 //! load, test vector, atomic activation), reporting every outcome.
 
-use edgefleet_shared::documents::TestTensor;
-use edgefleet_shared::{DesiredState, DeviceId, EventKind, ModelSlot, TestVector};
+use edgefleet_shared::{DesiredState, DeviceId, EventKind, ModelSlot};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::download::Downloader;
-use crate::engine::{self, Engine};
+use crate::engine::{Check, Engine, Runtimes, Selection};
 use crate::model_store::{InstalledModel, ModelStore};
 use crate::registry::{ModelRegistry, ServedModel};
 use crate::report::Reporter;
-use crate::tensor::{DataType, Tensor, TensorData};
 use crate::trust::TrustStore;
 use crate::update::{assess, envelope_digest, plan, Serving, Step, TrustView, Verdict};
 
@@ -34,16 +32,46 @@ pub struct Updater {
     pub registry: ModelRegistry,
     pub downloader: Downloader,
     pub reporter: Reporter,
+    pub loading: Loading,
 }
 
-/// Loads a model file into an engine on a blocking thread.
-pub async fn load_engine(installed: &InstalledModel) -> Result<Box<dyn Engine>, String> {
+/// How models are matched to runtimes on this device.
+#[derive(Debug, Clone)]
+pub struct Loading {
+    pub runtimes: Runtimes,
+    /// Serve every model with this runtime (config `runtime.pin`).
+    pub pin: Option<String>,
+}
+
+/// Loads a model file in every suitable runtime on a blocking thread,
+/// checks each (the slot's signed test vector, or cross-comparison) and
+/// keeps the fastest correct one.
+pub async fn load_engine(
+    installed: &InstalledModel,
+    loading: &Loading,
+) -> Result<Selection, String> {
     let path = installed.path.clone();
-    let format = installed.slot.format;
+    let slot = installed.slot.clone();
+    let loading = loading.clone();
     tokio::task::spawn_blocking(move || {
         let bytes =
             std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        engine::load(format, &bytes).map_err(|e| e.to_string())
+        let check = match &slot.test_vector {
+            Some(tv) => Check::TestVector(tv),
+            None => Check::CrossCompare,
+        };
+        let selection = loading
+            .runtimes
+            .select(
+                slot.format,
+                &bytes,
+                &slot.inputs,
+                check,
+                loading.pin.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
+        check_declared_interface(selection.engine.as_ref(), &slot)?;
+        Ok(selection)
     })
     .await
     .map_err(|e| format!("loader task failed: {e}"))?
@@ -51,12 +79,16 @@ pub async fn load_engine(installed: &InstalledModel) -> Result<Box<dyn Engine>, 
 
 /// Serves every model the store has active. Used at start-up, before any
 /// network, so a device that reboots offline serves at once.
-pub async fn serve_installed(store: &ModelStore, registry: &ModelRegistry) -> anyhow::Result<()> {
+pub async fn serve_installed(
+    store: &ModelStore,
+    registry: &ModelRegistry,
+    loading: &Loading,
+) -> anyhow::Result<()> {
     for installed in store.active_models()? {
-        match load_engine(&installed).await {
-            Ok(engine) => {
-                tracing::info!(model = %installed.slot.name, version = installed.slot.version, runtime = engine.runtime(), "serving installed model");
-                registry.insert(served(&installed, engine));
+        match load_engine(&installed, loading).await {
+            Ok(selection) => {
+                tracing::info!(model = %installed.slot.name, version = installed.slot.version, runtime = selection.engine.runtime(), "serving installed model");
+                registry.insert(served(&installed, selection));
             }
             Err(e) => {
                 tracing::error!(model = %installed.slot.name, error = %e, "installed model failed to load")
@@ -66,19 +98,20 @@ pub async fn serve_installed(store: &ModelStore, registry: &ModelRegistry) -> an
     Ok(())
 }
 
-fn served(installed: &InstalledModel, engine: Box<dyn Engine>) -> ServedModel {
+fn served(installed: &InstalledModel, selection: Selection) -> ServedModel {
     ServedModel {
         name: installed.slot.name.clone(),
         version: installed.slot.version,
         sha256: installed.slot.sha256.clone(),
         format: installed.slot.format,
-        engine,
+        engine: selection.engine,
+        trials: selection.trials,
         stats: Default::default(),
     }
 }
 
-/// Checks the engine against the slot's declared interface and test vector.
-fn check_model(engine: &dyn Engine, slot: &ModelSlot) -> Result<(), String> {
+/// Checks the engine against the inputs the desired state declares.
+fn check_declared_interface(engine: &dyn Engine, slot: &ModelSlot) -> Result<(), String> {
     for declared in &slot.inputs {
         let actual = engine
             .inputs()
@@ -94,55 +127,6 @@ fn check_model(engine: &dyn Engine, slot: &ModelSlot) -> Result<(), String> {
             return Err(format!(
                 "input {:?} is {} in the model but {} in the desired state",
                 declared.name, actual.datatype, declared.datatype
-            ));
-        }
-    }
-    if let Some(tv) = &slot.test_vector {
-        run_test_vector(engine, tv)?;
-    }
-    Ok(())
-}
-
-fn to_tensor(t: &TestTensor) -> Result<Tensor, String> {
-    let datatype: DataType = t.datatype.parse()?;
-    Ok(Tensor {
-        name: t.name.clone(),
-        shape: t.shape.iter().map(|&d| d as usize).collect(),
-        data: TensorData::from_f64(datatype, &t.data),
-    })
-}
-
-/// Runs a signed test vector; any output outside the tolerance fails it.
-pub fn run_test_vector(engine: &dyn Engine, tv: &TestVector) -> Result<(), String> {
-    let inputs = tv
-        .inputs
-        .iter()
-        .map(to_tensor)
-        .collect::<Result<Vec<_>, _>>()?;
-    let outputs = engine::infer(engine, inputs).map_err(|e| format!("test vector: {e}"))?;
-    for expected in &tv.expected {
-        let actual = outputs
-            .iter()
-            .find(|o| o.name == expected.name)
-            .ok_or_else(|| format!("test vector: model has no output {:?}", expected.name))?;
-        let got = actual.data.to_f64();
-        if got.len() != expected.data.len() {
-            return Err(format!(
-                "test vector: output {:?} has {} elements, expected {}",
-                expected.name,
-                got.len(),
-                expected.data.len()
-            ));
-        }
-        if let Some((i, (g, e))) = got
-            .iter()
-            .zip(&expected.data)
-            .enumerate()
-            .find(|(_, (g, e))| (*g - *e).abs().is_nan() || (*g - *e).abs() > tv.tolerance)
-        {
-            return Err(format!(
-                "test vector failed: output {:?}[{i}] is {g}, expected {e} ± {}",
-                expected.name, tv.tolerance
             ));
         }
     }
@@ -284,19 +268,12 @@ impl Updater {
         let staging = self.store.staging_path(&slot.sha256);
         self.downloader.fetch(slot, &staging).await?;
         let installed = self.store.install(slot, &staging)?;
-        let engine = load_engine(&installed)
+        let selection = load_engine(&installed, &self.loading)
             .await
             .map_err(SlotError::Activation)?;
-        let check_slot = slot.clone();
-        let engine = tokio::task::spawn_blocking(move || {
-            check_model(engine.as_ref(), &check_slot).map(|()| engine)
-        })
-        .await
-        .map_err(|e| SlotError::Activation(e.to_string()))?
-        .map_err(SlotError::Activation)?;
         self.store.activate(&slot.name, slot.version)?;
-        let runtime = engine.runtime();
-        self.registry.insert(served(&installed, engine));
+        let runtime = selection.engine.runtime();
+        self.registry.insert(served(&installed, selection));
         Ok(runtime)
     }
 

@@ -215,7 +215,8 @@ async fn binary_post(
     let mut body = header.clone();
     body.extend_from_slice(binary);
     let stream = tokio::net::UnixStream::connect(&agent.socket).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = http::Request::post(path)
         .header("host", "agent")
@@ -229,7 +230,11 @@ async fn binary_post(
         .map(|v| v.to_str().unwrap().parse().unwrap());
     let bytes = resp.into_body().collect().await?.to_bytes();
     let split = json_len.unwrap_or(bytes.len());
-    Ok((status, serde_json::from_slice(&bytes[..split])?, bytes[split..].to_vec()))
+    Ok((
+        status,
+        serde_json::from_slice(&bytes[..split])?,
+        bytes[split..].to_vec(),
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,34 +244,61 @@ async fn binary_tensor_extension_matches_json_results() -> anyhow::Result<()> {
     let agent = Agent::start_standalone(&dir.path().join("agent"), &[("digits", &model)])?;
     agent.wait_ready().await?;
     let s = samples();
-    let pixels: Vec<u8> = s.inputs[..3].iter().flatten().flat_map(|&x| (x as f32).to_le_bytes()).collect();
+    let pixels: Vec<u8> = s.inputs[..3]
+        .iter()
+        .flatten()
+        .flat_map(|&x| (x as f32).to_le_bytes())
+        .collect();
     let request = json!({
         "inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32", "parameters": {"binary_data_size": pixels.len()}}],
         "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}}]
     });
-    let (status, header, raw) = binary_post(&agent, "/v2/models/digits/infer", &request, &pixels).await?;
+    let (status, header, raw) =
+        binary_post(&agent, "/v2/models/digits/infer", &request, &pixels).await?;
     assert!(status.is_success(), "{header}");
-    assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 3 * 10 * 4);
+    assert_eq!(
+        header["outputs"][0]["parameters"]["binary_data_size"],
+        3 * 10 * 4
+    );
     assert!(header["outputs"][0].get("data").is_none());
-    let probs: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let probs: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     assert_eq!(probs.len(), 30);
 
     // The same request as JSON gives the same numbers (to float32 precision).
     let json_request = json!({"inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32", "data": s.inputs[..3]}]});
-    let (_, reply) = agent.request(Method::POST, "/v2/models/digits/infer", Some(&json_request)).await?;
-    let json_probs: Vec<f64> = reply["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let (_, reply) = agent
+        .request(Method::POST, "/v2/models/digits/infer", Some(&json_request))
+        .await?;
+    let json_probs: Vec<f64> = reply["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     for (b, j) in probs.iter().zip(&json_probs) {
         assert_eq!(f64::from(*b), *j);
     }
     for (row, label) in probs.chunks(10).zip(&s.labels) {
-        let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let best = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
         assert_eq!(best, *label);
     }
 
     // A truncated binary body is refused with a reason, and serving goes on.
-    let (status, header, _) = binary_post(&agent, "/v2/models/digits/infer", &request, &pixels[..100]).await?;
+    let (status, header, _) =
+        binary_post(&agent, "/v2/models/digits/infer", &request, &pixels[..100]).await?;
     assert_eq!(status.as_u16(), 400);
-    assert!(header["error"].as_str().unwrap().contains("truncated"), "{header}");
+    assert!(
+        header["error"].as_str().unwrap().contains("truncated"),
+        "{header}"
+    );
     assert_eq!(agent.classify(&s.inputs[1]).await?, s.labels[1]);
     Ok(())
 }

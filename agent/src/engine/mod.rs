@@ -7,7 +7,13 @@
 //! same way, before any runtime code sees it. Runtime panics are caught
 //! here too: a hostile model or input must never take the agent down.
 
-pub mod tract_onnx;
+#[cfg(feature = "onnxruntime")]
+pub mod onnxruntime;
+pub mod runtimes;
+pub mod select;
+pub mod tract;
+
+pub use select::{Check, Runtimes, Selection, Trial, TrialOutcome};
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -108,14 +114,12 @@ pub trait Engine: Send + Sync {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError>;
 }
 
-/// Loads `bytes` as a model of `format` with the best runtime this build has.
+/// Loads `bytes` with the built-in runtimes, choosing by cross-check and
+/// speed (see [`select`]).
 pub fn load(format: ModelFormat, bytes: &[u8]) -> Result<Box<dyn Engine>, EngineError> {
-    match format {
-        ModelFormat::Onnx => guard("tract-onnx", || {
-            tract_onnx::TractOnnx::load(bytes).map(|e| Box::new(e) as Box<dyn Engine>)
-        }),
-        ModelFormat::Tflite => Err(EngineError::UnsupportedFormat(format)),
-    }
+    Runtimes::builtin()
+        .select(format, bytes, &[], Check::CrossCompare, None)
+        .map(|s| s.engine)
 }
 
 /// Validates and reorders `inputs`, then runs `engine`, converting a panic
@@ -125,7 +129,7 @@ pub fn infer(engine: &dyn Engine, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, En
     guard(engine.runtime(), || engine.run(ordered))
 }
 
-fn guard<T>(
+pub(crate) fn guard<T>(
     runtime: &'static str,
     f: impl FnOnce() -> Result<T, EngineError>,
 ) -> Result<T, EngineError> {

@@ -1,0 +1,30 @@
+//! Which runtimes this agent offers, found once at start-up.
+//!
+//! The pure-Rust tract runtimes are always there. The native build
+//! (`--features onnxruntime`) also offers ONNX Runtime, loaded from a
+//! shared library at run time; when the library is missing the runtime is
+//! simply not offered, and that is logged once.
+
+use super::select::Runtimes;
+use crate::config::RuntimeConfig;
+
+/// The runtimes available with `config`.
+pub fn detect(config: &RuntimeConfig) -> Runtimes {
+    #[allow(unused_mut)]
+    let mut runtimes = Runtimes::builtin();
+    #[cfg(feature = "onnxruntime")]
+    match super::onnxruntime::entry(config.onnxruntime_library.as_deref()) {
+        Ok(entry) => runtimes.prepend(entry),
+        Err(reason) => {
+            tracing::warn!(%reason, "ONNX Runtime not available; serving ONNX models with tract only")
+        }
+    }
+    #[cfg(not(feature = "onnxruntime"))]
+    if config.onnxruntime_library.is_some() {
+        tracing::warn!("runtime.onnxruntime_library is set but this is the static build (no ONNX Runtime support); ignoring it");
+    }
+    if config.tflite_library.is_some() {
+        tracing::warn!("runtime.tflite_library is set but the TFLite C runtime is not part of this build yet; ignoring it");
+    }
+    runtimes
+}

@@ -1,0 +1,284 @@
+//! ONNX and TFLite models on tract (`tract-onnx`, `tract-tflite`), the
+//! pure-Rust runtimes of the static build.
+//!
+//! All tract calls live in this file. A model is parsed, type-checked,
+//! optimised and turned into a runnable plan once, in [`TractEngine::load_onnx`]
+//! or [`TractEngine::load_tflite`].
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use tract_onnx::prelude::{
+    DatumType, Fact, Framework, Graph, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue,
+    IntoTensor, Op, TDim, TValue, TVec, Tensor as TractTensor, TractResult, TypedFact, TypedModel,
+    TypedRunnableModel,
+};
+
+use tract_onnx::tract_core::internal::DimLike;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use edgefleet_shared::TensorSpec;
+
+use super::{Engine, EngineError, IoSpec};
+use crate::tensor::{DataType, Tensor, TensorData};
+
+/// Runtime names as reported in metadata and status.
+pub const TRACT_ONNX: &str = "tract-onnx";
+pub const TRACT_TFLITE: &str = "tract-tflite";
+
+/// A planned tract model.
+pub struct TractEngine {
+    runtime: &'static str,
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<IoSpec>,
+    outputs: Vec<IoSpec>,
+}
+
+fn load_error(runtime: &'static str) -> impl Fn(tract_onnx::prelude::TractError) -> EngineError {
+    move |e| EngineError::Load {
+        runtime,
+        reason: brief(&format!("{e:#}")),
+    }
+}
+
+fn to_datatype(dt: DatumType) -> Option<DataType> {
+    Some(match dt {
+        DatumType::Bool => DataType::Bool,
+        DatumType::U8 => DataType::Uint8,
+        DatumType::U16 => DataType::Uint16,
+        DatumType::U32 => DataType::Uint32,
+        DatumType::U64 => DataType::Uint64,
+        DatumType::I8 => DataType::Int8,
+        DatumType::I16 => DataType::Int16,
+        DatumType::I32 => DataType::Int32,
+        DatumType::I64 => DataType::Int64,
+        DatumType::F16 => DataType::Fp16,
+        DatumType::F32 => DataType::Fp32,
+        DatumType::F64 => DataType::Fp64,
+        _ => return None,
+    })
+}
+
+fn io_spec(runtime: &'static str, name: String, fact: &TypedFact) -> Result<IoSpec, EngineError> {
+    let datatype = to_datatype(fact.datum_type.unquantized()).ok_or_else(|| EngineError::Load {
+        runtime,
+        reason: format!(
+            "tensor {name:?} has datatype {:?}, which the local API cannot carry",
+            fact.datum_type
+        ),
+    })?;
+    let shape = fact.shape.iter().map(|d| d.to_usize().ok()).collect();
+    Ok(IoSpec {
+        name,
+        datatype,
+        shape,
+    })
+}
+
+/// tract's errors can embed whole operator dumps; keep them readable in
+/// events and logs: whitespace collapsed, at most 400 characters.
+fn brief(text: &str) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(400) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat,
+    }
+}
+
+/// Fixes input dimensions before tract types the graph: a dimension the
+/// configuration declares (a hint of the same rank with a non-negative
+/// size) becomes that size; an unnamed dimension (`?`) gets its own symbol
+/// so it stays dynamic like a named one. Many exported models (PP-OCR)
+/// only plan in tract with concrete input shapes.
+fn apply_shape_hints(model: &mut InferenceModel, hints: &[TensorSpec]) -> TractResult<()> {
+    for i in 0..model.inputs.len() {
+        let fact = model.input_fact(i)?.clone();
+        if fact.shape.is_open() {
+            continue;
+        }
+        let name = model.node(model.inputs[i].node).name.clone();
+        let hint = hints
+            .iter()
+            .find(|h| h.name == name && h.shape.len() == fact.shape.dims().count());
+        let mut renamed = false;
+        let dims: Vec<TDim> = fact
+            .shape
+            .dims()
+            .enumerate()
+            .map(|(j, d)| {
+                if let Some(size) = hint.and_then(|h| usize::try_from(h.shape[j]).ok()) {
+                    renamed = true;
+                    return TDim::Val(size as i64);
+                }
+                d.concretize().unwrap_or_else(|| {
+                    renamed = true;
+                    TDim::Sym(model.symbols.sym(&format!("input{i}_dim{j}")))
+                })
+            })
+            .collect();
+        if renamed {
+            let mut fact = fact;
+            fact.shape = dims.into_iter().collect();
+            model.set_input_fact(i, fact)?;
+        }
+    }
+    Ok(())
+}
+
+/// Input node names and output labels of a parsed graph, in order.
+fn io_names<F, O>(model: &Graph<F, O>) -> TractResult<(Vec<String>, Vec<String>)>
+where
+    F: Fact + Clone + 'static,
+    O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
+{
+    let inputs = model
+        .input_outlets()?
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect();
+    let outputs = model
+        .output_outlets()?
+        .iter()
+        .map(|o| {
+            model
+                .outlet_label(*o)
+                .map(str::to_string)
+                .unwrap_or_else(|| model.node(o.node).name.clone())
+        })
+        .collect();
+    Ok((inputs, outputs))
+}
+
+impl TractEngine {
+    /// Parses, optimises and plans an ONNX model.
+    pub fn load_onnx(bytes: &[u8], hints: &[TensorSpec]) -> Result<Self, EngineError> {
+        let err = load_error(TRACT_ONNX);
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut Cursor::new(bytes))
+            .map_err(&err)?;
+        apply_shape_hints(&mut model, hints).map_err(&err)?;
+        // Names come from the parsed model: optimisation may rename nodes.
+        let (input_names, output_names) = io_names(&model).map_err(&err)?;
+        let typed = model.into_optimized().map_err(&err)?;
+        Self::plan(TRACT_ONNX, typed, input_names, output_names)
+    }
+
+    /// Parses, optimises and plans a TFLite model.
+    pub fn load_tflite(bytes: &[u8]) -> Result<Self, EngineError> {
+        let err = load_error(TRACT_TFLITE);
+        let model = tract_tflite::tflite()
+            .model_for_read(&mut Cursor::new(bytes))
+            .map_err(&err)?;
+        let (input_names, output_names) = io_names(&model).map_err(&err)?;
+        let typed = model.into_optimized().map_err(&err)?;
+        Self::plan(TRACT_TFLITE, typed, input_names, output_names)
+    }
+
+    fn plan(
+        runtime: &'static str,
+        typed: TypedModel,
+        input_names: Vec<String>,
+        output_names: Vec<String>,
+    ) -> Result<Self, EngineError> {
+        let err = load_error(runtime);
+        let inputs = input_names
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| io_spec(runtime, name, typed.input_fact(i).map_err(&err)?))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = output_names
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| io_spec(runtime, name, typed.output_fact(i).map_err(&err)?))
+            .collect::<Result<Vec<_>, _>>()?;
+        let plan = typed.into_runnable().map_err(&err)?;
+        Ok(Self {
+            runtime,
+            plan,
+            inputs,
+            outputs,
+        })
+    }
+}
+
+/// Applies `$m!(Variant, rust_type)` for every tensor datatype.
+macro_rules! each_type {
+    ($m:ident) => {
+        $m!(Bool, bool; Uint8, u8; Uint16, u16; Uint32, u32; Uint64, u64; Int8, i8; Int16, i16;
+            Int32, i32; Int64, i64; Fp16, half::f16; Fp32, f32; Fp64, f64)
+    };
+}
+
+fn to_tract(runtime: &'static str, t: Tensor) -> Result<TValue, EngineError> {
+    let shape = &t.shape;
+    macro_rules! convert {
+        ($($variant:ident, $ty:ty);*) => {
+            match &t.data {
+                $(TensorData::$variant(v) => TractTensor::from_shape(shape, v),)*
+            }
+        };
+    }
+    let tensor = each_type!(convert).map_err(|e| EngineError::Runtime {
+        runtime,
+        reason: format!("input {:?}: {e}", t.name),
+    })?;
+    Ok(tensor.into_tvalue())
+}
+
+fn from_tract(runtime: &'static str, name: &str, value: TValue) -> Result<Tensor, EngineError> {
+    let tensor = value.into_tensor();
+    let fail = |e: String| EngineError::Runtime {
+        runtime,
+        reason: format!("output {name:?}: {e}"),
+    };
+    let datatype = to_datatype(tensor.datum_type().unquantized()).ok_or_else(|| {
+        fail(format!(
+            "unsupported output datatype {:?}",
+            tensor.datum_type()
+        ))
+    })?;
+    let view = tensor.try_as_plain_ram().map_err(|e| fail(e.to_string()))?;
+    macro_rules! read {
+        ($($variant:ident, $ty:ty);*) => {
+            match datatype {
+                $(DataType::$variant => TensorData::$variant(view.as_slice::<$ty>().map_err(|e| fail(e.to_string()))?.to_vec()),)*
+            }
+        };
+    }
+    let data = each_type!(read);
+    Ok(Tensor {
+        name: name.to_string(),
+        shape: tensor.shape().to_vec(),
+        data,
+    })
+}
+
+impl Engine for TractEngine {
+    fn runtime(&self) -> &'static str {
+        self.runtime
+    }
+
+    fn inputs(&self) -> &[IoSpec] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[IoSpec] {
+        &self.outputs
+    }
+
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+        let values = inputs
+            .into_iter()
+            .map(|t| to_tract(self.runtime, t))
+            .collect::<Result<TVec<_>, _>>()?;
+        let results = self.plan.run(values).map_err(|e| EngineError::Runtime {
+            runtime: self.runtime,
+            reason: format!("{e:#}"),
+        })?;
+        results
+            .into_iter()
+            .zip(&self.outputs)
+            .map(|(value, spec)| from_tract(self.runtime, &spec.name, value))
+            .collect()
+    }
+}
