@@ -562,31 +562,39 @@ async fn infer(
         }
     }
     let started = Instant::now();
-    let worker_model = Arc::clone(&model);
-    // The permit travels with the work: a request that times out still
-    // holds its slot until the runtime actually finishes.
-    let work = tokio::task::spawn_blocking(move || {
-        let result = engine::infer(worker_model.engine.as_ref(), inputs);
+    let result = if model.runs_inline() {
+        // Sub-millisecond models: no thread hand-off (block_in_place lets
+        // the other workers take over this one's queue meanwhile).
+        let result = tokio::task::block_in_place(|| engine::infer(model.engine.as_ref(), inputs));
         drop(permit);
         result
-    });
-    let result = match tokio::time::timeout(state.request_timeout, work).await {
-        Err(_) => {
-            model.stats.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "inference took longer than {} ms (api.request_timeout_ms)",
-                    state.request_timeout.as_millis()
-                ),
-            ));
+    } else {
+        let worker_model = Arc::clone(&model);
+        // The permit travels with the work: a request that times out still
+        // holds its slot until the runtime actually finishes.
+        let work = tokio::task::spawn_blocking(move || {
+            let result = engine::infer(worker_model.engine.as_ref(), inputs);
+            drop(permit);
+            result
+        });
+        match tokio::time::timeout(state.request_timeout, work).await {
+            Err(_) => {
+                model.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "inference took longer than {} ms (api.request_timeout_ms)",
+                        state.request_timeout.as_millis()
+                    ),
+                ));
+            }
+            Ok(joined) => joined.map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("inference task failed: {e}"),
+                )
+            })?,
         }
-        Ok(joined) => joined.map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("inference task failed: {e}"),
-            )
-        })?,
     };
     let elapsed = started.elapsed();
     model.stats.requests.fetch_add(1, Ordering::Relaxed);

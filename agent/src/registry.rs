@@ -44,7 +44,21 @@ impl std::fmt::Debug for ServedModel {
     }
 }
 
+/// Models whose measured latency is below this run on the request's own
+/// worker thread: handing them to the blocking pool would cost more than
+/// the inference itself.
+const INLINE_BELOW_US: f64 = 1000.0;
+
 impl ServedModel {
+    /// Whether to run inference inline (fast models) rather than on the
+    /// blocking pool under the request timeout.
+    pub fn runs_inline(&self) -> bool {
+        self.trials.iter().any(|t| {
+            t.runtime == self.engine.runtime()
+                && matches!(t.outcome, crate::engine::TrialOutcome::Timed { p50_us, .. } if p50_us < INLINE_BELOW_US)
+        })
+    }
+
     pub fn status(&self) -> ModelStatus {
         ModelStatus {
             name: self.name.clone(),

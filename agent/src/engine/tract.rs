@@ -9,9 +9,9 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
-    DatumType, Fact, Framework, Graph, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue,
-    IntoTensor, Op, TDim, TValue, TVec, Tensor as TractTensor, TractResult, TypedFact, TypedModel,
-    TypedRunnableModel,
+    DatumType, Fact, Framework, Graph, InferenceFact, InferenceModel, InferenceModelExt,
+    IntoRunnable, IntoTValue, IntoTensor, Op, TDim, TValue, TVec, Tensor as TractTensor,
+    TractResult, TypedFact, TypedModel, TypedRunnableModel,
 };
 
 use tract_onnx::tract_core::internal::DimLike;
@@ -91,6 +91,7 @@ fn brief(text: &str) -> String {
 /// so it stays dynamic like a named one. Many exported models (PP-OCR)
 /// only plan in tract with concrete input shapes.
 fn apply_shape_hints(model: &mut InferenceModel, hints: &[TensorSpec]) -> TractResult<()> {
+    let mut applied_hint = false;
     for i in 0..model.inputs.len() {
         let fact = model.input_fact(i)?.clone();
         if fact.shape.is_open() {
@@ -120,6 +121,21 @@ fn apply_shape_hints(model: &mut InferenceModel, hints: &[TensorSpec]) -> TractR
             let mut fact = fact;
             fact.shape = dims.into_iter().collect();
             model.set_input_fact(i, fact)?;
+            applied_hint |= hint.is_some();
+        }
+    }
+    // Declared output shapes name the same symbols the hints just fixed;
+    // let tract infer them again instead of contradicting them.
+    if applied_hint {
+        for o in 0..model.outputs.len() {
+            let datum_type = model.output_fact(o)?.datum_type;
+            model.set_output_fact(
+                o,
+                InferenceFact {
+                    datum_type,
+                    ..InferenceFact::default()
+                },
+            )?;
         }
     }
     Ok(())
@@ -151,7 +167,19 @@ where
 
 impl TractEngine {
     /// Parses, optimises and plans an ONNX model.
+    /// Shape hints are used only if the model does not plan without them:
+    /// fixing a dimension the model names can contradict its own
+    /// intermediate shape annotations.
     pub fn load_onnx(bytes: &[u8], hints: &[TensorSpec]) -> Result<Self, EngineError> {
+        match Self::load_onnx_with(bytes, &[]) {
+            Err(first) if hints.iter().any(|h| h.shape.iter().any(|&d| d >= 0)) => {
+                Self::load_onnx_with(bytes, hints).map_err(|_| first)
+            }
+            result => result,
+        }
+    }
+
+    fn load_onnx_with(bytes: &[u8], hints: &[TensorSpec]) -> Result<Self, EngineError> {
         let err = load_error(TRACT_ONNX);
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut Cursor::new(bytes))
