@@ -263,6 +263,20 @@ impl Element for bool {
     }
 }
 
+/// The shortest decimal that reads back as the same value of the
+/// element's own precision (`0.1f32` is written `0.1`, not
+/// `0.10000000149011612`). Non-finite floats have no JSON form and become
+/// null; the binary extension carries them exactly.
+fn shortest_json<T: std::fmt::Display>(x: T, finite: bool) -> Value {
+    if !finite {
+        return Value::Null;
+    }
+    x.to_string()
+        .parse::<f64>()
+        .map(Value::from)
+        .unwrap_or(Value::Null)
+}
+
 macro_rules! float_element {
     ($t:ty, $from:expr, $to:expr) => {
         impl Element for $t {
@@ -270,9 +284,7 @@ macro_rules! float_element {
                 v.as_f64().map($from).ok_or(Problem::WrongKind("a number"))
             }
             fn to_json(self) -> Value {
-                // Non-finite floats have no JSON form and become null; the
-                // binary extension carries them exactly.
-                Value::from($to(self))
+                shortest_json(self, $to(self).is_finite())
             }
             fn to_f64(self) -> f64 {
                 $to(self)
@@ -433,6 +445,19 @@ mod tests {
             let json = data.to_json();
             assert_eq!(decode_json_data("x", dt, &json).unwrap(), data, "{dt}");
         }
+    }
+
+    #[test]
+    fn floats_are_written_in_their_shortest_exact_form() {
+        let json = TensorData::Fp32(vec![0.1, 1.0 / 3.0, f32::NAN]).to_json();
+        assert_eq!(json.to_string(), "[0.1,0.33333334,null]");
+        let back = decode_json_data("x", DataType::Fp32, &json!([0.1, 0.33333334])).unwrap();
+        assert_eq!(back, TensorData::Fp32(vec![0.1, 1.0 / 3.0]));
+        let half = TensorData::Fp16(vec![f16::from_f32(0.1), f16::from_f32(-2.5)]);
+        assert_eq!(
+            decode_json_data("x", DataType::Fp16, &half.to_json()).unwrap(),
+            half
+        );
     }
 
     #[test]

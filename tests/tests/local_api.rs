@@ -278,8 +278,10 @@ async fn binary_tensor_extension_matches_json_results() -> anyhow::Result<()> {
         .iter()
         .map(|v| v.as_f64().unwrap())
         .collect();
+    // JSON carries each FP32 value as a decimal; it must round-trip to
+    // the very same float32.
     for (b, j) in probs.iter().zip(&json_probs) {
-        assert_eq!(f64::from(*b), *j);
+        assert_eq!(*b, *j as f32);
     }
     for (row, label) in probs.chunks(10).zip(&s.labels) {
         let best = row

@@ -40,7 +40,24 @@ async fn two_agents_serve_correct_predictions_after_a_push() -> anyhow::Result<(
 
     for agent in &agents {
         let device = server.wait_for_model(&agent.id, "digits", 1).await?;
-        assert_eq!(device["models"][0]["runtime"], "tract-onnx");
+        // The status names the runtime the agent chose: tract in the static
+        // build, ONNX Runtime when the native build finds the library.
+        let runtime = device["models"][0]["runtime"].as_str().unwrap().to_string();
+        assert!(
+            ["tract-onnx", "onnxruntime"].contains(&runtime.as_str()),
+            "{runtime}"
+        );
+        let (_, meta) = agent
+            .request(http::Method::GET, "/v2/models/digits", None)
+            .await?;
+        assert_eq!(meta["parameters"]["runtime"], runtime.as_str());
+        let trials = meta["parameters"]["runtime_trials"].as_array().unwrap();
+        assert!(
+            trials
+                .iter()
+                .any(|t| t["runtime"] == runtime.as_str() && t["status"] != "failed"),
+            "{trials:?}"
+        );
     }
 
     let s = samples();

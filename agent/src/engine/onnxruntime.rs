@@ -115,6 +115,10 @@ impl OnnxRuntime {
             .map_err(load_error)?
             .with_inter_threads(1)
             .map_err(load_error)?
+            // Errors come back as values and are reported by the agent;
+            // ONNX Runtime's own stderr logging would only duplicate them.
+            .with_log_level(ort::logging::LogLevel::Fatal)
+            .map_err(load_error)?
             .commit_from_memory(bytes)
             .map_err(load_error)?;
         let inputs = session
