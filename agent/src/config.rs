@@ -55,7 +55,8 @@ pub struct RuntimeConfig {
     /// Path of `libonnxruntime.so` (native build). Default: the
     /// `ORT_DYLIB_PATH` environment variable, then the loader's search path.
     pub onnxruntime_library: Option<PathBuf>,
-    /// Path of `libtensorflowlite_c.so` (native build).
+    /// Path of `libtensorflowlite_c.so` (native build). Default: the
+    /// `TFLITE_C_LIBRARY` environment variable, then the loader's search path.
     pub tflite_library: Option<PathBuf>,
 }
 

@@ -45,6 +45,9 @@ enum Command {
         /// Path of libonnxruntime.so (native build).
         #[arg(long, env = "ORT_DYLIB_PATH")]
         onnxruntime_library: Option<PathBuf>,
+        /// Path of libtensorflowlite_c.so (native build).
+        #[arg(long, env = "TFLITE_C_LIBRARY")]
+        tflite_library: Option<PathBuf>,
     },
 }
 
@@ -81,11 +84,13 @@ fn main() -> ExitCode {
             data_dir,
             runtime,
             onnxruntime_library,
+            tflite_library,
         } => {
             let mut config = AgentConfig::standalone(socket, data_dir);
             config.api.tcp = tcp;
             config.runtime.pin = runtime;
             config.runtime.onnxruntime_library = onnxruntime_library;
+            config.runtime.tflite_library = tflite_library;
             config.models = models;
             config.validate().map(|()| config)
         }

@@ -11,6 +11,8 @@
 pub mod onnxruntime;
 pub mod runtimes;
 pub mod select;
+#[cfg(feature = "tflite")]
+pub mod tflite;
 pub mod tract;
 
 pub use select::{Check, Runtimes, Selection, Trial, TrialOutcome};

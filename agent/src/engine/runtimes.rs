@@ -1,9 +1,10 @@
 //! Which runtimes this agent offers, found once at start-up.
 //!
 //! The pure-Rust tract runtimes are always there. The native build
-//! (`--features onnxruntime`) also offers ONNX Runtime, loaded from a
-//! shared library at run time; when the library is missing the runtime is
-//! simply not offered, and that is logged once.
+//! (`--features onnxruntime,tflite`) also offers ONNX Runtime and the
+//! TensorFlow Lite C library, each loaded from a shared library at run
+//! time; when a library is missing its runtime is simply not offered, and
+//! that is logged once.
 
 use super::select::Runtimes;
 use crate::config::RuntimeConfig;
@@ -23,8 +24,16 @@ pub fn detect(config: &RuntimeConfig) -> Runtimes {
     if config.onnxruntime_library.is_some() {
         tracing::warn!("runtime.onnxruntime_library is set but this is the static build (no ONNX Runtime support); ignoring it");
     }
+    #[cfg(feature = "tflite")]
+    match super::tflite::entry(config.tflite_library.as_deref()) {
+        Ok(entry) => runtimes.prepend(entry),
+        Err(reason) => {
+            tracing::warn!(%reason, "TFLite C runtime not available; serving TFLite models with tract only")
+        }
+    }
+    #[cfg(not(feature = "tflite"))]
     if config.tflite_library.is_some() {
-        tracing::warn!("runtime.tflite_library is set but the TFLite C runtime is not part of this build yet; ignoring it");
+        tracing::warn!("runtime.tflite_library is set but this is the static build (no TFLite C runtime); ignoring it");
     }
     runtimes
 }
