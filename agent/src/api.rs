@@ -10,12 +10,12 @@
 //! | GET | `/v2/models/{m}[/versions/{v}]` | model metadata |
 //! | GET | `/v2/models/{m}[/versions/{v}]/ready` | model readiness |
 //! | POST | `/v2/models/{m}[/versions/{v}]/infer` | inference |
+//! | GET | `/v2/models/{m}[/versions/{v}]/stats` | counts and latency percentiles |
 //!
 //! Every error is `{"error": "..."}` with a message naming the problem.
 
 use std::convert::Infallible;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -233,6 +233,7 @@ async fn model_route(
             &json!({"name": model.name, "version": model.version.to_string(), "ready": true}),
         )),
         (&Method::POST, ["infer"]) => infer(state, model, req).await,
+        (&Method::GET, ["stats"]) => Ok(json_response(StatusCode::OK, &statistics(&model))),
         _ => Err(ApiError::not_found(format!(
             "no route for {method} {}",
             req.uri().path()
@@ -317,6 +318,24 @@ async fn read_body(state: &ApiState, req: Request<Incoming>) -> Result<Bytes, Ap
             "could not read request body: {e}"
         ))),
     }
+}
+
+/// Triton's statistics extension (`GET /v2/models/{m}/stats`), with the
+/// agent's latency percentiles added.
+fn statistics(model: &ServedModel) -> Value {
+    let s = model.stats.snapshot();
+    json!({"model_stats": [{
+        "name": model.name,
+        "version": model.version.to_string(),
+        "inference_count": s.successes,
+        "execution_count": s.successes,
+        "inference_stats": {
+            "success": {"count": s.successes, "ns": s.success_nanos},
+            "fail": {"count": s.failures, "ns": 0},
+        },
+        "latency_us": {"p50": s.p50_us, "p90": s.p90_us, "p99": s.p99_us},
+        "runtime": model.engine.runtime(),
+    }]})
 }
 
 #[derive(Deserialize, Default)]
@@ -579,7 +598,7 @@ async fn infer(
         });
         match tokio::time::timeout(state.request_timeout, work).await {
             Err(_) => {
-                model.stats.errors.fetch_add(1, Ordering::Relaxed);
+                model.stats.record_failure();
                 return Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
@@ -597,13 +616,8 @@ async fn infer(
         }
     };
     let elapsed = started.elapsed();
-    model.stats.requests.fetch_add(1, Ordering::Relaxed);
-    model
-        .stats
-        .busy_micros
-        .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     let outputs = result.map_err(|e| {
-        model.stats.errors.fetch_add(1, Ordering::Relaxed);
+        model.stats.record_failure();
         let status = if e.is_client_error() {
             StatusCode::BAD_REQUEST
         } else {
@@ -611,6 +625,7 @@ async fn infer(
         };
         ApiError::new(status, e.to_string())
     })?;
+    model.stats.record_success(elapsed);
     let selected: Vec<(Tensor, bool)> = match &wanted {
         None => outputs
             .into_iter()

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod model_store;
 pub mod registry;
 pub mod report;
+pub mod stats;
 pub mod tensor;
 pub mod trust;
 pub mod update;

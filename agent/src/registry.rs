@@ -6,21 +6,13 @@
 //! update.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use edgefleet_shared::{ModelFormat, ModelStatus};
 
 use crate::engine::{Engine, Trial};
 
-/// Inference counters of one served model.
-#[derive(Debug, Default)]
-pub struct ModelStats {
-    pub requests: AtomicU64,
-    pub errors: AtomicU64,
-    /// Sum of inference time in microseconds.
-    pub busy_micros: AtomicU64,
-}
+pub use crate::stats::ModelStats;
 
 /// A loaded model and what it came from.
 pub struct ServedModel {

@@ -139,6 +139,20 @@ async fn standalone_agent_serves_and_rejects_bad_requests_clearly() -> anyhow::R
 
     // Still serving after all that.
     assert_eq!(agent.classify(&s.inputs[5]).await?, s.labels[5]);
+
+    // Triton-style statistics count what was served and what failed in
+    // the model (shape/datatype errors are caught before it and fail too).
+    let (status, stats) = agent
+        .request(Method::GET, "/v2/models/digits/stats", None)
+        .await?;
+    assert!(status.is_success());
+    let m = &stats["model_stats"][0];
+    assert_eq!(m["inference_count"], 2, "{stats}");
+    assert!(
+        m["inference_stats"]["fail"]["count"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+    assert!(m["latency_us"]["p50"].as_f64().unwrap() > 0.0, "{stats}");
     assert!(
         agent.proc.log_text().contains("local model not served"),
         "the broken model was reported"
