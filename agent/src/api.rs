@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{self, IoSpec};
 use crate::registry::{ModelRegistry, ServedModel};
-use crate::tensor::{decode_json_data, DataType, Tensor, TensorData};
+use crate::tensor::{DataType, Tensor, TensorData};
 
 /// Shared state of the API.
 #[derive(Clone)]
@@ -365,8 +365,10 @@ struct InferInput {
     datatype: String,
     #[serde(default)]
     parameters: Option<InputParameters>,
+    /// Kept as text and decoded once the datatype is known, straight into
+    /// typed elements (no JSON tree for large tensors).
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -436,7 +438,7 @@ fn decode_request(header_len: Option<usize>, body: &[u8]) -> Result<Decoded, Api
                 TensorData::from_le_bytes(datatype, chunk)
                     .map_err(|e| ApiError::bad_request(format!("input {:?}: {e}", input.name)))?
             }
-            (None, Some(data)) => decode_json_data(&input.name, datatype, data)
+            (None, Some(data)) => TensorData::from_json_text(&input.name, datatype, data.get())
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
             (None, None) => {
                 return Err(ApiError::bad_request(format!(

@@ -124,6 +124,14 @@ macro_rules! define_types {
                 })
             }
 
+            /// Decodes JSON text (nested or flat arrays) straight into
+            /// typed elements, without building a JSON tree first.
+            pub fn from_json_text(input: &str, datatype: DataType, text: &str) -> Result<Self, DecodeError> {
+                Ok(match datatype {
+                    $(DataType::$variant => Self::$variant(parse_flat::<$t>(input, datatype, text)?)),*
+                })
+            }
+
             /// Decodes flattened JSON values as `datatype`.
             fn from_json_values(input: &str, datatype: DataType, flat: &[&Value]) -> Result<Self, DecodeError> {
                 Ok(match datatype {
@@ -327,6 +335,99 @@ pub enum DecodeError {
     },
 }
 
+/// Parses nested JSON arrays of numbers into a flat `Vec<T>`.
+fn parse_flat<T: Element>(
+    input: &str,
+    datatype: DataType,
+    text: &str,
+) -> Result<Vec<T>, DecodeError> {
+    use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
+
+    struct Flat<'a, T> {
+        out: &'a mut Vec<T>,
+        failure: &'a mut Option<(Problem, Value)>,
+    }
+
+    impl<'de, T: Element> DeserializeSeed<'de> for Flat<'_, T> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<T: Element> Flat<'_, T> {
+        fn push<E: serde::de::Error>(self, v: Value) -> Result<(), E> {
+            match T::from_json(&v) {
+                Ok(x) => {
+                    self.out.push(x);
+                    Ok(())
+                }
+                Err(problem) => {
+                    *self.failure = Some((problem, v));
+                    Err(E::custom("element rejected"))
+                }
+            }
+        }
+    }
+
+    impl<'de, T: Element> Visitor<'de> for Flat<'_, T> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("numbers or nested arrays of numbers")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq
+                .next_element_seed(Flat {
+                    out: &mut *self.out,
+                    failure: &mut *self.failure,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+            self.push(Value::Bool(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+            self.push(Value::from(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+            self.push(Value::from(v))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+            self.push(Value::from(v))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+            self.push(Value::String(v.to_string()))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+            self.push(Value::Null)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+            self.push(Value::Object(Default::default()))
+        }
+    }
+
+    let mut out = Vec::new();
+    let mut failure = None;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let result = Flat {
+        out: &mut out,
+        failure: &mut failure,
+    }
+    .deserialize(&mut de);
+    match (result, failure) {
+        (Ok(()), _) => Ok(out),
+        (Err(_), Some((problem, value))) => Err(problem.at(input, out.len(), &value, datatype)),
+        (Err(e), None) => Err(DecodeError::BadElement {
+            input: input.to_string(),
+            index: out.len(),
+            found: format!("invalid JSON ({e})"),
+            expected: "numbers",
+        }),
+    }
+}
+
 /// Flattens row-major nested (or already flat) JSON arrays into typed data.
 pub fn decode_json_data(
     input: &str,
@@ -381,6 +482,30 @@ mod tests {
         let flat = decode_json_data("x", DataType::Fp32, &json!([1, 2.5, 3, 4])).unwrap();
         assert_eq!(nested, flat);
         assert_eq!(nested, TensorData::Fp32(vec![1.0, 2.5, 3.0, 4.0]));
+    }
+
+    #[test]
+    fn text_and_tree_decoding_agree_on_values_and_errors() {
+        let cases = [
+            ("[[1, 2.5], [3, 4]]", DataType::Fp32),
+            ("[0, 255]", DataType::Uint8),
+            ("[0, 256]", DataType::Uint8),
+            ("[1, \"two\"]", DataType::Fp32),
+            ("[true, 1]", DataType::Bool),
+            ("[-1, 18446744073709551615]", DataType::Int64),
+            ("[[[1]], [2, [3, 4]]]", DataType::Int32),
+            ("[1, null]", DataType::Fp64),
+            ("[1, {\"a\": 1}]", DataType::Fp32),
+        ];
+        for (text, dt) in cases {
+            let tree: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                TensorData::from_json_text("x", dt, text),
+                decode_json_data("x", dt, &tree),
+                "{text} as {dt}"
+            );
+        }
+        assert!(TensorData::from_json_text("x", DataType::Fp32, "[1, 2").is_err());
     }
 
     #[test]

@@ -199,6 +199,33 @@ fn real_models_match_reference_runtimes() {
                         assert!(!r.is_empty(), "{file}: empty reason from {}", t.runtime);
                     }
                 }
+                // A quantized model must stay close to the fp32 model it
+                // came from: within 10% of the largest fp32 output magnitude
+                // (measured: 2.8-3.9% for the embedding, 4.4-7.4% for the
+                // cls probabilities), and the same class for classifiers.
+                let fp32 = model["fp32_reference"].as_str().unwrap_or(file);
+                if fp32 != file {
+                    let reference = fp32_outputs(&dir, &manifest, fp32);
+                    let outputs = engine::infer(sel.engine.as_ref(), inputs.clone()).unwrap();
+                    for want in &reference {
+                        let got = outputs.iter().find(|o| o.name == want.name).unwrap();
+                        let err = relative_error(got, want);
+                        report.push(format!(
+                            "{file:<34} {chosen:<13} vs fp32 {fp32}: max rel err {err:.3}"
+                        ));
+                        if err > 0.10 {
+                            failures.push(format!(
+                                "{file}: output {:?} is {err:.3} (relative) away from fp32",
+                                want.name
+                            ));
+                        }
+                        if want.data.len() <= 10
+                            && argmax(&got.data.to_f64()) != argmax(&want.data.to_f64())
+                        {
+                            failures.push(format!("{file}: int8 and fp32 pick different classes"));
+                        }
+                    }
+                }
             }
             Err(e) => {
                 let all_known = available
@@ -220,6 +247,30 @@ fn real_models_match_reference_runtimes() {
     }
     eprintln!("{}", report.join("\n"));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The reference outputs of the fp32 model `file` on the same inputs.
+fn fp32_outputs(dir: &std::path::Path, manifest: &Value, file: &str) -> Vec<Tensor> {
+    let model = manifest["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["file"] == file)
+        .unwrap();
+    model["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| read_tensor(dir, s))
+        .collect()
+}
+
+fn argmax(v: &[f64]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
 }
 
 /// A test vector from reference data; the tolerance is relative to the
