@@ -72,9 +72,29 @@ fn init_logging() {
         .init();
 }
 
+/// Runtimes can panic on hostile models; the engine layer catches that
+/// per request. Report it as one log line (journald-friendly) instead of
+/// the default multi-line stderr dump.
+fn install_panic_logger() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(%location, %message, "panic");
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    install_panic_logger();
     let config = match cli.command {
         Command::Run { config } => AgentConfig::load(&config),
         Command::Serve {

@@ -143,7 +143,7 @@ pub(crate) fn guard<T>(
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            tracing::error!(runtime, %reason, "runtime panicked; request dropped");
+            tracing::error!(runtime, %reason, "runtime panicked; the operation was abandoned, the agent keeps running");
             Err(EngineError::Panicked { runtime, reason })
         }
     }
