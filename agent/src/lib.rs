@@ -142,7 +142,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 Duration::from_secs(config.update.download_stall_secs),
                 config.update.download_attempts,
             ),
-            reporter: Reporter::connected(device.clone(), events_tx, status_tx),
+            reporter: Reporter::connected(
+                device.clone(),
+                report::Sequence::persistent(&config.data_dir.join("trust").join("sequence"))
+                    .context("cannot open the message sequence counter")?,
+                events_tx,
+                status_tx,
+            ),
             loading,
         };
         tasks.spawn(updater.run(desired_rx, shutdown.clone()));
