@@ -181,13 +181,29 @@ pub fn fleetctl(server: &str, args: &[&str]) -> Output {
 pub struct Server {
     pub proc: Proc,
     pub url: String,
+    /// Port of the embedded broker (unused with an external one).
     pub mqtt_port: u16,
+    /// What agents connect to.
+    pub mqtt_url: String,
+    pub topic_prefix: String,
     pub keys_dir: PathBuf,
     pub dir: PathBuf,
 }
 
 impl Server {
+    /// A server with its embedded broker.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, None).await
+    }
+
+    /// A server on an external broker (`mqtt://host:port`), with a topic
+    /// prefix of its own so parallel tests and earlier runs' retained
+    /// messages never meet.
+    pub async fn start_external(dir: &Path, broker: &str) -> anyhow::Result<Self> {
+        Self::start_with(dir, Some(broker)).await
+    }
+
+    async fn start_with(dir: &Path, broker: Option<&str>) -> anyhow::Result<Self> {
         let keys_dir = dir.join("keys");
         let out = Command::new(binary("fleetctl"))
             .args(["keys", "init", "--dir"])
@@ -205,9 +221,25 @@ impl Server {
             .arg("--keys-dir")
             .arg(&keys_dir)
             .arg("--http")
-            .arg(format!("127.0.0.1:{http_port}"))
-            .arg("--mqtt-listen")
-            .arg(format!("127.0.0.1:{mqtt_port}"));
+            .arg(format!("127.0.0.1:{http_port}"));
+        let (mqtt_url, topic_prefix) = match broker {
+            None => {
+                cmd.arg("--mqtt-listen")
+                    .arg(format!("127.0.0.1:{mqtt_port}"));
+                (
+                    format!("mqtt://127.0.0.1:{mqtt_port}"),
+                    "edgefleet/v1".to_string(),
+                )
+            }
+            Some(url) => {
+                let prefix = format!("edgefleet-test-{}-{http_port}/v1", std::process::id());
+                cmd.arg("--broker")
+                    .arg(url)
+                    .arg("--topic-prefix")
+                    .arg(&prefix);
+                (url.to_string(), prefix)
+            }
+        };
         let mut proc = Proc::spawn(cmd, dir.join("server.log"))?;
         let url = format!("http://127.0.0.1:{http_port}");
         fleet_server::install_crypto_provider();
@@ -231,6 +263,8 @@ impl Server {
             proc,
             url,
             mqtt_port,
+            mqtt_url,
+            topic_prefix,
             keys_dir,
             dir: dir.to_path_buf(),
         })
@@ -327,11 +361,12 @@ impl Agent {
         std::fs::create_dir_all(&agent_dir)?;
         let socket = agent_dir.join("agent.sock");
         let config = format!(
-            "device_id = \"{id}\"\ndata_dir = \"{data}\"\nroot_document = \"{root}\"\n[api]\nsocket = \"{sock}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nkeep_alive_secs = 5\n[update]\ndownload_stall_secs = 5\n",
+            "device_id = \"{id}\"\ndata_dir = \"{data}\"\nroot_document = \"{root}\"\n[api]\nsocket = \"{sock}\"\n[mqtt]\nurl = \"{mqtt}\"\ntopic_prefix = \"{prefix}\"\nkeep_alive_secs = 5\n[update]\ndownload_stall_secs = 5\n",
             data = agent_dir.join("data").display(),
             root = server.root_document().display(),
             sock = socket.display(),
-            port = server.mqtt_port,
+            mqtt = server.mqtt_url,
+            prefix = server.topic_prefix,
         );
         let config_path = agent_dir.join("agent.toml");
         std::fs::write(&config_path, config)?;

@@ -40,6 +40,10 @@ enum Command {
         /// Base URL devices download artifacts from.
         #[arg(long)]
         public_url: Option<String>,
+        /// MQTT topic prefix (default edgefleet/v1); lets several fleets
+        /// share one external broker.
+        #[arg(long)]
+        topic_prefix: Option<String>,
     },
     /// Start a server and N real agents, push and deploy the example model,
     /// run an inference on each device.
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
             mqtt_listen,
             broker,
             public_url,
+            topic_prefix,
         } => {
             init_logging("info,rumqttd=warn,rumqttd::router::routing=off");
             let loaded = match &config {
@@ -143,6 +148,9 @@ fn main() -> ExitCode {
                     }
                     if public_url.is_some() {
                         c.public_url = public_url;
+                    }
+                    if let Some(prefix) = topic_prefix {
+                        c.topic_prefix = prefix;
                     }
                     runtime.block_on(serve(c, shutdown))
                 }

@@ -1,0 +1,33 @@
+//! The same push → deploy → serve flow on an external broker (Mosquitto).
+//!
+//! The broker's address comes from `EDGEFLEET_TEST_MQTT_URL` (`.ci/run`
+//! sets `mqtt://127.0.0.1:1883`, where this machine kind runs Mosquitto;
+//! elsewhere, start one with `mosquitto -p 1883` or point the variable at
+//! yours). The test fails, saying so, when the broker is unreachable.
+
+use edgefleet_tests::{digits_model, samples, Agent, Server};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_and_serve_through_mosquitto() -> anyhow::Result<()> {
+    let url =
+        std::env::var("EDGEFLEET_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
+    let (host, port) = edgefleet_shared::broker_url::parse(&url).map_err(anyhow::Error::msg)?;
+    if std::net::TcpStream::connect((host.as_str(), port)).is_err() {
+        anyhow::bail!(
+            "no MQTT broker at {url}: start Mosquitto there or set EDGEFLEET_TEST_MQTT_URL"
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let server = Server::start_external(dir.path(), &url).await?;
+    // Client ids are global on a shared broker: make them unique per run.
+    let id = format!("mosq-{}", std::process::id());
+    let agent = Agent::start_fleet(dir.path(), &id, &server)?;
+    server.push(&digits_model("int8"), "digits", 1);
+    server.deploy("digits", 1, &id);
+    server.wait_for_model(&id, "digits", 1).await?;
+    let s = samples();
+    for i in 0..4 {
+        assert_eq!(agent.classify(&s.inputs[i]).await?, s.labels[i]);
+    }
+    Ok(())
+}
