@@ -11,6 +11,7 @@ pub mod download;
 pub mod durable;
 pub mod engine;
 pub mod model_store;
+pub mod outbox;
 pub mod registry;
 pub mod report;
 pub mod stats;

@@ -57,6 +57,7 @@ struct Api {
     tensor_dim: unsafe extern "C" fn(*const Opaque, i32) -> i32,
     tensor_byte_size: unsafe extern "C" fn(*const Opaque) -> usize,
     tensor_name: unsafe extern "C" fn(*const Opaque) -> *const c_char,
+    tensor_data: unsafe extern "C" fn(*const Opaque) -> *mut c_void,
     copy_from: unsafe extern "C" fn(*mut Opaque, *const c_void, usize) -> Status,
     copy_to: unsafe extern "C" fn(*const Opaque, *mut c_void, usize) -> Status,
     xnnpack_create: Option<unsafe extern "C" fn(*const c_void) -> *mut c_void>,
@@ -105,6 +106,7 @@ impl Api {
             tensor_dim: sym!(b"TfLiteTensorDim\0"),
             tensor_byte_size: sym!(b"TfLiteTensorByteSize\0"),
             tensor_name: sym!(b"TfLiteTensorName\0"),
+            tensor_data: sym!(b"TfLiteTensorData\0"),
             copy_from: sym!(b"TfLiteTensorCopyFromBuffer\0"),
             copy_to: sym!(b"TfLiteTensorCopyToBuffer\0"),
             xnnpack_create: opt_sym!(b"TfLiteXNNPackDelegateCreate\0"),
@@ -178,6 +180,10 @@ struct Handles {
     options: *mut Opaque,
     interpreter: *mut Opaque,
     delegate: *mut c_void,
+    /// Tensors must be (re)allocated before the next use: inputs were
+    /// resized, or the last allocation failed (tensor buffers may then be
+    /// missing, and touching them would crash).
+    needs_allocation: bool,
 }
 
 // SAFETY: the handles are only used under the `Mutex` in `TfliteModel`,
@@ -209,6 +215,7 @@ impl TfliteModel {
                 options: (api.options_create)(),
                 interpreter: std::ptr::null_mut(),
                 delegate: std::ptr::null_mut(),
+                needs_allocation: false,
             };
             (api.options_set_threads)(handles.options, 1);
             // XNNPACK runs float models fast and provides MediaPipe's
@@ -288,6 +295,7 @@ impl Drop for TfliteModel {
                     options: std::ptr::null_mut(),
                     interpreter: std::ptr::null_mut(),
                     delegate: std::ptr::null_mut(),
+                    needs_allocation: false,
                 },
             )
         });
@@ -326,7 +334,7 @@ impl Engine for TfliteModel {
 
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
         let api = &self.api;
-        let handles = self
+        let mut handles = self
             .handles
             .lock()
             .map_err(|_| run_error("interpreter lock poisoned"))?;
@@ -334,7 +342,6 @@ impl Engine for TfliteModel {
         // SAFETY: the interpreter is live and used by this thread only
         // (mutex held); buffer sizes are checked against the tensors.
         unsafe {
-            let mut resized = false;
             for (i, input) in inputs.iter().enumerate() {
                 let tensor = (api.input_tensor)(interpreter, i as i32);
                 let current: Vec<usize> = (0..(api.tensor_num_dims)(tensor))
@@ -342,6 +349,7 @@ impl Engine for TfliteModel {
                     .collect();
                 if current != input.shape {
                     let dims: Vec<c_int> = input.shape.iter().map(|&d| d as c_int).collect();
+                    handles.needs_allocation = true;
                     if (api.resize_input)(interpreter, i as i32, dims.as_ptr(), dims.len() as i32)
                         != 0
                     {
@@ -350,13 +358,13 @@ impl Engine for TfliteModel {
                             input.name, input.shape
                         )));
                     }
-                    resized = true;
                 }
             }
-            if resized && (api.allocate)(interpreter) != 0 {
-                return Err(run_error(
-                    "cannot allocate tensors for the new input shapes",
-                ));
+            if handles.needs_allocation {
+                if (api.allocate)(interpreter) != 0 {
+                    return Err(run_error("cannot allocate tensors for these input shapes"));
+                }
+                handles.needs_allocation = false;
             }
             for (i, input) in inputs.iter().enumerate() {
                 let tensor = (api.input_tensor)(interpreter, i as i32);
@@ -369,11 +377,17 @@ impl Engine for TfliteModel {
                         bytes.len()
                     )));
                 }
+                if size > 0 && (api.tensor_data)(tensor).is_null() {
+                    handles.needs_allocation = true;
+                    return Err(run_error(format!("input {:?} has no buffer", input.name)));
+                }
                 if (api.copy_from)(tensor, bytes.as_ptr().cast(), bytes.len()) != 0 {
                     return Err(run_error(format!("cannot copy input {:?}", input.name)));
                 }
             }
             if (api.invoke)(interpreter) != 0 {
+                // A failed invoke can leave tensors half prepared.
+                handles.needs_allocation = true;
                 return Err(run_error("TFLite interpreter failed to run the model"));
             }
             self.outputs
@@ -382,6 +396,9 @@ impl Engine for TfliteModel {
                 .map(|(i, spec)| {
                     let tensor = (api.output_tensor)(interpreter, i as i32);
                     let size = (api.tensor_byte_size)(tensor);
+                    if size > 0 && (api.tensor_data)(tensor).is_null() {
+                        return Err(run_error(format!("output {:?} has no buffer", spec.name)));
+                    }
                     let mut buffer = vec![0u8; size];
                     if (api.copy_to)(tensor, buffer.as_mut_ptr().cast(), size) != 0 {
                         return Err(run_error(format!("cannot read output {:?}", spec.name)));
