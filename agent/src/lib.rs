@@ -76,15 +76,13 @@ async fn serve_local_models(
         match result {
             Ok((format, sha256, selection)) => {
                 tracing::info!(model = %local.name, path = %local.path.display(), runtime = selection.engine.runtime(), "serving local model");
-                registry.insert(ServedModel {
-                    name: local.name.clone(),
-                    version: 1,
+                registry.insert(ServedModel::new(
+                    local.name.clone(),
+                    1,
                     sha256,
                     format,
-                    engine: selection.engine,
-                    trials: selection.trials,
-                    stats: Default::default(),
-                });
+                    selection,
+                ));
             }
             Err(e) => {
                 tracing::error!(model = %local.name, error = %format!("{e:#}"), "local model not served")

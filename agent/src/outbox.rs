@@ -319,10 +319,6 @@ impl Outbox {
             .flatten()
             .map(|v| v as u64))
     }
-
-    pub fn policies(&self) -> &[StreamPolicy; 4] {
-        &self.policies
-    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use edgefleet_shared::{ModelFormat, ModelStatus};
 
-use crate::engine::{Engine, Trial};
+use crate::engine::{Engine, Selection, Trial};
 
 pub use crate::stats::ModelStats;
 
@@ -42,6 +42,25 @@ impl std::fmt::Debug for ServedModel {
 const INLINE_BELOW_US: f64 = 1000.0;
 
 impl ServedModel {
+    /// A model ready to serve with the engine its runtime selection chose.
+    pub fn new(
+        name: String,
+        version: u64,
+        sha256: String,
+        format: ModelFormat,
+        selection: Selection,
+    ) -> Self {
+        Self {
+            name,
+            version,
+            sha256,
+            format,
+            engine: selection.engine,
+            trials: selection.trials,
+            stats: Default::default(),
+        }
+    }
+
     /// Whether to run inference inline (fast models) rather than on the
     /// blocking pool under the request timeout.
     pub fn runs_inline(&self) -> bool {

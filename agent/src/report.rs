@@ -24,22 +24,11 @@ pub struct Sequence(Arc<Mutex<SequenceState>>);
 struct SequenceState {
     next: u64,
     reserved_until: u64,
-    path: Option<PathBuf>,
+    path: PathBuf,
 }
 
 /// Numbers reserved per durable write.
 const SEQUENCE_BLOCK: u64 = 1 << 16;
-
-impl Default for Sequence {
-    /// An in-memory sequence (standalone agents, tests).
-    fn default() -> Self {
-        Self(Arc::new(Mutex::new(SequenceState {
-            next: 0,
-            reserved_until: u64::MAX,
-            path: None,
-        })))
-    }
-}
 
 impl Sequence {
     /// A sequence persisted in `path`, continuing after the last block any
@@ -67,7 +56,7 @@ impl Sequence {
         Ok(Self(Arc::new(Mutex::new(SequenceState {
             next: start,
             reserved_until,
-            path: Some(path.to_path_buf()),
+            path: path.to_path_buf(),
         }))))
     }
 
@@ -75,12 +64,10 @@ impl Sequence {
         let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if state.next + 1 >= state.reserved_until {
             let until = state.reserved_until + SEQUENCE_BLOCK;
-            if let Some(path) = &state.path {
-                if let Err(e) = write_atomic(path, until.to_string().as_bytes()) {
-                    // Keep counting in memory; a restart before the next
-                    // successful write may reuse numbers of this block.
-                    tracing::error!(error = %e, path = %path.display(), "cannot persist sequence numbers");
-                }
+            if let Err(e) = write_atomic(&state.path, until.to_string().as_bytes()) {
+                // Keep counting in memory; a restart before the next
+                // successful write may reuse numbers of this block.
+                tracing::error!(error = %e, path = %state.path.display(), "cannot persist sequence numbers");
             }
             state.reserved_until = until;
         }
@@ -89,27 +76,16 @@ impl Sequence {
     }
 }
 
-/// Sends events and status to the uplink (or only to the log when the
-/// agent runs standalone).
+/// Sends events and status to the uplink.
 #[derive(Debug, Clone)]
 pub struct Reporter {
-    device: Option<DeviceId>,
+    device: DeviceId,
     seq: Sequence,
-    events: Option<mpsc::UnboundedSender<UpdateEvent>>,
-    status: Option<watch::Sender<Option<StatusMessage>>>,
+    events: mpsc::UnboundedSender<UpdateEvent>,
+    status: watch::Sender<Option<StatusMessage>>,
 }
 
 impl Reporter {
-    /// A reporter that only logs.
-    pub fn standalone() -> Self {
-        Self {
-            device: None,
-            seq: Sequence::default(),
-            events: None,
-            status: None,
-        }
-    }
-
     pub fn connected(
         device: DeviceId,
         seq: Sequence,
@@ -117,10 +93,10 @@ impl Reporter {
         status: watch::Sender<Option<StatusMessage>>,
     ) -> Self {
         Self {
-            device: Some(device),
+            device,
             seq,
-            events: Some(events),
-            status: Some(status),
+            events,
+            status,
         }
     }
 
@@ -131,12 +107,9 @@ impl Reporter {
         model: Option<(&str, u64)>,
         reason: Option<String>,
     ) {
-        let (Some(device), Some(tx)) = (&self.device, &self.events) else {
-            return;
-        };
         let event = UpdateEvent {
             schema: SCHEMA_VERSION,
-            device_id: device.clone(),
+            device_id: self.device.clone(),
             seq: self.seq.next(),
             at: edgefleet_shared::unix_now(),
             kind,
@@ -145,16 +118,13 @@ impl Reporter {
             model_version: model.map(|(_, v)| v),
             reason,
         };
-        let _ = tx.send(event);
+        let _ = self.events.send(event);
     }
 
     pub fn status(&self, desired_version: Option<u64>, models: Vec<ModelStatus>) {
-        let (Some(device), Some(tx)) = (&self.device, &self.status) else {
-            return;
-        };
         let msg = StatusMessage {
             schema: SCHEMA_VERSION,
-            device_id: device.clone(),
+            device_id: self.device.clone(),
             seq: self.seq.next(),
             online: true,
             at: edgefleet_shared::unix_now(),
@@ -162,12 +132,7 @@ impl Reporter {
             desired_version,
             models,
         };
-        tx.send_replace(Some(msg));
-    }
-
-    /// A fresh sequence number for re-publishing the current status.
-    pub fn next_seq(&self) -> u64 {
-        self.seq.next()
+        self.status.send_replace(Some(msg));
     }
 }
 

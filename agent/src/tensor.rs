@@ -132,17 +132,6 @@ macro_rules! define_types {
                 })
             }
 
-            /// Decodes flattened JSON values as `datatype`.
-            fn from_json_values(input: &str, datatype: DataType, flat: &[&Value]) -> Result<Self, DecodeError> {
-                Ok(match datatype {
-                    $(DataType::$variant => Self::$variant(
-                        flat.iter()
-                            .enumerate()
-                            .map(|(index, v)| <$t as Element>::from_json(v).map_err(|problem| problem.at(input, index, v, datatype)))
-                            .collect::<Result<_, _>>()?,
-                    )),*
-                })
-            }
         }
     };
 }
@@ -434,16 +423,8 @@ pub fn decode_json_data(
     datatype: DataType,
     data: &Value,
 ) -> Result<TensorData, DecodeError> {
-    let mut flat = Vec::new();
-    flatten(data, &mut flat);
-    TensorData::from_json_values(input, datatype, &flat)
-}
-
-fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
-        other => out.push(other),
-    }
+    // One decoder for both forms: the typed text decoder the API uses.
+    TensorData::from_json_text(input, datatype, &data.to_string())
 }
 
 fn describe(v: &Value) -> String {
@@ -485,26 +466,28 @@ mod tests {
     }
 
     #[test]
-    fn text_and_tree_decoding_agree_on_values_and_errors() {
-        let cases = [
-            ("[[1, 2.5], [3, 4]]", DataType::Fp32),
-            ("[0, 255]", DataType::Uint8),
-            ("[0, 256]", DataType::Uint8),
-            ("[1, \"two\"]", DataType::Fp32),
-            ("[true, 1]", DataType::Bool),
-            ("[-1, 18446744073709551615]", DataType::Int64),
-            ("[[[1]], [2, [3, 4]]]", DataType::Int32),
-            ("[1, null]", DataType::Fp64),
-            ("[1, {\"a\": 1}]", DataType::Fp32),
-        ];
-        for (text, dt) in cases {
-            let tree: Value = serde_json::from_str(text).unwrap();
-            assert_eq!(
-                TensorData::from_json_text("x", dt, text),
-                decode_json_data("x", dt, &tree),
-                "{text} as {dt}"
-            );
-        }
+    fn text_decoding_flattens_any_nesting_and_names_bad_elements() {
+        assert_eq!(
+            TensorData::from_json_text("x", DataType::Int32, "[[[1]], [2, [3, 4]]]").unwrap(),
+            TensorData::Int32(vec![1, 2, 3, 4])
+        );
+        assert_eq!(
+            TensorData::from_json_text("x", DataType::Int64, "[-1, 9223372036854775807]").unwrap(),
+            TensorData::Int64(vec![-1, i64::MAX])
+        );
+        let err = TensorData::from_json_text("x", DataType::Int64, "[-1, 18446744073709551615]")
+            .unwrap_err();
+        assert!(
+            matches!(err, DecodeError::OutOfRange { index: 1, .. }),
+            "{err}"
+        );
+        let err = TensorData::from_json_text("x", DataType::Fp64, "[1, null]").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "element 1 of input \"x\" is null, expected a number"
+        );
+        let err = TensorData::from_json_text("x", DataType::Fp32, "[1, {\"a\": 1}]").unwrap_err();
+        assert!(err.to_string().contains("is an object"), "{err}");
         assert!(TensorData::from_json_text("x", DataType::Fp32, "[1, 2").is_err());
     }
 

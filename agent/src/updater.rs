@@ -99,15 +99,14 @@ pub async fn serve_installed(
 }
 
 fn served(installed: &InstalledModel, selection: Selection) -> ServedModel {
-    ServedModel {
-        name: installed.slot.name.clone(),
-        version: installed.slot.version,
-        sha256: installed.slot.sha256.clone(),
-        format: installed.slot.format,
-        engine: selection.engine,
-        trials: selection.trials,
-        stats: Default::default(),
-    }
+    let slot = &installed.slot;
+    ServedModel::new(
+        slot.name.clone(),
+        slot.version,
+        slot.sha256.clone(),
+        slot.format,
+        selection,
+    )
 }
 
 /// Checks the engine against the inputs the desired state declares.

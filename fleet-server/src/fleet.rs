@@ -73,6 +73,15 @@ impl Fleet {
         let Some((version, bytes)) = signed else {
             return Ok(None);
         };
+        self.publish_retained(device, bytes).await;
+        tracing::info!(device = %device, version, "desired state published");
+        Ok(Some(version))
+    }
+
+    /// Publishes a stored, signed desired state retained on the device's
+    /// topic. A failure is logged: the document stays stored and is
+    /// re-published when the device next reports.
+    async fn publish_retained(&self, device: &DeviceId, bytes: Vec<u8>) {
         let topic = self.prefix.device(device, TopicKind::Desired).to_string();
         if let Err(e) = self
             .mqtt
@@ -81,8 +90,6 @@ impl Fleet {
         {
             tracing::error!(device = %device, error = %e, "could not queue desired state; it is stored and will be re-published when the device reports");
         }
-        tracing::info!(device = %device, version, "desired state published");
-        Ok(Some(version))
     }
 
     /// Records a status message; a device seen for the first time gets its
@@ -90,44 +97,36 @@ impl Fleet {
     pub async fn on_status(&self, msg: StatusMessage) -> Result<(), StoreError> {
         let now = edgefleet_shared::unix_now();
         let m = msg.clone();
-        let is_new = self
+        // One store round trip: record the status and, for an online
+        // device, read back what it should be running.
+        let (is_new, stored) = self
             .store
-            .call(move |conn| store::record_status(conn, &m, now))
+            .call(move |conn| {
+                let is_new = store::record_status(conn, &m, now)?;
+                let stored = if m.online {
+                    let version = store::get_device(conn, m.device_id.as_str())?
+                        .map_or(0, |d| d.desired_version);
+                    Some((version, store::desired_json(conn, m.device_id.as_str())?))
+                } else {
+                    None
+                };
+                Ok((is_new, stored))
+            })
             .await?;
-        if msg.online {
-            let id = msg.device_id.clone();
-            let (stored_version, has_doc) = self
-                .store
-                .call(move |conn| {
-                    let dev = store::get_device(conn, id.as_str())?;
-                    let doc = store::desired_json(conn, id.as_str())?;
-                    Ok((dev.map(|d| d.desired_version).unwrap_or(0), doc.is_some()))
-                })
-                .await?;
-            let behind = msg.desired_version.unwrap_or(0) < stored_version;
-            if is_new || !has_doc {
+        match stored {
+            None => {}
+            Some((_, None)) => {
                 self.publish_desired(&msg.device_id).await?;
-            } else if behind {
+            }
+            Some(_) if is_new => {
+                self.publish_desired(&msg.device_id).await?;
+            }
+            Some((version, Some(bytes))) if msg.desired_version.unwrap_or(0) < version => {
                 // The retained message may have been lost (e.g. an external
                 // broker restarted without persistence): publish it again.
-                self.republish_stored(&msg.device_id).await?;
+                self.publish_retained(&msg.device_id, bytes).await;
             }
-        }
-        Ok(())
-    }
-
-    async fn republish_stored(&self, device: &DeviceId) -> Result<(), StoreError> {
-        let id = device.clone();
-        if let Some(bytes) = self
-            .store
-            .call(move |c| store::desired_json(c, id.as_str()))
-            .await?
-        {
-            let topic = self.prefix.device(device, TopicKind::Desired).to_string();
-            let _ = self
-                .mqtt
-                .publish(topic, QoS::AtLeastOnce, true, bytes)
-                .await;
+            Some(_) => {}
         }
         Ok(())
     }

@@ -146,12 +146,6 @@ pub struct DeviceTopic {
     pub kind: TopicKind,
 }
 
-impl DeviceTopic {
-    pub fn new(prefix: &TopicPrefix, device: &DeviceId, kind: TopicKind) -> Self {
-        prefix.device(device, kind)
-    }
-}
-
 impl fmt::Display for DeviceTopic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/devices/{}/{}", self.prefix, self.device, self.kind)
