@@ -44,6 +44,15 @@ pub struct ApiState {
     pub permits: Arc<Semaphore>,
     pub max_concurrent: usize,
     pub request_timeout: Duration,
+    /// Where results of models with `upload_results` go (fleet mode).
+    pub uploads: Option<Uploads>,
+}
+
+/// The outbox and device id for uploaded inference results.
+#[derive(Clone, Debug)]
+pub struct Uploads {
+    pub device: edgefleet_shared::DeviceId,
+    pub outbox: crate::outbox::OutboxHandle,
 }
 
 impl ApiState {
@@ -54,6 +63,7 @@ impl ApiState {
             permits: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
             max_concurrent: limits.max_concurrent_requests,
             request_timeout: Duration::from_millis(limits.request_timeout_ms),
+            uploads: None,
         }
     }
 }
@@ -533,6 +543,46 @@ fn encode_response(
         .expect("response builds")
 }
 
+/// Queues one inference result for upload through the outbox.
+fn queue_result(
+    uploads: &Uploads,
+    model: &ServedModel,
+    request_id: Option<String>,
+    latency: Duration,
+    outputs: &[Tensor],
+) {
+    let mut result = edgefleet_shared::InferenceResult {
+        schema: edgefleet_shared::SCHEMA_VERSION,
+        device_id: uploads.device.clone(),
+        seq: 0,
+        at: edgefleet_shared::unix_now(),
+        model: model.name.clone(),
+        model_version: model.version,
+        runtime: model.engine.runtime().to_string(),
+        request_id,
+        latency_us: latency.as_micros() as u64,
+        outputs: Value::Array(
+            outputs
+                .iter()
+                .map(|t| {
+                    json!({
+                        "name": t.name,
+                        "datatype": t.data.datatype().as_str(),
+                        "shape": t.shape,
+                        "data": t.data.to_json(),
+                    })
+                })
+                .collect(),
+        ),
+    };
+    uploads
+        .outbox
+        .push(crate::outbox::Stream::Results, |seq| {
+            result.seq = seq;
+            serde_json::to_vec(&result).expect("results serialize")
+        });
+}
+
 async fn infer(
     state: &ApiState,
     model: Arc<ServedModel>,
@@ -628,6 +678,9 @@ async fn infer(
         ApiError::new(status, e.to_string())
     })?;
     model.stats.record_success(elapsed);
+    if let (true, Some(uploads)) = (model.upload_results, &state.uploads) {
+        queue_result(uploads, &model, id.clone(), elapsed, &outputs);
+    }
     let selected: Vec<(Tensor, bool)> = match &wanted {
         None => outputs
             .into_iter()

@@ -43,6 +43,74 @@ pub struct AgentConfig {
     pub update: UpdateConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// The durable outbox (fleet mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Hard cap on the outbox database; beyond it appends are treated like
+    /// a full disk (records wait in memory, the condition is reported).
+    #[serde(default = "default_outbox_db_bytes")]
+    pub max_db_bytes: u64,
+    /// Records held in memory while the disk refuses them (update events
+    /// are kept even beyond this).
+    #[serde(default = "default_outbox_memory_records")]
+    pub memory_records: usize,
+    /// Per-stream caps and overflow policy (`drop-oldest`, `reject-new`,
+    /// `downsample`). Update events are never dropped and have no cap.
+    pub status: Option<crate::outbox::StreamPolicy>,
+    pub telemetry: Option<crate::outbox::StreamPolicy>,
+    pub results: Option<crate::outbox::StreamPolicy>,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_db_bytes: default_outbox_db_bytes(),
+            memory_records: default_outbox_memory_records(),
+            status: None,
+            telemetry: None,
+            results: None,
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// The policy of every stream, defaults filled in.
+    pub fn policies(&self) -> [crate::outbox::StreamPolicy; 4] {
+        use crate::outbox::{Stream, StreamPolicy};
+        Stream::ALL.map(|stream| {
+            let configured = match stream {
+                Stream::Events => None,
+                Stream::Status => self.status,
+                Stream::Telemetry => self.telemetry,
+                Stream::Results => self.results,
+            };
+            configured.unwrap_or_else(|| StreamPolicy::default_for(stream))
+        })
+    }
+}
+
+/// Health sampling (fleet mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Milliseconds between samples.
+    #[serde(default = "default_telemetry_interval_ms")]
+    pub interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: default_telemetry_interval_ms(),
+        }
+    }
 }
 
 /// Which inference runtimes to use.
@@ -128,6 +196,9 @@ pub struct LocalModel {
     /// Pin this model to one runtime.
     #[serde(default)]
     pub runtime: Option<String>,
+    /// Queue every inference result of this model for upload (fleet mode).
+    #[serde(default)]
+    pub upload_results: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +248,15 @@ fn default_stall_secs() -> u64 {
 fn default_attempts() -> u32 {
     3
 }
+fn default_outbox_db_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_outbox_memory_records() -> usize {
+    10_000
+}
+fn default_telemetry_interval_ms() -> u64 {
+    60_000
+}
 
 impl AgentConfig {
     /// A config with every default and nothing connected.
@@ -193,6 +273,8 @@ impl AgentConfig {
             models: Vec::new(),
             update: UpdateConfig::default(),
             runtime: RuntimeConfig::default(),
+            outbox: OutboxConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 
@@ -267,6 +349,30 @@ impl AgentConfig {
                 return invalid(format!(
                     "api.tcp {tcp} is not a loopback address; the local API has no authentication and must not be exposed"
                 ));
+            }
+        }
+        if self.telemetry.interval_ms < 100 {
+            return invalid("telemetry.interval_ms must be at least 100".into());
+        }
+        if self.outbox.max_db_bytes < 64 * 1024 {
+            return invalid("outbox.max_db_bytes must be at least 65536".into());
+        }
+        for (name, policy) in [
+            ("status", self.outbox.status),
+            ("telemetry", self.outbox.telemetry),
+            ("results", self.outbox.results),
+        ] {
+            if let Some(p) = policy {
+                if p.max_rows == 0 || p.max_bytes == 0 {
+                    return invalid(format!(
+                        "outbox.{name}: max_rows and max_bytes must be at least 1"
+                    ));
+                }
+                if p.overflow == crate::outbox::Overflow::Never {
+                    return invalid(format!(
+                        "outbox.{name}.overflow: \"never\" is reserved for update events; use drop-oldest, reject-new or downsample"
+                    ));
+                }
             }
         }
         let mut names = std::collections::BTreeSet::new();

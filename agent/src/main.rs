@@ -59,6 +59,7 @@ fn parse_model(s: &str) -> Result<LocalModel, String> {
         name: name.to_string(),
         path: PathBuf::from(path),
         runtime: None,
+        upload_results: false,
     })
 }
 

@@ -24,6 +24,8 @@ pub struct ServedModel {
     /// How each runtime fared when the model was activated.
     pub trials: Vec<Trial>,
     pub stats: ModelStats,
+    /// Queue each result for upload (the model's `upload_results`).
+    pub upload_results: bool,
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -58,6 +60,7 @@ impl ServedModel {
             engine: selection.engine,
             trials: selection.trials,
             stats: Default::default(),
+            upload_results: false,
         }
     }
 

@@ -18,6 +18,8 @@ pub struct ModelStats {
     /// Total inference time of successful requests, in nanoseconds.
     success_nanos: AtomicU64,
     buckets: [AtomicU64; BUCKETS],
+    /// Latency of the most recent successful request, in nanoseconds.
+    last_nanos: AtomicU64,
 }
 
 impl Default for ModelStats {
@@ -27,7 +29,61 @@ impl Default for ModelStats {
             failures: AtomicU64::new(0),
             success_nanos: AtomicU64::new(0),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            last_nanos: AtomicU64::new(0),
         }
+    }
+}
+
+/// Plain counts read from [`ModelStats`]; the difference of two readings
+/// describes the interval between them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub successes: u64,
+    pub failures: u64,
+    pub success_nanos: u64,
+    buckets: Vec<u64>,
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Self {
+            successes: 0,
+            failures: 0,
+            success_nanos: 0,
+            buckets: vec![0; BUCKETS],
+        }
+    }
+}
+
+impl Counts {
+    /// What happened since `earlier`.
+    pub fn since(&self, earlier: &Counts) -> Counts {
+        Counts {
+            successes: self.successes.saturating_sub(earlier.successes),
+            failures: self.failures.saturating_sub(earlier.failures),
+            success_nanos: self.success_nanos.saturating_sub(earlier.success_nanos),
+            buckets: self
+                .buckets
+                .iter()
+                .zip(&earlier.buckets)
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect(),
+        }
+    }
+
+    /// The latency below which a fraction `q` of requests fell, in
+    /// microseconds (`None` without requests).
+    pub fn percentile_us(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        self.buckets.iter().enumerate().find_map(|(i, &c)| {
+            seen += c;
+            (seen >= rank).then(|| bucket_upper_micros(i))
+        })
     }
 }
 
@@ -63,37 +119,46 @@ impl ModelStats {
             Ordering::Relaxed,
         );
         self.buckets[bucket_of(latency)].fetch_add(1, Ordering::Relaxed);
+        self.last_nanos.store(
+            latency.as_nanos().clamp(1, u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     pub fn record_failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        let percentile = |q: f64| {
-            if total == 0 {
-                return None;
-            }
-            let rank = (q * total as f64).ceil().max(1.0) as u64;
-            let mut seen = 0;
-            counts.iter().enumerate().find_map(|(i, &c)| {
-                seen += c;
-                (seen >= rank).then(|| bucket_upper_micros(i))
-            })
-        };
-        StatsSnapshot {
+    /// Latency of the most recent successful request.
+    pub fn last_latency(&self) -> Option<Duration> {
+        match self.last_nanos.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n)),
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        Counts {
             successes: self.successes.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             success_nanos: self.success_nanos.load(Ordering::Relaxed),
-            p50_us: percentile(0.50),
-            p90_us: percentile(0.90),
-            p99_us: percentile(0.99),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let c = self.counts();
+        StatsSnapshot {
+            successes: c.successes,
+            failures: c.failures,
+            success_nanos: c.success_nanos,
+            p50_us: c.percentile_us(0.50),
+            p90_us: c.percentile_us(0.90),
+            p99_us: c.percentile_us(0.99),
         }
     }
 }
@@ -122,6 +187,25 @@ mod tests {
             s.success_nanos,
             (1..=1000u64).map(|i| i * 10_000).sum::<u64>()
         );
+    }
+
+    #[test]
+    fn interval_counts_cover_only_their_interval() {
+        let stats = ModelStats::default();
+        for _ in 0..100 {
+            stats.record_success(Duration::from_micros(10));
+        }
+        let before = stats.counts();
+        for _ in 0..10 {
+            stats.record_success(Duration::from_millis(10));
+        }
+        stats.record_failure();
+        let interval = stats.counts().since(&before);
+        assert_eq!((interval.successes, interval.failures), (10, 1));
+        let p50 = interval.percentile_us(0.5).unwrap();
+        assert!((p50 - 10_000.0).abs() / 10_000.0 < 0.2, "{p50}");
+        assert_eq!(stats.last_latency(), Some(Duration::from_millis(10)));
+        assert_eq!(Counts::default().percentile_us(0.5), None);
     }
 
     #[test]

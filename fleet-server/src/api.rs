@@ -64,6 +64,8 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/events", get(device_events))
+        .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
+        .route("/api/v1/devices/{id}/results", get(device_results))
         .route("/api/v1/devices/{id}/desired", get(device_desired))
         .route("/artifacts/{sha256}", get(download_artifact))
         .fallback(|| async { ApiError::not_found("no such endpoint; the API lives under /api/v1") })
@@ -251,6 +253,62 @@ async fn device_events(
         .call(move |c| store::events_for_device(c, &id, limit))
         .await?;
     Ok(Json(json!(events)))
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    /// Only records with a sequence number above this one (for paging).
+    after_seq: Option<u64>,
+    limit: Option<u32>,
+    /// Results only: one model's.
+    model: Option<String>,
+}
+
+/// Checks the device exists and turns the query into a page.
+async fn stream_page(fleet: &Fleet, id: &str, q: &StreamQuery) -> ApiResult<store::Page> {
+    let key = id.to_string();
+    let known = fleet
+        .store
+        .call(move |c| store::get_device(c, &key))
+        .await?
+        .is_some();
+    if !known {
+        return Err(ApiError::not_found(format!("unknown device {id:?}")));
+    }
+    Ok(store::Page {
+        after_seq: q.after_seq,
+        limit: q.limit.unwrap_or(500).clamp(1, 5000),
+    })
+}
+
+/// Recent telemetry of a device, oldest first (`after_seq` pages forward).
+async fn device_telemetry(
+    State(fleet): State<Fleet>,
+    Path(id): Path<String>,
+    Query(q): Query<StreamQuery>,
+) -> ApiResult<Json<Value>> {
+    let page = stream_page(&fleet, &id, &q).await?;
+    let key = id.clone();
+    let samples = fleet
+        .store
+        .call(move |c| store::telemetry_for_device(c, &key, &page))
+        .await?;
+    Ok(Json(json!({ "device_id": id, "telemetry": samples })))
+}
+
+/// Uploaded inference results of a device, oldest first.
+async fn device_results(
+    State(fleet): State<Fleet>,
+    Path(id): Path<String>,
+    Query(q): Query<StreamQuery>,
+) -> ApiResult<Json<Value>> {
+    let page = stream_page(&fleet, &id, &q).await?;
+    let (key, model) = (id.clone(), q.model.clone());
+    let results = fleet
+        .store
+        .call(move |c| store::results_for_device(c, &key, model.as_deref(), &page))
+        .await?;
+    Ok(Json(json!({ "device_id": id, "results": results })))
 }
 
 async fn device_desired(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Response> {

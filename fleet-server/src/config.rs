@@ -63,6 +63,9 @@ pub struct ServerConfig {
     /// Largest model upload accepted.
     #[serde(default = "default_max_upload")]
     pub max_upload_bytes: u64,
+    /// How long telemetry samples and uploaded results are kept.
+    #[serde(default = "default_retention")]
+    pub telemetry_retention_secs: u64,
     #[serde(default)]
     pub broker: BrokerConfig,
 }
@@ -78,6 +81,9 @@ fn default_prefix() -> String {
 }
 fn default_expiry() -> u64 {
     30 * 86_400
+}
+fn default_retention() -> u64 {
+    7 * 86_400
 }
 fn default_max_upload() -> u64 {
     4 * 1024 * 1024 * 1024

@@ -68,7 +68,8 @@ pub async fn start(
         }
         (None, None) => anyhow::bail!("no MQTT broker configured"),
     };
-    let (mqtt, mut eventloop) = bridge::client(&host, port);
+    let prefix = TopicPrefix::new(config.topic_prefix.clone())?;
+    let (mqtt, mut eventloop) = bridge::client(&host, port, &prefix);
     bridge::connect(&mut eventloop, &format!("{host}:{port}")).await?;
     let bound = http.local_addr()?;
     let public_url = config.public_url(bound);
@@ -77,12 +78,17 @@ pub async fn start(
         artifacts,
         signer: Arc::new(signer),
         mqtt,
-        prefix: TopicPrefix::new(config.topic_prefix.clone())?,
+        prefix,
         public_url: public_url.clone(),
         desired_expiry_secs: config.desired_expiry_secs,
         max_upload_bytes: config.max_upload_bytes,
     };
     let bridge_task = tokio::spawn(bridge::run(fleet.clone(), eventloop, shutdown.clone()));
+    tokio::spawn(prune_streamed(
+        fleet.store.clone(),
+        config.telemetry_retention_secs,
+        shutdown.clone(),
+    ));
     let app = api::router(fleet);
     let token = shutdown.clone();
     let done = tokio::spawn(async move {
@@ -102,4 +108,22 @@ pub async fn start(
         },
         done,
     ))
+}
+
+/// Deletes telemetry and results older than the retention, at start and
+/// then every ten minutes.
+async fn prune_streamed(store: store::Store, retention_secs: u64, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let cutoff = edgefleet_shared::unix_now().saturating_sub(retention_secs);
+        match store.call(move |c| store::prune_streamed(c, cutoff)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "pruned old telemetry and results"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune telemetry"),
+        }
+    }
 }

@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use edgefleet_shared::{ModelFormat, ModelStatus, StatusMessage, UpdateEvent};
+use edgefleet_shared::{
+    InferenceResult, ModelFormat, ModelStatus, StatusMessage, TelemetryMessage, UpdateEvent,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +72,28 @@ const MIGRATIONS: &[&str] = &[r#"
         PRIMARY KEY (device_id, seq)
     );
     CREATE INDEX events_by_time ON events (device_id, at);
+"#, r#"
+    CREATE TABLE telemetry (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX telemetry_by_arrival ON telemetry (received_at);
+    CREATE TABLE results (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        model_version INTEGER NOT NULL,
+        request_id TEXT,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX results_by_arrival ON results (received_at);
 "#];
 
 /// Assignment scope meaning "every device".
@@ -444,6 +468,148 @@ pub fn events_for_device(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+// ---- telemetry and results ---------------------------------------------------
+
+/// A record a device streams: one telemetry sample or one inference result.
+#[derive(Debug, Clone)]
+pub enum Streamed {
+    Telemetry(TelemetryMessage),
+    Result(InferenceResult),
+}
+
+/// Stores a batch of streamed records in one transaction, each once:
+/// redelivered copies (same device and sequence number) are ignored, so
+/// at-least-once delivery becomes exactly-once storage. Returns how many
+/// were new.
+pub fn record_streamed(
+    conn: &mut Connection,
+    batch: &[Streamed],
+    now: u64,
+) -> Result<usize, StoreError> {
+    let tx = conn.transaction()?;
+    let mut new = 0;
+    {
+        let mut device = tx.prepare_cached(
+            "INSERT INTO devices (id, first_seen, last_seen) VALUES (?1, ?2, ?2)
+             ON CONFLICT (id) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
+        )?;
+        let mut telemetry = tx.prepare_cached(
+            "INSERT OR IGNORE INTO telemetry (device_id, seq, at, received_at, body)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut result = tx.prepare_cached(
+            "INSERT OR IGNORE INTO results (device_id, seq, at, received_at, model, model_version, request_id, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for record in batch {
+            let body = match record {
+                Streamed::Telemetry(t) => serde_json::to_string(t),
+                Streamed::Result(r) => serde_json::to_string(r),
+            }
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+            new += match record {
+                Streamed::Telemetry(t) => {
+                    device.execute(params![t.device_id.as_str(), now as i64])?;
+                    telemetry.execute(params![
+                        t.device_id.as_str(),
+                        t.seq as i64,
+                        t.at as i64,
+                        now as i64,
+                        body
+                    ])?
+                }
+                Streamed::Result(r) => {
+                    device.execute(params![r.device_id.as_str(), now as i64])?;
+                    result.execute(params![
+                        r.device_id.as_str(),
+                        r.seq as i64,
+                        r.at as i64,
+                        now as i64,
+                        r.model,
+                        r.model_version as i64,
+                        r.request_id,
+                        body
+                    ])?
+                }
+            };
+        }
+    }
+    tx.commit()?;
+    Ok(new)
+}
+
+/// Which stored records to read: sequence numbers after `after_seq`,
+/// oldest first, at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub after_seq: Option<u64>,
+    pub limit: u32,
+}
+
+/// Telemetry samples of a device in sequence order, each as the device
+/// sent it plus `received_at`.
+pub fn telemetry_for_device(
+    conn: &Connection,
+    device: &str,
+    page: &Page,
+) -> Result<Vec<serde_json::Value>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT received_at, body FROM telemetry
+         WHERE device_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(
+        params![device, page.after_seq.unwrap_or(0) as i64, page.limit],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+    )?;
+    rows.map(|row| {
+        let (received_at, body) = row?;
+        let mut v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| StoreError::Task(e.to_string()))?;
+        v["received_at"] = received_at.into();
+        Ok(v)
+    })
+    .collect()
+}
+
+/// Uploaded inference results of a device in sequence order, optionally
+/// of one model.
+pub fn results_for_device(
+    conn: &Connection,
+    device: &str,
+    model: Option<&str>,
+    page: &Page,
+) -> Result<Vec<serde_json::Value>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT received_at, body FROM results
+         WHERE device_id = ?1 AND seq > ?2 AND (?3 IS NULL OR model = ?3)
+         ORDER BY seq LIMIT ?4",
+    )?;
+    let rows = stmt.query_map(
+        params![device, page.after_seq.unwrap_or(0) as i64, model, page.limit],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+    )?;
+    rows.map(|row| {
+        let (received_at, body) = row?;
+        let mut v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| StoreError::Task(e.to_string()))?;
+        v["received_at"] = received_at.into();
+        Ok(v)
+    })
+    .collect()
+}
+
+/// Deletes telemetry and results that arrived before `cutoff` (unix
+/// seconds; arrival time, since device clocks may be wrong). Returns how
+/// many rows went.
+pub fn prune_streamed(conn: &Connection, cutoff: u64) -> Result<usize, StoreError> {
+    let a = conn.execute(
+        "DELETE FROM telemetry WHERE received_at < ?1",
+        [cutoff as i64],
+    )?;
+    let b = conn.execute("DELETE FROM results WHERE received_at < ?1", [cutoff as i64])?;
+    Ok(a + b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,6 +754,76 @@ mod tests {
             let stored = events_for_device(c, "a", 10)?;
             assert_eq!(stored.len(), 1);
             assert_eq!(stored[0].kind, "refused");
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    fn telemetry(device: &str, seq: u64) -> Streamed {
+        Streamed::Telemetry(TelemetryMessage {
+            schema: SCHEMA_VERSION,
+            device_id: DeviceId::new(device).unwrap(),
+            seq,
+            at: 1000 + seq,
+            interval_secs: 60.0,
+            health: Default::default(),
+            models: vec![],
+            outbox: Default::default(),
+        })
+    }
+
+    fn result(device: &str, seq: u64, model: &str) -> Streamed {
+        Streamed::Result(InferenceResult {
+            schema: SCHEMA_VERSION,
+            device_id: DeviceId::new(device).unwrap(),
+            seq,
+            at: 0,
+            model: model.into(),
+            model_version: 1,
+            runtime: "tract-onnx".into(),
+            request_id: Some(format!("r{seq}")),
+            latency_us: 5,
+            outputs: serde_json::json!([]),
+        })
+    }
+
+    #[test]
+    fn streamed_records_are_stored_once_in_sequence_order_and_pruned() {
+        let (_dir, s) = store();
+        s.with(|c| {
+            // Out of order and with a redelivered copy.
+            let batch = [
+                telemetry("a", 3),
+                telemetry("a", 1),
+                result("a", 2, "m"),
+                telemetry("a", 3),
+                result("a", 4, "other"),
+                telemetry("b", 1),
+            ];
+            assert_eq!(record_streamed(c, &batch, 100)?, 5);
+            assert_eq!(record_streamed(c, &batch, 101)?, 0);
+            let page = Page {
+                after_seq: None,
+                limit: 10,
+            };
+            let t = telemetry_for_device(c, "a", &page)?;
+            let seqs: Vec<u64> = t.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+            assert_eq!(seqs, vec![1, 3]);
+            assert_eq!(t[0]["received_at"], 100);
+            let after = Page {
+                after_seq: Some(1),
+                limit: 10,
+            };
+            assert_eq!(telemetry_for_device(c, "a", &after)?.len(), 1);
+            let r = results_for_device(c, "a", Some("m"), &page)?;
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0]["request_id"], "r2");
+            assert_eq!(results_for_device(c, "a", None, &page)?.len(), 2);
+            // The device row exists for a device only seen in telemetry.
+            assert!(get_device(c, "b")?.is_some());
+            record_streamed(c, &[telemetry("a", 9)], 500)?;
+            assert_eq!(prune_streamed(c, 200)?, 5);
+            assert_eq!(telemetry_for_device(c, "a", &page)?.len(), 1);
             Ok(())
         })
         .unwrap();

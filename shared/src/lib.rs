@@ -20,7 +20,10 @@ pub use documents::{
     VerifyError,
 };
 pub use ids::{DeviceId, InvalidId};
-pub use messages::{EventKind, ModelStatus, StatusMessage, UpdateEvent};
+pub use messages::{
+    EventKind, Health, InferenceResult, ModelStatus, ModelTelemetry, OutboxHealth, StatusMessage,
+    TelemetryMessage, Temperature, UpdateEvent,
+};
 pub use topics::{DeviceTopic, TopicKind, TopicPrefix};
 
 /// Version of the JSON schema every message and document carries in its

@@ -1,4 +1,5 @@
-//! Messages agents publish: `status` (retained) and `events`.
+//! Messages agents publish: `status` (retained), `events`, `telemetry`
+//! and `results`.
 //!
 //! Every agent → server message carries the device id (the server rejects a
 //! message whose id differs from its topic's), the schema version, and a
@@ -104,6 +105,122 @@ pub struct UpdateEvent {
     /// Human-readable reason, always set for failures and refusals.
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+/// Published on `telemetry` every sampling interval: the device's health,
+/// per-model inference statistics over the interval, and the outbox state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryMessage {
+    pub schema: u32,
+    pub device_id: DeviceId,
+    pub seq: u64,
+    pub at: u64,
+    /// Seconds this sample covers (the inference counts are for it).
+    pub interval_secs: f64,
+    pub health: Health,
+    #[serde(default)]
+    pub models: Vec<ModelTelemetry>,
+    pub outbox: OutboxHealth,
+}
+
+/// Device health as `sysinfo` sees it. Fields a board does not expose are
+/// absent rather than zero.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// Whole-system CPU use over the interval, 0–100.
+    #[serde(default)]
+    pub cpu_percent: Option<f32>,
+    /// 1, 5 and 15 minute load averages.
+    #[serde(default)]
+    pub load: Option<[f64; 3]>,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// Disk holding the agent's data dir.
+    #[serde(default)]
+    pub disk_total_bytes: Option<u64>,
+    #[serde(default)]
+    pub disk_available_bytes: Option<u64>,
+    #[serde(default)]
+    pub temperatures: Vec<Temperature>,
+    pub uptime_secs: u64,
+    /// The agent process itself.
+    pub agent_rss_bytes: u64,
+    #[serde(default)]
+    pub agent_cpu_percent: Option<f32>,
+    pub agent_uptime_secs: u64,
+}
+
+/// One temperature sensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Temperature {
+    pub label: String,
+    pub celsius: f32,
+}
+
+/// Inference statistics of one served model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelTelemetry {
+    pub name: String,
+    pub version: u64,
+    /// The runtime serving it.
+    pub runtime: String,
+    /// Successful inferences in this interval.
+    pub inferences: u64,
+    /// Failed inferences in this interval.
+    pub errors: u64,
+    /// Since the model was activated.
+    pub total_inferences: u64,
+    pub total_errors: u64,
+    /// Latency percentiles over this interval, in microseconds (absent when
+    /// there was no inference).
+    #[serde(default)]
+    pub p50_us: Option<f64>,
+    #[serde(default)]
+    pub p95_us: Option<f64>,
+    #[serde(default)]
+    pub p99_us: Option<f64>,
+    /// How each runtime fared when the model was activated (the choice).
+    #[serde(default)]
+    pub runtime_trials: Vec<serde_json::Value>,
+}
+
+/// The agent's outbox as it reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutboxHealth {
+    /// Records waiting on disk.
+    pub depth: u64,
+    pub depth_bytes: u64,
+    /// Records waiting in memory because the disk refused them.
+    #[serde(default)]
+    pub memory_depth: u64,
+    /// Age of the oldest waiting record, in seconds.
+    #[serde(default)]
+    pub oldest_age_secs: Option<u64>,
+    /// Records dropped by an overflow policy since the agent started.
+    #[serde(default)]
+    pub dropped: u64,
+    /// Set while something is wrong: "disk full", "database corrupt", ...
+    #[serde(default)]
+    pub condition: Option<String>,
+}
+
+/// Published on `results`: one inference result of a model whose config
+/// asks for uploads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceResult {
+    pub schema: u32,
+    pub device_id: DeviceId,
+    pub seq: u64,
+    pub at: u64,
+    pub model: String,
+    pub model_version: u64,
+    pub runtime: String,
+    /// The request's `id`, if the client gave one.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    pub latency_us: u64,
+    /// Output tensors in Open Inference Protocol JSON form.
+    pub outputs: serde_json::Value,
 }
 
 #[cfg(test)]

@@ -22,10 +22,18 @@ pub enum TopicKind {
     Events,
     /// agent → server: health and inference statistics.
     Telemetry,
+    /// agent → server: inference results a model's config asks to upload.
+    Results,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 4] = [Self::Desired, Self::Status, Self::Events, Self::Telemetry];
+    pub const ALL: [TopicKind; 5] = [
+        Self::Desired,
+        Self::Status,
+        Self::Events,
+        Self::Telemetry,
+        Self::Results,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -33,6 +41,7 @@ impl TopicKind {
             Self::Status => "status",
             Self::Events => "events",
             Self::Telemetry => "telemetry",
+            Self::Results => "results",
         }
     }
 }
