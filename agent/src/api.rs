@@ -575,12 +575,10 @@ fn queue_result(
                 .collect(),
         ),
     };
-    uploads
-        .outbox
-        .push(crate::outbox::Stream::Results, |seq| {
-            result.seq = seq;
-            serde_json::to_vec(&result).expect("results serialize")
-        });
+    uploads.outbox.push(crate::outbox::Stream::Results, |seq| {
+        result.seq = seq;
+        serde_json::to_vec(&result).expect("results serialize")
+    });
 }
 
 async fn infer(

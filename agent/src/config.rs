@@ -47,6 +47,9 @@ pub struct AgentConfig {
     pub outbox: OutboxConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// The on-device status display (off by default).
+    #[serde(default)]
+    pub display: crate::display::DisplayConfig,
 }
 
 /// The durable outbox (fleet mode).
@@ -170,6 +173,11 @@ pub struct MqttConfig {
     pub password: Option<String>,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
+    /// When an outbox record counts as delivered: `receipt` (the fleet
+    /// server confirmed storing it; default) or `puback` (the broker
+    /// acknowledged it).
+    #[serde(default)]
+    pub delete_on: crate::uplink::DeleteOn,
 }
 
 impl MqttConfig {
@@ -275,6 +283,7 @@ impl AgentConfig {
             runtime: RuntimeConfig::default(),
             outbox: OutboxConfig::default(),
             telemetry: TelemetryConfig::default(),
+            display: Default::default(),
         }
     }
 
@@ -321,6 +330,7 @@ impl AgentConfig {
         for model in &mut self.models {
             fix(&mut model.path);
         }
+        self.display.resolve_relative_to(base);
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -351,6 +361,7 @@ impl AgentConfig {
                 ));
             }
         }
+        self.display.validate()?;
         if self.telemetry.interval_ms < 100 {
             return invalid("telemetry.interval_ms must be at least 100".into());
         }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod config;
+pub mod display;
 pub mod download;
 pub mod durable;
 pub mod engine;
@@ -15,6 +16,8 @@ pub mod outbox;
 pub mod registry;
 pub mod report;
 pub mod stats;
+pub mod status_view;
+pub mod telemetry;
 pub mod tensor;
 pub mod trust;
 pub mod update;
@@ -76,13 +79,9 @@ async fn serve_local_models(
         match result {
             Ok((format, sha256, selection)) => {
                 tracing::info!(model = %local.name, path = %local.path.display(), runtime = selection.engine.runtime(), "serving local model");
-                registry.insert(ServedModel::new(
-                    local.name.clone(),
-                    1,
-                    sha256,
-                    format,
-                    selection,
-                ));
+                let mut served = ServedModel::new(local.name.clone(), 1, sha256, format, selection);
+                served.upload_results = local.upload_results;
+                registry.insert(served);
             }
             Err(e) => {
                 tracing::error!(model = %local.name, error = %format!("{e:#}"), "local model not served")
@@ -105,18 +104,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     updater::serve_installed(&store, &registry, &loading).await?;
     serve_local_models(&config, &registry, &loading).await;
 
-    let api_state = api::ApiState::new(registry.clone(), &config.api);
     let mut tasks = tokio::task::JoinSet::new();
-    let unix = api::bind_unix(&config.api.socket).await?;
-    tracing::info!(socket = %config.api.socket.display(), "local API listening");
-    tasks.spawn(api::serve_unix(unix, api_state.clone(), shutdown.clone()));
-    if let Some(addr) = config.api.tcp {
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on api.tcp {addr}"))?;
-        tracing::info!(%addr, "local API listening on loopback TCP");
-        tasks.spawn(api::serve_tcp(tcp, api_state, shutdown.clone()));
-    }
+    let mut api_state = api::ApiState::new(registry.clone(), &config.api);
+    let (link_tx, link_rx) = watch::channel(uplink::LinkState::default());
+    let (alert_tx, alert_rx) = watch::channel(None::<String>);
+    let mut display_outbox = None;
 
     if let Some(mqtt) = &config.mqtt {
         let device = config
@@ -129,8 +121,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .context("root_document is required with [mqtt]")?;
         let trust = trust::TrustStore::open(&config.data_dir, &root_path)?;
         tracing::info!(device = %device, root_version = trust.root().version, "fleet mode");
+        let sequence =
+            outbox::Sequence::persistent(&config.data_dir.join("trust").join("sequence"))
+                .context("cannot open the message sequence counter")?;
+        let outbox = outbox::OutboxHandle::open(
+            &config.data_dir.join("outbox.db"),
+            config.outbox.policies(),
+            config.outbox.max_db_bytes,
+            config.outbox.memory_records,
+            sequence,
+        )
+        .context("cannot open the outbox")?;
+        tasks.spawn(outbox.clone().run_writer(shutdown.clone()));
+        display_outbox = Some(outbox.clone());
+        api_state.uploads = Some(api::Uploads {
+            device: device.clone(),
+            outbox: outbox.clone(),
+        });
         let (desired_tx, desired_rx) = mpsc::channel(4);
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(None);
         let updater = updater::Updater {
             device: device.clone(),
@@ -141,31 +149,67 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 Duration::from_secs(config.update.download_stall_secs),
                 config.update.download_attempts,
             ),
-            reporter: Reporter::connected(
-                device.clone(),
-                report::Sequence::persistent(&config.data_dir.join("trust").join("sequence"))
-                    .context("cannot open the message sequence counter")?,
-                events_tx,
-                status_tx,
-            ),
+            reporter: Reporter::new(device.clone(), outbox.clone(), status_tx, alert_tx.clone()),
             loading,
         };
         tasks.spawn(updater.run(desired_rx, shutdown.clone()));
+        tasks.spawn(telemetry::run(
+            device.clone(),
+            config.data_dir.clone(),
+            Duration::from_millis(config.telemetry.interval_ms),
+            registry.clone(),
+            outbox.clone(),
+            shutdown.clone(),
+        ));
         let uplink = uplink::Uplink {
             device,
             prefix: mqtt.prefix()?,
             config: mqtt.clone(),
         };
         let token = shutdown.clone();
+        let link = link_tx.clone();
         tasks.spawn(async move {
             if let Err(e) = uplink
-                .run(desired_tx, events_rx, status_rx, token.clone())
+                .run(desired_tx, outbox, status_rx, link, token.clone())
                 .await
             {
                 tracing::error!(error = %format!("{e:#}"), "uplink stopped");
                 token.cancel();
             }
         });
+    }
+
+    if config.display.kind != display::DisplayKind::Off {
+        let (view_tx, view_rx) = watch::channel(display::StatusView::default());
+        let sources = status_view::Sources {
+            device: config.device_id.clone().filter(|_| config.mqtt.is_some()),
+            registry: registry.clone(),
+            link: link_rx,
+            alert: alert_rx,
+            outbox: display_outbox,
+        };
+        tasks.spawn(status_view::run(
+            sources,
+            view_tx,
+            Duration::from_millis(config.display.refresh_ms),
+            shutdown.clone(),
+        ));
+        tasks.spawn(display::run(
+            config.display.clone(),
+            view_rx,
+            shutdown.clone(),
+        ));
+    }
+
+    let unix = api::bind_unix(&config.api.socket).await?;
+    tracing::info!(socket = %config.api.socket.display(), "local API listening");
+    tasks.spawn(api::serve_unix(unix, api_state.clone(), shutdown.clone()));
+    if let Some(addr) = config.api.tcp {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on api.tcp {addr}"))?;
+        tracing::info!(%addr, "local API listening on loopback TCP");
+        tasks.spawn(api::serve_tcp(tcp, api_state, shutdown.clone()));
     }
 
     shutdown.cancelled().await;

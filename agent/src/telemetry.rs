@@ -15,8 +15,8 @@ use edgefleet_shared::{
     DeviceId, Health, ModelTelemetry, OutboxHealth, TelemetryMessage, Temperature, SCHEMA_VERSION,
 };
 use sysinfo::{
-    Components, CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, Pid,
-    ProcessRefreshKind, ProcessesToUpdate, System,
+    Components, CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, Pid, ProcessRefreshKind,
+    ProcessesToUpdate, System,
 };
 use tokio_util::sync::CancellationToken;
 

@@ -2,7 +2,12 @@
 //!
 //! It subscribes to the device's `desired` topic and hands each message to
 //! the updater, and drains the durable outbox: records are published with
-//! QoS 1 in a bounded window and deleted only when their PUBACK arrives.
+//! QoS 1 in a bounded window and deleted only when the fleet server's
+//! receipt says they are stored (or, with `delete_on = "puback"`, when the
+//! broker acknowledges them). It drains only while the fleet server's
+//! retained status says online: the server announces itself after it has
+//! subscribed, so nothing is published into a broker with nobody to
+//! store it (an embedded broker just restarted, or a server that is down).
 //! The broker publishes the retained "offline" last will if the agent
 //! drops; on every connect the agent re-sends its current status. rumqttc
 //! reconnects on the next poll; between failed polls the task waits with
@@ -14,7 +19,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use edgefleet_shared::{DeviceId, StatusMessage, TopicKind, TopicPrefix};
+use edgefleet_shared::{DeviceId, Receipt, ServerStatus, StatusMessage, TopicKind, TopicPrefix};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -24,10 +29,13 @@ use crate::outbox::{OutboxHandle, Stream};
 
 /// Publishes awaiting their PUBACK at most.
 pub const WINDOW: usize = 100;
-/// Acknowledged records deleted per transaction at most.
+/// Delivered records deleted per transaction at most.
 const ACK_BATCH: usize = 256;
-/// A publish not acknowledged this long while connected is sent again.
-const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A publish without its PUBACK (or, after it, its receipt) this long
+/// while connected is sent again.
+const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most sequence numbers taken from one receipt.
+const MAX_RECEIPT: usize = 100_000;
 
 pub struct Uplink {
     pub device: DeviceId,
@@ -61,85 +69,160 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(base / 2 + jitter)
 }
 
-/// Which outbox record each QoS 1 publish carries. rumqttc assigns packet
-/// ids when it writes a publish, in the order publishes were queued, and
-/// reports each as `Outgoing::Publish(pkid)`; PUBACKs name the pkid.
+/// When a record counts as delivered and leaves the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeleteOn {
+    /// The fleet server's receipt says it is stored (default).
+    #[default]
+    Receipt,
+    /// The broker acknowledged it (for a broker with some other consumer
+    /// that holds a persistent session).
+    Puback,
+}
+
+/// One record on its way.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    seq: u64,
+    at: Instant,
+}
+
+/// The records in flight. rumqttc assigns packet ids when it writes a
+/// publish, in the order publishes were queued, and reports each as
+/// `Outgoing::Publish(pkid)`; PUBACKs name the pkid; receipts name
+/// sequence numbers.
 #[derive(Debug, Default)]
 pub struct Inflight {
     /// Queued to rumqttc, packet id not known yet (in queue order).
-    queued: VecDeque<(i64, Instant)>,
-    by_pkid: HashMap<u16, (i64, Instant)>,
-    /// Written long ago and never acknowledged: no longer counted as in
-    /// flight (the drain sends the record again), but rumqttc still holds
-    /// the packet id and a late PUBACK may come.
-    expired: HashMap<u16, i64>,
-    ids: HashSet<i64>,
+    queued: VecDeque<Entry>,
+    /// Written, awaiting the broker's PUBACK.
+    by_pkid: HashMap<u16, Entry>,
+    /// Acknowledged by the broker, awaiting the server's receipt.
+    awaiting: HashMap<u64, Entry>,
+    /// Packet ids rumqttc still holds whose record no longer counts here
+    /// (expired, or receipted before its PUBACK): a re-send or a late
+    /// PUBACK for one changes nothing.
+    stale: HashSet<u16>,
+    seqs: HashSet<u64>,
 }
 
 impl Inflight {
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.seqs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.seqs.is_empty()
     }
 
-    pub fn ids(&self) -> &HashSet<i64> {
-        &self.ids
+    pub fn seqs(&self) -> &HashSet<u64> {
+        &self.seqs
     }
 
     /// A record was handed to rumqttc.
-    pub fn queued(&mut self, id: i64, now: Instant) {
-        self.queued.push_back((id, now));
-        self.ids.insert(id);
+    pub fn queued(&mut self, seq: u64, now: Instant) {
+        self.queued.push_back(Entry { seq, at: now });
+        self.seqs.insert(seq);
     }
 
     /// rumqttc could not take the record after all.
     pub fn unqueue_last(&mut self) {
-        if let Some((id, _)) = self.queued.pop_back() {
-            self.ids.remove(&id);
+        if let Some(e) = self.queued.pop_back() {
+            self.seqs.remove(&e.seq);
         }
     }
 
     /// rumqttc wrote a publish with `pkid`. A pkid already known is a
     /// re-send after a reconnect, not a new record.
-    pub fn written(&mut self, pkid: u16) {
-        if pkid == 0 || self.by_pkid.contains_key(&pkid) || self.expired.contains_key(&pkid) {
+    pub fn written(&mut self, pkid: u16, now: Instant) {
+        if pkid == 0 || self.by_pkid.contains_key(&pkid) || self.stale.contains(&pkid) {
             return;
         }
-        if let Some(entry) = self.queued.pop_front() {
-            self.by_pkid.insert(pkid, entry);
+        if let Some(mut e) = self.queued.pop_front() {
+            e.at = now;
+            self.by_pkid.insert(pkid, e);
         }
     }
 
-    /// The broker acknowledged `pkid`: the record it carried, if any.
-    pub fn acked(&mut self, pkid: u16) -> Option<i64> {
-        if let Some(id) = self.expired.remove(&pkid) {
-            return Some(id);
+    /// The broker acknowledged `pkid`. With [`DeleteOn::Puback`] returns
+    /// the record's sequence number (delivered); otherwise the record now
+    /// waits for its receipt.
+    pub fn acked(&mut self, pkid: u16, mode: DeleteOn, now: Instant) -> Option<u64> {
+        if self.stale.remove(&pkid) {
+            return None;
         }
-        let (id, _) = self.by_pkid.remove(&pkid)?;
-        self.ids.remove(&id);
-        Some(id)
-    }
-
-    /// Stops counting records written more than `timeout` ago and never
-    /// acknowledged, so the drain sends them again. A late PUBACK for one
-    /// still deletes it.
-    pub fn expire(&mut self, now: Instant, timeout: Duration) -> usize {
-        let old: Vec<u16> = self
-            .by_pkid
-            .iter()
-            .filter(|(_, (_, t))| now.duration_since(*t) > timeout)
-            .map(|(pkid, _)| *pkid)
-            .collect();
-        for pkid in &old {
-            if let Some((id, _)) = self.by_pkid.remove(pkid) {
-                self.ids.remove(&id);
-                self.expired.insert(*pkid, id);
+        let mut e = self.by_pkid.remove(&pkid)?;
+        match mode {
+            DeleteOn::Puback => {
+                self.seqs.remove(&e.seq);
+                Some(e.seq)
+            }
+            DeleteOn::Receipt => {
+                e.at = now;
+                self.awaiting.insert(e.seq, e);
+                None
             }
         }
-        old.len()
+    }
+
+    /// The server stored `seq`.
+    pub fn receipted(&mut self, seq: u64) {
+        if !self.seqs.remove(&seq) {
+            return;
+        }
+        if self.awaiting.remove(&seq).is_some() {
+            return;
+        }
+        if let Some(pkid) = self
+            .by_pkid
+            .iter()
+            .find(|(_, e)| e.seq == seq)
+            .map(|(p, _)| *p)
+        {
+            self.by_pkid.remove(&pkid);
+            self.stale.insert(pkid);
+            return;
+        }
+        // Still queued: it will be written and acknowledged all the same.
+        self.seqs.insert(seq);
+    }
+
+    /// Forgets everything: the broker started a new session, and rumqttc
+    /// dropped whatever it had not delivered, so all of it is sent again
+    /// from the outbox.
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Stops counting records written (or acknowledged) more than
+    /// `timeout` ago without the next step, so the drain sends them again
+    /// (the server de-duplicates).
+    pub fn expire(&mut self, now: Instant, timeout: Duration) -> usize {
+        let old = |e: &Entry| now.duration_since(e.at) > timeout;
+        let pkids: Vec<u16> = self
+            .by_pkid
+            .iter()
+            .filter(|(_, e)| old(e))
+            .map(|(p, _)| *p)
+            .collect();
+        for pkid in &pkids {
+            if let Some(e) = self.by_pkid.remove(pkid) {
+                self.seqs.remove(&e.seq);
+                self.stale.insert(*pkid);
+            }
+        }
+        let seqs: Vec<u64> = self
+            .awaiting
+            .values()
+            .filter(|e| old(e))
+            .map(|e| e.seq)
+            .collect();
+        for seq in &seqs {
+            self.awaiting.remove(seq);
+            self.seqs.remove(seq);
+        }
+        pkids.len() + seqs.len()
     }
 }
 
@@ -155,6 +238,9 @@ impl Uplink {
         let (host, port) = self.config.host_port()?;
         let topic = |kind| self.prefix.device(&self.device, kind).to_string();
         let desired_topic = topic(TopicKind::Desired);
+        let receipts_topic = topic(TopicKind::Receipts);
+        let server_topic = self.prefix.server_status();
+        let mode = self.config.delete_on;
         let status_topic = topic(TopicKind::Status);
         let topics: HashMap<Stream, String> = Stream::ALL
             .into_iter()
@@ -180,7 +266,9 @@ impl Uplink {
         let mut failures = 0u32;
         let mut connected = false;
         let mut inflight = Inflight::default();
-        let mut acked: Vec<i64> = Vec::new();
+        let mut delivered: Vec<u64> = Vec::new();
+        // Without receipts there is no server to wait for.
+        let mut server_online = mode == DeleteOn::Puback;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Whatever is on disk from before a restart is sent first.
@@ -194,7 +282,16 @@ impl Uplink {
                         connected = true;
                         link.send_replace(LinkState { connected: true, since: Instant::now() });
                         tracing::info!(session_present = ack.session_present, "connected to broker");
+                        if !ack.session_present {
+                            // rumqttc discards unacknowledged publishes
+                            // on a new session; they are still in the outbox.
+                            inflight.clear();
+                        }
                         client.try_subscribe(&desired_topic, QoS::AtLeastOnce)?;
+                        if mode == DeleteOn::Receipt {
+                            client.try_subscribe(&receipts_topic, QoS::AtLeastOnce)?;
+                            client.try_subscribe(&server_topic, QoS::AtLeastOnce)?;
+                        }
                         // The broker may hold our last will ("offline"):
                         // say we are back.
                         if let Some(current) = status.borrow().clone() {
@@ -207,12 +304,42 @@ impl Uplink {
                             break;
                         }
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => inflight.written(pkid),
+                    Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == server_topic => {
+                        let online = serde_json::from_slice::<ServerStatus>(&publish.payload)
+                            .map(|s| s.online)
+                            .unwrap_or(false);
+                        if online != server_online {
+                            tracing::info!(online, "fleet server status");
+                        }
+                        server_online = online;
+                        if online {
+                            outbox.stored().notify_one();
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == receipts_topic => {
+                        match serde_json::from_slice::<Receipt>(&publish.payload) {
+                            Ok(receipt) if receipt.device_id == self.device => {
+                                for seq in receipt.each(MAX_RECEIPT) {
+                                    inflight.receipted(seq);
+                                    delivered.push(seq);
+                                }
+                                if delivered.len() >= ACK_BATCH {
+                                    delete_delivered(&outbox, &mut delivered).await;
+                                }
+                                if inflight.len() < WINDOW / 2 {
+                                    outbox.stored().notify_one();
+                                }
+                            }
+                            Ok(_) => tracing::warn!("receipt for another device ignored"),
+                            Err(e) => tracing::warn!(error = %e, "malformed receipt ignored"),
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => inflight.written(pkid, Instant::now()),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(id) = inflight.acked(ack.pkid) {
-                            acked.push(id);
-                            if acked.len() >= ACK_BATCH {
-                                delete_acked(&outbox, &mut acked).await;
+                        if let Some(seq) = inflight.acked(ack.pkid, mode, Instant::now()) {
+                            delivered.push(seq);
+                            if delivered.len() >= ACK_BATCH {
+                                delete_delivered(&outbox, &mut delivered).await;
                             }
                         }
                         if inflight.len() < WINDOW / 2 {
@@ -221,12 +348,15 @@ impl Uplink {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        if mode == DeleteOn::Receipt {
+                            server_online = false;
+                        }
                         if connected {
                             link.send_replace(LinkState { connected: false, since: Instant::now() });
                         }
                         connected = false;
                         failures += 1;
-                        delete_acked(&outbox, &mut acked).await;
+                        delete_delivered(&outbox, &mut delivered).await;
                         let wait = backoff(failures);
                         tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
                         tokio::select! {
@@ -235,16 +365,16 @@ impl Uplink {
                         }
                     }
                 },
-                _ = outbox.stored().notified(), if connected && inflight.len() < WINDOW => {
+                _ = outbox.stored().notified(), if connected && server_online && inflight.len() < WINDOW => {
                     let room = WINDOW - inflight.len();
-                    let exclude = inflight.ids().clone();
+                    let exclude = inflight.seqs().clone();
                     let h = outbox.clone();
                     let batch = tokio::task::spawn_blocking(move || h.next_batch(room, &exclude)).await?;
                     match batch {
                         Ok(records) => {
                             let full = records.len() == room;
                             for record in records {
-                                inflight.queued(record.id, Instant::now());
+                                inflight.queued(record.seq, Instant::now());
                                 let topic = &topics[&record.stream];
                                 if client
                                     .try_publish(topic, QoS::AtLeastOnce, record.stream.retained(), record.payload)
@@ -262,14 +392,14 @@ impl Uplink {
                     }
                 }
                 _ = tick.tick() => {
-                    delete_acked(&outbox, &mut acked).await;
+                    delete_delivered(&outbox, &mut delivered).await;
                     if connected && inflight.expire(Instant::now(), INFLIGHT_TIMEOUT) > 0 {
                         outbox.stored().notify_one();
                     }
                 }
             }
         }
-        delete_acked(&outbox, &mut acked).await;
+        delete_delivered(&outbox, &mut delivered).await;
         // Graceful goodbye: say offline ourselves (the will only fires on
         // an unclean drop), then disconnect.
         if connected {
@@ -280,10 +410,12 @@ impl Uplink {
                 while let Ok(event) = eventloop.poll().await {
                     match event {
                         Event::Outgoing(Outgoing::Disconnect) => break,
-                        Event::Outgoing(Outgoing::Publish(pkid)) => inflight.written(pkid),
+                        Event::Outgoing(Outgoing::Publish(pkid)) => {
+                            inflight.written(pkid, Instant::now())
+                        }
                         Event::Incoming(Packet::PubAck(ack)) => {
-                            if let Some(id) = inflight.acked(ack.pkid) {
-                                acked.push(id);
+                            if let Some(seq) = inflight.acked(ack.pkid, mode, Instant::now()) {
+                                delivered.push(seq);
                             }
                         }
                         _ => {}
@@ -291,18 +423,18 @@ impl Uplink {
                 }
             };
             let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
-            delete_acked(&outbox, &mut acked).await;
+            delete_delivered(&outbox, &mut delivered).await;
         }
         Ok(())
     }
 }
 
-/// Deletes acknowledged records from the outbox in one transaction.
-async fn delete_acked(outbox: &OutboxHandle, acked: &mut Vec<i64>) {
-    if acked.is_empty() {
+/// Deletes delivered records from the outbox in one transaction.
+async fn delete_delivered(outbox: &OutboxHandle, delivered: &mut Vec<u64>) {
+    if delivered.is_empty() {
         return;
     }
-    let ids = std::mem::take(acked);
+    let ids = std::mem::take(delivered);
     let h = outbox.clone();
     match tokio::task::spawn_blocking(move || h.ack(&ids)).await {
         Ok(Ok(())) => {}
@@ -333,22 +465,48 @@ mod tests {
         f.queued(12, t);
         f.unqueue_last(); // rumqttc's queue was full for 12
         assert_eq!(f.len(), 2);
-        f.written(1);
-        f.written(2);
+        f.written(1, t);
+        f.written(2, t);
         // A reconnect re-sends pkid 1: still record 10, nothing shifts.
-        f.written(1);
-        assert_eq!(f.acked(2), Some(11));
-        assert_eq!(f.acked(2), None, "a duplicate PUBACK deletes nothing");
+        f.written(1, t);
+        assert_eq!(f.acked(2, DeleteOn::Puback, t), Some(11));
+        assert_eq!(f.acked(2, DeleteOn::Puback, t), None, "a duplicate PUBACK");
         f.queued(13, t);
-        f.written(2); // pkid 2 is free again and now carries 13
-        assert_eq!(f.acked(1), Some(10));
-        assert_eq!(f.acked(2), Some(13));
+        f.written(2, t); // pkid 2 is free again and now carries 13
+        assert_eq!(f.acked(1, DeleteOn::Puback, t), Some(10));
+        assert_eq!(f.acked(2, DeleteOn::Puback, t), Some(13));
         assert!(f.is_empty());
         // QoS 0 publishes (pkid 0) never take a record.
         f.queued(14, t);
-        f.written(0);
-        assert_eq!(f.acked(0), None);
-        assert!(f.ids().contains(&14));
+        f.written(0, t);
+        assert_eq!(f.acked(0, DeleteOn::Puback, t), None);
+        assert!(f.seqs().contains(&14));
+    }
+
+    #[test]
+    fn with_receipts_a_puback_is_not_delivery() {
+        let t = Instant::now();
+        let mut f = Inflight::default();
+        f.queued(10, t);
+        f.queued(11, t);
+        f.written(1, t);
+        f.written(2, t);
+        assert_eq!(f.acked(1, DeleteOn::Receipt, t), None);
+        assert_eq!(f.len(), 2, "still in flight until the receipt");
+        f.receipted(10);
+        assert_eq!(f.len(), 1);
+        // A receipt may overtake the PUBACK: the late PUBACK is ignored,
+        // and pkid 2 stays reserved until it comes.
+        f.receipted(11);
+        assert!(f.is_empty());
+        f.queued(12, t);
+        f.written(2, t); // rumqttc re-sending the old pkid 2
+        assert_eq!(f.acked(2, DeleteOn::Receipt, t), None);
+        f.written(3, t);
+        assert_eq!(f.acked(3, DeleteOn::Puback, t), Some(12));
+        // Receipts for unknown numbers (an earlier run's) change nothing.
+        f.receipted(999);
+        assert!(f.is_empty());
     }
 
     #[test]
@@ -356,17 +514,36 @@ mod tests {
         let t = Instant::now();
         let mut f = Inflight::default();
         f.queued(1, t);
-        f.written(7);
+        f.written(7, t);
+        f.queued(2, t);
+        f.written(8, t);
+        f.acked(8, DeleteOn::Receipt, t);
         let later = t + Duration::from_secs(61);
-        f.queued(2, later);
-        assert_eq!(f.expire(later, Duration::from_secs(60)), 1);
-        assert_eq!(f.ids().iter().copied().collect::<Vec<_>>(), vec![2]);
-        // A re-send of the expired packet does not take record 2's place.
-        f.written(7);
-        f.written(8);
-        assert_eq!(f.acked(8), Some(2));
-        // A late PUBACK for the expired record still names it.
-        assert_eq!(f.acked(7), Some(1));
+        f.queued(3, later);
+        assert_eq!(f.expire(later, Duration::from_secs(60)), 2);
+        assert_eq!(f.seqs().iter().copied().collect::<Vec<_>>(), vec![3]);
+        // A re-send of the expired packet does not take record 3's place.
+        f.written(7, later);
+        f.written(9, later);
+        assert_eq!(f.acked(9, DeleteOn::Puback, later), Some(3));
+        // A late PUBACK for the expired record changes nothing.
+        assert_eq!(f.acked(7, DeleteOn::Puback, later), None);
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_new_session_starts_from_scratch() {
+        let t = Instant::now();
+        let mut f = Inflight::default();
+        f.queued(1, t);
+        f.queued(2, t);
+        f.written(5, t);
+        // The broker lost the session: rumqttc drops 1 and 2 unsent.
+        f.clear();
+        f.queued(3, t);
+        f.written(1, t);
+        // pkid 1 now carries 3, not the stale 2.
+        assert_eq!(f.acked(1, DeleteOn::Puback, t), Some(3));
+        assert_eq!(f.acked(5, DeleteOn::Puback, t), None);
     }
 }

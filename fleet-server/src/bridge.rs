@@ -13,15 +13,15 @@
 use std::time::Duration;
 
 use edgefleet_shared::{
-    DeviceTopic, InferenceResult, StatusMessage, TelemetryMessage, TopicKind, TopicPrefix,
-    UpdateEvent,
+    DeviceId, DeviceTopic, InferenceResult, Receipt, ServerStatus, StatusMessage, TelemetryMessage,
+    TopicKind, TopicPrefix, UpdateEvent,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
-use crate::store::{self, Store, Streamed};
+use crate::store::{self, Streamed};
 
 /// A message from a device, checked.
 #[derive(Debug)]
@@ -74,7 +74,9 @@ pub fn decode(prefix: &TopicPrefix, topic: &str, payload: &[u8]) -> Result<Inbou
             let claimed = msg.device_id.clone();
             (Inbound::Streamed(Streamed::Result(msg)), claimed)
         }
-        TopicKind::Desired => return Err(InboundError::WrongDirection(topic.into())),
+        TopicKind::Desired | TopicKind::Receipts => {
+            return Err(InboundError::WrongDirection(topic.into()))
+        }
     };
     if claimed != parsed.device {
         return Err(InboundError::DeviceMismatch {
@@ -99,7 +101,17 @@ pub fn client_id(prefix: &TopicPrefix) -> String {
 /// Creates the server's MQTT client for `host:port`.
 pub fn client(host: &str, port: u16, prefix: &TopicPrefix) -> (AsyncClient, EventLoop) {
     let mut options = MqttOptions::new(client_id(prefix), host, port);
+    let offline = ServerStatus {
+        online: false,
+        at: 0,
+    };
     options
+        .set_last_will(rumqttc::LastWill::new(
+            prefix.server_status(),
+            serde_json::to_vec(&offline).expect("status serializes"),
+            QoS::AtLeastOnce,
+            true,
+        ))
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(false)
         .set_manual_acks(true)
@@ -108,30 +120,106 @@ pub fn client(host: &str, port: u16, prefix: &TopicPrefix) -> (AsyncClient, Even
     AsyncClient::new(options, 4096)
 }
 
-/// Most streamed records stored per transaction.
+/// Most inbound messages handled per round.
 const INGEST_BATCH: usize = 2000;
 
-/// Stores telemetry and results in batches, then acknowledges them.
-pub async fn ingest(store: Store, mqtt: AsyncClient, mut rx: mpsc::Receiver<(Streamed, Publish)>) {
-    let mut batch = Vec::with_capacity(INGEST_BATCH);
+/// One received publish: what it carried if it was valid (`None` for a
+/// dropped one, which is acknowledged all the same).
+type Received = (Option<Inbound>, Publish);
+
+/// Stores what devices sent and acknowledges it, in the order it arrived
+/// (MQTT requires PUBACKs in receive order, and acknowledging only after
+/// storing is what makes a server crash lose nothing). Telemetry and
+/// results of a round are stored in one transaction. A store failure is
+/// retried until it succeeds, holding back the acknowledgements meanwhile.
+pub async fn ingest(
+    fleet: Fleet,
+    mut rx: mpsc::UnboundedReceiver<Received>,
+    shutdown: CancellationToken,
+) {
+    let mut batch: Vec<Received> = Vec::with_capacity(INGEST_BATCH);
     while rx.recv_many(&mut batch, INGEST_BATCH).await > 0 {
-        let records: Vec<Streamed> = batch.iter().map(|(r, _)| r.clone()).collect();
-        let stored = store
-            .call(move |c| store::record_streamed(c, &records, edgefleet_shared::unix_now()))
+        let streamed: Vec<Streamed> = batch
+            .iter()
+            .filter_map(|(i, _)| match i {
+                Some(Inbound::Streamed(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut failures = 0u32;
+        loop {
+            let result = async {
+                if !streamed.is_empty() {
+                    let records = streamed.clone();
+                    fleet
+                        .store
+                        .call(move |c| {
+                            store::record_streamed(c, &records, edgefleet_shared::unix_now())
+                        })
+                        .await?;
+                }
+                for (inbound, _) in &batch {
+                    match inbound {
+                        Some(Inbound::Status(s)) => fleet.on_status(s.clone()).await?,
+                        Some(Inbound::Event(e)) => fleet.on_event(e.clone()).await?,
+                        _ => {}
+                    }
+                }
+                Ok::<_, store::StoreError>(())
+            }
             .await;
-        match stored {
-            Ok(_) => {
-                for (_, publish) in batch.drain(..) {
-                    let _ = mqtt.ack(&publish).await;
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, messages = batch.len(), attempt = failures, "cannot store device messages; retrying");
+                    let wait = Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             }
-            Err(e) => {
-                // Not acknowledged: the broker sends them again after the
-                // next reconnect.
-                tracing::error!(error = %e, records = batch.len(), "cannot store telemetry/results");
-                batch.clear();
+        }
+        let mut stored: std::collections::BTreeMap<DeviceId, Vec<u64>> = Default::default();
+        for (inbound, publish) in batch.drain(..) {
+            if let Some((device, seq)) = inbound.as_ref().and_then(Inbound::origin) {
+                stored.entry(device).or_default().push(seq);
+            }
+            if fleet.mqtt.ack(&publish).await.is_err() {
+                return;
             }
         }
+        for (device, seqs) in stored {
+            let receipt = Receipt {
+                schema: edgefleet_shared::SCHEMA_VERSION,
+                seqs: Receipt::ranges(seqs),
+                device_id: device,
+            };
+            let topic = fleet.prefix.device(&receipt.device_id, TopicKind::Receipts);
+            let payload = serde_json::to_vec(&receipt).expect("receipts serialize");
+            if let Err(e) = fleet
+                .mqtt
+                .publish(topic.to_string(), QoS::AtLeastOnce, false, payload)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot send a receipt");
+            }
+        }
+    }
+}
+
+impl Inbound {
+    /// The device and sequence number a stored message is receipted by
+    /// (none for the broker's last will, which has no number).
+    fn origin(&self) -> Option<(DeviceId, u64)> {
+        let (device, seq) = match self {
+            Self::Status(s) => (&s.device_id, s.seq),
+            Self::Event(e) => (&e.device_id, e.seq),
+            Self::Streamed(Streamed::Telemetry(t)) => (&t.device_id, t.seq),
+            Self::Streamed(Streamed::Result(r)) => (&r.device_id, r.seq),
+        };
+        (seq != 0).then(|| (device.clone(), seq))
     }
 }
 
@@ -154,6 +242,23 @@ pub async fn connect(eventloop: &mut EventLoop, what: &str) -> anyhow::Result<()
     }
 }
 
+/// Publishes the retained server status.
+fn announce(fleet: &Fleet, online: bool) {
+    let status = ServerStatus {
+        online,
+        at: edgefleet_shared::unix_now(),
+    };
+    let payload = serde_json::to_vec(&status).expect("status serializes");
+    if let Err(e) = fleet.mqtt.try_publish(
+        fleet.prefix.server_status(),
+        QoS::AtLeastOnce,
+        true,
+        payload,
+    ) {
+        tracing::error!(error = %e, "cannot publish the server status");
+    }
+}
+
 /// Runs the event loop until `shutdown`.
 pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationToken) {
     let subscribe = |fleet: &Fleet| {
@@ -170,9 +275,15 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
                 tracing::error!(error = %e, "subscribe failed");
             }
         }
+        // After the subscriptions on the same connection, so an agent that
+        // sees "online" knows its messages will be stored.
+        announce(fleet, true);
     };
-    let (ingest_tx, ingest_rx) = mpsc::channel(4 * INGEST_BATCH);
-    let ingest_task = tokio::spawn(ingest(fleet.store.clone(), fleet.mqtt.clone(), ingest_rx));
+    // Unbounded, yet bounded in practice: messages stay unacknowledged
+    // until ingested, and the broker sends only so many unacknowledged
+    // messages at once. The event loop itself must never wait on it.
+    let (ingest_tx, ingest_rx) = mpsc::unbounded_channel();
+    let ingest_task = tokio::spawn(ingest(fleet.clone(), ingest_rx, shutdown.clone()));
     // The first ConnAck was consumed by `connect`.
     subscribe(&fleet);
     let mut failures = 0u32;
@@ -188,38 +299,15 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
                 subscribe(&fleet);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                match decode(&fleet.prefix, &publish.topic, &publish.payload) {
-                    Ok(Inbound::Streamed(record)) => {
-                        // Back-pressure: a slow store slows reading.
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            sent = ingest_tx.send((record, publish)) => if sent.is_err() { break },
-                        }
-                    }
-                    Ok(inbound) => {
-                        // Handle off the event loop so slow storage never stalls MQTT keep-alives.
-                        let fleet = fleet.clone();
-                        tokio::spawn(async move {
-                            let result = match inbound {
-                                Inbound::Status(s) => fleet.on_status(s).await,
-                                Inbound::Event(e) => fleet.on_event(e).await,
-                                Inbound::Streamed(_) => Ok(()),
-                            };
-                            match result {
-                                Ok(()) => {
-                                    let _ = fleet.mqtt.ack(&publish).await;
-                                }
-                                Err(e) => {
-                                    tracing::error!(error = %e, "could not record device message")
-                                }
-                            }
-                        });
-                    }
+                let inbound = match decode(&fleet.prefix, &publish.topic, &publish.payload) {
+                    Ok(inbound) => Some(inbound),
                     Err(e) => {
                         tracing::warn!(error = %e, "inbound message dropped");
-                        // Acknowledged, or the broker would send it forever.
-                        let _ = fleet.mqtt.try_ack(&publish);
+                        None
                     }
+                };
+                if ingest_tx.send((inbound, publish)).is_err() {
+                    break;
                 }
             }
             Ok(_) => {}
@@ -236,7 +324,17 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
     }
     drop(ingest_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), ingest_task).await;
+    announce(&fleet, false);
     let _ = fleet.mqtt.try_disconnect();
+    // Let the goodbye reach the broker.
+    let flush = async {
+        while let Ok(event) = eventloop.poll().await {
+            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
 }
 
 #[cfg(test)]

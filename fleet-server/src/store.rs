@@ -32,7 +32,8 @@ pub enum StoreError {
 }
 
 /// Ordered schema migrations; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE devices (
         id TEXT PRIMARY KEY,
         first_seen INTEGER NOT NULL,
@@ -72,7 +73,8 @@ const MIGRATIONS: &[&str] = &[r#"
         PRIMARY KEY (device_id, seq)
     );
     CREATE INDEX events_by_time ON events (device_id, at);
-"#, r#"
+"#,
+    r#"
     CREATE TABLE telemetry (
         device_id TEXT NOT NULL,
         seq INTEGER NOT NULL,
@@ -94,7 +96,8 @@ const MIGRATIONS: &[&str] = &[r#"
         PRIMARY KEY (device_id, seq)
     ) WITHOUT ROWID;
     CREATE INDEX results_by_arrival ON results (received_at);
-"#];
+"#,
+];
 
 /// Assignment scope meaning "every device".
 pub const ALL_DEVICES: &str = "*";
@@ -585,7 +588,12 @@ pub fn results_for_device(
          ORDER BY seq LIMIT ?4",
     )?;
     let rows = stmt.query_map(
-        params![device, page.after_seq.unwrap_or(0) as i64, model, page.limit],
+        params![
+            device,
+            page.after_seq.unwrap_or(0) as i64,
+            model,
+            page.limit
+        ],
         |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
     )?;
     rows.map(|row| {
@@ -606,7 +614,10 @@ pub fn prune_streamed(conn: &Connection, cutoff: u64) -> Result<usize, StoreErro
         "DELETE FROM telemetry WHERE received_at < ?1",
         [cutoff as i64],
     )?;
-    let b = conn.execute("DELETE FROM results WHERE received_at < ?1", [cutoff as i64])?;
+    let b = conn.execute(
+        "DELETE FROM results WHERE received_at < ?1",
+        [cutoff as i64],
+    )?;
     Ok(a + b)
 }
 

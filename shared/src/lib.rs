@@ -21,8 +21,8 @@ pub use documents::{
 };
 pub use ids::{DeviceId, InvalidId};
 pub use messages::{
-    EventKind, Health, InferenceResult, ModelStatus, ModelTelemetry, OutboxHealth, StatusMessage,
-    TelemetryMessage, Temperature, UpdateEvent,
+    EventKind, Health, InferenceResult, ModelStatus, ModelTelemetry, OutboxHealth, Receipt,
+    ServerStatus, StatusMessage, TelemetryMessage, Temperature, UpdateEvent,
 };
 pub use topics::{DeviceTopic, TopicKind, TopicPrefix};
 

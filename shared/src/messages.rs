@@ -204,6 +204,52 @@ pub struct OutboxHealth {
     pub condition: Option<String>,
 }
 
+/// Retained on the server status topic: `online: true` once the fleet
+/// server is subscribed to every device topic; its last will says false.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub online: bool,
+    #[serde(default)]
+    pub at: u64,
+}
+
+/// Published by the server on a device's `receipts` topic once messages
+/// from it are stored: the agent deletes them from its outbox only then,
+/// so nothing is lost between the broker's acknowledgement and the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub schema: u32,
+    pub device_id: DeviceId,
+    /// Stored sequence numbers as inclusive ranges `[first, last]`.
+    pub seqs: Vec<[u64; 2]>,
+}
+
+impl Receipt {
+    /// Collapses sequence numbers into sorted inclusive ranges.
+    pub fn ranges(mut seqs: Vec<u64>) -> Vec<[u64; 2]> {
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut out: Vec<[u64; 2]> = Vec::new();
+        for s in seqs {
+            match out.last_mut() {
+                Some(r) if r[1] + 1 == s => r[1] = s,
+                _ => out.push([s, s]),
+            }
+        }
+        out
+    }
+
+    /// Every sequence number the receipt names (at most `limit`, against
+    /// a hostile range).
+    pub fn each(&self, limit: usize) -> impl Iterator<Item = u64> + '_ {
+        self.seqs
+            .iter()
+            .filter(|r| r[0] <= r[1])
+            .flat_map(|r| r[0]..=r[1])
+            .take(limit)
+    }
+}
+
 /// Published on `results`: one inference result of a model whose config
 /// asks for uploads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,6 +311,24 @@ mod tests {
         assert_eq!(json["kind"], "download_failed");
         assert_eq!(ev.kind.as_str(), "download_failed");
         assert_eq!(serde_json::from_value::<UpdateEvent>(json).unwrap(), ev);
+    }
+
+    #[test]
+    fn receipts_compress_sequence_numbers_into_ranges() {
+        let ranges = Receipt::ranges(vec![7, 3, 4, 5, 9, 4, 10]);
+        assert_eq!(ranges, vec![[3, 5], [7, 7], [9, 10]]);
+        let r = Receipt {
+            schema: SCHEMA_VERSION,
+            device_id: DeviceId::new("d").unwrap(),
+            seqs: ranges,
+        };
+        assert_eq!(r.each(100).collect::<Vec<_>>(), vec![3, 4, 5, 7, 9, 10]);
+        assert_eq!(r.each(2).count(), 2);
+        let backwards = Receipt {
+            seqs: vec![[5, 1]],
+            ..r
+        };
+        assert_eq!(backwards.each(100).count(), 0);
     }
 
     #[test]

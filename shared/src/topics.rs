@@ -24,15 +24,19 @@ pub enum TopicKind {
     Telemetry,
     /// agent → server: inference results a model's config asks to upload.
     Results,
+    /// server → agent: which of the agent's messages are stored, so the
+    /// agent may delete them from its outbox.
+    Receipts,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 5] = [
+    pub const ALL: [TopicKind; 6] = [
         Self::Desired,
         Self::Status,
         Self::Events,
         Self::Telemetry,
         Self::Results,
+        Self::Receipts,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +46,7 @@ impl TopicKind {
             Self::Events => "events",
             Self::Telemetry => "telemetry",
             Self::Results => "results",
+            Self::Receipts => "receipts",
         }
     }
 }
@@ -119,6 +124,12 @@ impl TopicPrefix {
     /// A subscription filter matching `kind` for every device.
     pub fn all_devices(&self, kind: TopicKind) -> String {
         format!("{}/devices/+/{}", self.0, kind)
+    }
+
+    /// server → agents, retained: whether the fleet server is subscribed
+    /// and storing. Agents drain their outbox only while it says online.
+    pub fn server_status(&self) -> String {
+        format!("{}/server/status", self.0)
     }
 
     /// Parses a topic that must live under this prefix.

@@ -14,6 +14,8 @@ use serde_json::Value;
 
 pub use fleet_server::unix_http;
 
+pub mod proxy;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -188,6 +190,9 @@ pub struct Server {
     pub topic_prefix: String,
     pub keys_dir: PathBuf,
     pub dir: PathBuf,
+    /// The `fleet-server` arguments, for [`Server::restart`].
+    args: Vec<std::ffi::OsString>,
+    starts: u32,
 }
 
 impl Server {
@@ -240,8 +245,30 @@ impl Server {
                 (url.to_string(), prefix)
             }
         };
-        let mut proc = Proc::spawn(cmd, dir.join("server.log"))?;
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let url = format!("http://127.0.0.1:{http_port}");
+        let proc = Self::spawn_ready(&args, &url, dir.join("server.log")).await?;
+        Ok(Self {
+            proc,
+            url,
+            mqtt_port,
+            mqtt_url,
+            topic_prefix,
+            keys_dir,
+            dir: dir.to_path_buf(),
+            args,
+            starts: 1,
+        })
+    }
+
+    async fn spawn_ready(
+        args: &[std::ffi::OsString],
+        url: &str,
+        log: PathBuf,
+    ) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(binary("fleet-server"));
+        cmd.args(args);
+        let mut proc = Proc::spawn(cmd, log)?;
         fleet_server::install_crypto_provider();
         let health = format!("{url}/api/v1/health");
         let started = wait_for("fleet server health", Duration::from_secs(20), || {
@@ -259,15 +286,24 @@ impl Server {
             let status = proc.child.try_wait()?;
             bail!("{e}; exit status {status:?}; log:\n{}", proc.log_text());
         }
-        Ok(Self {
-            proc,
-            url,
-            mqtt_port,
-            mqtt_url,
-            topic_prefix,
-            keys_dir,
-            dir: dir.to_path_buf(),
-        })
+        Ok(proc)
+    }
+
+    /// Kills the server (SIGKILL: with the embedded broker, the broker
+    /// goes with it).
+    pub fn kill(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    /// Starts the server again on the same ports and data (after
+    /// [`Server::kill`]).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.starts += 1;
+        let log = self.dir.join(format!("server-{}.log", self.starts));
+        self.proc = Self::spawn_ready(&self.args, &self.url, log).await?;
+        Ok(())
     }
 
     pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
@@ -357,6 +393,19 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent in fleet mode against `server`.
     pub fn start_fleet(dir: &Path, id: &str, server: &Server) -> anyhow::Result<Self> {
+        Self::start_fleet_with(dir, id, server, None, "")
+    }
+
+    /// Starts an agent in fleet mode against `server`, connecting to
+    /// `mqtt_url` instead of the server's broker address when given (a
+    /// proxy), with `extra` appended to its config file (TOML tables).
+    pub fn start_fleet_with(
+        dir: &Path,
+        id: &str,
+        server: &Server,
+        mqtt_url: Option<&str>,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let agent_dir = dir.join(id);
         std::fs::create_dir_all(&agent_dir)?;
         let socket = agent_dir.join("agent.sock");
@@ -365,9 +414,9 @@ impl Agent {
             data = agent_dir.join("data").display(),
             root = server.root_document().display(),
             sock = socket.display(),
-            mqtt = server.mqtt_url,
+            mqtt = mqtt_url.unwrap_or(&server.mqtt_url),
             prefix = server.topic_prefix,
-        );
+        ) + extra;
         let config_path = agent_dir.join("agent.toml");
         std::fs::write(&config_path, config)?;
         let mut cmd = Command::new(binary("edgefleet-agent"));

@@ -1,6 +1,9 @@
 //! The durable outbox: everything the agent sends upstream (update events,
 //! status, telemetry, inference results) is appended here first and
-//! deleted only once the broker has acknowledged it (QoS 1 PUBACK).
+//! deleted only once it is delivered: by default when the fleet server's
+//! receipt says it is stored (the broker's QoS 1 PUBACK alone is not
+//! enough: an embedded broker restarting without the server subscribed yet
+//! would acknowledge and drop it).
 //!
 //! - [`OutboxHandle::push`] stamps a record with the next per-device
 //!   sequence number and queues it in memory; it never blocks on disk.
@@ -8,7 +11,8 @@
 //!   up meanwhile in one SQLite transaction (group commit), applying each
 //!   stream's cap and overflow policy ([`policy`]).
 //! - The uplink reads [`OutboxHandle::next_batch`], publishes, and calls
-//!   [`OutboxHandle::ack`] with what the broker acknowledged.
+//!   [`OutboxHandle::ack`] with what the fleet server's receipt names (or,
+//!   with `delete_on = "puback"`, what the broker acknowledged).
 //!
 //! When the disk is full (or the database reaches `max_db_bytes`) or the
 //! file is damaged, records wait in memory up to a bound (update events are
@@ -187,7 +191,9 @@ impl OutboxHandle {
                                     "database was corrupt: moved aside, {n} records carried over"
                                 )
                             }
-                            Err(e2) => tracing::error!(error = %e2, "cannot rebuild the outbox database"),
+                            Err(e2) => {
+                                tracing::error!(error = %e2, "cannot rebuild the outbox database")
+                            }
                         }
                     }
                     let mut state = lock(&self.0.state);
@@ -251,14 +257,14 @@ impl OutboxHandle {
     pub fn next_batch(
         &self,
         limit: usize,
-        exclude: &HashSet<i64>,
+        exclude: &HashSet<u64>,
     ) -> Result<Vec<Record>, OutboxError> {
         lock(&self.0.db).next_batch(limit, exclude)
     }
 
-    /// Deletes acknowledged records. Blocking.
-    pub fn ack(&self, ids: &[i64]) -> Result<(), OutboxError> {
-        lock(&self.0.db).ack(ids)?;
+    /// Deletes delivered records by sequence number. Blocking.
+    pub fn ack(&self, seqs: &[u64]) -> Result<(), OutboxError> {
+        lock(&self.0.db).ack_seqs(seqs)?;
         // Freed room may let records waiting in memory in.
         if !lock(&self.0.pending).is_empty() {
             self.0.writer_wake.notify_one();
@@ -324,7 +330,8 @@ mod tests {
         }
         let health = h.health();
         assert_eq!((health.depth, health.memory_depth), (5, 0));
-        h.ack(&batch.iter().map(|r| r.id).collect::<Vec<_>>()).unwrap();
+        h.ack(&batch.iter().map(|r| r.seq).collect::<Vec<_>>())
+            .unwrap();
         assert_eq!(h.health().depth, 0);
     }
 
@@ -362,7 +369,8 @@ mod tests {
         assert!(health.dropped >= 200);
         // Draining makes room; the next flush writes everything queued.
         let sent = h.next_batch(on_disk, &HashSet::new()).unwrap();
-        h.ack(&sent.iter().map(|r| r.id).collect::<Vec<_>>()).unwrap();
+        h.ack(&sent.iter().map(|r| r.seq).collect::<Vec<_>>())
+            .unwrap();
         assert_eq!(h.flush().unwrap(), 60);
         let health = h.health();
         assert_eq!((health.memory_depth, health.condition), (0, None));

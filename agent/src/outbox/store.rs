@@ -117,7 +117,8 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS records (
         size INTEGER NOT NULL,
         payload BLOB NOT NULL
     );
-    CREATE INDEX IF NOT EXISTS records_by_priority ON records (priority, id);";
+    CREATE INDEX IF NOT EXISTS records_by_priority ON records (priority, id);
+    CREATE INDEX IF NOT EXISTS records_by_seq ON records (seq);";
 
 fn connect(path: &Path, max_db_bytes: u64) -> Result<Connection, OutboxError> {
     let conn = Connection::open(path)?;
@@ -225,22 +226,17 @@ impl Outbox {
         };
         let mut out = Vec::new();
         // Row by row, so one bad page costs the rows on it, not the rest.
-        let Ok(mut stmt) = old.prepare(
-            "SELECT id, priority, seq, created_at, payload FROM records ORDER BY id",
-        ) else {
+        let Ok(mut stmt) =
+            old.prepare("SELECT id, priority, seq, created_at, payload FROM records ORDER BY id")
+        else {
             return Ok(out);
         };
         let Ok(mut rows) = stmt.query([]) else {
             return Ok(out);
         };
-        loop {
-            match rows.next() {
-                Ok(Some(row)) => {
-                    if let Ok(record) = record_from_row(row) {
-                        out.push(record);
-                    }
-                }
-                Ok(None) | Err(_) => break,
+        while let Ok(Some(row)) = rows.next() {
+            if let Ok(record) = record_from_row(row) {
+                out.push(record);
             }
         }
         Ok(out)
@@ -336,14 +332,14 @@ impl Outbox {
         Ok(outcomes)
     }
 
-    /// Up to `limit` records to send next, skipping those in `exclude`
-    /// (already in flight). Most of a batch is the backlog, highest
+    /// Up to `limit` records to send next, skipping the sequence numbers in
+    /// `exclude` (already in flight). Most of a batch is the backlog, highest
     /// priority first and oldest first within it; a quarter is reserved
     /// for the newest records, so a long backlog never starves live data.
     pub fn next_batch(
         &self,
         limit: usize,
-        exclude: &HashSet<i64>,
+        exclude: &HashSet<u64>,
     ) -> Result<Vec<Record>, OutboxError> {
         let live_share = limit / 4;
         let mut out = Vec::with_capacity(limit);
@@ -360,7 +356,7 @@ impl Outbox {
                 if added == want {
                     break;
                 }
-                if exclude.contains(&r.id) || !seen.insert(r.id) {
+                if exclude.contains(&r.seq) || !seen.insert(r.id) {
                     continue;
                 }
                 out.push(r);
@@ -391,6 +387,20 @@ impl Outbox {
             let mut stmt = tx.prepare_cached("DELETE FROM records WHERE id = ?1")?;
             for id in ids {
                 stmt.execute([id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deletes the records with these sequence numbers (the server's
+    /// receipt), in one transaction. Unknown numbers are ignored.
+    pub fn ack_seqs(&mut self, seqs: &[u64]) -> Result<(), OutboxError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+            for seq in seqs {
+                stmt.execute([*seq as i64])?;
             }
         }
         tx.commit()?;
@@ -474,7 +484,10 @@ mod tests {
         let none = HashSet::new();
         // Small batches are all backlog.
         let batch = outbox.next_batch(3, &none).unwrap();
-        assert_eq!(payloads(&batch), vec![b"e1".to_vec(), b"e2".to_vec(), b"t1".to_vec()]);
+        assert_eq!(
+            payloads(&batch),
+            vec![b"e1".to_vec(), b"e2".to_vec(), b"t1".to_vec()]
+        );
         assert_eq!(batch[0].seq, 2);
         assert_eq!(
             outbox.depth().unwrap(),
@@ -484,11 +497,12 @@ mod tests {
                 oldest: Some(7)
             }
         );
-        outbox.ack(&[batch[0].id, batch[2].id]).unwrap();
+        outbox.ack(&[batch[0].id]).unwrap();
+        outbox.ack_seqs(&[batch[2].seq, 12345]).unwrap();
         let left = outbox.next_batch(10, &none).unwrap();
         assert_eq!(payloads(&left), vec![b"e2".to_vec(), b"t2".to_vec()]);
         // In-flight records are skipped.
-        let exclude: HashSet<i64> = [left[0].id].into();
+        let exclude: HashSet<u64> = [left[0].seq].into();
         assert_eq!(
             payloads(&outbox.next_batch(10, &exclude).unwrap()),
             vec![b"t2".to_vec()]
@@ -599,8 +613,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.db");
         std::fs::write(&path, vec![0xAB; 64 * 1024]).unwrap();
-        let outbox = Outbox::open(&path, Stream::ALL.map(StreamPolicy::default_for), 1 << 30)
-            .unwrap();
+        let outbox =
+            Outbox::open(&path, Stream::ALL.map(StreamPolicy::default_for), 1 << 30).unwrap();
         assert_eq!(outbox.salvaged, Some(0));
         assert_eq!(outbox.integrity_check().unwrap(), "ok");
         let aside: Vec<_> = std::fs::read_dir(dir.path())
@@ -642,8 +656,8 @@ mod tests {
         let start = (index_root - 1) * PAGE_SIZE as usize;
         bytes[start..start + PAGE_SIZE as usize].fill(0xFF);
         std::fs::write(&path, bytes).unwrap();
-        let outbox = Outbox::open(&path, Stream::ALL.map(StreamPolicy::default_for), 1 << 30)
-            .unwrap();
+        let outbox =
+            Outbox::open(&path, Stream::ALL.map(StreamPolicy::default_for), 1 << 30).unwrap();
         assert_eq!(outbox.salvaged, Some(50));
         assert_eq!(outbox.depth().unwrap().rows, 50);
     }
