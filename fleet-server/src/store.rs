@@ -562,16 +562,9 @@ pub fn telemetry_for_device(
     )?;
     let rows = stmt.query_map(
         params![device, page.after_seq.unwrap_or(0) as i64, page.limit],
-        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+        stored_body,
     )?;
-    rows.map(|row| {
-        let (received_at, body) = row?;
-        let mut v: serde_json::Value =
-            serde_json::from_str(&body).map_err(|e| StoreError::Task(e.to_string()))?;
-        v["received_at"] = received_at.into();
-        Ok(v)
-    })
-    .collect()
+    rows.map(|row| row?).collect()
 }
 
 /// Uploaded inference results of a device in sequence order, optionally
@@ -594,16 +587,20 @@ pub fn results_for_device(
             model,
             page.limit
         ],
-        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+        stored_body,
     )?;
-    rows.map(|row| {
-        let (received_at, body) = row?;
-        let mut v: serde_json::Value =
-            serde_json::from_str(&body).map_err(|e| StoreError::Task(e.to_string()))?;
-        v["received_at"] = received_at.into();
-        Ok(v)
-    })
-    .collect()
+    rows.map(|row| row?).collect()
+}
+
+/// A stored JSON body with its arrival time added.
+fn stored_body(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<serde_json::Value, StoreError>> {
+    let (received_at, body) = (r.get::<_, i64>(0)?, r.get::<_, String>(1)?);
+    Ok(serde_json::from_str::<serde_json::Value>(&body)
+        .map(|mut v| {
+            v["received_at"] = received_at.into();
+            v
+        })
+        .map_err(|e| StoreError::Task(e.to_string())))
 }
 
 /// Deletes telemetry and results that arrived before `cutoff` (unix

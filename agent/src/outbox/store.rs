@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, ErrorCode};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use super::policy::{plan_overflow, Overflow, OverflowPlan, Stream, StreamPolicy, Usage};
 
@@ -105,6 +105,9 @@ pub struct Outbox {
     path: PathBuf,
     policies: [StreamPolicy; 4],
     max_db_bytes: u64,
+    /// Rows and bytes per stream, kept in step with the file (this
+    /// connection is its only writer) so an append never scans the table.
+    usage: [Usage; 4],
     /// Records carried over from a corrupt file at open, if that happened.
     pub salvaged: Option<u64>,
 }
@@ -142,17 +145,46 @@ fn connect(path: &Path, max_db_bytes: u64) -> Result<Connection, OutboxError> {
     Ok(conn)
 }
 
-fn usage(conn: &Connection, stream: Stream) -> rusqlite::Result<Usage> {
-    conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records WHERE priority = ?1",
-        [stream.priority()],
-        |r| {
-            Ok(Usage {
-                rows: r.get::<_, i64>(0)? as u64,
-                bytes: r.get::<_, i64>(1)? as u64,
-            })
-        },
-    )
+/// Rows and bytes of every stream, read from the file (once, at open).
+fn read_usage(conn: &Connection) -> rusqlite::Result<[Usage; 4]> {
+    let mut usage = [Usage::default(); 4];
+    let mut stmt = conn.prepare(
+        "SELECT priority, COUNT(*), COALESCE(SUM(size), 0) FROM records GROUP BY priority",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)? as u64,
+            r.get::<_, i64>(2)? as u64,
+        ))
+    })?;
+    for row in rows {
+        let (p, rows, bytes) = row?;
+        if let Some(u) = usage.get_mut(p as usize) {
+            *u = Usage { rows, bytes };
+        }
+    }
+    Ok(usage)
+}
+
+/// Runs a `DELETE ... RETURNING priority, size` and takes what it removed
+/// off `usage`. Returns how many rows went.
+fn delete_counted(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    params: impl rusqlite::Params,
+    usage: &mut [Usage; 4],
+) -> rusqlite::Result<u64> {
+    let mut rows = stmt.query(params)?;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        let (p, size) = (r.get::<_, i64>(0)? as usize, r.get::<_, i64>(1)? as u64);
+        if let Some(u) = usage.get_mut(p) {
+            u.rows = u.rows.saturating_sub(1);
+            u.bytes = u.bytes.saturating_sub(size);
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
@@ -180,6 +212,7 @@ impl Outbox {
     ) -> Result<Self, OutboxError> {
         match connect(path, max_db_bytes) {
             Ok(conn) => Ok(Self {
+                usage: read_usage(&conn)?,
                 conn,
                 path: path.to_path_buf(),
                 policies,
@@ -191,6 +224,7 @@ impl Outbox {
                 let salvaged = Self::salvage(path)?;
                 let conn = connect(path, max_db_bytes)?;
                 let mut outbox = Self {
+                    usage: read_usage(&conn)?,
                     conn,
                     path: path.to_path_buf(),
                     policies,
@@ -259,6 +293,7 @@ impl Outbox {
             }
         }
         tx.commit()?;
+        self.usage = read_usage(&self.conn)?;
         Ok(records.len() as u64)
     }
 
@@ -272,26 +307,31 @@ impl Outbox {
     }
 
     pub fn usage(&self, stream: Stream) -> Result<Usage, OutboxError> {
-        Ok(usage(&self.conn, stream)?)
+        Ok(self.usage[stream.priority() as usize])
     }
 
     /// Appends a batch in one transaction, applying each stream's policy.
     /// Either the whole batch is stored or, on error, none of it.
     pub fn append(&mut self, batch: &[NewRecord], now: u64) -> Result<Vec<Appended>, OutboxError> {
         let policies = self.policies;
+        // Changed on a copy, kept only if the transaction commits.
+        let mut usage = self.usage;
         let tx = self.conn.transaction()?;
         let mut outcomes = Vec::with_capacity(batch.len());
         for record in batch {
             let p = record.stream.priority();
             let size = record.payload.len() as u64;
             let policy = policies[p as usize];
-            let used = usage(&tx, record.stream)?;
+            let used = usage[p as usize];
             let oldest: Vec<u64> = if policy.overflow == Overflow::DropOldest
                 && (used.rows >= policy.max_rows
                     || used.bytes.saturating_add(size) > policy.max_bytes)
             {
-                let mut stmt =
-                    tx.prepare_cached("SELECT size FROM records WHERE priority = ?1 ORDER BY id")?;
+                // Enough of the oldest to make room for any sane record;
+                // one that needs more is refused.
+                let mut stmt = tx.prepare_cached(
+                    "SELECT size FROM records WHERE priority = ?1 ORDER BY id LIMIT 4096",
+                )?;
                 let sizes = stmt.query_map([p], |r| r.get::<_, i64>(0).map(|s| s as u64))?;
                 sizes.collect::<Result<_, _>>()?
             } else {
@@ -304,21 +344,23 @@ impl Outbox {
                 }
                 OverflowPlan::Append => Appended::Stored { dropped: 0 },
                 OverflowPlan::DropOldest(n) => {
-                    tx.execute(
-                        "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE priority = ?1 ORDER BY id LIMIT ?2)",
-                        params![p, n as i64],
+                    let mut stmt = tx.prepare_cached(
+                        "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE priority = ?1 ORDER BY id LIMIT ?2)
+                         RETURNING priority, size",
                     )?;
-                    Appended::Stored { dropped: n }
+                    let dropped = delete_counted(&mut stmt, params![p, n as i64], &mut usage)?;
+                    Appended::Stored { dropped }
                 }
                 OverflowPlan::Downsample => {
                     let half = (used.rows / 2).max(1) as i64;
-                    let dropped = tx.execute(
+                    let mut stmt = tx.prepare_cached(
                         "DELETE FROM records WHERE id IN (
                             SELECT id FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n
                                             FROM records WHERE priority = ?1 ORDER BY id LIMIT ?2)
-                            WHERE n % 2 = 0)",
-                        params![p, half],
-                    )? as u64;
+                            WHERE n % 2 = 0)
+                         RETURNING priority, size",
+                    )?;
+                    let dropped = delete_counted(&mut stmt, params![p, half], &mut usage)?;
                     Appended::Downsampled { dropped }
                 }
             };
@@ -326,9 +368,12 @@ impl Outbox {
                 "INSERT INTO records (priority, seq, created_at, size, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![p, record.seq as i64, now as i64, size as i64, record.payload])?;
+            usage[p as usize].rows += 1;
+            usage[p as usize].bytes += size;
             outcomes.push(outcome);
         }
         tx.commit()?;
+        self.usage = usage;
         Ok(outcomes)
     }
 
@@ -382,44 +427,55 @@ impl Outbox {
 
     /// Deletes records the broker acknowledged, in one transaction.
     pub fn ack(&mut self, ids: &[i64]) -> Result<(), OutboxError> {
+        let mut usage = self.usage;
         let tx = self.conn.transaction()?;
         {
-            let mut stmt = tx.prepare_cached("DELETE FROM records WHERE id = ?1")?;
+            let mut stmt =
+                tx.prepare_cached("DELETE FROM records WHERE id = ?1 RETURNING priority, size")?;
             for id in ids {
-                stmt.execute([id])?;
+                delete_counted(&mut stmt, [id], &mut usage)?;
             }
         }
         tx.commit()?;
+        self.usage = usage;
         Ok(())
     }
 
     /// Deletes the records with these sequence numbers (the server's
     /// receipt), in one transaction. Unknown numbers are ignored.
     pub fn ack_seqs(&mut self, seqs: &[u64]) -> Result<(), OutboxError> {
+        let mut usage = self.usage;
         let tx = self.conn.transaction()?;
         {
-            let mut stmt = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+            let mut stmt =
+                tx.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING priority, size")?;
             for seq in seqs {
-                stmt.execute([*seq as i64])?;
+                delete_counted(&mut stmt, [*seq as i64], &mut usage)?;
             }
         }
         tx.commit()?;
+        self.usage = usage;
         Ok(())
     }
 
     /// Rows, bytes and the oldest record over every stream.
     pub fn depth(&self) -> Result<Depth, OutboxError> {
-        Ok(self.conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created_at) FROM records",
-            [],
-            |r| {
-                Ok(Depth {
-                    rows: r.get::<_, i64>(0)? as u64,
-                    bytes: r.get::<_, i64>(1)? as u64,
-                    oldest: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
-                })
-            },
-        )?)
+        // Records are appended in time order, so the lowest id is the
+        // oldest: one index lookup, not a scan.
+        let oldest = self
+            .conn
+            .query_row(
+                "SELECT created_at FROM records ORDER BY id LIMIT 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|v| v as u64);
+        Ok(Depth {
+            rows: self.usage.iter().map(|u| u.rows).sum(),
+            bytes: self.usage.iter().map(|u| u.bytes).sum(),
+            oldest,
+        })
     }
 
     /// `PRAGMA integrity_check` (for tests and diagnostics).
@@ -569,10 +625,12 @@ mod tests {
         let mut outbox = open(dir.path(), policy(3, u64::MAX, Overflow::DropOldest));
         let out = outbox.append(&batch, 0).unwrap();
         assert_eq!(out.iter().map(|o| o.lost()).sum::<u64>(), 2);
-        assert_eq!(
-            payloads(&outbox.next_batch(2, &HashSet::new()).unwrap()),
-            vec![vec![2], vec![3]]
-        );
+        // The usage kept in memory matches the file after drops and acks.
+        let first = outbox.next_batch(1, &HashSet::new()).unwrap();
+        outbox.ack(&[first[0].id]).unwrap();
+        outbox.ack_seqs(&[4]).unwrap();
+        assert_eq!(outbox.usage, read_usage(&outbox.conn).unwrap());
+        assert_eq!(outbox.usage(Stream::Telemetry).unwrap().rows, 1);
     }
 
     #[test]
