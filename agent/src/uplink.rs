@@ -28,9 +28,9 @@ use crate::config::MqttConfig;
 use crate::outbox::{OutboxHandle, Stream};
 
 /// Publishes awaiting their PUBACK at most.
-pub const WINDOW: usize = 100;
+pub const WINDOW: usize = 256;
 /// Delivered records deleted per transaction at most.
-const ACK_BATCH: usize = 256;
+const ACK_BATCH: usize = WINDOW / 2;
 /// A publish without its PUBACK (or, after it, its receipt) this long
 /// while connected is sent again.
 const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -267,6 +267,9 @@ impl Uplink {
         let mut connected = false;
         let mut inflight = Inflight::default();
         let mut delivered: Vec<u64> = Vec::new();
+        // Whether the last refill filled the window, so more may be waiting
+        // beyond what is in flight.
+        let mut more = true;
         // Without receipts there is no server to wait for.
         let mut server_online = mode == DeleteOn::Puback;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -326,7 +329,7 @@ impl Uplink {
                                 if delivered.len() >= ACK_BATCH {
                                     delete_delivered(&outbox, &mut delivered).await;
                                 }
-                                if inflight.len() < WINDOW / 2 {
+                                if more && inflight.len() <= WINDOW / 2 {
                                     outbox.stored().notify_one();
                                 }
                             }
@@ -342,7 +345,7 @@ impl Uplink {
                                 delete_delivered(&outbox, &mut delivered).await;
                             }
                         }
-                        if inflight.len() < WINDOW / 2 {
+                        if more && inflight.len() <= WINDOW / 2 {
                             outbox.stored().notify_one();
                         }
                     }
@@ -367,12 +370,16 @@ impl Uplink {
                 },
                 _ = outbox.stored().notified(), if connected && server_online && inflight.len() < WINDOW => {
                     let room = WINDOW - inflight.len();
-                    let exclude = inflight.seqs().clone();
+                    // In flight, or delivered and about to be deleted.
+                    let mut exclude = inflight.seqs().clone();
+                    exclude.extend(delivered.iter().copied());
                     let h = outbox.clone();
                     let batch = tokio::task::spawn_blocking(move || h.next_batch(room, &exclude)).await?;
                     match batch {
                         Ok(records) => {
+                            tracing::debug!(records = records.len(), in_flight = inflight.len(), "draining");
                             let full = records.len() == room;
+                            more = full;
                             for record in records {
                                 inflight.queued(record.seq, Instant::now());
                                 let topic = &topics[&record.stream];
@@ -381,6 +388,7 @@ impl Uplink {
                                     .is_err()
                                 {
                                     inflight.unqueue_last();
+                                    tracing::debug!("rumqttc queue full");
                                     break;
                                 }
                             }

@@ -26,6 +26,8 @@ fn sigkill_never_loses_a_durable_record() -> anyhow::Result<()> {
         | 1;
     let seed = rand;
     let mut stored = BTreeSet::new();
+    // Deletions begun (maybe done) and deletions known done.
+    let mut acking = BTreeSet::new();
     let mut acked = BTreeSet::new();
     for trial in 0..24 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-torture"))
@@ -34,6 +36,7 @@ fn sigkill_never_loses_a_durable_record() -> anyhow::Result<()> {
             .stderr(Stdio::inherit())
             .spawn()?;
         let stdout = child.stdout.take().unwrap();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut lines = Vec::new();
             let mut r = BufReader::new(stdout);
@@ -43,12 +46,16 @@ fn sigkill_never_loses_a_durable_record() -> anyhow::Result<()> {
             while r.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
                 if buf.ends_with(b"\n") {
                     lines.push(String::from_utf8_lossy(&buf).trim().to_string());
+                    let _ = started_tx.send(());
                 }
                 buf.clear();
             }
             lines
         });
-        let wait = 20 + next_rand(&mut rand) % 300;
+        // Kill at a random moment once it is working (start-up time varies
+        // with the machine's load).
+        started_rx.recv_timeout(Duration::from_secs(30))?;
+        let wait = next_rand(&mut rand) % 250;
         std::thread::sleep(Duration::from_millis(wait));
         child.kill()?;
         child.wait()?;
@@ -57,6 +64,7 @@ fn sigkill_never_loses_a_durable_record() -> anyhow::Result<()> {
             !lines.is_empty(),
             "trial {trial}: the torture binary did not run"
         );
+        let mut pending: Vec<u64> = Vec::new();
         for line in &lines {
             let mut words = line.split_whitespace();
             match words.next() {
@@ -65,11 +73,11 @@ fn sigkill_never_loses_a_durable_record() -> anyhow::Result<()> {
                     let b: u64 = words.next().unwrap().parse()?;
                     stored.extend(a..=b);
                 }
-                Some("acked") => {
-                    for w in words {
-                        acked.insert(w.parse::<u64>()?);
-                    }
+                Some("acking") => {
+                    pending = words.map(|w| w.parse::<u64>()).collect::<Result<_, _>>()?;
+                    acking.extend(pending.iter().copied());
                 }
+                Some("acked") => acked.extend(pending.drain(..)),
                 _ => panic!("unexpected line {line:?}"),
             }
         }
@@ -88,7 +96,7 @@ fn sigkill_never_loses_a_durable_record() -> anyhow::Result<()> {
             .collect();
         let lost: Vec<&u64> = stored
             .iter()
-            .filter(|s| !on_disk.contains(s) && !acked.contains(s))
+            .filter(|s| !on_disk.contains(s) && !acking.contains(s))
             .take(10)
             .collect();
         assert!(

@@ -3,8 +3,9 @@
 //! SIGKILL at random moments and checks nothing it reported is lost.
 //!
 //! Output lines: `stored FIRST LAST` after a batch of records with
-//! sequence numbers FIRST..=LAST committed; `acked SEQ...` after those
-//! records were deleted as if the broker had acknowledged them.
+//! sequence numbers FIRST..=LAST committed; `acking SEQ...` before and
+//! `acked` after those records are deleted as if they had been delivered
+//! (a kill in between may or may not have deleted them).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -47,9 +48,11 @@ fn main() -> anyhow::Result<()> {
         out.flush()?;
         if round % 3 == 2 {
             let sent = outbox.next_batch(40, &Default::default())?;
-            outbox.ack(&sent.iter().map(|r| r.id).collect::<Vec<_>>())?;
             let seqs: Vec<String> = sent.iter().map(|r| r.seq.to_string()).collect();
-            writeln!(out, "acked {}", seqs.join(" "))?;
+            writeln!(out, "acking {}", seqs.join(" "))?;
+            out.flush()?;
+            outbox.ack(&sent.iter().map(|r| r.id).collect::<Vec<_>>())?;
+            writeln!(out, "acked")?;
             out.flush()?;
         }
     }
