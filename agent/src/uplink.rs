@@ -263,6 +263,11 @@ impl Uplink {
             options.set_credentials(user, pass);
         }
         let (client, mut eventloop) = AsyncClient::new(options, 2 * WINDOW);
+        // Small packets in a window: Nagle's algorithm would hold each one
+        // back waiting for the previous one's TCP acknowledgement.
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let mut failures = 0u32;
         let mut connected = false;
         let mut inflight = Inflight::default();

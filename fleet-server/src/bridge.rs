@@ -117,7 +117,12 @@ pub fn client(host: &str, port: u16, prefix: &TopicPrefix) -> (AsyncClient, Even
         .set_manual_acks(true)
         .set_inflight(1000)
         .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
-    AsyncClient::new(options, 4096)
+    let (client, mut eventloop) = AsyncClient::new(options, 4096);
+    // Acknowledgements and receipts are small: send them at once.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (client, eventloop)
 }
 
 /// Most inbound messages handled per round.
