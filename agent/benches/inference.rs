@@ -11,8 +11,10 @@
 //! with `ORT_DYLIB_PATH`, `EDGEFLEET_TEST_MODELS` and `EDGEFLEET_PYTHON`
 //! (a Python with onnxruntime, fastapi and uvicorn) set.
 
+mod common;
+use common::{rss_kib, Killed};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -47,17 +49,6 @@ fn stats(mut samples: Vec<f64>) -> Stats {
         p99_ms: samples[(samples.len() * 99 / 100).min(samples.len() - 1)],
         per_s: samples.len() as f64 / (total / 1000.0),
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 fn cases() -> Vec<Case> {
@@ -233,14 +224,6 @@ fn binary_body(case: &Case) -> (Bytes, usize) {
     let mut body = header;
     body.extend_from_slice(&raw);
     (Bytes::from(body), n)
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn wait_until<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -> F) {
