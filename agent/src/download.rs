@@ -37,9 +37,12 @@ enum Attempt {
     Fatal(DownloadError),
 }
 
+/// Downloads model artifacts. The HTTP client (TLS roots included) is
+/// built when an update needs it and dropped with the last download, so an
+/// idle agent does not carry it.
 #[derive(Debug, Clone)]
 pub struct Downloader {
-    client: reqwest::Client,
+    client: std::sync::Arc<std::sync::Mutex<std::sync::Weak<reqwest::Client>>>,
     stall: Duration,
     attempts: u32,
 }
@@ -47,21 +50,34 @@ pub struct Downloader {
 impl Downloader {
     pub fn new(stall: Duration, attempts: u32) -> Self {
         install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("edgefleet-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("HTTP client builds");
         Self {
-            client,
+            client: Default::default(),
             stall,
             attempts: attempts.max(1),
         }
     }
 
+    /// The shared client while any download holds it, else a new one.
+    fn client(&self) -> std::sync::Arc<reqwest::Client> {
+        let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = slot.upgrade() {
+            return client;
+        }
+        let client = std::sync::Arc::new(
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .user_agent(concat!("edgefleet-agent/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .expect("HTTP client builds"),
+        );
+        *slot = std::sync::Arc::downgrade(&client);
+        client
+    }
+
     /// Fetches `slot` into `dest` (a staging path). On success `dest` holds
     /// the verified file.
     pub async fn fetch(&self, slot: &ModelSlot, dest: &Path) -> Result<(), DownloadError> {
+        let client = self.client();
         let mut last_error = String::from("no URL");
         for url in &slot.urls {
             for attempt in 0..self.attempts {
@@ -69,7 +85,7 @@ impl Downloader {
                     let backoff = Duration::from_millis(250 * (1 << attempt.min(6)));
                     tokio::time::sleep(backoff).await;
                 }
-                match self.attempt(url, slot, dest).await {
+                match self.attempt(&client, url, slot, dest).await {
                     Attempt::Complete => return Ok(()),
                     Attempt::Fatal(e) => {
                         let _ = tokio::fs::remove_file(dest).await;
@@ -85,7 +101,13 @@ impl Downloader {
         Err(DownloadError::AllUrlsFailed(last_error))
     }
 
-    async fn attempt(&self, url: &str, slot: &ModelSlot, dest: &Path) -> Attempt {
+    async fn attempt(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        slot: &ModelSlot,
+        dest: &Path,
+    ) -> Attempt {
         let io = |e: std::io::Error| Attempt::Fatal(DownloadError::Io(e.to_string()));
         let mut have = match tokio::fs::metadata(dest).await {
             Ok(m) => m.len(),
@@ -101,7 +123,7 @@ impl Downloader {
         if have == slot.size {
             return self.verify(slot, dest).await;
         }
-        let mut request = self.client.get(url);
+        let mut request = client.get(url);
         if have > 0 {
             request = request
                 .header(reqwest::header::RANGE, format!("bytes={have}-"))
