@@ -31,7 +31,7 @@ pub use config::{DisplayConfig, DisplayKind, Layout};
 #[cfg(unix)]
 pub use linux_fb::FbGeometry;
 pub use mono::draw_mono;
-pub use png_file::{encode_color, encode_mono, render_png, write_atomically};
+pub use png_file::{encode_color, encode_mono, render_png};
 pub use task::run;
 
 /// How the device is connected to its fleet.

@@ -2,9 +2,7 @@
 //! by writing `PATH.tmp` and renaming it over `PATH`, so a reader never sees
 //! a half-written image.
 
-use std::ffi::OsString;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use embedded_graphics::pixelcolor::{BinaryColor, Rgb565};
@@ -77,30 +75,6 @@ pub fn render_png(view: &StatusView, layout: Layout, width: u32, height: u32) ->
 }
 
 /// `path` with `.tmp` appended to its file name.
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = OsString::from(path.as_os_str());
-    name.push(".tmp");
-    PathBuf::from(name)
-}
-
-/// Replaces `path` with `bytes` atomically: the bytes go to `PATH.tmp`,
-/// which is then renamed over `path`. (Not fsynced: this is a status
-/// picture, not data; a crash may lose the newest frame, never expose a
-/// partial one.)
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = tmp_path(path);
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 /// Keeps a PNG file showing the status.
 pub(super) struct PngSink {
     path: PathBuf,
@@ -127,7 +101,7 @@ impl Sink for PngSink {
             return Ok(());
         }
         let bytes = encode_frame(&frame).context("cannot encode the status PNG")?;
-        write_atomically(&self.path, &bytes)
+        crate::durable::write_replace(&self.path, &bytes)
             .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.last = Some(frame);
         Ok(())
@@ -137,16 +111,17 @@ impl Sink for PngSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("status.png");
-        write_atomically(&path, b"first").unwrap();
+        crate::durable::write_replace(&path, b"first").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"first");
         // A reader holding the old file keeps a complete old copy.
         let mut old = std::fs::File::open(&path).unwrap();
-        write_atomically(&path, b"second, longer").unwrap();
+        crate::durable::write_replace(&path, b"second, longer").unwrap();
         let mut seen = String::new();
         std::io::Read::read_to_string(&mut old, &mut seen).unwrap();
         assert_eq!(seen, "first");
@@ -156,24 +131,23 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [OsString::from("status.png")]);
-        assert_eq!(tmp_path(&path), dir.path().join("status.png.tmp"));
     }
 
     #[test]
     fn atomic_write_failure_keeps_the_old_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("status.png");
-        write_atomically(&path, b"old").unwrap();
+        crate::durable::write_replace(&path, b"old").unwrap();
         // A non-empty directory where the image should go: the rename
         // fails, and the temp file is cleaned up.
         let blocked = dir.path().join("blocked");
         std::fs::create_dir(&blocked).unwrap();
         std::fs::write(blocked.join("x"), b"").unwrap();
-        assert!(write_atomically(&blocked, b"new").is_err());
-        assert!(!tmp_path(&blocked).exists());
+        assert!(crate::durable::write_replace(&blocked, b"new").is_err());
+        assert!(!crate::durable::temp_path(&blocked).exists());
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         // A missing directory is an error, not a panic.
-        assert!(write_atomically(&dir.path().join("no/such/dir.png"), b"x").is_err());
+        assert!(crate::durable::write_replace(&dir.path().join("no/such/dir.png"), b"x").is_err());
     }
 
     #[test]
