@@ -25,11 +25,7 @@ use tokio_util::sync::CancellationToken;
 const PAYLOAD: usize = 300;
 
 fn keep_all() -> [StreamPolicy; 4] {
-    [StreamPolicy {
-        max_rows: u64::MAX,
-        max_bytes: u64::MAX,
-        overflow: edgefleet_agent::outbox::Overflow::Never,
-    }; 4]
+    [StreamPolicy::keep_all(); 4]
 }
 
 fn records(first: u64, n: usize) -> Vec<NewRecord> {

@@ -264,21 +264,36 @@ struct StreamQuery {
     model: Option<String>,
 }
 
-/// Checks the device exists and turns the query into a page.
-async fn stream_page(fleet: &Fleet, id: &str, q: &StreamQuery) -> ApiResult<store::Page> {
-    let key = id.to_string();
-    let known = fleet
-        .store
-        .call(move |c| store::get_device(c, &key))
-        .await?
-        .is_some();
-    if !known {
-        return Err(ApiError::not_found(format!("unknown device {id:?}")));
-    }
-    Ok(store::Page {
+/// Reads a page of one of a device's streams (`field` in the reply) in a
+/// single store call; an unknown device is a 404.
+async fn device_stream<F>(
+    fleet: &Fleet,
+    id: String,
+    q: &StreamQuery,
+    field: &str,
+    read: F,
+) -> ApiResult<Json<Value>>
+where
+    F: FnOnce(&rusqlite::Connection, &str, &store::Page) -> Result<Vec<Value>, StoreError>
+        + Send
+        + 'static,
+{
+    let page = store::Page {
         after_seq: q.after_seq,
         limit: q.limit.unwrap_or(500).clamp(1, 5000),
-    })
+    };
+    let key = id.clone();
+    let rows = fleet
+        .store
+        .call(move |c| {
+            if store::get_device(c, &key)?.is_none() {
+                return Ok(None);
+            }
+            read(c, &key, &page).map(Some)
+        })
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
+    Ok(Json(json!({ "device_id": id, field: rows })))
 }
 
 /// Recent telemetry of a device, oldest first (`after_seq` pages forward).
@@ -287,13 +302,7 @@ async fn device_telemetry(
     Path(id): Path<String>,
     Query(q): Query<StreamQuery>,
 ) -> ApiResult<Json<Value>> {
-    let page = stream_page(&fleet, &id, &q).await?;
-    let key = id.clone();
-    let samples = fleet
-        .store
-        .call(move |c| store::telemetry_for_device(c, &key, &page))
-        .await?;
-    Ok(Json(json!({ "device_id": id, "telemetry": samples })))
+    device_stream(&fleet, id, &q, "telemetry", store::telemetry_for_device).await
 }
 
 /// Uploaded inference results of a device, oldest first.
@@ -302,13 +311,11 @@ async fn device_results(
     Path(id): Path<String>,
     Query(q): Query<StreamQuery>,
 ) -> ApiResult<Json<Value>> {
-    let page = stream_page(&fleet, &id, &q).await?;
-    let (key, model) = (id.clone(), q.model.clone());
-    let results = fleet
-        .store
-        .call(move |c| store::results_for_device(c, &key, model.as_deref(), &page))
-        .await?;
-    Ok(Json(json!({ "device_id": id, "results": results })))
+    let model = q.model.clone();
+    device_stream(&fleet, id, &q, "results", move |c, key, page| {
+        store::results_for_device(c, key, model.as_deref(), page)
+    })
+    .await
 }
 
 async fn device_desired(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Response> {

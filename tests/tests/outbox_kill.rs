@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use edgefleet_agent::outbox::{Outbox, Overflow, StreamPolicy};
+use edgefleet_agent::outbox::{Outbox, StreamPolicy};
 
 /// A small deterministic-per-run pseudo-random source (no RNG crate).
 fn next_rand(state: &mut u64) -> u64 {
@@ -81,11 +81,7 @@ fn sigkill_never_loses_a_durable_record() -> anyhow::Result<()> {
                 _ => panic!("unexpected line {line:?}"),
             }
         }
-        let keep_all = StreamPolicy {
-            max_rows: u64::MAX,
-            max_bytes: u64::MAX,
-            overflow: Overflow::Never,
-        };
+        let keep_all = StreamPolicy::keep_all();
         let outbox = Outbox::open(&dir.path().join("outbox.db"), [keep_all; 4], 1 << 30)?;
         assert_eq!(outbox.salvaged, None, "trial {trial}: the file was damaged");
         assert_eq!(outbox.integrity_check()?, "ok", "trial {trial}");

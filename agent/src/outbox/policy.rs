@@ -70,6 +70,15 @@ pub struct StreamPolicy {
 }
 
 impl StreamPolicy {
+    /// No cap at all: nothing is ever dropped (tests and benchmarks).
+    pub fn keep_all() -> Self {
+        Self {
+            max_rows: u64::MAX,
+            max_bytes: u64::MAX,
+            overflow: Overflow::Never,
+        }
+    }
+
     /// Defaults sized for a 32 MB-class device with a few MB of disk to
     /// spare: events are never dropped.
     pub fn default_for(stream: Stream) -> Self {
@@ -160,10 +169,11 @@ pub fn plan_overflow(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn policy(max_rows: u64, max_bytes: u64, overflow: Overflow) -> StreamPolicy {
+    /// A policy from its three parts (shared with the store's tests).
+    pub(crate) fn policy(max_rows: u64, max_bytes: u64, overflow: Overflow) -> StreamPolicy {
         StreamPolicy {
             max_rows,
             max_bytes,

@@ -500,15 +500,8 @@ impl Outbox {
 
 #[cfg(test)]
 mod tests {
+    use super::super::policy::tests::policy;
     use super::*;
-
-    fn policy(max_rows: u64, max_bytes: u64, overflow: Overflow) -> StreamPolicy {
-        StreamPolicy {
-            max_rows,
-            max_bytes,
-            overflow,
-        }
-    }
 
     fn rec(stream: Stream, seq: u64, payload: &[u8]) -> NewRecord {
         NewRecord {

@@ -10,16 +10,12 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use edgefleet_agent::outbox::{NewRecord, Outbox, Overflow, Sequence, Stream, StreamPolicy};
+use edgefleet_agent::outbox::{NewRecord, Outbox, Sequence, Stream, StreamPolicy};
 
 fn main() -> anyhow::Result<()> {
     let dir = PathBuf::from(std::env::args().nth(1).expect("usage: outbox-torture DIR"));
     let seq = Sequence::persistent(&dir.join("seq"))?;
-    let keep_all = StreamPolicy {
-        max_rows: u64::MAX,
-        max_bytes: u64::MAX,
-        overflow: Overflow::Never,
-    };
+    let keep_all = StreamPolicy::keep_all();
     let mut outbox = Outbox::open(&dir.join("outbox.db"), [keep_all; 4], 1 << 30)?;
     let mut out = std::io::stdout().lock();
     for round in 0u64.. {
