@@ -57,6 +57,9 @@ fn append_rate(dir: &Path, total: usize, batch: usize) -> f64 {
 
 /// Records per second drained from a prefilled outbox to the broker, until
 /// the outbox is empty.
+/// Records per publish in the batched drain rows (the agent's default).
+const BATCH: usize = 32;
+
 async fn drain_rate(
     dir: &Path,
     name: &str,
@@ -195,31 +198,48 @@ async fn main() {
         println!("(no broker at {url}: drain rows skipped)");
         return;
     }
-    let mqtt = |delete_on| MqttConfig {
+    let mqtt = |delete_on, batch_records| MqttConfig {
         url: url.clone(),
         topic_prefix: String::new(),
         username: None,
         password: None,
         keep_alive_secs: 30,
         delete_on,
+        batch_records,
     };
     let run_id = std::process::id();
     let prefix = TopicPrefix::new(format!("edgefleet-bench-{run_id}/v1")).unwrap();
     let n = 50_000;
-    let puback = drain_rate(
+    // Baseline: one record per publish.
+    let single = drain_rate(
         dir,
-        "drain-puback",
+        "drain-puback-1",
         n,
-        mqtt(DeleteOn::Puback),
+        mqtt(DeleteOn::Puback, 1),
         prefix.clone(),
         &format!("bench-{run_id}-a"),
     )
     .await;
     println!(
         "{:<58} {:>14} {:>12}",
-        format!("drain {n} to Mosquitto, delete on PUBACK"),
-        format!("{puback:.0} rec/s"),
+        format!("drain {n} to Mosquitto, delete on PUBACK, 1 per publish"),
+        format!("{single:.0} rec/s"),
         ""
+    );
+    let puback = drain_rate(
+        dir,
+        "drain-puback",
+        n,
+        mqtt(DeleteOn::Puback, BATCH),
+        prefix.clone(),
+        &format!("bench-{run_id}-b"),
+    )
+    .await;
+    println!(
+        "{:<58} {:>14} {:>12}",
+        format!("drain {n} to Mosquitto, delete on PUBACK, {BATCH} per publish"),
+        format!("{puback:.0} rec/s"),
+        format!("{:.1}x", puback / single)
     );
 
     // With receipts: a real fleet server on the same broker stores every
@@ -270,20 +290,35 @@ async fn main() {
                 assert!(Instant::now() < ready, "fleet server did not start");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let receipt = drain_rate(
+            let receipt_single = drain_rate(
                 dir,
-                "drain-receipt",
+                "drain-receipt-1",
                 n,
-                mqtt(DeleteOn::Receipt),
+                mqtt(DeleteOn::Receipt, 1),
                 prefix.clone(),
-                &format!("bench-{run_id}-b"),
+                &format!("bench-{run_id}-c"),
             )
             .await;
             println!(
                 "{:<58} {:>14} {:>12}",
-                format!("drain {n} through a fleet server, delete on receipt"),
+                format!("drain {n} via fleet server, delete on receipt, 1/publish"),
+                format!("{receipt_single:.0} rec/s"),
+                ""
+            );
+            let receipt = drain_rate(
+                dir,
+                "drain-receipt",
+                n,
+                mqtt(DeleteOn::Receipt, BATCH),
+                prefix.clone(),
+                &format!("bench-{run_id}-d"),
+            )
+            .await;
+            println!(
+                "{:<58} {:>14} {:>12}",
+                format!("drain {n} via fleet server, delete on receipt, {BATCH}/publish"),
                 format!("{receipt:.0} rec/s"),
-                format!("{:.2}x", receipt / puback)
+                format!("{:.1}x", receipt / receipt_single)
             );
             server_proc = Some(proc);
         }

@@ -178,6 +178,15 @@ pub struct MqttConfig {
     /// acknowledged it).
     #[serde(default)]
     pub delete_on: crate::uplink::DeleteOn,
+    /// Most telemetry or results records sent in one publish (as a JSON
+    /// array); 1 sends each record on its own, for consumers that expect
+    /// one object per message.
+    #[serde(default = "default_batch_records")]
+    pub batch_records: usize,
+}
+
+fn default_batch_records() -> usize {
+    32
 }
 
 impl MqttConfig {
@@ -343,6 +352,13 @@ impl AgentConfig {
             }
             if self.root_document.is_none() {
                 return invalid("root_document is required when [mqtt] is set: updates cannot be verified without it".into());
+            }
+            if !(1..=crate::uplink::WINDOW).contains(&mqtt.batch_records) {
+                return invalid(format!(
+                    "mqtt.batch_records must be between 1 and {}, not {}",
+                    crate::uplink::WINDOW,
+                    mqtt.batch_records
+                ));
             }
         }
         if self.api.max_request_bytes < 1024 {

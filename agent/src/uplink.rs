@@ -27,10 +27,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::MqttConfig;
 use crate::outbox::{OutboxHandle, Stream};
 
-/// Publishes awaiting their PUBACK at most.
+/// Publishes awaiting their PUBACK at most (rumqttc's window).
 pub const WINDOW: usize = 256;
+/// Records in flight at most (published, not yet receipted).
+pub const RECORD_WINDOW: usize = 1024;
+/// Most bytes of records batched into one publish.
+pub const MAX_PUBLISH_BYTES: usize = 256 * 1024;
 /// Delivered records deleted per transaction at most.
-const ACK_BATCH: usize = WINDOW / 2;
+const ACK_BATCH: usize = RECORD_WINDOW / 4;
 /// A publish without its PUBACK (or, after it, its receipt) this long
 /// while connected is sent again.
 const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,29 +85,32 @@ pub enum DeleteOn {
     Puback,
 }
 
-/// One record on its way.
-#[derive(Debug, Clone, Copy)]
+/// One publish on its way: the records it carries (one, or a batch of
+/// telemetry or results).
+#[derive(Debug, Clone)]
 struct Entry {
-    seq: u64,
+    seqs: Vec<u64>,
     at: Instant,
 }
 
 /// The records in flight. rumqttc assigns packet ids when it writes a
 /// publish, in the order publishes were queued, and reports each as
 /// `Outgoing::Publish(pkid)`; PUBACKs name the pkid; receipts name
-/// sequence numbers.
+/// sequence numbers. [`Inflight::len`] counts records, not publishes.
 #[derive(Debug, Default)]
 pub struct Inflight {
     /// Queued to rumqttc, packet id not known yet (in queue order).
     queued: VecDeque<Entry>,
-    /// Written, awaiting the broker's PUBACK.
+    /// Written, awaiting the broker's PUBACK. Records receipted before
+    /// their PUBACK stay listed here (the packet id stays taken) but no
+    /// longer count.
     by_pkid: HashMap<u16, Entry>,
     /// Acknowledged by the broker, awaiting the server's receipt.
-    awaiting: HashMap<u64, Entry>,
-    /// Packet ids rumqttc still holds whose record no longer counts here
-    /// (expired, or receipted before its PUBACK): a re-send or a late
-    /// PUBACK for one changes nothing.
+    awaiting: HashMap<u64, Instant>,
+    /// Packet ids rumqttc still holds whose records no longer count here
+    /// (expired): a re-send or a late PUBACK for one changes nothing.
     stale: HashSet<u16>,
+    /// Every record that counts as in flight.
     seqs: HashSet<u64>,
 }
 
@@ -120,21 +127,23 @@ impl Inflight {
         &self.seqs
     }
 
-    /// A record was handed to rumqttc.
-    pub fn queued(&mut self, seq: u64, now: Instant) {
-        self.queued.push_back(Entry { seq, at: now });
-        self.seqs.insert(seq);
+    /// A publish carrying `seqs` was handed to rumqttc.
+    pub fn queued(&mut self, seqs: Vec<u64>, now: Instant) {
+        self.seqs.extend(seqs.iter().copied());
+        self.queued.push_back(Entry { seqs, at: now });
     }
 
-    /// rumqttc could not take the record after all.
+    /// rumqttc could not take the last publish after all.
     pub fn unqueue_last(&mut self) {
         if let Some(e) = self.queued.pop_back() {
-            self.seqs.remove(&e.seq);
+            for seq in &e.seqs {
+                self.seqs.remove(seq);
+            }
         }
     }
 
     /// rumqttc wrote a publish with `pkid`. A pkid already known is a
-    /// re-send after a reconnect, not a new record.
+    /// re-send after a reconnect, not a new publish.
     pub fn written(&mut self, pkid: u16, now: Instant) {
         if pkid == 0 || self.by_pkid.contains_key(&pkid) || self.stale.contains(&pkid) {
             return;
@@ -146,46 +155,43 @@ impl Inflight {
     }
 
     /// The broker acknowledged `pkid`. With [`DeleteOn::Puback`] returns
-    /// the record's sequence number (delivered); otherwise the record now
-    /// waits for its receipt.
-    pub fn acked(&mut self, pkid: u16, mode: DeleteOn, now: Instant) -> Option<u64> {
+    /// the sequence numbers it delivered; otherwise its records now wait
+    /// for their receipt.
+    pub fn acked(&mut self, pkid: u16, mode: DeleteOn, now: Instant) -> Vec<u64> {
         if self.stale.remove(&pkid) {
-            return None;
+            return Vec::new();
         }
-        let mut e = self.by_pkid.remove(&pkid)?;
+        let Some(e) = self.by_pkid.remove(&pkid) else {
+            return Vec::new();
+        };
+        // Those receipted meanwhile are done already.
+        let live = e.seqs.into_iter().filter(|s| self.seqs.contains(s));
         match mode {
             DeleteOn::Puback => {
-                self.seqs.remove(&e.seq);
-                Some(e.seq)
+                let done: Vec<u64> = live.collect();
+                for seq in &done {
+                    self.seqs.remove(seq);
+                }
+                done
             }
             DeleteOn::Receipt => {
-                e.at = now;
-                self.awaiting.insert(e.seq, e);
-                None
+                for seq in live.collect::<Vec<_>>() {
+                    self.awaiting.insert(seq, now);
+                }
+                Vec::new()
             }
         }
     }
 
-    /// The server stored `seq`.
-    pub fn receipted(&mut self, seq: u64) {
-        if !self.seqs.remove(&seq) {
-            return;
+    /// The server stored `seq`. Returns whether it was in flight here.
+    pub fn receipted(&mut self, seq: u64) -> bool {
+        if self.queued.iter().any(|e| e.seqs.contains(&seq)) {
+            // Not written yet: it will be written and acknowledged all
+            // the same, and counted then.
+            return false;
         }
-        if self.awaiting.remove(&seq).is_some() {
-            return;
-        }
-        if let Some(pkid) = self
-            .by_pkid
-            .iter()
-            .find(|(_, e)| e.seq == seq)
-            .map(|(p, _)| *p)
-        {
-            self.by_pkid.remove(&pkid);
-            self.stale.insert(pkid);
-            return;
-        }
-        // Still queued: it will be written and acknowledged all the same.
-        self.seqs.insert(seq);
+        self.awaiting.remove(&seq);
+        self.seqs.remove(&seq)
     }
 
     /// Forgets everything: the broker started a new session, and rumqttc
@@ -197,33 +203,81 @@ impl Inflight {
 
     /// Stops counting records written (or acknowledged) more than
     /// `timeout` ago without the next step, so the drain sends them again
-    /// (the server de-duplicates).
+    /// (the server de-duplicates). Returns how many records expired.
     pub fn expire(&mut self, now: Instant, timeout: Duration) -> usize {
-        let old = |e: &Entry| now.duration_since(e.at) > timeout;
+        let old = |at: Instant| now.duration_since(at) > timeout;
         let pkids: Vec<u16> = self
             .by_pkid
             .iter()
-            .filter(|(_, e)| old(e))
+            .filter(|(_, e)| old(e.at))
             .map(|(p, _)| *p)
             .collect();
+        let mut expired = 0;
         for pkid in &pkids {
             if let Some(e) = self.by_pkid.remove(pkid) {
-                self.seqs.remove(&e.seq);
+                for seq in &e.seqs {
+                    expired += usize::from(self.seqs.remove(seq));
+                }
                 self.stale.insert(*pkid);
             }
         }
         let seqs: Vec<u64> = self
             .awaiting
-            .values()
-            .filter(|e| old(e))
-            .map(|e| e.seq)
+            .iter()
+            .filter(|(_, at)| old(**at))
+            .map(|(seq, _)| *seq)
             .collect();
         for seq in &seqs {
             self.awaiting.remove(seq);
-            self.seqs.remove(seq);
+            expired += usize::from(self.seqs.remove(seq));
         }
-        pkids.len() + seqs.len()
+        expired
     }
+}
+
+/// Splits a drain batch into publishes: telemetry and results records next
+/// to each other on the same stream share one publish (a JSON array), up
+/// to `max_records` and [`MAX_PUBLISH_BYTES`]; events and status go one
+/// per publish. Returns index ranges into `records`.
+pub fn group(records: &[crate::outbox::Record], max_records: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < records.len() {
+        let stream = records[start].stream;
+        let mut end = start + 1;
+        let mut bytes = records[start].payload.len();
+        if stream.batched() {
+            while end < records.len()
+                && end - start < max_records
+                && records[end].stream == stream
+                && bytes + records[end].payload.len() + 1 <= MAX_PUBLISH_BYTES
+            {
+                bytes += records[end].payload.len() + 1;
+                end += 1;
+            }
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// The payload of one publish: the record itself, or a JSON array of them.
+fn publish_payload(records: &mut [crate::outbox::Record]) -> Vec<u8> {
+    if let [one] = records {
+        return std::mem::take(&mut one.payload);
+    }
+    let size = records.iter().map(|r| r.payload.len() + 1).sum::<usize>() + 1;
+    let mut out = Vec::with_capacity(size);
+    out.push(b'[');
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&r.payload);
+    }
+    out.push(b']');
+    out
 }
 
 impl Uplink {
@@ -241,6 +295,7 @@ impl Uplink {
         let receipts_topic = topic(TopicKind::Receipts);
         let server_topic = self.prefix.server_status();
         let mode = self.config.delete_on;
+        let batch_records = self.config.batch_records;
         let status_topic = topic(TopicKind::Status);
         let topics: HashMap<Stream, String> = Stream::ALL
             .into_iter()
@@ -262,7 +317,7 @@ impl Uplink {
         if let (Some(user), Some(pass)) = (&self.config.username, &self.config.password) {
             options.set_credentials(user, pass);
         }
-        let (client, mut eventloop) = AsyncClient::new(options, 2 * WINDOW);
+        let (client, mut eventloop) = AsyncClient::new(options, RECORD_WINDOW);
         // Small packets in a window: Nagle's algorithm would hold each one
         // back waiting for the previous one's TCP acknowledgement.
         let mut network = eventloop.network_options();
@@ -334,7 +389,7 @@ impl Uplink {
                                 if delivered.len() >= ACK_BATCH {
                                     delete_delivered(&outbox, &mut delivered).await;
                                 }
-                                if more && inflight.len() <= WINDOW / 2 {
+                                if more && inflight.len() <= RECORD_WINDOW / 2 {
                                     outbox.stored().notify_one();
                                 }
                             }
@@ -344,13 +399,11 @@ impl Uplink {
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => inflight.written(pkid, Instant::now()),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(seq) = inflight.acked(ack.pkid, mode, Instant::now()) {
-                            delivered.push(seq);
-                            if delivered.len() >= ACK_BATCH {
-                                delete_delivered(&outbox, &mut delivered).await;
-                            }
+                        delivered.extend(inflight.acked(ack.pkid, mode, Instant::now()));
+                        if delivered.len() >= ACK_BATCH {
+                            delete_delivered(&outbox, &mut delivered).await;
                         }
-                        if more && inflight.len() <= WINDOW / 2 {
+                        if more && inflight.len() <= RECORD_WINDOW / 2 {
                             outbox.stored().notify_one();
                         }
                     }
@@ -373,31 +426,33 @@ impl Uplink {
                         }
                     }
                 },
-                _ = outbox.stored().notified(), if connected && server_online && inflight.len() < WINDOW => {
-                    let room = WINDOW - inflight.len();
+                _ = outbox.stored().notified(), if connected && server_online && inflight.len() < RECORD_WINDOW => {
+                    let room = RECORD_WINDOW - inflight.len();
                     // In flight, or delivered and about to be deleted.
                     let mut exclude = inflight.seqs().clone();
                     exclude.extend(delivered.iter().copied());
                     let h = outbox.clone();
                     let batch = tokio::task::spawn_blocking(move || h.next_batch(room, &exclude)).await?;
                     match batch {
-                        Ok(records) => {
+                        Ok(mut records) => {
                             tracing::debug!(records = records.len(), in_flight = inflight.len(), "draining");
                             let full = records.len() == room;
                             more = full;
-                            for record in records {
-                                inflight.queued(record.seq, Instant::now());
-                                let topic = &topics[&record.stream];
+                            for range in group(&records, batch_records) {
+                                let stream = records[range.start].stream;
+                                let chunk = &mut records[range];
+                                inflight.queued(chunk.iter().map(|r| r.seq).collect(), Instant::now());
                                 if client
-                                    .try_publish(topic, QoS::AtLeastOnce, record.stream.retained(), record.payload)
+                                    .try_publish(&topics[&stream], QoS::AtLeastOnce, stream.retained(), publish_payload(chunk))
                                     .is_err()
                                 {
                                     inflight.unqueue_last();
+                                    more = true;
                                     tracing::debug!("rumqttc queue full");
                                     break;
                                 }
                             }
-                            if full && inflight.len() < WINDOW {
+                            if full && inflight.len() < RECORD_WINDOW {
                                 outbox.stored().notify_one();
                             }
                         }
@@ -427,9 +482,7 @@ impl Uplink {
                             inflight.written(pkid, Instant::now())
                         }
                         Event::Incoming(Packet::PubAck(ack)) => {
-                            if let Some(seq) = inflight.acked(ack.pkid, mode, Instant::now()) {
-                                delivered.push(seq);
-                            }
+                            delivered.extend(inflight.acked(ack.pkid, mode, Instant::now()));
                         }
                         _ => {}
                     }
@@ -469,42 +522,76 @@ mod tests {
         assert!(backoff(50) >= Duration::from_millis(12_800));
     }
 
+    fn none() -> Vec<u64> {
+        Vec::new()
+    }
+
     #[test]
     fn packet_ids_map_to_records_in_queue_order_and_resends_are_ignored() {
         let t = Instant::now();
         let mut f = Inflight::default();
-        f.queued(10, t);
-        f.queued(11, t);
-        f.queued(12, t);
+        f.queued(vec![10], t);
+        f.queued(vec![11], t);
+        f.queued(vec![12], t);
         f.unqueue_last(); // rumqttc's queue was full for 12
         assert_eq!(f.len(), 2);
         f.written(1, t);
         f.written(2, t);
         // A reconnect re-sends pkid 1: still record 10, nothing shifts.
         f.written(1, t);
-        assert_eq!(f.acked(2, DeleteOn::Puback, t), Some(11));
-        assert_eq!(f.acked(2, DeleteOn::Puback, t), None, "a duplicate PUBACK");
-        f.queued(13, t);
+        assert_eq!(f.acked(2, DeleteOn::Puback, t), vec![11]);
+        assert_eq!(
+            f.acked(2, DeleteOn::Puback, t),
+            none(),
+            "a duplicate PUBACK"
+        );
+        f.queued(vec![13], t);
         f.written(2, t); // pkid 2 is free again and now carries 13
-        assert_eq!(f.acked(1, DeleteOn::Puback, t), Some(10));
-        assert_eq!(f.acked(2, DeleteOn::Puback, t), Some(13));
+        assert_eq!(f.acked(1, DeleteOn::Puback, t), vec![10]);
+        assert_eq!(f.acked(2, DeleteOn::Puback, t), vec![13]);
         assert!(f.is_empty());
         // QoS 0 publishes (pkid 0) never take a record.
-        f.queued(14, t);
+        f.queued(vec![14], t);
         f.written(0, t);
-        assert_eq!(f.acked(0, DeleteOn::Puback, t), None);
+        assert_eq!(f.acked(0, DeleteOn::Puback, t), none());
         assert!(f.seqs().contains(&14));
+    }
+
+    #[test]
+    fn a_batch_is_acknowledged_and_receipted_record_by_record() {
+        let t = Instant::now();
+        let mut f = Inflight::default();
+        f.queued(vec![1, 2, 3], t);
+        f.queued(vec![4, 5], t);
+        assert_eq!(f.len(), 5);
+        f.unqueue_last();
+        assert_eq!(f.len(), 3, "the whole refused publish leaves");
+        f.written(7, t);
+        assert_eq!(f.acked(7, DeleteOn::Puback, t), vec![1, 2, 3]);
+        assert!(f.is_empty());
+
+        f.queued(vec![4, 5, 6], t);
+        f.written(8, t);
+        // The server stored 5 before the broker's PUBACK came back.
+        assert!(f.receipted(5));
+        assert_eq!(f.len(), 2);
+        assert_eq!(f.acked(8, DeleteOn::Receipt, t), none());
+        assert_eq!(f.len(), 2, "4 and 6 wait for their receipts");
+        assert!(f.receipted(4));
+        assert!(f.receipted(6));
+        assert!(!f.receipted(6), "a duplicate receipt");
+        assert!(f.is_empty());
     }
 
     #[test]
     fn with_receipts_a_puback_is_not_delivery() {
         let t = Instant::now();
         let mut f = Inflight::default();
-        f.queued(10, t);
-        f.queued(11, t);
+        f.queued(vec![10], t);
+        f.queued(vec![11], t);
         f.written(1, t);
         f.written(2, t);
-        assert_eq!(f.acked(1, DeleteOn::Receipt, t), None);
+        assert_eq!(f.acked(1, DeleteOn::Receipt, t), none());
         assert_eq!(f.len(), 2, "still in flight until the receipt");
         f.receipted(10);
         assert_eq!(f.len(), 1);
@@ -512,13 +599,13 @@ mod tests {
         // and pkid 2 stays reserved until it comes.
         f.receipted(11);
         assert!(f.is_empty());
-        f.queued(12, t);
+        f.queued(vec![12], t);
         f.written(2, t); // rumqttc re-sending the old pkid 2
-        assert_eq!(f.acked(2, DeleteOn::Receipt, t), None);
+        assert_eq!(f.acked(2, DeleteOn::Receipt, t), none());
         f.written(3, t);
-        assert_eq!(f.acked(3, DeleteOn::Puback, t), Some(12));
+        assert_eq!(f.acked(3, DeleteOn::Puback, t), vec![12]);
         // Receipts for unknown numbers (an earlier run's) change nothing.
-        f.receipted(999);
+        assert!(!f.receipted(999));
         assert!(f.is_empty());
     }
 
@@ -526,21 +613,21 @@ mod tests {
     fn stuck_records_expire_so_they_are_sent_again() {
         let t = Instant::now();
         let mut f = Inflight::default();
-        f.queued(1, t);
+        f.queued(vec![1], t);
         f.written(7, t);
-        f.queued(2, t);
+        f.queued(vec![2], t);
         f.written(8, t);
         f.acked(8, DeleteOn::Receipt, t);
         let later = t + Duration::from_secs(61);
-        f.queued(3, later);
+        f.queued(vec![3], later);
         assert_eq!(f.expire(later, Duration::from_secs(60)), 2);
         assert_eq!(f.seqs().iter().copied().collect::<Vec<_>>(), vec![3]);
         // A re-send of the expired packet does not take record 3's place.
         f.written(7, later);
         f.written(9, later);
-        assert_eq!(f.acked(9, DeleteOn::Puback, later), Some(3));
+        assert_eq!(f.acked(9, DeleteOn::Puback, later), vec![3]);
         // A late PUBACK for the expired record changes nothing.
-        assert_eq!(f.acked(7, DeleteOn::Puback, later), None);
+        assert_eq!(f.acked(7, DeleteOn::Puback, later), none());
         assert!(f.is_empty());
     }
 
@@ -548,15 +635,59 @@ mod tests {
     fn a_new_session_starts_from_scratch() {
         let t = Instant::now();
         let mut f = Inflight::default();
-        f.queued(1, t);
-        f.queued(2, t);
+        f.queued(vec![1], t);
+        f.queued(vec![2], t);
         f.written(5, t);
         // The broker lost the session: rumqttc drops 1 and 2 unsent.
         f.clear();
-        f.queued(3, t);
+        f.queued(vec![3], t);
         f.written(1, t);
         // pkid 1 now carries 3, not the stale 2.
-        assert_eq!(f.acked(1, DeleteOn::Puback, t), Some(3));
-        assert_eq!(f.acked(5, DeleteOn::Puback, t), None);
+        assert_eq!(f.acked(1, DeleteOn::Puback, t), vec![3]);
+        assert_eq!(f.acked(5, DeleteOn::Puback, t), none());
+    }
+
+    fn record(seq: u64, stream: Stream, bytes: usize) -> crate::outbox::Record {
+        crate::outbox::Record {
+            id: seq as i64,
+            stream,
+            seq,
+            created_at: 0,
+            payload: vec![b'x'; bytes],
+        }
+    }
+
+    #[test]
+    fn batches_group_neighbours_of_one_stream_within_the_limits() {
+        use Stream::*;
+        let records: Vec<_> = [Events, Events, Status, Telemetry, Telemetry, Telemetry]
+            .into_iter()
+            .chain([Results; 5])
+            .enumerate()
+            .map(|(i, s)| record(i as u64 + 1, s, 10))
+            .collect();
+        let groups = group(&records, 2);
+        assert_eq!(
+            groups,
+            vec![0..1, 1..2, 2..3, 3..5, 5..6, 6..8, 8..10, 10..11]
+        );
+        assert_eq!(group(&records, 1).len(), records.len());
+        // The byte limit splits a batch too.
+        let big: Vec<_> = (1..=3)
+            .map(|i| record(i, Results, MAX_PUBLISH_BYTES / 2))
+            .collect();
+        assert_eq!(group(&big, 32), vec![0..1, 1..2, 2..3]);
+    }
+
+    #[test]
+    fn a_batch_is_a_json_array_of_the_records() {
+        let mut one = vec![record(1, Stream::Results, 0)];
+        one[0].payload = br#"{"a":1}"#.to_vec();
+        assert_eq!(publish_payload(&mut one), br#"{"a":1}"#);
+        let mut two = vec![one[0].clone(), one[0].clone()];
+        two[0].payload = br#"{"a":1}"#.to_vec();
+        two[1].payload = br#"{"b":2}"#.to_vec();
+        let v: serde_json::Value = serde_json::from_slice(&publish_payload(&mut two)).unwrap();
+        assert_eq!(v, serde_json::json!([{"a": 1}, {"b": 2}]));
     }
 }

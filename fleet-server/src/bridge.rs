@@ -28,7 +28,8 @@ use crate::store::{self, Streamed};
 pub enum Inbound {
     Status(StatusMessage),
     Event(UpdateEvent),
-    Streamed(Streamed),
+    /// Telemetry or results: one record, or a batch sent as a JSON array.
+    Streamed(Vec<Streamed>),
 }
 
 /// Why an inbound message was dropped.
@@ -65,14 +66,16 @@ pub fn decode(prefix: &TopicPrefix, topic: &str, payload: &[u8]) -> Result<Inbou
             (Inbound::Event(msg), claimed)
         }
         TopicKind::Telemetry => {
-            let msg: TelemetryMessage = serde_json::from_slice(payload).map_err(payload_err)?;
-            let claimed = msg.device_id.clone();
-            (Inbound::Streamed(Streamed::Telemetry(msg)), claimed)
+            let msgs: Vec<TelemetryMessage> = one_or_many(payload).map_err(payload_err)?;
+            let claimed = same_device(msgs.iter().map(|m| &m.device_id), &parsed.device);
+            let records = msgs.into_iter().map(Streamed::Telemetry).collect();
+            (Inbound::Streamed(records), claimed)
         }
         TopicKind::Results => {
-            let msg: InferenceResult = serde_json::from_slice(payload).map_err(payload_err)?;
-            let claimed = msg.device_id.clone();
-            (Inbound::Streamed(Streamed::Result(msg)), claimed)
+            let msgs: Vec<InferenceResult> = one_or_many(payload).map_err(payload_err)?;
+            let claimed = same_device(msgs.iter().map(|m| &m.device_id), &parsed.device);
+            let records = msgs.into_iter().map(Streamed::Result).collect();
+            (Inbound::Streamed(records), claimed)
         }
         TopicKind::Desired | TopicKind::Receipts => {
             return Err(InboundError::WrongDirection(topic.into()))
@@ -85,6 +88,28 @@ pub fn decode(prefix: &TopicPrefix, topic: &str, payload: &[u8]) -> Result<Inbou
         });
     }
     Ok(inbound)
+}
+
+/// A record, or a JSON array of records (a device's batched publish).
+fn one_or_many<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+) -> Result<Vec<T>, serde_json::Error> {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        serde_json::from_slice(payload)
+    } else {
+        serde_json::from_slice(payload).map(|one| vec![one])
+    }
+}
+
+/// The device every record of a batch claims: the topic's device when all
+/// agree (or the batch is empty), else the first that differs.
+fn same_device<'a>(claims: impl Iterator<Item = &'a DeviceId>, topic: &DeviceId) -> DeviceId {
+    claims
+        .into_iter()
+        .find(|d| *d != topic)
+        .unwrap_or(topic)
+        .clone()
 }
 
 /// The server's MQTT client id: fixed per topic prefix, so its session
@@ -147,9 +172,10 @@ pub async fn ingest(
         let streamed: Vec<Streamed> = batch
             .iter()
             .filter_map(|(i, _)| match i {
-                Some(Inbound::Streamed(r)) => Some(r.clone()),
+                Some(Inbound::Streamed(r)) => Some(r.iter().cloned()),
                 _ => None,
             })
+            .flatten()
             .collect();
         let mut failures = 0u32;
         loop {
@@ -188,8 +214,10 @@ pub async fn ingest(
         }
         let mut stored: std::collections::BTreeMap<DeviceId, Vec<u64>> = Default::default();
         for (inbound, publish) in batch.drain(..) {
-            if let Some((device, seq)) = inbound.as_ref().and_then(Inbound::origin) {
-                stored.entry(device).or_default().push(seq);
+            if let Some(inbound) = &inbound {
+                for (device, seq) in inbound.origin() {
+                    stored.entry(device).or_default().push(seq);
+                }
             }
             if fleet.mqtt.ack(&publish).await.is_err() {
                 return;
@@ -215,16 +243,22 @@ pub async fn ingest(
 }
 
 impl Inbound {
-    /// The device and sequence number a stored message is receipted by
+    /// The device and sequence numbers a stored message is receipted by
     /// (none for the broker's last will, which has no number).
-    fn origin(&self) -> Option<(DeviceId, u64)> {
-        let (device, seq) = match self {
-            Self::Status(s) => (&s.device_id, s.seq),
-            Self::Event(e) => (&e.device_id, e.seq),
-            Self::Streamed(Streamed::Telemetry(t)) => (&t.device_id, t.seq),
-            Self::Streamed(Streamed::Result(r)) => (&r.device_id, r.seq),
+    fn origin(&self) -> Vec<(DeviceId, u64)> {
+        let one = |device: &DeviceId, seq: u64| (device.clone(), seq);
+        let all = match self {
+            Self::Status(s) => vec![one(&s.device_id, s.seq)],
+            Self::Event(e) => vec![one(&e.device_id, e.seq)],
+            Self::Streamed(records) => records
+                .iter()
+                .map(|r| match r {
+                    Streamed::Telemetry(t) => one(&t.device_id, t.seq),
+                    Streamed::Result(r) => one(&r.device_id, r.seq),
+                })
+                .collect(),
         };
-        (seq != 0).then(|| (device.clone(), seq))
+        all.into_iter().filter(|(_, seq)| *seq != 0).collect()
     }
 }
 
@@ -377,6 +411,35 @@ mod tests {
         assert!(matches!(
             decode(&prefix, "other/topic", b"{}"),
             Err(InboundError::Topic(_))
+        ));
+    }
+
+    #[test]
+    fn a_batch_decodes_to_all_its_records_and_every_one_must_match_the_topic() {
+        let prefix = TopicPrefix::default();
+        let topic = "edgefleet/v1/devices/pi-1/results";
+        let result = |device: &str, seq: u64| {
+            format!(
+                r#"{{"schema":1,"device_id":"{device}","seq":{seq},"at":1,"model":"m","model_version":1,"runtime":"tract","request_id":null,"latency_us":5,"outputs":[]}}"#
+            )
+        };
+        let batch = format!(" [{},{}]", result("pi-1", 4), result("pi-1", 5));
+        let Ok(inbound) = decode(&prefix, topic, batch.as_bytes()) else {
+            panic!("batch rejected")
+        };
+        let origin: Vec<u64> = inbound.origin().into_iter().map(|(_, s)| s).collect();
+        assert_eq!(origin, vec![4, 5]);
+        // One record of another device spoils the whole publish.
+        let mixed = format!("[{},{}]", result("pi-1", 6), result("pi-2", 7));
+        assert!(matches!(
+            decode(&prefix, topic, mixed.as_bytes()),
+            Err(InboundError::DeviceMismatch { claimed, .. }) if claimed == "pi-2"
+        ));
+        // A batch with one malformed record is refused, not half stored.
+        let broken = format!("[{},{{}}]", result("pi-1", 8));
+        assert!(matches!(
+            decode(&prefix, topic, broken.as_bytes()),
+            Err(InboundError::Payload { .. })
         ));
     }
 }

@@ -43,6 +43,12 @@ impl Stream {
     pub fn retained(self) -> bool {
         self == Self::Status
     }
+
+    /// Telemetry and results may travel several records to a publish (a
+    /// JSON array); events and status go one by one.
+    pub fn batched(self) -> bool {
+        matches!(self, Self::Telemetry | Self::Results)
+    }
 }
 
 /// What to do when a stream is over its cap.
