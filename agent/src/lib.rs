@@ -5,6 +5,7 @@
 //! fleet is configured, the [`uplink`] (MQTT) feeding the [`updater`],
 //! whose decisions come from the I/O-free [`update`] module.
 
+pub mod activation;
 pub mod api;
 pub mod config;
 pub mod display;
@@ -101,7 +102,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         pin: config.runtime.pin.clone(),
     };
     tracing::info!(runtimes = ?loading.runtimes, pin = ?loading.pin, "inference runtimes");
-    updater::serve_installed(&store, &registry, &loading).await?;
+    let startup_rollbacks = updater::serve_installed(&store, &registry, &loading).await?;
     serve_local_models(&config, &registry, &loading).await;
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -140,18 +141,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         });
         let (desired_tx, desired_rx) = mpsc::channel(4);
         let (status_tx, status_rx) = watch::channel(None);
-        let updater = updater::Updater {
-            device: device.clone(),
+        let updater = updater::Updater::new(
+            device.clone(),
             trust,
             store,
-            registry: registry.clone(),
-            downloader: Downloader::new(
+            registry.clone(),
+            Downloader::new(
                 Duration::from_secs(config.update.download_stall_secs),
                 config.update.download_attempts,
             ),
-            reporter: Reporter::new(device.clone(), outbox.clone(), status_tx, alert_tx.clone()),
+            Reporter::new(device.clone(), outbox.clone(), status_tx, alert_tx.clone()),
             loading,
-        };
+            startup_rollbacks,
+        );
         tasks.spawn(updater.run(desired_rx, shutdown.clone()));
         tasks.spawn(telemetry::run(
             device.clone(),

@@ -3,7 +3,8 @@
 //! ```text
 //! {data_dir}/models/{name}/{version}/model.{onnx|tflite}
 //! {data_dir}/models/{name}/{version}/slot.json     the signed slot it came from
-//! {data_dir}/models/{name}/active                  {"version": V, "previous": P}
+//! {data_dir}/models/{name}/active                  {"version": V, "previous": P, "soaking": {...}}
+//! {data_dir}/models/{name}/rejected                versions that failed here: never installed again
 //! {data_dir}/staging/{sha256}.part                 downloads in progress
 //! ```
 //!
@@ -40,10 +41,41 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 }
 
 /// The `active` pointer of one model name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActivePointer {
     pub version: u64,
     pub previous: Option<u64>,
+    /// Set while `version` soaks after its activation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soaking: Option<Soaking>,
+}
+
+/// A version under watch, as persisted: it survives restarts, and a
+/// version that keeps the agent from running (it restarted
+/// [`MAX_SOAK_RESTARTS`] times while soaking) is rolled back at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Soaking {
+    /// Unix seconds of the activation.
+    pub since: u64,
+    /// Agent starts since the activation.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The previous version's requests, errors and p95 latency (us) when
+    /// it was replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<(u64, u64, Option<f64>)>,
+}
+
+/// Starts while soaking after which the version is taken to be what
+/// brings the agent down.
+pub const MAX_SOAK_RESTARTS: u32 = 3;
+
+/// A version that failed on this device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub version: u64,
+    pub sha256: String,
+    pub reason: String,
 }
 
 /// An installed model version.
@@ -145,23 +177,131 @@ impl ModelStore {
     }
 
     /// Points `name` at `version` atomically, remembering the version it
-    /// replaces, and removes versions that are neither.
-    pub fn activate(&self, name: &str, version: u64) -> Result<ActivePointer, StoreError> {
+    /// replaces, and removes versions that are neither. With `soaking`,
+    /// the version is marked as under watch.
+    pub fn activate(
+        &self,
+        name: &str,
+        version: u64,
+        soaking: Option<Soaking>,
+    ) -> Result<ActivePointer, StoreError> {
         let current = self.active_pointer(name)?;
         let previous = match current {
             Some(p) if p.version == version => p.previous,
             Some(p) => Some(p.version),
             None => None,
         };
-        let pointer = ActivePointer { version, previous };
+        let pointer = ActivePointer {
+            version,
+            previous,
+            soaking,
+        };
+        self.write_pointer(name, &pointer)?;
+        self.collect_garbage(name, &pointer);
+        Ok(pointer)
+    }
+
+    fn write_pointer(&self, name: &str, pointer: &ActivePointer) -> Result<(), StoreError> {
         let path = self.name_dir(name).join("active");
         write_atomic(
             &path,
-            &serde_json::to_vec(&pointer).expect("pointer serialises"),
+            &serde_json::to_vec(pointer).expect("pointer serialises"),
         )
-        .map_err(io_err(&path))?;
-        self.collect_garbage(name, &pointer);
-        Ok(pointer)
+        .map_err(io_err(&path))
+    }
+
+    /// Records one more start while `name` soaks; returns the updated
+    /// pointer.
+    pub fn count_restart(&self, name: &str) -> Result<Option<ActivePointer>, StoreError> {
+        let Some(mut pointer) = self.active_pointer(name)? else {
+            return Ok(None);
+        };
+        if let Some(soaking) = &mut pointer.soaking {
+            soaking.restarts += 1;
+            self.write_pointer(name, &pointer)?;
+        }
+        Ok(Some(pointer))
+    }
+
+    /// The soak of the active version passed: it is no longer watched.
+    pub fn confirm(&self, name: &str) -> Result<(), StoreError> {
+        if let Some(mut pointer) = self.active_pointer(name)? {
+            if pointer.soaking.take().is_some() {
+                self.write_pointer(name, &pointer)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the previous version of `name` back (atomically) and records
+    /// the replaced one as rejected. Returns the version now active, or
+    /// `None` when there is no previous version (nothing changes then,
+    /// but the version is still recorded as rejected).
+    pub fn roll_back(&self, name: &str, reason: &str) -> Result<Option<u64>, StoreError> {
+        let Some(pointer) = self.active_pointer(name)? else {
+            return Ok(None);
+        };
+        let bad = self.load_version(name, pointer.version).ok();
+        if let Some(bad) = &bad {
+            self.reject(name, bad.slot.version, &bad.slot.sha256, reason)?;
+        }
+        let Some(previous) = pointer.previous else {
+            if pointer.soaking.is_some() {
+                self.confirm(name)?;
+            }
+            return Ok(None);
+        };
+        let back = ActivePointer {
+            version: previous,
+            previous: None,
+            soaking: None,
+        };
+        self.write_pointer(name, &back)?;
+        self.collect_garbage(name, &back);
+        Ok(Some(previous))
+    }
+
+    /// Records that `version` (with this hash) failed here.
+    pub fn reject(
+        &self,
+        name: &str,
+        version: u64,
+        sha256: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let dir = self.name_dir(name);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut list = self.rejected(name)?;
+        if list
+            .iter()
+            .any(|r| r.version == version && r.sha256 == sha256)
+        {
+            return Ok(());
+        }
+        list.push(Rejected {
+            version,
+            sha256: sha256.to_string(),
+            reason: reason.to_string(),
+        });
+        // Only the newest few matter (versions only go up).
+        let excess = list.len().saturating_sub(16);
+        list.drain(..excess);
+        let path = dir.join("rejected");
+        write_atomic(&path, &serde_json::to_vec(&list).expect("list serialises"))
+            .map_err(io_err(&path))
+    }
+
+    /// The versions of `name` that failed here.
+    pub fn rejected(&self, name: &str) -> Result<Vec<Rejected>, StoreError> {
+        let path = self.name_dir(name).join("rejected");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
     }
 
     /// Stops serving `name` (it is no longer in the desired state). Its
@@ -253,7 +393,7 @@ impl ModelStore {
                     tracing::error!(model = %name, error = %e, "active model damaged");
                     if let Some(prev) = pointer.previous {
                         let model = self.load_version(&name, prev)?;
-                        self.activate(&name, prev)?;
+                        self.activate(&name, prev, None)?;
                         out.push(model);
                     } else {
                         return Err(e);
@@ -289,6 +429,8 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             test_vector: None,
+            soak: None,
+            upload_results: false,
         }
     }
 
@@ -307,7 +449,7 @@ mod tests {
             let s = slot(v, &content);
             let staged = stage(&store, &s, &content);
             store.install(&s, &staged).unwrap();
-            let pointer = store.activate("digits", v).unwrap();
+            let pointer = store.activate("digits", v, None).unwrap();
             assert_eq!(pointer.previous, v.checked_sub(1).filter(|&p| p > 0));
         }
         let active = store.active_models().unwrap();
@@ -329,7 +471,7 @@ mod tests {
             let s = slot(v, &content);
             let staged = stage(&store, &s, &content);
             let installed = store.install(&s, &staged).unwrap();
-            store.activate("digits", v).unwrap();
+            store.activate("digits", v, None).unwrap();
             if v == 2 {
                 fs::write(&installed.path, b"bit rot").unwrap();
             }
@@ -359,8 +501,78 @@ mod tests {
         let s = slot(1, b"m");
         let staged = stage(&store, &s, b"m");
         store.install(&s, &staged).unwrap();
-        store.activate("digits", 1).unwrap();
+        store.activate("digits", 1, None).unwrap();
         store.deactivate("digits").unwrap();
         assert!(store.active_models().unwrap().is_empty());
+    }
+
+    #[test]
+    fn roll_back_restores_the_previous_version_and_rejects_the_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        for v in 1..=2u64 {
+            let content = format!("model v{v}").into_bytes();
+            let s = slot(v, &content);
+            let staged = stage(&store, &s, &content);
+            store.install(&s, &staged).unwrap();
+            let soaking = (v == 2).then_some(Soaking {
+                since: 100,
+                restarts: 0,
+                baseline: Some((10, 0, Some(900.0))),
+            });
+            store.activate("digits", v, soaking).unwrap();
+        }
+        let p = store.count_restart("digits").unwrap().unwrap();
+        assert_eq!(p.soaking.as_ref().unwrap().restarts, 1);
+        assert_eq!(
+            store.active_pointer("digits").unwrap(),
+            Some(p),
+            "persisted"
+        );
+
+        assert_eq!(store.roll_back("digits", "p95 too high").unwrap(), Some(1));
+        let back = store.active_pointer("digits").unwrap().unwrap();
+        assert_eq!((back.version, back.previous, back.soaking), (1, None, None));
+        assert_eq!(store.active_models().unwrap()[0].slot.version, 1);
+        let rejected = store.rejected("digits").unwrap();
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].version, 2);
+        assert_eq!(rejected[0].reason, "p95 too high");
+        assert!(
+            store.load_version("digits", 2).is_err(),
+            "bad version removed"
+        );
+        // With nothing before it, the version stays but is still rejected
+        // and no longer watched.
+        assert_eq!(store.roll_back("digits", "again").unwrap(), None);
+        assert_eq!(store.active_pointer("digits").unwrap().unwrap().version, 1);
+        assert_eq!(store.rejected("digits").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn confirm_ends_the_soak_and_rejects_are_recorded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        let s = slot(1, b"m");
+        let staged = stage(&store, &s, b"m");
+        store.install(&s, &staged).unwrap();
+        let soaking = Soaking {
+            since: 1,
+            restarts: 0,
+            baseline: None,
+        };
+        store.activate("digits", 1, Some(soaking)).unwrap();
+        store.confirm("digits").unwrap();
+        assert_eq!(
+            store.active_pointer("digits").unwrap().unwrap().soaking,
+            None
+        );
+        store
+            .reject("other", 3, &"ab".repeat(32), "test vector")
+            .unwrap();
+        store
+            .reject("other", 3, &"ab".repeat(32), "test vector")
+            .unwrap();
+        assert_eq!(store.rejected("other").unwrap().len(), 1);
     }
 }

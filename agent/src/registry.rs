@@ -106,6 +106,14 @@ impl ModelRegistry {
             .insert(model.name.clone(), Arc::new(model))
     }
 
+    /// Serves an already shared model under its name.
+    pub fn insert_arc(&self, model: Arc<ServedModel>) -> Option<Arc<ServedModel>> {
+        self.models
+            .write()
+            .expect("registry lock")
+            .insert(model.name.clone(), model)
+    }
+
     pub fn remove(&self, name: &str) -> Option<Arc<ServedModel>> {
         self.models.write().expect("registry lock").remove(name)
     }

@@ -102,6 +102,8 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             test_vector: None,
+            soak: None,
+            upload_results: false,
         }
     }
 

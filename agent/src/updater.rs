@@ -1,28 +1,53 @@
 //! The update task: takes desired-state messages from the uplink, decides
 //! with [`crate::update`], and carries the steps out (download, install,
-//! load, test vector, atomic activation), reporting every outcome.
+//! load, test vector, atomic activation, soak), driving each version
+//! through [`crate::activation::Phase`] and reporting every outcome.
 
-use edgefleet_shared::{DesiredState, DeviceId, EventKind, ModelSlot};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_shared::{DesiredState, DeviceId, EventKind, ModelSlot, SoakPolicy};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::activation::{judge, Failure, Input, Judgement, Phase, Window};
 use crate::download::Downloader;
-use crate::engine::{Check, Engine, Runtimes, Selection};
-use crate::model_store::{InstalledModel, ModelStore};
+use crate::engine::{Check, Engine, EngineError, Runtimes, Selection};
+use crate::model_store::{InstalledModel, ModelStore, Soaking, MAX_SOAK_RESTARTS};
 use crate::registry::{ModelRegistry, ServedModel};
 use crate::report::Reporter;
+use crate::stats::Counts;
 use crate::trust::TrustStore;
 use crate::update::{assess, envelope_digest, plan, Serving, Step, TrustView, Verdict};
 
-/// Why one model of a desired state could not be activated.
-#[derive(Debug, thiserror::Error)]
-enum SlotError {
-    #[error("{0}")]
-    Download(#[from] crate::download::DownloadError),
-    #[error("{0}")]
-    Store(#[from] crate::model_store::StoreError),
-    #[error("{0}")]
-    Activation(String),
+/// How often soaking versions are judged.
+const SOAK_CHECK: Duration = Duration::from_secs(1);
+
+/// A version being watched after its activation.
+#[derive(Debug)]
+struct Watch {
+    model: Arc<ServedModel>,
+    policy: SoakPolicy,
+    /// Unix seconds of the activation.
+    since: u64,
+    baseline: Option<Window>,
+    desired_version: Option<u64>,
+}
+
+/// A rollback done at start-up, before the updater could report it.
+#[derive(Debug, Clone)]
+pub struct StartupRollback {
+    pub name: String,
+    pub version: u64,
+    pub reason: String,
+}
+
+fn window(counts: &Counts) -> Window {
+    Window {
+        requests: counts.successes + counts.failures,
+        errors: counts.failures,
+        p95_us: counts.percentile_us(0.95),
+    }
 }
 
 pub struct Updater {
@@ -33,6 +58,9 @@ pub struct Updater {
     pub downloader: Downloader,
     pub reporter: Reporter,
     pub loading: Loading,
+    /// Rollbacks [`serve_installed`] made, reported once connected.
+    pub startup_rollbacks: Vec<StartupRollback>,
+    watches: Vec<Watch>,
 }
 
 /// How models are matched to runtimes on this device.
@@ -49,13 +77,13 @@ pub struct Loading {
 pub async fn load_engine(
     installed: &InstalledModel,
     loading: &Loading,
-) -> Result<Selection, String> {
+) -> Result<Selection, Failure> {
     let path = installed.path.clone();
     let slot = installed.slot.clone();
     let loading = loading.clone();
     tokio::task::spawn_blocking(move || {
-        let bytes =
-            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes = std::fs::read(&path)
+            .map_err(|e| Failure::Load(format!("cannot read {}: {e}", path.display())))?;
         let check = match &slot.test_vector {
             Some(tv) => Check::TestVector(tv),
             None => Check::CrossCompare,
@@ -69,44 +97,74 @@ pub async fn load_engine(
                 check,
                 loading.pin.as_deref(),
             )
-            .map_err(|e| e.to_string())?;
-        check_declared_interface(selection.engine.as_ref(), &slot)?;
+            .map_err(|e| match e {
+                EngineError::Incorrect(_) => Failure::TestVector(e.to_string()),
+                e => Failure::Load(e.to_string()),
+            })?;
+        check_declared_interface(selection.engine.as_ref(), &slot).map_err(Failure::Load)?;
         Ok(selection)
     })
     .await
-    .map_err(|e| format!("loader task failed: {e}"))?
+    .map_err(|e| Failure::Load(format!("loader task failed: {e}")))?
 }
 
 /// Serves every model the store has active. Used at start-up, before any
-/// network, so a device that reboots offline serves at once.
+/// network, so a device that reboots offline serves at once. A version
+/// that was soaking counts one more start; one that has now started
+/// [`MAX_SOAK_RESTARTS`] times without finishing its soak is taken to be
+/// what keeps bringing the agent down, and the previous version is served
+/// instead. Returns those rollbacks, for the updater to report.
 pub async fn serve_installed(
     store: &ModelStore,
     registry: &ModelRegistry,
     loading: &Loading,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<StartupRollback>> {
+    let mut rollbacks = Vec::new();
     for installed in store.active_models()? {
+        let name = installed.slot.name.clone();
+        let mut installed = installed;
+        let pointer = store.count_restart(&name)?;
+        if let Some(soaking) = pointer.as_ref().and_then(|p| p.soaking.as_ref()) {
+            if soaking.restarts >= MAX_SOAK_RESTARTS {
+                let reason = format!(
+                    "the agent restarted {} times while version {} soaked",
+                    soaking.restarts, installed.slot.version
+                );
+                tracing::error!(model = %name, %reason, "rolling back");
+                if let Some(previous) = store.roll_back(&name, &reason)? {
+                    rollbacks.push(StartupRollback {
+                        name: name.clone(),
+                        version: installed.slot.version,
+                        reason,
+                    });
+                    installed = store.load_version(&name, previous)?;
+                }
+            }
+        }
         match load_engine(&installed, loading).await {
             Ok(selection) => {
-                tracing::info!(model = %installed.slot.name, version = installed.slot.version, runtime = selection.engine.runtime(), "serving installed model");
+                tracing::info!(model = %name, version = installed.slot.version, runtime = selection.engine.runtime(), "serving installed model");
                 registry.insert(served(&installed, selection));
             }
             Err(e) => {
-                tracing::error!(model = %installed.slot.name, error = %e, "installed model failed to load")
+                tracing::error!(model = %name, error = %e, "installed model failed to load")
             }
         }
     }
-    Ok(())
+    Ok(rollbacks)
 }
 
 fn served(installed: &InstalledModel, selection: Selection) -> ServedModel {
     let slot = &installed.slot;
-    ServedModel::new(
+    let mut model = ServedModel::new(
         slot.name.clone(),
         slot.version,
         slot.sha256.clone(),
         slot.format,
         selection,
-    )
+    );
+    model.upload_results = slot.upload_results;
+    model
 }
 
 /// Checks the engine against the inputs the desired state declares.
@@ -133,6 +191,30 @@ fn check_declared_interface(engine: &dyn Engine, slot: &ModelSlot) -> Result<(),
 }
 
 impl Updater {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        device: DeviceId,
+        trust: TrustStore,
+        store: ModelStore,
+        registry: ModelRegistry,
+        downloader: Downloader,
+        reporter: Reporter,
+        loading: Loading,
+        startup_rollbacks: Vec<StartupRollback>,
+    ) -> Self {
+        Self {
+            device,
+            trust,
+            store,
+            registry,
+            downloader,
+            reporter,
+            loading,
+            startup_rollbacks,
+            watches: Vec::new(),
+        }
+    }
+
     fn serving(&self) -> Vec<Serving> {
         self.registry
             .all()
@@ -145,13 +227,16 @@ impl Updater {
             .collect()
     }
 
-    /// Runs until `shutdown`, applying each desired state that arrives.
+    /// Runs until `shutdown`, applying each desired state that arrives and
+    /// watching soaking versions.
     pub async fn run(
         mut self,
         mut desired_rx: mpsc::Receiver<Vec<u8>>,
         shutdown: CancellationToken,
     ) {
         self.resume().await;
+        let mut tick = tokio::time::interval(SOAK_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -159,26 +244,60 @@ impl Updater {
                     Some(payload) => self.handle(&payload).await,
                     None => break,
                 },
+                _ = tick.tick(), if !self.watches.is_empty() => self.check_soaks().await,
             }
         }
     }
 
-    /// After a restart: finish applying the last accepted desired state.
+    /// After a restart: report rollbacks made at start, go on watching
+    /// versions that were soaking, and finish applying the last accepted
+    /// desired state.
     async fn resume(&mut self) {
-        let Some(envelope) = self.trust.desired().cloned() else {
-            self.publish_status();
-            return;
-        };
-        match DesiredState::verify(
-            &envelope,
-            self.trust.root(),
-            &self.device,
-            edgefleet_shared::unix_now(),
-        ) {
-            Ok(doc) => self.reconcile(&doc).await,
-            Err(e) => {
-                tracing::warn!(error = %e, "stored desired state no longer valid; waiting for a new one")
+        for r in std::mem::take(&mut self.startup_rollbacks) {
+            self.reporter.event(
+                EventKind::RolledBack,
+                self.trust.desired_version(),
+                Some((&r.name, r.version)),
+                Some(r.reason),
+            );
+        }
+        let desired = self.trust.desired().cloned().and_then(|envelope| {
+            DesiredState::verify(
+                &envelope,
+                self.trust.root(),
+                &self.device,
+                edgefleet_shared::unix_now(),
+            )
+            .map_err(|e| tracing::warn!(error = %e, "stored desired state no longer valid; waiting for a new one"))
+            .ok()
+        });
+        for model in self.registry.all() {
+            let Ok(Some(pointer)) = self.store.active_pointer(&model.name) else {
+                continue;
+            };
+            let (Some(soaking), Ok(installed)) = (
+                pointer.soaking,
+                self.store.load_version(&model.name, pointer.version),
+            ) else {
+                continue;
+            };
+            if let Some(policy) = installed.slot.soak.clone() {
+                tracing::info!(model = %model.name, version = model.version, "still soaking after a restart");
+                self.watches.push(Watch {
+                    model,
+                    policy,
+                    since: soaking.since,
+                    baseline: soaking.baseline.map(|(requests, errors, p95_us)| Window {
+                        requests,
+                        errors,
+                        p95_us,
+                    }),
+                    desired_version: desired.as_ref().map(|d| d.version),
+                });
             }
+        }
+        if let Some(doc) = desired {
+            self.reconcile(&doc).await;
         }
         self.publish_status();
     }
@@ -225,34 +344,71 @@ impl Updater {
         }
     }
 
+    /// Whether this device already found `slot` bad.
+    fn rejected(&self, slot: &ModelSlot) -> bool {
+        self.store.rejected(&slot.name).is_ok_and(|list| {
+            list.iter()
+                .any(|r| r.version == slot.version && r.sha256 == slot.sha256)
+        })
+    }
+
     async fn reconcile(&mut self, doc: &DesiredState) {
         for step in plan(doc, &self.serving()) {
             match step {
-                Step::Install(slot) => match self.install(&slot).await {
-                    Ok(runtime) => {
-                        tracing::info!(model = %slot.name, version = slot.version, runtime, "model activated");
-                        self.reporter.event(
-                            EventKind::Activated,
-                            Some(doc.version),
-                            Some((&slot.name, slot.version)),
-                            None,
-                        );
+                Step::Install(slot) if self.rejected(&slot) => {
+                    tracing::debug!(model = %slot.name, version = slot.version, "version failed here before; not installed again");
+                }
+                Step::Install(slot) => {
+                    let phase = self.install(&slot, doc.version).await;
+                    let model = Some((slot.name.as_str(), slot.version));
+                    match phase {
+                        Phase::Failed(failure) => {
+                            let kind = match failure {
+                                Failure::Download(_) => EventKind::DownloadFailed,
+                                _ => EventKind::ActivationFailed,
+                            };
+                            tracing::error!(model = %slot.name, version = slot.version, reason = %failure, "model not activated; previous version keeps serving");
+                            // A model that is wrong on this hardware stays
+                            // wrong: never try it again. Downloads are
+                            // retried with the next desired state or start.
+                            if matches!(failure, Failure::TestVector(_)) {
+                                if let Err(e) = self.store.reject(
+                                    &slot.name,
+                                    slot.version,
+                                    &slot.sha256,
+                                    &failure.to_string(),
+                                ) {
+                                    tracing::error!(error = %e, "cannot record the rejected version");
+                                }
+                            }
+                            self.reporter.event(
+                                kind,
+                                Some(doc.version),
+                                model,
+                                Some(failure.to_string()),
+                            );
+                        }
+                        phase => {
+                            tracing::info!(model = %slot.name, version = slot.version, ?phase, "model activated");
+                            self.reporter.event(
+                                EventKind::Activated,
+                                Some(doc.version),
+                                model,
+                                None,
+                            );
+                            if phase == Phase::Confirmed {
+                                self.reporter.event(
+                                    EventKind::Confirmed,
+                                    Some(doc.version),
+                                    model,
+                                    None,
+                                );
+                            }
+                        }
                     }
-                    Err(e) => {
-                        let kind = match e {
-                            SlotError::Download(_) => EventKind::DownloadFailed,
-                            _ => EventKind::ActivationFailed,
-                        };
-                        tracing::error!(model = %slot.name, version = slot.version, error = %e, "model not activated; previous version keeps serving");
-                        self.reporter.event(
-                            kind,
-                            Some(doc.version),
-                            Some((&slot.name, slot.version)),
-                            Some(e.to_string()),
-                        );
-                    }
-                },
+                }
                 Step::Remove(name) => {
+                    self.watches.retain(|w| w.model.name != name);
                     self.registry.remove(&name);
                     if let Err(e) = self.store.deactivate(&name) {
                         tracing::error!(model = %name, error = %e, "could not remove model files");
@@ -263,17 +419,134 @@ impl Updater {
         }
     }
 
-    async fn install(&mut self, slot: &ModelSlot) -> Result<&'static str, SlotError> {
+    /// Takes one version from verified to serving (or to a failure with
+    /// its reason); returns the phase it ended in.
+    async fn install(&mut self, slot: &ModelSlot, desired_version: u64) -> Phase {
+        let step = |phase: Phase, input: Input| {
+            phase
+                .next(input)
+                .expect("the updater follows the activation state machine")
+        };
+        let mut phase = step(Phase::Verified, Input::DownloadStarted);
         let staging = self.store.staging_path(&slot.sha256);
-        self.downloader.fetch(slot, &staging).await?;
-        let installed = self.store.install(slot, &staging)?;
-        let selection = load_engine(&installed, &self.loading)
-            .await
-            .map_err(SlotError::Activation)?;
-        self.store.activate(&slot.name, slot.version)?;
-        let runtime = selection.engine.runtime();
-        self.registry.insert(served(&installed, selection));
-        Ok(runtime)
+        if let Err(e) = self.downloader.fetch(slot, &staging).await {
+            return step(phase, Input::Failed(Failure::Download(e.to_string())));
+        }
+        phase = step(phase, Input::DownloadDone);
+        let installed = match self.store.install(slot, &staging) {
+            Ok(installed) => installed,
+            Err(e) => return step(phase, Input::Failed(Failure::Load(e.to_string()))),
+        };
+        // Loading and checking happen together: every runtime loads it,
+        // then each is run on the signed test vector.
+        let selection = match load_engine(&installed, &self.loading).await {
+            Ok(selection) => selection,
+            Err(f @ Failure::TestVector(_)) => {
+                phase = step(phase, Input::LoadDone);
+                return step(phase, Input::Failed(f));
+            }
+            Err(f) => return step(phase, Input::Failed(f)),
+        };
+        phase = step(phase, Input::LoadDone);
+        phase = step(phase, Input::TestPassed);
+        let previous = self.registry.get(&slot.name);
+        let baseline = previous.as_ref().map(|m| window(&m.stats.counts()));
+        let since = edgefleet_shared::unix_now();
+        let soaking = slot.soak.as_ref().map(|_| Soaking {
+            since,
+            restarts: 0,
+            baseline: baseline.map(|w| (w.requests, w.errors, w.p95_us)),
+        });
+        if let Err(e) = self.store.activate(&slot.name, slot.version, soaking) {
+            return step(phase, Input::Failed(Failure::Activate(e.to_string())));
+        }
+        let model = Arc::new(served(&installed, selection));
+        self.registry.insert_arc(model.clone());
+        phase = step(phase, Input::Activated);
+        self.watches.retain(|w| w.model.name != slot.name);
+        match &slot.soak {
+            Some(policy) => {
+                self.watches.push(Watch {
+                    model,
+                    policy: policy.clone(),
+                    since,
+                    baseline,
+                    desired_version: Some(desired_version),
+                });
+                step(phase, Input::SoakStarted { policy: true })
+            }
+            None => step(phase, Input::SoakStarted { policy: false }),
+        }
+    }
+
+    /// Judges every soaking version; confirms or rolls back those whose
+    /// verdict is in.
+    async fn check_soaks(&mut self) {
+        let now = edgefleet_shared::unix_now();
+        let mut still = Vec::new();
+        for watch in std::mem::take(&mut self.watches) {
+            let new = window(&watch.model.stats.counts());
+            let elapsed = now.saturating_sub(watch.since);
+            let name = watch.model.name.clone();
+            let model = Some((name.as_str(), watch.model.version));
+            match judge(&watch.policy, new, watch.baseline, elapsed) {
+                Judgement::Continue => still.push(watch),
+                Judgement::Confirm => {
+                    tracing::info!(model = %name, version = watch.model.version, "soak passed");
+                    if let Err(e) = self.store.confirm(&name) {
+                        tracing::error!(error = %e, "cannot record the confirmation");
+                    }
+                    self.reporter
+                        .event(EventKind::Confirmed, watch.desired_version, model, None);
+                }
+                Judgement::Breach(reason) => {
+                    tracing::error!(model = %name, version = watch.model.version, %reason, "soak breached; rolling back");
+                    self.roll_back(&watch, &reason).await;
+                    self.reporter.event(
+                        EventKind::RolledBack,
+                        watch.desired_version,
+                        model,
+                        Some(reason),
+                    );
+                    self.publish_status();
+                }
+            }
+        }
+        self.watches = still;
+    }
+
+    /// Serves the previous version of a breaching model again.
+    async fn roll_back(&mut self, watch: &Watch, reason: &str) {
+        let name = &watch.model.name;
+        let previous = match self.store.roll_back(name, reason) {
+            Ok(Some(previous)) => previous,
+            Ok(None) => {
+                tracing::warn!(model = %name, "no previous version to roll back to; the new one keeps serving");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(model = %name, error = %e, "rollback failed");
+                return;
+            }
+        };
+        // The previous version's engine is gone; load it again (on the
+        // updater task: nothing else is installed meanwhile).
+        let installed = match self.store.load_version(name, previous) {
+            Ok(installed) => installed,
+            Err(e) => {
+                tracing::error!(model = %name, error = %e, "previous version unreadable");
+                return;
+            }
+        };
+        match load_engine(&installed, &self.loading).await {
+            Ok(selection) => {
+                self.registry.insert(served(&installed, selection));
+                tracing::info!(model = %name, version = previous, "previous version serving again");
+            }
+            Err(e) => {
+                tracing::error!(model = %name, error = %e, "previous version failed to load")
+            }
+        }
     }
 
     fn publish_status(&self) {

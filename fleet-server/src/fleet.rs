@@ -38,6 +38,8 @@ impl Fleet {
             inputs: vec![],
             outputs: vec![],
             test_vector: None,
+            soak: None,
+            upload_results: false,
         }
     }
 

@@ -404,6 +404,56 @@ pub struct ModelSlot {
     pub outputs: Vec<TensorSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_vector: Option<TestVector>,
+    /// Watch the version this long after activation and roll it back on a
+    /// breach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak: Option<SoakPolicy>,
+    /// Queue every inference result of this model for upload to the fleet
+    /// server.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upload_results: bool,
+}
+
+/// How long a newly activated version is watched, and what rolls it back.
+/// Limits apply once `min_requests` requests were served; the ratios
+/// compare with the previous version's last figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SoakPolicy {
+    pub secs: u64,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    /// Highest error rate allowed (0.05 = 5 %).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    /// Highest error rate allowed relative to the previous version's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate_ratio: Option<f64>,
+    /// Highest 95th-percentile latency allowed, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p95_us: Option<u64>,
+    /// Highest 95th-percentile latency relative to the previous version's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p95_ratio: Option<f64>,
+}
+
+fn default_min_requests() -> u64 {
+    20
+}
+
+impl SoakPolicy {
+    fn validate(&self) -> Result<(), String> {
+        let positive = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v >= 0.0);
+        if !(positive(self.max_error_rate)
+            && positive(self.max_error_rate_ratio)
+            && positive(self.max_p95_ratio))
+        {
+            return Err("soak limits must be finite and >= 0".into());
+        }
+        if self.secs > 30 * 86_400 {
+            return Err("soak period longer than 30 days".into());
+        }
+        Ok(())
+    }
 }
 
 impl ModelSlot {
@@ -425,6 +475,10 @@ impl ModelSlot {
         }
         if self.urls.is_empty() {
             return Err(format!("model {}: no download URL", self.name));
+        }
+        if let Some(soak) = &self.soak {
+            soak.validate()
+                .map_err(|e| format!("model {}: {e}", self.name))?;
         }
         if let Some(tv) = &self.test_vector {
             if !(tv.tolerance.is_finite() && tv.tolerance >= 0.0) {
@@ -581,6 +635,8 @@ mod tests {
                 expected: vec![],
                 tolerance: 0.01,
             }),
+            soak: None,
+            upload_results: false,
         }
     }
 

@@ -72,6 +72,8 @@ pub enum EventKind {
     Activated,
     /// The device went back to a previous model.
     RolledBack,
+    /// A model soaked for its whole period without a breach.
+    Confirmed,
 }
 
 impl EventKind {
@@ -83,6 +85,7 @@ impl EventKind {
             Self::ActivationFailed => "activation_failed",
             Self::Activated => "activated",
             Self::RolledBack => "rolled_back",
+            Self::Confirmed => "confirmed",
         }
     }
 }

@@ -82,6 +82,9 @@ pub enum EngineError {
         runtime: &'static str,
         reason: String,
     },
+    /// Every runtime loaded the model, none produced the expected outputs.
+    #[error("no runtime produced correct results: {0}")]
+    Incorrect(String),
     #[error("{runtime} panicked ({reason}); the request was dropped and the agent keeps serving")]
     Panicked {
         runtime: &'static str,

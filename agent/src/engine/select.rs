@@ -284,13 +284,9 @@ impl Runtimes {
                 );
                 Ok(Selection { engine, trials })
             }
-            None => Err(EngineError::Load {
-                runtime: "selection",
-                reason: format!(
-                    "no runtime produced correct results: {}",
-                    serde_json::Value::Array(trials.iter().map(Trial::to_json).collect())
-                ),
-            }),
+            None => Err(EngineError::Incorrect(
+                serde_json::Value::Array(trials.iter().map(Trial::to_json).collect()).to_string(),
+            )),
         }
     }
 }
@@ -591,6 +587,7 @@ mod tests {
             .select(ModelFormat::Onnx, b"", &[], Check::TestVector(&tv), None)
             .err()
             .unwrap();
+        assert!(matches!(err, EngineError::Incorrect(_)), "{err}");
         assert!(
             err.to_string()
                 .contains("no runtime produced correct results"),
