@@ -117,6 +117,23 @@ impl ModelStore {
         self.staging_dir().join(format!("{sha256}.part"))
     }
 
+    /// Removes staged downloads of artifacts no longer wanted (`keep`
+    /// holds the hashes the desired state still names: a download that
+    /// failed part-way resumes from its staging file later).
+    pub fn clean_staging(&self, keep: &[&str]) {
+        let Ok(entries) = fs::read_dir(self.staging_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let sha = name.to_string_lossy();
+            let sha = sha.strip_suffix(".part").unwrap_or(&sha);
+            if !keep.contains(&sha) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
     fn name_dir(&self, name: &str) -> PathBuf {
         self.models_dir().join(name)
     }

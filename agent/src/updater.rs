@@ -417,6 +417,8 @@ impl Updater {
                 }
             }
         }
+        let wanted: Vec<&str> = doc.models.iter().map(|m| m.sha256.as_str()).collect();
+        self.store.clean_staging(&wanted);
     }
 
     /// Takes one version from verified to serving (or to a failure with

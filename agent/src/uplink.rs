@@ -11,10 +11,10 @@
 //! The broker publishes the retained "offline" last will if the agent
 //! drops; on every connect the agent re-sends its current status. rumqttc
 //! reconnects on the next poll; between failed polls the task waits with
-//! jittered exponential backoff. The session is persistent, so publishes
-//! in flight at a disconnect are re-sent by rumqttc with the same packet
-//! ids; anything lost anyway is re-sent from the outbox (the server
-//! de-duplicates by device and sequence number).
+//! jittered exponential backoff. The session is clean: whatever was in
+//! flight at a disconnect is re-sent from the outbox (the server
+//! de-duplicates by device and sequence number), and the desired state is
+//! retained, so a broker-side session would add nothing but state.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -305,7 +305,12 @@ impl Uplink {
         let mut options = MqttOptions::new(self.device.as_str(), host, port);
         options
             .set_keep_alive(Duration::from_secs(self.config.keep_alive_secs.max(5)))
-            .set_clean_session(false)
+            // A clean session: everything a broker-side session would
+            // hold is already covered (records are re-sent from the
+            // outbox until receipted, desired state is retained), and
+            // rumqttd was seen to deliver nothing on a session resumed
+            // after the previous connection was killed mid-handshake.
+            .set_clean_session(true)
             .set_inflight(WINDOW as u16)
             .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024)
             .set_last_will(LastWill::new(

@@ -380,6 +380,86 @@ impl Server {
     pub fn root_document(&self) -> PathBuf {
         self.keys_dir.join("root.json")
     }
+
+    /// The server's online signing key (the test plays the operator, or
+    /// an attacker who stole it).
+    pub fn online_key(&self) -> edgefleet_shared::SecretKey {
+        fleet_server::keys::read_key(&self.keys_dir.join("online.key")).expect("online key")
+    }
+
+    /// The desired state the server last signed for `device`.
+    pub async fn desired(
+        &self,
+        device: &str,
+    ) -> anyhow::Result<(edgefleet_shared::Signed, edgefleet_shared::DesiredState)> {
+        let bytes = reqwest::get(format!("{}/api/v1/devices/{device}/desired", self.url))
+            .await?
+            .bytes()
+            .await?;
+        let envelope = edgefleet_shared::Signed::from_json(&bytes)?;
+        let doc = envelope.parse_unverified()?;
+        Ok((envelope, doc))
+    }
+
+    /// Publishes `payload` retained on `device`'s desired-state topic of
+    /// the embedded broker, as anyone with broker access could.
+    pub async fn publish_desired(&self, device: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+        let topic = edgefleet_shared::TopicPrefix::new(self.topic_prefix.clone())?
+            .device(
+                &edgefleet_shared::DeviceId::new(device)?,
+                edgefleet_shared::TopicKind::Desired,
+            )
+            .to_string();
+        let mut options = rumqttc::MqttOptions::new(
+            format!("test-publisher-{}", free_port()),
+            "127.0.0.1",
+            self.mqtt_port,
+        );
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        client
+            .publish(&topic, rumqttc::QoS::AtLeastOnce, true, payload)
+            .await?;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("test publisher: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Waits for an update event of `device` with this kind and model
+    /// version; returns it.
+    pub async fn wait_event(
+        &self,
+        device: &str,
+        kind: &str,
+        model_version: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        let path = format!("/api/v1/devices/{device}/events");
+        wait_for(
+            &format!("{kind} event for model version {model_version}"),
+            timeout,
+            || async {
+                let events = self.get_json(&path).await.ok()?;
+                events
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["kind"] == kind && e["model_version"] == model_version)
+                    .cloned()
+            },
+        )
+        .await
+    }
 }
 
 /// A running agent.
