@@ -63,7 +63,7 @@ pub struct Serving {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     /// Download, verify, load, test and activate this slot.
-    Install(ModelSlot),
+    Install(Box<ModelSlot>),
     /// Stop serving a model the desired state no longer lists.
     Remove(String),
 }
@@ -75,7 +75,7 @@ pub fn plan(desired: &DesiredState, serving: &[Serving]) -> Vec<Step> {
     for slot in &desired.models {
         let current = serving.iter().find(|s| s.name == slot.name);
         if current.is_none_or(|s| s.version != slot.version || s.sha256 != slot.sha256) {
-            steps.push(Step::Install(slot.clone()));
+            steps.push(Step::Install(Box::new(slot.clone())));
         }
     }
     for s in serving {
@@ -122,7 +122,10 @@ mod tests {
         let steps = plan(&doc, &[serving("a", 1), serving("b", 1), serving("c", 5)]);
         assert_eq!(
             steps,
-            vec![Step::Install(slot("a", 2)), Step::Remove("c".into())]
+            vec![
+                Step::Install(Box::new(slot("a", 2))),
+                Step::Remove("c".into())
+            ]
         );
         assert!(plan(&doc, &[serving("a", 2), serving("b", 1)]).is_empty());
     }
@@ -133,7 +136,10 @@ mod tests {
         let doc = DesiredState::new(device, 1, 0, 10, vec![slot("a", 2)]);
         let mut s = serving("a", 2);
         s.sha256 = "00".repeat(32);
-        assert_eq!(plan(&doc, &[s]), vec![Step::Install(slot("a", 2))]);
+        assert_eq!(
+            plan(&doc, &[s]),
+            vec![Step::Install(Box::new(slot("a", 2)))]
+        );
     }
 
     #[test]

@@ -250,7 +250,7 @@ pub fn group(records: &[crate::outbox::Record], max_records: usize) -> Vec<std::
             while end < records.len()
                 && end - start < max_records
                 && records[end].stream == stream
-                && bytes + records[end].payload.len() + 1 <= MAX_PUBLISH_BYTES
+                && bytes + records[end].payload.len() < MAX_PUBLISH_BYTES
             {
                 bytes += records[end].payload.len() + 1;
                 end += 1;

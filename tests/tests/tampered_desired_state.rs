@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use edgefleet_shared::{DesiredState, DeviceId, SecretKey, Signed, TopicKind, TopicPrefix};
+use edgefleet_shared::{DesiredState, SecretKey, Signed};
 use edgefleet_tests::{digits_model, samples, wait_for, Agent, Server};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_refuses_a_desired_state_signed_by_an_unknown_key() -> anyhow::Result<()> {
@@ -32,24 +31,7 @@ async fn agent_refuses_a_desired_state_signed_by_an_unknown_key() -> anyhow::Res
     let rogue = SecretKey::generate()?;
     let forged = Signed::sign(&doc, &[&rogue]);
 
-    let topic = TopicPrefix::default()
-        .device(&DeviceId::new("cam-7")?, TopicKind::Desired)
-        .to_string();
-    let mut options = MqttOptions::new("attacker", "127.0.0.1", server.mqtt_port);
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(options, 10);
-    client
-        .publish(&topic, QoS::AtLeastOnce, true, forged.to_json())
-        .await?;
-    // Drive the connection until the broker acknowledges the publish.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(Event::Incoming(Packet::PubAck(_))) = eventloop.poll().await {
-                break;
-            }
-        }
-    })
-    .await?;
+    server.publish_desired("cam-7", forged.to_json()).await?;
 
     let events_path = "/api/v1/devices/cam-7/events";
     let refusal = wait_for("refusal event", Duration::from_secs(20), || async {
