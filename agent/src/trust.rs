@@ -27,6 +27,8 @@ pub enum TrustError {
     },
     #[error("root document {path} is not trustworthy: {source}")]
     Root { path: PathBuf, source: VerifyError },
+    #[error("root chain from the fleet refused: {0}")]
+    Chain(VerifyError),
 }
 
 /// Trusted root plus the last accepted desired state.
@@ -115,6 +117,47 @@ impl TrustStore {
 
     pub fn desired_version(&self) -> Option<u64> {
         self.desired_version
+    }
+
+    /// Walks the root chain forward from the trusted root: each envelope
+    /// with a higher version must be the next one, signed by a threshold
+    /// of the trusted root's keys and of its own; each accepted root is
+    /// persisted before the next is looked at. Older and equal versions
+    /// are skipped. Returns the versions accepted; on a broken link,
+    /// everything before it stays accepted and the error names the link.
+    pub fn walk_roots(&mut self, chain: &[Signed]) -> Result<Vec<u64>, (Vec<u64>, TrustError)> {
+        let mut ordered: Vec<(u64, &Signed)> = chain
+            .iter()
+            .map(|env| {
+                let version = env
+                    .signed
+                    .get("version")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0);
+                (version, env)
+            })
+            .filter(|(v, _)| *v > self.root.version)
+            .collect();
+        ordered.sort_by_key(|(v, _)| *v);
+        let mut accepted = Vec::new();
+        for (_, env) in ordered {
+            let path = self.dir.join("root.json");
+            let next = match self.root.verify_successor(env) {
+                Ok(next) => next,
+                Err(e) => return Err((accepted, TrustError::Chain(e))),
+            };
+            if let Err(source) = write_atomic(&path, &env.to_json()) {
+                return Err((accepted, TrustError::Write { path, source }));
+            }
+            tracing::info!(
+                from = self.root.version,
+                to = next.version,
+                "root document rotated"
+            );
+            self.root = next;
+            accepted.push(self.root.version);
+        }
+        Ok(accepted)
     }
 
     /// Records an accepted desired state durably, before acting on it, so

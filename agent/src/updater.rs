@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgefleet_shared::{DesiredState, DeviceId, EventKind, ModelSlot, SoakPolicy};
+use edgefleet_shared::{DesiredState, DeviceId, EventKind, ModelSlot, SoakPolicy, VerifyError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +19,7 @@ use crate::report::Reporter;
 use crate::stats::Counts;
 use crate::trust::TrustStore;
 use crate::update::{assess, envelope_digest, plan, Serving, Step, TrustView, Verdict};
+use crate::uplink::FromFleet;
 
 /// How often soaking versions are judged.
 const SOAK_CHECK: Duration = Duration::from_secs(1);
@@ -61,6 +62,10 @@ pub struct Updater {
     /// Rollbacks [`serve_installed`] made, reported once connected.
     pub startup_rollbacks: Vec<StartupRollback>,
     watches: Vec<Watch>,
+    /// The last desired state refused for its signing key: it is tried
+    /// again when a newer root arrives (the chain and the document it
+    /// signs may arrive in either order).
+    unknown_signer: Option<Vec<u8>>,
 }
 
 /// How models are matched to runtimes on this device.
@@ -212,6 +217,7 @@ impl Updater {
             loading,
             startup_rollbacks,
             watches: Vec::new(),
+            unknown_signer: None,
         }
     }
 
@@ -231,7 +237,7 @@ impl Updater {
     /// watching soaking versions.
     pub async fn run(
         mut self,
-        mut desired_rx: mpsc::Receiver<Vec<u8>>,
+        mut desired_rx: mpsc::Receiver<FromFleet>,
         shutdown: CancellationToken,
     ) {
         self.resume().await;
@@ -241,7 +247,8 @@ impl Updater {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 msg = desired_rx.recv() => match msg {
-                    Some(payload) => self.handle(&payload).await,
+                    Some(FromFleet::Desired(payload)) => self.handle(&payload).await,
+                    Some(FromFleet::Roots(payload)) => self.handle_roots(&payload).await,
                     None => break,
                 },
                 _ = tick.tick(), if !self.watches.is_empty() => self.check_soaks().await,
@@ -313,6 +320,12 @@ impl Updater {
             Verdict::AlreadyApplied => {}
             Verdict::Refuse(e) => {
                 tracing::warn!(reason = %e, "desired state refused");
+                if matches!(
+                    e,
+                    VerifyError::UnknownKey { .. } | VerifyError::ThresholdNotMet { .. }
+                ) {
+                    self.unknown_signer = Some(payload.to_vec());
+                }
                 let offered = serde_json::from_slice::<serde_json::Value>(payload)
                     .ok()
                     .and_then(|v| v["signed"]["version"].as_u64());
@@ -342,6 +355,37 @@ impl Updater {
                 self.publish_status();
             }
         }
+    }
+
+    /// Walks the root chain forward; then retries a desired state that was
+    /// refused for its signer, which the new root may trust.
+    pub async fn handle_roots(&mut self, payload: &[u8]) {
+        let chain: Vec<edgefleet_shared::Signed> = match serde_json::from_slice(payload) {
+            Ok(chain) => chain,
+            Err(e) => {
+                let reason = format!("root chain is not a JSON array of signed documents: {e}");
+                tracing::warn!(%reason, "root chain refused");
+                self.reporter
+                    .event(EventKind::Refused, None, None, Some(reason));
+                return;
+            }
+        };
+        let accepted = match self.trust.walk_roots(&chain) {
+            Ok(accepted) => accepted,
+            Err((accepted, e)) => {
+                tracing::warn!(error = %e, "root chain refused");
+                self.reporter
+                    .event(EventKind::Refused, None, None, Some(e.to_string()));
+                accepted
+            }
+        };
+        if accepted.is_empty() {
+            return;
+        }
+        if let Some(pending) = self.unknown_signer.take() {
+            self.handle(&pending).await;
+        }
+        self.publish_status();
     }
 
     /// Whether this device already found `slot` bad.

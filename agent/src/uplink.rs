@@ -41,6 +41,15 @@ const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most sequence numbers taken from one receipt.
 const MAX_RECEIPT: usize = 100_000;
 
+/// What the fleet sends the device, handed to the updater.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromFleet {
+    /// A signed desired state (the payload as received).
+    Desired(Vec<u8>),
+    /// The root chain (a JSON array of signed root documents).
+    Roots(Vec<u8>),
+}
+
 pub struct Uplink {
     pub device: DeviceId,
     pub prefix: TopicPrefix,
@@ -283,7 +292,7 @@ fn publish_payload(records: &mut [crate::outbox::Record]) -> Vec<u8> {
 impl Uplink {
     pub async fn run(
         self,
-        desired_tx: mpsc::Sender<Vec<u8>>,
+        desired_tx: mpsc::Sender<FromFleet>,
         outbox: OutboxHandle,
         status: watch::Receiver<Option<StatusMessage>>,
         link: watch::Sender<LinkState>,
@@ -294,6 +303,7 @@ impl Uplink {
         let desired_topic = topic(TopicKind::Desired);
         let receipts_topic = topic(TopicKind::Receipts);
         let server_topic = self.prefix.server_status();
+        let roots_topic = self.prefix.roots();
         let mode = self.config.delete_on;
         let batch_records = self.config.batch_records;
         let status_topic = topic(TopicKind::Status);
@@ -355,6 +365,9 @@ impl Uplink {
                             // on a new session; they are still in the outbox.
                             inflight.clear();
                         }
+                        // The chain first: a desired state signed after a
+                        // key rotation verifies only against the new root.
+                        client.try_subscribe(&roots_topic, QoS::AtLeastOnce)?;
                         client.try_subscribe(&desired_topic, QoS::AtLeastOnce)?;
                         if mode == DeleteOn::Receipt {
                             client.try_subscribe(&receipts_topic, QoS::AtLeastOnce)?;
@@ -368,7 +381,12 @@ impl Uplink {
                         outbox.stored().notify_one();
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == desired_topic => {
-                        if desired_tx.send(publish.payload.to_vec()).await.is_err() {
+                        if desired_tx.send(FromFleet::Desired(publish.payload.to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == roots_topic => {
+                        if desired_tx.send(FromFleet::Roots(publish.payload.to_vec())).await.is_err() {
                             break;
                         }
                     }

@@ -314,6 +314,14 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
                 tracing::error!(error = %e, "subscribe failed");
             }
         }
+        // The root chain, for devices to walk forward after a rotation.
+        let chain = serde_json::to_vec(fleet.signer.chain()).expect("roots serialize");
+        if let Err(e) = fleet
+            .mqtt
+            .try_publish(fleet.prefix.roots(), QoS::AtLeastOnce, true, chain)
+        {
+            tracing::error!(error = %e, "cannot publish the root chain");
+        }
         // After the subscriptions on the same connection, so an agent that
         // sees "online" knows its messages will be stored.
         announce(fleet, true);
@@ -325,6 +333,15 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
     let ingest_task = tokio::spawn(ingest(fleet.clone(), ingest_rx, shutdown.clone()));
     // The first ConnAck was consumed by `connect`.
     subscribe(&fleet);
+    // After a key rotation, desired state signed by a key the new root
+    // drops is signed again; queued after the chain, so devices see the
+    // new root first.
+    let resign = fleet.clone();
+    tokio::spawn(async move {
+        if let Err(e) = resign.resign_untrusted().await {
+            tracing::error!(error = %e, "cannot re-sign desired state after a key rotation");
+        }
+    });
     let mut failures = 0u32;
     loop {
         let event = tokio::select! {

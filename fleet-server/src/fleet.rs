@@ -80,6 +80,46 @@ impl Fleet {
         Ok(Some(version))
     }
 
+    /// Signs again every device's desired state that is signed by a key
+    /// the current root no longer trusts (after a rotation or revocation).
+    /// Returns how many were re-signed.
+    pub async fn resign_untrusted(&self) -> Result<usize, StoreError> {
+        let stored = self
+            .store
+            .call(|conn| {
+                let mut out = Vec::new();
+                for d in store::list_devices(conn)? {
+                    if let Some(bytes) = store::desired_json(conn, &d.id)? {
+                        out.push((d.id, bytes));
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut count = 0;
+        for (id, bytes) in stored {
+            let trusted = edgefleet_shared::Signed::from_json(&bytes)
+                .is_ok_and(|env| self.signer.trusts_signer_of(&env));
+            if trusted {
+                continue;
+            }
+            let Ok(device) = DeviceId::new(&id) else {
+                continue;
+            };
+            if self.publish_desired(&device).await?.is_some() {
+                count += 1;
+            }
+        }
+        if count > 0 {
+            tracing::info!(
+                devices = count,
+                root_version = self.signer.root().version,
+                "desired state re-signed with the current online key"
+            );
+        }
+        Ok(count)
+    }
+
     /// Publishes a stored, signed desired state retained on the device's
     /// topic. A failure is logged: the document stays stored and is
     /// re-published when the device next reports.

@@ -7,6 +7,15 @@
 //! | `root-N.key` | offline root key(s) | off the server, e.g. an encrypted USB stick |
 //! | `online.key` | the online key that signs desired state | on the server (mode 0600) |
 //! | `root.json` | the signed root document | on the server and flashed onto every device |
+//! | `roots/N.json` | every root document so far (the chain) | on the server, published to devices |
+//!
+//! `fleetctl keys rotate` replaces the online key (and, with
+//! `--new-root-keys`, the root keys) by writing root version N+1, signed by
+//! a threshold of the current root keys and of the new ones. `fleetctl keys
+//! revoke KEYID` does the same without that key. The replaced online key is
+//! kept as `online-<keyid>.retired.key`; new root keys are
+//! `root-vN-<i>.key`. The server publishes the chain on start-up and
+//! re-signs every device's desired state whose signer is no longer trusted.
 
 use std::fs;
 use std::io::Write;
@@ -147,16 +156,234 @@ pub fn init_keys(
     }
     let online_key_path = dir.join("online.key");
     write_key(&online_key_path, &online)?;
-    let json = serde_json::to_vec_pretty(&envelope).expect("root serialises");
-    fs::write(&root_path, json).map_err(|source| KeyError::Write {
-        path: root_path.clone(),
-        source,
-    })?;
+    write_root(dir, &envelope, 1)?;
     Ok(InitializedKeys {
         root_key_paths,
         online_key_path,
         root_path,
         root,
+    })
+}
+
+fn werr(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    move |source| KeyError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes root `version` into the chain (`roots/N.json`) and makes it the
+/// current `root.json`, each with an atomic replace.
+fn write_root(dir: &Path, envelope: &Signed, version: u64) -> Result<(), KeyError> {
+    let json = serde_json::to_vec_pretty(envelope).expect("root serialises");
+    let chain = dir.join("roots");
+    fs::create_dir_all(&chain).map_err(werr(&chain))?;
+    for path in [chain.join(format!("{version}.json")), dir.join("root.json")] {
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, &json).map_err(werr(&tmp))?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(werr(&tmp))?;
+        fs::rename(&tmp, &path).map_err(werr(&path))?;
+    }
+    Ok(())
+}
+
+/// The root chain in `dir`, version 1 first, each link verified; the last
+/// one is `root.json`. A keys directory from before rotations existed has
+/// no `roots/`: its chain is `root.json` alone.
+pub fn read_chain(dir: &Path) -> Result<Vec<Signed>, KeyError> {
+    let root_path = dir.join("root.json");
+    let (current_env, current) = read_root(&root_path)?;
+    let chain_dir = dir.join("roots");
+    if !chain_dir.exists() {
+        return Ok(vec![current_env]);
+    }
+    let bad = |reason: String| KeyError::BadRoot {
+        path: chain_dir.clone(),
+        reason,
+    };
+    let mut chain: Vec<Signed> = Vec::new();
+    let mut trusted: Option<RootDocument> = None;
+    for version in 1..=current.version {
+        let path = chain_dir.join(format!("{version}.json"));
+        let bytes = fs::read(&path).map_err(|source| KeyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let env = Signed::from_json(&bytes).map_err(|e| bad(e.to_string()))?;
+        let doc = match &trusted {
+            None => RootDocument::verify_initial(&env),
+            Some(prev) => prev.verify_successor(&env),
+        }
+        .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        trusted = Some(doc);
+        chain.push(env);
+    }
+    if chain.last() != Some(&current_env) {
+        return Err(bad(format!(
+            "roots/{}.json differs from root.json",
+            current.version
+        )));
+    }
+    Ok(chain)
+}
+
+/// What a rotation changes.
+#[derive(Debug, Clone, Default)]
+pub struct Rotation {
+    /// Drop this key (an online key, or a root key) from the new root.
+    pub revoke: Option<edgefleet_shared::KeyId>,
+    /// Replace the root keys with this many new ones, `threshold` of them
+    /// needed to sign.
+    pub new_root_keys: Option<(u32, u32)>,
+    pub expires_days: u64,
+}
+
+/// What a rotation did.
+#[derive(Debug)]
+pub struct Rotated {
+    pub root: RootDocument,
+    pub online_key: edgefleet_shared::KeyId,
+    pub new_root_key_paths: Vec<PathBuf>,
+    pub retired_online_key: Option<PathBuf>,
+}
+
+/// The root keys of `root` whose key files are in `dir`.
+fn root_keys_in(dir: &Path, root: &RootDocument) -> Result<Vec<SecretKey>, KeyError> {
+    let entries = fs::read_dir(dir).map_err(|source| KeyError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut keys = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("root-") && name.ends_with(".key") {
+            let key = read_key(&entry.path())?;
+            if root.root.keyids.contains(&key.key_id()) {
+                keys.push(key);
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// Writes the next root document: a new online key (unless the revoked
+/// key was another one), without the revoked key, optionally with new root
+/// keys; signed by a threshold of the current root keys and of the new.
+pub fn rotate(dir: &Path, rotation: &Rotation) -> Result<Rotated, KeyError> {
+    let chain = read_chain(dir)?;
+    let (_, current) = read_root(&dir.join("root.json"))?;
+    if !dir.join("roots").exists() {
+        // Start the chain from the directory's only root.
+        write_root(dir, &chain[0], current.version)?;
+    }
+    let old_root_keys = root_keys_in(dir, &current)?;
+    if (old_root_keys.len() as u32) < current.root.threshold {
+        return Err(KeyError::Invalid(format!(
+            "a rotation must be signed by {} of the current root keys; {} of them are in {} (bring the offline root-*.key files)",
+            current.root.threshold,
+            old_root_keys.len(),
+            dir.display()
+        )));
+    }
+    let online_path = dir.join("online.key");
+    let online = read_key(&online_path)?;
+    let gen = || SecretKey::generate().map_err(|e| KeyError::Invalid(e.to_string()));
+    let pub_of = |id: &edgefleet_shared::KeyId| current.keys[id];
+
+    let mut root_pubs: Vec<edgefleet_shared::PublicKey> =
+        current.root.keyids.iter().map(pub_of).collect();
+    let mut root_threshold = current.root.threshold;
+    let mut desired_ids = current.desired.keyids.clone();
+    let mut replace_online = true;
+    if let Some(id) = &rotation.revoke {
+        if let Some(i) = desired_ids.iter().position(|k| k == id) {
+            desired_ids.remove(i);
+            // Revoking another online key keeps the server's own.
+            replace_online = *id == online.key_id();
+        } else if let Some(i) = root_pubs.iter().position(|k| k.key_id() == *id) {
+            root_pubs.remove(i);
+            replace_online = false;
+            if (root_pubs.len() as u32) < root_threshold && rotation.new_root_keys.is_none() {
+                return Err(KeyError::Invalid(format!(
+                    "revoking root key {id} leaves {} root keys, fewer than the threshold {root_threshold}; add --new-root-keys",
+                    root_pubs.len()
+                )));
+            }
+        } else {
+            return Err(KeyError::Invalid(format!(
+                "key {id} is not in root version {}",
+                current.version
+            )));
+        }
+    }
+    let mut new_root_keys = Vec::new();
+    if let Some((count, threshold)) = rotation.new_root_keys {
+        if count == 0 || threshold == 0 || threshold > count {
+            return Err(KeyError::Invalid(format!(
+                "threshold {threshold} must be between 1 and the number of new root keys ({count})"
+            )));
+        }
+        new_root_keys = (0..count).map(|_| gen()).collect::<Result<_, _>>()?;
+        root_pubs = new_root_keys.iter().map(SecretKey::public).collect();
+        root_threshold = threshold;
+    }
+    let new_online = if replace_online { Some(gen()?) } else { None };
+    let server_key = new_online.as_ref().unwrap_or(&online);
+    let mut desired_pubs: Vec<edgefleet_shared::PublicKey> = desired_ids
+        .iter()
+        .filter(|id| **id != online.key_id() || !replace_online)
+        .map(pub_of)
+        .collect();
+    if replace_online {
+        desired_pubs.push(server_key.public());
+    }
+    let version = current.version + 1;
+    let expires = edgefleet_shared::unix_now() + rotation.expires_days.max(1) * 86_400;
+    let root = RootDocument::new(version, expires, &root_pubs, root_threshold, &desired_pubs);
+    root.validate()
+        .map_err(|e| KeyError::Invalid(e.to_string()))?;
+    let mut signers: Vec<&SecretKey> = old_root_keys.iter().collect();
+    for key in &new_root_keys {
+        signers.push(key);
+    }
+    // The old root keys that stay are already among the signers.
+    let envelope = Signed::sign(&root, &signers);
+    current
+        .verify_successor(&envelope)
+        .map_err(|e| KeyError::Invalid(format!("the new root would not verify: {e}")))?;
+
+    // New key files first, then the chain and root.json, then the online
+    // key swap: a crash part-way leaves either the old state or a new root
+    // whose keys all exist.
+    let mut new_root_key_paths = Vec::new();
+    for (i, key) in new_root_keys.iter().enumerate() {
+        let path = dir.join(format!("root-v{version}-{}.key", i + 1));
+        write_key(&path, key)?;
+        new_root_key_paths.push(path);
+    }
+    let staged_online = dir.join("online.key.new");
+    if let Some(key) = &new_online {
+        let _ = fs::remove_file(&staged_online);
+        write_key(&staged_online, key)?;
+    }
+    write_root(dir, &envelope, version)?;
+    let mut retired_online_key = None;
+    if new_online.is_some() {
+        let retired = dir.join(format!(
+            "online-{}.retired.key",
+            &online.key_id().as_str()[..16.min(online.key_id().as_str().len())]
+        ));
+        fs::rename(&online_path, &retired).map_err(werr(&retired))?;
+        fs::rename(&staged_online, &online_path).map_err(werr(&online_path))?;
+        retired_online_key = Some(retired);
+    }
+    Ok(Rotated {
+        root,
+        online_key: server_key.key_id(),
+        new_root_key_paths,
+        retired_online_key,
     })
 }
 
@@ -166,6 +393,7 @@ pub struct Signer {
     key: SecretKey,
     root_envelope: Signed,
     root: RootDocument,
+    chain: Vec<Signed>,
 }
 
 impl Signer {
@@ -180,10 +408,29 @@ impl Signer {
                 path: key_path,
             });
         }
+        let chain = read_chain(dir)?;
         Ok(Self {
             key,
             root_envelope,
             root,
+            chain,
+        })
+    }
+
+    /// The root documents from version 1 to the current one.
+    pub fn chain(&self) -> &[Signed] {
+        &self.chain
+    }
+
+    /// Whether `envelope` carries a signature by a key the current root
+    /// trusts for desired state (else it must be signed again).
+    pub fn trusts_signer_of(&self, envelope: &Signed) -> bool {
+        envelope.signatures.iter().any(|s| {
+            self.root
+                .desired
+                .keyids
+                .iter()
+                .any(|k| k.as_str() == s.keyid)
         })
     }
 
@@ -250,5 +497,119 @@ mod tests {
             init_keys(dir.path(), 2, 3, 1),
             Err(KeyError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn rotations_extend_a_verifiable_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        init_keys(dir.path(), 3, 2, 365).unwrap();
+        let first = Signer::load(dir.path()).unwrap();
+        assert_eq!(first.chain().len(), 1);
+        let old_online = first.key.key_id();
+
+        // Plain rotation: a new online key, the old one retired.
+        let r = rotate(
+            dir.path(),
+            &Rotation {
+                expires_days: 30,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.root.version, 2);
+        assert_ne!(r.online_key, old_online);
+        assert!(r.retired_online_key.as_ref().unwrap().exists());
+        let signer = Signer::load(dir.path()).unwrap();
+        assert_eq!(signer.chain().len(), 2);
+        assert_eq!(signer.root().desired.keyids, vec![r.online_key.clone()]);
+        let doc = DesiredState::new(
+            edgefleet_shared::DeviceId::new("d").unwrap(),
+            1,
+            0,
+            10,
+            vec![],
+        );
+        assert!(signer.trusts_signer_of(&signer.sign(&doc)));
+        assert!(
+            !signer.trusts_signer_of(&first.sign(&doc)),
+            "the retired key"
+        );
+        // Devices walk it: version 1 accepts version 2.
+        first.root().verify_successor(&signer.chain()[1]).unwrap();
+
+        // Revoking the current online key is a rotation too.
+        let current = signer.key.key_id();
+        let r = rotate(
+            dir.path(),
+            &Rotation {
+                revoke: Some(current.clone()),
+                expires_days: 30,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.root.version, 3);
+        assert!(!r.root.desired.keyids.contains(&current));
+
+        // New root keys: signed by the old threshold and the new.
+        let r = rotate(
+            dir.path(),
+            &Rotation {
+                new_root_keys: Some((2, 2)),
+                expires_days: 30,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.root.version, 4);
+        assert_eq!(r.new_root_key_paths.len(), 2);
+        let chain = read_chain(dir.path()).unwrap();
+        assert_eq!(chain.len(), 4);
+
+        // Without enough root keys at hand, nothing changes.
+        for p in &r.new_root_key_paths {
+            fs::remove_file(p).unwrap();
+        }
+        let err = rotate(
+            dir.path(),
+            &Rotation {
+                expires_days: 30,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("must be signed by 2 of the current root keys"),
+            "{err}"
+        );
+        assert_eq!(read_chain(dir.path()).unwrap().len(), 4);
+        let err = rotate(
+            dir.path(),
+            &Rotation {
+                revoke: Some(SecretKey::generate().unwrap().key_id()),
+                expires_days: 30,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("must be signed"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_chain_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        init_keys(dir.path(), 1, 1, 365).unwrap();
+        rotate(
+            dir.path(),
+            &Rotation {
+                expires_days: 30,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs::remove_file(dir.path().join("roots/1.json")).unwrap();
+        assert!(read_chain(dir.path()).is_err());
+        assert!(Signer::load(dir.path()).is_err());
     }
 }

@@ -132,6 +132,13 @@ impl TopicPrefix {
         format!("{}/server/status", self.0)
     }
 
+    /// server → agents, retained: the root documents from version 1 to the
+    /// current one (a JSON array of signed envelopes). Agents walk it
+    /// forward from the root they trust.
+    pub fn roots(&self) -> String {
+        format!("{}/roots", self.0)
+    }
+
     /// Parses a topic that must live under this prefix.
     pub fn parse(&self, topic: &str) -> Result<DeviceTopic, TopicError> {
         let rest = topic

@@ -410,6 +410,18 @@ impl Server {
                 edgefleet_shared::TopicKind::Desired,
             )
             .to_string();
+        self.publish_retained(&topic, payload).await
+    }
+
+    /// The topic the server publishes its root chain on.
+    pub fn roots_topic(&self) -> String {
+        edgefleet_shared::TopicPrefix::new(self.topic_prefix.clone())
+            .expect("valid prefix")
+            .roots()
+    }
+
+    /// Publishes `payload` retained on `topic` of the embedded broker.
+    pub async fn publish_retained(&self, topic: &str, payload: Vec<u8>) -> anyhow::Result<()> {
         let mut options = rumqttc::MqttOptions::new(
             format!("test-publisher-{}", free_port()),
             "127.0.0.1",
@@ -418,7 +430,7 @@ impl Server {
         options.set_keep_alive(Duration::from_secs(5));
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
         client
-            .publish(&topic, rumqttc::QoS::AtLeastOnce, true, payload)
+            .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
             .await?;
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {

@@ -87,6 +87,36 @@ enum KeysCommand {
         #[arg(long, default_value_t = 365)]
         expires_days: u64,
     },
+    /// Write the next root document with a new online key (and, with
+    /// --new-root-keys, new root keys). Needs a threshold of the current
+    /// root key files in DIR. Restart the server afterwards: it publishes
+    /// the chain and re-signs every device's desired state.
+    Rotate {
+        #[arg(long, default_value = "fleet-data/keys")]
+        dir: PathBuf,
+        /// Replace the root keys with this many new ones.
+        #[arg(long)]
+        new_root_keys: Option<u32>,
+        /// How many of the new root keys must sign (with --new-root-keys).
+        #[arg(long, default_value_t = 1)]
+        threshold: u32,
+        #[arg(long, default_value_t = 365)]
+        expires_days: u64,
+    },
+    /// Write the next root document without KEYID (a compromised online or
+    /// root key). Revoking the server's own online key gives it a new one.
+    /// Restart the server afterwards.
+    Revoke {
+        keyid: String,
+        #[arg(long, default_value = "fleet-data/keys")]
+        dir: PathBuf,
+        #[arg(long)]
+        new_root_keys: Option<u32>,
+        #[arg(long, default_value_t = 1)]
+        threshold: u32,
+        #[arg(long, default_value_t = 365)]
+        expires_days: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -286,6 +316,66 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!(
                     "root doc     {}   <- flash onto every device",
                     keys.root_path.display()
+                );
+            }
+        }
+        Command::Keys {
+            command: command @ (KeysCommand::Rotate { .. } | KeysCommand::Revoke { .. }),
+        } => {
+            let (dir, revoke, new_root_keys, threshold, expires_days) =
+                match command {
+                    KeysCommand::Rotate {
+                        dir,
+                        new_root_keys,
+                        threshold,
+                        expires_days,
+                    } => (dir, None, new_root_keys, threshold, expires_days),
+                    KeysCommand::Revoke {
+                        keyid,
+                        dir,
+                        new_root_keys,
+                        threshold,
+                        expires_days,
+                    } => (
+                        dir,
+                        Some(keyid.parse::<edgefleet_shared::KeyId>().map_err(|e| {
+                            usage(anyhow::anyhow!("{keyid:?} is not a key id: {e}"))
+                        })?),
+                        new_root_keys,
+                        threshold,
+                        expires_days,
+                    ),
+                    KeysCommand::Init { .. } => unreachable!("matched above"),
+                };
+            let rotation = fleet_server::keys::Rotation {
+                revoke,
+                new_root_keys: new_root_keys.map(|n| (n, *threshold)),
+                expires_days: *expires_days,
+            };
+            let r = fleet_server::keys::rotate(dir, &rotation).map_err(usage)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"root_version": r.root.version, "online_key": r.online_key.as_str(), "new_root_keys": r.new_root_key_paths, "retired_online_key": r.retired_online_key})
+                );
+            } else {
+                println!(
+                    "root doc     version {} written to {}",
+                    r.root.version,
+                    dir.join("root.json").display()
+                );
+                println!("online key   {}", r.online_key);
+                if let Some(p) = &r.retired_online_key {
+                    println!(
+                        "retired      {}   <- no longer trusted by devices that follow the chain",
+                        p.display()
+                    );
+                }
+                for p in &r.new_root_key_paths {
+                    println!("root key     {}   <- move offline", p.display());
+                }
+                println!(
+                    "restart the fleet server: it publishes the chain and re-signs desired state"
                 );
             }
         }

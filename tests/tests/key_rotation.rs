@@ -1,0 +1,186 @@
+//! Key rotation and revocation end to end: `fleetctl keys rotate` and
+//! `fleetctl keys revoke` write the next root documents, the restarted
+//! server publishes the chain and re-signs desired state, and devices walk
+//! the chain forward, both while online and after coming back from
+//! offline. A retired key's signature and a chain that skips a version are
+//! refused and reported, and change nothing.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use edgefleet_shared::{DesiredState, Signed};
+use edgefleet_tests::{binary, digits_model, samples, wait_for, Agent, Server};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn fleetctl_keys(keys_dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(binary("fleetctl"))
+        .arg("keys")
+        .args(args)
+        .arg("--dir")
+        .arg(keys_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keys {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn trusted_root_version(agent: &Agent) -> Option<u64> {
+    let bytes = std::fs::read(agent.dir.join("data/trust/root.json")).ok()?;
+    Signed::from_json(&bytes).ok()?.signed["version"].as_u64()
+}
+
+async fn wait_root(agent: &Agent, version: u64) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{} at root v{version}", agent.id),
+        WAIT,
+        || async { (trusted_root_version(agent)? == version).then_some(()) },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", agent.proc.log_text()))
+}
+
+async fn serving(agent: &Agent) -> Option<String> {
+    let (status, meta) = agent
+        .request(http::Method::GET, "/v2/models/digits", None)
+        .await
+        .ok()?;
+    status
+        .is_success()
+        .then(|| meta["versions"][0].as_str().unwrap_or_default().to_string())
+}
+
+fn retired_keys(keys_dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut keys: Vec<_> = std::fs::read_dir(keys_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".retired.key"))
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_follow_rotations_online_and_after_being_offline() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    for (v, variant) in [(1, "int8"), (2, "fp32"), (3, "int8")] {
+        server.push(&digits_model(variant), "digits", v);
+    }
+    let online = Agent::start_fleet(dir.path(), "rot-online", &server)?;
+    let mut offline = Agent::start_fleet(dir.path(), "rot-offline", &server)?;
+    server.deploy("digits", 1, "--all");
+    server.wait_for_model("rot-online", "digits", 1).await?;
+    server.wait_for_model("rot-offline", "digits", 1).await?;
+    // One device goes dark before the rotations.
+    let _ = offline.proc.child.kill();
+    let _ = offline.proc.child.wait();
+
+    // Rotation 1: a new online key. The server is restarted to use it.
+    server.kill();
+    let out = fleetctl_keys(&server.keys_dir, &["rotate"]);
+    assert!(out.contains("version 2"), "{out}");
+    server.restart().await?;
+    wait_root(&online, 2).await?;
+    server.deploy("digits", 2, "rot-online");
+    server.wait_for_model("rot-online", "digits", 2).await?;
+
+    // The retired key can no longer move the device.
+    let retired = retired_keys(&server.keys_dir);
+    assert_eq!(retired.len(), 1);
+    let old_key = fleet_server::keys::read_key(&retired[0])?;
+    let (_, current) = server.desired("rot-online").await?;
+    let mut forged: DesiredState = current.clone();
+    forged.version += 10;
+    forged.models[0].version = 1;
+    server
+        .publish_desired("rot-online", Signed::sign(&forged, &[&old_key]).to_json())
+        .await?;
+    let refusal = wait_for("refusal of the retired key", WAIT, || async {
+        let events = server
+            .get_json("/api/v1/devices/rot-online/events")
+            .await
+            .ok()?;
+        events
+            .as_array()?
+            .iter()
+            .find(|e| e["kind"] == "refused" && e["desired_version"] == forged.version)
+            .cloned()
+    })
+    .await?;
+    let reason = refusal["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(old_key.key_id().as_str()) && reason.contains("not trusted"),
+        "{reason}"
+    );
+    assert_eq!(serving(&online).await.as_deref(), Some("2"));
+
+    // Rotation 2: the current online key is revoked (as if stolen).
+    server.kill();
+    let online_key = fleet_server::keys::read_key(&server.keys_dir.join("online.key"))?;
+    let out = fleetctl_keys(&server.keys_dir, &["revoke", online_key.key_id().as_str()]);
+    assert!(out.contains("version 3"), "{out}");
+    server.restart().await?;
+    wait_root(&online, 3).await?;
+    server.deploy("digits", 3, "rot-online");
+    server.wait_for_model("rot-online", "digits", 3).await?;
+
+    // The dark device comes back to a chain that skips version 2 (an
+    // attacker with broker access replaced the retained chain): it refuses
+    // the chain, and the desired state signed by the v3 key with it.
+    server.deploy("digits", 2, "rot-offline");
+    let keys = &server.keys_dir;
+    let skipping: Vec<Signed> = [1, 3]
+        .iter()
+        .map(|v| Signed::from_json(&std::fs::read(keys.join(format!("roots/{v}.json"))).unwrap()))
+        .collect::<Result<_, _>>()?;
+    server
+        .publish_retained(&server.roots_topic(), serde_json::to_vec(&skipping)?)
+        .await?;
+    offline = Agent::start_fleet(dir.path(), "rot-offline", &server)?;
+    offline.wait_ready().await?;
+    let refusal = wait_for("refusal of the skipping chain", WAIT, || async {
+        let events = server
+            .get_json("/api/v1/devices/rot-offline/events")
+            .await
+            .ok()?;
+        events
+            .as_array()?
+            .iter()
+            .find(|e| {
+                e["kind"] == "refused"
+                    && e["reason"].as_str().is_some_and(|r| {
+                        r.contains("root version 3 does not follow trusted version 1")
+                    })
+            })
+            .cloned()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", offline.proc.log_text()))?;
+    assert!(refusal["reason"].as_str().unwrap().contains("root chain"));
+    assert_eq!(trusted_root_version(&offline), Some(1));
+    assert_eq!(serving(&offline).await.as_deref(), Some("1"));
+
+    // The server republishes the true chain when it restarts; the device
+    // walks 1 → 2 → 3 and applies what was deployed while it was away.
+    server.kill();
+    server.restart().await?;
+    wait_root(&offline, 3).await?;
+    server
+        .wait_for_model("rot-offline", "digits", 2)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", offline.proc.log_text()))?;
+    let s = samples();
+    for agent in [&online, &offline] {
+        for i in 0..3 {
+            assert_eq!(agent.classify(&s.inputs[i]).await?, s.labels[i]);
+        }
+    }
+    Ok(())
+}
