@@ -13,6 +13,8 @@ pub struct TrustView<'a> {
     pub desired_version: Option<u64>,
     /// SHA-256 of the canonical JSON of the accepted envelope, if any.
     pub desired_digest: Option<[u8; 32]>,
+    /// What the device serves now: no model may go back in version.
+    pub serving: &'a [Serving],
 }
 
 /// The verdict on an incoming desired-state message.
@@ -47,6 +49,17 @@ pub fn assess(payload: &[u8], trust: TrustView<'_>, now: u64) -> Verdict {
     };
     if let Err(e) = doc.check_newer_than(trust.desired_version) {
         return Verdict::Refuse(e);
+    }
+    for slot in &doc.models {
+        if let Some(current) = trust.serving.iter().find(|s| s.name == slot.name) {
+            if slot.version < current.version {
+                return Verdict::Refuse(VerifyError::ModelRollback {
+                    model: slot.name.clone(),
+                    serving: current.version,
+                    offered: slot.version,
+                });
+            }
+        }
     }
     Verdict::Apply(Box::new((envelope, doc)))
 }
@@ -156,6 +169,7 @@ mod tests {
             device: &device,
             desired_version: Some(4),
             desired_digest: None,
+            serving: &[],
         };
         assert!(matches!(assess(&payload, fresh, 10), Verdict::Apply(_)));
 
@@ -187,5 +201,25 @@ mod tests {
             assess(&rogue.to_json(), fresh, 10),
             Verdict::Refuse(VerifyError::UnknownKey { .. })
         ));
+        // A newer document may not take a model back in version.
+        let serving_newer = [serving("a", 2)];
+        let downgrade = TrustView {
+            serving: &serving_newer,
+            ..fresh
+        };
+        assert_eq!(
+            assess(&payload, downgrade, 10),
+            Verdict::Refuse(VerifyError::ModelRollback {
+                model: "a".into(),
+                serving: 2,
+                offered: 1
+            })
+        );
+        let serving_same = [serving("a", 1), serving("b", 9)];
+        let same = TrustView {
+            serving: &serving_same,
+            ..fresh
+        };
+        assert!(matches!(assess(&payload, same, 10), Verdict::Apply(_)));
     }
 }

@@ -310,11 +310,13 @@ impl Updater {
     }
 
     pub async fn handle(&mut self, payload: &[u8]) {
+        let serving = self.serving();
         let trust = TrustView {
             root: self.trust.root(),
             device: &self.device,
             desired_version: self.trust.desired_version(),
             desired_digest: self.trust.desired().map(envelope_digest),
+            serving: &serving,
         };
         match assess(payload, trust, edgefleet_shared::unix_now()) {
             Verdict::AlreadyApplied => {}

@@ -58,6 +58,12 @@ pub enum VerifyError {
     RootVersion { trusted: u64, offered: u64 },
     #[error("desired state version {offered} is not newer than trusted version {trusted} (rollback or replay)")]
     Rollback { trusted: u64, offered: u64 },
+    #[error("model {model} version {offered} is older than version {serving} this device serves (rollback); publish the old model under a new version to go back")]
+    ModelRollback {
+        model: String,
+        serving: u64,
+        offered: u64,
+    },
 }
 
 /// A document kind that travels inside a [`Signed`] envelope.

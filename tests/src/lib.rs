@@ -14,6 +14,7 @@ use serde_json::Value;
 
 pub use fleet_server::unix_http;
 
+pub mod artifact_server;
 pub mod proxy;
 
 /// The repository root.
@@ -502,12 +503,14 @@ impl Agent {
         std::fs::create_dir_all(&agent_dir)?;
         let socket = agent_dir.join("agent.sock");
         let config = format!(
-            "device_id = \"{id}\"\ndata_dir = \"{data}\"\nroot_document = \"{root}\"\n[api]\nsocket = \"{sock}\"\n[mqtt]\nurl = \"{mqtt}\"\ntopic_prefix = \"{prefix}\"\nkeep_alive_secs = 5\n[update]\ndownload_stall_secs = 5\n",
+            "device_id = \"{id}\"\ndata_dir = \"{data}\"\nroot_document = \"{root}\"\n[api]\nsocket = \"{sock}\"\n[mqtt]\nurl = \"{mqtt}\"\ntopic_prefix = \"{prefix}\"\nkeep_alive_secs = 5\n{update}",
             data = agent_dir.join("data").display(),
             root = server.root_document().display(),
             sock = socket.display(),
             mqtt = mqtt_url.unwrap_or(&server.mqtt_url),
             prefix = server.topic_prefix,
+            // `extra` may bring its own [update] table.
+            update = if extra.contains("[update]") { "" } else { "[update]\ndownload_stall_secs = 5\n" },
         ) + extra;
         let config_path = agent_dir.join("agent.toml");
         std::fs::write(&config_path, config)?;

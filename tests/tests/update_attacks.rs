@@ -1,0 +1,336 @@
+//! The Update Framework's threats that apply to a device, one by one,
+//! against a real agent: the test controls the broker's desired-state
+//! topic (with or without the server's online key) and an artifact server.
+//! Each attack must be refused and reported with its reason, and leave the
+//! device as it was: same model serving, same trusted desired state.
+//! (Root-chain attacks, a retired key after rotation and a skipped root
+//! version, are in key_rotation.rs; an unknown key in
+//! tampered_desired_state.rs.)
+
+use std::path::Path;
+use std::time::Duration;
+
+use edgefleet_shared::{DesiredState, DeviceId, ModelSlot, SecretKey, Signed};
+use edgefleet_tests::artifact_server::{ArtifactServer, Behaviour};
+use edgefleet_tests::{digits_model, samples, wait_for, Agent, Server};
+use serde_json::Value;
+use sha2::Digest;
+
+const DEVICE: &str = "target-1";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Bench {
+    server: Server,
+    agent: Agent,
+    key: SecretKey,
+    /// The newest desired-state version the device accepted.
+    accepted: u64,
+}
+
+fn slot_for(bytes: &[u8], version: u64, url: String) -> ModelSlot {
+    ModelSlot {
+        name: "digits".into(),
+        version,
+        format: edgefleet_shared::ModelFormat::Onnx,
+        sha256: hex::encode(sha2::Sha256::digest(bytes)),
+        size: bytes.len() as u64,
+        urls: vec![url],
+        inputs: vec![],
+        outputs: vec![],
+        test_vector: None,
+        soak: None,
+        upload_results: false,
+    }
+}
+
+fn doc(version: u64, expires_in: i64, models: Vec<ModelSlot>) -> DesiredState {
+    let now = edgefleet_shared::unix_now();
+    DesiredState::new(
+        DeviceId::new(DEVICE).unwrap(),
+        version,
+        now,
+        now.saturating_add_signed(expires_in),
+        models,
+    )
+}
+
+impl Bench {
+    async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let server = Server::start(dir).await?;
+        server.push(&digits_model("int8"), "digits", 1);
+        server.push(&digits_model("fp32"), "digits", 2);
+        let agent = Agent::start_fleet_with(
+            dir,
+            DEVICE,
+            &server,
+            None,
+            "[update]\ndownload_stall_secs = 1\ndownload_attempts = 2\n",
+        )?;
+        server.deploy("digits", 1, DEVICE);
+        server.wait_for_model(DEVICE, "digits", 1).await?;
+        let (_, genuine) = server.desired(DEVICE).await?;
+        let key = server.online_key();
+        Ok(Self {
+            server,
+            agent,
+            key,
+            accepted: genuine.version,
+        })
+    }
+
+    fn trusted_desired(&self) -> Vec<u8> {
+        std::fs::read(self.agent.dir.join("data/trust/desired.json")).unwrap()
+    }
+
+    async fn events(&self) -> Vec<Value> {
+        self.server
+            .get_json(&format!("/api/v1/devices/{DEVICE}/events"))
+            .await
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Publishes `payload` and waits for an event of `kind` (newer than
+    /// any seen before) whose reason contains `why`.
+    async fn expect(&self, payload: Vec<u8>, kind: &str, why: &str) -> anyhow::Result<Value> {
+        let before = self.events().await.len();
+        self.server.publish_desired(DEVICE, payload).await?;
+        let found = wait_for(&format!("{kind} event saying {why:?}"), WAIT, || async {
+            let events = self.events().await;
+            // Newest first.
+            events[..events.len().saturating_sub(before)]
+                .iter()
+                .find(|e| {
+                    e["kind"] == kind && e["reason"].as_str().is_some_and(|r| r.contains(why))
+                })
+                .cloned()
+        })
+        .await;
+        match found {
+            Ok(event) => Ok(event),
+            Err(e) => {
+                let events = self.events().await;
+                anyhow::bail!("{e}\nevents: {events:?}\n{}", self.agent.proc.log_text())
+            }
+        }
+    }
+
+    async fn assert_untouched(&self, serving: &str, trusted: &[u8]) -> anyhow::Result<()> {
+        let (status, meta) = self
+            .agent
+            .request(http::Method::GET, "/v2/models/digits", None)
+            .await?;
+        assert!(status.is_success());
+        assert_eq!(meta["versions"][0], serving);
+        assert_eq!(
+            self.trusted_desired(),
+            trusted,
+            "trusted desired state changed"
+        );
+        let s = samples();
+        assert_eq!(self.agent.classify(&s.inputs[3]).await?, s.labels[3]);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_applicable_update_attack_is_refused_and_changes_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut b = Bench::start(dir.path()).await?;
+    let (genuine_env, genuine) = b.server.desired(DEVICE).await?;
+    let v1 = genuine.models[0].clone();
+    let trusted = b.trusted_desired();
+
+    // Arbitrary model: no signature at all.
+    let mut unsigned = Signed::sign(&doc(b.accepted + 1, 600, vec![v1.clone()]), &[&b.key]);
+    unsigned.signatures.clear();
+    b.expect(
+        unsigned.to_json(),
+        "refused",
+        "needs 1 valid signature(s), found 0",
+    )
+    .await?;
+    b.assert_untouched("1", &trusted).await?;
+
+    // Mix and match: one document's body under another's signature.
+    let a = Signed::sign(&doc(b.accepted + 1, 600, vec![v1.clone()]), &[&b.key]);
+    let other = Signed::sign(&doc(b.accepted + 2, 600, vec![v1.clone()]), &[&b.key]);
+    let mixed = Signed {
+        signed: other.signed.clone(),
+        signatures: a.signatures.clone(),
+    };
+    b.expect(mixed.to_json(), "refused", "does not verify")
+        .await?;
+    b.assert_untouched("1", &trusted).await?;
+
+    // Indefinite freeze: a validly signed but expired document.
+    let stale = Signed::sign(&doc(b.accepted + 1, -10, vec![v1.clone()]), &[&b.key]);
+    b.expect(stale.to_json(), "refused", "expired").await?;
+    b.assert_untouched("1", &trusted).await?;
+
+    // Another device's document.
+    let mut foreign = doc(b.accepted + 1, 600, vec![v1.clone()]);
+    foreign.device_id = DeviceId::new("someone-else")?;
+    let foreign = Signed::sign(&foreign, &[&b.key]);
+    b.expect(foreign.to_json(), "refused", "not this device")
+        .await?;
+    b.assert_untouched("1", &trusted).await?;
+
+    // Replay: a newer document is accepted (same model, nothing to do),
+    // then the older genuine one is sent again.
+    let newer = Signed::sign(&doc(b.accepted + 1, 600, vec![v1.clone()]), &[&b.key]);
+    b.server.publish_desired(DEVICE, newer.to_json()).await?;
+    wait_for("newer document trusted", WAIT, || async {
+        (b.trusted_desired() == newer.to_json()).then_some(())
+    })
+    .await?;
+    b.accepted += 1;
+    let trusted = b.trusted_desired();
+    b.expect(genuine_env.to_json(), "refused", "rollback or replay")
+        .await?;
+    b.assert_untouched("1", &trusted).await?;
+
+    // Endless data: the artifact server never stops sending. The document
+    // itself is genuine, so it is accepted; the model is not.
+    let fp32 = std::fs::read(digits_model("fp32"))?;
+    let endless = ArtifactServer::start(Behaviour::Endless).await?;
+    b.accepted += 1;
+    let signed = Signed::sign(
+        &doc(b.accepted, 600, vec![slot_for(&fp32, 2, endless.url("x"))]),
+        &[&b.key],
+    );
+    b.expect(
+        signed.to_json(),
+        "download_failed",
+        "more than the signed size of 19851 bytes",
+    )
+    .await?;
+    let trusted = b.trusted_desired();
+    b.assert_untouched("1", &trusted).await?;
+    let staged = std::fs::read_dir(b.agent.dir.join("data/staging"))?.count();
+    assert_eq!(staged, 0, "the oversized download is deleted");
+
+    // Slow retrieval: headers and 100 bytes, then silence.
+    let stall = ArtifactServer::start(Behaviour::Stall {
+        size: fp32.len(),
+        sent: 100,
+    })
+    .await?;
+    b.accepted += 1;
+    let signed = Signed::sign(
+        &doc(b.accepted, 600, vec![slot_for(&fp32, 2, stall.url("x"))]),
+        &[&b.key],
+    );
+    b.expect(
+        signed.to_json(),
+        "download_failed",
+        "stalled: no data for 1s",
+    )
+    .await?;
+    assert_eq!(
+        stall.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "two attempts"
+    );
+    let trusted = b.trusted_desired();
+    b.assert_untouched("1", &trusted).await?;
+
+    // Wrong model: the right size, other bytes.
+    let mut other_bytes = fp32.clone();
+    other_bytes.reverse();
+    let wrong = ArtifactServer::start(Behaviour::Honest {
+        body: other_bytes,
+        cuts: 0,
+        cut_after: 0,
+    })
+    .await?;
+    b.accepted += 1;
+    let signed = Signed::sign(
+        &doc(b.accepted, 600, vec![slot_for(&fp32, 2, wrong.url("x"))]),
+        &[&b.key],
+    );
+    b.expect(
+        signed.to_json(),
+        "download_failed",
+        "the signed desired state says",
+    )
+    .await?;
+    let trusted = b.trusted_desired();
+    b.assert_untouched("1", &trusted).await?;
+
+    // A genuine update to v2 through the server, then a newer document
+    // that takes the model back to v1: refused.
+    b.accepted += 1;
+    let v2 = slot_for(&fp32, 2, String::new());
+    let v2 = ModelSlot {
+        urls: vec![format!("{}/artifacts/{}", b.server.url, v2.sha256)],
+        ..v2
+    };
+    let signed = Signed::sign(&doc(b.accepted, 600, vec![v2]), &[&b.key]);
+    b.server.publish_desired(DEVICE, signed.to_json()).await?;
+    b.server.wait_for_model(DEVICE, "digits", 2).await?;
+    let trusted = b.trusted_desired();
+    let back = Signed::sign(&doc(b.accepted + 1, 600, vec![v1]), &[&b.key]);
+    b.expect(
+        back.to_json(),
+        "refused",
+        "model digits version 1 is older than version 2",
+    )
+    .await?;
+    b.assert_untouched("2", &trusted).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_download_resumes_without_fetching_bytes_twice() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let b = Bench::start(dir.path()).await?;
+    let fp32 = std::fs::read(digits_model("fp32"))?;
+    // Every one of the first three connections breaks after 4,000 bytes.
+    let flaky = ArtifactServer::start(Behaviour::Honest {
+        body: fp32.clone(),
+        cuts: 3,
+        cut_after: 4000,
+    })
+    .await?;
+    let agent = Agent::start_fleet_with(
+        dir.path(),
+        "resumer",
+        &b.server,
+        None,
+        "[update]\ndownload_stall_secs = 2\ndownload_attempts = 5\n",
+    )?;
+    // Retained: the agent gets it whenever it connects.
+    let now = edgefleet_shared::unix_now();
+    let resumer_doc = DesiredState::new(
+        DeviceId::new("resumer")?,
+        1,
+        now,
+        now + 600,
+        vec![slot_for(&fp32, 2, flaky.url("x"))],
+    );
+    b.server
+        .publish_desired("resumer", Signed::sign(&resumer_doc, &[&b.key]).to_json())
+        .await?;
+    b.server
+        .wait_for_model("resumer", "digits", 2)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", agent.proc.log_text()))?;
+    let sent = flaky.bytes_sent();
+    let connections = flaky.connections.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "artifact {} bytes; {sent} bytes sent over {connections} connections ({:.3}x)",
+        fp32.len(),
+        sent as f64 / fp32.len() as f64
+    );
+    assert_eq!(connections, 4, "three cut connections and the last one");
+    assert!(
+        sent as f64 <= 1.05 * fp32.len() as f64,
+        "{sent} bytes sent for a {}-byte artifact",
+        fp32.len()
+    );
+    let s = samples();
+    assert_eq!(agent.classify(&s.inputs[1]).await?, s.labels[1]);
+    Ok(())
+}
