@@ -25,6 +25,8 @@ pub enum DownloadError {
     Io(String),
     #[error("every download URL failed; last error: {0}")]
     AllUrlsFailed(String),
+    #[error("compressed artifact is not valid zstd: {0}")]
+    Corrupt(String),
 }
 
 /// One attempt's outcome.
@@ -75,17 +77,59 @@ impl Downloader {
     }
 
     /// Fetches `slot` into `dest` (a staging path). On success `dest` holds
-    /// the verified file.
+    /// the verified file. A compressed copy, when the slot names one, is
+    /// tried first (downloaded to `dest` + `.zst`, capped at its signed
+    /// size, then decompressed into `dest`, capped at the model's size);
+    /// if that fails in any way the plain URLs are tried.
     pub async fn fetch(&self, slot: &ModelSlot, dest: &Path) -> Result<(), DownloadError> {
         let client = self.client();
+        if let Some(z) = &slot.zstd {
+            let packed = packed_path(dest);
+            let target = Target {
+                size: z.size,
+                sha256: None,
+                etag: format!("\"{}.zst\"", slot.sha256),
+            };
+            let result = match self.fetch_urls(&client, &z.urls, &target, &packed).await {
+                Ok(()) => unpack(&packed, dest, slot.size).await,
+                Err(e) => Err(e),
+            };
+            let _ = tokio::fs::remove_file(&packed).await;
+            let result = match result {
+                Ok(()) => match self.verify(&Target::model(slot), dest).await {
+                    Attempt::Complete => Ok(()),
+                    Attempt::Fatal(e) => Err(e),
+                    Attempt::Retry(why) => Err(DownloadError::Io(why)),
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(dest).await;
+                    tracing::warn!(model = %slot.name, error = %e, "compressed download failed; trying the plain file");
+                }
+            }
+        }
+        self.fetch_urls(&client, &slot.urls, &Target::model(slot), dest)
+            .await
+    }
+
+    async fn fetch_urls(
+        &self,
+        client: &reqwest::Client,
+        urls: &[String],
+        target: &Target,
+        dest: &Path,
+    ) -> Result<(), DownloadError> {
         let mut last_error = String::from("no URL");
-        for url in &slot.urls {
+        for url in urls {
             for attempt in 0..self.attempts {
                 if attempt > 0 {
                     let backoff = Duration::from_millis(250 * (1 << attempt.min(6)));
                     tokio::time::sleep(backoff).await;
                 }
-                match self.attempt(&client, url, slot, dest).await {
+                match self.attempt(client, url, target, dest).await {
                     Attempt::Complete => return Ok(()),
                     Attempt::Fatal(e) => {
                         let _ = tokio::fs::remove_file(dest).await;
@@ -105,7 +149,7 @@ impl Downloader {
         &self,
         client: &reqwest::Client,
         url: &str,
-        slot: &ModelSlot,
+        slot: &Target,
         dest: &Path,
     ) -> Attempt {
         let io = |e: std::io::Error| Attempt::Fatal(DownloadError::Io(e.to_string()));
@@ -127,7 +171,7 @@ impl Downloader {
         if have > 0 {
             request = request
                 .header(reqwest::header::RANGE, format!("bytes={have}-"))
-                .header(reqwest::header::IF_RANGE, format!("\"{}\"", slot.sha256));
+                .header(reqwest::header::IF_RANGE, &slot.etag);
         }
         let response = match tokio::time::timeout(self.stall, request.send()).await {
             Err(_) => return Attempt::Retry(format!("no response within {:?}", self.stall)),
@@ -187,16 +231,79 @@ impl Downloader {
         self.verify(slot, dest).await
     }
 
-    async fn verify(&self, slot: &ModelSlot, dest: &Path) -> Attempt {
+    async fn verify(&self, target: &Target, dest: &Path) -> Attempt {
+        let Some(expected) = &target.sha256 else {
+            // A compressed copy: its content is checked once unpacked.
+            return Attempt::Complete;
+        };
         match sha256_async(dest).await {
-            Ok(actual) if actual == slot.sha256 => Attempt::Complete,
+            Ok(actual) if actual == *expected => Attempt::Complete,
             Ok(actual) => Attempt::Fatal(DownloadError::HashMismatch {
-                expected: slot.sha256.clone(),
+                expected: expected.clone(),
                 actual,
             }),
             Err(e) => Attempt::Fatal(DownloadError::Io(e.to_string())),
         }
     }
+}
+
+/// What one download fetches: exactly `size` bytes, with this hash when
+/// known.
+struct Target {
+    size: u64,
+    sha256: Option<String>,
+    /// Sent as `If-Range`, so a resumed download never splices two files.
+    etag: String,
+}
+
+impl Target {
+    fn model(slot: &ModelSlot) -> Self {
+        Self {
+            size: slot.size,
+            sha256: Some(slot.sha256.clone()),
+            etag: format!("\"{}\"", slot.sha256),
+        }
+    }
+}
+
+/// Where the compressed copy of `dest` (`{sha256}.part`) is staged:
+/// `{sha256}.zst.part`.
+pub fn packed_path(dest: &Path) -> std::path::PathBuf {
+    dest.with_extension("zst.part")
+}
+
+/// Decompresses `packed` into `dest`, refusing output beyond `size` bytes
+/// (a compressed file may expand to anything).
+async fn unpack(packed: &Path, dest: &Path, size: u64) -> Result<(), DownloadError> {
+    let (packed, dest) = (packed.to_path_buf(), dest.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let io = |e: std::io::Error| DownloadError::Io(e.to_string());
+        let input = std::io::BufReader::new(std::fs::File::open(&packed).map_err(io)?);
+        let decoder = ruzstd::decoding::StreamingDecoder::new(input)
+            .map_err(|e| DownloadError::Corrupt(e.to_string()))?;
+        let mut output = std::fs::File::create(&dest).map_err(io)?;
+        let mut limited = decoder.take(size + 1);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        loop {
+            let n = limited
+                .read(&mut buf)
+                .map_err(|e| DownloadError::Corrupt(e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+            if written > size {
+                return Err(DownloadError::TooLarge { declared: size });
+            }
+            output.write_all(&buf[..n]).map_err(io)?;
+        }
+        output.sync_all().map_err(io)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| DownloadError::Io(e.to_string()))?
 }
 
 /// Makes rustls use ring (small, cross-compiles cleanly). Idempotent.

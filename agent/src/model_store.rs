@@ -128,6 +128,7 @@ impl ModelStore {
             let name = entry.file_name();
             let sha = name.to_string_lossy();
             let sha = sha.strip_suffix(".part").unwrap_or(&sha);
+            let sha = sha.strip_suffix(".zst").unwrap_or(sha);
             if !keep.contains(&sha) {
                 let _ = fs::remove_file(entry.path());
             }
@@ -448,6 +449,7 @@ mod tests {
             test_vector: None,
             soak: None,
             upload_results: false,
+            zstd: None,
         }
     }
 

@@ -117,6 +117,7 @@ mod tests {
             test_vector: None,
             soak: None,
             upload_results: false,
+            zstd: None,
         }
     }
 

@@ -67,7 +67,7 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
         .route("/api/v1/devices/{id}/results", get(device_results))
         .route("/api/v1/devices/{id}/desired", get(device_desired))
-        .route("/artifacts/{sha256}", get(download_artifact))
+        .route("/artifacts/{name}", get(download_artifact))
         .fallback(|| async { ApiError::not_found("no such endpoint; the API lives under /api/v1") })
         .with_state(fleet)
 }
@@ -147,6 +147,14 @@ async fn upload_model(
         size,
         created_at: edgefleet_shared::unix_now(),
     };
+    match fleet.artifacts.compress(&record.sha256).await {
+        Ok(Some(packed)) => {
+            tracing::info!(sha256 = %record.sha256, size = record.size, packed, "compressed copy stored")
+        }
+        Ok(None) => {}
+        // Devices then download the plain file.
+        Err(e) => tracing::warn!(error = %e, "cannot store a compressed copy"),
+    }
     let r = record.clone();
     let stored = fleet.store.call(move |c| store::add_model(c, &r)).await?;
     tracing::info!(model = %stored.name, version = stored.version, size = stored.size, "model pushed");
@@ -333,16 +341,22 @@ async fn device_desired(State(fleet): State<Fleet>, Path(id): Path<String>) -> A
 /// `If-Range` against the artifact's ETag (its sha256).
 async fn download_artifact(
     State(fleet): State<Fleet>,
-    Path(sha256): Path<String>,
+    Path(name): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let path = fleet
-        .artifacts
-        .path(&sha256)
-        .ok_or_else(|| ApiError::bad_request("artifact names are 64 lowercase hex characters"))?;
+    let path = match name.strip_suffix(".zst") {
+        Some(sha256) => fleet.artifacts.zst_path(sha256),
+        None => fleet.artifacts.path(&name),
+    }
+    .ok_or_else(|| {
+        ApiError::bad_request(
+            "artifact names are 64 lowercase hex characters, with .zst for the compressed copy",
+        )
+    })?;
     let mut file = tokio::fs::File::open(&path)
         .await
-        .map_err(|_| ApiError::not_found(format!("no artifact {sha256}")))?;
+        .map_err(|_| ApiError::not_found(format!("no artifact {name}")))?;
+    let sha256 = name;
     let len = file
         .metadata()
         .await

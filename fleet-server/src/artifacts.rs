@@ -1,4 +1,6 @@
-//! Content-addressed artifact storage: `{dir}/{sha256[..2]}/{sha256}`.
+//! Content-addressed artifact storage: `{dir}/{sha256[..2]}/{sha256}`, and
+//! next to it `{sha256}.zst`, a zstd-compressed copy when that saves at
+//! least 5 % (devices download it instead; the hash names the model).
 //!
 //! Uploads stream to a temporary file while being hashed, then get their
 //! final name by rename, so a half-uploaded file is never served.
@@ -55,6 +57,57 @@ impl ArtifactStore {
                 .bytes()
                 .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         valid.then(|| self.dir.join(&sha256[..2]).join(sha256))
+    }
+
+    /// Path of the compressed copy of this artifact (which may not exist).
+    pub fn zst_path(&self, sha256: &str) -> Option<PathBuf> {
+        self.path(sha256)
+            .map(|p| p.with_file_name(format!("{sha256}.zst")))
+    }
+
+    /// Size of the compressed copy, if there is one.
+    pub fn zst_size(&self, sha256: &str) -> Option<u64> {
+        std::fs::metadata(self.zst_path(sha256)?)
+            .ok()
+            .map(|m| m.len())
+    }
+
+    /// Writes the compressed copy of a stored artifact if it is at least
+    /// 5 % smaller; returns its size.
+    pub async fn compress(&self, sha256: &str) -> Result<Option<u64>, ArtifactError> {
+        let (Some(src), Some(dst)) = (self.path(sha256), self.zst_path(sha256)) else {
+            return Ok(None);
+        };
+        let tmp = self.dir.join("tmp").join(format!("{sha256}.zst"));
+        tokio::task::spawn_blocking(move || {
+            let io = |path: &Path| {
+                let path = path.to_path_buf();
+                move |source| ArtifactError::Io { path, source }
+            };
+            let input = std::fs::File::open(&src).map_err(io(&src))?;
+            let len = input.metadata().map_err(io(&src))?.len();
+            let output = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            let mut writer = std::io::BufWriter::new(output);
+            ruzstd::encoding::compress(
+                std::io::BufReader::new(input),
+                &mut writer,
+                ruzstd::encoding::CompressionLevel::Fastest,
+            );
+            let output = writer.into_inner().map_err(|e| ArtifactError::Io {
+                path: tmp.clone(),
+                source: e.into_error(),
+            })?;
+            output.sync_all().map_err(io(&tmp))?;
+            let size = output.metadata().map_err(io(&tmp))?.len();
+            if size * 100 > len * 95 {
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(None);
+            }
+            std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+            Ok(Some(size))
+        })
+        .await
+        .map_err(|e| ArtifactError::Interrupted(e.to_string()))?
     }
 
     /// Stores a stream, returning its sha256 and size.

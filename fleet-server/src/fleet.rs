@@ -40,6 +40,13 @@ impl Fleet {
             test_vector: None,
             soak: None,
             upload_results: false,
+            zstd: self
+                .artifacts
+                .zst_size(&m.sha256)
+                .map(|size| edgefleet_shared::Compressed {
+                    size,
+                    urls: vec![format!("{}/artifacts/{}.zst", self.public_url, m.sha256)],
+                }),
         }
     }
 

@@ -418,6 +418,19 @@ pub struct ModelSlot {
     /// server.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub upload_results: bool,
+    /// A zstd-compressed copy to download instead; `sha256` and `size`
+    /// still describe the model itself, checked after decompression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zstd: Option<Compressed>,
+}
+
+/// A compressed copy of a model artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compressed {
+    /// Exact size of the compressed file; downloads stop here.
+    pub size: u64,
+    /// Where to download it, tried in order (before the plain URLs).
+    pub urls: Vec<String>,
 }
 
 /// How long a newly activated version is watched, and what rolls it back.
@@ -481,6 +494,14 @@ impl ModelSlot {
         }
         if self.urls.is_empty() {
             return Err(format!("model {}: no download URL", self.name));
+        }
+        if let Some(z) = &self.zstd {
+            if z.size == 0 || z.urls.is_empty() {
+                return Err(format!(
+                    "model {}: a compressed copy needs a positive size and a URL",
+                    self.name
+                ));
+            }
         }
         if let Some(soak) = &self.soak {
             soak.validate()
@@ -643,6 +664,7 @@ mod tests {
             }),
             soak: None,
             upload_results: false,
+            zstd: None,
         }
     }
 

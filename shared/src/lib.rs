@@ -16,8 +16,8 @@ pub mod topics;
 
 pub use crypto::{KeyId, PublicKey, SecretKey};
 pub use documents::{
-    DesiredState, ModelFormat, ModelSlot, RoleKeys, RootDocument, Signed, SoakPolicy, TensorSpec,
-    TestVector, VerifyError,
+    Compressed, DesiredState, ModelFormat, ModelSlot, RoleKeys, RootDocument, Signed, SoakPolicy,
+    TensorSpec, TestVector, VerifyError,
 };
 pub use ids::{DeviceId, InvalidId};
 pub use messages::{

@@ -34,6 +34,7 @@ fn slot(server: &Server, file: &Path, version: u64) -> ModelSlot {
         test_vector: None,
         soak: None,
         upload_results: false,
+        zstd: None,
     }
 }
 

@@ -40,6 +40,7 @@ fn slot_for(bytes: &[u8], version: u64, url: String) -> ModelSlot {
         test_vector: None,
         soak: None,
         upload_results: false,
+        zstd: None,
     }
 }
 
@@ -332,5 +333,101 @@ async fn an_interrupted_download_resumes_without_fetching_bytes_twice() -> anyho
     );
     let s = samples();
     assert_eq!(agent.classify(&s.inputs[1]).await?, s.labels[1]);
+    Ok(())
+}
+
+fn zstd(bytes: &[u8]) -> Vec<u8> {
+    ruzstd::encoding::compress_to_vec(bytes, ruzstd::encoding::CompressionLevel::Fastest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_artifacts_are_used_capped_and_verified_after_unpacking() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut b = Bench::start(dir.path()).await?;
+    let fp32 = std::fs::read(digits_model("fp32"))?;
+
+    // The server keeps a compressed copy of what is pushed, and the
+    // signed slot names it with its own size cap.
+    let (_, genuine) = b.server.desired(DEVICE).await?;
+    let z = genuine.models[0]
+        .zstd
+        .clone()
+        .expect("the server offers a compressed copy");
+    assert!(z.size < genuine.models[0].size, "{z:?}");
+    assert!(z.urls[0].ends_with(".zst"));
+
+    // A compressed copy only: the plain URL stalls, so the model can only
+    // arrive through the .zst, and no more bytes than it has are sent.
+    let packed = zstd(&fp32);
+    let good = ArtifactServer::start(Behaviour::Honest {
+        body: packed.clone(),
+        cuts: 1,
+        cut_after: packed.len() / 2,
+    })
+    .await?;
+    let stall = ArtifactServer::start(Behaviour::Stall {
+        size: fp32.len(),
+        sent: 0,
+    })
+    .await?;
+    let mut slot = slot_for(&fp32, 2, stall.url("plain"));
+    slot.zstd = Some(edgefleet_shared::Compressed {
+        size: packed.len() as u64,
+        urls: vec![good.url("x.zst")],
+    });
+    b.accepted += 1;
+    let signed = Signed::sign(&doc(b.accepted, 600, vec![slot]), &[&b.key]);
+    b.server.publish_desired(DEVICE, signed.to_json()).await?;
+    b.server.wait_for_model(DEVICE, "digits", 2).await?;
+    assert_eq!(
+        good.bytes_sent(),
+        packed.len() as u64,
+        "the cut compressed download resumed"
+    );
+    assert_eq!(
+        stall.connections.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let s = samples();
+    assert_eq!(b.agent.classify(&s.inputs[5]).await?, s.labels[5]);
+
+    // A compression bomb: 64 MiB of zeros in a few KiB. Unpacking stops
+    // just past the model's signed size; the device falls back to the plain
+    // file (from the real server) and never writes more than that.
+    let bomb = zstd(&vec![0u8; 64 << 20]);
+    let bomber = ArtifactServer::start(Behaviour::Honest {
+        body: bomb.clone(),
+        cuts: 0,
+        cut_after: 0,
+    })
+    .await?;
+    let int8 = std::fs::read(digits_model("int8"))?;
+    let mut slot = slot_for(
+        &int8,
+        3,
+        format!("{}/artifacts/{}", b.server.url, genuine.models[0].sha256),
+    );
+    slot.zstd = Some(edgefleet_shared::Compressed {
+        size: bomb.len() as u64,
+        urls: vec![bomber.url("bomb.zst")],
+    });
+    b.accepted += 1;
+    let signed = Signed::sign(&doc(b.accepted, 600, vec![slot]), &[&b.key]);
+    b.server.publish_desired(DEVICE, signed.to_json()).await?;
+    b.server.wait_for_model(DEVICE, "digits", 3).await?;
+    assert_eq!(
+        bomber.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert!(
+        b.agent
+            .proc
+            .log_text()
+            .contains("compressed download failed; trying the plain file"),
+        "the bomb was refused"
+    );
+    assert_eq!(b.agent.classify(&s.inputs[6]).await?, s.labels[6]);
+    let staged = std::fs::read_dir(b.agent.dir.join("data/staging"))?.count();
+    assert_eq!(staged, 0);
     Ok(())
 }
