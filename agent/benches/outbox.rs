@@ -8,7 +8,7 @@
 //! `EDGEFLEET_BIN_DIR` holding `fleet-server` and `fleetctl` builds.
 
 mod common;
-use common::{rss_kib, Killed};
+use common::{anon_kib, rss_kib, Killed};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -142,17 +142,22 @@ fn cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
-/// RSS (MiB) and CPU use (% of one core) of an agent process over `window`
-/// after it settled.
-fn footprint(child: &Child, window: Duration) -> (f64, f64) {
-    std::thread::sleep(Duration::from_secs(3));
+/// RSS and its anonymous part (MiB), and CPU use (% of one core) of an
+/// agent process over `window` after it settled (the agent pages out its
+/// start-up code 5 s after starting).
+fn footprint(child: &Child, window: Duration) -> (f64, f64, f64) {
+    std::thread::sleep(Duration::from_secs(6));
     let pid = child.id();
     let t0 = cpu_ticks(pid);
     std::thread::sleep(window);
     let ticks = cpu_ticks(pid) - t0;
     // Linux USER_HZ is 100 on every platform this runs on.
     let cpu = ticks as f64 / 100.0 / window.as_secs_f64() * 100.0;
-    (rss_kib(pid) as f64 / 1024.0, cpu)
+    (
+        rss_kib(pid) as f64 / 1024.0,
+        anon_kib(pid) as f64 / 1024.0,
+        cpu,
+    )
 }
 
 fn digits() -> PathBuf {
@@ -355,7 +360,24 @@ async fn main() {
 
     // The agent process: standalone (baseline) against fleet mode with
     // telemetry every second, idle, one small model loaded.
-    let agent_bin = env!("CARGO_BIN_EXE_edgefleet-agent");
+    // The shipped (release, LTO) build when scripts/bench-outbox made one;
+    // else this profile's.
+    let release = bin_dir
+        .as_ref()
+        .map(|d| d.join("edgefleet-agent"))
+        .filter(|p| p.exists());
+    let agent_bin = release
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-agent")));
+    println!(
+        "(agent process rows: {} build {})",
+        if release.is_some() {
+            "release"
+        } else {
+            "bench-profile"
+        },
+        agent_bin.display()
+    );
     let standalone = Killed(
         Command::new(agent_bin)
             .arg("serve")
@@ -370,13 +392,13 @@ async fn main() {
             .spawn()
             .unwrap(),
     );
-    let (base_rss, base_cpu) = footprint(&standalone.0, Duration::from_secs(10));
+    let (base_rss, base_anon, base_cpu) = footprint(&standalone.0, Duration::from_secs(10));
     drop(standalone);
     println!(
         "{:<58} {:>14} {:>12}",
         "idle agent, standalone, digits loaded (baseline)",
         format!("{base_rss:.1} MiB {base_cpu:.2}%"),
-        ""
+        format!("anon {base_anon:.1} MiB")
     );
     let Some(bins) = server else {
         return;
@@ -402,11 +424,11 @@ async fn main() {
             .spawn()
             .unwrap(),
     );
-    let (rss, cpu) = footprint(&fleet.0, Duration::from_secs(10));
+    let (rss, anon, cpu) = footprint(&fleet.0, Duration::from_secs(10));
     println!(
         "{:<58} {:>14} {:>12}",
         "idle agent, fleet mode, telemetry every 1 s, digits loaded",
         format!("{rss:.1} MiB {cpu:.2}%"),
-        format!("+{:.1} MiB", rss - base_rss)
+        format!("+{:.1} MiB, anon {anon:.1}", rss - base_rss)
     );
 }

