@@ -379,7 +379,7 @@ async fn main() {
         agent_bin.display()
     );
     let standalone = Killed(
-        Command::new(agent_bin)
+        Command::new(&agent_bin)
             .arg("serve")
             .arg("--model")
             .arg(format!("digits={}", digits().display()))
@@ -415,7 +415,7 @@ async fn main() {
     );
     std::fs::write(dir.join("agent.toml"), config).unwrap();
     let fleet = Killed(
-        Command::new(agent_bin)
+        Command::new(&agent_bin)
             .arg("run")
             .arg("--config")
             .arg(dir.join("agent.toml"))
