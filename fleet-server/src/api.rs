@@ -60,6 +60,10 @@ pub fn router(fleet: Fleet) -> Router {
             "/api/v1/models/{name}/versions/{version}",
             post(upload_model).get(get_model),
         )
+        .route(
+            "/api/v1/models/{name}/versions/{version}/test-vector",
+            axum::routing::put(put_test_vector),
+        )
         .route("/api/v1/deployments", post(deploy))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
@@ -146,6 +150,7 @@ async fn upload_model(
         sha256,
         size,
         created_at: edgefleet_shared::unix_now(),
+        test_vector: None,
     };
     match fleet.artifacts.compress(&record.sha256).await {
         Ok(Some(packed)) => {
@@ -159,6 +164,58 @@ async fn upload_model(
     let stored = fleet.store.call(move |c| store::add_model(c, &r)).await?;
     tracing::info!(model = %stored.name, version = stored.version, size = stored.size, "model pushed");
     Ok((StatusCode::CREATED, Json(stored)))
+}
+
+/// Checks a test vector: every tensor's data matches its shape, and the
+/// tolerance is a number >= 0.
+fn check_test_vector(tv: &edgefleet_shared::TestVector) -> Result<(), String> {
+    if tv.inputs.is_empty() || tv.expected.is_empty() {
+        return Err("a test vector needs at least one input and one expected output".into());
+    }
+    if !(tv.tolerance.is_finite() && tv.tolerance >= 0.0) {
+        return Err(format!("tolerance {} must be a number >= 0", tv.tolerance));
+    }
+    for t in tv.inputs.iter().chain(&tv.expected) {
+        let elements: u64 = t.shape.iter().product();
+        if elements != t.data.len() as u64 {
+            return Err(format!(
+                "tensor {:?} has shape {:?} ({elements} elements) but {} values",
+                t.name,
+                t.shape,
+                t.data.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Attaches a test vector to a model version that is not deployed yet.
+async fn put_test_vector(
+    State(fleet): State<Fleet>,
+    Path((name, version)): Path<(String, u64)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<ModelRecord>> {
+    let tv: edgefleet_shared::TestVector = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed test vector JSON: {e}")))?;
+    check_test_vector(&tv).map_err(ApiError::bad_request)?;
+    let record = fleet
+        .store
+        .call(move |c| {
+            if store::is_assigned(c, &name, version)? {
+                return Err(StoreError::Conflict(format!(
+                    "model {name} version {version} is already deployed; attach the test vector before deploying (or push a new version)"
+                )));
+            }
+            if !store::set_test_vector(c, &name, version, Some(&tv))? {
+                return Err(StoreError::NotFound(format!(
+                    "model {name} version {version} does not exist; push it first"
+                )));
+            }
+            Ok(store::get_model(c, &name, version)?.expect("just updated"))
+        })
+        .await?;
+    tracing::info!(model = %record.name, version = record.version, "test vector attached");
+    Ok(Json(record))
 }
 
 #[derive(Deserialize)]

@@ -37,7 +37,7 @@ impl Fleet {
             urls: vec![format!("{}/artifacts/{}", self.public_url, m.sha256)],
             inputs: vec![],
             outputs: vec![],
-            test_vector: None,
+            test_vector: m.test_vector.clone(),
             soak: None,
             upload_results: false,
             zstd: self

@@ -97,13 +97,17 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX results_by_arrival ON results (received_at);
 "#,
+    // 3: a model version may carry a signed-along test vector (JSON).
+    r#"
+    ALTER TABLE models ADD COLUMN test_vector TEXT;
+    "#,
 ];
 
 /// Assignment scope meaning "every device".
 pub const ALL_DEVICES: &str = "*";
 
 /// A model version in the registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelRecord {
     pub name: String,
     pub version: u64,
@@ -111,6 +115,11 @@ pub struct ModelRecord {
     pub sha256: String,
     pub size: u64,
     pub created_at: u64,
+    /// Input and the outputs the model must produce for it, sent to
+    /// devices in the signed slot; a device never serves a version that
+    /// fails it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_vector: Option<edgefleet_shared::TestVector>,
 }
 
 /// A device as the server knows it.
@@ -373,7 +382,38 @@ fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRecord> {
         sha256: r.get(3)?,
         size: r.get::<_, i64>(4)? as u64,
         created_at: r.get::<_, i64>(5)? as u64,
+        test_vector: r
+            .get::<_, Option<String>>(6)?
+            .and_then(|json| serde_json::from_str(&json).ok()),
     })
+}
+
+/// Whether any assignment points at this model version.
+pub fn is_assigned(conn: &Connection, name: &str, version: u64) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM assignments WHERE model = ?1 AND version = ?2 LIMIT 1",
+            params![name, version as i64],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Sets the test vector of a model version (`None` removes it). Returns
+/// whether the version exists.
+pub fn set_test_vector(
+    conn: &Connection,
+    name: &str,
+    version: u64,
+    tv: Option<&edgefleet_shared::TestVector>,
+) -> Result<bool, StoreError> {
+    let json = tv.map(|tv| serde_json::to_string(tv).expect("test vectors serialise"));
+    let n = conn.execute(
+        "UPDATE models SET test_vector = ?3 WHERE name = ?1 AND version = ?2",
+        params![name, version as i64, json],
+    )?;
+    Ok(n > 0)
 }
 
 pub fn get_model(
@@ -383,7 +423,7 @@ pub fn get_model(
 ) -> Result<Option<ModelRecord>, StoreError> {
     Ok(conn
         .query_row(
-            "SELECT name, version, format, sha256, size, created_at FROM models WHERE name = ?1 AND version = ?2",
+            "SELECT name, version, format, sha256, size, created_at, test_vector FROM models WHERE name = ?1 AND version = ?2",
             params![name, version as i64],
             model_from_row,
         )
@@ -392,7 +432,7 @@ pub fn get_model(
 
 pub fn list_models(conn: &Connection) -> Result<Vec<ModelRecord>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT name, version, format, sha256, size, created_at FROM models ORDER BY name, version",
+        "SELECT name, version, format, sha256, size, created_at, test_vector FROM models ORDER BY name, version",
     )?;
     let rows = stmt.query_map([], model_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -414,7 +454,7 @@ pub fn assign(conn: &Connection, scope: &str, model: &str, version: u64) -> Resu
 /// model by the device's own.
 pub fn models_for_device(conn: &Connection, device: &str) -> Result<Vec<ModelRecord>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at
+        "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at, m.test_vector
          FROM assignments a JOIN models m ON m.name = a.model AND m.version = a.version
          WHERE a.scope = ?1
             OR (a.scope = '*' AND NOT EXISTS (
@@ -631,6 +671,7 @@ mod tests {
 
     fn model(name: &str, version: u64) -> ModelRecord {
         ModelRecord {
+            test_vector: None,
             name: name.into(),
             version,
             format: ModelFormat::Onnx,

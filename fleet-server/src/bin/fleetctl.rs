@@ -131,6 +131,11 @@ enum ModelCommand {
         /// onnx or tflite; taken from the file extension by default.
         #[arg(long)]
         format: Option<String>,
+        /// A test vector (JSON: {"inputs": [...], "expected": [...],
+        /// "tolerance": T}, tensors as {name, datatype, shape, data}) that
+        /// devices run before serving this version.
+        #[arg(long)]
+        test_vector: Option<PathBuf>,
     },
     /// List model versions.
     List,
@@ -386,9 +391,40 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     name,
                     version,
                     format,
+                    test_vector,
                 },
         } => {
-            let record = push(&cli, file, name, *version, format.as_deref()).await?;
+            // Read the test vector first: a bad file fails before uploading.
+            let tv = match test_vector {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .with_context(|| format!("cannot read {}", path.display()))
+                        .map_err(usage)?,
+                ),
+                None => None,
+            };
+            let mut record = push(&cli, file, name, *version, format.as_deref()).await?;
+            if let Some(tv) = tv {
+                let url = format!(
+                    "{}/api/v1/models/{name}/versions/{version}/test-vector",
+                    cli.server
+                );
+                let resp = client
+                    .put(url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(tv)
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                record = check(resp).await.map_err(|Failure(code, e)| {
+                    Failure(
+                        code,
+                        e.context(format!(
+                            "{name} v{version} was pushed but its test vector was refused"
+                        )),
+                    )
+                })?;
+            }
             if cli.json {
                 println!("{record}");
             } else {
