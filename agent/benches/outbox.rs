@@ -211,6 +211,7 @@ async fn main() {
         keep_alive_secs: 30,
         delete_on,
         batch_records,
+        clean_session: true,
     };
     let run_id = std::process::id();
     let prefix = TopicPrefix::new(format!("edgefleet-bench-{run_id}/v1")).unwrap();

@@ -183,6 +183,15 @@ pub struct MqttConfig {
     /// one object per message.
     #[serde(default = "default_batch_records")]
     pub batch_records: usize,
+    /// Start a clean MQTT session on every connect (default). `false`
+    /// keeps a persistent session on the broker, which was faster with
+    /// Mosquitto when records are sent one per publish (see README).
+    #[serde(default = "default_clean_session")]
+    pub clean_session: bool,
+}
+
+fn default_clean_session() -> bool {
+    true
 }
 
 fn default_batch_records() -> usize {

@@ -6,17 +6,21 @@
 //! loading and optimising models, parsing configuration and connecting,
 //! and stay mapped (the kernel also maps neighbouring cached pages around
 //! each fault). After start-up and after each model activation the agent
-//! asks the kernel to page its executable's mappings out
+//! asks the kernel to page its code mappings out
 //! (`MADV_PAGEOUT`, Linux 5.4+); what the idle loop and inference use is
 //! faulted back in from the page cache at once (minor faults). Measured
 //! that way the same agent settles at 7.8 MiB.
 //!
-//! This only ever touches read-only and executable file mappings of the
-//! agent's own binary: clean pages whose content the kernel reloads from
-//! the file, so it cannot change what the program sees. Where the call is
-//! not supported (older kernels, other systems) nothing happens.
+//! The same holds for the shared libraries a native build loads (ONNX
+//! Runtime, TFLite), whose start-up code (graph optimisation) is large.
+//!
+//! This only ever touches private, non-writable file mappings (the
+//! executable's and the libraries' code and read-only data): clean pages
+//! whose content the kernel reloads from the file, so it cannot change what
+//! the program sees. Where the call is not supported (older kernels, other
+//! systems) nothing happens.
 
-/// Pages the executable out once `delay` has passed (so whatever was
+/// Pages the code out once `delay` has passed (so whatever was
 /// starting, loading or connecting has finished), off the async workers.
 pub fn page_out_after(delay: std::time::Duration) {
     tokio::spawn(async move {
@@ -29,8 +33,8 @@ pub fn page_out_after(delay: std::time::Duration) {
     });
 }
 
-/// Pages out the agent's executable mappings; returns the bytes advised,
-/// or `None` where this is not supported.
+/// Pages out the agent's code mappings; returns the bytes advised, or
+/// `None` where this is not supported.
 pub fn page_out_code() -> Option<u64> {
     #[cfg(target_os = "linux")]
     {
@@ -42,9 +46,9 @@ pub fn page_out_code() -> Option<u64> {
     }
 }
 
-/// The address ranges of read-only or executable, private, file-backed
-/// mappings of `exe` in a `/proc/self/maps` text.
-pub fn code_ranges(maps: &str, exe: &str) -> Vec<(usize, usize)> {
+/// The address ranges of private, non-writable mappings of files (the
+/// executable and shared libraries) in a `/proc/self/maps` text.
+pub fn code_ranges(maps: &str) -> Vec<(usize, usize)> {
     maps.lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
@@ -53,7 +57,7 @@ pub fn code_ranges(maps: &str, exe: &str) -> Vec<(usize, usize)> {
             let path = fields.nth(3)?;
             let writable = perms.as_bytes().get(1) == Some(&b'w');
             let private = perms.as_bytes().get(3) == Some(&b'p');
-            if writable || !private || path != exe {
+            if writable || !private || !path.starts_with('/') {
                 return None;
             }
             let (start, end) = range.split_once('-')?;
@@ -68,13 +72,12 @@ pub fn code_ranges(maps: &str, exe: &str) -> Vec<(usize, usize)> {
 #[allow(unsafe_code)]
 mod linux {
     pub fn page_out_code() -> Option<u64> {
-        let exe = std::fs::read_link("/proc/self/exe").ok()?;
         let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
         let mut advised = 0u64;
-        for (start, end) in super::code_ranges(&maps, exe.to_str()?) {
+        for (start, end) in super::code_ranges(&maps) {
             // SAFETY: the range is a whole mapping of this process taken
             // from /proc/self/maps (page aligned), and it is a private,
-            // non-writable mapping of the executable file: MADV_PAGEOUT
+            // non-writable mapping of a file: MADV_PAGEOUT
             // only drops clean pages, which the kernel reloads unchanged
             // from the file on the next access. No memory the program can
             // observe changes.
@@ -95,20 +98,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_private_read_only_mappings_of_the_executable_are_picked() {
+    fn only_private_read_only_file_mappings_are_picked() {
         let maps = "\
 55d0a0000000-55d0a0100000 r--p 00000000 08:01 123 /opt/edgefleet-agent
 55d0a0100000-55d0a0900000 r-xp 00100000 08:01 123 /opt/edgefleet-agent
 55d0a0900000-55d0a0a00000 rw-p 00900000 08:01 123 /opt/edgefleet-agent
-55d0a0a00000-55d0a0b00000 r--s 00000000 08:01 124 /opt/edgefleet-agent
+55d0a0a00000-55d0a0b00000 r--s 00000000 08:01 124 /dev/shm/shared
 7f0000000000-7f0000100000 r-xp 00000000 08:01 200 /usr/lib/libc.so.6
 7f0000200000-7f0000300000 rw-p 00000000 00:00 0
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0                          [vdso]
 ";
         assert_eq!(
-            code_ranges(maps, "/opt/edgefleet-agent"),
+            code_ranges(maps),
             vec![
                 (0x55d0a0000000, 0x55d0a0100000),
-                (0x55d0a0100000, 0x55d0a0900000)
+                (0x55d0a0100000, 0x55d0a0900000),
+                (0x7f0000000000, 0x7f0000100000)
             ]
         );
     }

@@ -315,12 +315,12 @@ impl Uplink {
         let mut options = MqttOptions::new(self.device.as_str(), host, port);
         options
             .set_keep_alive(Duration::from_secs(self.config.keep_alive_secs.max(5)))
-            // A clean session: everything a broker-side session would
-            // hold is already covered (records are re-sent from the
-            // outbox until receipted, desired state is retained), and
-            // rumqttd was seen to deliver nothing on a session resumed
+            // A clean session by default: everything a broker-side
+            // session would hold is already covered (records are re-sent
+            // from the outbox until receipted, desired state is retained),
+            // and rumqttd was seen to deliver nothing on a session resumed
             // after the previous connection was killed mid-handshake.
-            .set_clean_session(true)
+            .set_clean_session(self.config.clean_session)
             .set_inflight(WINDOW as u16)
             .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024)
             .set_last_will(LastWill::new(
