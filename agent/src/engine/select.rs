@@ -125,6 +125,7 @@ const TIMING_BUDGET_MS: f64 = 400.0;
 impl Runtimes {
     /// The pure-Rust runtimes every build has.
     pub fn builtin() -> Self {
+        super::tract::configure_kernels();
         Self {
             entries: vec![
                 RuntimeEntry::new(super::tract::TRACT_ONNX, ModelFormat::Onnx, |b, hints| {

@@ -26,6 +26,27 @@ use crate::tensor::{DataType, Tensor, TensorData};
 pub const TRACT_ONNX: &str = "tract-onnx";
 pub const TRACT_TFLITE: &str = "tract-tflite";
 
+/// Sets tract's kernel choice before its first use (it probes the CPU once).
+///
+/// tract 0.23.9's AMX int8 matrix kernel (`avx512amx_mmm_i32_16x16`, picked
+/// on Intel CPUs with AMX, e.g. Sapphire Rapids) crashed the process with
+/// SIGSEGV inside the kernel in about 1 of 10 runs of the real-model test
+/// here (core dump); with it taken out (`TRACT_CPU_ISA=-amx-int8`) 16 runs
+/// in a row passed. Int8 models then use the AVX-512 VNNI kernels. The
+/// value sits below the environment: setting `TRACT_CPU_ISA` overrides it
+/// (an empty value puts AMX back).
+pub fn configure_kernels() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(target_arch = "x86_64")]
+        if let Err(e) =
+            tract_onnx::tract_core::knobs::set_config_global("TRACT_CPU_ISA", "-amx-int8")
+        {
+            tracing::warn!(error = %e, "cannot take tract's AMX int8 kernels out");
+        }
+    });
+}
+
 /// A planned tract model.
 pub struct TractEngine {
     runtime: &'static str,
@@ -171,6 +192,7 @@ impl TractEngine {
     /// fixing a dimension the model names can contradict its own
     /// intermediate shape annotations.
     pub fn load_onnx(bytes: &[u8], hints: &[TensorSpec]) -> Result<Self, EngineError> {
+        configure_kernels();
         match Self::load_onnx_with(bytes, &[]) {
             Err(first) if hints.iter().any(|h| h.shape.iter().any(|&d| d >= 0)) => {
                 Self::load_onnx_with(bytes, hints).map_err(|_| first)
@@ -193,6 +215,7 @@ impl TractEngine {
 
     /// Parses, optimises and plans a TFLite model.
     pub fn load_tflite(bytes: &[u8]) -> Result<Self, EngineError> {
+        configure_kernels();
         let err = load_error(TRACT_TFLITE);
         let model = tract_tflite::tflite()
             .model_for_read(&mut Cursor::new(bytes))
