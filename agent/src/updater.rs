@@ -174,22 +174,24 @@ fn served(installed: &InstalledModel, selection: Selection) -> ServedModel {
 
 /// Checks the engine against the inputs the desired state declares.
 fn check_declared_interface(engine: &dyn Engine, slot: &ModelSlot) -> Result<(), String> {
-    for declared in &slot.inputs {
-        let actual = engine
-            .inputs()
-            .iter()
-            .find(|s| s.name == declared.name)
-            .ok_or_else(|| {
+    for (kind, declared, actual) in [
+        ("input", &slot.inputs, engine.inputs()),
+        ("output", &slot.outputs, engine.outputs()),
+    ] {
+        for d in declared {
+            let a = actual.iter().find(|s| s.name == d.name).ok_or_else(|| {
+                let names: Vec<&str> = actual.iter().map(|s| s.name.as_str()).collect();
                 format!(
-                    "model has no input {:?} declared in the desired state",
-                    declared.name
+                    "model has no {kind} {:?} declared in the desired state (it has {names:?})",
+                    d.name
                 )
             })?;
-        if actual.datatype.as_str() != declared.datatype {
-            return Err(format!(
-                "input {:?} is {} in the model but {} in the desired state",
-                declared.name, actual.datatype, declared.datatype
-            ));
+            if a.datatype.as_str() != d.datatype {
+                return Err(format!(
+                    "{kind} {:?} is {} in the model but {} in the desired state",
+                    d.name, a.datatype, d.datatype
+                ));
+            }
         }
     }
     Ok(())

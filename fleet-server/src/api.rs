@@ -64,6 +64,10 @@ pub fn router(fleet: Fleet) -> Router {
             "/api/v1/models/{name}/versions/{version}/test-vector",
             axum::routing::put(put_test_vector),
         )
+        .route(
+            "/api/v1/models/{name}/versions/{version}/spec",
+            axum::routing::put(put_spec),
+        )
         .route("/api/v1/deployments", post(deploy))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
@@ -151,6 +155,7 @@ async fn upload_model(
         size,
         created_at: edgefleet_shared::unix_now(),
         test_vector: None,
+        spec: Default::default(),
     };
     match fleet.artifacts.compress(&record.sha256).await {
         Ok(Some(packed)) => {
@@ -189,7 +194,86 @@ fn check_test_vector(tv: &edgefleet_shared::TestVector) -> Result<(), String> {
     Ok(())
 }
 
-/// Attaches a test vector to a model version that is not deployed yet.
+/// Checks a declared interface: names unique per side, Open Inference
+/// Protocol datatypes, dimensions >= -1.
+fn check_spec(spec: &store::ModelSpec) -> Result<(), String> {
+    const DATATYPES: &[&str] = &[
+        "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16",
+        "FP32", "FP64", "BYTES",
+    ];
+    if spec.is_empty() {
+        return Err("a spec needs at least one input or output".into());
+    }
+    for (kind, list) in [("input", &spec.inputs), ("output", &spec.outputs)] {
+        let mut names = std::collections::BTreeSet::new();
+        for t in list {
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("{kind} {:?} is declared twice", t.name));
+            }
+            if !DATATYPES.contains(&t.datatype.as_str()) {
+                return Err(format!(
+                    "{kind} {:?}: datatype {:?} is not one of {DATATYPES:?}",
+                    t.name, t.datatype
+                ));
+            }
+            if let Some(d) = t.shape.iter().find(|d| **d < -1) {
+                return Err(format!(
+                    "{kind} {:?}: dimension {d} must be -1 (any) or >= 0",
+                    t.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores an attachment (test vector, spec) of a model version that is
+/// not deployed yet: devices check what is signed into their slot only
+/// when they install a version, so a deployed version's attachments are
+/// frozen.
+async fn attach(
+    fleet: &Fleet,
+    name: String,
+    version: u64,
+    what: &'static str,
+    set: impl FnOnce(&rusqlite::Connection, &str, u64) -> Result<bool, StoreError> + Send + 'static,
+) -> ApiResult<Json<ModelRecord>> {
+    let record = fleet
+        .store
+        .call(move |c| {
+            if store::is_assigned(c, &name, version)? {
+                return Err(StoreError::Conflict(format!(
+                    "model {name} version {version} is already deployed; set its {what} before deploying (or push a new version)"
+                )));
+            }
+            if !set(c, &name, version)? {
+                return Err(StoreError::NotFound(format!(
+                    "model {name} version {version} does not exist; push it first"
+                )));
+            }
+            Ok(store::get_model(c, &name, version)?.expect("just updated"))
+        })
+        .await?;
+    tracing::info!(model = %record.name, version = record.version, what, "model attachment stored");
+    Ok(Json(record))
+}
+
+/// `PUT .../spec`: the model's declared interface.
+async fn put_spec(
+    State(fleet): State<Fleet>,
+    Path((name, version)): Path<(String, u64)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<ModelRecord>> {
+    let spec: store::ModelSpec = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed spec JSON: {e}")))?;
+    check_spec(&spec).map_err(ApiError::bad_request)?;
+    attach(&fleet, name, version, "spec", move |c, n, v| {
+        store::set_spec(c, n, v, &spec)
+    })
+    .await
+}
+
+/// `PUT .../test-vector`: the input and outputs devices must reproduce.
 async fn put_test_vector(
     State(fleet): State<Fleet>,
     Path((name, version)): Path<(String, u64)>,
@@ -198,24 +282,10 @@ async fn put_test_vector(
     let tv: edgefleet_shared::TestVector = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed test vector JSON: {e}")))?;
     check_test_vector(&tv).map_err(ApiError::bad_request)?;
-    let record = fleet
-        .store
-        .call(move |c| {
-            if store::is_assigned(c, &name, version)? {
-                return Err(StoreError::Conflict(format!(
-                    "model {name} version {version} is already deployed; attach the test vector before deploying (or push a new version)"
-                )));
-            }
-            if !store::set_test_vector(c, &name, version, Some(&tv))? {
-                return Err(StoreError::NotFound(format!(
-                    "model {name} version {version} does not exist; push it first"
-                )));
-            }
-            Ok(store::get_model(c, &name, version)?.expect("just updated"))
-        })
-        .await?;
-    tracing::info!(model = %record.name, version = record.version, "test vector attached");
-    Ok(Json(record))
+    attach(&fleet, name, version, "test vector", move |c, n, v| {
+        store::set_test_vector(c, n, v, Some(&tv))
+    })
+    .await
 }
 
 #[derive(Deserialize)]

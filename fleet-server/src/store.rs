@@ -97,9 +97,11 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX results_by_arrival ON results (received_at);
 "#,
-    // 3: a model version may carry a signed-along test vector (JSON).
+    // 3: a model version may carry a signed-along test vector and its
+    // input/output spec (JSON).
     r#"
     ALTER TABLE models ADD COLUMN test_vector TEXT;
+    ALTER TABLE models ADD COLUMN spec TEXT;
     "#,
 ];
 
@@ -120,6 +122,26 @@ pub struct ModelRecord {
     /// fails it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_vector: Option<edgefleet_shared::TestVector>,
+    /// Declared inputs and outputs, sent in the signed slot: devices check
+    /// the model against them and use fixed dimensions as shape hints.
+    #[serde(default, skip_serializing_if = "ModelSpec::is_empty")]
+    pub spec: ModelSpec,
+}
+
+/// A model's declared interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default)]
+    pub inputs: Vec<edgefleet_shared::TensorSpec>,
+    #[serde(default)]
+    pub outputs: Vec<edgefleet_shared::TensorSpec>,
+}
+
+impl ModelSpec {
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty() && self.outputs.is_empty()
+    }
 }
 
 /// A device as the server knows it.
@@ -385,7 +407,27 @@ fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRecord> {
         test_vector: r
             .get::<_, Option<String>>(6)?
             .and_then(|json| serde_json::from_str(&json).ok()),
+        spec: r
+            .get::<_, Option<String>>(7)?
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default(),
     })
+}
+
+/// Sets the declared interface of a model version. Returns whether the
+/// version exists.
+pub fn set_spec(
+    conn: &Connection,
+    name: &str,
+    version: u64,
+    spec: &ModelSpec,
+) -> Result<bool, StoreError> {
+    let json = serde_json::to_string(spec).expect("specs serialise");
+    let n = conn.execute(
+        "UPDATE models SET spec = ?3 WHERE name = ?1 AND version = ?2",
+        params![name, version as i64, json],
+    )?;
+    Ok(n > 0)
 }
 
 /// Whether any assignment points at this model version.
@@ -423,7 +465,7 @@ pub fn get_model(
 ) -> Result<Option<ModelRecord>, StoreError> {
     Ok(conn
         .query_row(
-            "SELECT name, version, format, sha256, size, created_at, test_vector FROM models WHERE name = ?1 AND version = ?2",
+            "SELECT name, version, format, sha256, size, created_at, test_vector, spec FROM models WHERE name = ?1 AND version = ?2",
             params![name, version as i64],
             model_from_row,
         )
@@ -432,7 +474,7 @@ pub fn get_model(
 
 pub fn list_models(conn: &Connection) -> Result<Vec<ModelRecord>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT name, version, format, sha256, size, created_at, test_vector FROM models ORDER BY name, version",
+        "SELECT name, version, format, sha256, size, created_at, test_vector, spec FROM models ORDER BY name, version",
     )?;
     let rows = stmt.query_map([], model_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -454,7 +496,7 @@ pub fn assign(conn: &Connection, scope: &str, model: &str, version: u64) -> Resu
 /// model by the device's own.
 pub fn models_for_device(conn: &Connection, device: &str) -> Result<Vec<ModelRecord>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at, m.test_vector
+        "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at, m.test_vector, m.spec
          FROM assignments a JOIN models m ON m.name = a.model AND m.version = a.version
          WHERE a.scope = ?1
             OR (a.scope = '*' AND NOT EXISTS (
@@ -672,6 +714,7 @@ mod tests {
     fn model(name: &str, version: u64) -> ModelRecord {
         ModelRecord {
             test_vector: None,
+            spec: Default::default(),
             name: name.into(),
             version,
             format: ModelFormat::Onnx,

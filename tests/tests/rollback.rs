@@ -298,22 +298,26 @@ async fn test_vectors_pushed_with_fleetctl_are_signed_and_enforced() -> anyhow::
     std::fs::write(&bad_path, vector(wrong).to_string())?;
     std::fs::write(&broken_path, vector(vec![0.5; 3]).to_string())?;
     let fp32 = digits_model("fp32");
-    let push = |version: &str, tv: &Path| {
-        edgefleet_tests::fleetctl(
-            &server.url,
-            &[
-                "model",
-                "push",
-                fp32.to_str().unwrap(),
-                "--name",
-                "digits",
-                "--version",
-                version,
-                "--test-vector",
-                tv.to_str().unwrap(),
-            ],
-        )
+    // `fleetctl model push` of the fp32 file with a test vector and,
+    // optionally, a spec.
+    let push_with = |version: &str, tv: &Path, spec: Option<&Path>| {
+        let mut args = vec![
+            "model",
+            "push",
+            fp32.to_str().unwrap(),
+            "--name",
+            "digits",
+            "--version",
+            version,
+            "--test-vector",
+            tv.to_str().unwrap(),
+        ];
+        if let Some(spec) = spec {
+            args.extend(["--spec", spec.to_str().unwrap()]);
+        }
+        edgefleet_tests::fleetctl(&server.url, &args)
     };
+    let push = |version: &str, tv: &Path| push_with(version, tv, None);
 
     // A malformed vector is refused by the server, with the reason.
     let out3 = push("3", &broken_path);
@@ -339,14 +343,42 @@ async fn test_vectors_pushed_with_fleetctl_are_signed_and_enforced() -> anyhow::
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already deployed"));
 
-    // v4 with the true outputs passes on the device and serves, verified.
-    assert!(push("4", &good_path).status.success());
-    server.deploy("digits", 4, "cam-3");
-    server.wait_for_model("cam-3", "digits", 4).await?;
+    // A declared interface travels too: one the model does not have is
+    // refused on the device (v5), the true one (v6, with the true test
+    // vector) serves.
+    let spec = |input: &str| {
+        serde_json::json!({
+            "inputs": [{"name": input, "datatype": "FP32", "shape": [-1, 64]}],
+            "outputs": [{"name": out["name"], "datatype": out["datatype"], "shape": [-1, 10]}],
+        })
+        .to_string()
+    };
+    let wrong_spec = dir.path().join("wrong-spec.json");
+    let true_spec = dir.path().join("spec.json");
+    std::fs::write(&wrong_spec, spec("pixels"))?;
+    std::fs::write(&true_spec, spec("input"))?;
+    let push_spec = |version: &str, spec: &Path| push_with(version, &good_path, Some(spec));
+    assert!(push_spec("5", &wrong_spec).status.success());
+    server.deploy("digits", 5, "cam-3");
+    let failed = server
+        .wait_event("cam-3", "activation_failed", 5, WAIT)
+        .await?;
+    assert!(
+        reason(&failed).contains("no input \"pixels\" declared in the desired state"),
+        "{failed}"
+    );
+    let (_, desired) = server.desired("cam-3").await?;
+    assert_eq!(desired.models[0].inputs[0].shape, vec![-1, 64]);
+
+    // v6 with the true outputs and interface passes on the device and
+    // serves.
+    assert!(push_spec("6", &true_spec).status.success());
+    server.deploy("digits", 6, "cam-3");
+    server.wait_for_model("cam-3", "digits", 6).await?;
     let (_, stats) = agent
         .request(http::Method::GET, "/v2/models/digits", None)
         .await?;
-    assert_eq!(stats["versions"][0], "4");
+    assert_eq!(stats["versions"][0], "6");
     assert_classifies(&agent).await?;
     Ok(())
 }

@@ -136,6 +136,12 @@ enum ModelCommand {
         /// devices run before serving this version.
         #[arg(long)]
         test_vector: Option<PathBuf>,
+        /// The model's interface (JSON: {"inputs": [{name, datatype,
+        /// shape}], "outputs": [...]}, -1 for a dynamic dimension): devices
+        /// check the model against it and use fixed dimensions as shape
+        /// hints.
+        #[arg(long)]
+        spec: Option<PathBuf>,
     },
     /// List model versions.
     List,
@@ -392,27 +398,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     version,
                     format,
                     test_vector,
+                    spec,
                 },
         } => {
-            // Read the test vector first: a bad file fails before uploading.
-            let tv = match test_vector {
-                Some(path) => Some(
-                    std::fs::read(path)
-                        .with_context(|| format!("cannot read {}", path.display()))
-                        .map_err(usage)?,
-                ),
-                None => None,
+            // Read the attachments first: a missing file fails before
+            // uploading.
+            let read = |path: &Option<PathBuf>| -> Result<Option<Vec<u8>>, Failure> {
+                match path {
+                    Some(path) => Ok(Some(
+                        std::fs::read(path)
+                            .with_context(|| format!("cannot read {}", path.display()))
+                            .map_err(usage)?,
+                    )),
+                    None => Ok(None),
+                }
             };
+            let attachments = [
+                ("test-vector", "test vector", read(test_vector)?),
+                ("spec", "spec", read(spec)?),
+            ];
             let mut record = push(&cli, file, name, *version, format.as_deref()).await?;
-            if let Some(tv) = tv {
+            for (path, what, body) in attachments {
+                let Some(body) = body else { continue };
                 let url = format!(
-                    "{}/api/v1/models/{name}/versions/{version}/test-vector",
+                    "{}/api/v1/models/{name}/versions/{version}/{path}",
                     cli.server
                 );
                 let resp = client
                     .put(url)
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(tv)
+                    .body(body)
                     .send()
                     .await
                     .map_err(classify)?;
@@ -420,7 +435,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Failure(
                         code,
                         e.context(format!(
-                            "{name} v{version} was pushed but its test vector was refused"
+                            "{name} v{version} was pushed but its {what} was refused"
                         )),
                     )
                 })?;
