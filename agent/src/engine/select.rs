@@ -118,8 +118,12 @@ impl std::fmt::Debug for Runtimes {
     }
 }
 
-/// Timed runs per candidate: at most this many, or this much time.
+/// Timed runs per candidate (fewer when the budget runs out first).
 const TIMED_RUNS: usize = 15;
+/// Fast models are timed for at least this long (up to MAX_TIMED_RUNS).
+const MIN_TIMING_MS: f64 = 20.0;
+const MAX_TIMED_RUNS: usize = 2000;
+const WARM_UP_MS: f64 = 5.0;
 const TIMING_BUDGET_MS: f64 = 400.0;
 
 impl Runtimes {
@@ -333,13 +337,24 @@ fn cross_compare(loaded: &[(usize, Box<dyn Engine>)]) -> (Option<Vec<Tensor>>, V
 }
 
 fn time_runs(engine: &dyn Engine, inputs: &[Tensor]) -> f64 {
-    for _ in 0..2 {
+    // Warm up: at least 2 runs, and for fast models until caches and
+    // allocators have settled (5 ms).
+    let warm = Instant::now();
+    for i in 0..MAX_TIMED_RUNS {
         let _ = infer(engine, inputs.to_vec());
+        if i >= 1 && warm.elapsed().as_secs_f64() * 1000.0 >= WARM_UP_MS {
+            break;
+        }
     }
     let started = Instant::now();
+    let elapsed_ms = || started.elapsed().as_secs_f64() * 1000.0;
     let mut samples = Vec::with_capacity(TIMED_RUNS);
-    while samples.len() < TIMED_RUNS
-        && (samples.len() < 3 || started.elapsed().as_secs_f64() * 1000.0 < TIMING_BUDGET_MS)
+    // Slow models: TIMED_RUNS runs within the budget. Fast ones (a few
+    // microseconds, where one run is noise): until MIN_TIMING_MS of them.
+    while samples.len() < MAX_TIMED_RUNS
+        && (samples.len() < 3
+            || (samples.len() < TIMED_RUNS || elapsed_ms() < MIN_TIMING_MS)
+                && elapsed_ms() < TIMING_BUDGET_MS)
     {
         let t = Instant::now();
         let _ = infer(engine, inputs.to_vec());
