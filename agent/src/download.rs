@@ -78,31 +78,15 @@ impl Downloader {
 
     /// Fetches `slot` into `dest` (a staging path). On success `dest` holds
     /// the verified file. A compressed copy, when the slot names one, is
-    /// tried first (downloaded to `dest` + `.zst`, capped at its signed
+    /// tried first (staged as `{sha256}.zst.part`, capped at its signed
     /// size, then decompressed into `dest`, capped at the model's size);
     /// if that fails in any way the plain URLs are tried.
     pub async fn fetch(&self, slot: &ModelSlot, dest: &Path) -> Result<(), DownloadError> {
         let client = self.client();
         if let Some(z) = &slot.zstd {
             let packed = packed_path(dest);
-            let target = Target {
-                size: z.size,
-                sha256: None,
-                etag: format!("\"{}.zst\"", slot.sha256),
-            };
-            let result = match self.fetch_urls(&client, &z.urls, &target, &packed).await {
-                Ok(()) => unpack(&packed, dest, slot.size).await,
-                Err(e) => Err(e),
-            };
+            let result = self.fetch_packed(&client, slot, z, &packed, dest).await;
             let _ = tokio::fs::remove_file(&packed).await;
-            let result = match result {
-                Ok(()) => match self.verify(&Target::model(slot), dest).await {
-                    Attempt::Complete => Ok(()),
-                    Attempt::Fatal(e) => Err(e),
-                    Attempt::Retry(why) => Err(DownloadError::Io(why)),
-                },
-                Err(e) => Err(e),
-            };
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) => {
@@ -113,6 +97,26 @@ impl Downloader {
         }
         self.fetch_urls(&client, &slot.urls, &Target::model(slot), dest)
             .await
+    }
+
+    /// Downloads the compressed copy into `packed`, unpacks it into
+    /// `dest` and checks the model's hash.
+    async fn fetch_packed(
+        &self,
+        client: &reqwest::Client,
+        slot: &ModelSlot,
+        z: &edgefleet_shared::Compressed,
+        packed: &Path,
+        dest: &Path,
+    ) -> Result<(), DownloadError> {
+        let target = Target {
+            size: z.size,
+            sha256: None,
+            etag: format!("\"{}.zst\"", slot.sha256),
+        };
+        self.fetch_urls(client, &z.urls, &target, packed).await?;
+        unpack(packed, dest, slot.size).await?;
+        self.verify(&Target::model(slot), dest).await
     }
 
     async fn fetch_urls(
@@ -165,7 +169,7 @@ impl Downloader {
             have = 0;
         }
         if have == slot.size {
-            return self.verify(slot, dest).await;
+            return self.verify(slot, dest).await.into();
         }
         let mut request = client.get(url);
         if have > 0 {
@@ -228,21 +232,34 @@ impl Downloader {
         if have < slot.size {
             return Attempt::Retry(format!("body ended after {have} of {} bytes", slot.size));
         }
-        self.verify(slot, dest).await
+        self.verify(slot, dest).await.into()
     }
 
-    async fn verify(&self, target: &Target, dest: &Path) -> Attempt {
+    /// Checks a complete staging file against the target's hash.
+    async fn verify(&self, target: &Target, dest: &Path) -> Result<(), DownloadError> {
         let Some(expected) = &target.sha256 else {
             // A compressed copy: its content is checked once unpacked.
-            return Attempt::Complete;
+            return Ok(());
         };
-        match sha256_async(dest).await {
-            Ok(actual) if actual == *expected => Attempt::Complete,
-            Ok(actual) => Attempt::Fatal(DownloadError::HashMismatch {
+        let actual = sha256_async(dest)
+            .await
+            .map_err(|e| DownloadError::Io(e.to_string()))?;
+        if actual != *expected {
+            return Err(DownloadError::HashMismatch {
                 expected: expected.clone(),
                 actual,
-            }),
-            Err(e) => Attempt::Fatal(DownloadError::Io(e.to_string())),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl From<Result<(), DownloadError>> for Attempt {
+    /// A verified file is complete; a failed check is final.
+    fn from(checked: Result<(), DownloadError>) -> Self {
+        match checked {
+            Ok(()) => Self::Complete,
+            Err(e) => Self::Fatal(e),
         }
     }
 }

@@ -459,15 +459,20 @@ mod tests {
         p
     }
 
+    /// Stages and installs version `v` of `digits` (content `model v{v}`).
+    fn install_version(store: &ModelStore, v: u64) -> InstalledModel {
+        let content = format!("model v{v}").into_bytes();
+        let s = slot(v, &content);
+        let staged = stage(store, &s, &content);
+        store.install(&s, &staged).unwrap()
+    }
+
     #[test]
     fn install_activate_and_keep_one_previous_version() {
         let dir = tempfile::tempdir().unwrap();
         let store = ModelStore::open(dir.path()).unwrap();
         for v in 1..=3u64 {
-            let content = format!("model v{v}").into_bytes();
-            let s = slot(v, &content);
-            let staged = stage(&store, &s, &content);
-            store.install(&s, &staged).unwrap();
+            install_version(&store, v);
             let pointer = store.activate("digits", v, None).unwrap();
             assert_eq!(pointer.previous, v.checked_sub(1).filter(|&p| p > 0));
         }
@@ -486,10 +491,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ModelStore::open(dir.path()).unwrap();
         for v in 1..=2u64 {
-            let content = format!("model v{v}").into_bytes();
-            let s = slot(v, &content);
-            let staged = stage(&store, &s, &content);
-            let installed = store.install(&s, &staged).unwrap();
+            let installed = install_version(&store, v);
             store.activate("digits", v, None).unwrap();
             if v == 2 {
                 fs::write(&installed.path, b"bit rot").unwrap();
@@ -530,10 +532,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ModelStore::open(dir.path()).unwrap();
         for v in 1..=2u64 {
-            let content = format!("model v{v}").into_bytes();
-            let s = slot(v, &content);
-            let staged = stage(&store, &s, &content);
-            store.install(&s, &staged).unwrap();
+            install_version(&store, v);
             let soaking = (v == 2).then_some(Soaking {
                 since: 100,
                 restarts: 0,

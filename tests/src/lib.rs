@@ -449,6 +449,35 @@ impl Server {
         Ok(())
     }
 
+    /// The update events the server stored for `device`, newest first
+    /// (empty if they cannot be read).
+    pub async fn events(&self, device: &str) -> Vec<Value> {
+        self.get_json(&format!("/api/v1/devices/{device}/events"))
+            .await
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Waits for an update event of `device` that `matches`; returns it.
+    /// On timeout the error lists the device's events.
+    pub async fn wait_event_matching(
+        &self,
+        device: &str,
+        what: &str,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let found = wait_for(what, timeout, || async {
+            self.events(device).await.into_iter().find(&matches)
+        })
+        .await;
+        match found {
+            Ok(event) => Ok(event),
+            Err(e) => bail!("{e}\nevents of {device}: {:?}", self.events(device).await),
+        }
+    }
+
     /// Waits for an update event of `device` with this kind and model
     /// version; returns it.
     pub async fn wait_event(
@@ -458,20 +487,33 @@ impl Server {
         model_version: u64,
         timeout: Duration,
     ) -> anyhow::Result<Value> {
-        let path = format!("/api/v1/devices/{device}/events");
-        wait_for(
+        self.wait_event_matching(
+            device,
             &format!("{kind} event for model version {model_version}"),
             timeout,
-            || async {
-                let events = self.get_json(&path).await.ok()?;
-                events
-                    .as_array()?
-                    .iter()
-                    .find(|e| e["kind"] == kind && e["model_version"] == model_version)
-                    .cloned()
-            },
+            |e| e["kind"] == kind && e["model_version"] == model_version,
         )
         .await
+    }
+
+    /// A model slot for `bytes` as the test signs it itself: the name
+    /// `digits`, ONNX, downloaded from `url`, nothing optional.
+    pub fn digits_slot(bytes: &[u8], version: u64, url: String) -> edgefleet_shared::ModelSlot {
+        use sha2::Digest;
+        edgefleet_shared::ModelSlot {
+            name: "digits".into(),
+            version,
+            format: edgefleet_shared::ModelFormat::Onnx,
+            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            size: bytes.len() as u64,
+            urls: vec![url],
+            inputs: vec![],
+            outputs: vec![],
+            test_vector: None,
+            soak: None,
+            upload_results: false,
+            zstd: None,
+        }
     }
 }
 

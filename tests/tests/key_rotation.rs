@@ -102,18 +102,11 @@ async fn devices_follow_rotations_online_and_after_being_offline() -> anyhow::Re
     server
         .publish_desired("rot-online", Signed::sign(&forged, &[&old_key]).to_json())
         .await?;
-    let refusal = wait_for("refusal of the retired key", WAIT, || async {
-        let events = server
-            .get_json("/api/v1/devices/rot-online/events")
-            .await
-            .ok()?;
-        events
-            .as_array()?
-            .iter()
-            .find(|e| e["kind"] == "refused" && e["desired_version"] == forged.version)
-            .cloned()
-    })
-    .await?;
+    let refusal = server
+        .wait_event_matching("rot-online", "refusal of the retired key", WAIT, |e| {
+            e["kind"] == "refused" && e["desired_version"] == forged.version
+        })
+        .await?;
     let reason = refusal["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains(old_key.key_id().as_str()) && reason.contains("not trusted"),
@@ -145,24 +138,15 @@ async fn devices_follow_rotations_online_and_after_being_offline() -> anyhow::Re
         .await?;
     offline = Agent::start_fleet(dir.path(), "rot-offline", &server)?;
     offline.wait_ready().await?;
-    let refusal = wait_for("refusal of the skipping chain", WAIT, || async {
-        let events = server
-            .get_json("/api/v1/devices/rot-offline/events")
-            .await
-            .ok()?;
-        events
-            .as_array()?
-            .iter()
-            .find(|e| {
-                e["kind"] == "refused"
-                    && e["reason"].as_str().is_some_and(|r| {
-                        r.contains("root version 3 does not follow trusted version 1")
-                    })
-            })
-            .cloned()
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", offline.proc.log_text()))?;
+    let refusal = server
+        .wait_event_matching("rot-offline", "refusal of the skipping chain", WAIT, |e| {
+            e["kind"] == "refused"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("root version 3 does not follow trusted version 1"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", offline.proc.log_text()))?;
     assert!(refusal["reason"].as_str().unwrap().contains("root chain"));
     assert_eq!(trusted_root_version(&offline), Some(1));
     assert_eq!(serving(&offline).await.as_deref(), Some("1"));

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use edgefleet_shared::{DesiredState, SecretKey, Signed};
-use edgefleet_tests::{digits_model, samples, wait_for, Agent, Server};
+use edgefleet_tests::{digits_model, samples, Agent, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_refuses_a_desired_state_signed_by_an_unknown_key() -> anyhow::Result<()> {
@@ -33,16 +33,11 @@ async fn agent_refuses_a_desired_state_signed_by_an_unknown_key() -> anyhow::Res
 
     server.publish_desired("cam-7", forged.to_json()).await?;
 
-    let events_path = "/api/v1/devices/cam-7/events";
-    let refusal = wait_for("refusal event", Duration::from_secs(20), || async {
-        let events = server.get_json(events_path).await.ok()?;
-        events
-            .as_array()?
-            .iter()
-            .find(|e| e["kind"] == "refused")
-            .cloned()
-    })
-    .await?;
+    let refusal = server
+        .wait_event_matching("cam-7", "refusal event", Duration::from_secs(20), |e| {
+            e["kind"] == "refused"
+        })
+        .await?;
     let reason = refusal["reason"].as_str().unwrap();
     assert!(
         reason.contains(rogue.key_id().as_str()) && reason.contains("not trusted"),

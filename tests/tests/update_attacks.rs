@@ -14,7 +14,6 @@ use edgefleet_shared::{DesiredState, DeviceId, ModelSlot, SecretKey, Signed};
 use edgefleet_tests::artifact_server::{ArtifactServer, Behaviour};
 use edgefleet_tests::{digits_model, samples, wait_for, Agent, Server};
 use serde_json::Value;
-use sha2::Digest;
 
 const DEVICE: &str = "target-1";
 const WAIT: Duration = Duration::from_secs(30);
@@ -25,23 +24,6 @@ struct Bench {
     key: SecretKey,
     /// The newest desired-state version the device accepted.
     accepted: u64,
-}
-
-fn slot_for(bytes: &[u8], version: u64, url: String) -> ModelSlot {
-    ModelSlot {
-        name: "digits".into(),
-        version,
-        format: edgefleet_shared::ModelFormat::Onnx,
-        sha256: hex::encode(sha2::Sha256::digest(bytes)),
-        size: bytes.len() as u64,
-        urls: vec![url],
-        inputs: vec![],
-        outputs: vec![],
-        test_vector: None,
-        soak: None,
-        upload_results: false,
-        zstd: None,
-    }
 }
 
 fn doc(version: u64, expires_in: i64, models: Vec<ModelSlot>) -> DesiredState {
@@ -83,38 +65,43 @@ impl Bench {
         std::fs::read(self.agent.dir.join("data/trust/desired.json")).unwrap()
     }
 
-    async fn events(&self) -> Vec<Value> {
-        self.server
-            .get_json(&format!("/api/v1/devices/{DEVICE}/events"))
+    /// Publishes `payload` and waits for an event of `kind`, newer than any
+    /// stored before, whose reason contains `why`.
+    async fn expect(&self, payload: Vec<u8>, kind: &str, why: &str) -> anyhow::Result<Value> {
+        let newest = self
+            .server
+            .events(DEVICE)
             .await
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
+            .first()
+            .map(|e| e["seq"].as_u64());
+        self.server.publish_desired(DEVICE, payload).await?;
+        self.server
+            .wait_event_matching(DEVICE, &format!("{kind} event saying {why:?}"), WAIT, |e| {
+                Some(e["seq"].as_u64()) > newest
+                    && e["kind"] == kind
+                    && e["reason"].as_str().is_some_and(|r| r.contains(why))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", self.agent.proc.log_text()))
     }
 
-    /// Publishes `payload` and waits for an event of `kind` (newer than
-    /// any seen before) whose reason contains `why`.
-    async fn expect(&self, payload: Vec<u8>, kind: &str, why: &str) -> anyhow::Result<Value> {
-        let before = self.events().await.len();
-        self.server.publish_desired(DEVICE, payload).await?;
-        let found = wait_for(&format!("{kind} event saying {why:?}"), WAIT, || async {
-            let events = self.events().await;
-            // Newest first.
-            events[..events.len().saturating_sub(before)]
-                .iter()
-                .find(|e| {
-                    e["kind"] == kind && e["reason"].as_str().is_some_and(|r| r.contains(why))
-                })
-                .cloned()
-        })
-        .await;
-        match found {
-            Ok(event) => Ok(event),
-            Err(e) => {
-                let events = self.events().await;
-                anyhow::bail!("{e}\nevents: {events:?}\n{}", self.agent.proc.log_text())
-            }
-        }
+    /// Signs a desired state whose model (`bytes` as v2) downloads from
+    /// `from`, and expects `download_failed` saying `why`. The document
+    /// itself is genuine, so it becomes the trusted one; the model is not
+    /// served, and v1 goes on serving.
+    async fn refused_download(
+        &mut self,
+        bytes: &[u8],
+        from: &ArtifactServer,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        self.accepted += 1;
+        let slot = Server::digits_slot(bytes, 2, from.url("x"));
+        let signed = Signed::sign(&doc(self.accepted, 600, vec![slot]), &[&self.key]);
+        self.expect(signed.to_json(), "download_failed", why)
+            .await?;
+        let trusted = self.trusted_desired();
+        self.assert_untouched("1", &trusted).await
     }
 
     async fn assert_untouched(&self, serving: &str, trusted: &[u8]) -> anyhow::Result<()> {
@@ -196,19 +183,8 @@ async fn every_applicable_update_attack_is_refused_and_changes_nothing() -> anyh
     // itself is genuine, so it is accepted; the model is not.
     let fp32 = std::fs::read(digits_model("fp32"))?;
     let endless = ArtifactServer::start(Behaviour::Endless).await?;
-    b.accepted += 1;
-    let signed = Signed::sign(
-        &doc(b.accepted, 600, vec![slot_for(&fp32, 2, endless.url("x"))]),
-        &[&b.key],
-    );
-    b.expect(
-        signed.to_json(),
-        "download_failed",
-        "more than the signed size of 19851 bytes",
-    )
-    .await?;
-    let trusted = b.trusted_desired();
-    b.assert_untouched("1", &trusted).await?;
+    b.refused_download(&fp32, &endless, "more than the signed size of 19851 bytes")
+        .await?;
     let staged = std::fs::read_dir(b.agent.dir.join("data/staging"))?.count();
     assert_eq!(staged, 0, "the oversized download is deleted");
 
@@ -218,24 +194,13 @@ async fn every_applicable_update_attack_is_refused_and_changes_nothing() -> anyh
         sent: 100,
     })
     .await?;
-    b.accepted += 1;
-    let signed = Signed::sign(
-        &doc(b.accepted, 600, vec![slot_for(&fp32, 2, stall.url("x"))]),
-        &[&b.key],
-    );
-    b.expect(
-        signed.to_json(),
-        "download_failed",
-        "stalled: no data for 1s",
-    )
-    .await?;
+    b.refused_download(&fp32, &stall, "stalled: no data for 1s")
+        .await?;
     assert_eq!(
         stall.connections.load(std::sync::atomic::Ordering::SeqCst),
         2,
         "two attempts"
     );
-    let trusted = b.trusted_desired();
-    b.assert_untouched("1", &trusted).await?;
 
     // Wrong model: the right size, other bytes.
     let mut other_bytes = fp32.clone();
@@ -246,24 +211,13 @@ async fn every_applicable_update_attack_is_refused_and_changes_nothing() -> anyh
         cut_after: 0,
     })
     .await?;
-    b.accepted += 1;
-    let signed = Signed::sign(
-        &doc(b.accepted, 600, vec![slot_for(&fp32, 2, wrong.url("x"))]),
-        &[&b.key],
-    );
-    b.expect(
-        signed.to_json(),
-        "download_failed",
-        "the signed desired state says",
-    )
-    .await?;
-    let trusted = b.trusted_desired();
-    b.assert_untouched("1", &trusted).await?;
+    b.refused_download(&fp32, &wrong, "the signed desired state says")
+        .await?;
 
     // A genuine update to v2 through the server, then a newer document
     // that takes the model back to v1: refused.
     b.accepted += 1;
-    let v2 = slot_for(&fp32, 2, String::new());
+    let v2 = Server::digits_slot(&fp32, 2, String::new());
     let v2 = ModelSlot {
         urls: vec![format!("{}/artifacts/{}", b.server.url, v2.sha256)],
         ..v2
@@ -309,7 +263,7 @@ async fn an_interrupted_download_resumes_without_fetching_bytes_twice() -> anyho
         1,
         now,
         now + 600,
-        vec![slot_for(&fp32, 2, flaky.url("x"))],
+        vec![Server::digits_slot(&fp32, 2, flaky.url("x"))],
     );
     b.server
         .publish_desired("resumer", Signed::sign(&resumer_doc, &[&b.key]).to_json())
@@ -370,7 +324,7 @@ async fn compressed_artifacts_are_used_capped_and_verified_after_unpacking() -> 
         sent: 0,
     })
     .await?;
-    let mut slot = slot_for(&fp32, 2, stall.url("plain"));
+    let mut slot = Server::digits_slot(&fp32, 2, stall.url("plain"));
     slot.zstd = Some(edgefleet_shared::Compressed {
         size: packed.len() as u64,
         urls: vec![good.url("x.zst")],
@@ -402,7 +356,7 @@ async fn compressed_artifacts_are_used_capped_and_verified_after_unpacking() -> 
     })
     .await?;
     let int8 = std::fs::read(digits_model("int8"))?;
-    let mut slot = slot_for(
+    let mut slot = Server::digits_slot(
         &int8,
         3,
         format!("{}/artifacts/{}", b.server.url, genuine.models[0].sha256),

@@ -92,31 +92,32 @@ enum KeysCommand {
     /// root key files in DIR. Restart the server afterwards: it publishes
     /// the chain and re-signs every device's desired state.
     Rotate {
-        #[arg(long, default_value = "fleet-data/keys")]
-        dir: PathBuf,
-        /// Replace the root keys with this many new ones.
-        #[arg(long)]
-        new_root_keys: Option<u32>,
-        /// How many of the new root keys must sign (with --new-root-keys).
-        #[arg(long, default_value_t = 1)]
-        threshold: u32,
-        #[arg(long, default_value_t = 365)]
-        expires_days: u64,
+        #[command(flatten)]
+        root: NextRoot,
     },
     /// Write the next root document without KEYID (a compromised online or
     /// root key). Revoking the server's own online key gives it a new one.
     /// Restart the server afterwards.
     Revoke {
         keyid: String,
-        #[arg(long, default_value = "fleet-data/keys")]
-        dir: PathBuf,
-        #[arg(long)]
-        new_root_keys: Option<u32>,
-        #[arg(long, default_value_t = 1)]
-        threshold: u32,
-        #[arg(long, default_value_t = 365)]
-        expires_days: u64,
+        #[command(flatten)]
+        root: NextRoot,
     },
+}
+
+/// Where the keys are and what else the next root document changes.
+#[derive(clap::Args)]
+struct NextRoot {
+    #[arg(long, default_value = "fleet-data/keys")]
+    dir: PathBuf,
+    /// Replace the root keys with this many new ones.
+    #[arg(long)]
+    new_root_keys: Option<u32>,
+    /// How many of the new root keys must sign (with --new-root-keys).
+    #[arg(long, default_value_t = 1)]
+    threshold: u32,
+    #[arg(long, default_value_t = 365)]
+    expires_days: u64,
 }
 
 #[derive(Subcommand)]
@@ -333,36 +334,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Keys {
             command: command @ (KeysCommand::Rotate { .. } | KeysCommand::Revoke { .. }),
         } => {
-            let (dir, revoke, new_root_keys, threshold, expires_days) =
+            let (root, revoke) =
                 match command {
-                    KeysCommand::Rotate {
-                        dir,
-                        new_root_keys,
-                        threshold,
-                        expires_days,
-                    } => (dir, None, new_root_keys, threshold, expires_days),
-                    KeysCommand::Revoke {
-                        keyid,
-                        dir,
-                        new_root_keys,
-                        threshold,
-                        expires_days,
-                    } => (
-                        dir,
+                    KeysCommand::Rotate { root } => (root, None),
+                    KeysCommand::Revoke { keyid, root } => (
+                        root,
                         Some(keyid.parse::<edgefleet_shared::KeyId>().map_err(|e| {
                             usage(anyhow::anyhow!("{keyid:?} is not a key id: {e}"))
                         })?),
-                        new_root_keys,
-                        threshold,
-                        expires_days,
                     ),
                     KeysCommand::Init { .. } => unreachable!("matched above"),
                 };
             let rotation = fleet_server::keys::Rotation {
                 revoke,
-                new_root_keys: new_root_keys.map(|n| (n, *threshold)),
-                expires_days: *expires_days,
+                new_root_keys: root.new_root_keys.map(|n| (n, root.threshold)),
+                expires_days: root.expires_days,
             };
+            let dir = &root.dir;
             let r = fleet_server::keys::rotate(dir, &rotation).map_err(usage)?;
             if cli.json {
                 println!(
