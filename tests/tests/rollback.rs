@@ -233,3 +233,128 @@ async fn a_version_that_keeps_the_agent_down_is_rolled_back_at_start() -> anyhow
     assert_eq!(activations, 1, "{events:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_vectors_pushed_with_fleetctl_are_signed_and_enforced() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let agent = Agent::start_fleet(dir.path(), "cam-3", &server)?;
+    server.push(&digits_model("int8"), "digits", 1);
+    server.deploy("digits", 1, "cam-3");
+    server.wait_for_model("cam-3", "digits", 1).await?;
+
+    // The fp32 model's true output for one sample, from a standalone agent.
+    let reference = Agent::start_standalone(
+        &dir.path().join("ref"),
+        &[("digits", &digits_model("fp32"))],
+    )?;
+    reference.wait_ready().await?;
+    let input = samples().inputs[2].clone();
+    let (_, reply) = reference
+        .request(
+            http::Method::POST,
+            "/v2/models/digits/infer",
+            Some(&serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": input}]})),
+        )
+        .await?;
+    let out = &reply["outputs"][0];
+    let vector = |data: Vec<f64>| {
+        serde_json::json!({
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": input}],
+            "expected": [{"name": out["name"], "datatype": out["datatype"], "shape": out["shape"], "data": data}],
+            "tolerance": 1e-4,
+        })
+    };
+    let truth: Vec<f64> = serde_json::from_value(out["data"].clone())?;
+    let wrong: Vec<f64> = truth.iter().map(|v| 1.0 - v).collect();
+    let good_path = dir.path().join("good.json");
+    let bad_path = dir.path().join("bad.json");
+    let broken_path = dir.path().join("broken.json");
+    std::fs::write(&good_path, vector(truth).to_string())?;
+    std::fs::write(&bad_path, vector(wrong).to_string())?;
+    std::fs::write(&broken_path, vector(vec![0.5; 3]).to_string())?;
+    let fp32 = digits_model("fp32");
+    // `fleetctl model push` of the fp32 file with a test vector and,
+    // optionally, a spec.
+    let push_with = |version: &str, tv: &Path, spec: Option<&Path>| {
+        let mut args = vec![
+            "model",
+            "push",
+            fp32.to_str().unwrap(),
+            "--name",
+            "digits",
+            "--version",
+            version,
+            "--test-vector",
+            tv.to_str().unwrap(),
+        ];
+        if let Some(spec) = spec {
+            args.extend(["--spec", spec.to_str().unwrap()]);
+        }
+        edgefleet_tests::fleetctl(&server.url, &args)
+    };
+    let push = |version: &str, tv: &Path| push_with(version, tv, None);
+
+    // A malformed vector is refused by the server, with the reason.
+    let out3 = push("3", &broken_path);
+    assert!(!out3.status.success());
+    let stderr = String::from_utf8_lossy(&out3.stderr);
+    assert!(
+        stderr.contains("3 values") && stderr.contains("test vector was refused"),
+        "{stderr}"
+    );
+
+    // v2 carries a vector the model cannot meet: the device never serves it.
+    assert!(push("2", &bad_path).status.success());
+    let listed = server.get_json("/api/v1/models").await?;
+    assert!(listed.to_string().contains("\"tolerance\""), "{listed}");
+    server.deploy("digits", 2, "cam-3");
+    let failed = server
+        .wait_event("cam-3", "activation_failed", 2, WAIT)
+        .await?;
+    assert!(reason(&failed).contains("test vector failed"), "{failed}");
+    assert_eq!(serving_version(&agent).await?, "1");
+    // Once deployed, a version's vector can no longer change.
+    let again = push("2", &good_path);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already deployed"));
+
+    // A declared interface travels too: one the model does not have is
+    // refused on the device (v5), the true one (v6, with the true test
+    // vector) serves.
+    let spec = |input: &str| {
+        serde_json::json!({
+            "inputs": [{"name": input, "datatype": "FP32", "shape": [-1, 64]}],
+            "outputs": [{"name": out["name"], "datatype": out["datatype"], "shape": [-1, 10]}],
+        })
+        .to_string()
+    };
+    let wrong_spec = dir.path().join("wrong-spec.json");
+    let true_spec = dir.path().join("spec.json");
+    std::fs::write(&wrong_spec, spec("pixels"))?;
+    std::fs::write(&true_spec, spec("input"))?;
+    let push_spec = |version: &str, spec: &Path| push_with(version, &good_path, Some(spec));
+    assert!(push_spec("5", &wrong_spec).status.success());
+    server.deploy("digits", 5, "cam-3");
+    let failed = server
+        .wait_event("cam-3", "activation_failed", 5, WAIT)
+        .await?;
+    assert!(
+        reason(&failed).contains("no input \"pixels\" declared in the desired state"),
+        "{failed}"
+    );
+    let (_, desired) = server.desired("cam-3").await?;
+    assert_eq!(desired.models[0].inputs[0].shape, vec![-1, 64]);
+
+    // v6 with the true outputs and interface passes on the device and
+    // serves.
+    assert!(push_spec("6", &true_spec).status.success());
+    server.deploy("digits", 6, "cam-3");
+    server.wait_for_model("cam-3", "digits", 6).await?;
+    let (_, stats) = agent
+        .request(http::Method::GET, "/v2/models/digits", None)
+        .await?;
+    assert_eq!(stats["versions"][0], "6");
+    assert_classifies(&agent).await?;
+    Ok(())
+}
