@@ -77,6 +77,7 @@ fn cases() -> Vec<Case> {
             ("oww_embedding.onnx", "openWakeWord embedding fp32"),
             ("oww_embedding_int8qdq.onnx", "openWakeWord embedding int8"),
             ("ppocr_cls.onnx", "PP-OCR direction cls fp32"),
+            ("oww_embedding.tflite", "openWakeWord embedding TFLite"),
         ] {
             let m = manifest["models"]
                 .as_array()
@@ -116,6 +117,14 @@ fn tensor(case: &Case) -> Tensor {
     }
 }
 
+fn format(case: &Case) -> ModelFormat {
+    if case.path.extension().is_some_and(|e| e == "tflite") {
+        ModelFormat::Tflite
+    } else {
+        ModelFormat::Onnx
+    }
+}
+
 fn in_process(case: &Case, runtime: Option<&str>) -> Option<(String, Stats)> {
     let bytes = std::fs::read(&case.path).unwrap();
     let hints = [TensorSpec {
@@ -124,13 +133,7 @@ fn in_process(case: &Case, runtime: Option<&str>) -> Option<(String, Stats)> {
         shape: case.shape.iter().map(|&d| d as i64).collect(),
     }];
     let sel = runtimes::detect(&RuntimeConfig::default())
-        .select(
-            ModelFormat::Onnx,
-            &bytes,
-            &hints,
-            Check::CrossCompare,
-            runtime,
-        )
+        .select(format(case), &bytes, &hints, Check::CrossCompare, runtime)
         .map_err(|e| eprintln!("{}: {runtime:?} not measured: {e}", case.label))
         .ok()?;
     let input = tensor(case);
@@ -234,6 +237,199 @@ async fn wait_until<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -
     }
 }
 
+/// Row format of the printed table.
+fn row(label: &str, how: &str, p50: f64, p99: f64, per_s: Option<f64>, rss: Option<f64>) -> String {
+    format!(
+        "{:<30} {:<34} {:>9.3} {:>9.3} {:>9} {:>10}",
+        label,
+        how,
+        p50,
+        p99,
+        per_s.map_or(String::new(), |v| format!("{v:.0}")),
+        rss.map_or(String::new(), |v| format!("{v:.1}"))
+    )
+}
+
+/// (a): each runtime and the automatic choice, in this process.
+struct InProcess {
+    lines: Vec<String>,
+    best_single: Option<(String, f64)>,
+    auto: Option<(String, f64)>,
+}
+
+fn measure_in_process(case: &Case) -> InProcess {
+    let mut out = InProcess {
+        lines: Vec::new(),
+        best_single: None,
+        auto: None,
+    };
+    let singles = match format(case) {
+        ModelFormat::Onnx => [Some("tract-onnx"), Some("onnxruntime")],
+        ModelFormat::Tflite => [Some("tract-tflite"), Some("tflite")],
+    };
+    for runtime in singles.into_iter().chain([None]) {
+        let Some((name, s)) = in_process(case, runtime) else {
+            continue;
+        };
+        let how = match runtime {
+            Some(r) => format!("(a) in-process {r}"),
+            None => format!("(a) in-process auto → {name}"),
+        };
+        out.lines.push(row(
+            case.label,
+            &how,
+            s.p50_ms,
+            s.p99_ms,
+            Some(s.per_s),
+            None,
+        ));
+        if runtime.is_none() {
+            out.auto = Some((name, s.p50_ms));
+        } else if out.best_single.as_ref().is_none_or(|(_, b)| s.p50_ms < *b) {
+            out.best_single = Some((name, s.p50_ms));
+        }
+    }
+    out
+}
+
+/// (b), (c), (d): the agent and the Python baselines, each its own process.
+struct Served {
+    lines: Vec<String>,
+    json_p50: f64,
+    bin_p50: f64,
+    agent_rss: f64,
+    agent_idle_rss: f64,
+    fastapi: Option<(f64, f64)>,
+}
+
+async fn measure_served(case: &Case, tmp: &Path, python: Option<&str>, bench_dir: &Path) -> Served {
+    let mut lines = Vec::new();
+    let socket = tmp.join(format!("{}.sock", case.label.len()));
+    let agent_started = tokio::time::Instant::now();
+    let agent = Killed(
+        Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+            .arg("serve")
+            .arg("--model")
+            .arg(format!("m={}", case.path.display()))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(tmp.join("data"))
+            .env("EDGEFLEET_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Local models have no declared shapes; PP-OCR needs them in tract,
+    // so the agent uses whichever runtime loads it.
+    wait_until(|| async { tokio::net::UnixStream::connect(&socket).await.is_ok() }).await;
+    let mut client = Client::unix(&socket).await;
+    let json_stats = measure(&mut client, "/v2/models/m/infer", json_body(case), None).await;
+    let (body, n) = binary_body(case);
+    let bin_stats = measure(&mut client, "/v2/models/m/infer", body, Some(n)).await;
+    let agent_rss = rss_kib(agent.0.id()) as f64 / 1024.0;
+    for (how, s) in [
+        ("(b) agent, Unix socket, JSON", &json_stats),
+        ("(b) agent, Unix socket, binary", &bin_stats),
+    ] {
+        lines.push(row(
+            case.label,
+            how,
+            s.p50_ms,
+            s.p99_ms,
+            Some(s.per_s),
+            Some(agent_rss),
+        ));
+    }
+    // The agent pages out its start-up code 5 s after starting.
+    tokio::time::sleep_until(agent_started + Duration::from_millis(6500)).await;
+    let agent_idle_rss = rss_kib(agent.0.id()) as f64 / 1024.0;
+    lines.push(format!(
+        "  → agent RSS once idle (start-up code paged out): {agent_idle_rss:.1} MiB (right after the load test: {agent_rss:.1} MiB)"
+    ));
+    drop(client);
+    drop(agent);
+
+    // (c) and (d) need Python with onnxruntime, fastapi, uvicorn; they are
+    // onnxruntime's, so ONNX models only.
+    let mut fastapi = None;
+    if let (Some(py), ModelFormat::Onnx) = (python, format(case)) {
+        let mut child = Command::new(py)
+            .arg(bench_dir.join("ort_inprocess.py"))
+            .arg(&case.path)
+            .arg(&case.input)
+            .arg(
+                case.shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .arg(RUNS.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let raw: Vec<u8> = case.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            child.stdin.take().unwrap().write_all(&raw).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        lines.push(row(
+            case.label,
+            "(c) Python onnxruntime in-process",
+            v["p50_ms"].as_f64().unwrap(),
+            v["p99_ms"].as_f64().unwrap(),
+            None,
+            Some(v["rss_kib"].as_f64().unwrap() / 1024.0),
+        ));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = Killed(
+            Command::new(py)
+                .arg(bench_dir.join("fastapi_server.py"))
+                .arg("m")
+                .arg(&case.path)
+                .arg(port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_until(|| async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        let mut client = Client::tcp(port).await;
+        let s = measure(&mut client, "/v2/models/m/infer", json_body(case), None).await;
+        let rss = rss_kib(server.0.id()) as f64 / 1024.0;
+        lines.push(row(
+            case.label,
+            "(d) FastAPI + onnxruntime, TCP JSON",
+            s.p50_ms,
+            s.p99_ms,
+            Some(s.per_s),
+            Some(rss),
+        ));
+        fastapi = Some((s.p50_ms, rss));
+    }
+    Served {
+        lines,
+        json_p50: json_stats.p50_ms,
+        bin_p50: bin_stats.p50_ms,
+        agent_rss,
+        agent_idle_rss,
+        fastapi,
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
@@ -247,167 +443,37 @@ async fn main() {
         "{:<30} {:<34} {:>9} {:>9} {:>9} {:>10}",
         "model", "how", "p50 ms", "p99 ms", "req/s", "RSS MiB"
     );
-    for case in cases() {
-        let mut best_single: Option<(String, f64)> = None;
-        let mut auto_p50 = None;
-        let mut auto_runtime = String::new();
-        for runtime in [Some("tract-onnx"), Some("onnxruntime"), None] {
-            if let Some((name, s)) = in_process(&case, runtime) {
-                let how = match runtime {
-                    Some(r) => format!("(a) in-process {r}"),
-                    None => format!("(a) in-process auto → {name}"),
-                };
-                println!(
-                    "{:<30} {:<34} {:>9.3} {:>9.3} {:>9.0} {:>10}",
-                    case.label, how, s.p50_ms, s.p99_ms, s.per_s, ""
-                );
-                if runtime.is_some() {
-                    if best_single.as_ref().is_none_or(|(_, b)| s.p50_ms < *b) {
-                        best_single = Some((name, s.p50_ms));
-                    }
-                } else {
-                    auto_p50 = Some(s.p50_ms);
-                    auto_runtime = name;
-                }
-            }
+    // The served measurements come first, while this process has loaded
+    // no runtime library: the kernel cannot page out library pages that
+    // another process maps too, so the agent's idle RSS would otherwise
+    // include ONNX Runtime pages that are only resident for this process.
+    let cases = cases();
+    let mut served = Vec::new();
+    for case in &cases {
+        served.push(measure_served(case, tmp.path(), python.as_deref(), &bench_dir).await);
+    }
+    for (case, served) in cases.iter().zip(served) {
+        let local = measure_in_process(case);
+        for line in local.lines.iter().chain(&served.lines) {
+            println!("{line}");
         }
-
-        // (b) the agent over its socket.
-        let socket = tmp.path().join(format!("{}.sock", case.label.len()));
-        let agent_started = tokio::time::Instant::now();
-        let agent = Killed(
-            Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
-                .arg("serve")
-                .arg("--model")
-                .arg(format!("m={}", case.path.display()))
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--data-dir")
-                .arg(tmp.path().join("data"))
-                .env("EDGEFLEET_LOG", "warn")
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        // Local models have no declared shapes; PP-OCR needs them in tract,
-        // so the agent uses whichever runtime loads it.
-        wait_until(|| async { tokio::net::UnixStream::connect(&socket).await.is_ok() }).await;
-        let mut client = Client::unix(&socket).await;
-        let json_stats = measure(&mut client, "/v2/models/m/infer", json_body(&case), None).await;
-        let (body, n) = binary_body(&case);
-        let bin_stats = measure(&mut client, "/v2/models/m/infer", body, Some(n)).await;
-        let agent_rss = rss_kib(agent.0.id()) as f64 / 1024.0;
-        println!(
-            "{:<30} {:<34} {:>9.3} {:>9.3} {:>9.0} {:>10.1}",
-            case.label,
-            "(b) agent, Unix socket, JSON",
-            json_stats.p50_ms,
-            json_stats.p99_ms,
-            json_stats.per_s,
-            agent_rss
-        );
-        println!(
-            "{:<30} {:<34} {:>9.3} {:>9.3} {:>9.0} {:>10.1}",
-            case.label,
-            "(b) agent, Unix socket, binary",
-            bin_stats.p50_ms,
-            bin_stats.p99_ms,
-            bin_stats.per_s,
-            agent_rss
-        );
-        // The agent pages out its start-up code 5 s after starting.
-        tokio::time::sleep_until(agent_started + Duration::from_millis(6500)).await;
-        let agent_idle_rss = rss_kib(agent.0.id()) as f64 / 1024.0;
-        println!(
-            "  → agent RSS once idle (start-up code paged out): {agent_idle_rss:.1} MiB (right after the load test: {agent_rss:.1} MiB)"
-        );
-        drop(client);
-        drop(agent);
-
-        // (c) and (d) need Python with onnxruntime, fastapi, uvicorn.
-        let mut fastapi = None;
-        if let Some(py) = &python {
-            let mut child = Command::new(py)
-                .arg(bench_dir.join("ort_inprocess.py"))
-                .arg(&case.path)
-                .arg(&case.input)
-                .arg(
-                    case.shape
-                        .iter()
-                        .map(|d| d.to_string())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                )
-                .arg(RUNS.to_string())
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            {
-                use std::io::Write;
-                let raw: Vec<u8> = case.data.iter().flat_map(|x| x.to_le_bytes()).collect();
-                child.stdin.take().unwrap().write_all(&raw).unwrap();
-            }
-            let out = child.wait_with_output().unwrap();
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-            println!(
-                "{:<30} {:<34} {:>9.3} {:>9.3} {:>9} {:>10.1}",
-                case.label,
-                "(c) Python onnxruntime in-process",
-                v["p50_ms"].as_f64().unwrap(),
-                v["p99_ms"].as_f64().unwrap(),
-                "",
-                v["rss_kib"].as_f64().unwrap() / 1024.0
-            );
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let server = Killed(
-                Command::new(py)
-                    .arg(bench_dir.join("fastapi_server.py"))
-                    .arg("m")
-                    .arg(&case.path)
-                    .arg(port.to_string())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            );
-            wait_until(|| async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            })
-            .await;
-            let mut client = Client::tcp(port).await;
-            let s = measure(&mut client, "/v2/models/m/infer", json_body(&case), None).await;
-            let rss = rss_kib(server.0.id()) as f64 / 1024.0;
-            println!(
-                "{:<30} {:<34} {:>9.3} {:>9.3} {:>9.0} {:>10.1}",
-                case.label, "(d) FastAPI + onnxruntime, TCP JSON", s.p50_ms, s.p99_ms, s.per_s, rss
-            );
-            fastapi = Some((s.p50_ms, rss));
-        }
-
         // Ratios for the targets.
-        let chosen_in_process = auto_p50.unwrap_or(f64::NAN);
+        let (auto_runtime, chosen_in_process) = local.auto.unwrap_or(("none".into(), f64::NAN));
         println!(
             "  → socket overhead at p50: JSON {:+.3} ms, binary {:+.3} ms over in-process {auto_runtime}",
-            json_stats.p50_ms - chosen_in_process,
-            bin_stats.p50_ms - chosen_in_process
+            served.json_p50 - chosen_in_process,
+            served.bin_p50 - chosen_in_process
         );
-        if let Some((name, best)) = &best_single {
+        if let Some((name, best)) = &local.best_single {
             println!("  → automatic choice ({auto_runtime}) vs best single runtime ({name}): {:.2}x the latency", chosen_in_process / best);
         }
-        if let Some((p50, rss)) = fastapi {
-            let agent_best = json_stats.p50_ms.min(bin_stats.p50_ms);
+        if let Some((p50, rss)) = served.fastapi {
+            let agent_best = served.json_p50.min(served.bin_p50);
             println!(
                 "  → vs FastAPI: {:.1}x faster at p50, {:.1}x less memory right after the load test, {:.1}x once idle",
                 p50 / agent_best,
-                rss / agent_rss,
-                rss / agent_idle_rss
+                rss / served.agent_rss,
+                rss / served.agent_idle_rss
             );
         }
     }

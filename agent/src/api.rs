@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{self, IoSpec};
-use crate::registry::{ModelRegistry, ServedModel};
+use crate::registry::{ModelRegistry, Placement, ServedModel};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// Shared state of the API.
@@ -631,9 +631,14 @@ async fn infer(
         }
     }
     let started = Instant::now();
-    let result = if model.runs_inline() {
+    let placement = model.placement();
+    let result = if placement == Placement::Direct {
+        let result = engine::infer(model.engine.as_ref(), inputs);
+        drop(permit);
+        result
+    } else if placement == Placement::InPlace {
         // Sub-millisecond models: no thread hand-off (block_in_place lets
-        // the other workers take over this one's queue meanwhile).
+        // another thread take over this worker's queue meanwhile).
         let result = tokio::task::block_in_place(|| engine::infer(model.engine.as_ref(), inputs));
         drop(permit);
         result

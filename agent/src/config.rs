@@ -121,7 +121,7 @@ impl Default for TelemetryConfig {
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Serve every model with this runtime instead of choosing per model
-    /// (`tract-onnx`, `tract-tflite`, `onnxruntime`, `tflite`).
+    /// (`tract-onnx`, `tract-tflite`, `onnxruntime`, `onnxruntime-cuda`, `tflite`).
     pub pin: Option<String>,
     /// Path of `libonnxruntime.so` (native build). Default: the
     /// `ORT_DYLIB_PATH` environment variable, then the loader's search path.
@@ -129,6 +129,20 @@ pub struct RuntimeConfig {
     /// Path of `libtensorflowlite_c.so` (native build). Default: the
     /// `TFLITE_C_LIBRARY` environment variable, then the loader's search path.
     pub tflite_library: Option<PathBuf>,
+    /// Hardware execution providers of ONNX Runtime to offer as runtimes of
+    /// their own (`onnxruntime-cuda`), next to its CPU one; the per-model
+    /// choice then times them like any other runtime. Needs a GPU build of
+    /// `libonnxruntime.so` and the CUDA libraries on the loader's path.
+    #[serde(default)]
+    pub onnxruntime_providers: Vec<OrtProvider>,
+}
+
+/// An ONNX Runtime execution provider the agent can offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OrtProvider {
+    /// NVIDIA GPUs (Jetson, desktop cards), device 0.
+    Cuda,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +239,14 @@ pub struct LocalModel {
     /// Queue every inference result of this model for upload (fleet mode).
     #[serde(default)]
     pub upload_results: bool,
+    /// A test vector (the JSON `fleetctl model push --test-vector` takes):
+    /// every runtime must reproduce it before serving the model, and the
+    /// runtimes are timed on its inputs, so the choice is made at the size
+    /// the model really serves (without one, at the smallest probe size
+    /// that runs, which under-rates GPUs for image models). Its input
+    /// shapes also serve tract as shape hints.
+    #[serde(default)]
+    pub test_vector: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -60,18 +60,20 @@ async fn serve_local_models(
             let path = local.path.clone();
             let sha256 =
                 sha256_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let test_vector = match &local.test_vector {
+                None => None,
+                Some(tv) => Some(read_test_vector(tv)?),
+            };
             let runtimes = loading.runtimes.clone();
             let pin = local.runtime.clone().or_else(|| loading.pin.clone());
             let selection = tokio::task::spawn_blocking(move || {
                 let bytes = std::fs::read(&path)?;
+                let (check, hints) = match &test_vector {
+                    Some(tv) => (engine::Check::TestVector(tv), tv.input_specs()),
+                    None => (engine::Check::CrossCompare, Vec::new()),
+                };
                 runtimes
-                    .select(
-                        format,
-                        &bytes,
-                        &[],
-                        engine::Check::CrossCompare,
-                        pin.as_deref(),
-                    )
+                    .select(format, &bytes, &hints, check, pin.as_deref())
                     .map_err(anyhow::Error::from)
             })
             .await??;
@@ -90,6 +92,17 @@ async fn serve_local_models(
             }
         }
     }
+}
+
+fn read_test_vector(path: &std::path::Path) -> anyhow::Result<edgefleet_shared::TestVector> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read test vector {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} is not a test vector ({{\"inputs\": [...], \"expected\": [...], \"tolerance\": x}})",
+            path.display()
+        )
+    })
 }
 
 /// Runs the agent until `shutdown` is cancelled.

@@ -30,6 +30,11 @@ enum Command {
         /// NAME=PATH, repeatable; the format comes from the extension.
         #[arg(long = "model", value_parser = parse_model, required = true)]
         models: Vec<LocalModel>,
+        /// NAME=FILE, repeatable: the test vector model NAME must reproduce
+        /// before it is served (the JSON `fleetctl model push
+        /// --test-vector` takes); runtimes are timed on its inputs.
+        #[arg(long = "test-vector", value_parser = parse_test_vector)]
+        test_vectors: Vec<(String, PathBuf)>,
         /// Unix socket for the local API.
         #[arg(long, default_value = "/run/edgefleet/agent.sock")]
         socket: PathBuf,
@@ -48,6 +53,10 @@ enum Command {
         /// Path of libtensorflowlite_c.so (native build).
         #[arg(long, env = "TFLITE_C_LIBRARY")]
         tflite_library: Option<PathBuf>,
+        /// Also offer this ONNX Runtime execution provider (native build
+        /// with a GPU build of ONNX Runtime); repeatable.
+        #[arg(long = "onnxruntime-provider", value_enum)]
+        onnxruntime_providers: Vec<edgefleet_agent::config::OrtProvider>,
     },
 }
 
@@ -60,7 +69,15 @@ fn parse_model(s: &str) -> Result<LocalModel, String> {
         path: PathBuf::from(path),
         runtime: None,
         upload_results: false,
+        test_vector: None,
     })
+}
+
+fn parse_test_vector(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=FILE, got {s:?}"))?;
+    Ok((name.to_string(), PathBuf::from(path)))
 }
 
 fn init_logging() {
@@ -99,19 +116,33 @@ fn main() -> ExitCode {
     let config = match cli.command {
         Command::Run { config } => AgentConfig::load(&config),
         Command::Serve {
-            models,
+            mut models,
+            test_vectors,
             socket,
             tcp,
             data_dir,
             runtime,
             onnxruntime_library,
             tflite_library,
+            onnxruntime_providers,
         } => {
+            for (name, path) in test_vectors {
+                match models.iter_mut().find(|m| m.name == name) {
+                    Some(model) => model.test_vector = Some(path),
+                    None => {
+                        eprintln!(
+                            "error: --test-vector {name}=… names no model given with --model"
+                        );
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             let mut config = AgentConfig::standalone(socket, data_dir);
             config.api.tcp = tcp;
             config.runtime.pin = runtime;
             config.runtime.onnxruntime_library = onnxruntime_library;
             config.runtime.tflite_library = tflite_library;
+            config.runtime.onnxruntime_providers = onnxruntime_providers;
             config.models = models;
             config.validate().map(|()| config)
         }

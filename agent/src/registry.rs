@@ -42,6 +42,21 @@ impl std::fmt::Debug for ServedModel {
 /// worker thread: handing them to the blocking pool would cost more than
 /// the inference itself.
 const INLINE_BELOW_US: f64 = 1000.0;
+/// Below this they run as plain code on the worker: even
+/// `block_in_place`'s hand-over of the worker to another thread (a thread
+/// wake-up, tens of microseconds) would cost more than the model.
+const DIRECT_BELOW_US: f64 = 50.0;
+
+/// Where a request's inference runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On the async worker, as plain code (a few microseconds).
+    Direct,
+    /// On the async worker, which hands its other tasks to a new one.
+    InPlace,
+    /// On the blocking pool, under the request timeout.
+    Pool,
+}
 
 impl ServedModel {
     /// A model ready to serve with the engine its runtime selection chose.
@@ -64,13 +79,22 @@ impl ServedModel {
         }
     }
 
-    /// Whether to run inference inline (fast models) rather than on the
-    /// blocking pool under the request timeout.
-    pub fn runs_inline(&self) -> bool {
-        self.trials.iter().any(|t| {
-            t.runtime == self.engine.runtime()
-                && matches!(t.outcome, crate::engine::TrialOutcome::Timed { p50_us, .. } if p50_us < INLINE_BELOW_US)
-        })
+    /// Where to run this model's inference, from its measured latency
+    /// (models never timed go to the blocking pool).
+    pub fn placement(&self) -> Placement {
+        let p50_us = self.trials.iter().find_map(|t| match t.outcome {
+            crate::engine::TrialOutcome::Timed { p50_us, .. }
+                if t.runtime == self.engine.runtime() =>
+            {
+                Some(p50_us)
+            }
+            _ => None,
+        });
+        match p50_us {
+            Some(us) if us < DIRECT_BELOW_US => Placement::Direct,
+            Some(us) if us < INLINE_BELOW_US => Placement::InPlace,
+            _ => Placement::Pool,
+        }
     }
 
     pub fn status(&self) -> ModelStatus {

@@ -14,6 +14,11 @@
 //! The same holds for the shared libraries a native build loads (ONNX
 //! Runtime, TFLite), whose start-up code (graph optimisation) is large.
 //!
+//! Freed heap goes back too: selecting a runtime loads the model in every
+//! candidate and drops the losers, and glibc's allocator keeps what they
+//! freed. With glibc the same moment calls `malloc_trim(0)`, which returns
+//! free heap pages to the kernel (musl's allocator returns them by itself).
+//!
 //! This only ever touches private, non-writable file mappings (the
 //! executable's and the libraries' code and read-only data): clean pages
 //! whose content the kernel reloads from the file, so it cannot change what
@@ -25,7 +30,12 @@
 pub fn page_out_after(delay: std::time::Duration) {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        match tokio::task::spawn_blocking(page_out_code).await {
+        match tokio::task::spawn_blocking(|| {
+            release_free_heap();
+            page_out_code()
+        })
+        .await
+        {
             Ok(Some(bytes)) => tracing::debug!(bytes, "start-up code paged out"),
             Ok(None) => tracing::debug!("paging out code is not supported here"),
             Err(e) => tracing::debug!(error = %e, "page-out task failed"),
@@ -44,6 +54,13 @@ pub fn page_out_code() -> Option<u64> {
     {
         None
     }
+}
+
+/// Returns the allocator's free pages to the kernel (glibc; elsewhere a
+/// no-op).
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    linux::release_free_heap();
 }
 
 /// The address ranges of private, non-writable mappings of files (the
@@ -71,6 +88,15 @@ pub fn code_ranges(maps: &str) -> Vec<(usize, usize)> {
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 mod linux {
+    #[cfg(target_env = "gnu")]
+    pub fn release_free_heap() {
+        // SAFETY: malloc_trim only walks glibc's own free lists and
+        // returns unused pages; it is thread-safe and takes no pointers.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+
     pub fn page_out_code() -> Option<u64> {
         let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
         let mut advised = 0u64;

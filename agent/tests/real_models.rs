@@ -303,3 +303,23 @@ fn supports(runtime: &str, format: ModelFormat) -> bool {
 fn first_line(s: &str) -> &str {
     &s[..s.len().min(160)]
 }
+
+/// Asking for the CUDA execution provider from a CPU-only ONNX Runtime (the
+/// `onnxruntime` wheel's library, which the tests use) offers no
+/// `onnxruntime-cuda` runtime, and the CPU runtime is still there. The GPU
+/// path itself is checked on a GPU machine by `scripts/gpu_check.py`.
+#[cfg(feature = "onnxruntime")]
+#[test]
+fn cuda_is_not_offered_by_a_cpu_only_onnxruntime() {
+    use edgefleet_agent::config::OrtProvider;
+    let config = RuntimeConfig {
+        onnxruntime_providers: vec![OrtProvider::Cuda],
+        ..RuntimeConfig::default()
+    };
+    let names = runtimes::detect(&config).names();
+    assert!(
+        names.contains(&"onnxruntime"),
+        "ONNX Runtime must load (set ORT_DYLIB_PATH): {names:?}"
+    );
+    assert!(!names.contains(&"onnxruntime-cuda"), "{names:?}");
+}

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::artifacts::{parse_range, ArtifactError, ByteRange};
 use crate::fleet::Fleet;
-use crate::store::{self, ModelRecord, StoreError, ALL_DEVICES};
+use crate::store::{self, ModelRecord, StoreError};
 
 /// An API error with its HTTP status.
 #[derive(Debug)]
@@ -89,7 +89,7 @@ async fn root_document(State(fleet): State<Fleet>) -> Json<Value> {
 }
 
 async fn list_models(State(fleet): State<Fleet>) -> ApiResult<Json<Vec<ModelRecord>>> {
-    Ok(Json(fleet.store.call(|c| store::list_models(c)).await?))
+    Ok(Json(fleet.store.list_models().await?))
 }
 
 fn check_model_name(name: &str) -> ApiResult<()> {
@@ -101,10 +101,9 @@ async fn get_model(
     State(fleet): State<Fleet>,
     Path((name, version)): Path<(String, u64)>,
 ) -> ApiResult<Json<ModelRecord>> {
-    let n = name.clone();
     fleet
         .store
-        .call(move |c| store::get_model(c, &n, version))
+        .get_model(&name, version)
         .await?
         .map(Json)
         .ok_or_else(|| {
@@ -165,8 +164,7 @@ async fn upload_model(
         // Devices then download the plain file.
         Err(e) => tracing::warn!(error = %e, "cannot store a compressed copy"),
     }
-    let r = record.clone();
-    let stored = fleet.store.call(move |c| store::add_model(c, &r)).await?;
+    let stored = fleet.store.add_model(&record).await?;
     tracing::info!(model = %stored.name, version = stored.version, size = stored.size, "model pushed");
     Ok((StatusCode::CREATED, Json(stored)))
 }
@@ -235,25 +233,10 @@ async fn attach(
     fleet: &Fleet,
     name: String,
     version: u64,
-    what: &'static str,
-    set: impl FnOnce(&rusqlite::Connection, &str, u64) -> Result<bool, StoreError> + Send + 'static,
+    attachment: store::Attachment,
 ) -> ApiResult<Json<ModelRecord>> {
-    let record = fleet
-        .store
-        .call(move |c| {
-            if store::is_assigned(c, &name, version)? {
-                return Err(StoreError::Conflict(format!(
-                    "model {name} version {version} is already deployed; set its {what} before deploying (or push a new version)"
-                )));
-            }
-            if !set(c, &name, version)? {
-                return Err(StoreError::NotFound(format!(
-                    "model {name} version {version} does not exist; push it first"
-                )));
-            }
-            Ok(store::get_model(c, &name, version)?.expect("just updated"))
-        })
-        .await?;
+    let what = attachment.what();
+    let record = fleet.store.attach(&name, version, attachment).await?;
     tracing::info!(model = %record.name, version = record.version, what, "model attachment stored");
     Ok(Json(record))
 }
@@ -267,10 +250,7 @@ async fn put_spec(
     let spec: store::ModelSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed spec JSON: {e}")))?;
     check_spec(&spec).map_err(ApiError::bad_request)?;
-    attach(&fleet, name, version, "spec", move |c, n, v| {
-        store::set_spec(c, n, v, &spec)
-    })
-    .await
+    attach(&fleet, name, version, store::Attachment::Spec(spec)).await
 }
 
 /// `PUT .../test-vector`: the input and outputs devices must reproduce.
@@ -282,10 +262,7 @@ async fn put_test_vector(
     let tv: edgefleet_shared::TestVector = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed test vector JSON: {e}")))?;
     check_test_vector(&tv).map_err(ApiError::bad_request)?;
-    attach(&fleet, name, version, "test vector", move |c, n, v| {
-        store::set_test_vector(c, n, v, Some(&tv))
-    })
-    .await
+    attach(&fleet, name, version, store::Attachment::TestVector(tv)).await
 }
 
 #[derive(Deserialize)]
@@ -313,33 +290,19 @@ async fn deploy(State(fleet): State<Fleet>, body: axum::body::Bytes) -> ApiResul
         .iter()
         .map(|d| DeviceId::new(d.clone()).map_err(|e| ApiError::bad_request(e.to_string())))
         .collect::<ApiResult<Vec<_>>>()?;
-    let (model, version) = (req.model.clone(), req.version);
-    let all = req.all;
-    let ids = devices.clone();
-    let targets: Vec<String> = fleet
+    let target = if req.all {
+        store::Target::All
+    } else {
+        store::Target::Devices(devices.iter().map(|d| d.to_string()).collect())
+    };
+    let targets = fleet
         .store
-        .call(move |c| {
-            if store::get_model(c, &model, version)?.is_none() {
-                return Err(StoreError::NotFound(format!(
-                    "model {model} version {version} does not exist; push it first"
-                )));
-            }
-            let tx = c.transaction()?;
-            if all {
-                store::assign(&tx, ALL_DEVICES, &model, version)?;
-            } else {
-                for id in &ids {
-                    store::ensure_device(&tx, id.as_str(), edgefleet_shared::unix_now())?;
-                    store::assign(&tx, id.as_str(), &model, version)?;
-                }
-            }
-            tx.commit()?;
-            Ok(if all {
-                store::list_devices(c)?.into_iter().map(|d| d.id).collect()
-            } else {
-                ids.iter().map(|d| d.to_string()).collect()
-            })
-        })
+        .deploy(
+            &req.model,
+            req.version,
+            &target,
+            edgefleet_shared::unix_now(),
+        )
         .await?;
     let mut published = Vec::new();
     for id in targets {
@@ -357,16 +320,12 @@ async fn deploy(State(fleet): State<Fleet>, body: axum::body::Bytes) -> ApiResul
 }
 
 async fn list_devices(State(fleet): State<Fleet>) -> ApiResult<Json<Value>> {
-    let devices = fleet.store.call(|c| store::list_devices(c)).await?;
+    let devices = fleet.store.list_devices().await?;
     Ok(Json(json!(devices)))
 }
 
 async fn get_device(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let key = id.clone();
-    let device = fleet
-        .store
-        .call(move |c| store::get_device(c, &key))
-        .await?;
+    let device = fleet.store.get_device(&id).await?;
     device
         .map(|d| Json(json!(d)))
         .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))
@@ -383,10 +342,7 @@ async fn device_events(
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(100).min(1000);
-    let events = fleet
-        .store
-        .call(move |c| store::events_for_device(c, &id, limit))
-        .await?;
+    let events = fleet.store.events_for_device(&id, limit).await?;
     Ok(Json(json!(events)))
 }
 
@@ -399,35 +355,17 @@ struct StreamQuery {
     model: Option<String>,
 }
 
-/// Reads a page of one of a device's streams (`field` in the reply) in a
-/// single store call; an unknown device is a 404.
-async fn device_stream<F>(
-    fleet: &Fleet,
-    id: String,
-    q: &StreamQuery,
-    field: &str,
-    read: F,
-) -> ApiResult<Json<Value>>
-where
-    F: FnOnce(&rusqlite::Connection, &str, &store::Page) -> Result<Vec<Value>, StoreError>
-        + Send
-        + 'static,
-{
-    let page = store::Page {
+fn page(q: &StreamQuery) -> store::Page {
+    store::Page {
         after_seq: q.after_seq,
         limit: q.limit.unwrap_or(500).clamp(1, 5000),
-    };
-    let key = id.clone();
-    let rows = fleet
-        .store
-        .call(move |c| {
-            if store::get_device(c, &key)?.is_none() {
-                return Ok(None);
-            }
-            read(c, &key, &page).map(Some)
-        })
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
+    }
+}
+
+/// A page of one of a device's streams as `{"device_id", field: [...]}`;
+/// `None` (an unknown device) is a 404.
+fn stream_reply(id: String, field: &str, rows: Option<Vec<Value>>) -> ApiResult<Json<Value>> {
+    let rows = rows.ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
     Ok(Json(json!({ "device_id": id, field: rows })))
 }
 
@@ -437,7 +375,8 @@ async fn device_telemetry(
     Path(id): Path<String>,
     Query(q): Query<StreamQuery>,
 ) -> ApiResult<Json<Value>> {
-    device_stream(&fleet, id, &q, "telemetry", store::telemetry_for_device).await
+    let rows = fleet.store.telemetry_for_device(&id, &page(&q)).await?;
+    stream_reply(id, "telemetry", rows)
 }
 
 /// Uploaded inference results of a device, oldest first.
@@ -446,19 +385,15 @@ async fn device_results(
     Path(id): Path<String>,
     Query(q): Query<StreamQuery>,
 ) -> ApiResult<Json<Value>> {
-    let model = q.model.clone();
-    device_stream(&fleet, id, &q, "results", move |c, key, page| {
-        store::results_for_device(c, key, model.as_deref(), page)
-    })
-    .await
+    let rows = fleet
+        .store
+        .results_for_device(&id, q.model.as_deref(), &page(&q))
+        .await?;
+    stream_reply(id, "results", rows)
 }
 
 async fn device_desired(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Response> {
-    let key = id.clone();
-    let doc = fleet
-        .store
-        .call(move |c| store::desired_json(c, &key))
-        .await?;
+    let doc = fleet.store.desired_json(&id).await?;
     let doc =
         doc.ok_or_else(|| ApiError::not_found(format!("device {id:?} has no desired state")))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response())

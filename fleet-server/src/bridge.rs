@@ -181,12 +181,9 @@ pub async fn ingest(
         loop {
             let result = async {
                 if !streamed.is_empty() {
-                    let records = streamed.clone();
                     fleet
                         .store
-                        .call(move |c| {
-                            store::record_streamed(c, &records, edgefleet_shared::unix_now())
-                        })
+                        .record_streamed(&streamed, edgefleet_shared::unix_now())
                         .await?;
                 }
                 for (inbound, _) in &batch {

@@ -48,6 +48,11 @@ fn default_embedded() -> Option<SocketAddr> {
 pub struct ServerConfig {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// The fleet database: a `postgres://user@host:port/db` URL, or an
+    /// SQLite file path. Default: `{data_dir}/fleet.db` (SQLite). The
+    /// `EDGEFLEET_DATABASE_URL` environment variable overrides the file;
+    /// `--database` overrides both.
+    pub database: Option<String>,
     /// Defaults to `{data_dir}/keys`.
     pub keys_dir: Option<PathBuf>,
     #[serde(default = "default_http")]
@@ -105,6 +110,13 @@ impl ServerConfig {
             path: path.to_path_buf(),
             message: e.to_string(),
         })
+    }
+
+    /// The database to open (see [`ServerConfig::database`]).
+    pub fn database(&self) -> String {
+        self.database
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("fleet.db").display().to_string())
     }
 
     pub fn keys_dir(&self) -> PathBuf {

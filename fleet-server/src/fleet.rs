@@ -56,29 +56,13 @@ impl Fleet {
     pub async fn publish_desired(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
         let fleet = self.clone();
         let id = device.clone();
-        let signed = self
-            .store
-            .call(move |conn| {
-                let models = store::models_for_device(conn, id.as_str())?;
-                if models.is_empty() {
-                    return Ok(None);
-                }
-                store::ensure_device(conn, id.as_str(), edgefleet_shared::unix_now())?;
-                let slots: Vec<ModelSlot> = models.iter().map(|m| fleet.slot(m)).collect();
-                let now = edgefleet_shared::unix_now();
-                let (version, bytes) = store::store_desired(conn, id.as_str(), |version| {
-                    let doc = DesiredState::new(
-                        id.clone(),
-                        version,
-                        now,
-                        now + fleet.desired_expiry_secs,
-                        slots,
-                    );
-                    fleet.signer.sign(&doc).to_json()
-                })?;
-                Ok(Some((version, bytes)))
-            })
-            .await?;
+        let now = edgefleet_shared::unix_now();
+        let sign: store::SignFn = Box::new(move |models, version| {
+            let slots: Vec<ModelSlot> = models.iter().map(|m| fleet.slot(m)).collect();
+            let doc = DesiredState::new(id, version, now, now + fleet.desired_expiry_secs, slots);
+            fleet.signer.sign(&doc).to_json()
+        });
+        let signed = self.store.sign_desired(device.as_str(), now, sign).await?;
         let Some((version, bytes)) = signed else {
             return Ok(None);
         };
@@ -91,18 +75,7 @@ impl Fleet {
     /// the current root no longer trusts (after a rotation or revocation).
     /// Returns how many were re-signed.
     pub async fn resign_untrusted(&self) -> Result<usize, StoreError> {
-        let stored = self
-            .store
-            .call(|conn| {
-                let mut out = Vec::new();
-                for d in store::list_devices(conn)? {
-                    if let Some(bytes) = store::desired_json(conn, &d.id)? {
-                        out.push((d.id, bytes));
-                    }
-                }
-                Ok(out)
-            })
-            .await?;
+        let stored = self.store.all_desired().await?;
         let mut count = 0;
         for (id, bytes) in stored {
             let trusted = edgefleet_shared::Signed::from_json(&bytes)
@@ -145,23 +118,12 @@ impl Fleet {
     /// desired state from the fleet-wide assignments.
     pub async fn on_status(&self, msg: StatusMessage) -> Result<(), StoreError> {
         let now = edgefleet_shared::unix_now();
-        let m = msg.clone();
         // One store round trip: record the status and, for an online
         // device, read back what it should be running.
-        let (is_new, stored) = self
-            .store
-            .call(move |conn| {
-                let is_new = store::record_status(conn, &m, now)?;
-                let stored = if m.online {
-                    let version = store::get_device(conn, m.device_id.as_str())?
-                        .map_or(0, |d| d.desired_version);
-                    Some((version, store::desired_json(conn, m.device_id.as_str())?))
-                } else {
-                    None
-                };
-                Ok((is_new, stored))
-            })
-            .await?;
+        let store::StatusOutcome {
+            is_new,
+            desired: stored,
+        } = self.store.record_status(&msg, now).await?;
         match stored {
             None => {}
             Some((_, None)) => {
@@ -186,11 +148,6 @@ impl Fleet {
         } else {
             tracing::info!(device = %event.device_id, kind = event.kind.as_str(), model = ?event.model, version = ?event.model_version, "device event");
         }
-        self.store
-            .call(move |conn| {
-                store::ensure_device(conn, event.device_id.as_str(), event.at)?;
-                store::record_event(conn, &event).map(|_| ())
-            })
-            .await
+        self.store.record_event(&event).await.map(|_| ())
     }
 }

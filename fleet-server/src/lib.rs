@@ -58,7 +58,9 @@ pub async fn start(
             config.keys_dir().display()
         )
     })?;
-    let store = store::Store::open(&config.data_dir.join("fleet.db"))?;
+    let database = config.database();
+    let store = store::Store::open(&database).await?;
+    tracing::info!(backend = store.backend(), "fleet database open");
     let artifacts = artifacts::ArtifactStore::open(&config.data_dir.join("artifacts"))?;
     let (host, port) = match (&config.broker.url, config.broker.embedded_listen) {
         (Some(url), _) => config::parse_mqtt_url(url)?,
@@ -120,7 +122,7 @@ async fn prune_streamed(store: store::Store, retention_secs: u64, shutdown: Canc
             _ = tick.tick() => {}
         }
         let cutoff = edgefleet_shared::unix_now().saturating_sub(retention_secs);
-        match store.call(move |c| store::prune_streamed(c, cutoff)).await {
+        match store.prune_streamed(cutoff).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "pruned old telemetry and results"),
             Err(e) => tracing::warn!(error = %e, "cannot prune telemetry"),

@@ -391,6 +391,21 @@ pub struct TestVector {
     pub tolerance: f64,
 }
 
+impl TestVector {
+    /// The inputs' names, datatypes and shapes, as an interface
+    /// declaration (shape hints for runtimes that need fixed shapes).
+    pub fn input_specs(&self) -> Vec<TensorSpec> {
+        self.inputs
+            .iter()
+            .map(|t| TensorSpec {
+                name: t.name.clone(),
+                datatype: t.datatype.clone(),
+                shape: t.shape.iter().map(|&d| d as i64).collect(),
+            })
+            .collect()
+    }
+}
+
 /// One model a device should run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSlot {

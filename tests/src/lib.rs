@@ -18,6 +18,34 @@ pub mod artifact_server;
 pub mod proxy;
 
 /// The repository root.
+/// The PostgreSQL database tests use: `EDGEFLEET_TEST_POSTGRES_URL`
+/// (`.ci/run` sets `postgres://postgres@127.0.0.1:5432/test`, where this
+/// machine kind runs PostgreSQL), with a new, empty schema as the search
+/// path, so runs never meet. Fails, saying so, when it is unreachable.
+pub async fn fresh_postgres_database() -> anyhow::Result<String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let url = std::env::var("EDGEFLEET_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| {
+            format!("no PostgreSQL at {url}: start one there or set EDGEFLEET_TEST_POSTGRES_URL")
+        })?;
+    tokio::spawn(conn);
+    let schema = format!(
+        "edgefleet_test_{}_{}_e2e{}",
+        std::process::id(),
+        edgefleet_shared::unix_now(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await?;
+    let sep = if url.contains('?') { '&' } else { '?' };
+    Ok(format!("{url}{sep}options=-csearch_path%3D{schema}"))
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -199,17 +227,23 @@ pub struct Server {
 impl Server {
     /// A server with its embedded broker.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
-        Self::start_with(dir, None).await
+        Self::start_with(dir, None, None).await
     }
 
     /// A server on an external broker (`mqtt://host:port`), with a topic
     /// prefix of its own so parallel tests and earlier runs' retained
     /// messages never meet.
     pub async fn start_external(dir: &Path, broker: &str) -> anyhow::Result<Self> {
-        Self::start_with(dir, Some(broker)).await
+        Self::start_with(dir, Some(broker), None).await
     }
 
-    async fn start_with(dir: &Path, broker: Option<&str>) -> anyhow::Result<Self> {
+    /// A server on an external broker (`None`: the embedded one) and
+    /// database (`None`: SQLite in its data dir).
+    pub async fn start_with(
+        dir: &Path,
+        broker: Option<&str>,
+        database: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let keys_dir = dir.join("keys");
         let out = Command::new(binary("fleetctl"))
             .args(["keys", "init", "--dir"])
@@ -246,6 +280,9 @@ impl Server {
                 (url.to_string(), prefix)
             }
         };
+        if let Some(database) = database {
+            cmd.arg("--database").arg(database);
+        }
         let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let url = format!("http://127.0.0.1:{http_port}");
         let proc = Self::spawn_ready(&args, &url, dir.join("server.log")).await?;
@@ -568,6 +605,16 @@ impl Agent {
 
     /// Starts a standalone agent serving local files.
     pub fn start_standalone(dir: &Path, models: &[(&str, &Path)]) -> anyhow::Result<Self> {
+        Self::start_standalone_with(dir, models, &[])
+    }
+
+    /// Starts a standalone agent serving local files, with extra arguments
+    /// for `edgefleet-agent serve`.
+    pub fn start_standalone_with(
+        dir: &Path,
+        models: &[(&str, &Path)],
+        extra: &[std::ffi::OsString],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("agent.sock");
         let mut cmd = Command::new(binary("edgefleet-agent"));
@@ -579,6 +626,7 @@ impl Agent {
         for (name, path) in models {
             cmd.arg("--model").arg(format!("{name}={}", path.display()));
         }
+        cmd.args(extra);
         Ok(Self {
             proc: Proc::spawn(cmd, dir.join("agent.log"))?,
             id: "standalone".into(),

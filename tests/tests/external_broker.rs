@@ -7,8 +7,8 @@
 
 use edgefleet_tests::{digits_model, samples, Agent, Server};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_and_serve_through_mosquitto() -> anyhow::Result<()> {
+/// The test broker's URL, once it answers.
+fn mosquitto() -> anyhow::Result<String> {
     let url =
         std::env::var("EDGEFLEET_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
     let (host, port) = edgefleet_shared::broker_url::parse(&url).map_err(anyhow::Error::msg)?;
@@ -17,6 +17,12 @@ async fn push_and_serve_through_mosquitto() -> anyhow::Result<()> {
             "no MQTT broker at {url}: start Mosquitto there or set EDGEFLEET_TEST_MQTT_URL"
         );
     }
+    Ok(url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_and_serve_through_mosquitto() -> anyhow::Result<()> {
+    let url = mosquitto()?;
     let dir = tempfile::tempdir()?;
     let server = Server::start_external(dir.path(), &url).await?;
     // Client ids are global on a shared broker: make them unique per run.
@@ -29,5 +35,42 @@ async fn push_and_serve_through_mosquitto() -> anyhow::Result<()> {
     for i in 0..4 {
         assert_eq!(agent.classify(&s.inputs[i]).await?, s.labels[i]);
     }
+    Ok(())
+}
+
+/// The whole flow with both scale-out parts: Mosquitto and PostgreSQL.
+/// A restarted server finds the device, its model and the desired state in
+/// the database and keeps serving the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_flow_on_postgresql_and_mosquitto() -> anyhow::Result<()> {
+    let url = mosquitto()?;
+    let database = edgefleet_tests::fresh_postgres_database().await?;
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start_with(dir.path(), Some(&url), Some(&database)).await?;
+    assert!(
+        server.proc.log_text().contains("backend=\"postgres\""),
+        "the server must say which database it uses"
+    );
+    let id = format!("pg-{}", std::process::id());
+    let agent = Agent::start_fleet(dir.path(), &id, &server)?;
+    server.push(&digits_model("int8"), "digits", 1);
+    server.deploy("digits", 1, &id);
+    server.wait_for_model(&id, "digits", 1).await?;
+    let s = samples();
+    assert_eq!(agent.classify(&s.inputs[0]).await?, s.labels[0]);
+
+    server.restart().await?;
+    let device = server.get_json(&format!("/api/v1/devices/{id}")).await?;
+    assert_eq!(device["desired_version"], 1, "{device}");
+    let models = server.get_json("/api/v1/models").await?;
+    assert_eq!(models[0]["name"], "digits", "{models}");
+    let desired = server
+        .get_json(&format!("/api/v1/devices/{id}/desired"))
+        .await?;
+    assert_eq!(desired["signed"]["version"], 1, "{desired}");
+    server.push(&digits_model("fp32"), "digits", 2);
+    server.deploy("digits", 2, &id);
+    server.wait_for_model(&id, "digits", 2).await?;
+    assert_eq!(agent.classify(&s.inputs[1]).await?, s.labels[1]);
     Ok(())
 }

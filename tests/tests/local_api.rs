@@ -318,3 +318,96 @@ async fn binary_tensor_extension_matches_json_results() -> anyhow::Result<()> {
     assert_eq!(agent.classify(&s.inputs[1]).await?, s.labels[1]);
     Ok(())
 }
+
+/// `serve --test-vector NAME=FILE`: a model is served only when every
+/// runtime that serves it reproduces the vector, the runtimes are timed on
+/// its inputs, and a wrong or unreadable vector keeps that model (only)
+/// out with a reason in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_test_vectors_gate_the_model_and_name_the_problem() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fp32 = digits_model("fp32");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        edgefleet_tests::repo_root().join("models/digits/samples.json"),
+    )?)?;
+    let vector = |shift: f64| {
+        let rows = &v["inputs"].as_array().unwrap()[..3];
+        let probs: Vec<f64> = v["fp32_probabilities"].as_array().unwrap()[..3]
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() + shift)
+            })
+            .collect();
+        let data: Vec<f64> = rows
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .collect();
+        json!({
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 64], "data": data}],
+            "expected": [{"name": "probabilities", "datatype": "FP32", "shape": [3, 10], "data": probs}],
+            "tolerance": 1e-4,
+        })
+    };
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, serde_json::to_vec(&vector(0.0))?)?;
+    let wrong = dir.path().join("wrong.json");
+    std::fs::write(&wrong, serde_json::to_vec(&vector(0.25))?)?;
+    let junk = dir.path().join("junk.json");
+    std::fs::write(&junk, b"{\"inputs\": 3}")?;
+    let arg = |name: &str, path: &std::path::Path| -> [std::ffi::OsString; 2] {
+        [
+            "--test-vector".into(),
+            format!("{name}={}", path.display()).into(),
+        ]
+    };
+    let extra: Vec<std::ffi::OsString> =
+        [arg("good", &good), arg("wrong", &wrong), arg("junk", &junk)]
+            .into_iter()
+            .flatten()
+            .collect();
+    let agent = Agent::start_standalone_with(
+        &dir.path().join("agent"),
+        &[("good", &fp32), ("wrong", &fp32), ("junk", &fp32)],
+        &extra,
+    )?;
+    agent.wait_ready().await?;
+
+    let (status, meta) = agent.request(Method::GET, "/v2/models/good", None).await?;
+    assert!(status.is_success(), "{meta}");
+    let trials = meta["parameters"]["runtime_trials"].as_array().unwrap();
+    let chosen = meta["parameters"]["runtime"].as_str().unwrap();
+    let chosen_trial = trials.iter().find(|t| t["runtime"] == chosen).unwrap();
+    // "ok" (not "unverified"): the chosen runtime reproduced the vector.
+    assert_eq!(chosen_trial["status"], "ok", "{meta}");
+
+    for name in ["wrong", "junk"] {
+        let (status, body) = agent
+            .request(Method::GET, &format!("/v2/models/{name}"), None)
+            .await?;
+        assert_eq!(status, http::StatusCode::NOT_FOUND, "{name}: {body}");
+    }
+    let log = agent.proc.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("model=wrong") && l.contains("no runtime produced correct results")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("model=junk") && l.contains("is not a test vector")),
+        "{log}"
+    );
+
+    // A vector for a model that is not given is a usage error.
+    let out = std::process::Command::new(edgefleet_tests::binary("edgefleet-agent"))
+        .args(["serve", "--model"])
+        .arg(format!("good={}", fp32.display()))
+        .arg("--test-vector")
+        .arg(format!("nope={}", good.display()))
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("names no model"));
+    Ok(())
+}

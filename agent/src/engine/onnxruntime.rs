@@ -10,19 +10,29 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use edgefleet_shared::ModelFormat;
 use ort::environment::Environment;
+use ort::ep::ExecutionProvider;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 
 use super::select::RuntimeEntry;
 use super::{Engine, EngineError, IoSpec};
+use crate::config::OrtProvider;
 use crate::tensor::{DataType, Tensor, TensorData};
 
 pub const ONNXRUNTIME: &str = "onnxruntime";
+/// ONNX Runtime with its CUDA execution provider: a runtime of its own, so
+/// the per-model choice weighs the GPU against the CPU (small models are
+/// often faster on the CPU than a kernel launch and two copies).
+pub const ONNXRUNTIME_CUDA: &str = "onnxruntime-cuda";
 
 fn load_error(e: impl std::fmt::Display) -> EngineError {
+    load_failed(ONNXRUNTIME, e)
+}
+
+fn load_failed(runtime: &'static str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Load {
-        runtime: ONNXRUNTIME,
+        runtime,
         reason: e.to_string(),
     }
 }
@@ -34,9 +44,13 @@ fn run_error(e: impl std::fmt::Display) -> EngineError {
     }
 }
 
-/// Loads the library once per process and returns the runtime entry, or
-/// why ONNX Runtime is not available.
-pub fn entry(library: Option<&Path>) -> Result<RuntimeEntry, String> {
+/// Loads the library once per process and returns the runtime entries
+/// (the CPU one, then one per usable execution provider in `providers`),
+/// or why ONNX Runtime is not available.
+pub fn entries(
+    library: Option<&Path>,
+    providers: &[OrtProvider],
+) -> Result<Vec<RuntimeEntry>, String> {
     static ENV: OnceLock<Result<Arc<Environment>, String>> = OnceLock::new();
     let path: PathBuf = library
         .map(Path::to_path_buf)
@@ -54,11 +68,41 @@ pub fn entry(library: Option<&Path>) -> Result<RuntimeEntry, String> {
         })
         .clone()?;
     tracing::info!(library = %path.display(), "ONNX Runtime available");
-    Ok(RuntimeEntry::new(
+    // The CPU runtime comes first: without a test vector it is the
+    // reference the execution providers are compared with.
+    let cpu_env = env.clone();
+    let mut entries = vec![RuntimeEntry::new(
         ONNXRUNTIME,
         ModelFormat::Onnx,
-        move |bytes, _| OnnxRuntime::load(&env, bytes).map(|e| Box::new(e) as Box<dyn Engine>),
-    ))
+        move |bytes, _| {
+            OnnxRuntime::load(&cpu_env, bytes, None).map(|e| Box::new(e) as Box<dyn Engine>)
+        },
+    )];
+    for &provider in providers {
+        match provider {
+            OrtProvider::Cuda => match ort::ep::CUDA::is_available() {
+                Ok(true) => {
+                    let env = env.clone();
+                    entries.push(RuntimeEntry::new(
+                        ONNXRUNTIME_CUDA,
+                        ModelFormat::Onnx,
+                        move |bytes, _| {
+                            OnnxRuntime::load(&env, bytes, Some(provider))
+                                .map(|e| Box::new(e) as Box<dyn Engine>)
+                        },
+                    ));
+                }
+                Ok(false) => tracing::warn!(
+                    library = %path.display(),
+                    "this ONNX Runtime was built without the CUDA execution provider (use a GPU build, e.g. the onnxruntime-gpu wheel's library); not offering onnxruntime-cuda"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask ONNX Runtime for its execution providers; not offering onnxruntime-cuda")
+                }
+            },
+        }
+    }
+    Ok(entries)
 }
 
 fn to_datatype(t: TensorElementType) -> Option<DataType> {
@@ -100,27 +144,60 @@ fn io_spec(name: &str, dtype: &ValueType) -> Result<IoSpec, EngineError> {
 /// A loaded ONNX Runtime session. `ort` sessions run through `&mut`, so
 /// requests to one model are serialised; the model runs single-threaded.
 pub struct OnnxRuntime {
+    runtime: &'static str,
     session: Mutex<Session>,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
 }
 
 impl OnnxRuntime {
-    pub fn load(env: &Environment, bytes: &[u8]) -> Result<Self, EngineError> {
+    /// Loads `bytes` on the CPU, or with `provider` (which must then take
+    /// the model: a provider that fails to start is a load error, never a
+    /// silent fall-back to the CPU under the provider's name).
+    pub fn load(
+        env: &Environment,
+        bytes: &[u8],
+        provider: Option<OrtProvider>,
+    ) -> Result<Self, EngineError> {
+        let (runtime, providers) = match provider {
+            None => (
+                ONNXRUNTIME,
+                // No arena: a session's buffers go back to the allocator
+                // between runs instead of staying reserved for the
+                // largest run seen (idle memory matters more here than
+                // the allocation, which is small next to the kernels).
+                vec![ort::ep::CPU::default()
+                    .with_arena_allocator(false)
+                    .build()
+                    .error_on_failure()],
+            ),
+            Some(OrtProvider::Cuda) => (
+                ONNXRUNTIME_CUDA,
+                vec![ort::ep::CUDA::default()
+                    .with_device_id(0)
+                    // TF32 matrix products drift ~1e-3 from the CPU
+                    // reference the model was checked against.
+                    .with_tf32(false)
+                    .build()
+                    .error_on_failure()],
+            ),
+        };
         let session = Session::builder(env)
-            .map_err(load_error)?
+            .map_err(|e| load_failed(runtime, e))?
+            .with_execution_providers(providers)
+            .map_err(|e| load_failed(runtime, e))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(load_error)?
+            .map_err(|e| load_failed(runtime, e))?
             .with_intra_threads(1)
-            .map_err(load_error)?
+            .map_err(|e| load_failed(runtime, e))?
             .with_inter_threads(1)
-            .map_err(load_error)?
+            .map_err(|e| load_failed(runtime, e))?
             // Errors come back as values and are reported by the agent;
             // ONNX Runtime's own stderr logging would only duplicate them.
             .with_log_level(ort::logging::LogLevel::Fatal)
-            .map_err(load_error)?
+            .map_err(|e| load_failed(runtime, e))?
             .commit_from_memory(bytes)
-            .map_err(load_error)?;
+            .map_err(|e| load_failed(runtime, e))?;
         let inputs = session
             .inputs()
             .iter()
@@ -132,6 +209,7 @@ impl OnnxRuntime {
             .map(|o| io_spec(o.name(), o.dtype()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
+            runtime,
             session: Mutex::new(session),
             inputs,
             outputs,
@@ -181,7 +259,7 @@ fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, EngineError> {
 
 impl Engine for OnnxRuntime {
     fn runtime(&self) -> &'static str {
-        ONNXRUNTIME
+        self.runtime
     }
 
     fn inputs(&self) -> &[IoSpec] {
@@ -193,6 +271,19 @@ impl Engine for OnnxRuntime {
     }
 
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+        self.run_session(inputs).map_err(|e| match e {
+            // Errors name the runtime that served the request.
+            EngineError::Runtime { reason, .. } => EngineError::Runtime {
+                runtime: self.runtime,
+                reason,
+            },
+            other => other,
+        })
+    }
+}
+
+impl OnnxRuntime {
+    fn run_session(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
         let values = inputs
             .into_iter()
             .map(to_ort)

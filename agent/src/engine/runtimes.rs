@@ -14,8 +14,11 @@ pub fn detect(config: &RuntimeConfig) -> Runtimes {
     #[allow(unused_mut)]
     let mut runtimes = Runtimes::builtin();
     #[cfg(feature = "onnxruntime")]
-    match super::onnxruntime::entry(config.onnxruntime_library.as_deref()) {
-        Ok(entry) => runtimes.prepend(entry),
+    match super::onnxruntime::entries(
+        config.onnxruntime_library.as_deref(),
+        &config.onnxruntime_providers,
+    ) {
+        Ok(entries) => entries.into_iter().rev().for_each(|e| runtimes.prepend(e)),
         Err(reason) => {
             tracing::warn!(%reason, "ONNX Runtime not available; serving ONNX models with tract only")
         }
@@ -23,6 +26,10 @@ pub fn detect(config: &RuntimeConfig) -> Runtimes {
     #[cfg(not(feature = "onnxruntime"))]
     if config.onnxruntime_library.is_some() {
         tracing::warn!("runtime.onnxruntime_library is set but this is the static build (no ONNX Runtime support); ignoring it");
+    }
+    #[cfg(not(feature = "onnxruntime"))]
+    if !config.onnxruntime_providers.is_empty() {
+        tracing::warn!("runtime.onnxruntime_providers is set but this is the static build (no ONNX Runtime support); ignoring it");
     }
     #[cfg(feature = "tflite")]
     match super::tflite::entry(config.tflite_library.as_deref()) {

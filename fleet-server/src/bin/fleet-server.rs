@@ -26,6 +26,10 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The fleet database: postgres://user@host:port/db, or an SQLite
+        /// file (default {data_dir}/fleet.db).
+        #[arg(long, env = "EDGEFLEET_DATABASE_URL")]
+        database: Option<String>,
         #[arg(long)]
         keys_dir: Option<PathBuf>,
         /// HTTP API listen address.
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             data_dir,
+            database,
             keys_dir,
             http,
             mqtt_listen,
@@ -133,6 +138,9 @@ fn main() -> ExitCode {
                 Ok(mut c) => {
                     if let Some(v) = data_dir {
                         c.data_dir = v;
+                    }
+                    if database.is_some() {
+                        c.database = database;
                     }
                     if keys_dir.is_some() {
                         c.keys_dir = keys_dir;

@@ -1,35 +1,18 @@
-//! The fleet's records in SQLite (WAL): devices and what they report,
-//! models, assignments (which model version a device or the whole fleet
-//! should run), signed desired state per device, and update events.
-//!
-//! All SQL lives in this file. rusqlite is blocking, so async callers go
-//! through [`Store::call`], which runs the closure on the blocking pool.
+//! The SQLite backend (the embedded default): one file in WAL mode. All
+//! its SQL lives here. rusqlite is blocking, so every operation runs on
+//! the blocking pool through [`SqliteStore::call`], one transaction each.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use edgefleet_shared::{
-    InferenceResult, ModelFormat, ModelStatus, StatusMessage, TelemetryMessage, UpdateEvent,
-};
+use edgefleet_shared::{ModelFormat, StatusMessage, UpdateEvent};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("cannot open database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("store task failed: {0}")]
-    Task(String),
-}
+use super::{
+    changed_model, deployed_conflict, missing_model, streamed_body, with_received_at, Attachment,
+    DeviceRecord, EventRecord, ModelRecord, ModelSpec, Page, SignFn, StatusOutcome, StoreError,
+    Streamed, Target, ALL_DEVICES,
+};
 
 /// Ordered schema migrations; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -105,79 +88,14 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-/// Assignment scope meaning "every device".
-pub const ALL_DEVICES: &str = "*";
-
-/// A model version in the registry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelRecord {
-    pub name: String,
-    pub version: u64,
-    pub format: ModelFormat,
-    pub sha256: String,
-    pub size: u64,
-    pub created_at: u64,
-    /// Input and the outputs the model must produce for it, sent to
-    /// devices in the signed slot; a device never serves a version that
-    /// fails it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub test_vector: Option<edgefleet_shared::TestVector>,
-    /// Declared inputs and outputs, sent in the signed slot: devices check
-    /// the model against them and use fixed dimensions as shape hints.
-    #[serde(default, skip_serializing_if = "ModelSpec::is_empty")]
-    pub spec: ModelSpec,
-}
-
-/// A model's declared interface.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    #[serde(default)]
-    pub inputs: Vec<edgefleet_shared::TensorSpec>,
-    #[serde(default)]
-    pub outputs: Vec<edgefleet_shared::TensorSpec>,
-}
-
-impl ModelSpec {
-    pub fn is_empty(&self) -> bool {
-        self.inputs.is_empty() && self.outputs.is_empty()
-    }
-}
-
-/// A device as the server knows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceRecord {
-    pub id: String,
-    pub first_seen: u64,
-    pub last_seen: u64,
-    pub online: bool,
-    pub agent_version: String,
-    pub reported_desired_version: Option<u64>,
-    pub models: Vec<ModelStatus>,
-    pub desired_version: u64,
-}
-
-/// A stored update event.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EventRecord {
-    pub device_id: String,
-    pub seq: u64,
-    pub at: u64,
-    pub kind: String,
-    pub desired_version: Option<u64>,
-    pub model: Option<String>,
-    pub model_version: Option<u64>,
-    pub reason: Option<String>,
-}
-
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Store")
+        f.write_str("SqliteStore")
     }
 }
 
@@ -199,12 +117,12 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating and migrating) the database file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
+        let mut conn = Connection::open(path).map_err(|e| StoreError::Open {
+            what: path.display().to_string(),
+            reason: e.to_string(),
         })?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -232,17 +150,210 @@ impl Store {
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
+}
 
-    /// Runs `f` with the connection on the current thread (tests, start-up).
-    pub fn with<T>(
+impl SqliteStore {
+    pub async fn record_status(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut guard = self
-            .conn
-            .lock()
-            .map_err(|_| StoreError::Task("store lock poisoned".into()))?;
-        f(&mut guard)
+        msg: &StatusMessage,
+        now: u64,
+    ) -> Result<StatusOutcome, StoreError> {
+        let m = msg.clone();
+        self.call(move |conn| {
+            let is_new = record_status(conn, &m, now)?;
+            let desired = if m.online {
+                let version =
+                    get_device(conn, m.device_id.as_str())?.map_or(0, |d| d.desired_version);
+                Some((version, desired_json(conn, m.device_id.as_str())?))
+            } else {
+                None
+            };
+            Ok(StatusOutcome { is_new, desired })
+        })
+        .await
+    }
+
+    pub async fn sign_desired(
+        &self,
+        device: &str,
+        now: u64,
+        sign: SignFn,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let id = device.to_string();
+        self.call(move |conn| {
+            let models = models_for_device(conn, &id)?;
+            if models.is_empty() {
+                return Ok(None);
+            }
+            ensure_device(conn, &id, now)?;
+            store_desired(conn, &id, |version| sign(&models, version)).map(Some)
+        })
+        .await
+    }
+
+    pub async fn all_desired(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, desired_json FROM devices WHERE desired_json IS NOT NULL ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn desired_json(&self, device: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let id = device.to_string();
+        self.call(move |conn| desired_json(conn, &id)).await
+    }
+
+    pub async fn record_event(&self, event: &UpdateEvent) -> Result<bool, StoreError> {
+        let e = event.clone();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            ensure_device(&tx, e.device_id.as_str(), e.at)?;
+            let new = record_event(&tx, &e)?;
+            tx.commit()?;
+            Ok(new)
+        })
+        .await
+    }
+
+    pub async fn events_for_device(
+        &self,
+        device: &str,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let id = device.to_string();
+        self.call(move |conn| events_for_device(conn, &id, limit))
+            .await
+    }
+
+    pub async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.call(|conn| list_devices(conn)).await
+    }
+
+    pub async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |conn| get_device(conn, &id)).await
+    }
+
+    pub async fn add_model(&self, m: &ModelRecord) -> Result<ModelRecord, StoreError> {
+        let m = m.clone();
+        self.call(move |conn| add_model(conn, &m)).await
+    }
+
+    pub async fn get_model(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let name = name.to_string();
+        self.call(move |conn| get_model(conn, &name, version)).await
+    }
+
+    pub async fn list_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        self.call(|conn| list_models(conn)).await
+    }
+
+    pub async fn attach(
+        &self,
+        name: &str,
+        version: u64,
+        attachment: Attachment,
+    ) -> Result<ModelRecord, StoreError> {
+        let name = name.to_string();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            if is_assigned(&tx, &name, version)? {
+                return Err(deployed_conflict(&name, version, attachment.what()));
+            }
+            let found = match &attachment {
+                Attachment::Spec(spec) => set_spec(&tx, &name, version, spec)?,
+                Attachment::TestVector(tv) => set_test_vector(&tx, &name, version, Some(tv))?,
+            };
+            if !found {
+                return Err(missing_model(&name, version));
+            }
+            let record =
+                get_model(&tx, &name, version)?.ok_or_else(|| missing_model(&name, version))?;
+            tx.commit()?;
+            Ok(record)
+        })
+        .await
+    }
+
+    pub async fn deploy(
+        &self,
+        model: &str,
+        version: u64,
+        target: &Target,
+        now: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (model, target) = (model.to_string(), target.clone());
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            if get_model(&tx, &model, version)?.is_none() {
+                return Err(missing_model(&model, version));
+            }
+            let ids = match &target {
+                Target::All => {
+                    assign(&tx, ALL_DEVICES, &model, version)?;
+                    list_devices(&tx)?.into_iter().map(|d| d.id).collect()
+                }
+                Target::Devices(ids) => {
+                    for id in ids {
+                        ensure_device(&tx, id, now)?;
+                        assign(&tx, id, &model, version)?;
+                    }
+                    ids.clone()
+                }
+            };
+            tx.commit()?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    pub async fn record_streamed(&self, batch: &[Streamed], now: u64) -> Result<usize, StoreError> {
+        let records = batch.to_vec();
+        self.call(move |conn| record_streamed(conn, &records, now))
+            .await
+    }
+
+    pub async fn telemetry_for_device(
+        &self,
+        device: &str,
+        page: &Page,
+    ) -> Result<Option<Vec<serde_json::Value>>, StoreError> {
+        let (id, page) = (device.to_string(), page.clone());
+        self.call(move |conn| {
+            if get_device(conn, &id)?.is_none() {
+                return Ok(None);
+            }
+            telemetry_for_device(conn, &id, &page).map(Some)
+        })
+        .await
+    }
+
+    pub async fn results_for_device(
+        &self,
+        device: &str,
+        model: Option<&str>,
+        page: &Page,
+    ) -> Result<Option<Vec<serde_json::Value>>, StoreError> {
+        let (id, model, page) = (device.to_string(), model.map(str::to_string), page.clone());
+        self.call(move |conn| {
+            if get_device(conn, &id)?.is_none() {
+                return Ok(None);
+            }
+            results_for_device(conn, &id, model.as_deref(), &page).map(Some)
+        })
+        .await
+    }
+
+    pub async fn prune_streamed(&self, cutoff: u64) -> Result<usize, StoreError> {
+        self.call(move |conn| prune_streamed(conn, cutoff)).await
     }
 }
 
@@ -251,11 +362,7 @@ impl Store {
 /// Records a status message. Returns true if the device was new. Stale
 /// (lower-sequence) online messages are ignored; offline last-will
 /// messages always mark the device offline.
-pub fn record_status(
-    conn: &mut Connection,
-    msg: &StatusMessage,
-    now: u64,
-) -> Result<bool, StoreError> {
+fn record_status(conn: &mut Connection, msg: &StatusMessage, now: u64) -> Result<bool, StoreError> {
     let tx = conn.transaction()?;
     let existing: Option<u64> = tx
         .query_row(
@@ -311,13 +418,13 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
 
 const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version";
 
-pub fn list_devices(conn: &Connection) -> Result<Vec<DeviceRecord>, StoreError> {
+fn list_devices(conn: &Connection) -> Result<Vec<DeviceRecord>, StoreError> {
     let mut stmt = conn.prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"))?;
     let rows = stmt.query_map([], device_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-pub fn get_device(conn: &Connection, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+fn get_device(conn: &Connection, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
     Ok(conn
         .query_row(
             &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
@@ -328,7 +435,7 @@ pub fn get_device(conn: &Connection, id: &str) -> Result<Option<DeviceRecord>, S
 }
 
 /// Ensures a device row exists (for deployments to devices not seen yet).
-pub fn ensure_device(conn: &Connection, id: &str, now: u64) -> Result<(), StoreError> {
+fn ensure_device(conn: &Connection, id: &str, now: u64) -> Result<(), StoreError> {
     conn.execute(
         "INSERT OR IGNORE INTO devices (id, first_seen, last_seen) VALUES (?1, ?2, ?2)",
         params![id, now as i64],
@@ -339,7 +446,7 @@ pub fn ensure_device(conn: &Connection, id: &str, now: u64) -> Result<(), StoreE
 /// Stores the signed desired state for `device` under the next version and
 /// returns that version. The caller signs with the returned number first
 /// via `sign`, so version allocation and storage are one transaction.
-pub fn store_desired(
+fn store_desired(
     conn: &mut Connection,
     device: &str,
     sign: impl FnOnce(u64) -> Vec<u8>,
@@ -363,7 +470,7 @@ pub fn store_desired(
     Ok((version, bytes))
 }
 
-pub fn desired_json(conn: &Connection, device: &str) -> Result<Option<Vec<u8>>, StoreError> {
+fn desired_json(conn: &Connection, device: &str) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(conn
         .query_row(
             "SELECT desired_json FROM devices WHERE id = ?1",
@@ -378,15 +485,12 @@ pub fn desired_json(conn: &Connection, device: &str) -> Result<Option<Vec<u8>>, 
 
 /// Adds a model version. Re-adding the identical file is a no-op; a
 /// different file under an existing version is a conflict.
-pub fn add_model(conn: &Connection, m: &ModelRecord) -> Result<ModelRecord, StoreError> {
+fn add_model(conn: &Connection, m: &ModelRecord) -> Result<ModelRecord, StoreError> {
     if let Some(existing) = get_model(conn, &m.name, m.version)? {
         if existing.sha256 == m.sha256 {
             return Ok(existing);
         }
-        return Err(StoreError::Conflict(format!(
-            "model {} version {} already exists with a different file (sha256 {}); push a new version",
-            m.name, m.version, existing.sha256
-        )));
+        return Err(changed_model(&existing, m));
     }
     conn.execute(
         "INSERT INTO models (name, version, format, sha256, size, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -416,7 +520,7 @@ fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRecord> {
 
 /// Sets the declared interface of a model version. Returns whether the
 /// version exists.
-pub fn set_spec(
+fn set_spec(
     conn: &Connection,
     name: &str,
     version: u64,
@@ -431,7 +535,7 @@ pub fn set_spec(
 }
 
 /// Whether any assignment points at this model version.
-pub fn is_assigned(conn: &Connection, name: &str, version: u64) -> Result<bool, StoreError> {
+fn is_assigned(conn: &Connection, name: &str, version: u64) -> Result<bool, StoreError> {
     Ok(conn
         .query_row(
             "SELECT 1 FROM assignments WHERE model = ?1 AND version = ?2 LIMIT 1",
@@ -444,7 +548,7 @@ pub fn is_assigned(conn: &Connection, name: &str, version: u64) -> Result<bool, 
 
 /// Sets the test vector of a model version (`None` removes it). Returns
 /// whether the version exists.
-pub fn set_test_vector(
+fn set_test_vector(
     conn: &Connection,
     name: &str,
     version: u64,
@@ -458,7 +562,7 @@ pub fn set_test_vector(
     Ok(n > 0)
 }
 
-pub fn get_model(
+fn get_model(
     conn: &Connection,
     name: &str,
     version: u64,
@@ -472,7 +576,7 @@ pub fn get_model(
         .optional()?)
 }
 
-pub fn list_models(conn: &Connection) -> Result<Vec<ModelRecord>, StoreError> {
+fn list_models(conn: &Connection) -> Result<Vec<ModelRecord>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT name, version, format, sha256, size, created_at, test_vector, spec FROM models ORDER BY name, version",
     )?;
@@ -483,7 +587,7 @@ pub fn list_models(conn: &Connection) -> Result<Vec<ModelRecord>, StoreError> {
 // ---- assignments -------------------------------------------------------------
 
 /// Points `scope` (a device id or [`ALL_DEVICES`]) at a model version.
-pub fn assign(conn: &Connection, scope: &str, model: &str, version: u64) -> Result<(), StoreError> {
+fn assign(conn: &Connection, scope: &str, model: &str, version: u64) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO assignments (scope, model, version) VALUES (?1, ?2, ?3)
          ON CONFLICT (scope, model) DO UPDATE SET version = excluded.version",
@@ -494,7 +598,7 @@ pub fn assign(conn: &Connection, scope: &str, model: &str, version: u64) -> Resu
 
 /// The models `device` should run: fleet-wide assignments, overridden per
 /// model by the device's own.
-pub fn models_for_device(conn: &Connection, device: &str) -> Result<Vec<ModelRecord>, StoreError> {
+fn models_for_device(conn: &Connection, device: &str) -> Result<Vec<ModelRecord>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at, m.test_vector, m.spec
          FROM assignments a JOIN models m ON m.name = a.model AND m.version = a.version
@@ -511,7 +615,7 @@ pub fn models_for_device(conn: &Connection, device: &str) -> Result<Vec<ModelRec
 
 /// Stores an event once; a redelivered copy (same device and sequence
 /// number) is ignored. Returns whether it was new.
-pub fn record_event(conn: &Connection, e: &UpdateEvent) -> Result<bool, StoreError> {
+fn record_event(conn: &Connection, e: &UpdateEvent) -> Result<bool, StoreError> {
     let n = conn.execute(
         "INSERT OR IGNORE INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -529,7 +633,7 @@ pub fn record_event(conn: &Connection, e: &UpdateEvent) -> Result<bool, StoreErr
     Ok(n == 1)
 }
 
-pub fn events_for_device(
+fn events_for_device(
     conn: &Connection,
     device: &str,
     limit: u32,
@@ -555,18 +659,11 @@ pub fn events_for_device(
 
 // ---- telemetry and results ---------------------------------------------------
 
-/// A record a device streams: one telemetry sample or one inference result.
-#[derive(Debug, Clone)]
-pub enum Streamed {
-    Telemetry(TelemetryMessage),
-    Result(InferenceResult),
-}
-
 /// Stores a batch of streamed records in one transaction, each once:
 /// redelivered copies (same device and sequence number) are ignored, so
 /// at-least-once delivery becomes exactly-once storage. Returns how many
 /// were new.
-pub fn record_streamed(
+fn record_streamed(
     conn: &mut Connection,
     batch: &[Streamed],
     now: u64,
@@ -587,11 +684,7 @@ pub fn record_streamed(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
         for record in batch {
-            let body = match record {
-                Streamed::Telemetry(t) => serde_json::to_string(t),
-                Streamed::Result(r) => serde_json::to_string(r),
-            }
-            .map_err(|e| StoreError::Task(e.to_string()))?;
+            let body = streamed_body(record)?;
             new += match record {
                 Streamed::Telemetry(t) => {
                     device.execute(params![t.device_id.as_str(), now as i64])?;
@@ -623,17 +716,9 @@ pub fn record_streamed(
     Ok(new)
 }
 
-/// Which stored records to read: sequence numbers after `after_seq`,
-/// oldest first, at most `limit`.
-#[derive(Debug, Clone, Default)]
-pub struct Page {
-    pub after_seq: Option<u64>,
-    pub limit: u32,
-}
-
 /// Telemetry samples of a device in sequence order, each as the device
 /// sent it plus `received_at`.
-pub fn telemetry_for_device(
+fn telemetry_for_device(
     conn: &Connection,
     device: &str,
     page: &Page,
@@ -651,7 +736,7 @@ pub fn telemetry_for_device(
 
 /// Uploaded inference results of a device in sequence order, optionally
 /// of one model.
-pub fn results_for_device(
+fn results_for_device(
     conn: &Connection,
     device: &str,
     model: Option<&str>,
@@ -677,18 +762,13 @@ pub fn results_for_device(
 /// A stored JSON body with its arrival time added.
 fn stored_body(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<serde_json::Value, StoreError>> {
     let (received_at, body) = (r.get::<_, i64>(0)?, r.get::<_, String>(1)?);
-    Ok(serde_json::from_str::<serde_json::Value>(&body)
-        .map(|mut v| {
-            v["received_at"] = received_at.into();
-            v
-        })
-        .map_err(|e| StoreError::Task(e.to_string())))
+    Ok(with_received_at(received_at, &body))
 }
 
 /// Deletes telemetry and results that arrived before `cutoff` (unix
 /// seconds; arrival time, since device clocks may be wrong). Returns how
 /// many rows went.
-pub fn prune_streamed(conn: &Connection, cutoff: u64) -> Result<usize, StoreError> {
+fn prune_streamed(conn: &Connection, cutoff: u64) -> Result<usize, StoreError> {
     let a = conn.execute(
         "DELETE FROM telemetry WHERE received_at < ?1",
         [cutoff as i64],
@@ -698,226 +778,4 @@ pub fn prune_streamed(conn: &Connection, cutoff: u64) -> Result<usize, StoreErro
         [cutoff as i64],
     )?;
     Ok(a + b)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use edgefleet_shared::{DeviceId, EventKind, SCHEMA_VERSION};
-
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("fleet.db")).unwrap();
-        (dir, store)
-    }
-
-    fn model(name: &str, version: u64) -> ModelRecord {
-        ModelRecord {
-            test_vector: None,
-            spec: Default::default(),
-            name: name.into(),
-            version,
-            format: ModelFormat::Onnx,
-            sha256: format!("{version:064x}"),
-            size: 10,
-            created_at: 1,
-        }
-    }
-
-    fn status(id: &str, seq: u64, online: bool) -> StatusMessage {
-        StatusMessage {
-            schema: SCHEMA_VERSION,
-            device_id: DeviceId::new(id).unwrap(),
-            seq,
-            online,
-            at: 0,
-            agent_version: "1".into(),
-            desired_version: Some(seq),
-            models: vec![],
-        }
-    }
-
-    #[test]
-    fn reopening_does_not_rerun_migrations() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fleet.db");
-        let s = Store::open(&path).unwrap();
-        s.with(|c| add_model(c, &model("m", 1))).unwrap();
-        drop(s);
-        let s = Store::open(&path).unwrap();
-        assert_eq!(s.with(|c| list_models(c)).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn status_is_applied_in_sequence_order_and_will_marks_offline() {
-        let (_d, s) = store();
-        s.with(|c| {
-            assert!(record_status(c, &status("a", 5, true), 100)?);
-            assert!(!record_status(c, &status("a", 3, true), 101)?);
-            let dev = get_device(c, "a")?.unwrap();
-            assert_eq!(
-                dev.reported_desired_version,
-                Some(5),
-                "stale status ignored"
-            );
-            record_status(c, &status("a", 0, false), 102)?;
-            assert!(!get_device(c, "a")?.unwrap().online);
-            record_status(c, &status("a", 6, true), 103)?;
-            assert!(get_device(c, "a")?.unwrap().online);
-            Ok(())
-        })
-        .unwrap();
-    }
-
-    #[test]
-    fn device_assignments_override_fleet_wide_ones() {
-        let (_d, s) = store();
-        s.with(|c| {
-            for (n, v) in [("digits", 1), ("digits", 2), ("kws", 1)] {
-                add_model(c, &model(n, v))?;
-            }
-            assign(c, ALL_DEVICES, "digits", 1)?;
-            assign(c, ALL_DEVICES, "kws", 1)?;
-            assign(c, "pi-2", "digits", 2)?;
-            let a: Vec<_> = models_for_device(c, "pi-1")?
-                .iter()
-                .map(|m| (m.name.clone(), m.version))
-                .collect();
-            assert_eq!(a, vec![("digits".into(), 1), ("kws".into(), 1)]);
-            let b: Vec<_> = models_for_device(c, "pi-2")?
-                .iter()
-                .map(|m| (m.name.clone(), m.version))
-                .collect();
-            assert_eq!(b, vec![("digits".into(), 2), ("kws".into(), 1)]);
-            Ok(())
-        })
-        .unwrap();
-    }
-
-    #[test]
-    fn model_versions_are_immutable() {
-        let (_d, s) = store();
-        s.with(|c| {
-            add_model(c, &model("m", 1))?;
-            add_model(c, &model("m", 1))?;
-            let mut other = model("m", 1);
-            other.sha256 = "ff".repeat(32);
-            assert!(matches!(add_model(c, &other), Err(StoreError::Conflict(_))));
-            Ok(())
-        })
-        .unwrap();
-    }
-
-    #[test]
-    fn desired_versions_increase_per_device() {
-        let (_d, s) = store();
-        s.with(|c| {
-            ensure_device(c, "a", 1)?;
-            let (v1, _) = store_desired(c, "a", |v| format!("doc {v}").into_bytes())?;
-            let (v2, bytes) = store_desired(c, "a", |v| format!("doc {v}").into_bytes())?;
-            assert_eq!((v1, v2), (1, 2));
-            assert_eq!(desired_json(c, "a")?.unwrap(), bytes);
-            assert!(matches!(
-                store_desired(c, "nope", |_| vec![]),
-                Err(StoreError::NotFound(_))
-            ));
-            Ok(())
-        })
-        .unwrap();
-    }
-
-    #[test]
-    fn events_are_stored_once() {
-        let (_d, s) = store();
-        let e = UpdateEvent {
-            schema: SCHEMA_VERSION,
-            device_id: DeviceId::new("a").unwrap(),
-            seq: 9,
-            at: 1,
-            kind: EventKind::Refused,
-            desired_version: Some(1),
-            model: None,
-            model_version: None,
-            reason: Some("bad signature".into()),
-        };
-        s.with(|c| {
-            assert!(record_event(c, &e)?);
-            assert!(!record_event(c, &e)?);
-            let stored = events_for_device(c, "a", 10)?;
-            assert_eq!(stored.len(), 1);
-            assert_eq!(stored[0].kind, "refused");
-            Ok(())
-        })
-        .unwrap();
-    }
-
-    fn telemetry(device: &str, seq: u64) -> Streamed {
-        Streamed::Telemetry(TelemetryMessage {
-            schema: SCHEMA_VERSION,
-            device_id: DeviceId::new(device).unwrap(),
-            seq,
-            at: 1000 + seq,
-            interval_secs: 60.0,
-            health: Default::default(),
-            models: vec![],
-            outbox: Default::default(),
-        })
-    }
-
-    fn result(device: &str, seq: u64, model: &str) -> Streamed {
-        Streamed::Result(InferenceResult {
-            schema: SCHEMA_VERSION,
-            device_id: DeviceId::new(device).unwrap(),
-            seq,
-            at: 0,
-            model: model.into(),
-            model_version: 1,
-            runtime: "tract-onnx".into(),
-            request_id: Some(format!("r{seq}")),
-            latency_us: 5,
-            outputs: serde_json::json!([]),
-        })
-    }
-
-    #[test]
-    fn streamed_records_are_stored_once_in_sequence_order_and_pruned() {
-        let (_dir, s) = store();
-        s.with(|c| {
-            // Out of order and with a redelivered copy.
-            let batch = [
-                telemetry("a", 3),
-                telemetry("a", 1),
-                result("a", 2, "m"),
-                telemetry("a", 3),
-                result("a", 4, "other"),
-                telemetry("b", 1),
-            ];
-            assert_eq!(record_streamed(c, &batch, 100)?, 5);
-            assert_eq!(record_streamed(c, &batch, 101)?, 0);
-            let page = Page {
-                after_seq: None,
-                limit: 10,
-            };
-            let t = telemetry_for_device(c, "a", &page)?;
-            let seqs: Vec<u64> = t.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
-            assert_eq!(seqs, vec![1, 3]);
-            assert_eq!(t[0]["received_at"], 100);
-            let after = Page {
-                after_seq: Some(1),
-                limit: 10,
-            };
-            assert_eq!(telemetry_for_device(c, "a", &after)?.len(), 1);
-            let r = results_for_device(c, "a", Some("m"), &page)?;
-            assert_eq!(r.len(), 1);
-            assert_eq!(r[0]["request_id"], "r2");
-            assert_eq!(results_for_device(c, "a", None, &page)?.len(), 2);
-            // The device row exists for a device only seen in telemetry.
-            assert!(get_device(c, "b")?.is_some());
-            record_streamed(c, &[telemetry("a", 9)], 500)?;
-            assert_eq!(prune_streamed(c, 200)?, 5);
-            assert_eq!(telemetry_for_device(c, "a", &page)?.len(), 1);
-            Ok(())
-        })
-        .unwrap();
-    }
 }

@@ -1,0 +1,360 @@
+//! The fleet's records: devices and what they report, models,
+//! assignments (which model version a device or the whole fleet should
+//! run), signed desired state per device, update events, telemetry and
+//! uploaded results.
+//!
+//! Two backends behind one [`Store`]: SQLite (the embedded default, one
+//! file, WAL; [`sqlite`]) and PostgreSQL (for fleets that outgrow one
+//! machine, or several server processes; [`postgres`]). Both keep their
+//! SQL in their own module, apply their versioned migrations at start and
+//! pass the same test suite (`tests` below). The operations are named for
+//! what the server does (record a status, sign a desired state, deploy), so
+//! each backend runs every one in a single transaction.
+
+pub mod postgres;
+pub mod sqlite;
+#[cfg(test)]
+mod tests;
+
+use edgefleet_shared::{
+    InferenceResult, ModelFormat, ModelStatus, StatusMessage, TelemetryMessage, UpdateEvent,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(String),
+    #[error("cannot open database {what}: {reason}")]
+    Open { what: String, reason: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// Assignment scope meaning "every device".
+pub const ALL_DEVICES: &str = "*";
+
+/// A model version in the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub name: String,
+    pub version: u64,
+    pub format: ModelFormat,
+    pub sha256: String,
+    pub size: u64,
+    pub created_at: u64,
+    /// Input and the outputs the model must produce for it, sent to
+    /// devices in the signed slot; a device never serves a version that
+    /// fails it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_vector: Option<edgefleet_shared::TestVector>,
+    /// Declared inputs and outputs, sent in the signed slot: devices check
+    /// the model against them and use fixed dimensions as shape hints.
+    #[serde(default, skip_serializing_if = "ModelSpec::is_empty")]
+    pub spec: ModelSpec,
+}
+
+/// A model's declared interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default)]
+    pub inputs: Vec<edgefleet_shared::TensorSpec>,
+    #[serde(default)]
+    pub outputs: Vec<edgefleet_shared::TensorSpec>,
+}
+
+impl ModelSpec {
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty() && self.outputs.is_empty()
+    }
+}
+
+/// A device as the server knows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub online: bool,
+    pub agent_version: String,
+    pub reported_desired_version: Option<u64>,
+    pub models: Vec<ModelStatus>,
+    pub desired_version: u64,
+}
+
+/// A stored update event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub device_id: String,
+    pub seq: u64,
+    pub at: u64,
+    pub kind: String,
+    pub desired_version: Option<u64>,
+    pub model: Option<String>,
+    pub model_version: Option<u64>,
+    pub reason: Option<String>,
+}
+
+/// A record a device streams: one telemetry sample or one inference result.
+#[derive(Debug, Clone)]
+pub enum Streamed {
+    Telemetry(TelemetryMessage),
+    Result(InferenceResult),
+}
+
+/// Which stored records to read: sequence numbers after `after_seq`,
+/// oldest first, at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub after_seq: Option<u64>,
+    pub limit: u32,
+}
+
+/// What a status message changed, and what the device should run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusOutcome {
+    /// The device was not known before.
+    pub is_new: bool,
+    /// For an online device: its current desired-state version and
+    /// document (`None` before the first one was signed).
+    pub desired: Option<(u64, Option<Vec<u8>>)>,
+}
+
+/// What a model version can carry besides its file.
+#[derive(Debug, Clone)]
+pub enum Attachment {
+    Spec(ModelSpec),
+    TestVector(edgefleet_shared::TestVector),
+}
+
+impl Attachment {
+    pub fn what(&self) -> &'static str {
+        match self {
+            Self::Spec(_) => "spec",
+            Self::TestVector(_) => "test vector",
+        }
+    }
+}
+
+/// Which devices a deployment points at a model version.
+#[derive(Debug, Clone)]
+pub enum Target {
+    All,
+    Devices(Vec<String>),
+}
+
+/// Signs a desired state: given the device's models and the document
+/// version the store allocated, returns the signed JSON to store.
+pub type SignFn = Box<dyn FnOnce(&[ModelRecord], u64) -> Vec<u8> + Send>;
+
+/// The fleet's database.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+macro_rules! on_backend {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (creating and migrating) the database: a `postgres://` (or
+    /// `postgresql://`) URL, or the path of an SQLite file.
+    pub async fn open(database: &str) -> Result<Self, StoreError> {
+        if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+            Ok(Self::Postgres(postgres::PgStore::connect(database).await?))
+        } else {
+            let path = std::path::PathBuf::from(database);
+            Ok(Self::Sqlite(sqlite::SqliteStore::open(&path)?))
+        }
+    }
+
+    /// The backend's name, for logs (`sqlite`, `postgres`).
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Records a status message (stale online messages are ignored;
+    /// offline last-will messages always mark the device offline).
+    pub async fn record_status(
+        &self,
+        msg: &StatusMessage,
+        now: u64,
+    ) -> Result<StatusOutcome, StoreError> {
+        on_backend!(self, s => s.record_status(msg, now).await)
+    }
+
+    /// Signs and stores the next desired state of `device` from its
+    /// assignments. `None` when nothing is assigned to it.
+    pub async fn sign_desired(
+        &self,
+        device: &str,
+        now: u64,
+        sign: SignFn,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        on_backend!(self, s => s.sign_desired(device, now, sign).await)
+    }
+
+    /// Every stored desired-state document, by device.
+    pub async fn all_desired(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        on_backend!(self, s => s.all_desired().await)
+    }
+
+    pub async fn desired_json(&self, device: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        on_backend!(self, s => s.desired_json(device).await)
+    }
+
+    /// Stores an update event once (a redelivered copy is ignored);
+    /// returns whether it was new.
+    pub async fn record_event(&self, event: &UpdateEvent) -> Result<bool, StoreError> {
+        on_backend!(self, s => s.record_event(event).await)
+    }
+
+    pub async fn events_for_device(
+        &self,
+        device: &str,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        on_backend!(self, s => s.events_for_device(device, limit).await)
+    }
+
+    pub async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        on_backend!(self, s => s.list_devices().await)
+    }
+
+    pub async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        on_backend!(self, s => s.get_device(id).await)
+    }
+
+    /// Adds a model version. Re-adding the identical file is a no-op; a
+    /// different file under an existing version is a conflict.
+    pub async fn add_model(&self, m: &ModelRecord) -> Result<ModelRecord, StoreError> {
+        on_backend!(self, s => s.add_model(m).await)
+    }
+
+    pub async fn get_model(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        on_backend!(self, s => s.get_model(name, version).await)
+    }
+
+    pub async fn list_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        on_backend!(self, s => s.list_models().await)
+    }
+
+    /// Attaches a spec or test vector to a model version that exists and
+    /// is not deployed yet (devices may already run a deployed one).
+    pub async fn attach(
+        &self,
+        name: &str,
+        version: u64,
+        attachment: Attachment,
+    ) -> Result<ModelRecord, StoreError> {
+        on_backend!(self, s => s.attach(name, version, attachment).await)
+    }
+
+    /// Points `target` at a model version (which must exist); returns the
+    /// ids of the devices whose desired state changes.
+    pub async fn deploy(
+        &self,
+        model: &str,
+        version: u64,
+        target: &Target,
+        now: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        on_backend!(self, s => s.deploy(model, version, target, now).await)
+    }
+
+    /// Stores a batch of streamed records in one transaction, each once
+    /// (per device and sequence number); returns how many were new.
+    pub async fn record_streamed(&self, batch: &[Streamed], now: u64) -> Result<usize, StoreError> {
+        on_backend!(self, s => s.record_streamed(batch, now).await)
+    }
+
+    /// Telemetry of a device in sequence order, each sample as the device
+    /// sent it plus `received_at`; `None` for an unknown device.
+    pub async fn telemetry_for_device(
+        &self,
+        device: &str,
+        page: &Page,
+    ) -> Result<Option<Vec<serde_json::Value>>, StoreError> {
+        on_backend!(self, s => s.telemetry_for_device(device, page).await)
+    }
+
+    /// Uploaded inference results of a device in sequence order,
+    /// optionally of one model; `None` for an unknown device.
+    pub async fn results_for_device(
+        &self,
+        device: &str,
+        model: Option<&str>,
+        page: &Page,
+    ) -> Result<Option<Vec<serde_json::Value>>, StoreError> {
+        on_backend!(self, s => s.results_for_device(device, model, page).await)
+    }
+
+    /// Deletes telemetry and results that arrived before `cutoff` (unix
+    /// seconds); returns how many rows went.
+    pub async fn prune_streamed(&self, cutoff: u64) -> Result<usize, StoreError> {
+        on_backend!(self, s => s.prune_streamed(cutoff).await)
+    }
+}
+
+/// A conflict: the version is deployed, so its attachments are fixed.
+pub(crate) fn deployed_conflict(name: &str, version: u64, what: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "model {name} version {version} is already deployed; set its {what} before deploying (or push a new version)"
+    ))
+}
+
+pub(crate) fn missing_model(name: &str, version: u64) -> StoreError {
+    StoreError::NotFound(format!(
+        "model {name} version {version} does not exist; push it first"
+    ))
+}
+
+pub(crate) fn changed_model(existing: &ModelRecord, m: &ModelRecord) -> StoreError {
+    StoreError::Conflict(format!(
+        "model {} version {} already exists with a different file (sha256 {}); push a new version",
+        m.name, m.version, existing.sha256
+    ))
+}
+
+/// A stored JSON body with its arrival time added.
+pub(crate) fn with_received_at(
+    received_at: i64,
+    body: &str,
+) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str::<serde_json::Value>(body)
+        .map(|mut v| {
+            v["received_at"] = received_at.into();
+            v
+        })
+        .map_err(|e| StoreError::Task(e.to_string()))
+}
+
+/// The JSON a streamed record is stored as.
+pub(crate) fn streamed_body(record: &Streamed) -> Result<String, StoreError> {
+    match record {
+        Streamed::Telemetry(t) => serde_json::to_string(t),
+        Streamed::Result(r) => serde_json::to_string(r),
+    }
+    .map_err(|e| StoreError::Task(e.to_string()))
+}

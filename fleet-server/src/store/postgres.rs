@@ -1,0 +1,766 @@
+//! The PostgreSQL backend, for fleets that outgrow one machine or run
+//! several server processes on one database. All its SQL lives here.
+//!
+//! A small pool of connections (deadpool-postgres over tokio-postgres);
+//! every operation is one transaction. Migrations run at start under an
+//! advisory lock, so servers starting together apply each one once. The
+//! schema is the search path's (`?options=-csearch_path%3Dname` in the URL
+//! picks another), which is how the tests get a fresh one per run.
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use edgefleet_shared::{ModelFormat, StatusMessage, UpdateEvent};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    changed_model, deployed_conflict, missing_model, streamed_body, with_received_at, Attachment,
+    DeviceRecord, EventRecord, ModelRecord, Page, SignFn, StatusOutcome, StoreError, Streamed,
+    Target, ALL_DEVICES,
+};
+
+/// Ordered schema migrations; `edgefleet_schema` records how many ran.
+/// Integers are BIGINT (unix seconds, versions, sequence numbers); JSON
+/// bodies are TEXT, stored and returned as the device sent them.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        first_seen BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        online BOOLEAN NOT NULL DEFAULT FALSE,
+        agent_version TEXT NOT NULL DEFAULT '',
+        reported_desired_version BIGINT,
+        models_json TEXT NOT NULL DEFAULT '[]',
+        last_status_seq BIGINT NOT NULL DEFAULT 0,
+        desired_version BIGINT NOT NULL DEFAULT 0,
+        desired_json BYTEA
+    );
+    CREATE TABLE models (
+        name TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        format TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        test_vector TEXT,
+        spec TEXT,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE assignments (
+        scope TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        PRIMARY KEY (scope, model)
+    );
+    CREATE TABLE events (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        at BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        desired_version BIGINT,
+        model TEXT,
+        model_version BIGINT,
+        reason TEXT,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX events_by_time ON events (device_id, at);
+    CREATE TABLE telemetry (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        at BIGINT NOT NULL,
+        received_at BIGINT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX telemetry_by_arrival ON telemetry (received_at);
+    CREATE TABLE results (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        at BIGINT NOT NULL,
+        received_at BIGINT NOT NULL,
+        model TEXT NOT NULL,
+        model_version BIGINT NOT NULL,
+        request_id TEXT,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX results_by_arrival ON results (received_at);
+    "#];
+
+/// Any key: serialises migrations of edgefleet servers on one database.
+const MIGRATION_LOCK: i64 = 0x6564_6765_666c_7431; // "edgeflt1"
+
+fn pg(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Postgres(e.to_string())
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's message (with its detail) is the useful part.
+        match e.as_db_error() {
+            Some(db) => StoreError::Postgres(match db.detail() {
+                Some(detail) => format!("{}: {detail}", db.message()),
+                None => db.message().to_string(),
+            }),
+            None => StoreError::Postgres(e.to_string()),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgStore")
+    }
+}
+
+/// The URL without its password, for messages.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl PgStore {
+    /// Connects (a pool of up to 8 connections), checks the database
+    /// answers, and applies the migrations it lacks.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let open_error = |reason: String| StoreError::Open {
+            what: redacted(url),
+            reason,
+        };
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| open_error(format!("not a PostgreSQL URL: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(8)
+            .build()
+            .map_err(|e| open_error(e.to_string()))?;
+        let store = Self { pool };
+        let mut client = tokio::time::timeout(std::time::Duration::from_secs(10), store.pool.get())
+            .await
+            .map_err(|_| open_error("no answer within 10 s".into()))?
+            .map_err(|e| open_error(e.to_string()))?;
+        migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pg)
+    }
+
+    pub async fn record_status(
+        &self,
+        msg: &StatusMessage,
+        now: u64,
+    ) -> Result<StatusOutcome, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let id = msg.device_id.as_str();
+        // Lock the row (or learn it is new) so concurrent status messages
+        // of one device apply in sequence order.
+        let existing: Option<i64> = tx
+            .query_opt(
+                "SELECT last_status_seq FROM devices WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let is_new = existing.is_none();
+        if is_new {
+            tx.execute(
+                "INSERT INTO devices (id, first_seen, last_seen) VALUES ($1, $2, $2)
+                 ON CONFLICT (id) DO NOTHING",
+                &[&id, &(now as i64)],
+            )
+            .await?;
+        }
+        if !msg.online {
+            tx.execute(
+                "UPDATE devices SET online = FALSE, last_seen = $2 WHERE id = $1",
+                &[&id, &(now as i64)],
+            )
+            .await?;
+        } else if msg.seq as i64 > existing.unwrap_or(0) {
+            let models = serde_json::to_string(&msg.models).expect("models serialise");
+            tx.execute(
+                "UPDATE devices SET online = TRUE, last_seen = $2, agent_version = $3,
+                    reported_desired_version = $4, models_json = $5, last_status_seq = $6
+                 WHERE id = $1",
+                &[
+                    &id,
+                    &(now as i64),
+                    &msg.agent_version,
+                    &msg.desired_version.map(|v| v as i64),
+                    &models,
+                    &(msg.seq as i64),
+                ],
+            )
+            .await?;
+        }
+        let desired = if msg.online {
+            let row = tx
+                .query_one(
+                    "SELECT desired_version, desired_json FROM devices WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            Some((
+                row.get::<_, i64>(0) as u64,
+                row.get::<_, Option<Vec<u8>>>(1),
+            ))
+        } else {
+            None
+        };
+        tx.commit().await?;
+        Ok(StatusOutcome { is_new, desired })
+    }
+
+    pub async fn sign_desired(
+        &self,
+        device: &str,
+        now: u64,
+        sign: SignFn,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let models = models_for_device(&tx, device).await?;
+        if models.is_empty() {
+            return Ok(None);
+        }
+        ensure_device(&tx, device, now).await?;
+        let current: i64 = tx
+            .query_one(
+                "SELECT desired_version FROM devices WHERE id = $1 FOR UPDATE",
+                &[&device],
+            )
+            .await?
+            .get(0);
+        let version = current as u64 + 1;
+        let bytes = sign(&models, version);
+        tx.execute(
+            "UPDATE devices SET desired_version = $2, desired_json = $3 WHERE id = $1",
+            &[&device, &(version as i64), &bytes],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some((version, bytes)))
+    }
+
+    pub async fn all_desired(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, desired_json FROM devices WHERE desired_json IS NOT NULL ORDER BY id",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn desired_json(&self, device: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt("SELECT desired_json FROM devices WHERE id = $1", &[&device])
+            .await?
+            .and_then(|r| r.get::<_, Option<Vec<u8>>>(0)))
+    }
+
+    pub async fn record_event(&self, e: &UpdateEvent) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        ensure_device(&tx, e.device_id.as_str(), e.at).await?;
+        let n = tx
+            .execute(
+                "INSERT INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                &[
+                    &e.device_id.as_str(),
+                    &(e.seq as i64),
+                    &(e.at as i64),
+                    &e.kind.as_str(),
+                    &e.desired_version.map(|v| v as i64),
+                    &e.model,
+                    &e.model_version.map(|v| v as i64),
+                    &e.reason,
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    pub async fn events_for_device(
+        &self,
+        device: &str,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT device_id, seq, at, kind, desired_version, model, model_version, reason
+                 FROM events WHERE device_id = $1 ORDER BY seq DESC LIMIT $2",
+                &[&device, &(limit as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| EventRecord {
+                device_id: r.get(0),
+                seq: r.get::<_, i64>(1) as u64,
+                at: r.get::<_, i64>(2) as u64,
+                kind: r.get(3),
+                desired_version: r.get::<_, Option<i64>>(4).map(|v| v as u64),
+                model: r.get(5),
+                model_version: r.get::<_, Option<i64>>(6).map(|v| v as u64),
+                reason: r.get(7),
+            })
+            .collect())
+    }
+
+    pub async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let client = self.client().await?;
+        list_devices(&client).await
+    }
+
+    pub async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let client = self.client().await?;
+        get_device(&client, id).await
+    }
+
+    pub async fn add_model(&self, m: &ModelRecord) -> Result<ModelRecord, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "INSERT INTO models (name, version, format, sha256, size, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &[
+                    &m.name,
+                    &(m.version as i64),
+                    &m.format.to_string(),
+                    &m.sha256,
+                    &(m.size as i64),
+                    &(m.created_at as i64),
+                ],
+            )
+            .await?;
+        if n == 1 {
+            return Ok(m.clone());
+        }
+        let existing = get_model(&client, &m.name, m.version)
+            .await?
+            .ok_or_else(|| missing_model(&m.name, m.version))?;
+        if existing.sha256 == m.sha256 {
+            Ok(existing)
+        } else {
+            Err(changed_model(&existing, m))
+        }
+    }
+
+    pub async fn get_model(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let client = self.client().await?;
+        get_model(&client, name, version).await
+    }
+
+    pub async fn list_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {MODEL_COLUMNS} FROM models ORDER BY name, version"),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(model_from_row).collect())
+    }
+
+    pub async fn attach(
+        &self,
+        name: &str,
+        version: u64,
+        attachment: Attachment,
+    ) -> Result<ModelRecord, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Lock the version against a concurrent deployment.
+        let exists = tx
+            .query_opt(
+                "SELECT 1 FROM models WHERE name = $1 AND version = $2 FOR UPDATE",
+                &[&name, &(version as i64)],
+            )
+            .await?
+            .is_some();
+        if !exists {
+            return Err(missing_model(name, version));
+        }
+        let assigned = tx
+            .query_opt(
+                "SELECT 1 FROM assignments WHERE model = $1 AND version = $2 LIMIT 1",
+                &[&name, &(version as i64)],
+            )
+            .await?
+            .is_some();
+        if assigned {
+            return Err(deployed_conflict(name, version, attachment.what()));
+        }
+        let (column, json) = match &attachment {
+            Attachment::Spec(spec) => ("spec", serde_json::to_string(spec)),
+            Attachment::TestVector(tv) => ("test_vector", serde_json::to_string(tv)),
+        };
+        let json = json.map_err(|e| StoreError::Task(e.to_string()))?;
+        tx.execute(
+            &format!("UPDATE models SET {column} = $3 WHERE name = $1 AND version = $2"),
+            &[&name, &(version as i64), &json],
+        )
+        .await?;
+        let record = get_model(&tx, name, version)
+            .await?
+            .ok_or_else(|| missing_model(name, version))?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    pub async fn deploy(
+        &self,
+        model: &str,
+        version: u64,
+        target: &Target,
+        now: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let exists = tx
+            .query_opt(
+                "SELECT 1 FROM models WHERE name = $1 AND version = $2 FOR SHARE",
+                &[&model, &(version as i64)],
+            )
+            .await?
+            .is_some();
+        if !exists {
+            return Err(missing_model(model, version));
+        }
+        let assign = "INSERT INTO assignments (scope, model, version) VALUES ($1, $2, $3)
+                      ON CONFLICT (scope, model) DO UPDATE SET version = excluded.version";
+        let ids = match target {
+            Target::All => {
+                tx.execute(assign, &[&ALL_DEVICES, &model, &(version as i64)])
+                    .await?;
+                list_devices(&tx).await?.into_iter().map(|d| d.id).collect()
+            }
+            Target::Devices(ids) => {
+                for id in ids {
+                    ensure_device(&tx, id, now).await?;
+                    tx.execute(assign, &[id, &model, &(version as i64)]).await?;
+                }
+                ids.clone()
+            }
+        };
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// One multi-row statement per table (arrays unnested server-side), so
+    /// a batch costs a few round trips whatever its size.
+    pub async fn record_streamed(&self, batch: &[Streamed], now: u64) -> Result<usize, StoreError> {
+        let mut devices: Vec<&str> = Vec::new();
+        let (mut t_dev, mut t_seq, mut t_at, mut t_body) = (vec![], vec![], vec![], vec![]);
+        let (mut r_dev, mut r_seq, mut r_at, mut r_model, mut r_ver, mut r_req, mut r_body) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for record in batch {
+            let body = streamed_body(record)?;
+            match record {
+                Streamed::Telemetry(t) => {
+                    devices.push(t.device_id.as_str());
+                    t_dev.push(t.device_id.as_str());
+                    t_seq.push(t.seq as i64);
+                    t_at.push(t.at as i64);
+                    t_body.push(body);
+                }
+                Streamed::Result(r) => {
+                    devices.push(r.device_id.as_str());
+                    r_dev.push(r.device_id.as_str());
+                    r_seq.push(r.seq as i64);
+                    r_at.push(r.at as i64);
+                    r_model.push(r.model.as_str());
+                    r_ver.push(r.model_version as i64);
+                    r_req.push(r.request_id.as_deref());
+                    r_body.push(body);
+                }
+            }
+        }
+        devices.sort_unstable();
+        devices.dedup();
+        let now = now as i64;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO devices (id, first_seen, last_seen)
+             SELECT id, $2, $2 FROM UNNEST($1::text[]) AS u(id)
+             ON CONFLICT (id) DO UPDATE SET last_seen = GREATEST(devices.last_seen, excluded.last_seen)",
+            &[&devices, &now],
+        )
+        .await?;
+        let mut new = 0;
+        if !t_dev.is_empty() {
+            new += tx
+                .execute(
+                    "INSERT INTO telemetry (device_id, seq, at, received_at, body)
+                     SELECT d, s, a, $4, b
+                     FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $5::text[]) AS u(d, s, a, b)
+                     ON CONFLICT DO NOTHING",
+                    &[&t_dev, &t_seq, &t_at, &now, &t_body],
+                )
+                .await? as usize;
+        }
+        if !r_dev.is_empty() {
+            let params: [&(dyn ToSql + Sync); 8] = [
+                &r_dev, &r_seq, &r_at, &now, &r_model, &r_ver, &r_req, &r_body,
+            ];
+            new += tx
+                .execute(
+                    "INSERT INTO results (device_id, seq, at, received_at, model, model_version, request_id, body)
+                     SELECT d, s, a, $4, m, v, q, b
+                     FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[])
+                          AS u(d, s, a, m, v, q, b)
+                     ON CONFLICT DO NOTHING",
+                    &params,
+                )
+                .await? as usize;
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    pub async fn telemetry_for_device(
+        &self,
+        device: &str,
+        page: &Page,
+    ) -> Result<Option<Vec<serde_json::Value>>, StoreError> {
+        let client = self.client().await?;
+        if get_device(&client, device).await?.is_none() {
+            return Ok(None);
+        }
+        let rows = client
+            .query(
+                "SELECT received_at, body FROM telemetry
+                 WHERE device_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[
+                    &device,
+                    &(page.after_seq.unwrap_or(0) as i64),
+                    &(page.limit as i64),
+                ],
+            )
+            .await?;
+        stored_bodies(&rows).map(Some)
+    }
+
+    pub async fn results_for_device(
+        &self,
+        device: &str,
+        model: Option<&str>,
+        page: &Page,
+    ) -> Result<Option<Vec<serde_json::Value>>, StoreError> {
+        let client = self.client().await?;
+        if get_device(&client, device).await?.is_none() {
+            return Ok(None);
+        }
+        let rows = client
+            .query(
+                "SELECT received_at, body FROM results
+                 WHERE device_id = $1 AND seq > $2 AND ($3::text IS NULL OR model = $3)
+                 ORDER BY seq LIMIT $4",
+                &[
+                    &device,
+                    &(page.after_seq.unwrap_or(0) as i64),
+                    &model,
+                    &(page.limit as i64),
+                ],
+            )
+            .await?;
+        stored_bodies(&rows).map(Some)
+    }
+
+    pub async fn prune_streamed(&self, cutoff: u64) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let a = client
+            .execute(
+                "DELETE FROM telemetry WHERE received_at < $1",
+                &[&(cutoff as i64)],
+            )
+            .await?;
+        let b = client
+            .execute(
+                "DELETE FROM results WHERE received_at < $1",
+                &[&(cutoff as i64)],
+            )
+            .await?;
+        Ok((a + b) as usize)
+    }
+}
+
+async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS edgefleet_schema (version BIGINT NOT NULL)")
+        .await?;
+    let current = tx
+        .query_opt("SELECT version FROM edgefleet_schema", &[])
+        .await?
+        .map_or(0, |r| r.get::<_, i64>(0)) as usize;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::Conflict(format!(
+            "database schema version {current} is newer than this server understands ({}); upgrade the server",
+            MIGRATIONS.len()
+        )));
+    }
+    for sql in &MIGRATIONS[current..] {
+        tx.batch_execute(sql).await?;
+    }
+    tx.execute("DELETE FROM edgefleet_schema", &[]).await?;
+    tx.execute(
+        "INSERT INTO edgefleet_schema (version) VALUES ($1)",
+        &[&(MIGRATIONS.len() as i64)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn ensure_device(c: &impl GenericClient, id: &str, now: u64) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO devices (id, first_seen, last_seen) VALUES ($1, $2, $2) ON CONFLICT DO NOTHING",
+        &[&id, &(now as i64)],
+    )
+    .await?;
+    Ok(())
+}
+
+const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version";
+
+fn device_from_row(r: &Row) -> DeviceRecord {
+    DeviceRecord {
+        id: r.get(0),
+        first_seen: r.get::<_, i64>(1) as u64,
+        last_seen: r.get::<_, i64>(2) as u64,
+        online: r.get(3),
+        agent_version: r.get(4),
+        reported_desired_version: r.get::<_, Option<i64>>(5).map(|v| v as u64),
+        models: serde_json::from_str(r.get(6)).unwrap_or_default(),
+        desired_version: r.get::<_, i64>(7) as u64,
+    }
+}
+
+async fn list_devices(c: &impl GenericClient) -> Result<Vec<DeviceRecord>, StoreError> {
+    let rows = c
+        .query(
+            &format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(device_from_row).collect())
+}
+
+async fn get_device(c: &impl GenericClient, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+    Ok(c.query_opt(
+        &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"),
+        &[&id],
+    )
+    .await?
+    .as_ref()
+    .map(device_from_row))
+}
+
+const MODEL_COLUMNS: &str = "name, version, format, sha256, size, created_at, test_vector, spec";
+
+fn model_from_row(r: &Row) -> ModelRecord {
+    ModelRecord {
+        name: r.get(0),
+        version: r.get::<_, i64>(1) as u64,
+        format: r.get::<_, &str>(2).parse().unwrap_or(ModelFormat::Onnx),
+        sha256: r.get(3),
+        size: r.get::<_, i64>(4) as u64,
+        created_at: r.get::<_, i64>(5) as u64,
+        test_vector: r
+            .get::<_, Option<&str>>(6)
+            .and_then(|json| serde_json::from_str(json).ok()),
+        spec: r
+            .get::<_, Option<&str>>(7)
+            .and_then(|json| serde_json::from_str(json).ok())
+            .unwrap_or_default(),
+    }
+}
+
+async fn get_model(
+    c: &impl GenericClient,
+    name: &str,
+    version: u64,
+) -> Result<Option<ModelRecord>, StoreError> {
+    Ok(c.query_opt(
+        &format!("SELECT {MODEL_COLUMNS} FROM models WHERE name = $1 AND version = $2"),
+        &[&name, &(version as i64)],
+    )
+    .await?
+    .as_ref()
+    .map(model_from_row))
+}
+
+/// Fleet-wide assignments, overridden per model by the device's own.
+async fn models_for_device(
+    c: &impl GenericClient,
+    device: &str,
+) -> Result<Vec<ModelRecord>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at, m.test_vector, m.spec
+             FROM assignments a JOIN models m ON m.name = a.model AND m.version = a.version
+             WHERE a.scope = $1
+                OR (a.scope = '*' AND NOT EXISTS (
+                    SELECT 1 FROM assignments d WHERE d.scope = $1 AND d.model = a.model))
+             ORDER BY m.name",
+            &[&device],
+        )
+        .await?;
+    Ok(rows.iter().map(model_from_row).collect())
+}
+
+fn stored_bodies(rows: &[Row]) -> Result<Vec<serde_json::Value>, StoreError> {
+    rows.iter()
+        .map(|r| with_received_at(r.get(0), r.get(1)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redacted("postgres://fleet:s3cret@db.example:5432/fleet"),
+            "postgres://fleet@db.example:5432/fleet"
+        );
+        assert_eq!(
+            redacted("postgres://127.0.0.1/test"),
+            "postgres://127.0.0.1/test"
+        );
+    }
+}
