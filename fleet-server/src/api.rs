@@ -7,13 +7,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use edgefleet_shared::{DeviceId, ModelFormat};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::artifacts::{parse_range, ArtifactError, ByteRange};
+use crate::auth;
 use crate::fleet::Fleet;
 use crate::store::{self, ModelRecord, StoreError};
 
@@ -75,8 +76,15 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
         .route("/api/v1/devices/{id}/results", get(device_results))
         .route("/api/v1/devices/{id}/desired", get(device_desired))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/api/v1/audit", get(list_audit))
         .route("/artifacts/{name}", get(download_artifact))
         .fallback(|| async { ApiError::not_found("no such endpoint; the API lives under /api/v1") })
+        .layer(axum::middleware::from_fn_with_state(
+            fleet.clone(),
+            authenticate,
+        ))
         .with_state(fleet)
 }
 
@@ -119,6 +127,7 @@ struct UploadQuery {
 /// Streams the request body into the artifact store and registers it.
 async fn upload_model(
     State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
     Path((name, version)): Path<(String, String)>,
     Query(query): Query<UploadQuery>,
     body: Body,
@@ -165,7 +174,15 @@ async fn upload_model(
         Err(e) => tracing::warn!(error = %e, "cannot store a compressed copy"),
     }
     let stored = fleet.store.add_model(&record).await?;
-    tracing::info!(model = %stored.name, version = stored.version, size = stored.size, "model pushed");
+    audit(
+        &fleet,
+        &op,
+        "model.push",
+        format!("{}@{}", stored.name, stored.version),
+        Some(json!({"sha256": stored.sha256, "size": stored.size, "format": stored.format})),
+    )
+    .await;
+    tracing::info!(model = %stored.name, version = stored.version, size = stored.size, by = %op.name, "model pushed");
     Ok((StatusCode::CREATED, Json(stored)))
 }
 
@@ -231,12 +248,21 @@ fn check_spec(spec: &store::ModelSpec) -> Result<(), String> {
 /// frozen.
 async fn attach(
     fleet: &Fleet,
+    op: &auth::Operator,
     name: String,
     version: u64,
     attachment: store::Attachment,
 ) -> ApiResult<Json<ModelRecord>> {
     let what = attachment.what();
     let record = fleet.store.attach(&name, version, attachment).await?;
+    audit(
+        fleet,
+        op,
+        &format!("model.{}", what.replace(' ', "_")),
+        format!("{name}@{version}"),
+        None,
+    )
+    .await;
     tracing::info!(model = %record.name, version = record.version, what, "model attachment stored");
     Ok(Json(record))
 }
@@ -244,25 +270,34 @@ async fn attach(
 /// `PUT .../spec`: the model's declared interface.
 async fn put_spec(
     State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
     Path((name, version)): Path<(String, u64)>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<ModelRecord>> {
     let spec: store::ModelSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed spec JSON: {e}")))?;
     check_spec(&spec).map_err(ApiError::bad_request)?;
-    attach(&fleet, name, version, store::Attachment::Spec(spec)).await
+    attach(&fleet, &op, name, version, store::Attachment::Spec(spec)).await
 }
 
 /// `PUT .../test-vector`: the input and outputs devices must reproduce.
 async fn put_test_vector(
     State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
     Path((name, version)): Path<(String, u64)>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<ModelRecord>> {
     let tv: edgefleet_shared::TestVector = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed test vector JSON: {e}")))?;
     check_test_vector(&tv).map_err(ApiError::bad_request)?;
-    attach(&fleet, name, version, store::Attachment::TestVector(tv)).await
+    attach(
+        &fleet,
+        &op,
+        name,
+        version,
+        store::Attachment::TestVector(tv),
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -277,7 +312,11 @@ struct DeployRequest {
 
 /// Points devices (or the whole fleet) at a model version and publishes
 /// the new signed desired state to each affected device.
-async fn deploy(State(fleet): State<Fleet>, body: axum::body::Bytes) -> ApiResult<Json<Value>> {
+async fn deploy(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
     let req: DeployRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed deployment JSON: {e}")))?;
     if req.all != req.devices.is_empty() {
@@ -304,6 +343,17 @@ async fn deploy(State(fleet): State<Fleet>, body: axum::body::Bytes) -> ApiResul
             edgefleet_shared::unix_now(),
         )
         .await?;
+    audit(
+        &fleet,
+        &op,
+        "deploy",
+        format!("{}@{}", req.model, req.version),
+        Some(match &target {
+            store::Target::All => json!({"all": true}),
+            store::Target::Devices(ids) => json!({"devices": ids}),
+        }),
+    )
+    .await;
     let mut published = Vec::new();
     for id in targets {
         let device = DeviceId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -462,4 +512,171 @@ async fn download_artifact(
         }
     };
     response.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+// ---- operator tokens and the audit log ----------------------------------------
+
+/// Checks the operator token of every call that needs one (see
+/// [`auth::required_scope`]) and hands the operator to the handler.
+async fn authenticate(
+    State(fleet): State<Fleet>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(needed) = auth::required_scope(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let unauthorized = |message: String| {
+        let mut resp = ApiError(StatusCode::UNAUTHORIZED, message).into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        resp
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return unauthorized(
+            "missing operator token: send `Authorization: Bearer <token>` (fleetctl: --token or EDGEFLEET_TOKEN; on first start the server writes an admin token to {data_dir}/admin.token)".into(),
+        );
+    };
+    let Some((id, secret)) = auth::parse(presented) else {
+        return unauthorized("malformed operator token (expected eft_<id>_<secret>)".into());
+    };
+    let (record, hash) = match fleet.store.token_for_auth(id).await {
+        Err(e) => return ApiError::from(e).into_response(),
+        Ok(None) => return unauthorized("unknown or revoked operator token".into()),
+        Ok(Some(found)) => found,
+    };
+    if record.revoked_at.is_some() || !auth::matches(secret, &hash) {
+        return unauthorized("unknown or revoked operator token".into());
+    }
+    if record.scope < needed {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token {:?} ({}) has scope {}; {} {} needs {}",
+                record.name,
+                record.id,
+                record.scope.as_str(),
+                req.method(),
+                req.uri().path(),
+                needed.as_str()
+            ),
+        )
+        .into_response();
+    }
+    req.extensions_mut().insert(auth::Operator {
+        token_id: record.id,
+        name: record.name,
+        scope: record.scope,
+    });
+    next.run(req).await
+}
+
+/// Appends an operator action to the audit log. The action has happened:
+/// a failure to record it is logged loudly rather than reported as the
+/// action failing.
+async fn audit(
+    fleet: &Fleet,
+    op: &auth::Operator,
+    action: &str,
+    target: String,
+    detail: Option<Value>,
+) {
+    let entry = store::AuditEntry {
+        at: edgefleet_shared::unix_now(),
+        token_id: Some(op.token_id.clone()),
+        actor: op.name.clone(),
+        action: action.to_string(),
+        target,
+        detail,
+    };
+    if let Err(e) = fleet.store.record_audit(&entry).await {
+        tracing::error!(error = %e, ?entry, "cannot record an operator action in the audit log");
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTokenRequest {
+    name: String,
+    scope: auth::Scope,
+}
+
+/// `POST /api/v1/tokens`: a new token; its text is in this answer only.
+async fn create_token(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let req: NewTokenRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "malformed token request (expected {{\"name\": \"ci\", \"scope\": \"read\"|\"write\"|\"admin\"}}): {e}"
+        ))
+    })?;
+    let name = req.name.trim();
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "token name must be 1 to 64 printable characters",
+        ));
+    }
+    let made = auth::generate(name, req.scope, edgefleet_shared::unix_now());
+    fleet.store.create_token(&made.record, &made.hash).await?;
+    audit(
+        &fleet,
+        &op,
+        "token.create",
+        made.record.id.clone(),
+        Some(json!({"name": made.record.name, "scope": made.record.scope})),
+    )
+    .await;
+    tracing::info!(id = %made.record.id, name = %made.record.name, scope = made.record.scope.as_str(), by = %op.name, "operator token created");
+    let mut reply = json!(made.record);
+    reply["token"] = made.token.into();
+    Ok((StatusCode::CREATED, Json(reply)))
+}
+
+async fn list_tokens(State(fleet): State<Fleet>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(fleet.store.list_tokens().await?)))
+}
+
+async fn revoke_token(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let record = fleet
+        .store
+        .revoke_token(&id, edgefleet_shared::unix_now())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("unknown token {id:?}")))?;
+    audit(&fleet, &op, "token.revoke", id, None).await;
+    Ok(Json(json!(record)))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    after_id: Option<u64>,
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/audit`: operator actions, oldest first (`after_id` pages).
+async fn list_audit(
+    State(fleet): State<Fleet>,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<Value>> {
+    let rows = fleet
+        .store
+        .list_audit(
+            q.after_id.unwrap_or(0),
+            q.limit.unwrap_or(100).clamp(1, 1000),
+        )
+        .await?;
+    Ok(Json(json!(rows)))
 }

@@ -187,7 +187,18 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     );
 
     crate::install_crypto_provider();
-    let client = reqwest::Client::new();
+    // The demo operates as the admin whose token the server wrote on start.
+    let token_file = dir.join("server").join("admin.token");
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("cannot read {}", token_file.display()))?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", token.trim()).parse()?,
+    );
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     let push = client
         .post(format!("{api}/api/v1/models/digits/versions/1?format=onnx"))
         .body(EXAMPLE_MODEL)
@@ -309,7 +320,10 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
             if ok { "ok" } else { "WRONG" }
         );
     }
-    println!("\nAPI            {api}/api/v1/devices");
+    println!(
+        "\nAPI            {api}/api/v1/devices  (admin token in {})",
+        token_file.display()
+    );
     println!("done in        {:.1} s", started.elapsed().as_secs_f64());
     let result = if failures == 0 {
         Ok(())

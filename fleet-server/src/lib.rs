@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod artifacts;
+pub mod auth;
 pub mod bridge;
 pub mod broker;
 pub mod config;
@@ -61,6 +62,7 @@ pub async fn start(
     let database = config.database();
     let store = store::Store::open(&database).await?;
     tracing::info!(backend = store.backend(), "fleet database open");
+    bootstrap_admin_token(&store, &config.data_dir).await?;
     let artifacts = artifacts::ArtifactStore::open(&config.data_dir.join("artifacts"))?;
     let (host, port) = match (&config.broker.url, config.broker.embedded_listen) {
         (Some(url), _) => config::parse_mqtt_url(url)?,
@@ -128,4 +130,43 @@ async fn prune_streamed(store: store::Store, retention_secs: u64, shutdown: Canc
             Err(e) => tracing::warn!(error = %e, "cannot prune telemetry"),
         }
     }
+}
+
+/// On a fleet with no operator tokens yet, creates an admin token and
+/// writes it to `{data_dir}/admin.token` (mode 0600), where fleetctl on
+/// this machine finds it. The operator makes scoped tokens with it and may
+/// then revoke it.
+async fn bootstrap_admin_token(
+    store: &store::Store,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    if !store.list_tokens().await?.is_empty() {
+        return Ok(());
+    }
+    let made = auth::generate(
+        "bootstrap-admin",
+        auth::Scope::Admin,
+        edgefleet_shared::unix_now(),
+    );
+    let path = data_dir.join("admin.token");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot write the first admin token to {}", path.display()))?;
+        writeln!(file, "{}", made.token)?;
+        file.sync_all()?;
+    }
+    store.create_token(&made.record, &made.hash).await?;
+    tracing::warn!(
+        path = %path.display(),
+        id = %made.record.id,
+        "no operator tokens yet: created admin token \"bootstrap-admin\"; make scoped ones with `fleetctl tokens create` and revoke this one"
+    );
+    Ok(())
 }

@@ -199,7 +199,8 @@ impl Drop for Proc {
     }
 }
 
-/// Runs `fleetctl` against `server` and returns its output.
+/// Runs `fleetctl` against `server`, with no token, and returns its
+/// output ([`Server::ctl`] passes the admin token).
 pub fn fleetctl(server: &str, args: &[&str]) -> Output {
     Command::new(binary("fleetctl"))
         .env("FLEETCTL_SERVER", server)
@@ -219,6 +220,8 @@ pub struct Server {
     pub topic_prefix: String,
     pub keys_dir: PathBuf,
     pub dir: PathBuf,
+    /// The admin token the server wrote on its first start.
+    pub token: String,
     /// The `fleet-server` arguments, for [`Server::restart`].
     args: Vec<std::ffi::OsString>,
     starts: u32,
@@ -286,7 +289,13 @@ impl Server {
         let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let url = format!("http://127.0.0.1:{http_port}");
         let proc = Self::spawn_ready(&args, &url, dir.join("server.log")).await?;
+        let token_file = dir.join("server").join("admin.token");
+        let token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("the server wrote no {}", token_file.display()))?
+            .trim()
+            .to_string();
         Ok(Self {
+            token,
             proc,
             url,
             mqtt_port,
@@ -344,11 +353,27 @@ impl Server {
         Ok(())
     }
 
-    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
-        Ok(reqwest::get(format!("{}{path}", self.url))
-            .await?
-            .json()
+    /// An authenticated GET of an API path (with the admin token).
+    pub async fn get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        Ok(reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
             .await?)
+    }
+
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        Ok(self.get(path).await?.json().await?)
+    }
+
+    /// Runs `fleetctl` against this server with its admin token.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(binary("fleetctl"))
+            .env("FLEETCTL_SERVER", &self.url)
+            .env("EDGEFLEET_TOKEN", &self.token)
+            .args(args)
+            .output()
+            .expect("run fleetctl")
     }
 
     /// The device record once it reports `model` at `version` as served.
@@ -379,18 +404,15 @@ impl Server {
 
     /// `fleetctl model push`, asserting success.
     pub fn push(&self, model: &Path, name: &str, version: u64) {
-        let out = fleetctl(
-            &self.url,
-            &[
-                "model",
-                "push",
-                model.to_str().unwrap(),
-                "--name",
-                name,
-                "--version",
-                &version.to_string(),
-            ],
-        );
+        let out = self.ctl(&[
+            "model",
+            "push",
+            model.to_str().unwrap(),
+            "--name",
+            name,
+            "--version",
+            &version.to_string(),
+        ]);
         assert!(
             out.status.success(),
             "push: {}",
@@ -407,7 +429,7 @@ impl Server {
         } else {
             args.extend(["--device", target]);
         }
-        let out = fleetctl(&self.url, &args);
+        let out = self.ctl(&args);
         assert!(
             out.status.success(),
             "deploy: {}",
@@ -430,7 +452,8 @@ impl Server {
         &self,
         device: &str,
     ) -> anyhow::Result<(edgefleet_shared::Signed, edgefleet_shared::DesiredState)> {
-        let bytes = reqwest::get(format!("{}/api/v1/devices/{device}/desired", self.url))
+        let bytes = self
+            .get(&format!("/api/v1/devices/{device}/desired"))
             .await?
             .bytes()
             .await?;

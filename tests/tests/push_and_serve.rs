@@ -16,18 +16,15 @@ async fn two_agents_serve_correct_predictions_after_a_push() -> anyhow::Result<(
     ];
 
     let model = digits_model("int8");
-    let out = fleetctl(
-        &server.url,
-        &[
-            "model",
-            "push",
-            model.to_str().unwrap(),
-            "--name",
-            "digits",
-            "--version",
-            "1",
-        ],
-    );
+    let out = server.ctl(&[
+        "model",
+        "push",
+        model.to_str().unwrap(),
+        "--name",
+        "digits",
+        "--version",
+        "1",
+    ]);
     assert!(
         out.status.success(),
         "push: {}",
@@ -75,7 +72,7 @@ async fn two_agents_serve_correct_predictions_after_a_push() -> anyhow::Result<(
     }
 
     // The CLI lists both devices with the version they report.
-    let out = fleetctl(&server.url, &["devices"]);
+    let out = server.ctl(&["devices"]);
     let table = String::from_utf8_lossy(&out.stdout);
     for agent in &agents {
         let line = table
@@ -87,7 +84,7 @@ async fn two_agents_serve_correct_predictions_after_a_push() -> anyhow::Result<(
             "{line}"
         );
     }
-    let out = fleetctl(&server.url, &["--json", "events", "pi-berlin-1"]);
+    let out = server.ctl(&["--json", "events", "pi-berlin-1"]);
     let events: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let kinds: Vec<&str> = events
         .as_array()
@@ -134,34 +131,27 @@ async fn fleetctl_reports_errors_with_exit_codes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server = Server::start(dir.path()).await?;
     // Deploying a model that was never pushed: the server refuses (exit 1).
-    let out = fleetctl(
-        &server.url,
-        &["deploy", "--model", "nope", "--version", "3", "--all"],
-    );
+    let out = server.ctl(&["deploy", "--model", "nope", "--version", "3", "--all"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     // A file with no known extension: local usage error (exit 2).
     let junk = dir.path().join("model.bin");
     std::fs::write(&junk, b"x")?;
-    let out = fleetctl(
-        &server.url,
-        &[
-            "model",
-            "push",
-            junk.to_str().unwrap(),
-            "--name",
-            "m",
-            "--version",
-            "1",
-        ],
-    );
+    let out = server.ctl(&[
+        "model",
+        "push",
+        junk.to_str().unwrap(),
+        "--name",
+        "m",
+        "--version",
+        "1",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     // Pushing different bytes under an existing version is a conflict.
     let a = digits_model("int8");
     let b = digits_model("fp32");
-    assert!(fleetctl(
-        &server.url,
-        &[
+    assert!(server
+        .ctl(&[
             "model",
             "push",
             a.to_str().unwrap(),
@@ -169,22 +159,18 @@ async fn fleetctl_reports_errors_with_exit_codes() -> anyhow::Result<()> {
             "m",
             "--version",
             "1"
-        ]
-    )
-    .status
-    .success());
-    let out = fleetctl(
-        &server.url,
-        &[
-            "model",
-            "push",
-            b.to_str().unwrap(),
-            "--name",
-            "m",
-            "--version",
-            "1",
-        ],
-    );
+        ])
+        .status
+        .success());
+    let out = server.ctl(&[
+        "model",
+        "push",
+        b.to_str().unwrap(),
+        "--name",
+        "m",
+        "--version",
+        "1",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     // No server at all: exit 3.

@@ -291,7 +291,7 @@ async fn test_vectors_pushed_with_fleetctl_are_signed_and_enforced() -> anyhow::
         if let Some(spec) = spec {
             args.extend(["--spec", spec.to_str().unwrap()]);
         }
-        edgefleet_tests::fleetctl(&server.url, &args)
+        server.ctl(&args)
     };
     let push = |version: &str, tv: &Path| push_with(version, tv, None);
 

@@ -18,7 +18,8 @@ async fn agent_refuses_a_desired_state_signed_by_an_unknown_key() -> anyhow::Res
     // An attacker with broker access takes the genuine document, points it
     // at their own model, raises the version and re-signs it with their key.
     let genuine: Signed = Signed::from_json(
-        &reqwest::get(format!("{}/api/v1/devices/cam-7/desired", server.url))
+        &server
+            .get("/api/v1/devices/cam-7/desired")
             .await?
             .bytes()
             .await?,

@@ -1,7 +1,8 @@
 //! `fleetctl`: the operator's command line for an edgefleet server.
 //!
 //! Exit codes: 0 success, 1 the server refused or failed the request,
-//! 2 bad usage or local input, 3 the server could not be reached.
+//! 2 bad usage or local input, 3 the server could not be reached, 4 not
+//! allowed (no token, a bad or revoked one, or too small a scope).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +28,14 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
+    /// Operator token (eft_...). Default: EDGEFLEET_TOKEN, then the
+    /// token file.
+    #[arg(long, global = true, env = "EDGEFLEET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the operator token, used when no --token is given
+    /// (the server writes its first admin token here).
+    #[arg(long, global = true, default_value = "fleet-data/admin.token")]
+    token_file: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -71,6 +80,34 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Operator tokens (admin scope).
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Operator actions, oldest first (admin scope).
+    Audit {
+        /// Only entries after this id (for paging).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Create a token; it is printed once and never shown again.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        scope: fleet_server::auth::Scope,
+    },
+    /// List tokens (ids, names, scopes; never secrets).
+    List,
+    /// Revoke a token by id; calls with it are refused at once.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -173,8 +210,13 @@ async fn check(resp: reqwest::Response) -> Result<Value, Failure> {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| body.to_string());
+        // 4: not allowed (no, a bad or a revoked token; too small a scope).
+        let code = match status.as_u16() {
+            401 | 403 => 4,
+            _ => 1,
+        };
         Err(Failure(
-            1,
+            code,
             anyhow::anyhow!("server answered {status}: {msg}"),
         ))
     }
@@ -216,6 +258,7 @@ fn ago(ts: u64) -> String {
 
 async fn push(
     cli: &Cli,
+    client: &reqwest::Client,
     file: &PathBuf,
     name: &str,
     version: u64,
@@ -265,7 +308,7 @@ async fn push(
         "{}/api/v1/models/{name}/versions/{version}?format={format}",
         cli.server
     );
-    let resp = reqwest::Client::new()
+    let resp = client
         .post(url)
         .header(reqwest::header::CONTENT_LENGTH, size)
         .body(reqwest::Body::wrap_stream(stream))
@@ -293,9 +336,34 @@ async fn get_rows<T: serde::de::DeserializeOwned>(
         .map_err(|e| Failure(1, anyhow::anyhow!("unexpected answer from the server: {e}")))
 }
 
+/// An HTTP client that sends the operator token with every call.
+fn api_client(cli: &Cli) -> Result<reqwest::Client, Failure> {
+    let token = match &cli.token {
+        Some(t) => Some(t.trim().to_string()),
+        None => std::fs::read_to_string(&cli.token_file)
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| {
+                usage(anyhow::anyhow!(
+                    "the operator token has characters a header cannot carry"
+                ))
+            })?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .map_err(|e| Failure(1, e.into()))
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     fleet_server::install_crypto_provider();
-    let client = reqwest::Client::new();
+    let client = api_client(&cli)?;
     let base = cli.server.trim_end_matches('/').to_string();
     match &cli.command {
         Command::Keys {
@@ -405,7 +473,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 ("test-vector", "test vector", read(test_vector)?),
                 ("spec", "spec", read(spec)?),
             ];
-            let mut record = push(&cli, file, name, *version, format.as_deref()).await?;
+            let mut record = push(&cli, &client, file, name, *version, format.as_deref()).await?;
             for (path, what, body) in attachments {
                 let Some(body) = body else { continue };
                 let url = format!(
@@ -545,6 +613,87 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                                     _ => "-".into(),
                                 },
                                 e.reason.unwrap_or_default(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Command::Tokens { command } => match command {
+            TokensCommand::Create { name, scope } => {
+                let resp = client
+                    .post(format!("{base}/api/v1/tokens"))
+                    .json(&serde_json::json!({"name": name, "scope": scope}))
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                let made = check(resp).await?;
+                if cli.json {
+                    println!("{made}");
+                } else {
+                    println!(
+                        "created token {} ({}, scope {}); it is shown only now:\n{}",
+                        made["id"].as_str().unwrap_or("?"),
+                        made["name"].as_str().unwrap_or("?"),
+                        made["scope"].as_str().unwrap_or("?"),
+                        made["token"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            TokensCommand::List => {
+                let url = format!("{base}/api/v1/tokens");
+                if let Some(tokens) =
+                    get_rows::<fleet_server::auth::TokenRecord>(&client, url, cli.json).await?
+                {
+                    print_table(
+                        &["ID", "NAME", "SCOPE", "CREATED", "STATE"],
+                        tokens
+                            .into_iter()
+                            .map(|t| {
+                                vec![
+                                    t.id,
+                                    t.name,
+                                    t.scope.as_str().into(),
+                                    ago(t.created_at),
+                                    t.revoked_at.map_or("active".into(), |at| {
+                                        format!("revoked {}", ago(at))
+                                    }),
+                                ]
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            TokensCommand::Revoke { id } => {
+                let resp = client
+                    .delete(format!("{base}/api/v1/tokens/{id}"))
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                let record = check(resp).await?;
+                if cli.json {
+                    println!("{record}");
+                } else {
+                    println!("revoked token {id}");
+                }
+            }
+        },
+        Command::Audit { after, limit } => {
+            let url = format!("{base}/api/v1/audit?after_id={after}&limit={limit}");
+            if let Some(entries) =
+                get_rows::<fleet_server::store::AuditRecord>(&client, url, cli.json).await?
+            {
+                print_table(
+                    &["ID", "WHEN", "WHO", "ACTION", "TARGET"],
+                    entries
+                        .into_iter()
+                        .map(|a| {
+                            vec![
+                                a.id.to_string(),
+                                ago(a.entry.at),
+                                a.entry.actor,
+                                a.entry.action,
+                                a.entry.target,
                             ]
                         })
                         .collect(),

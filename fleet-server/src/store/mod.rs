@@ -21,6 +21,8 @@ use edgefleet_shared::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::auth::TokenRecord;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
@@ -115,6 +117,30 @@ pub enum Streamed {
 pub struct Page {
     pub after_seq: Option<u64>,
     pub limit: u32,
+}
+
+/// One operator action, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: u64,
+    /// The token that made the call (`None`: the server itself).
+    pub token_id: Option<String>,
+    /// The token's name at the time.
+    pub actor: String,
+    /// What was done (`model.push`, `deploy`, `token.create`, ...).
+    pub action: String,
+    /// What it was done to (`digits@2`, a device id, a token id).
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+/// A stored audit entry with its position in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub id: u64,
+    #[serde(flatten)]
+    pub entry: AuditEntry,
 }
 
 /// What a status message changed, and what the device should run.
@@ -314,6 +340,46 @@ impl Store {
     /// seconds); returns how many rows went.
     pub async fn prune_streamed(&self, cutoff: u64) -> Result<usize, StoreError> {
         on_backend!(self, s => s.prune_streamed(cutoff).await)
+    }
+
+    /// Stores a new operator token (its hash, never the secret).
+    pub async fn create_token(&self, token: &TokenRecord, hash: &str) -> Result<(), StoreError> {
+        on_backend!(self, s => s.create_token(token, hash).await)
+    }
+
+    /// A token and its stored hash, by id (revoked ones too).
+    pub async fn token_for_auth(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TokenRecord, String)>, StoreError> {
+        on_backend!(self, s => s.token_for_auth(id).await)
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        on_backend!(self, s => s.list_tokens().await)
+    }
+
+    /// Revokes a token (again is a no-op); `None` for an unknown id.
+    pub async fn revoke_token(
+        &self,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        on_backend!(self, s => s.revoke_token(id, now).await)
+    }
+
+    /// Appends to the audit log.
+    pub async fn record_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        on_backend!(self, s => s.record_audit(entry).await)
+    }
+
+    /// Audit entries after `after_id`, oldest first, at most `limit`.
+    pub async fn list_audit(
+        &self,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        on_backend!(self, s => s.list_audit(after_id, limit).await)
     }
 }
 

@@ -12,16 +12,19 @@ use edgefleet_shared::{ModelFormat, StatusMessage, UpdateEvent};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use crate::auth::{Scope, TokenRecord};
+
 use super::{
     changed_model, deployed_conflict, missing_model, streamed_body, with_received_at, Attachment,
-    DeviceRecord, EventRecord, ModelRecord, Page, SignFn, StatusOutcome, StoreError, Streamed,
-    Target, ALL_DEVICES,
+    AuditEntry, AuditRecord, DeviceRecord, EventRecord, ModelRecord, Page, SignFn, StatusOutcome,
+    StoreError, Streamed, Target, ALL_DEVICES,
 };
 
 /// Ordered schema migrations; `edgefleet_schema` records how many ran.
 /// Integers are BIGINT (unix seconds, versions, sequence numbers); JSON
 /// bodies are TEXT, stored and returned as the device sent them.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE devices (
         id TEXT PRIMARY KEY,
         first_seen BIGINT NOT NULL,
@@ -84,7 +87,28 @@ const MIGRATIONS: &[&str] = &[r#"
         PRIMARY KEY (device_id, seq)
     );
     CREATE INDEX results_by_arrival ON results (received_at);
-    "#];
+    "#,
+    // 2: operator tokens (hashes only) and the audit log.
+    r#"
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        revoked_at BIGINT
+    );
+    CREATE TABLE audit (
+        id BIGSERIAL PRIMARY KEY,
+        at BIGINT NOT NULL,
+        token_id TEXT,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT
+    );
+    "#,
+];
 
 /// Any key: serialises migrations of edgefleet servers on one database.
 const MIGRATION_LOCK: i64 = 0x6564_6765_666c_7431; // "edgeflt1"
@@ -613,6 +637,133 @@ impl PgStore {
             )
             .await?;
         Ok((a + b) as usize)
+    }
+
+    pub async fn create_token(&self, t: &TokenRecord, hash: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO tokens (id, name, scope, hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &t.id,
+                    &t.name,
+                    &t.scope.as_str(),
+                    &hash,
+                    &(t.created_at as i64),
+                    &t.revoked_at.map(|v| v as i64),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn token_for_auth(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TokenRecord, String)>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt(
+                &format!("SELECT {TOKEN_COLUMNS}, hash FROM tokens WHERE id = $1"),
+                &[&id],
+            )
+            .await?
+            .map(|r| (token_from_row(&r), r.get(5))))
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(token_from_row).collect())
+    }
+
+    pub async fn revoke_token(
+        &self,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                &[&id, &(now as i64)],
+            )
+            .await?;
+        Ok(client
+            .query_opt(
+                &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1"),
+                &[&id],
+            )
+            .await?
+            .as_ref()
+            .map(token_from_row))
+    }
+
+    pub async fn record_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO audit (at, token_id, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &(e.at as i64),
+                    &e.token_id,
+                    &e.actor,
+                    &e.action,
+                    &e.target,
+                    &e.detail.as_ref().map(|d| d.to_string()),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_audit(
+        &self,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, at, token_id, actor, action, target, detail FROM audit
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&(after_id as i64), &(limit as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditRecord {
+                id: r.get::<_, i64>(0) as u64,
+                entry: AuditEntry {
+                    at: r.get::<_, i64>(1) as u64,
+                    token_id: r.get(2),
+                    actor: r.get(3),
+                    action: r.get(4),
+                    target: r.get(5),
+                    detail: r
+                        .get::<_, Option<&str>>(6)
+                        .and_then(|d| serde_json::from_str(d).ok()),
+                },
+            })
+            .collect())
+    }
+}
+
+const TOKEN_COLUMNS: &str = "id, name, scope, created_at, revoked_at";
+
+fn token_from_row(r: &Row) -> TokenRecord {
+    TokenRecord {
+        id: r.get(0),
+        name: r.get(1),
+        // Only this server writes scopes; an unknown one grants least.
+        scope: r.get::<_, &str>(2).parse().unwrap_or(Scope::Read),
+        created_at: r.get::<_, i64>(3) as u64,
+        revoked_at: r.get::<_, Option<i64>>(4).map(|v| v as u64),
     }
 }
 

@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use edgefleet_shared::{ModelFormat, StatusMessage, UpdateEvent};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::auth::{Scope, TokenRecord};
+
 use super::{
     changed_model, deployed_conflict, missing_model, streamed_body, with_received_at, Attachment,
-    DeviceRecord, EventRecord, ModelRecord, ModelSpec, Page, SignFn, StatusOutcome, StoreError,
-    Streamed, Target, ALL_DEVICES,
+    AuditEntry, AuditRecord, DeviceRecord, EventRecord, ModelRecord, ModelSpec, Page, SignFn,
+    StatusOutcome, StoreError, Streamed, Target, ALL_DEVICES,
 };
 
 /// Ordered schema migrations; `PRAGMA user_version` records how many ran.
@@ -85,6 +87,26 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE models ADD COLUMN test_vector TEXT;
     ALTER TABLE models ADD COLUMN spec TEXT;
+    "#,
+    // 4: operator tokens (hashes only) and the audit log.
+    r#"
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        token_id TEXT,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT
+    );
     "#,
 ];
 
@@ -355,6 +377,133 @@ impl SqliteStore {
     pub async fn prune_streamed(&self, cutoff: u64) -> Result<usize, StoreError> {
         self.call(move |conn| prune_streamed(conn, cutoff)).await
     }
+
+    pub async fn create_token(&self, t: &TokenRecord, hash: &str) -> Result<(), StoreError> {
+        let (t, hash) = (t.clone(), hash.to_string());
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO tokens (id, name, scope, hash, created_at, revoked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![t.id, t.name, t.scope.as_str(), hash, t.created_at as i64, t.revoked_at.map(|v| v as i64)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn token_for_auth(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TokenRecord, String)>, StoreError> {
+        let id = id.to_string();
+        self.call(move |conn| {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {TOKEN_COLUMNS}, hash FROM tokens WHERE id = ?1"),
+                    [id],
+                    |r| Ok((token_from_row(r)?, r.get(5)?)),
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_map([], token_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn revoke_token(
+        &self,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now as i64],
+            )?;
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1"),
+                    [id],
+                    token_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn record_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        let e = e.clone();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO audit (at, token_id, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    e.at as i64,
+                    e.token_id,
+                    e.actor,
+                    e.action,
+                    e.target,
+                    e.detail.as_ref().map(|d| d.to_string())
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_audit(
+        &self,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, at, token_id, actor, action, target, detail FROM audit
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after_id as i64, limit], |r| {
+                Ok(AuditRecord {
+                    id: r.get::<_, i64>(0)? as u64,
+                    entry: AuditEntry {
+                        at: r.get::<_, i64>(1)? as u64,
+                        token_id: r.get(2)?,
+                        actor: r.get(3)?,
+                        action: r.get(4)?,
+                        target: r.get(5)?,
+                        detail: r
+                            .get::<_, Option<String>>(6)?
+                            .and_then(|d| serde_json::from_str(&d).ok()),
+                    },
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+}
+
+// ---- operator tokens ---------------------------------------------------------
+
+const TOKEN_COLUMNS: &str = "id, name, scope, created_at, revoked_at";
+
+fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let scope: String = r.get(2)?;
+    Ok(TokenRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        // Only this server writes scopes; an unknown one grants least.
+        scope: scope.parse().unwrap_or(Scope::Read),
+        created_at: r.get::<_, i64>(3)? as u64,
+        revoked_at: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+    })
 }
 
 // ---- devices ---------------------------------------------------------------

@@ -404,6 +404,50 @@ async fn streamed_records_are_stored_once_in_sequence_order_and_pruned(f: Fixtur
     );
 }
 
+async fn tokens_and_the_audit_log_round_trip(f: Fixture) {
+    use crate::auth::{generate, Scope};
+    let s = &f.store;
+    assert!(s.list_tokens().await.unwrap().is_empty());
+    let a = generate("ci", Scope::Write, 10);
+    let b = generate("dash", Scope::Read, 11);
+    s.create_token(&a.record, &a.hash).await.unwrap();
+    s.create_token(&b.record, &b.hash).await.unwrap();
+    let (found, hash) = s.token_for_auth(&a.record.id).await.unwrap().unwrap();
+    assert_eq!((found, hash), (a.record.clone(), a.hash.clone()));
+    assert_eq!(s.token_for_auth("0000000000000000").await.unwrap(), None);
+    assert_eq!(
+        s.list_tokens().await.unwrap(),
+        vec![a.record.clone(), b.record.clone()]
+    );
+    let revoked = s.revoke_token(&b.record.id, 20).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(20));
+    // Revoking again keeps the first time.
+    let again = s.revoke_token(&b.record.id, 30).await.unwrap().unwrap();
+    assert_eq!(again.revoked_at, Some(20));
+    assert_eq!(s.revoke_token("nope", 30).await.unwrap(), None);
+
+    let entry = |action: &str, detail: Option<serde_json::Value>| AuditEntry {
+        at: 40,
+        token_id: Some(a.record.id.clone()),
+        actor: "ci".into(),
+        action: action.into(),
+        target: "digits@1".into(),
+        detail,
+    };
+    s.record_audit(&entry("model.push", None)).await.unwrap();
+    s.record_audit(&entry("deploy", Some(serde_json::json!({"all": true}))))
+        .await
+        .unwrap();
+    let log = s.list_audit(0, 10).await.unwrap();
+    assert_eq!(log.len(), 2);
+    assert!(log[0].id < log[1].id);
+    assert_eq!(log[0].entry, entry("model.push", None));
+    assert_eq!(log[1].entry.detail, Some(serde_json::json!({"all": true})));
+    let rest = s.list_audit(log[0].id, 10).await.unwrap();
+    assert_eq!(rest, vec![log[1].clone()]);
+    assert_eq!(s.list_audit(0, 1).await.unwrap().len(), 1);
+}
+
 /// Runs each test function against both backends.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -430,6 +474,7 @@ suite!(
     desired_versions_increase_per_device,
     events_are_stored_once,
     streamed_records_are_stored_once_in_sequence_order_and_pruned,
+    tokens_and_the_audit_log_round_trip,
 );
 
 #[tokio::test]
