@@ -79,11 +79,17 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/audit", get(list_audit))
+        .route("/metrics", get(metrics))
         .route("/artifacts/{name}", get(download_artifact))
         .fallback(|| async { ApiError::not_found("no such endpoint; the API lives under /api/v1") })
         .layer(axum::middleware::from_fn_with_state(
             fleet.clone(),
             authenticate,
+        ))
+        // Outermost, so refused calls are timed too.
+        .layer(axum::middleware::from_fn_with_state(
+            fleet.clone(),
+            time_request,
         ))
         .with_state(fleet)
 }
@@ -679,4 +685,46 @@ async fn list_audit(
         )
         .await?;
     Ok(Json(json!(rows)))
+}
+
+// ---- metrics -------------------------------------------------------------------
+
+/// Times every call by method, route template and status.
+async fn time_request(
+    State(fleet): State<Fleet>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    fleet
+        .metrics
+        .http
+        .get_or_create(&crate::metrics::HttpLabels {
+            method,
+            route,
+            status: resp.status().as_u16(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(fleet): State<Fleet>) -> ApiResult<Response> {
+    let devices = fleet.store.list_devices().await?;
+    let online = devices.iter().filter(|d| d.online).count();
+    fleet.metrics.set_devices(online, devices.len() - online);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        fleet.metrics.encode(),
+    )
+        .into_response())
 }

@@ -32,6 +32,20 @@ pub enum Inbound {
     Streamed(Vec<Streamed>),
 }
 
+impl Inbound {
+    /// Its kind, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Status(_) => "status",
+            Self::Event(_) => "events",
+            Self::Streamed(records) => match records.first() {
+                Some(Streamed::Result(_)) => "results",
+                _ => "telemetry",
+            },
+        }
+    }
+}
+
 /// Why an inbound message was dropped.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum InboundError {
@@ -181,10 +195,15 @@ pub async fn ingest(
         loop {
             let result = async {
                 if !streamed.is_empty() {
-                    fleet
-                        .store
-                        .record_streamed(&streamed, edgefleet_shared::unix_now())
-                        .await?;
+                    let now = edgefleet_shared::unix_now();
+                    let started = std::time::Instant::now();
+                    let new = fleet.store.record_streamed(&streamed, now).await?;
+                    fleet.metrics.ingested(
+                        streamed.len(),
+                        new,
+                        started.elapsed().as_secs_f64(),
+                        streamed.iter().map(|r| now as f64 - r.at() as f64),
+                    );
                 }
                 for (inbound, _) in &batch {
                     match inbound {
@@ -228,6 +247,7 @@ pub async fn ingest(
             };
             let topic = fleet.prefix.device(&receipt.device_id, TopicKind::Receipts);
             let payload = serde_json::to_vec(&receipt).expect("receipts serialize");
+            fleet.metrics.published("receipts");
             if let Err(e) = fleet
                 .mqtt
                 .publish(topic.to_string(), QoS::AtLeastOnce, false, payload)
@@ -359,6 +379,10 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
                         None
                     }
                 };
+                fleet.metrics.received(match &inbound {
+                    Some(inbound) => inbound.kind(),
+                    None => "dropped",
+                });
                 if ingest_tx.send((inbound, publish)).is_err() {
                     break;
                 }

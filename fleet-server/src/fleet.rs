@@ -24,6 +24,7 @@ pub struct Fleet {
     pub public_url: String,
     pub desired_expiry_secs: u64,
     pub max_upload_bytes: u64,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Fleet {
@@ -105,6 +106,7 @@ impl Fleet {
     /// re-published when the device next reports.
     async fn publish_retained(&self, device: &DeviceId, bytes: Vec<u8>) {
         let topic = self.prefix.device(device, TopicKind::Desired).to_string();
+        self.metrics.published("desired");
         if let Err(e) = self
             .mqtt
             .publish(topic, QoS::AtLeastOnce, true, bytes)

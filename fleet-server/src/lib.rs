@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod fleet;
 pub mod keys;
+pub mod metrics;
 pub mod store;
 pub mod unix_http;
 
@@ -86,6 +87,7 @@ pub async fn start(
         public_url: public_url.clone(),
         desired_expiry_secs: config.desired_expiry_secs,
         max_upload_bytes: config.max_upload_bytes,
+        metrics: metrics::Metrics::default(),
     };
     let bridge_task = tokio::spawn(bridge::run(fleet.clone(), eventloop, shutdown.clone()));
     tokio::spawn(prune_streamed(

@@ -191,3 +191,49 @@ async fn tokens_scopes_revocation_and_audit() -> anyhow::Result<()> {
     assert_eq!(audit[3]["detail"]["devices"][0], "pi-1");
     Ok(())
 }
+
+/// `GET /metrics` needs a read token and counts devices, MQTT messages,
+/// ingested records and API calls of a live fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_devices_messages_and_calls() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let agent = edgefleet_tests::Agent::start_fleet_with(
+        dir.path(),
+        "metered-1",
+        &server,
+        None,
+        "[telemetry]\ninterval_ms = 200\n",
+    )?;
+    server.push(&digits_model("int8"), "digits", 1);
+    server.deploy("digits", 1, "metered-1");
+    server.wait_for_model("metered-1", "digits", 1).await?;
+    let _ = &agent;
+
+    let resp = reqwest::get(format!("{}/metrics", server.url)).await?;
+    assert_eq!(resp.status(), 401, "metrics need a token");
+    // Telemetry arrives every 200 ms; wait for some to be stored.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = server.get("/metrics").await?.text().await?;
+        if text.contains("edgefleet_ingest_records_total{result=\"new\"}")
+            && !text.contains("edgefleet_ingest_records_total{result=\"new\"} 0")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for expected in [
+        "edgefleet_devices{state=\"online\"} 1",
+        "edgefleet_mqtt_messages_received_total{kind=\"status\"}",
+        "edgefleet_mqtt_messages_received_total{kind=\"telemetry\"}",
+        "edgefleet_mqtt_messages_published_total{kind=\"desired\"}",
+        "edgefleet_mqtt_messages_published_total{kind=\"receipts\"}",
+        "edgefleet_ingest_lag_seconds_count",
+        "route=\"/api/v1/devices/{id}\",status=\"200\"",
+        "route=\"/metrics\",status=\"401\"",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    Ok(())
+}

@@ -143,6 +143,16 @@ pub struct AuditRecord {
     pub entry: AuditEntry,
 }
 
+impl Streamed {
+    /// The device's timestamp of the record (unix seconds).
+    pub fn at(&self) -> u64 {
+        match self {
+            Self::Telemetry(t) => t.at,
+            Self::Result(r) => r.at,
+        }
+    }
+}
+
 /// What a status message changed, and what the device should run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusOutcome {

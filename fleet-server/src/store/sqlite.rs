@@ -886,27 +886,23 @@ fn record_streamed(
         for record in batch {
             let body = streamed_body(record)?;
             new += match record {
-                Streamed::Telemetry(t) => {
-                    telemetry.execute(params![
-                        t.device_id.as_str(),
-                        t.seq as i64,
-                        t.at as i64,
-                        now as i64,
-                        body
-                    ])?
-                }
-                Streamed::Result(r) => {
-                    result.execute(params![
-                        r.device_id.as_str(),
-                        r.seq as i64,
-                        r.at as i64,
-                        now as i64,
-                        r.model,
-                        r.model_version as i64,
-                        r.request_id,
-                        body
-                    ])?
-                }
+                Streamed::Telemetry(t) => telemetry.execute(params![
+                    t.device_id.as_str(),
+                    t.seq as i64,
+                    t.at as i64,
+                    now as i64,
+                    body
+                ])?,
+                Streamed::Result(r) => result.execute(params![
+                    r.device_id.as_str(),
+                    r.seq as i64,
+                    r.at as i64,
+                    now as i64,
+                    r.model,
+                    r.model_version as i64,
+                    r.request_id,
+                    body
+                ])?,
             };
         }
     }
@@ -1006,8 +1002,11 @@ mod tests {
                 [],
             )
             .unwrap();
-            tx.execute("INSERT INTO devices (id, first_seen, last_seen) VALUES ('a', 1, 1)", [])
-                .unwrap();
+            tx.execute(
+                "INSERT INTO devices (id, first_seen, last_seen) VALUES ('a', 1, 1)",
+                [],
+            )
+            .unwrap();
             tx.commit().unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
@@ -1015,7 +1014,11 @@ mod tests {
             after_seq: None,
             limit: 10,
         };
-        let t = store.telemetry_for_device("a", &page).await.unwrap().unwrap();
+        let t = store
+            .telemetry_for_device("a", &page)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(t[0]["received_at"], 6);
         let r = store
