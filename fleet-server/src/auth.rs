@@ -135,9 +135,95 @@ pub struct Operator {
     pub scope: Scope,
 }
 
+// ---- device credentials ------------------------------------------------------
+
+/// A new device password: 128 random bits, hex.
+pub fn device_password() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the system has a random source");
+    hex::encode(bytes)
+}
+
+/// PBKDF2 iterations of Mosquitto's `$7$` hashes (what `mosquitto_passwd`
+/// writes).
+const MOSQUITTO_ITERATIONS: u32 = 101;
+
+/// Hashes a device password the way `mosquitto_passwd` does
+/// (`$7$<iterations>$<salt>$<PBKDF2-SHA512>`, standard base64): the
+/// server stores only this, checks it itself for the embedded broker, and
+/// writes it as is into a Mosquitto password file.
+pub fn mosquitto_hash(password: &str) -> String {
+    let mut salt = [0u8; 12];
+    getrandom::fill(&mut salt).expect("the system has a random source");
+    mosquitto_hash_with(password, &salt, MOSQUITTO_ITERATIONS)
+}
+
+fn mosquitto_hash_with(password: &str, salt: &[u8], iterations: u32) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut out = [0u8; 64];
+    pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password.as_bytes(), salt, iterations, &mut out);
+    format!("$7${iterations}${}${}", b64.encode(salt), b64.encode(out))
+}
+
+/// Whether `password` matches a `$7$` hash (constant time in the hash).
+pub fn verify_mosquitto(password: &str, stored: &str) -> bool {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut parts = stored.split('$');
+    let (Some(""), Some("7"), Some(iterations), Some(salt), Some(_), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    let (Ok(iterations), Ok(salt)) = (iterations.parse::<u32>(), b64.decode(salt)) else {
+        return false;
+    };
+    if iterations == 0 || iterations > 1_000_000 {
+        return false;
+    }
+    let computed = mosquitto_hash_with(password, &salt, iterations);
+    computed.len() == stored.len()
+        && computed
+            .bytes()
+            .zip(stored.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_passwords_hash_like_mosquitto_passwd() {
+        // Written by `mosquitto_passwd -b -c pw pi-kitchen-1 s3cret-pass`
+        // (Mosquitto 2.0, Debian 12).
+        let from_mosquitto = "$7$101$CsbGLthmurCo4O4O$M2sLdaV5S0QrAzvXxIwIJhE8B5Cs2BUloDm8PdbVLg12IPADLG6LRtAkLfNN/7mdvDO1+7ESMpyzndeCvy3SWw==";
+        assert!(verify_mosquitto("s3cret-pass", from_mosquitto));
+        assert!(!verify_mosquitto("s3cret-pasS", from_mosquitto));
+        let password = device_password();
+        let ours = mosquitto_hash(&password);
+        assert!(ours.starts_with("$7$101$"));
+        assert!(verify_mosquitto(&password, &ours));
+        assert!(!verify_mosquitto("", &ours));
+        assert_ne!(mosquitto_hash(&password), ours, "salted");
+        for bad in [
+            "",
+            "$7$",
+            "$6$101$AA==$AA==",
+            "$7$0$AA==$AA==",
+            "$7$101$!!$AA==",
+            "plain",
+        ] {
+            assert!(!verify_mosquitto("x", bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn generated_tokens_parse_and_match_only_their_own_hash() {

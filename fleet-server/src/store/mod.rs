@@ -89,6 +89,39 @@ pub struct DeviceRecord {
     pub reported_desired_version: Option<u64>,
     pub models: Vec<ModelStatus>,
     pub desired_version: u64,
+    /// Set at enrollment (`fleetctl devices enroll --hardware`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<String>,
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled_at: Option<u64>,
+    /// Set when revoked: the device's credentials no longer work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+}
+
+/// Which devices a listing returns: all the given tags, the hardware
+/// class and online state if given, ids after `after` (paging), at most
+/// `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    pub tags: Vec<(String, String)>,
+    pub hardware: Option<String>,
+    pub online: Option<bool>,
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+/// A device's enrollment: what the operator declared and the hash of the
+/// credential it was given.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    pub id: String,
+    pub hardware: String,
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// The password's Mosquitto-format hash (see [`crate::auth`]).
+    pub credential: String,
 }
 
 /// A stored update event.
@@ -276,6 +309,38 @@ impl Store {
 
     pub async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
         on_backend!(self, s => s.get_device(id).await)
+    }
+
+    /// Devices matching `filter`, by id.
+    pub async fn find_devices(
+        &self,
+        filter: &DeviceFilter,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
+        on_backend!(self, s => s.find_devices(filter).await)
+    }
+
+    /// Enrolls a device (or enrolls it again: new credential, tags and
+    /// hardware, no longer revoked).
+    pub async fn enroll_device(
+        &self,
+        enrollment: &Enrollment,
+        now: u64,
+    ) -> Result<DeviceRecord, StoreError> {
+        on_backend!(self, s => s.enroll_device(enrollment, now).await)
+    }
+
+    /// Revokes a device's credential; `None` for an unknown device.
+    pub async fn revoke_device(
+        &self,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        on_backend!(self, s => s.revoke_device(id, now).await)
+    }
+
+    /// A device's credential hash, if it is enrolled and not revoked.
+    pub async fn device_credential(&self, id: &str) -> Result<Option<String>, StoreError> {
+        on_backend!(self, s => s.device_credential(id).await)
     }
 
     /// Adds a model version. Re-adding the identical file is a no-op; a

@@ -19,6 +19,7 @@ use super::{
     AuditEntry, AuditRecord, DeviceRecord, EventRecord, ModelRecord, Page, SignFn, StatusOutcome,
     StoreError, Streamed, Target, ALL_DEVICES,
 };
+use super::{DeviceFilter, Enrollment};
 
 /// Ordered schema migrations; `edgefleet_schema` records how many ran.
 /// Integers are BIGINT (unix seconds, versions, sequence numbers); JSON
@@ -107,6 +108,15 @@ const MIGRATIONS: &[&str] = &[
         target TEXT NOT NULL,
         detail TEXT
     );
+    "#,
+    // 3: enrollment: hardware class, tags (a JSON object), the
+    // credential's hash, revocation.
+    r#"
+    ALTER TABLE devices ADD COLUMN hardware TEXT;
+    ALTER TABLE devices ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE devices ADD COLUMN enrolled_at BIGINT;
+    ALTER TABLE devices ADD COLUMN credential TEXT;
+    ALTER TABLE devices ADD COLUMN revoked_at BIGINT;
     "#,
 ];
 
@@ -365,6 +375,86 @@ impl PgStore {
     pub async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
         let client = self.client().await?;
         get_device(&client, id).await
+    }
+
+    pub async fn find_devices(
+        &self,
+        filter: &DeviceFilter,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
+        let client = self.client().await?;
+        let after = filter.after.clone().unwrap_or_default();
+        let online = filter.online;
+        let limit = i64::from(filter.limit);
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&after];
+        let mut sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id > $1");
+        if let Some(hw) = &filter.hardware {
+            params.push(hw);
+            sql += &format!(" AND hardware = ${}", params.len());
+        }
+        if let Some(online) = &online {
+            params.push(online);
+            sql += &format!(" AND online = ${}", params.len());
+        }
+        for (key, value) in &filter.tags {
+            params.push(key);
+            params.push(value);
+            sql += &format!(
+                " AND (tags::jsonb ->> ${}) = ${}",
+                params.len() - 1,
+                params.len()
+            );
+        }
+        params.push(&limit);
+        sql += &format!(" ORDER BY id LIMIT ${}", params.len());
+        let rows = client.query(&sql, &params).await?;
+        Ok(rows.iter().map(device_from_row).collect())
+    }
+
+    pub async fn enroll_device(
+        &self,
+        e: &Enrollment,
+        now: u64,
+    ) -> Result<DeviceRecord, StoreError> {
+        let client = self.client().await?;
+        let tags = serde_json::to_string(&e.tags).expect("tags serialise");
+        client
+            .execute(
+                "INSERT INTO devices (id, first_seen, last_seen, hardware, tags, enrolled_at, credential)
+                 VALUES ($1, $2, $2, $3, $4, $2, $5)
+                 ON CONFLICT (id) DO UPDATE SET hardware = excluded.hardware, tags = excluded.tags,
+                    enrolled_at = excluded.enrolled_at, credential = excluded.credential, revoked_at = NULL",
+                &[&e.id, &(now as i64), &e.hardware, &tags, &e.credential],
+            )
+            .await?;
+        get_device(&client, &e.id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(e.id.clone()))
+    }
+
+    pub async fn revoke_device(
+        &self,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE devices SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                &[&id, &(now as i64)],
+            )
+            .await?;
+        get_device(&client, id).await
+    }
+
+    pub async fn device_credential(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt(
+                "SELECT credential FROM devices WHERE id = $1 AND revoked_at IS NULL",
+                &[&id],
+            )
+            .await?
+            .and_then(|r| r.get::<_, Option<String>>(0)))
     }
 
     pub async fn add_model(&self, m: &ModelRecord) -> Result<ModelRecord, StoreError> {
@@ -805,7 +895,7 @@ async fn ensure_device(c: &impl GenericClient, id: &str, now: u64) -> Result<(),
     Ok(())
 }
 
-const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version";
+const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version, hardware, tags, enrolled_at, revoked_at";
 
 fn device_from_row(r: &Row) -> DeviceRecord {
     DeviceRecord {
@@ -817,6 +907,10 @@ fn device_from_row(r: &Row) -> DeviceRecord {
         reported_desired_version: r.get::<_, Option<i64>>(5).map(|v| v as u64),
         models: serde_json::from_str(r.get(6)).unwrap_or_default(),
         desired_version: r.get::<_, i64>(7) as u64,
+        hardware: r.get(8),
+        tags: serde_json::from_str(r.get(9)).unwrap_or_default(),
+        enrolled_at: r.get::<_, Option<i64>>(10).map(|v| v as u64),
+        revoked_at: r.get::<_, Option<i64>>(11).map(|v| v as u64),
     }
 }
 

@@ -15,6 +15,7 @@ use super::{
     AuditEntry, AuditRecord, DeviceRecord, EventRecord, ModelRecord, ModelSpec, Page, SignFn,
     StatusOutcome, StoreError, Streamed, Target, ALL_DEVICES,
 };
+use super::{DeviceFilter, Enrollment};
 
 /// Ordered schema migrations; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -142,6 +143,15 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE results;
     ALTER TABLE results_rows RENAME TO results;
     CREATE INDEX results_by_arrival ON results (received_at);
+    "#,
+    // 6: enrollment: hardware class, tags (a JSON object), the
+    // credential's hash, revocation.
+    r#"
+    ALTER TABLE devices ADD COLUMN hardware TEXT;
+    ALTER TABLE devices ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE devices ADD COLUMN enrolled_at INTEGER;
+    ALTER TABLE devices ADD COLUMN credential TEXT;
+    ALTER TABLE devices ADD COLUMN revoked_at INTEGER;
     "#,
 ];
 
@@ -296,6 +306,94 @@ impl SqliteStore {
     pub async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
         let id = id.to_string();
         self.call(move |conn| get_device(conn, &id)).await
+    }
+
+    pub async fn find_devices(
+        &self,
+        filter: &DeviceFilter,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
+        let filter = filter.clone();
+        self.call(move |conn| {
+            let mut sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id > ?1");
+            let mut args: Vec<rusqlite::types::Value> =
+                vec![filter.after.clone().unwrap_or_default().into()];
+            if let Some(hw) = &filter.hardware {
+                args.push(hw.clone().into());
+                sql += &format!(" AND hardware = ?{}", args.len());
+            }
+            if let Some(online) = filter.online {
+                args.push(i64::from(online).into());
+                sql += &format!(" AND online = ?{}", args.len());
+            }
+            for (key, value) in &filter.tags {
+                // Keys are validated ([A-Za-z0-9._-]); quoted in the path
+                // so dots stay part of the key.
+                args.push(format!("$.\"{key}\"").into());
+                args.push(value.clone().into());
+                sql += &format!(
+                    " AND json_extract(tags, ?{}) = ?{}",
+                    args.len() - 1,
+                    args.len()
+                );
+            }
+            args.push(i64::from(filter.limit).into());
+            sql += &format!(" ORDER BY id LIMIT ?{}", args.len());
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), device_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn enroll_device(
+        &self,
+        e: &Enrollment,
+        now: u64,
+    ) -> Result<DeviceRecord, StoreError> {
+        let e = e.clone();
+        self.call(move |conn| {
+            let tags = serde_json::to_string(&e.tags).expect("tags serialise");
+            conn.execute(
+                "INSERT INTO devices (id, first_seen, last_seen, hardware, tags, enrolled_at, credential)
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?2, ?5)
+                 ON CONFLICT (id) DO UPDATE SET hardware = excluded.hardware, tags = excluded.tags,
+                    enrolled_at = excluded.enrolled_at, credential = excluded.credential, revoked_at = NULL",
+                params![e.id, now as i64, e.hardware, tags, e.credential],
+            )?;
+            get_device(conn, &e.id)?.ok_or_else(|| StoreError::NotFound(e.id.clone()))
+        })
+        .await
+    }
+
+    pub async fn revoke_device(
+        &self,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE devices SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now as i64],
+            )?;
+            get_device(conn, &id)
+        })
+        .await
+    }
+
+    pub async fn device_credential(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let id = id.to_string();
+        self.call(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT credential FROM devices WHERE id = ?1 AND revoked_at IS NULL",
+                    [id],
+                    |r| r.get::<_, Option<String>>(0),
+                )
+                .optional()?
+                .flatten())
+        })
+        .await
     }
 
     pub async fn add_model(&self, m: &ModelRecord) -> Result<ModelRecord, StoreError> {
@@ -600,10 +698,14 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
         reported_desired_version: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
         models: serde_json::from_str(&models_json).unwrap_or_default(),
         desired_version: r.get::<_, i64>(7)? as u64,
+        hardware: r.get(8)?,
+        tags: serde_json::from_str(&r.get::<_, String>(9)?).unwrap_or_default(),
+        enrolled_at: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+        revoked_at: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
     })
 }
 
-const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version";
+const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version, hardware, tags, enrolled_at, revoked_at";
 
 fn list_devices(conn: &Connection) -> Result<Vec<DeviceRecord>, StoreError> {
     let mut stmt = conn.prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"))?;

@@ -448,6 +448,121 @@ async fn tokens_and_the_audit_log_round_trip(f: Fixture) {
     assert_eq!(s.list_audit(0, 1).await.unwrap().len(), 1);
 }
 
+async fn enrollment_filters_paging_and_revocation(f: Fixture) {
+    let s = &f.store;
+    let enroll = |id: &str, hw: &str, tags: &[(&str, &str)]| Enrollment {
+        id: id.into(),
+        hardware: hw.into(),
+        tags: tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        credential: format!("hash-of-{id}"),
+    };
+    let a = s
+        .enroll_device(
+            &enroll("a", "rpi4", &[("site", "berlin"), ("room.name", "lab")]),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.hardware.as_deref(), Some("rpi4"));
+    assert_eq!(a.enrolled_at, Some(10));
+    assert_eq!(a.tags["room.name"], "lab");
+    s.enroll_device(&enroll("b", "jetson", &[("site", "berlin")]), 11)
+        .await
+        .unwrap();
+    s.enroll_device(&enroll("c", "rpi4", &[("site", "paris")]), 12)
+        .await
+        .unwrap();
+    s.record_status(&status("a", 1, true), 13).await.unwrap();
+    s.record_status(&status("seen-only", 1, true), 13)
+        .await
+        .unwrap();
+    let find = |tags: &[(&str, &str)],
+                hardware: Option<&str>,
+                online: Option<bool>,
+                after: Option<&str>,
+                limit: u32| DeviceFilter {
+        tags: tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        hardware: hardware.map(str::to_string),
+        online,
+        after: after.map(str::to_string),
+        limit,
+    };
+    let ids = |devices: Vec<DeviceRecord>| devices.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    let all = s
+        .find_devices(&find(&[], None, None, None, 100))
+        .await
+        .unwrap();
+    assert_eq!(ids(all.clone()), vec!["a", "b", "c", "seen-only"]);
+    assert!(all[3].tags.is_empty() && all[3].hardware.is_none());
+    let q = |f| async move { ids(s.find_devices(&f).await.unwrap()) };
+    assert_eq!(
+        q(find(&[("site", "berlin")], None, None, None, 100)).await,
+        vec!["a", "b"]
+    );
+    assert_eq!(
+        q(find(&[("site", "berlin")], Some("rpi4"), None, None, 100)).await,
+        vec!["a"]
+    );
+    assert_eq!(
+        q(find(&[("room.name", "lab")], None, None, None, 100)).await,
+        vec!["a"]
+    );
+    assert_eq!(
+        q(find(
+            &[("site", "berlin"), ("room.name", "lab")],
+            None,
+            None,
+            None,
+            100
+        ))
+        .await,
+        vec!["a"]
+    );
+    assert!(q(find(&[("site", "rome")], None, None, None, 100))
+        .await
+        .is_empty());
+    assert_eq!(
+        q(find(&[], None, Some(true), None, 100)).await,
+        vec!["a", "seen-only"]
+    );
+    assert_eq!(
+        q(find(&[], None, Some(false), None, 100)).await,
+        vec!["b", "c"]
+    );
+    assert_eq!(q(find(&[], None, None, Some("a"), 2)).await, vec!["b", "c"]);
+
+    assert_eq!(
+        s.device_credential("a").await.unwrap().as_deref(),
+        Some("hash-of-a")
+    );
+    assert_eq!(s.device_credential("seen-only").await.unwrap(), None);
+    let revoked = s.revoke_device("a", 20).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(20));
+    assert_eq!(s.device_credential("a").await.unwrap(), None, "revoked");
+    assert_eq!(
+        s.revoke_device("nobody", 20).await.unwrap().map(|d| d.id),
+        None
+    );
+    let again = s
+        .enroll_device(&enroll("a", "rpi5", &[]), 30)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.revoked_at, again.hardware.as_deref()),
+        (None, Some("rpi5"))
+    );
+    assert_eq!(
+        s.device_credential("a").await.unwrap().as_deref(),
+        Some("hash-of-a")
+    );
+}
+
 /// Runs each test function against both backends.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -475,6 +590,7 @@ suite!(
     events_are_stored_once,
     streamed_records_are_stored_once_in_sequence_order_and_pruned,
     tokens_and_the_audit_log_round_trip,
+    enrollment_filters_paging_and_revocation,
 );
 
 #[tokio::test]
