@@ -70,7 +70,9 @@ pub fn router(fleet: Fleet) -> Router {
             axum::routing::put(put_spec),
         )
         .route("/api/v1/deployments", post(deploy))
-        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices", get(list_devices).post(enroll_device))
+        .route("/api/v1/devices/{id}/revoke", post(revoke_device))
+        .route("/api/v1/broker/mosquitto", get(mosquitto_files))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/events", get(device_events))
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
@@ -375,9 +377,206 @@ async fn deploy(
     })))
 }
 
-async fn list_devices(State(fleet): State<Fleet>) -> ApiResult<Json<Value>> {
-    let devices = fleet.store.list_devices().await?;
+/// `GET /api/v1/devices?tag=K=V&hardware=H&online=true&after=ID&limit=N`:
+/// devices with all the given tags (repeat `tag`), by id; page with
+/// `after` = the last id of the previous page.
+async fn list_devices(
+    State(fleet): State<Fleet>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let filter = device_filter(query.as_deref().unwrap_or(""))?;
+    let devices = fleet.store.find_devices(&filter).await?;
     Ok(Json(json!(devices)))
+}
+
+fn device_filter(query: &str) -> ApiResult<store::DeviceFilter> {
+    let mut filter = store::DeviceFilter {
+        limit: 1000,
+        ..Default::default()
+    };
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "tag" => {
+                let (k, v) = value.split_once('=').ok_or_else(|| {
+                    ApiError::bad_request(format!("tag {value:?} must be KEY=VALUE"))
+                })?;
+                check_tag(k, v)?;
+                filter.tags.push((k.to_string(), v.to_string()));
+            }
+            "hardware" => filter.hardware = Some(value.into_owned()),
+            "online" => {
+                filter.online = Some(value.parse().map_err(|_| {
+                    ApiError::bad_request(format!("online must be true or false, not {value:?}"))
+                })?)
+            }
+            "after" => filter.after = Some(value.into_owned()),
+            "limit" => {
+                filter.limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=10_000).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("limit must be 1 to 10000, not {value:?}"))
+                    })?
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?} (use tag, hardware, online, after, limit)"
+                )))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+/// Tag keys and values: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+fn check_tag(key: &str, value: &str) -> ApiResult<()> {
+    let ok = |s: &str| {
+        (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if ok(key) && ok(value) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "tag {key:?}={value:?}: keys and values are 1 to 64 of A-Z a-z 0-9 . _ -"
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequest {
+    id: String,
+    hardware: String,
+    #[serde(default)]
+    tags: std::collections::BTreeMap<String, String>,
+}
+
+/// `POST /api/v1/devices` (admin): enrolls a device (again: a new
+/// password) and answers with what its bundle needs. The password is in
+/// this answer only; the server keeps its hash.
+async fn enroll_device(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let req: EnrollRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "malformed enrollment (expected {{\"id\", \"hardware\", \"tags\": {{}}}}): {e}"
+        ))
+    })?;
+    let id = DeviceId::new(req.id.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    check_tag("hardware", &req.hardware)
+        .map_err(|_| ApiError::bad_request("hardware must be 1 to 64 of A-Z a-z 0-9 . _ -"))?;
+    for (k, v) in &req.tags {
+        check_tag(k, v)?;
+    }
+    let password = auth::device_password();
+    let enrollment = store::Enrollment {
+        id: id.to_string(),
+        hardware: req.hardware.clone(),
+        tags: req.tags.clone(),
+        credential: auth::mosquitto_hash(&password),
+    };
+    let device = fleet
+        .store
+        .enroll_device(&enrollment, edgefleet_shared::unix_now())
+        .await?;
+    audit(
+        &fleet,
+        &op,
+        "device.enroll",
+        id.to_string(),
+        Some(json!({"hardware": req.hardware, "tags": req.tags})),
+    )
+    .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "device": device,
+            "mqtt": {
+                "url": fleet.device_mqtt_url,
+                "topic_prefix": fleet.prefix.as_str(),
+                "username": id,
+                "password": password,
+            },
+            "server_url": fleet.public_url,
+            "root": fleet.signer.root_envelope(),
+        })),
+    ))
+}
+
+/// `POST /api/v1/devices/{id}/revoke` (admin): its credentials stop
+/// working (the embedded broker with device authentication refuses it;
+/// regenerate an external broker's password file).
+async fn revoke_device(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let device = fleet
+        .store
+        .revoke_device(&id, edgefleet_shared::unix_now())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
+    audit(&fleet, &op, "device.revoke", id, None).await;
+    Ok(Json(json!(device)))
+}
+
+/// `GET /api/v1/broker/mosquitto?server_user=U` (admin): a Mosquitto
+/// `password_file` (enrolled, unrevoked devices; hashes as stored) and an
+/// `acl_file` letting each device publish and subscribe only under its own
+/// id, and the server user everywhere under the topic prefix.
+async fn mosquitto_files(
+    State(fleet): State<Fleet>,
+    Query(q): Query<MosquittoQuery>,
+) -> ApiResult<Json<Value>> {
+    let mut passwords = String::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = fleet
+            .store
+            .find_devices(&store::DeviceFilter {
+                after: after.clone(),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        for device in &page {
+            if let Some(hash) = fleet.store.device_credential(&device.id).await? {
+                passwords += &format!("{}:{hash}\n", device.id);
+            }
+        }
+    }
+    let server_user = q
+        .server_user
+        .unwrap_or_else(|| crate::bridge::client_id(&fleet.prefix));
+    let p = fleet.prefix.as_str();
+    let acl = format!(
+        "# edgefleet: the server, then every device under its own id only.\n\
+         user {server_user}\n\
+         topic readwrite {p}/#\n\n\
+         pattern write {p}/devices/%u/status\n\
+         pattern write {p}/devices/%u/events\n\
+         pattern write {p}/devices/%u/telemetry\n\
+         pattern write {p}/devices/%u/results\n\
+         pattern read {p}/devices/%u/desired\n\
+         pattern read {p}/devices/%u/receipts\n\
+         pattern read {p}/server/status\n\
+         pattern read {p}/roots\n"
+    );
+    Ok(Json(
+        json!({"password_file": passwords, "acl_file": acl, "server_user": server_user}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct MosquittoQuery {
+    server_user: Option<String>,
 }
 
 async fn get_device(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Json<Value>> {

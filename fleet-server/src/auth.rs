@@ -118,7 +118,14 @@ pub fn required_scope(method: &http::Method, path: &str) -> Option<Scope> {
     if path == "/api/v1/health" || path == "/api/v1/root" || path.starts_with("/artifacts/") {
         return None;
     }
-    if path.starts_with("/api/v1/tokens") || path.starts_with("/api/v1/audit") {
+    if path.starts_with("/api/v1/tokens")
+        || path.starts_with("/api/v1/audit")
+        || path.starts_with("/api/v1/broker")
+    {
+        return Some(Scope::Admin);
+    }
+    // Enrolling and revoking devices hands out or takes away credentials.
+    if *method == http::Method::POST && (path == "/api/v1/devices" || path.ends_with("/revoke")) {
         return Some(Scope::Admin);
     }
     Some(match *method {

@@ -137,9 +137,18 @@ pub fn client_id(prefix: &TopicPrefix) -> String {
     format!("edgefleet-server-{clean}")
 }
 
-/// Creates the server's MQTT client for `host:port`.
-pub fn client(host: &str, port: u16, prefix: &TopicPrefix) -> (AsyncClient, EventLoop) {
+/// Creates the server's MQTT client for `host:port`, with a user name and
+/// password where the broker needs them.
+pub fn client(
+    host: &str,
+    port: u16,
+    prefix: &TopicPrefix,
+    credentials: Option<(String, String)>,
+) -> (AsyncClient, EventLoop) {
     let mut options = MqttOptions::new(client_id(prefix), host, port);
+    if let Some((user, password)) = credentials {
+        options.set_credentials(user, password);
+    }
     let offline = ServerStatus {
         online: false,
         at: 0,

@@ -8,25 +8,81 @@ use std::net::SocketAddr;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-/// Starts the broker on `listen` on a background thread.
-pub fn start_embedded(listen: SocketAddr) -> anyhow::Result<()> {
+/// Who may connect when device authentication is on: the server itself
+/// (its own user name and a password made at start) and enrolled,
+/// unrevoked devices, whose user name and client id must both be their
+/// device id.
+#[derive(Clone)]
+pub struct DeviceAuth {
+    pub store: crate::store::Store,
+    pub server_user: String,
+    pub server_password: String,
+}
+
+impl DeviceAuth {
+    pub async fn allows(&self, client_id: &str, user: &str, password: &str) -> bool {
+        if user == self.server_user {
+            return crate::auth::matches(
+                password,
+                &crate::auth::hash_secret(&self.server_password),
+            );
+        }
+        if client_id != user {
+            tracing::warn!(
+                client_id,
+                user,
+                "MQTT connection refused: client id and user name differ"
+            );
+            return false;
+        }
+        match self.store.device_credential(user).await {
+            Ok(Some(hash)) if crate::auth::verify_mosquitto(password, &hash) => true,
+            Ok(Some(_)) => {
+                tracing::warn!(device = user, "MQTT connection refused: wrong password");
+                false
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    device = user,
+                    "MQTT connection refused: not enrolled, or revoked"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!(device = user, error = %e, "MQTT connection refused: cannot read credentials");
+                false
+            }
+        }
+    }
+}
+
+/// Starts the broker on `listen` on a background thread; with `auth`,
+/// only the clients it allows may connect.
+pub fn start_embedded(listen: SocketAddr, auth: Option<DeviceAuth>) -> anyhow::Result<()> {
     // Refuse early, with a clear message, if the port is taken.
     drop(std::net::TcpListener::bind(listen).map_err(|e| {
         anyhow::anyhow!("embedded MQTT broker cannot listen on {listen}: {e} (choose another --mqtt-listen, or use --broker for an external one)")
     })?);
+    let mut connections = ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: 4 * 1024 * 1024,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    if let Some(auth) = auth {
+        connections.set_auth_handler(move |client_id: String, user: String, password: String| {
+            let auth = auth.clone();
+            async move { auth.allows(&client_id, &user, &password).await }
+        });
+    }
     let server = ServerSettings {
         name: "edgefleet-v4".into(),
         listen,
         tls: None,
         next_connection_delay_ms: 0,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 4 * 1024 * 1024,
-            max_inflight_count: 500,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
+        connections,
     };
     let config = Config {
         id: 0,

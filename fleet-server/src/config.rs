@@ -28,6 +28,14 @@ pub struct BrokerConfig {
     pub embedded_listen: Option<SocketAddr>,
     /// Use an external broker instead: `mqtt://host:port`.
     pub url: Option<String>,
+    /// The server's own credentials on an external broker.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Embedded broker: accept only enrolled, unrevoked devices (user name
+    /// and client id = device id, password from enrollment) and the
+    /// server itself. Off by default so unenrolled demo agents connect.
+    #[serde(default)]
+    pub device_auth: bool,
 }
 
 impl Default for BrokerConfig {
@@ -35,6 +43,9 @@ impl Default for BrokerConfig {
         Self {
             embedded_listen: default_embedded(),
             url: None,
+            username: None,
+            password: None,
+            device_auth: false,
         }
     }
 }
@@ -60,6 +71,10 @@ pub struct ServerConfig {
     /// Base URL devices use to download artifacts; defaults to
     /// `http://{http_listen}`.
     pub public_url: Option<String>,
+    /// The broker URL written into device bundles; defaults to the
+    /// external broker's URL, or the embedded broker's port on the host of
+    /// `public_url`.
+    pub public_mqtt_url: Option<String>,
     #[serde(default = "default_prefix")]
     pub topic_prefix: String,
     /// Lifetime of each signed desired state.
@@ -123,6 +138,23 @@ impl ServerConfig {
         self.keys_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keys"))
+    }
+
+    /// The broker URL devices are given, for a server whose artifact base
+    /// URL is `public_url` and whose broker listens on `mqtt_port`.
+    pub fn device_mqtt_url(&self, public_url: &str, mqtt_port: u16) -> String {
+        if let Some(url) = self.public_mqtt_url.clone().or(self.broker.url.clone()) {
+            return url;
+        }
+        let host = public_url
+            .split("://")
+            .nth(1)
+            .unwrap_or(public_url)
+            .split('/')
+            .next()
+            .unwrap_or("127.0.0.1");
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        format!("mqtt://{host}:{mqtt_port}")
     }
 
     /// The artifact base URL for a server actually bound to `bound`.

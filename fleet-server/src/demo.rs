@@ -154,7 +154,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         keys_dir: Some(keys_dir.clone()),
         broker: BrokerConfig {
             embedded_listen: Some(format!("127.0.0.1:{mqtt_port}").parse()?),
-            url: None,
+            ..BrokerConfig::default()
         },
         ..ServerConfig::default()
     };

@@ -25,6 +25,8 @@ pub struct Fleet {
     pub desired_expiry_secs: u64,
     pub max_upload_bytes: u64,
     pub metrics: crate::metrics::Metrics,
+    /// The broker URL device bundles carry.
+    pub device_mqtt_url: String,
 }
 
 impl Fleet {

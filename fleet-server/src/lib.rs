@@ -65,16 +65,35 @@ pub async fn start(
     tracing::info!(backend = store.backend(), "fleet database open");
     bootstrap_admin_token(&store, &config.data_dir).await?;
     let artifacts = artifacts::ArtifactStore::open(&config.data_dir.join("artifacts"))?;
-    let (host, port) = match (&config.broker.url, config.broker.embedded_listen) {
-        (Some(url), _) => config::parse_mqtt_url(url)?,
+    let prefix = TopicPrefix::new(config.topic_prefix.clone())?;
+    let (host, port, credentials) = match (&config.broker.url, config.broker.embedded_listen) {
+        (Some(url), _) => {
+            let (host, port) = config::parse_mqtt_url(url)?;
+            let credentials = config
+                .broker
+                .username
+                .clone()
+                .map(|user| (user, config.broker.password.clone().unwrap_or_default()));
+            (host, port, credentials)
+        }
         (None, Some(listen)) => {
-            broker::start_embedded(listen)?;
-            (listen.ip().to_string(), listen.port())
+            let auth = config.broker.device_auth.then(|| broker::DeviceAuth {
+                store: store.clone(),
+                server_user: bridge::client_id(&prefix),
+                server_password: auth::device_password(),
+            });
+            let credentials = auth
+                .as_ref()
+                .map(|a| (a.server_user.clone(), a.server_password.clone()));
+            if auth.is_some() {
+                tracing::info!("embedded broker: only enrolled devices may connect");
+            }
+            broker::start_embedded(listen, auth)?;
+            (listen.ip().to_string(), listen.port(), credentials)
         }
         (None, None) => anyhow::bail!("no MQTT broker configured"),
     };
-    let prefix = TopicPrefix::new(config.topic_prefix.clone())?;
-    let (mqtt, mut eventloop) = bridge::client(&host, port, &prefix);
+    let (mqtt, mut eventloop) = bridge::client(&host, port, &prefix, credentials);
     bridge::connect(&mut eventloop, &format!("{host}:{port}")).await?;
     let bound = http.local_addr()?;
     let public_url = config.public_url(bound);
@@ -88,6 +107,7 @@ pub async fn start(
         desired_expiry_secs: config.desired_expiry_secs,
         max_upload_bytes: config.max_upload_bytes,
         metrics: metrics::Metrics::default(),
+        device_mqtt_url: config.device_mqtt_url(&public_url, port),
     };
     let bridge_task = tokio::spawn(bridge::run(fleet.clone(), eventloop, shutdown.clone()));
     tokio::spawn(prune_streamed(

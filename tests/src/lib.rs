@@ -247,6 +247,16 @@ impl Server {
         broker: Option<&str>,
         database: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::start_full(dir, broker, database, &[]).await
+    }
+
+    /// As [`Server::start_with`], with extra `fleet-server serve` arguments.
+    pub async fn start_full(
+        dir: &Path,
+        broker: Option<&str>,
+        database: Option<&str>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let keys_dir = dir.join("keys");
         let out = Command::new(binary("fleetctl"))
             .args(["keys", "init", "--dir"])
@@ -286,6 +296,7 @@ impl Server {
         if let Some(database) = database {
             cmd.arg("--database").arg(database);
         }
+        cmd.args(extra);
         let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let url = format!("http://127.0.0.1:{http_port}");
         let proc = Self::spawn_ready(&args, &url, dir.join("server.log")).await?;
@@ -614,6 +625,34 @@ impl Agent {
             // `extra` may bring its own [update] table.
             update = if extra.contains("[update]") { "" } else { "[update]\ndownload_stall_secs = 5\n" },
         ) + extra;
+        let config_path = agent_dir.join("agent.toml");
+        std::fs::write(&config_path, config)?;
+        let mut cmd = Command::new(binary("edgefleet-agent"));
+        cmd.arg("run").arg("--config").arg(&config_path);
+        Ok(Self {
+            proc: Proc::spawn(cmd, agent_dir.join("agent.log"))?,
+            id: id.to_string(),
+            socket,
+            dir: agent_dir,
+        })
+    }
+
+    /// Starts an agent from a device bundle (`fleetctl devices enroll`),
+    /// with its device paths moved under `dir`.
+    pub fn start_from_bundle(dir: &Path, id: &str, bundle: &Path) -> anyhow::Result<Self> {
+        let agent_dir = dir.join(id);
+        std::fs::create_dir_all(&agent_dir)?;
+        let socket = agent_dir.join("agent.sock");
+        let config = std::fs::read_to_string(bundle.join("agent.toml"))?
+            .replace(
+                "/var/lib/edgefleet",
+                &agent_dir.join("data").display().to_string(),
+            )
+            .replace(
+                "/etc/edgefleet/root.json",
+                &bundle.join("root.json").display().to_string(),
+            )
+            .replace("/run/edgefleet/agent.sock", &socket.display().to_string());
         let config_path = agent_dir.join("agent.toml");
         std::fs::write(&config_path, config)?;
         let mut cmd = Command::new(binary("edgefleet-agent"));

@@ -41,6 +41,14 @@ enum Command {
         /// Use an external broker (mqtt://host:port) instead of the embedded one.
         #[arg(long)]
         broker: Option<String>,
+        /// The server's user name and password on the external broker.
+        #[arg(long, requires = "broker")]
+        broker_user: Option<String>,
+        #[arg(long, env = "EDGEFLEET_BROKER_PASSWORD", hide_env_values = true)]
+        broker_password: Option<String>,
+        /// Embedded broker: only enrolled, unrevoked devices may connect.
+        #[arg(long)]
+        device_auth: bool,
         /// Base URL devices download artifacts from.
         #[arg(long)]
         public_url: Option<String>,
@@ -127,6 +135,9 @@ fn main() -> ExitCode {
             http,
             mqtt_listen,
             broker,
+            broker_user,
+            broker_password,
+            device_auth,
             public_url,
             topic_prefix,
         } => {
@@ -156,6 +167,13 @@ fn main() -> ExitCode {
                     if broker.is_some() {
                         c.broker.url = broker;
                     }
+                    if broker_user.is_some() {
+                        c.broker.username = broker_user;
+                    }
+                    if broker_password.is_some() {
+                        c.broker.password = broker_password;
+                    }
+                    c.broker.device_auth |= device_auth;
                     if public_url.is_some() {
                         c.public_url = public_url;
                     }

@@ -72,8 +72,16 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// List devices with the model versions they report.
-    Devices,
+    /// Devices: list (the default), enroll, revoke.
+    Devices {
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
+    },
+    /// Broker configuration for an external broker.
+    Broker {
+        #[command(subcommand)]
+        command: BrokerCommand,
+    },
     /// Recent update events of one device.
     Events {
         device: String,
@@ -92,6 +100,62 @@ enum Command {
         after: u64,
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// List devices with the model versions they report.
+    List {
+        /// KEY=VALUE; repeat to require several.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        hardware: Option<String>,
+        #[arg(long, conflicts_with = "offline")]
+        online: bool,
+        #[arg(long)]
+        offline: bool,
+        /// Only ids after this one (paging).
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// Enroll a device and write its bundle (agent.toml with its MQTT
+    /// credentials, root.json) to DIR, for the flashing step to copy to
+    /// /etc/edgefleet/ on the device. Enrolling again gives a new password.
+    Enroll {
+        #[arg(long)]
+        id: String,
+        /// Hardware class (rpi4, jetson-orin, ...).
+        #[arg(long)]
+        hardware: String,
+        /// KEY=VALUE; repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Bundle directory (created; must not hold a bundle already).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke a device: its credentials stop working.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum BrokerCommand {
+    /// Write a Mosquitto password file and ACL file (devices publish and
+    /// subscribe only under their own id) to DIR.
+    Mosquitto {
+        #[arg(long)]
+        out: PathBuf,
+        /// The fleet server's user on the broker.
+        #[arg(long, default_value = "edgefleet-server")]
+        server_user: String,
+        /// Its password (the server's --broker-password), hashed into
+        /// the password file.
+        #[arg(long, env = "EDGEFLEET_BROKER_PASSWORD", hide_env_values = true)]
+        server_password: String,
     },
 }
 
@@ -361,6 +425,54 @@ fn api_client(cli: &Cli) -> Result<reqwest::Client, Failure> {
         .map_err(|e| Failure(1, e.into()))
 }
 
+/// Writes `text` readable by its owner only.
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// A device bundle: the agent's config with its MQTT credentials (mode
+/// 0600) and the fleet's root document.
+fn write_bundle(dir: &std::path::Path, enrolled: &Value) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mqtt = &enrolled["mqtt"];
+    let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_default();
+    let id = text(&enrolled["device"]["id"]);
+    let config = format!(
+        "# edgefleet agent, device {id} ({hardware}); written by `fleetctl devices enroll`.\n\
+         # Holds this device's MQTT password: keep it readable by the agent only.\n\
+         device_id = {id:?}\n\
+         data_dir = \"/var/lib/edgefleet\"\n\
+         root_document = \"/etc/edgefleet/root.json\"\n\n\
+         [api]\n\
+         socket = \"/run/edgefleet/agent.sock\"\n\n\
+         [mqtt]\n\
+         url = {url:?}\n\
+         topic_prefix = {prefix:?}\n\
+         username = {user:?}\n\
+         password = {password:?}\n",
+        hardware = text(&enrolled["device"]["hardware"]),
+        url = text(&mqtt["url"]),
+        prefix = text(&mqtt["topic_prefix"]),
+        user = text(&mqtt["username"]),
+        password = text(&mqtt["password"]),
+    );
+    write_private(&dir.join("agent.toml"), &config)?;
+    let root = serde_json::to_vec_pretty(&enrolled["root"])?;
+    std::fs::write(dir.join("root.json"), root)
+        .with_context(|| format!("cannot write {}", dir.join("root.json").display()))?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     fleet_server::install_crypto_provider();
     let client = api_client(&cli)?;
@@ -558,43 +670,179 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
         }
-        Command::Devices => {
-            let rows =
-                get_rows::<DeviceRecord>(&client, format!("{base}/api/v1/devices"), cli.json)
-                    .await?;
-            if let Some(devices) = rows {
-                print_table(
-                    &["DEVICE", "STATE", "MODELS", "DESIRED", "LAST SEEN"],
-                    devices
-                        .into_iter()
-                        .map(|d| {
-                            let models = d
-                                .models
-                                .iter()
-                                .map(|m| format!("{} v{}", m.name, m.version))
-                                .collect::<Vec<_>>()
-                                .join(", ");
-                            let desired = format!(
-                                "{}/{}",
-                                d.reported_desired_version
-                                    .map_or("-".into(), |v| v.to_string()),
-                                d.desired_version
-                            );
-                            vec![
-                                d.id,
-                                if d.online { "online" } else { "offline" }.into(),
-                                if models.is_empty() {
-                                    "-".into()
-                                } else {
-                                    models
-                                },
-                                desired,
-                                ago(d.last_seen),
-                            ]
-                        })
-                        .collect(),
-                );
+        Command::Devices { command } => match command.as_ref().unwrap_or(&DevicesCommand::List {
+            tags: Vec::new(),
+            hardware: None,
+            online: false,
+            offline: false,
+            after: None,
+            limit: 1000,
+        }) {
+            DevicesCommand::List {
+                tags,
+                hardware,
+                online,
+                offline,
+                after,
+                limit,
+            } => {
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                for tag in tags {
+                    query.append_pair("tag", tag);
+                }
+                if let Some(h) = hardware {
+                    query.append_pair("hardware", h);
+                }
+                if *online || *offline {
+                    query.append_pair("online", if *online { "true" } else { "false" });
+                }
+                if let Some(a) = after {
+                    query.append_pair("after", a);
+                }
+                query.append_pair("limit", &limit.to_string());
+                let url = format!("{base}/api/v1/devices?{}", query.finish());
+                let rows = get_rows::<DeviceRecord>(&client, url, cli.json).await?;
+                if let Some(devices) = rows {
+                    print_table(
+                        &[
+                            "DEVICE",
+                            "STATE",
+                            "HARDWARE",
+                            "TAGS",
+                            "MODELS",
+                            "DESIRED",
+                            "LAST SEEN",
+                        ],
+                        devices
+                            .into_iter()
+                            .map(|d| {
+                                let models = d
+                                    .models
+                                    .iter()
+                                    .map(|m| format!("{} v{}", m.name, m.version))
+                                    .collect::<Vec<_>>()
+                                    .join(", ");
+                                let desired = format!(
+                                    "{}/{}",
+                                    d.reported_desired_version
+                                        .map_or("-".into(), |v| v.to_string()),
+                                    d.desired_version
+                                );
+                                let tags = d
+                                    .tags
+                                    .iter()
+                                    .map(|(k, v)| format!("{k}={v}"))
+                                    .collect::<Vec<_>>()
+                                    .join(",");
+                                let state = match (d.revoked_at, d.online) {
+                                    (Some(_), _) => "revoked",
+                                    (None, true) => "online",
+                                    (None, false) => "offline",
+                                };
+                                vec![
+                                    d.id,
+                                    state.into(),
+                                    d.hardware.unwrap_or_else(|| "-".into()),
+                                    if tags.is_empty() { "-".into() } else { tags },
+                                    if models.is_empty() {
+                                        "-".into()
+                                    } else {
+                                        models
+                                    },
+                                    desired,
+                                    ago(d.last_seen),
+                                ]
+                            })
+                            .collect(),
+                    );
+                }
             }
+            DevicesCommand::Enroll {
+                id,
+                hardware,
+                tags,
+                out,
+            } => {
+                let tags = tags
+                    .iter()
+                    .map(|t| {
+                        t.split_once('=')
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .ok_or_else(|| usage(anyhow::anyhow!("--tag {t:?} must be KEY=VALUE")))
+                    })
+                    .collect::<Result<std::collections::BTreeMap<_, _>, _>>()?;
+                if out.join("agent.toml").exists() {
+                    return Err(usage(anyhow::anyhow!(
+                        "{} already holds a bundle; choose another --out",
+                        out.display()
+                    )));
+                }
+                let resp = client
+                    .post(format!("{base}/api/v1/devices"))
+                    .json(&json!({"id": id, "hardware": hardware, "tags": tags}))
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                let enrolled = check(resp).await?;
+                write_bundle(out, &enrolled).map_err(usage)?;
+                if cli.json {
+                    let mut summary = enrolled.clone();
+                    summary["mqtt"]["password"] = "(in the bundle)".into();
+                    summary["bundle"] = out.display().to_string().into();
+                    println!("{summary}");
+                } else {
+                    println!(
+                        "enrolled {id} ({hardware}); bundle in {}: copy agent.toml and root.json to /etc/edgefleet/ on the device",
+                        out.display()
+                    );
+                }
+            }
+            DevicesCommand::Revoke { id } => {
+                let resp = client
+                    .post(format!("{base}/api/v1/devices/{id}/revoke"))
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                let device = check(resp).await?;
+                if cli.json {
+                    println!("{device}");
+                } else {
+                    println!("revoked {id}");
+                }
+            }
+        },
+        Command::Broker {
+            command:
+                BrokerCommand::Mosquitto {
+                    out,
+                    server_user,
+                    server_password,
+                },
+        } => {
+            let url = format!(
+                "{base}/api/v1/broker/mosquitto?server_user={}",
+                form_urlencoded::byte_serialize(server_user.as_bytes()).collect::<String>()
+            );
+            let files = check(client.get(url).send().await.map_err(classify)?).await?;
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("cannot create {}", out.display()))
+                .map_err(usage)?;
+            let passwords = format!(
+                "{server_user}:{}\n{}",
+                fleet_server::auth::mosquitto_hash(server_password),
+                files["password_file"].as_str().unwrap_or_default()
+            );
+            write_private(&out.join("passwords"), &passwords).map_err(usage)?;
+            std::fs::write(
+                out.join("acl"),
+                files["acl_file"].as_str().unwrap_or_default(),
+            )
+            .with_context(|| format!("cannot write {}", out.join("acl").display()))
+            .map_err(usage)?;
+            println!(
+                "wrote {0}/passwords and {0}/acl; in mosquitto.conf: allow_anonymous false, password_file {0}/passwords, acl_file {0}/acl (then reload Mosquitto)",
+                out.display()
+            );
         }
         Command::Events { device, limit } => {
             let url = format!("{base}/api/v1/devices/{device}/events?limit={limit}");
