@@ -132,7 +132,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
         "an enrolled device's own credentials are accepted"
     );
     assert!(
-        broker_accepts(port, "probe-a", Some(("pi-a", &password))).await == false,
+        !broker_accepts(port, "probe-a", Some(("pi-a", &password))).await,
         "client id and user name must match"
     );
     assert!(!broker_accepts(port, "pi-a", Some(("pi-a", "not-the-password"))).await);
