@@ -555,20 +555,7 @@ async fn mosquitto_files(
     let server_user = q
         .server_user
         .unwrap_or_else(|| crate::bridge::client_id(&fleet.prefix));
-    let p = fleet.prefix.as_str();
-    let acl = format!(
-        "# edgefleet: the server, then every device under its own id only.\n\
-         user {server_user}\n\
-         topic readwrite {p}/#\n\n\
-         pattern write {p}/devices/%u/status\n\
-         pattern write {p}/devices/%u/events\n\
-         pattern write {p}/devices/%u/telemetry\n\
-         pattern write {p}/devices/%u/results\n\
-         pattern read {p}/devices/%u/desired\n\
-         pattern read {p}/devices/%u/receipts\n\
-         pattern read {p}/server/status\n\
-         pattern read {p}/roots\n"
-    );
+    let acl = auth::mosquitto_acl(fleet.prefix.as_str(), &server_user);
     Ok(Json(
         json!({"password_file": passwords, "acl_file": acl, "server_user": server_user}),
     ))

@@ -203,6 +203,28 @@ pub fn verify_mosquitto(password: &str, stored: &str) -> bool {
             == 0
 }
 
+/// A Mosquitto ACL file for a fleet under `prefix`: the server's user
+/// reads and writes everything under the prefix; each device (user name =
+/// device id) publishes only its own status, events, telemetry and
+/// results, and reads only its own desired state and receipts, the
+/// server's status and the root chain.
+pub fn mosquitto_acl(prefix: &str, server_user: &str) -> String {
+    let p = prefix;
+    format!(
+        "# edgefleet: the server, then every device under its own id only.\n\
+         user {server_user}\n\
+         topic readwrite {p}/#\n\n\
+         pattern write {p}/devices/%u/status\n\
+         pattern write {p}/devices/%u/events\n\
+         pattern write {p}/devices/%u/telemetry\n\
+         pattern write {p}/devices/%u/results\n\
+         pattern read {p}/devices/%u/desired\n\
+         pattern read {p}/devices/%u/receipts\n\
+         pattern read {p}/server/status\n\
+         pattern read {p}/roots\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
