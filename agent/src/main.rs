@@ -110,6 +110,7 @@ fn install_panic_logger() {
 }
 
 fn main() -> ExitCode {
+    edgefleet_agent::trim::single_malloc_arena();
     let cli = Cli::parse();
     init_logging();
     install_panic_logger();

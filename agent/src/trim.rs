@@ -56,6 +56,17 @@ pub fn page_out_code() -> Option<u64> {
     }
 }
 
+/// One malloc arena for the whole process (glibc; elsewhere a no-op).
+/// glibc gives busy threads arenas of their own, and each keeps freed
+/// memory it cannot return; with one arena an idle agent serving an ONNX
+/// Runtime model measured 17.9 MiB instead of 20.7 MiB. The agent's few
+/// threads rarely allocate at once, so the shared arena costs no
+/// measurable latency. Call before any thread starts.
+pub fn single_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    linux::single_malloc_arena();
+}
+
 /// Returns the allocator's free pages to the kernel (glibc; elsewhere a
 /// no-op).
 pub fn release_free_heap() {
@@ -88,6 +99,15 @@ pub fn code_ranges(maps: &str) -> Vec<(usize, usize)> {
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 mod linux {
+    #[cfg(target_env = "gnu")]
+    pub fn single_malloc_arena() {
+        // SAFETY: mallopt only sets an allocator parameter; it takes no
+        // pointers and is called before other threads exist.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+
     #[cfg(target_env = "gnu")]
     pub fn release_free_heap() {
         // SAFETY: malloc_trim only walks glibc's own free lists and
