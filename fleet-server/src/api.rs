@@ -16,7 +16,60 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use crate::artifacts::{parse_range, ArtifactError, ByteRange};
 use crate::auth;
 use crate::fleet::Fleet;
-use crate::store::{self, ModelRecord, StoreError};
+use crate::store::{self, DeviceRecord, EventRecord, ModelRecord, StoreError};
+
+/// Every error answer: `{"error": "what went wrong and what to do"}`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorBody {
+    error: String,
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "edgefleet fleet server",
+        description = "Devices, models, deployments, operator tokens and the audit log of an edgefleet fleet. Every call but health, the root document and artifacts needs `Authorization: Bearer <operator token>`.",
+        version = env!("CARGO_PKG_VERSION")
+    ),
+    paths(
+        health, root_document, list_models, get_model, upload_model, put_spec, put_test_vector,
+        deploy, list_devices, enroll_device, revoke_device, mosquitto_files, get_device,
+        device_events, device_telemetry, device_results, device_desired, download_artifact,
+        create_token, list_tokens, revoke_token, list_audit, metrics, openapi_json
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerSecurity),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerSecurity;
+
+impl utoipa::Modify for BearerSecurity {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some("an operator token, eft_<id>_<secret>"))
+                        .build(),
+                ),
+            );
+    }
+}
+
+/// `GET /api/v1/openapi.json`: this API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "server", security(()), responses((status = 200, description = "the OpenAPI document", body = Object)))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi;
+    Json(ApiDoc::openapi())
+}
 
 /// An API error with its HTTP status.
 #[derive(Debug)]
@@ -82,6 +135,7 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/audit", get(list_audit))
         .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi_json))
         .route("/artifacts/{name}", get(download_artifact))
         .fallback(|| async { ApiError::not_found("no such endpoint; the API lives under /api/v1") })
         .layer(axum::middleware::from_fn_with_state(
@@ -96,14 +150,17 @@ pub fn router(fleet: Fleet) -> Router {
         .with_state(fleet)
 }
 
+#[utoipa::path(get, path = "/api/v1/health", tag = "server", security(()), responses((status = 200, description = "the server is up", body = Object)))]
 async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+#[utoipa::path(get, path = "/api/v1/root", tag = "server", security(()), responses((status = 200, description = "the signed root document devices pin", body = Object)))]
 async fn root_document(State(fleet): State<Fleet>) -> Json<Value> {
     Json(serde_json::to_value(fleet.signer.root_envelope()).expect("root serialises"))
 }
 
+#[utoipa::path(get, path = "/api/v1/models", tag = "models", responses((status = 200, body = [ModelRecord]), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody)))]
 async fn list_models(State(fleet): State<Fleet>) -> ApiResult<Json<Vec<ModelRecord>>> {
     Ok(Json(fleet.store.list_models().await?))
 }
@@ -113,6 +170,7 @@ fn check_model_name(name: &str) -> ApiResult<()> {
         .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}", tag = "models", params(("name" = String, Path, description = "model name"), ("version" = u64, Path, description = "model version")), responses((status = 200, body = ModelRecord), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn get_model(
     State(fleet): State<Fleet>,
     Path((name, version)): Path<(String, u64)>,
@@ -133,6 +191,7 @@ struct UploadQuery {
 }
 
 /// Streams the request body into the artifact store and registers it.
+#[utoipa::path(post, path = "/api/v1/models/{name}/versions/{version}", tag = "models", params(("name" = String, Path, description = "model name"), ("version" = u64, Path, description = "model version"), ("format" = Option<String>, Query, description = "onnx or tflite")), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the model file, streamed"), responses((status = 201, body = ModelRecord), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 409, description = "conflicts with what is stored", body = ErrorBody), (status = 413, description = "larger than max_upload_bytes", body = ErrorBody)))]
 async fn upload_model(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -204,7 +263,16 @@ fn check_test_vector(tv: &edgefleet_shared::TestVector) -> Result<(), String> {
         return Err(format!("tolerance {} must be a number >= 0", tv.tolerance));
     }
     for t in tv.inputs.iter().chain(&tv.expected) {
-        let elements: u64 = t.shape.iter().product();
+        let elements = t
+            .shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                format!(
+                    "tensor {:?} has shape {:?}, whose element count overflows",
+                    t.name, t.shape
+                )
+            })?;
         if elements != t.data.len() as u64 {
             return Err(format!(
                 "tensor {:?} has shape {:?} ({elements} elements) but {} values",
@@ -276,6 +344,7 @@ async fn attach(
 }
 
 /// `PUT .../spec`: the model's declared interface.
+#[utoipa::path(put, path = "/api/v1/models/{name}/versions/{version}/spec", tag = "models", params(("name" = String, Path, description = "model name"), ("version" = u64, Path, description = "model version")), request_body = store::ModelSpec, responses((status = 200, body = ModelRecord), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody), (status = 409, description = "conflicts with what is stored", body = ErrorBody)))]
 async fn put_spec(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -289,6 +358,7 @@ async fn put_spec(
 }
 
 /// `PUT .../test-vector`: the input and outputs devices must reproduce.
+#[utoipa::path(put, path = "/api/v1/models/{name}/versions/{version}/test-vector", tag = "models", params(("name" = String, Path, description = "model name"), ("version" = u64, Path, description = "model version")), request_body = edgefleet_shared::TestVector, responses((status = 200, body = ModelRecord), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody), (status = 409, description = "conflicts with what is stored", body = ErrorBody)))]
 async fn put_test_vector(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -308,7 +378,7 @@ async fn put_test_vector(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct DeployRequest {
     model: String,
     version: u64,
@@ -320,6 +390,7 @@ struct DeployRequest {
 
 /// Points devices (or the whole fleet) at a model version and publishes
 /// the new signed desired state to each affected device.
+#[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = DeployRequest, responses((status = 200, description = "the devices whose signed desired state was published", body = Object), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn deploy(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -380,6 +451,7 @@ async fn deploy(
 /// `GET /api/v1/devices?tag=K=V&hardware=H&online=true&after=ID&limit=N`:
 /// devices with all the given tags (repeat `tag`), by id; page with
 /// `after` = the last id of the previous page.
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(("tag" = Option<Vec<String>>, Query, description = "KEY=VALUE; repeat to require several"), ("hardware" = Option<String>, Query), ("online" = Option<bool>, Query), ("after" = Option<String>, Query, description = "ids after this one (paging)"), ("limit" = Option<u32>, Query, description = "1 to 10000, default 1000")), responses((status = 200, body = [DeviceRecord]), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody)))]
 async fn list_devices(
     State(fleet): State<Fleet>,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
@@ -445,7 +517,7 @@ fn check_tag(key: &str, value: &str) -> ApiResult<()> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EnrollRequest {
     id: String,
@@ -457,6 +529,7 @@ struct EnrollRequest {
 /// `POST /api/v1/devices` (admin): enrolls a device (again: a new
 /// password) and answers with what its bundle needs. The password is in
 /// this answer only; the server keeps its hash.
+#[utoipa::path(post, path = "/api/v1/devices", tag = "devices", request_body = EnrollRequest, responses((status = 201, description = "the device, its MQTT credentials (the password only here) and the root document: a device bundle", body = Object), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody)))]
 async fn enroll_device(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -511,6 +584,7 @@ async fn enroll_device(
 /// `POST /api/v1/devices/{id}/revoke` (admin): its credentials stop
 /// working (the embedded broker with device authentication refuses it;
 /// regenerate an external broker's password file).
+#[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DeviceRecord), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn revoke_device(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -529,6 +603,7 @@ async fn revoke_device(
 /// `password_file` (enrolled, unrevoked devices; hashes as stored) and an
 /// `acl_file` letting each device publish and subscribe only under its own
 /// id, and the server user everywhere under the topic prefix.
+#[utoipa::path(get, path = "/api/v1/broker/mosquitto", tag = "devices", params(("server_user" = Option<String>, Query)), responses((status = 200, description = "password_file, acl_file, server_user", body = Object), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody)))]
 async fn mosquitto_files(
     State(fleet): State<Fleet>,
     Query(q): Query<MosquittoQuery>,
@@ -566,6 +641,7 @@ struct MosquittoQuery {
     server_user: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DeviceRecord), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn get_device(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let device = fleet.store.get_device(&id).await?;
     device
@@ -578,6 +654,7 @@ struct EventsQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices", params(("id" = String, Path, description = "device id"), ("limit" = Option<u32>, Query)), responses((status = 200, body = [EventRecord]), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody)))]
 async fn device_events(
     State(fleet): State<Fleet>,
     Path(id): Path<String>,
@@ -612,6 +689,7 @@ fn stream_reply(id: String, field: &str, rows: Option<Vec<Value>>) -> ApiResult<
 }
 
 /// Recent telemetry of a device, oldest first (`after_seq` pages forward).
+#[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry", tag = "devices", params(("id" = String, Path, description = "device id"), ("after_seq" = Option<u64>, Query), ("limit" = Option<u32>, Query)), responses((status = 200, description = "device_id and telemetry: samples as devices sent them, plus received_at", body = Object), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn device_telemetry(
     State(fleet): State<Fleet>,
     Path(id): Path<String>,
@@ -622,6 +700,7 @@ async fn device_telemetry(
 }
 
 /// Uploaded inference results of a device, oldest first.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/results", tag = "devices", params(("id" = String, Path, description = "device id"), ("after_seq" = Option<u64>, Query), ("limit" = Option<u32>, Query), ("model" = Option<String>, Query)), responses((status = 200, description = "device_id and results: uploaded inference results, plus received_at", body = Object), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn device_results(
     State(fleet): State<Fleet>,
     Path(id): Path<String>,
@@ -634,6 +713,7 @@ async fn device_results(
     stream_reply(id, "results", rows)
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/desired", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, description = "the signed desired-state document", body = Object), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn device_desired(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Response> {
     let doc = fleet.store.desired_json(&id).await?;
     let doc =
@@ -643,6 +723,7 @@ async fn device_desired(State(fleet): State<Fleet>, Path(id): Path<String>) -> A
 
 /// Serves an artifact, honouring a single-range `Range` header and
 /// `If-Range` against the artifact's ETag (its sha256).
+#[utoipa::path(get, path = "/artifacts/{name}", tag = "server", security(()), params(("name" = String, Path, description = "sha256, or sha256.zst")), responses((status = 200, description = "the artifact", content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "a range of it", content_type = "application/octet-stream", body = Vec<u8>), (status = 404, description = "not found", body = ErrorBody), (status = 416, description = "unsatisfiable range", body = ErrorBody)))]
 async fn download_artifact(
     State(fleet): State<Fleet>,
     Path(name): Path<String>,
@@ -794,7 +875,7 @@ async fn audit(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewTokenRequest {
     name: String,
@@ -802,6 +883,7 @@ struct NewTokenRequest {
 }
 
 /// `POST /api/v1/tokens`: a new token; its text is in this answer only.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = NewTokenRequest, responses((status = 201, description = "the token record and, only here, the token", body = Object), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody)))]
 async fn create_token(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -834,10 +916,12 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(reply)))
 }
 
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", responses((status = 200, body = [auth::TokenRecord]), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody)))]
 async fn list_tokens(State(fleet): State<Fleet>) -> ApiResult<Json<Value>> {
     Ok(Json(json!(fleet.store.list_tokens().await?)))
 }
 
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "token id")), responses((status = 200, body = auth::TokenRecord), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn revoke_token(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -859,6 +943,7 @@ struct AuditQuery {
 }
 
 /// `GET /api/v1/audit`: operator actions, oldest first (`after_id` pages).
+#[utoipa::path(get, path = "/api/v1/audit", tag = "tokens", params(("after_id" = Option<u64>, Query), ("limit" = Option<u32>, Query)), responses((status = 200, body = [store::AuditRecord]), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody)))]
 async fn list_audit(
     State(fleet): State<Fleet>,
     Query(q): Query<AuditQuery>,
@@ -901,6 +986,7 @@ async fn time_request(
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "server", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody)))]
 async fn metrics(State(fleet): State<Fleet>) -> ApiResult<Response> {
     let devices = fleet.store.list_devices().await?;
     let online = devices.iter().filter(|d| d.online).count();
@@ -913,4 +999,44 @@ async fn metrics(State(fleet): State<Fleet>) -> ApiResult<Response> {
         fleet.metrics.encode(),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgefleet_shared::documents::TestTensor;
+    use edgefleet_shared::TestVector;
+
+    fn tensor(shape: Vec<u64>, values: usize) -> TestTensor {
+        TestTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape,
+            data: vec![0.0; values],
+        }
+    }
+
+    /// Found by the API fuzz test (scripts/api-fuzz): a shape whose element
+    /// count overflows took the handler down instead of being refused.
+    #[test]
+    fn test_vectors_with_overflowing_shapes_are_refused() {
+        let tv = TestVector {
+            inputs: vec![tensor(vec![20, 591, 436_730, 3_573_462_429, u64::MAX], 0)],
+            expected: vec![tensor(vec![1], 1)],
+            tolerance: 0.0,
+        };
+        let err = check_test_vector(&tv).unwrap_err();
+        assert!(err.contains("overflows"), "{err}");
+        let ok = TestVector {
+            inputs: vec![tensor(vec![2, 3], 6)],
+            expected: vec![tensor(vec![1], 1)],
+            tolerance: 0.5,
+        };
+        assert_eq!(check_test_vector(&ok), Ok(()));
+        let short = TestVector {
+            inputs: vec![tensor(vec![2, 3], 5)],
+            ..ok
+        };
+        assert!(check_test_vector(&short).unwrap_err().contains("5 values"));
+    }
 }

@@ -15,7 +15,17 @@ use sha2::{Digest, Sha256};
 
 /// What a token may do; each scope includes the ones before it.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
@@ -47,7 +57,7 @@ impl std::str::FromStr for Scope {
 }
 
 /// A token as stored and listed (never with its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenRecord {
     pub id: String,
     pub name: String,
@@ -115,7 +125,11 @@ pub fn matches(secret: &str, stored: &str) -> bool {
 /// calls anyone may make (health, the public root document, artifacts,
 /// whose content is addressed by the hash a signed document names).
 pub fn required_scope(method: &http::Method, path: &str) -> Option<Scope> {
-    if path == "/api/v1/health" || path == "/api/v1/root" || path.starts_with("/artifacts/") {
+    if path == "/api/v1/health"
+        || path == "/api/v1/root"
+        || path == "/api/v1/openapi.json"
+        || path.starts_with("/artifacts/")
+    {
         return None;
     }
     if path.starts_with("/api/v1/tokens")

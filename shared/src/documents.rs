@@ -320,6 +320,7 @@ impl RootDocument {
 }
 
 /// Model file formats the agent can load.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelFormat {
@@ -366,6 +367,7 @@ impl std::str::FromStr for ModelFormat {
 
 /// Name, datatype (Open Inference Protocol names: `FP32`, `INT64`, ...) and
 /// shape of one model input or output; `-1` marks a dynamic dimension.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
     pub name: String,
@@ -374,6 +376,7 @@ pub struct TensorSpec {
 }
 
 /// A tensor's values inside a signed test vector.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TestTensor {
     pub name: String,
@@ -384,6 +387,7 @@ pub struct TestTensor {
 
 /// An input and the output the model must produce for it on the device,
 /// within `tolerance` (absolute, per element).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TestVector {
     pub inputs: Vec<TestTensor>,

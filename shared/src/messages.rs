@@ -11,6 +11,7 @@ use crate::ids::DeviceId;
 use crate::SCHEMA_VERSION;
 
 /// A model as the agent is serving it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelStatus {
     pub name: String,

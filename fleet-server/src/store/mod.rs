@@ -43,7 +43,7 @@ pub enum StoreError {
 pub const ALL_DEVICES: &str = "*";
 
 /// A model version in the registry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelRecord {
     pub name: String,
     pub version: u64,
@@ -63,7 +63,7 @@ pub struct ModelRecord {
 }
 
 /// A model's declared interface.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     #[serde(default)]
@@ -79,7 +79,7 @@ impl ModelSpec {
 }
 
 /// A device as the server knows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceRecord {
     pub id: String,
     pub first_seen: u64,
@@ -125,7 +125,7 @@ pub struct Enrollment {
 }
 
 /// A stored update event.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventRecord {
     pub device_id: String,
     pub seq: u64,
@@ -153,7 +153,7 @@ pub struct Page {
 }
 
 /// One operator action, as the audit log keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub at: u64,
     /// The token that made the call (`None`: the server itself).
@@ -169,7 +169,7 @@ pub struct AuditEntry {
 }
 
 /// A stored audit entry with its position in the log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub id: u64,
     #[serde(flatten)]
