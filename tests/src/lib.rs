@@ -625,6 +625,16 @@ impl Agent {
             // `extra` may bring its own [update] table.
             update = if extra.contains("[update]") { "" } else { "[update]\ndownload_stall_secs = 5\n" },
         ) + extra;
+        Self::run_config(agent_dir, id, socket, &config)
+    }
+
+    /// Writes `config` to `{agent_dir}/agent.toml` and runs the agent on it.
+    fn run_config(
+        agent_dir: PathBuf,
+        id: &str,
+        socket: PathBuf,
+        config: &str,
+    ) -> anyhow::Result<Self> {
         let config_path = agent_dir.join("agent.toml");
         std::fs::write(&config_path, config)?;
         let mut cmd = Command::new(binary("edgefleet-agent"));
@@ -653,16 +663,7 @@ impl Agent {
                 &bundle.join("root.json").display().to_string(),
             )
             .replace("/run/edgefleet/agent.sock", &socket.display().to_string());
-        let config_path = agent_dir.join("agent.toml");
-        std::fs::write(&config_path, config)?;
-        let mut cmd = Command::new(binary("edgefleet-agent"));
-        cmd.arg("run").arg("--config").arg(&config_path);
-        Ok(Self {
-            proc: Proc::spawn(cmd, agent_dir.join("agent.log"))?,
-            id: id.to_string(),
-            socket,
-            dir: agent_dir,
-        })
+        Self::run_config(agent_dir, id, socket, &config)
     }
 
     /// Starts a standalone agent serving local files.

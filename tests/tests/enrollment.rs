@@ -36,6 +36,23 @@ async fn broker_accepts(port: u16, client_id: &str, credentials: Option<(&str, &
     outcome.unwrap_or(false)
 }
 
+/// `fleetctl broker mosquitto --out DIR`, asserting success.
+fn write_mosquitto_files(server: &Server, dir: &std::path::Path) {
+    let out = server.ctl(&[
+        "broker",
+        "mosquitto",
+        "--out",
+        dir.to_str().unwrap(),
+        "--server-password",
+        "server-secret",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn json_out(out: &std::process::Output) -> Value {
     assert!(
         out.status.success(),
@@ -113,20 +130,9 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     assert_eq!(agent.classify(&s.inputs[0]).await?, s.labels[0]);
 
     // Wrong, unknown and missing credentials are refused.
-    let password = config
-        .lines()
-        .find_map(|l| l.strip_prefix("password = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string();
+    let password = bundle_password(&bundle);
     let port = server.mqtt_port;
-    let password_b = std::fs::read_to_string(bundle_b.join("agent.toml"))?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("password = ")
-                .map(|p| p.trim_matches('"').to_string())
-        })
-        .unwrap();
+    let password_b = bundle_password(&bundle_b);
     assert!(
         broker_accepts(port, "pi-b", Some(("pi-b", &password_b))).await,
         "an enrolled device's own credentials are accepted"
@@ -157,19 +163,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
 
     // Mosquitto files: the server user and every enrolled device.
     let broker_dir = dir.path().join("mosquitto");
-    let out = server.ctl(&[
-        "broker",
-        "mosquitto",
-        "--out",
-        broker_dir.to_str().unwrap(),
-        "--server-password",
-        "server-secret",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    write_mosquitto_files(&server, &broker_dir);
     let passwords = std::fs::read_to_string(broker_dir.join("passwords"))?;
     for user in ["edgefleet-server", "pi-a", "pi-b"] {
         assert!(
@@ -188,14 +182,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     let revoked = json_out(&server.ctl(&["--json", "devices", "revoke", "pi-a"]));
     assert!(revoked["revoked_at"].is_u64());
     assert!(!broker_accepts(port, "pi-a", Some(("pi-a", &password))).await);
-    server.ctl(&[
-        "broker",
-        "mosquitto",
-        "--out",
-        broker_dir.to_str().unwrap(),
-        "--server-password",
-        "server-secret",
-    ]);
+    write_mosquitto_files(&server, &broker_dir);
     let passwords = std::fs::read_to_string(broker_dir.join("passwords"))?;
     assert!(!passwords.contains("pi-a:") && passwords.contains("pi-b:"));
     let audit = json_out(&server.ctl(&["--json", "audit"]));
@@ -299,19 +286,7 @@ async fn mosquitto_with_generated_passwords_and_acl_keeps_devices_apart() -> any
         );
         bundles.push(bundle);
     }
-    let out = server.ctl(&[
-        "broker",
-        "mosquitto",
-        "--out",
-        conf_dir.to_str().unwrap(),
-        "--server-password",
-        "server-secret",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    write_mosquitto_files(&server, &conf_dir);
     let acl = std::fs::read_to_string(conf_dir.join("acl"))?;
     assert!(
         acl.contains(&format!("topic readwrite {}/#", server.topic_prefix)),
