@@ -37,6 +37,7 @@ pub struct ErrorBody {
         health, root_document, list_models, get_model, upload_model, put_spec, put_test_vector,
         deploy, list_devices, enroll_device, revoke_device, mosquitto_files, get_device,
         device_events, device_telemetry, device_results, device_desired, download_artifact,
+        put_tags, delete_model,
         create_token, list_tokens, revoke_token, list_audit, metrics, openapi_json
     ),
     components(schemas(ErrorBody)),
@@ -112,7 +113,7 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/models", get(list_models))
         .route(
             "/api/v1/models/{name}/versions/{version}",
-            post(upload_model).get(get_model),
+            post(upload_model).get(get_model).delete(delete_model),
         )
         .route(
             "/api/v1/models/{name}/versions/{version}/test-vector",
@@ -125,6 +126,7 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/deployments", post(deploy))
         .route("/api/v1/devices", get(list_devices).post(enroll_device))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
+        .route("/api/v1/devices/{id}/tags", axum::routing::put(put_tags))
         .route("/api/v1/broker/mosquitto", get(mosquitto_files))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/events", get(device_events))
@@ -382,10 +384,16 @@ async fn put_test_vector(
 struct DeployRequest {
     model: String,
     version: u64,
+    /// These devices.
     #[serde(default)]
     devices: Vec<String>,
+    /// Every device, including ones that enroll later.
     #[serde(default)]
     all: bool,
+    /// The devices that have all these tags now (a selection made at
+    /// deployment time; devices tagged later are not included).
+    #[serde(default)]
+    tags: std::collections::BTreeMap<String, String>,
 }
 
 /// Points devices (or the whole fleet) at a model version and publishes
@@ -398,19 +406,43 @@ async fn deploy(
 ) -> ApiResult<Json<Value>> {
     let req: DeployRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed deployment JSON: {e}")))?;
-    if req.all != req.devices.is_empty() {
+    let chosen = [req.all, !req.devices.is_empty(), !req.tags.is_empty()];
+    if chosen.iter().filter(|c| **c).count() != 1 {
         return Err(ApiError::bad_request(
-            "give either \"devices\": [ids] or \"all\": true (exactly one)",
+            "give exactly one of \"devices\": [ids], \"all\": true or \"tags\": {key: value}",
         ));
     }
-    let devices = req
-        .devices
-        .iter()
-        .map(|d| DeviceId::new(d.clone()).map_err(|e| ApiError::bad_request(e.to_string())))
-        .collect::<ApiResult<Vec<_>>>()?;
     let target = if req.all {
         store::Target::All
+    } else if !req.tags.is_empty() {
+        let mut filter = store::DeviceFilter {
+            limit: 10_000,
+            ..Default::default()
+        };
+        for (k, v) in &req.tags {
+            check_tag(k, v)?;
+            filter.tags.push((k.clone(), v.clone()));
+        }
+        let mut ids = Vec::new();
+        loop {
+            let page = fleet.store.find_devices(&filter).await?;
+            let Some(last) = page.last() else { break };
+            filter.after = Some(last.id.clone());
+            ids.extend(page.into_iter().map(|d| d.id));
+        }
+        if ids.is_empty() {
+            return Err(ApiError::not_found(format!(
+                "no device has the tags {:?}",
+                req.tags
+            )));
+        }
+        store::Target::Devices(ids)
     } else {
+        let devices = req
+            .devices
+            .iter()
+            .map(|d| DeviceId::new(d.clone()).map_err(|e| ApiError::bad_request(e.to_string())))
+            .collect::<ApiResult<Vec<_>>>()?;
         store::Target::Devices(devices.iter().map(|d| d.to_string()).collect())
     };
     let targets = fleet
@@ -443,7 +475,7 @@ async fn deploy(
     Ok(Json(json!({
         "model": req.model,
         "version": req.version,
-        "scope": if req.all { "all" } else { "devices" },
+        "scope": if req.all { "all" } else if req.tags.is_empty() { "devices" } else { "tags" },
         "published": published,
     })))
 }
@@ -639,6 +671,56 @@ async fn mosquitto_files(
 #[derive(Deserialize)]
 struct MosquittoQuery {
     server_user: Option<String>,
+}
+
+/// `PUT /api/v1/devices/{id}/tags`: replaces a device's tags.
+#[utoipa::path(put, path = "/api/v1/devices/{id}/tags", tag = "devices", params(("id" = String, Path, description = "device id")), request_body = Object, responses((status = 200, body = DeviceRecord), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
+async fn put_tags(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<DeviceRecord>> {
+    let tags: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "malformed tags (expected {{\"key\": \"value\", ...}}): {e}"
+            ))
+        })?;
+    for (k, v) in &tags {
+        check_tag(k, v)?;
+    }
+    let device = fleet
+        .store
+        .set_tags(&id, &tags)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
+    audit(&fleet, &op, "device.tags", id, Some(json!(tags))).await;
+    Ok(Json(device))
+}
+
+/// `DELETE /api/v1/models/{name}/versions/{version}`: removes a version
+/// no assignment points at (409 otherwise), and its file unless another
+/// version has the same content.
+#[utoipa::path(delete, path = "/api/v1/models/{name}/versions/{version}", tag = "models", params(("name" = String, Path, description = "model name"), ("version" = u64, Path, description = "model version")), responses((status = 200, body = ModelRecord), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody), (status = 409, description = "deployed", body = ErrorBody)))]
+async fn delete_model(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    Path((name, version)): Path<(String, u64)>,
+) -> ApiResult<Json<ModelRecord>> {
+    let (record, file_still_used) = fleet.store.delete_model(&name, version).await?;
+    if !file_still_used {
+        fleet.artifacts.remove(&record.sha256);
+    }
+    audit(
+        &fleet,
+        &op,
+        "model.delete",
+        format!("{name}@{version}"),
+        None,
+    )
+    .await;
+    Ok(Json(record))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DeviceRecord), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]

@@ -65,6 +65,20 @@ impl ArtifactStore {
             .map(|p| p.with_file_name(format!("{sha256}.zst")))
     }
 
+    /// Deletes an artifact and its compressed copy (missing files are
+    /// fine: the result is the same).
+    pub fn remove(&self, sha256: &str) {
+        if let (Some(path), Some(zst)) = (self.path(sha256), self.zst_path(sha256)) {
+            for p in [path, zst] {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot delete an artifact file");
+                    }
+                }
+            }
+        }
+    }
+
     /// Size of the compressed copy, if there is one.
     pub fn zst_size(&self, sha256: &str) -> Option<u64> {
         std::fs::metadata(self.zst_path(sha256)?)

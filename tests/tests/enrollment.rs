@@ -161,6 +161,64 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must be KEY=VALUE"));
 
+    // Tags can change; a deployment can select by tag.
+    let tagged =
+        json_out(&server.ctl(&["--json", "devices", "tag", "pi-b", "site=berlin", "floor=2"]));
+    assert_eq!(tagged["tags"]["floor"], "2");
+    let deployed = json_out(&server.ctl(&[
+        "--json",
+        "deploy",
+        "--model",
+        "digits",
+        "--version",
+        "1",
+        "--tag",
+        "site=berlin",
+    ]));
+    let published: Vec<&str> = deployed["published"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["device"].as_str().unwrap())
+        .collect();
+    assert_eq!(published, vec!["pi-a", "pi-b"]);
+    let none = server.ctl(&[
+        "deploy",
+        "--model",
+        "digits",
+        "--version",
+        "1",
+        "--tag",
+        "site=rome",
+    ]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no device has the tags"));
+
+    // A deployed version cannot be deleted; an unused one goes with its file.
+    server.push(&digits_model("fp32"), "digits", 2);
+    let v2 = server.get_json("/api/v1/models/digits/versions/2").await?;
+    let deployed_delete = server.ctl(&["model", "delete", "--name", "digits", "--version", "1"]);
+    assert_eq!(deployed_delete.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&deployed_delete.stderr).contains("is deployed"));
+    json_out(&server.ctl(&[
+        "--json",
+        "model",
+        "delete",
+        "--name",
+        "digits",
+        "--version",
+        "2",
+    ]));
+    let artifact = reqwest::get(format!(
+        "{}/artifacts/{}",
+        server.url,
+        v2["sha256"].as_str().unwrap()
+    ))
+    .await?;
+    assert_eq!(artifact.status(), 404, "the unused file is gone");
+    let models = json_out(&server.ctl(&["--json", "model", "list"]));
+    assert_eq!(models.as_array().unwrap().len(), 1);
+
     // Mosquitto files: the server user and every enrolled device.
     let broker_dir = dir.path().join("mosquitto");
     write_mosquitto_files(&server, &broker_dir);

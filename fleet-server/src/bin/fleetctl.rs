@@ -64,13 +64,16 @@ enum Command {
         /// A device id; repeat for several.
         #[arg(
             long = "device",
-            conflicts_with = "all",
-            required_unless_present = "all"
+            conflicts_with_all = ["all", "tags"],
+            required_unless_present_any = ["all", "tags"]
         )]
         devices: Vec<String>,
         /// Every device, including ones that enroll later.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tags")]
         all: bool,
+        /// KEY=VALUE, repeatable: the devices that have all these tags now.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
     },
     /// Devices: list (the default), enroll, revoke.
     Devices {
@@ -140,6 +143,8 @@ enum DevicesCommand {
     },
     /// Revoke a device: its credentials stop working.
     Revoke { id: String },
+    /// Replace a device's tags (KEY=VALUE ...; none clears them).
+    Tag { id: String, tags: Vec<String> },
 }
 
 #[derive(Subcommand)]
@@ -247,6 +252,13 @@ enum ModelCommand {
     },
     /// List model versions.
     List,
+    /// Delete a model version no deployment points at.
+    Delete {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: u64,
+    },
 }
 
 /// A failure with its exit code.
@@ -423,6 +435,17 @@ fn api_client(cli: &Cli) -> Result<reqwest::Client, Failure> {
         .default_headers(headers)
         .build()
         .map_err(|e| Failure(1, e.into()))
+}
+
+/// KEY=VALUE arguments as a map.
+fn parse_tags(tags: &[String]) -> Result<std::collections::BTreeMap<String, String>, Failure> {
+    tags.iter()
+        .map(|t| {
+            t.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| usage(anyhow::anyhow!("tag {t:?} must be KEY=VALUE")))
+        })
+        .collect()
 }
 
 /// Writes `text` readable by its owner only.
@@ -624,6 +647,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Model {
+            command: ModelCommand::Delete { name, version },
+        } => {
+            let resp = client
+                .delete(format!("{base}/api/v1/models/{name}/versions/{version}"))
+                .send()
+                .await
+                .map_err(classify)?;
+            let record = check(resp).await?;
+            if cli.json {
+                println!("{record}");
+            } else {
+                println!("deleted {name} v{version}");
+            }
+        }
+        Command::Model {
             command: ModelCommand::List,
         } => {
             let rows =
@@ -652,8 +690,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             version,
             devices,
             all,
+            tags,
         } => {
-            let body = json!({"model": model, "version": version, "devices": devices, "all": all});
+            let tags = parse_tags(tags)?;
+            let body = json!({"model": model, "version": version, "devices": devices, "all": all, "tags": tags});
             let resp = client
                 .post(format!("{base}/api/v1/deployments"))
                 .json(&body)
@@ -763,14 +803,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 tags,
                 out,
             } => {
-                let tags = tags
-                    .iter()
-                    .map(|t| {
-                        t.split_once('=')
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .ok_or_else(|| usage(anyhow::anyhow!("--tag {t:?} must be KEY=VALUE")))
-                    })
-                    .collect::<Result<std::collections::BTreeMap<_, _>, _>>()?;
+                let tags = parse_tags(tags)?;
                 if out.join("agent.toml").exists() {
                     return Err(usage(anyhow::anyhow!(
                         "{} already holds a bundle; choose another --out",
@@ -795,6 +828,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         "enrolled {id} ({hardware}); bundle in {}: copy agent.toml and root.json to /etc/edgefleet/ on the device",
                         out.display()
                     );
+                }
+            }
+            DevicesCommand::Tag { id, tags } => {
+                let resp = client
+                    .put(format!("{base}/api/v1/devices/{id}/tags"))
+                    .json(&parse_tags(tags)?)
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                let device = check(resp).await?;
+                if cli.json {
+                    println!("{device}");
+                } else {
+                    println!("{id}: tags {}", device["tags"]);
                 }
             }
             DevicesCommand::Revoke { id } => {

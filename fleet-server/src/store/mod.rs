@@ -338,6 +338,25 @@ impl Store {
         on_backend!(self, s => s.revoke_device(id, now).await)
     }
 
+    /// Replaces a device's tags; `None` for an unknown device.
+    pub async fn set_tags(
+        &self,
+        id: &str,
+        tags: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        on_backend!(self, s => s.set_tags(id, tags).await)
+    }
+
+    /// Deletes a model version no assignment points at. Returns it and
+    /// whether another version still has the same file (sha256).
+    pub async fn delete_model(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<(ModelRecord, bool), StoreError> {
+        on_backend!(self, s => s.delete_model(name, version).await)
+    }
+
     /// A device's credential hash, if it is enrolled and not revoked.
     pub async fn device_credential(&self, id: &str) -> Result<Option<String>, StoreError> {
         on_backend!(self, s => s.device_credential(id).await)

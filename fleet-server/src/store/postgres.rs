@@ -446,6 +446,64 @@ impl PgStore {
         get_device(&client, id).await
     }
 
+    pub async fn set_tags(
+        &self,
+        id: &str,
+        tags: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let client = self.client().await?;
+        let tags = serde_json::to_string(tags).expect("tags serialise");
+        client
+            .execute("UPDATE devices SET tags = $2 WHERE id = $1", &[&id, &tags])
+            .await?;
+        get_device(&client, id).await
+    }
+
+    pub async fn delete_model(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<(ModelRecord, bool), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Locked against a concurrent deployment of this version.
+        let record = tx
+            .query_opt(
+                &format!("SELECT {MODEL_COLUMNS} FROM models WHERE name = $1 AND version = $2 FOR UPDATE"),
+                &[&name, &(version as i64)],
+            )
+            .await?
+            .as_ref()
+            .map(model_from_row)
+            .ok_or_else(|| missing_model(name, version))?;
+        let assigned = tx
+            .query_opt(
+                "SELECT 1 FROM assignments WHERE model = $1 AND version = $2 LIMIT 1",
+                &[&name, &(version as i64)],
+            )
+            .await?
+            .is_some();
+        if assigned {
+            return Err(StoreError::Conflict(format!(
+                "model {name} version {version} is deployed; deploy another version first"
+            )));
+        }
+        tx.execute(
+            "DELETE FROM models WHERE name = $1 AND version = $2",
+            &[&name, &(version as i64)],
+        )
+        .await?;
+        let still_used = tx
+            .query_opt(
+                "SELECT 1 FROM models WHERE sha256 = $1 LIMIT 1",
+                &[&record.sha256],
+            )
+            .await?
+            .is_some();
+        tx.commit().await?;
+        Ok((record, still_used))
+    }
+
     pub async fn device_credential(&self, id: &str) -> Result<Option<String>, StoreError> {
         let client = self.client().await?;
         Ok(client

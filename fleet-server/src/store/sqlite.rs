@@ -381,6 +381,58 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn set_tags(
+        &self,
+        id: &str,
+        tags: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let (id, tags) = (
+            id.to_string(),
+            serde_json::to_string(tags).expect("tags serialise"),
+        );
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE devices SET tags = ?2 WHERE id = ?1",
+                params![id, tags],
+            )?;
+            get_device(conn, &id)
+        })
+        .await
+    }
+
+    pub async fn delete_model(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<(ModelRecord, bool), StoreError> {
+        let name = name.to_string();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let record = get_model(&tx, &name, version)?
+                .ok_or_else(|| super::missing_model(&name, version))?;
+            if is_assigned(&tx, &name, version)? {
+                return Err(StoreError::Conflict(format!(
+                    "model {name} version {version} is deployed; deploy another version first"
+                )));
+            }
+            tx.execute(
+                "DELETE FROM models WHERE name = ?1 AND version = ?2",
+                params![name, version as i64],
+            )?;
+            let still_used = tx
+                .query_row(
+                    "SELECT 1 FROM models WHERE sha256 = ?1 LIMIT 1",
+                    [&record.sha256],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            tx.commit()?;
+            Ok((record, still_used))
+        })
+        .await
+    }
+
     pub async fn device_credential(&self, id: &str) -> Result<Option<String>, StoreError> {
         let id = id.to_string();
         self.call(move |conn| {

@@ -563,6 +563,46 @@ async fn enrollment_filters_paging_and_revocation(f: Fixture) {
     );
 }
 
+async fn tags_edits_and_model_deletion(f: Fixture) {
+    let s = &f.store;
+    s.record_status(&status("a", 1, true), 1).await.unwrap();
+    let tags: std::collections::BTreeMap<String, String> =
+        [("site".to_string(), "rome".to_string())].into();
+    let d = s.set_tags("a", &tags).await.unwrap().unwrap();
+    assert_eq!(d.tags, tags);
+    assert_eq!(
+        s.set_tags("nobody", &tags).await.unwrap().map(|d| d.id),
+        None
+    );
+
+    s.add_model(&model("m", 1)).await.unwrap();
+    s.add_model(&model("m", 2)).await.unwrap();
+    let mut same_file = model("n", 1);
+    same_file.sha256 = model("m", 2).sha256;
+    s.add_model(&same_file).await.unwrap();
+    s.deploy("m", 1, &Target::Devices(vec!["a".into()]), 2)
+        .await
+        .unwrap();
+    let err = s.delete_model("m", 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let (gone, still_used) = s.delete_model("m", 2).await.unwrap();
+    assert_eq!(
+        (gone.version, still_used),
+        (2, true),
+        "n@1 has the same file"
+    );
+    let (_, still_used) = s.delete_model("n", 1).await.unwrap();
+    assert!(!still_used);
+    assert!(matches!(
+        s.delete_model("m", 2).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        names(&s.list_models().await.unwrap()),
+        vec![("m".into(), 1)]
+    );
+}
+
 /// Runs each test function against both backends.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -591,6 +631,7 @@ suite!(
     streamed_records_are_stored_once_in_sequence_order_and_pruned,
     tokens_and_the_audit_log_round_trip,
     enrollment_filters_paging_and_revocation,
+    tags_edits_and_model_deletion,
 );
 
 #[tokio::test]
