@@ -88,6 +88,18 @@ pub struct ServerConfig {
     pub telemetry_retention_secs: u64,
     #[serde(default)]
     pub broker: BrokerConfig,
+    /// Serve HTTPS with this certificate chain and key (PEM) instead of
+    /// HTTP; or terminate TLS in a reverse proxy in front.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// PEM files of the server's certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -159,9 +171,10 @@ impl ServerConfig {
 
     /// The artifact base URL for a server actually bound to `bound`.
     pub fn public_url(&self, bound: SocketAddr) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{bound}"))
+            .unwrap_or_else(|| format!("{scheme}://{bound}"))
             .trim_end_matches('/')
             .to_string()
     }

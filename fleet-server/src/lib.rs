@@ -17,6 +17,7 @@ pub mod fleet;
 pub mod keys;
 pub mod metrics;
 pub mod store;
+pub mod tls;
 pub mod unix_http;
 
 use std::sync::Arc;
@@ -117,11 +118,20 @@ pub async fn start(
     ));
     let app = api::router(fleet);
     let token = shutdown.clone();
+    let tls = match &config.tls {
+        Some(tls) => Some(tls::acceptor(tls)?),
+        None => None,
+    };
     let done = tokio::spawn(async move {
-        let server =
-            axum::serve(http, app).with_graceful_shutdown(async move { token.cancelled().await });
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "HTTP server failed");
+        match tls {
+            Some(acceptor) => tls::serve(http, acceptor, app, token).await,
+            None => {
+                let server = axum::serve(http, app)
+                    .with_graceful_shutdown(async move { token.cancelled().await });
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), bridge_task).await;
     });

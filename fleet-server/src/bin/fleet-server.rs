@@ -49,6 +49,12 @@ enum Command {
         /// Embedded broker: only enrolled, unrevoked devices may connect.
         #[arg(long)]
         device_auth: bool,
+        /// Serve HTTPS with this PEM certificate chain (and --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Base URL devices download artifacts from.
         #[arg(long)]
         public_url: Option<String>,
@@ -111,8 +117,8 @@ async fn serve(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Res
         })?;
     let (running, done) = fleet_server::start(config, listener, shutdown).await?;
     eprintln!(
-        "fleet-server: API on http://{}, MQTT on {}:{}",
-        running.http, running.mqtt.0, running.mqtt.1
+        "fleet-server: API on {}, MQTT on {}:{}",
+        running.public_url, running.mqtt.0, running.mqtt.1
     );
     done.await?;
     Ok(())
@@ -138,6 +144,8 @@ fn main() -> ExitCode {
             broker_user,
             broker_password,
             device_auth,
+            tls_cert,
+            tls_key,
             public_url,
             topic_prefix,
         } => {
@@ -174,6 +182,9 @@ fn main() -> ExitCode {
                         c.broker.password = broker_password;
                     }
                     c.broker.device_auth |= device_auth;
+                    if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                        c.tls = Some(fleet_server::config::TlsConfig { cert, key });
+                    }
                     if public_url.is_some() {
                         c.public_url = public_url;
                     }

@@ -36,6 +36,10 @@ struct Cli {
     /// (the server writes its first admin token here).
     #[arg(long, global = true, default_value = "fleet-data/admin.token")]
     token_file: PathBuf,
+    /// A PEM CA certificate to trust for the server's HTTPS (a private
+    /// CA or a self-signed server certificate).
+    #[arg(long, global = true, env = "FLEETCTL_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -431,10 +435,17 @@ fn api_client(cli: &Cli) -> Result<reqwest::Client, Failure> {
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .map_err(|e| Failure(1, e.into()))
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    if let Some(path) = &cli.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read {}", path.display()))
+            .map_err(usage)?;
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", path.display()))
+            .map_err(usage)?;
+        builder = builder.add_root_certificate(ca);
+    }
+    builder.build().map_err(|e| Failure(1, e.into()))
 }
 
 /// KEY=VALUE arguments as a map.

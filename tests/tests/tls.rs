@@ -1,0 +1,188 @@
+//! HTTPS served by the fleet server itself (`--tls-cert`, `--tls-key`),
+//! with a certificate `openssl` makes for the test: the API answers over
+//! TLS only, `fleetctl --ca-cert` trusts it, and unusable files stop the
+//! server at start with a message naming them.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use edgefleet_tests::{binary, Proc};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private CA (`ca.pem`) and a server certificate for 127.0.0.1 it
+/// signed (`cert.pem`, `key.pem`), as an operator's own PKI would give.
+fn make_certificate(dir: &Path) -> anyhow::Result<()> {
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .map_err(|e| {
+                anyhow::anyhow!("openssl not available ({e}); Debian: apt-get install openssl")
+            })?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "1",
+                "-subj",
+                "/CN=edgefleet test CA",
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &[
+            &["req", "-new"][..],
+            &ec,
+            &[
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "req.pem",
+            ],
+        ]
+        .concat(),
+    )?;
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "req.pem",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ])?;
+    Ok(())
+}
+
+fn serve(dir: &Path, http: u16, key: &Path) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(binary("fleet-server"));
+    cmd.args(["serve", "--data-dir"])
+        .arg(dir.join("server"))
+        .arg("--keys-dir")
+        .arg(dir.join("keys"))
+        .arg("--http")
+        .arg(format!("127.0.0.1:{http}"))
+        .arg("--mqtt-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--tls-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("--tls-key")
+        .arg(key);
+    Proc::spawn(cmd, dir.join(format!("server-{http}.log")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_is_served_over_tls_and_fleetctl_trusts_a_given_ca() -> anyhow::Result<()> {
+    fleet_server::install_crypto_provider();
+    let dir = tempfile::tempdir()?;
+    make_certificate(dir.path())?;
+    let keys = Command::new(binary("fleetctl"))
+        .args(["keys", "init", "--dir"])
+        .arg(dir.path().join("keys"))
+        .output()?;
+    assert!(keys.status.success());
+
+    let port = free_port();
+    let _server = serve(dir.path(), port, &dir.path().join("key.pem"))?;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.path().join("ca.pem"))?)?;
+    let https = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()?;
+    let health = format!("https://127.0.0.1:{port}/api/v1/health");
+    let mut answered = Err(String::new());
+    for _ in 0..100 {
+        match https.get(&health).send().await {
+            Ok(resp) => {
+                answered = Ok(resp.status());
+                break;
+            }
+            Err(e) => answered = Err(format!("{e:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answered, Ok(reqwest::StatusCode::OK), "no HTTPS answer");
+    // Plain HTTP gets no API answer.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/health")).await;
+    assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
+
+    let token = std::fs::read_to_string(dir.path().join("server").join("admin.token"))?;
+    let ctl = |extra: &[&str]| {
+        Command::new(binary("fleetctl"))
+            .env("FLEETCTL_SERVER", format!("https://127.0.0.1:{port}"))
+            .env("EDGEFLEET_TOKEN", token.trim())
+            .args(extra)
+            .args(["--json", "devices"])
+            .output()
+            .unwrap()
+    };
+    let trusted = ctl(&["--ca-cert", dir.path().join("ca.pem").to_str().unwrap()]);
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&trusted.stdout).trim(), "[]");
+    let untrusted = ctl(&[]);
+    assert!(
+        !untrusted.status.success(),
+        "a certificate nobody vouches for is refused"
+    );
+
+    // A key that is not a key stops the server at start, naming the file.
+    let bad_key = dir.path().join("bad-key.pem");
+    std::fs::write(&bad_key, "not a key\n")?;
+    let mut bad = serve(dir.path(), free_port(), &bad_key)?;
+    let status = tokio::task::spawn_blocking(move || bad.child.wait()).await??;
+    assert!(!status.success());
+    let log = std::fs::read_dir(dir.path())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("server-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(log.contains("bad-key.pem"), "{log}");
+    Ok(())
+}
