@@ -127,16 +127,71 @@ impl Default for ServerConfig {
     }
 }
 
+/// Prefix of the environment variables that override config keys:
+/// `EDGEFLEET_SERVER_HTTP_LISTEN=0.0.0.0:8080` sets `http_listen`,
+/// `EDGEFLEET_SERVER_BROKER__URL=mqtt://…` sets `[broker] url` (two
+/// underscores between table and key).
+pub const ENV_PREFIX: &str = "EDGEFLEET_SERVER_";
+
 impl ServerConfig {
+    /// Defaults, then the TOML file (if any), then `EDGEFLEET_SERVER_*`
+    /// environment variables; command-line flags are applied after this.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (mut table, source) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+                (table, path.to_path_buf())
+            }
+            None => (toml::Table::new(), PathBuf::from("(no config file)")),
+        };
+        let mut overridden = Vec::new();
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+            // A TOML value where the text is one (numbers, booleans,
+            // arrays, quoted strings), else the text as a string.
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.clone()));
+            let mut slot = &mut table;
+            for part in &path[..path.len() - 1] {
+                let entry = slot
+                    .entry(part.clone())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+                slot = entry.as_table_mut().ok_or_else(|| {
+                    ConfigError::Invalid(format!("{name}: {part} is not a table"))
+                })?;
+            }
+            slot.insert(path[path.len() - 1].clone(), parsed);
+            overridden.push(name);
+        }
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: source,
+                message: if overridden.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e} (with {} from the environment)", overridden.join(", "))
+                },
+            })
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        Self::load_with_env(Some(path), std::iter::empty())
     }
 
     /// The database to open (see [`ServerConfig::database`]).
@@ -217,6 +272,57 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_overrides_the_file_and_names_itself_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            "http_listen = \"127.0.0.1:9000\"\ndesired_expiry_secs = 600\n[broker]\nembedded_listen = \"127.0.0.1:1884\"\n",
+        )
+        .unwrap();
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let c = ServerConfig::load_with_env(
+            Some(&path),
+            env(&[
+                ("EDGEFLEET_SERVER_HTTP_LISTEN", "0.0.0.0:8443"),
+                ("EDGEFLEET_SERVER_DESIRED_EXPIRY_SECS", "7200"),
+                ("EDGEFLEET_SERVER_BROKER__DEVICE_AUTH", "true"),
+                ("EDGEFLEET_SERVER_DATABASE", "postgres://fleet@db/fleet"),
+                ("PATH", "/usr/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.http_listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(c.desired_expiry_secs, 7200);
+        assert!(c.broker.device_auth);
+        assert_eq!(
+            c.broker.embedded_listen,
+            Some("127.0.0.1:1884".parse().unwrap())
+        );
+        assert_eq!(c.database.as_deref(), Some("postgres://fleet@db/fleet"));
+        // Without a file: defaults plus the environment.
+        let c =
+            ServerConfig::load_with_env(None, env(&[("EDGEFLEET_SERVER_TOPIC_PREFIX", "acme/v1")]))
+                .unwrap();
+        assert_eq!(c.topic_prefix, "acme/v1");
+        let err = ServerConfig::load_with_env(
+            Some(&path),
+            env(&[("EDGEFLEET_SERVER_HTTP_LISTNE", "0.0.0.0:1")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("http_listne") && err.contains("EDGEFLEET_SERVER_HTTP_LISTNE"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -17,52 +17,58 @@ struct Cli {
     command: Command,
 }
 
+/// `fleet-server serve`: flags override the config file.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file; EDGEFLEET_SERVER_* variables override it
+    /// (EDGEFLEET_SERVER_HTTP_LISTEN, EDGEFLEET_SERVER_BROKER__URL, ...),
+    /// and flags below override both.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The fleet database: postgres://user@host:port/db, or an SQLite
+    /// file (default {data_dir}/fleet.db).
+    #[arg(long, env = "EDGEFLEET_DATABASE_URL")]
+    database: Option<String>,
+    #[arg(long)]
+    keys_dir: Option<PathBuf>,
+    /// HTTP API listen address.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// Embedded MQTT broker listen address.
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
+    /// Use an external broker (mqtt://host:port) instead of the embedded one.
+    #[arg(long)]
+    broker: Option<String>,
+    /// The server's user name and password on the external broker.
+    #[arg(long, requires = "broker")]
+    broker_user: Option<String>,
+    #[arg(long, env = "EDGEFLEET_BROKER_PASSWORD", hide_env_values = true)]
+    broker_password: Option<String>,
+    /// Embedded broker: only enrolled, unrevoked devices may connect.
+    #[arg(long)]
+    device_auth: bool,
+    /// Serve HTTPS with this PEM certificate chain (and --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Base URL devices download artifacts from.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// MQTT topic prefix (default edgefleet/v1); lets several fleets
+    /// share one external broker.
+    #[arg(long)]
+    topic_prefix: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the fleet server.
-    Serve {
-        /// TOML config file; flags below override it.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// The fleet database: postgres://user@host:port/db, or an SQLite
-        /// file (default {data_dir}/fleet.db).
-        #[arg(long, env = "EDGEFLEET_DATABASE_URL")]
-        database: Option<String>,
-        #[arg(long)]
-        keys_dir: Option<PathBuf>,
-        /// HTTP API listen address.
-        #[arg(long)]
-        http: Option<SocketAddr>,
-        /// Embedded MQTT broker listen address.
-        #[arg(long)]
-        mqtt_listen: Option<SocketAddr>,
-        /// Use an external broker (mqtt://host:port) instead of the embedded one.
-        #[arg(long)]
-        broker: Option<String>,
-        /// The server's user name and password on the external broker.
-        #[arg(long, requires = "broker")]
-        broker_user: Option<String>,
-        #[arg(long, env = "EDGEFLEET_BROKER_PASSWORD", hide_env_values = true)]
-        broker_password: Option<String>,
-        /// Embedded broker: only enrolled, unrevoked devices may connect.
-        #[arg(long)]
-        device_auth: bool,
-        /// Serve HTTPS with this PEM certificate chain (and --tls-key).
-        #[arg(long, requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        /// The PEM private key of --tls-cert.
-        #[arg(long, requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-        /// Base URL devices download artifacts from.
-        #[arg(long)]
-        public_url: Option<String>,
-        /// MQTT topic prefix (default edgefleet/v1); lets several fleets
-        /// share one external broker.
-        #[arg(long)]
-        topic_prefix: Option<String>,
-    },
+    Serve(Box<ServeArgs>),
     /// Start a server and N real agents, push and deploy the example model,
     /// run an inference on each device.
     Demo {
@@ -133,27 +139,25 @@ fn main() -> ExitCode {
     let shutdown = CancellationToken::new();
     runtime.spawn(wait_for_signal(shutdown.clone()));
     let result = match cli.command {
-        Command::Serve {
-            config,
-            data_dir,
-            database,
-            keys_dir,
-            http,
-            mqtt_listen,
-            broker,
-            broker_user,
-            broker_password,
-            device_auth,
-            tls_cert,
-            tls_key,
-            public_url,
-            topic_prefix,
-        } => {
+        Command::Serve(args) => {
+            let ServeArgs {
+                config,
+                data_dir,
+                database,
+                keys_dir,
+                http,
+                mqtt_listen,
+                broker,
+                broker_user,
+                broker_password,
+                device_auth,
+                tls_cert,
+                tls_key,
+                public_url,
+                topic_prefix,
+            } = *args;
             init_logging("info,rumqttd=warn,rumqttd::router::routing=off");
-            let loaded = match &config {
-                Some(path) => ServerConfig::load(path),
-                None => Ok(ServerConfig::default()),
-            };
+            let loaded = ServerConfig::load_with_env(config.as_deref(), std::env::vars());
             match loaded {
                 Err(e) => Err(e.into()),
                 Ok(mut c) => {
