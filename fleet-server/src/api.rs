@@ -589,6 +589,7 @@ async fn enroll_device(
         .store
         .enroll_device(&enrollment, edgefleet_shared::unix_now())
         .await?;
+    fleet.set_revoked(id.as_str(), false);
     audit(
         &fleet,
         &op,
@@ -627,6 +628,7 @@ async fn revoke_device(
         .revoke_device(&id, edgefleet_shared::unix_now())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
+    fleet.set_revoked(&id, true);
     audit(&fleet, &op, "device.revoke", id, None).await;
     Ok(Json(json!(device)))
 }

@@ -33,6 +33,19 @@ pub enum Inbound {
 }
 
 impl Inbound {
+    /// The device it came from (decode checked that every record of a
+    /// batch names the topic's device).
+    pub fn device(&self) -> Option<&DeviceId> {
+        match self {
+            Self::Status(s) => Some(&s.device_id),
+            Self::Event(e) => Some(&e.device_id),
+            Self::Streamed(records) => records.first().map(|r| match r {
+                Streamed::Telemetry(t) => &t.device_id,
+                Streamed::Result(r) => &r.device_id,
+            }),
+        }
+    }
+
     /// Its kind, for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -388,6 +401,15 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
                         None
                     }
                 };
+                // A revoked device's messages are dropped (and acknowledged,
+                // so the broker does not send them again).
+                let inbound = inbound.filter(|i| match i.device() {
+                    Some(device) if fleet.is_revoked(device.as_str()) => {
+                        tracing::warn!(device = %device, "message from a revoked device dropped");
+                        false
+                    }
+                    _ => true,
+                });
                 fleet.metrics.received(match &inbound {
                     Some(inbound) => inbound.kind(),
                     None => "dropped",

@@ -27,6 +27,11 @@ pub struct Fleet {
     pub metrics: crate::metrics::Metrics,
     /// The broker URL device bundles carry.
     pub device_mqtt_url: String,
+    /// Revoked devices: their messages are dropped and no desired state
+    /// is published to them. Loaded at start, kept up to date by this
+    /// server's revocations and enrollments (other servers on the same
+    /// database learn them at their next start).
+    pub revoked: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
 }
 
 impl Fleet {
@@ -53,10 +58,32 @@ impl Fleet {
         }
     }
 
+    pub fn is_revoked(&self, device: &str) -> bool {
+        self.revoked
+            .read()
+            .map(|set| set.contains(device))
+            .unwrap_or(false)
+    }
+
+    /// Records a revocation (`true`) or a new enrollment (`false`).
+    pub fn set_revoked(&self, device: &str, revoked: bool) {
+        if let Ok(mut set) = self.revoked.write() {
+            if revoked {
+                set.insert(device.to_string());
+            } else {
+                set.remove(device);
+            }
+        }
+    }
+
     /// Signs a new desired state for `device` from its assignments, stores
     /// it and publishes it retained. Returns the new document version, or
     /// `None` when the device has nothing assigned.
     pub async fn publish_desired(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        if self.is_revoked(device.as_str()) {
+            tracing::info!(device = %device, "revoked: no desired state published");
+            return Ok(None);
+        }
         let fleet = self.clone();
         let id = device.clone();
         let now = edgefleet_shared::unix_now();

@@ -98,6 +98,7 @@ pub async fn start(
     bridge::connect(&mut eventloop, &format!("{host}:{port}")).await?;
     let bound = http.local_addr()?;
     let public_url = config.public_url(bound);
+    let revoked = revoked_devices(&store).await?;
     let fleet = Fleet {
         store,
         artifacts,
@@ -109,6 +110,7 @@ pub async fn start(
         max_upload_bytes: config.max_upload_bytes,
         metrics: metrics::Metrics::default(),
         device_mqtt_url: config.device_mqtt_url(&public_url, port),
+        revoked: Arc::new(std::sync::RwLock::new(revoked)),
     };
     let bridge_task = tokio::spawn(bridge::run(fleet.clone(), eventloop, shutdown.clone()));
     tokio::spawn(prune_streamed(
@@ -201,4 +203,26 @@ async fn bootstrap_admin_token(
         "no operator tokens yet: created admin token \"bootstrap-admin\"; make scoped ones with `fleetctl tokens create` and revoke this one"
     );
     Ok(())
+}
+
+/// The ids of revoked devices, read page by page.
+async fn revoked_devices(
+    store: &store::Store,
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    let mut revoked = std::collections::HashSet::new();
+    let mut filter = store::DeviceFilter {
+        limit: 10_000,
+        ..Default::default()
+    };
+    loop {
+        let page = store.find_devices(&filter).await?;
+        let Some(last) = page.last() else { break };
+        filter.after = Some(last.id.clone());
+        revoked.extend(
+            page.into_iter()
+                .filter(|d| d.revoked_at.is_some())
+                .map(|d| d.id),
+        );
+    }
+    Ok(revoked)
 }

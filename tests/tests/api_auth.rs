@@ -223,6 +223,25 @@ async fn metrics_count_devices_messages_and_calls() -> anyhow::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    // fleetctl reads the same device: detail, telemetry lines, results.
+    let show = server.ctl(&["devices", "show", "metered-1"]);
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.contains("online") && show.contains("digits v1"),
+        "{show}"
+    );
+    let telemetry = server.ctl(&["devices", "telemetry", "metered-1", "--limit", "3"]);
+    let lines: Vec<Value> = String::from_utf8_lossy(&telemetry.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+        .collect();
+    assert!(!lines.is_empty() && lines.len() <= 3, "{lines:?}");
+    assert!(lines
+        .iter()
+        .all(|r| r["device_id"] == "metered-1" && r["received_at"].is_u64()));
+    let results = server.ctl(&["--json", "devices", "results", "metered-1"]);
+    let results: Value = serde_json::from_slice(&results.stdout)?;
+    assert_eq!(results["results"], serde_json::json!([]));
     for expected in [
         "edgefleet_devices{state=\"online\"} 1",
         "edgefleet_mqtt_messages_received_total{kind=\"status\"}",

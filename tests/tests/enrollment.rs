@@ -239,6 +239,19 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     // leaves the Mosquitto password file.
     let revoked = json_out(&server.ctl(&["--json", "devices", "revoke", "pi-a"]));
     assert!(revoked["revoked_at"].is_u64());
+    // Still connected, it is cut off: no new desired state reaches it.
+    server.push(&digits_model("fp32"), "digits", 3);
+    let deployed = json_out(&server.ctl(&[
+        "--json",
+        "deploy",
+        "--model",
+        "digits",
+        "--version",
+        "3",
+        "--device",
+        "pi-a",
+    ]));
+    assert_eq!(deployed["published"], serde_json::json!([]), "{deployed}");
     assert!(!broker_accepts(port, "pi-a", Some(("pi-a", &password))).await);
     write_mosquitto_files(&server, &broker_dir);
     let passwords = std::fs::read_to_string(broker_dir.join("passwords"))?;

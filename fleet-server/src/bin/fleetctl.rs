@@ -149,6 +149,26 @@ enum DevicesCommand {
     Revoke { id: String },
     /// Replace a device's tags (KEY=VALUE ...; none clears them).
     Tag { id: String, tags: Vec<String> },
+    /// One device: what it reports, its tags and enrollment.
+    Show { id: String },
+    /// A device's stored telemetry (JSON lines, oldest first).
+    Telemetry {
+        id: String,
+        #[arg(long)]
+        after_seq: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// A device's uploaded inference results (JSON lines, oldest first).
+    Results {
+        id: String,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        after_seq: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -446,6 +466,18 @@ fn api_client(cli: &Cli) -> Result<reqwest::Client, Failure> {
         builder = builder.add_root_certificate(ca);
     }
     builder.build().map_err(|e| Failure(1, e.into()))
+}
+
+/// A page of stored records: the whole answer with `--json`, else one
+/// record per line.
+fn print_records(page: &Value, field: &str, json: bool) {
+    if json {
+        println!("{page}");
+        return;
+    }
+    for record in page[field].as_array().into_iter().flatten() {
+        println!("{record}");
+    }
 }
 
 /// KEY=VALUE arguments as a map.
@@ -854,6 +886,101 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 } else {
                     println!("{id}: tags {}", device["tags"]);
                 }
+            }
+            DevicesCommand::Show { id } => {
+                let resp = client
+                    .get(format!("{base}/api/v1/devices/{id}"))
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                let d = check(resp).await?;
+                if cli.json {
+                    println!("{d}");
+                } else {
+                    let text = |v: &Value| match v {
+                        Value::Null => "-".to_string(),
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    let models: Vec<String> = d["models"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|m| {
+                            format!(
+                                "{} v{} ({})",
+                                text(&m["name"]),
+                                m["version"],
+                                text(&m["runtime"])
+                            )
+                        })
+                        .collect();
+                    for (label, value) in [
+                        ("device", text(&d["id"])),
+                        (
+                            "state",
+                            if d["revoked_at"].is_u64() {
+                                "revoked".into()
+                            } else if d["online"] == true {
+                                "online".into()
+                            } else {
+                                "offline".into()
+                            },
+                        ),
+                        ("hardware", text(&d["hardware"])),
+                        ("tags", text(&d["tags"])),
+                        ("agent", text(&d["agent_version"])),
+                        (
+                            "models",
+                            if models.is_empty() {
+                                "-".into()
+                            } else {
+                                models.join(", ")
+                            },
+                        ),
+                        (
+                            "desired",
+                            format!(
+                                "{} (reported {})",
+                                d["desired_version"],
+                                text(&d["reported_desired_version"])
+                            ),
+                        ),
+                        ("last seen", d["last_seen"].as_u64().map_or("-".into(), ago)),
+                    ] {
+                        println!("{label:<10} {value}");
+                    }
+                }
+            }
+            DevicesCommand::Telemetry {
+                id,
+                after_seq,
+                limit,
+            } => {
+                let mut url = format!("{base}/api/v1/devices/{id}/telemetry?limit={limit}");
+                if let Some(a) = after_seq {
+                    url += &format!("&after_seq={a}");
+                }
+                let page = check(client.get(url).send().await.map_err(classify)?).await?;
+                print_records(&page, "telemetry", cli.json);
+            }
+            DevicesCommand::Results {
+                id,
+                model,
+                after_seq,
+                limit,
+            } => {
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                query.append_pair("limit", &limit.to_string());
+                if let Some(a) = after_seq {
+                    query.append_pair("after_seq", &a.to_string());
+                }
+                if let Some(m) = model {
+                    query.append_pair("model", m);
+                }
+                let url = format!("{base}/api/v1/devices/{id}/results?{}", query.finish());
+                let page = check(client.get(url).send().await.map_err(classify)?).await?;
+                print_records(&page, "results", cli.json);
             }
             DevicesCommand::Revoke { id } => {
                 let resp = client
