@@ -190,10 +190,12 @@ async fn get_model(
 #[derive(Deserialize)]
 struct UploadQuery {
     format: Option<String>,
+    /// Free text kept with the version (at most 1,000 characters).
+    notes: Option<String>,
 }
 
 /// Streams the request body into the artifact store and registers it.
-#[utoipa::path(post, path = "/api/v1/models/{name}/versions/{version}", tag = "models", params(("name" = String, Path, description = "model name"), ("version" = u64, Path, description = "model version"), ("format" = Option<String>, Query, description = "onnx or tflite")), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the model file, streamed"), responses((status = 201, body = ModelRecord), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 409, description = "conflicts with what is stored", body = ErrorBody), (status = 413, description = "larger than max_upload_bytes", body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/models/{name}/versions/{version}", tag = "models", params(("name" = String, Path, description = "model name"), ("version" = u64, Path, description = "model version"), ("format" = Option<String>, Query, description = "onnx or tflite"), ("notes" = Option<String>, Query, description = "free text kept with the version")), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the model file, streamed"), responses((status = 201, body = ModelRecord), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 409, description = "conflicts with what is stored", body = ErrorBody), (status = 413, description = "larger than max_upload_bytes", body = ErrorBody)))]
 async fn upload_model(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -205,6 +207,13 @@ async fn upload_model(
     let version: u64 = version.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
         ApiError::bad_request(format!("version {version:?} must be a positive integer"))
     })?;
+    if query
+        .notes
+        .as_ref()
+        .is_some_and(|n| n.chars().count() > 1000)
+    {
+        return Err(ApiError::bad_request("notes are at most 1,000 characters"));
+    }
     let format: ModelFormat = query
         .format
         .as_deref()
@@ -233,6 +242,8 @@ async fn upload_model(
         created_at: edgefleet_shared::unix_now(),
         test_vector: None,
         spec: Default::default(),
+        pushed_by: Some(op.name.clone()),
+        notes: query.notes.clone(),
     };
     match fleet.artifacts.compress(&record.sha256).await {
         Ok(Some(packed)) => {

@@ -100,12 +100,18 @@ async fn tokens_scopes_revocation_and_audit() -> anyhow::Result<()> {
         "{stderr}"
     );
     // Write may push and deploy, not manage tokens.
-    let pushed = as_token(&write_token, &push);
+    let pushed = as_token(
+        &write_token,
+        &[&push[..], &["--notes", "first cut, 97% on digits"]].concat(),
+    );
     assert!(
         pushed.status.success(),
         "{}",
         String::from_utf8_lossy(&pushed.stderr)
     );
+    let record = server.get_json("/api/v1/models/digits/versions/1").await?;
+    assert_eq!(record["pushed_by"], "ci", "{record}");
+    assert_eq!(record["notes"], "first cut, 97% on digits", "{record}");
     let deployed = as_token(
         &write_token,
         &[

@@ -262,6 +262,9 @@ enum ModelCommand {
         /// onnx or tflite; taken from the file extension by default.
         #[arg(long)]
         format: Option<String>,
+        /// Free text kept with the version (what changed, for whom).
+        #[arg(long)]
+        notes: Option<String>,
         /// A test vector (JSON: {"inputs": [...], "expected": [...],
         /// "tolerance": T}, tensors as {name, datatype, shape, data}) that
         /// devices run before serving this version.
@@ -363,6 +366,7 @@ async fn push(
     name: &str,
     version: u64,
     format: Option<&str>,
+    notes: Option<&str>,
 ) -> Result<Value, Failure> {
     let format = match format {
         Some(f) => f.to_string(),
@@ -404,10 +408,14 @@ async fn push(
         }
         chunk
     });
-    let url = format!(
+    let mut url = format!(
         "{}/api/v1/models/{name}/versions/{version}?format={format}",
         cli.server
     );
+    if let Some(notes) = notes {
+        url += "&notes=";
+        url.extend(form_urlencoded::byte_serialize(notes.as_bytes()));
+    }
     let resp = client
         .post(url)
         .header(reqwest::header::CONTENT_LENGTH, size)
@@ -631,6 +639,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     name,
                     version,
                     format,
+                    notes,
                     test_vector,
                     spec,
                 },
@@ -651,7 +660,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 ("test-vector", "test vector", read(test_vector)?),
                 ("spec", "spec", read(spec)?),
             ];
-            let mut record = push(&cli, &client, file, name, *version, format.as_deref()).await?;
+            let mut record = push(
+                &cli,
+                &client,
+                file,
+                name,
+                *version,
+                format.as_deref(),
+                notes.as_deref(),
+            )
+            .await?;
             for (path, what, body) in attachments {
                 let Some(body) = body else { continue };
                 let url = format!(
@@ -711,7 +729,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 get_rows::<ModelRecord>(&client, format!("{base}/api/v1/models"), cli.json).await?;
             if let Some(models) = rows {
                 print_table(
-                    &["NAME", "VERSION", "FORMAT", "SIZE", "SHA256", "PUSHED"],
+                    &[
+                        "NAME", "VERSION", "FORMAT", "SIZE", "SHA256", "PUSHED", "BY", "NOTES",
+                    ],
                     models
                         .into_iter()
                         .map(|m| {
@@ -722,6 +742,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                                 m.size.to_string(),
                                 m.sha256[..16].to_string(),
                                 ago(m.created_at),
+                                m.pushed_by.unwrap_or_else(|| "-".into()),
+                                m.notes.unwrap_or_default(),
                             ]
                         })
                         .collect(),

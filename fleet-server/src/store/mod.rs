@@ -60,6 +60,12 @@ pub struct ModelRecord {
     /// the model against them and use fixed dimensions as shape hints.
     #[serde(default, skip_serializing_if = "ModelSpec::is_empty")]
     pub spec: ModelSpec,
+    /// The operator (token name) who pushed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_by: Option<String>,
+    /// Free text from the push (`fleetctl model push --notes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
 }
 
 /// A model's declared interface.

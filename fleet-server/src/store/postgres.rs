@@ -118,6 +118,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE devices ADD COLUMN credential TEXT;
     ALTER TABLE devices ADD COLUMN revoked_at BIGINT;
     "#,
+    // 4: who pushed a model version, and their notes.
+    r#"
+    ALTER TABLE models ADD COLUMN pushed_by TEXT;
+    ALTER TABLE models ADD COLUMN notes TEXT;
+    "#,
 ];
 
 /// Any key: serialises migrations of edgefleet servers on one database.
@@ -519,8 +524,8 @@ impl PgStore {
         let client = self.client().await?;
         let n = client
             .execute(
-                "INSERT INTO models (name, version, format, sha256, size, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                "INSERT INTO models (name, version, format, sha256, size, created_at, pushed_by, notes)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
                 &[
                     &m.name,
                     &(m.version as i64),
@@ -528,6 +533,8 @@ impl PgStore {
                     &m.sha256,
                     &(m.size as i64),
                     &(m.created_at as i64),
+                    &m.pushed_by,
+                    &m.notes,
                 ],
             )
             .await?;
@@ -992,7 +999,8 @@ async fn get_device(c: &impl GenericClient, id: &str) -> Result<Option<DeviceRec
     .map(device_from_row))
 }
 
-const MODEL_COLUMNS: &str = "name, version, format, sha256, size, created_at, test_vector, spec";
+const MODEL_COLUMNS: &str =
+    "name, version, format, sha256, size, created_at, test_vector, spec, pushed_by, notes";
 
 fn model_from_row(r: &Row) -> ModelRecord {
     ModelRecord {
@@ -1009,6 +1017,8 @@ fn model_from_row(r: &Row) -> ModelRecord {
             .get::<_, Option<&str>>(7)
             .and_then(|json| serde_json::from_str(json).ok())
             .unwrap_or_default(),
+        pushed_by: r.get(8),
+        notes: r.get(9),
     }
 }
 
@@ -1033,7 +1043,7 @@ async fn models_for_device(
 ) -> Result<Vec<ModelRecord>, StoreError> {
     let rows = c
         .query(
-            "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at, m.test_vector, m.spec
+            "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at, m.test_vector, m.spec, m.pushed_by, m.notes
              FROM assignments a JOIN models m ON m.name = a.model AND m.version = a.version
              WHERE a.scope = $1
                 OR (a.scope = '*' AND NOT EXISTS (

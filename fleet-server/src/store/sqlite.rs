@@ -153,6 +153,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE devices ADD COLUMN credential TEXT;
     ALTER TABLE devices ADD COLUMN revoked_at INTEGER;
     "#,
+    // 7: who pushed a model version, and their notes.
+    r#"
+    ALTER TABLE models ADD COLUMN pushed_by TEXT;
+    ALTER TABLE models ADD COLUMN notes TEXT;
+    "#,
 ];
 
 #[derive(Clone)]
@@ -834,8 +839,8 @@ fn add_model(conn: &Connection, m: &ModelRecord) -> Result<ModelRecord, StoreErr
         return Err(changed_model(&existing, m));
     }
     conn.execute(
-        "INSERT INTO models (name, version, format, sha256, size, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![m.name, m.version as i64, m.format.to_string(), m.sha256, m.size as i64, m.created_at as i64],
+        "INSERT INTO models (name, version, format, sha256, size, created_at, pushed_by, notes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![m.name, m.version as i64, m.format.to_string(), m.sha256, m.size as i64, m.created_at as i64, m.pushed_by, m.notes],
     )?;
     Ok(m.clone())
 }
@@ -856,6 +861,8 @@ fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRecord> {
             .get::<_, Option<String>>(7)?
             .and_then(|json| serde_json::from_str(&json).ok())
             .unwrap_or_default(),
+        pushed_by: r.get(8)?,
+        notes: r.get(9)?,
     })
 }
 
@@ -910,7 +917,7 @@ fn get_model(
 ) -> Result<Option<ModelRecord>, StoreError> {
     Ok(conn
         .query_row(
-            "SELECT name, version, format, sha256, size, created_at, test_vector, spec FROM models WHERE name = ?1 AND version = ?2",
+            "SELECT name, version, format, sha256, size, created_at, test_vector, spec, pushed_by, notes FROM models WHERE name = ?1 AND version = ?2",
             params![name, version as i64],
             model_from_row,
         )
@@ -919,7 +926,7 @@ fn get_model(
 
 fn list_models(conn: &Connection) -> Result<Vec<ModelRecord>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT name, version, format, sha256, size, created_at, test_vector, spec FROM models ORDER BY name, version",
+        "SELECT name, version, format, sha256, size, created_at, test_vector, spec, pushed_by, notes FROM models ORDER BY name, version",
     )?;
     let rows = stmt.query_map([], model_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -941,7 +948,7 @@ fn assign(conn: &Connection, scope: &str, model: &str, version: u64) -> Result<(
 /// model by the device's own.
 fn models_for_device(conn: &Connection, device: &str) -> Result<Vec<ModelRecord>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at, m.test_vector, m.spec
+        "SELECT m.name, m.version, m.format, m.sha256, m.size, m.created_at, m.test_vector, m.spec, m.pushed_by, m.notes
          FROM assignments a JOIN models m ON m.name = a.model AND m.version = a.version
          WHERE a.scope = ?1
             OR (a.scope = '*' AND NOT EXISTS (

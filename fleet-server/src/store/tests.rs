@@ -94,6 +94,8 @@ fn model(name: &str, version: u64) -> ModelRecord {
         sha256: format!("{version:064x}"),
         size: 10,
         created_at: 1,
+        pushed_by: Some("ci".into()),
+        notes: (version == 1).then(|| "first cut".into()),
     }
 }
 
