@@ -476,6 +476,22 @@ fn api_client(cli: &Cli) -> Result<reqwest::Client, Failure> {
     builder.build().map_err(|e| Failure(1, e.into()))
 }
 
+/// Sends an API call; prints its answer with `--json`, else `say(answer)`;
+/// returns the answer.
+async fn call(
+    request: reqwest::RequestBuilder,
+    json: bool,
+    say: impl FnOnce(&Value) -> String,
+) -> Result<Value, Failure> {
+    let answer = check(request.send().await.map_err(classify)?).await?;
+    if json {
+        println!("{answer}");
+    } else {
+        println!("{}", say(&answer));
+    }
+    Ok(answer)
+}
+
 /// A page of stored records: the whole answer with `--json`, else one
 /// record per line.
 fn print_records(page: &Value, field: &str, json: bool) {
@@ -710,17 +726,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Model {
             command: ModelCommand::Delete { name, version },
         } => {
-            let resp = client
-                .delete(format!("{base}/api/v1/models/{name}/versions/{version}"))
-                .send()
-                .await
-                .map_err(classify)?;
-            let record = check(resp).await?;
-            if cli.json {
-                println!("{record}");
-            } else {
-                println!("deleted {name} v{version}");
-            }
+            let request = client.delete(format!("{base}/api/v1/models/{name}/versions/{version}"));
+            call(request, cli.json, |_| format!("deleted {name} v{version}")).await?;
         }
         Command::Model {
             command: ModelCommand::List,
@@ -759,21 +766,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let tags = parse_tags(tags)?;
             let body = json!({"model": model, "version": version, "devices": devices, "all": all, "tags": tags});
-            let resp = client
+            let request = client
                 .post(format!("{base}/api/v1/deployments"))
-                .json(&body)
-                .send()
-                .await
-                .map_err(classify)?;
-            let result = check(resp).await?;
-            if cli.json {
-                println!("{result}");
-            } else {
+                .json(&body);
+            call(request, cli.json, |result| {
                 let n = result["published"].as_array().map_or(0, Vec::len);
-                println!(
+                format!(
                     "{model} v{version} deployed; signed desired state published to {n} device(s)"
-                );
-            }
+                )
+            })
+            .await?;
         }
         Command::Devices { command } => match command.as_ref().unwrap_or(&DevicesCommand::List {
             tags: Vec::new(),
@@ -896,18 +898,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             DevicesCommand::Tag { id, tags } => {
-                let resp = client
+                let request = client
                     .put(format!("{base}/api/v1/devices/{id}/tags"))
-                    .json(&parse_tags(tags)?)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                let device = check(resp).await?;
-                if cli.json {
-                    println!("{device}");
-                } else {
-                    println!("{id}: tags {}", device["tags"]);
-                }
+                    .json(&parse_tags(tags)?);
+                call(request, cli.json, |d| format!("{id}: tags {}", d["tags"])).await?;
             }
             DevicesCommand::Show { id } => {
                 let resp = client
@@ -1005,17 +999,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_records(&page, "results", cli.json);
             }
             DevicesCommand::Revoke { id } => {
-                let resp = client
-                    .post(format!("{base}/api/v1/devices/{id}/revoke"))
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                let device = check(resp).await?;
-                if cli.json {
-                    println!("{device}");
-                } else {
-                    println!("revoked {id}");
-                }
+                let request = client.post(format!("{base}/api/v1/devices/{id}/revoke"));
+                call(request, cli.json, |_| format!("revoked {id}")).await?;
             }
         },
         Command::Broker {
@@ -1076,24 +1061,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Tokens { command } => match command {
             TokensCommand::Create { name, scope } => {
-                let resp = client
+                let request = client
                     .post(format!("{base}/api/v1/tokens"))
-                    .json(&serde_json::json!({"name": name, "scope": scope}))
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                let made = check(resp).await?;
-                if cli.json {
-                    println!("{made}");
-                } else {
-                    println!(
+                    .json(&serde_json::json!({"name": name, "scope": scope}));
+                call(request, cli.json, |made| {
+                    format!(
                         "created token {} ({}, scope {}); it is shown only now:\n{}",
                         made["id"].as_str().unwrap_or("?"),
                         made["name"].as_str().unwrap_or("?"),
                         made["scope"].as_str().unwrap_or("?"),
                         made["token"].as_str().unwrap_or("?")
-                    );
-                }
+                    )
+                })
+                .await?;
             }
             TokensCommand::List => {
                 let url = format!("{base}/api/v1/tokens");
@@ -1120,17 +1100,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             TokensCommand::Revoke { id } => {
-                let resp = client
-                    .delete(format!("{base}/api/v1/tokens/{id}"))
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                let record = check(resp).await?;
-                if cli.json {
-                    println!("{record}");
-                } else {
-                    println!("revoked token {id}");
-                }
+                let request = client.delete(format!("{base}/api/v1/tokens/{id}"));
+                call(request, cli.json, |_| format!("revoked token {id}")).await?;
             }
         },
         Command::Audit { after, limit } => {
