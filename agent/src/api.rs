@@ -581,6 +581,10 @@ fn queue_result(
     });
 }
 
+/// Largest request (in tensor elements) a directly-run model serves on
+/// the worker itself; larger ones go through `block_in_place`.
+const DIRECT_MAX_ELEMENTS: usize = 16 * 1024;
+
 async fn infer(
     state: &ApiState,
     model: Arc<ServedModel>,
@@ -631,7 +635,13 @@ async fn infer(
         }
     }
     let started = Instant::now();
-    let placement = model.placement();
+    // A fast model given a far larger input than it was timed on could
+    // hold the worker for long: only small requests run directly.
+    let elements: usize = inputs.iter().map(|t| t.data.len()).sum();
+    let placement = match model.placement() {
+        Placement::Direct if elements > DIRECT_MAX_ELEMENTS => Placement::InPlace,
+        other => other,
+    };
     let result = if placement == Placement::Direct {
         let result = engine::infer(model.engine.as_ref(), inputs);
         drop(permit);
