@@ -16,6 +16,7 @@ pub mod demo;
 pub mod fleet;
 pub mod keys;
 pub mod metrics;
+pub mod rollout;
 pub mod store;
 pub mod tls;
 pub mod unix_http;
