@@ -37,7 +37,7 @@ pub struct ErrorBody {
         health, root_document, list_models, get_model, upload_model, put_spec, put_test_vector,
         deploy, list_devices, enroll_device, revoke_device, mosquitto_files, get_device,
         device_events, device_telemetry, device_results, device_desired, download_artifact,
-        put_tags, delete_model,
+        put_tags, delete_model, list_rollouts, create_rollout, get_rollout, rollout_action,
         create_token, list_tokens, revoke_token, list_audit, metrics, openapi_json
     ),
     components(schemas(ErrorBody)),
@@ -136,6 +136,9 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/audit", get(list_audit))
+        .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
+        .route("/api/v1/rollouts/{id}", get(get_rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(rollout_action))
         .route("/metrics", get(metrics))
         .route("/api/v1/openapi.json", get(openapi_json))
         .route("/artifacts/{name}", get(download_artifact))
@@ -1134,4 +1137,99 @@ mod tests {
         };
         assert!(check_test_vector(&short).unwrap_err().contains("5 values"));
     }
+}
+
+// ---- staged rollouts -----------------------------------------------------------
+
+impl From<crate::rollouts::RolloutError> for ApiError {
+    fn from(e: crate::rollouts::RolloutError) -> Self {
+        use crate::rollouts::RolloutError as E;
+        match e {
+            E::BadRequest(m) => Self(StatusCode::BAD_REQUEST, m),
+            E::NotFound(m) => Self(StatusCode::NOT_FOUND, m),
+            E::Conflict(m) => Self(StatusCode::CONFLICT, m),
+            E::Store(e) => e.into(),
+        }
+    }
+}
+
+/// `POST /api/v1/rollouts`: creates a staged rollout (or, with
+/// `dry_run`, shows which devices fall in which wave).
+#[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts", request_body = crate::rollouts::CreateRollout, responses((status = 201, description = "the rollout's status", body = Object), (status = 200, description = "dry run: the plan", body = Object), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody), (status = 409, description = "conflicts with an active rollout", body = ErrorBody)))]
+async fn create_rollout(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let req: crate::rollouts::CreateRollout = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed rollout: {e}")))?;
+    let chosen = [req.all, !req.devices.is_empty(), !req.tags.is_empty()];
+    if chosen.iter().filter(|c| **c).count() != 1 {
+        return Err(ApiError::bad_request(
+            "give exactly one of \"devices\", \"all\": true or \"tags\"",
+        ));
+    }
+    let devices = if req.devices.is_empty() {
+        let mut filter = store::DeviceFilter {
+            limit: 10_000,
+            ..Default::default()
+        };
+        for (k, v) in &req.tags {
+            check_tag(k, v)?;
+            filter.tags.push((k.clone(), v.clone()));
+        }
+        let mut ids = Vec::new();
+        loop {
+            let page = fleet.store.find_devices(&filter).await?;
+            let Some(last) = page.last() else { break };
+            filter.after = Some(last.id.clone());
+            ids.extend(
+                page.into_iter()
+                    .filter(|d| d.revoked_at.is_none())
+                    .map(|d| d.id),
+            );
+        }
+        ids
+    } else {
+        for d in &req.devices {
+            DeviceId::new(d.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        }
+        req.devices.clone()
+    };
+    let dry_run = req.dry_run;
+    let id = req.id.clone();
+    let status = fleet.rollouts.create(&fleet, req, devices).await?;
+    if dry_run {
+        return Ok((StatusCode::OK, Json(status)));
+    }
+    audit(&fleet, &op, "rollout.create", id, None).await;
+    Ok((StatusCode::CREATED, Json(status)))
+}
+
+#[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts", responses((status = 200, body = [Object]), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody)))]
+async fn list_rollouts(State(fleet): State<Fleet>) -> Json<Value> {
+    Json(json!(fleet.rollouts.list().await))
+}
+
+#[utoipa::path(get, path = "/api/v1/rollouts/{id}", tag = "rollouts", params(("id" = String, Path)), responses((status = 200, description = "phase (and why it paused), waves, counts per state, gates, devices", body = Object), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
+async fn get_rollout(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    fleet
+        .rollouts
+        .get(&id)
+        .await
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("unknown rollout {id:?}")))
+}
+
+/// `POST /api/v1/rollouts/{id}/{action}`: start, pause, resume, approve,
+/// abort (which sends every device that moved back to its version).
+#[utoipa::path(post, path = "/api/v1/rollouts/{id}/{action}", tag = "rollouts", params(("id" = String, Path), ("action" = String, Path, description = "start, pause, resume, approve or abort")), responses((status = 200, body = Object), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody), (status = 409, description = "not possible in this phase", body = ErrorBody)))]
+async fn rollout_action(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    Path((id, action)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let status = fleet.rollouts.act(&fleet, &id, &action).await?;
+    audit(&fleet, &op, &format!("rollout.{action}"), id, None).await;
+    Ok(Json(status))
 }

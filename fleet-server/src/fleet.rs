@@ -32,6 +32,8 @@ pub struct Fleet {
     /// server's revocations and enrollments (other servers on the same
     /// database learn them at their next start).
     pub revoked: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
+    /// Staged rollouts (planner state, stored after every change).
+    pub rollouts: crate::rollouts::Rollouts,
 }
 
 impl Fleet {
@@ -155,6 +157,9 @@ impl Fleet {
             is_new,
             desired: stored,
         } = self.store.record_status(&msg, now).await?;
+        self.rollouts
+            .on_presence(self, msg.device_id.as_str(), msg.online)
+            .await;
         match stored {
             None => {}
             Some((_, None)) => {
@@ -179,6 +184,10 @@ impl Fleet {
         } else {
             tracing::info!(device = %event.device_id, kind = event.kind.as_str(), model = ?event.model, version = ?event.model_version, "device event");
         }
-        self.store.record_event(&event).await.map(|_| ())
+        let new = self.store.record_event(&event).await?;
+        if new {
+            self.rollouts.on_event(self, &event).await;
+        }
+        Ok(())
     }
 }

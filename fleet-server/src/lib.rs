@@ -17,6 +17,7 @@ pub mod fleet;
 pub mod keys;
 pub mod metrics;
 pub mod rollout;
+pub mod rollouts;
 pub mod store;
 pub mod tls;
 pub mod unix_http;
@@ -100,6 +101,7 @@ pub async fn start(
     let bound = http.local_addr()?;
     let public_url = config.public_url(bound);
     let revoked = revoked_devices(&store).await?;
+    let loaded_rollouts = rollouts::Rollouts::load(&store).await?;
     let fleet = Fleet {
         store,
         artifacts,
@@ -112,8 +114,10 @@ pub async fn start(
         metrics: metrics::Metrics::default(),
         device_mqtt_url: config.device_mqtt_url(&public_url, port),
         revoked: Arc::new(std::sync::RwLock::new(revoked)),
+        rollouts: loaded_rollouts,
     };
     let bridge_task = tokio::spawn(bridge::run(fleet.clone(), eventloop, shutdown.clone()));
+    tokio::spawn(rollouts::run_clock(fleet.clone(), shutdown.clone()));
     tokio::spawn(prune_streamed(
         fleet.store.clone(),
         config.telemetry_retention_secs,

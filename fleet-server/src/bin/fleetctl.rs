@@ -100,6 +100,11 @@ enum Command {
         #[command(subcommand)]
         command: TokensCommand,
     },
+    /// Staged rollouts.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Operator actions, oldest first (admin scope).
     Audit {
         /// Only entries after this id (for paging).
@@ -169,6 +174,116 @@ enum DevicesCommand {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Create a rollout (with --dry-run, show the waves only).
+    Create {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: u64,
+        #[arg(long = "device", conflicts_with_all = ["all", "tags"], required_unless_present_any = ["all", "tags"])]
+        devices: Vec<String>,
+        #[arg(long, conflicts_with = "tags")]
+        all: bool,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Cumulative waves: counts and percents, e.g. 1,5%,25%,100%.
+        #[arg(long, conflicts_with = "ramp")]
+        waves: Option<String>,
+        /// Exponential ramp BASE,FACTOR, e.g. 2,3.
+        #[arg(long)]
+        ramp: Option<String>,
+        /// Percent of settled devices failed at which to stop.
+        #[arg(long, default_value_t = 10.0)]
+        failure_pct: f64,
+        /// pause or abort at the failure threshold.
+        #[arg(long, default_value = "pause")]
+        on_failure: String,
+        /// Percent of a wave's settled devices that must be healthy.
+        #[arg(long, default_value_t = 95.0)]
+        success_pct: f64,
+        #[arg(long, default_value_t = 0)]
+        soak_secs: u64,
+        /// Wait for `fleetctl rollout approve` before each next wave.
+        #[arg(long)]
+        approve_each: bool,
+        #[arg(long, default_value_t = 100)]
+        max_in_flight: u32,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Status: phase (and why it paused), waves, counts per state.
+    Status {
+        id: Option<String>,
+    },
+    Start {
+        id: String,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Approve the next wave.
+    Approve {
+        id: String,
+    },
+    /// Abort: every device that moved goes back to its previous version.
+    Abort {
+        id: String,
+    },
+}
+
+fn parse_waves(text: &str) -> Result<Vec<Value>, Failure> {
+    text.split(',')
+        .map(|w| {
+            let w = w.trim();
+            match w.strip_suffix('%') {
+                Some(p) => p.parse::<f64>().ok().map(|p| json!({"percent": p})),
+                None => w.parse::<u32>().ok().map(|n| json!({"count": n})),
+            }
+            .ok_or_else(|| {
+                usage(anyhow::anyhow!(
+                    "wave {w:?} is not a count or a percent (N%)"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn rollout_line(r: &Value) -> String {
+    let phase = &r["phase"];
+    let what = match phase["phase"].as_str().unwrap_or("?") {
+        "running" => format!("running wave {}", phase["wave"]),
+        "paused" => format!(
+            "paused in wave {}: {}",
+            phase["wave"],
+            phase["reason"].as_str().unwrap_or("")
+        ),
+        "awaiting_approval" => format!("waiting for approval of wave {}", phase["next"]),
+        "aborted" => format!("aborted: {}", phase["reason"].as_str().unwrap_or("")),
+        other => other.to_string(),
+    };
+    let waves: Vec<String> = r["waves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| w.as_array().map_or(0, Vec::len).to_string())
+        .collect();
+    format!(
+        "{} {} v{}: {what}; waves [{}]; {}",
+        r["id"].as_str().unwrap_or("?"),
+        r["model"].as_str().unwrap_or("?"),
+        r["version"],
+        waves.join(", "),
+        r["counts"]
+    )
 }
 
 #[derive(Subcommand)]
@@ -1102,6 +1217,98 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             TokensCommand::Revoke { id } => {
                 let request = client.delete(format!("{base}/api/v1/tokens/{id}"));
                 call(request, cli.json, |_| format!("revoked token {id}")).await?;
+            }
+        },
+        Command::Rollout { command } => match command {
+            RolloutCommand::Create {
+                id,
+                model,
+                version,
+                devices,
+                all,
+                tags,
+                waves,
+                ramp,
+                failure_pct,
+                on_failure,
+                success_pct,
+                soak_secs,
+                approve_each,
+                max_in_flight,
+                dry_run,
+            } => {
+                let waves = match waves {
+                    Some(w) => parse_waves(w)?,
+                    None => Vec::new(),
+                };
+                let ramp = match ramp {
+                    None => Value::Null,
+                    Some(r) => {
+                        let (base, factor) = r
+                            .split_once(',')
+                            .and_then(|(b, f)| {
+                                Some((b.trim().parse::<u32>().ok()?, f.trim().parse::<f64>().ok()?))
+                            })
+                            .ok_or_else(|| {
+                                usage(anyhow::anyhow!("--ramp {r:?} must be BASE,FACTOR"))
+                            })?;
+                        json!([base, factor])
+                    }
+                };
+                if on_failure != "pause" && on_failure != "abort" {
+                    return Err(usage(anyhow::anyhow!(
+                        "--on-failure must be pause or abort"
+                    )));
+                }
+                let defaults = json!({
+                    "min_confirmed": 1, "device_timeout_secs": 600, "retries": 2, "offline_grace_secs": 900
+                });
+                let mut gates = json!({
+                    "success_pct": success_pct, "failure_pct": failure_pct, "failure_action": on_failure,
+                    "soak_secs": soak_secs, "manual_approval": approve_each, "max_in_flight": max_in_flight,
+                });
+                for (k, v) in defaults.as_object().into_iter().flatten() {
+                    gates[k] = v.clone();
+                }
+                let body = json!({
+                    "id": id, "model": model, "version": version, "devices": devices, "all": all,
+                    "tags": parse_tags(tags)?, "waves": waves, "ramp": ramp, "gates": gates, "dry_run": dry_run,
+                });
+                let request = client.post(format!("{base}/api/v1/rollouts")).json(&body);
+                call(request, cli.json, rollout_line).await?;
+            }
+            RolloutCommand::Status { id } => match id {
+                Some(id) => {
+                    let request = client.get(format!("{base}/api/v1/rollouts/{id}"));
+                    call(request, cli.json, rollout_line).await?;
+                }
+                None => {
+                    let request = client.get(format!("{base}/api/v1/rollouts"));
+                    call(request, cli.json, |all| {
+                        all.as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(rollout_line)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .await?;
+                }
+            },
+            RolloutCommand::Start { id }
+            | RolloutCommand::Pause { id }
+            | RolloutCommand::Resume { id }
+            | RolloutCommand::Approve { id }
+            | RolloutCommand::Abort { id } => {
+                let action = match command {
+                    RolloutCommand::Start { .. } => "start",
+                    RolloutCommand::Pause { .. } => "pause",
+                    RolloutCommand::Resume { .. } => "resume",
+                    RolloutCommand::Approve { .. } => "approve",
+                    _ => "abort",
+                };
+                let request = client.post(format!("{base}/api/v1/rollouts/{id}/{action}"));
+                call(request, cli.json, rollout_line).await?;
             }
         },
         Command::Audit { after, limit } => {

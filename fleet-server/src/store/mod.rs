@@ -21,6 +21,8 @@ use edgefleet_shared::{
 };
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
 use crate::auth::TokenRecord;
 
 #[derive(Debug, thiserror::Error)]
@@ -434,6 +436,45 @@ impl Store {
         page: &Page,
     ) -> Result<Option<Vec<serde_json::Value>>, StoreError> {
         on_backend!(self, s => s.results_for_device(device, model, page).await)
+    }
+
+    /// The version of `model` each device runs by assignment (its own,
+    /// else the fleet-wide one), `None` where none is assigned.
+    pub async fn assigned_versions(
+        &self,
+        model: &str,
+        devices: &[String],
+    ) -> Result<BTreeMap<String, Option<u64>>, StoreError> {
+        let mut out = BTreeMap::new();
+        for d in devices {
+            let version = self
+                .models_for_device(d)
+                .await?
+                .into_iter()
+                .find(|m| m.name == model)
+                .map(|m| m.version);
+            out.insert(d.clone(), version);
+        }
+        Ok(out)
+    }
+
+    async fn models_for_device(&self, device: &str) -> Result<Vec<ModelRecord>, StoreError> {
+        on_backend!(self, s => s.models_for_device(device).await)
+    }
+
+    /// Stores a rollout's definition and state (JSON), replacing it.
+    pub async fn save_rollout(
+        &self,
+        id: &str,
+        active: bool,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, s => s.save_rollout(id, active, state).await)
+    }
+
+    /// Every stored rollout's state, oldest first.
+    pub async fn list_rollouts(&self) -> Result<Vec<(String, bool, String)>, StoreError> {
+        on_backend!(self, s => s.list_rollouts().await)
     }
 
     /// Deletes telemetry and results that arrived before `cutoff` (unix

@@ -123,6 +123,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE models ADD COLUMN pushed_by TEXT;
     ALTER TABLE models ADD COLUMN notes TEXT;
     "#,
+    // 5: staged rollouts (definition and planner state as JSON).
+    r#"
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        active BOOLEAN NOT NULL,
+        state TEXT NOT NULL,
+        seq BIGSERIAL
+    );
+    "#,
 ];
 
 /// Any key: serialises migrations of edgefleet servers on one database.
@@ -507,6 +516,39 @@ impl PgStore {
             .is_some();
         tx.commit().await?;
         Ok((record, still_used))
+    }
+
+    pub async fn models_for_device(&self, device: &str) -> Result<Vec<ModelRecord>, StoreError> {
+        let client = self.client().await?;
+        models_for_device(&client, device).await
+    }
+
+    pub async fn save_rollout(
+        &self,
+        id: &str,
+        active: bool,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO rollouts (id, active, state) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET active = excluded.active, state = excluded.state",
+                &[&id, &active, &state],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_rollouts(&self) -> Result<Vec<(String, bool, String)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT id, active, state FROM rollouts ORDER BY seq", &[])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 
     pub async fn device_credential(&self, id: &str) -> Result<Option<String>, StoreError> {

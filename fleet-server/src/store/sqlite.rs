@@ -158,6 +158,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE models ADD COLUMN pushed_by TEXT;
     ALTER TABLE models ADD COLUMN notes TEXT;
     "#,
+    // 8: staged rollouts (definition and planner state as JSON).
+    r#"
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        active INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        seq INTEGER NOT NULL
+    );
+    "#,
 ];
 
 #[derive(Clone)]
@@ -434,6 +443,41 @@ impl SqliteStore {
                 .is_some();
             tx.commit()?;
             Ok((record, still_used))
+        })
+        .await
+    }
+
+    pub async fn models_for_device(&self, device: &str) -> Result<Vec<ModelRecord>, StoreError> {
+        let device = device.to_string();
+        self.call(move |conn| models_for_device(conn, &device))
+            .await
+    }
+
+    pub async fn save_rollout(
+        &self,
+        id: &str,
+        active: bool,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        let (id, state) = (id.to_string(), state.to_string());
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO rollouts (id, active, state, seq)
+                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM rollouts))
+                 ON CONFLICT (id) DO UPDATE SET active = excluded.active, state = excluded.state",
+                params![id, i64::from(active), state],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_rollouts(&self) -> Result<Vec<(String, bool, String)>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare("SELECT id, active, state FROM rollouts ORDER BY seq")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
     }

@@ -605,6 +605,34 @@ async fn tags_edits_and_model_deletion(f: Fixture) {
     );
 }
 
+async fn rollouts_and_assigned_versions_round_trip(f: Fixture) {
+    let s = &f.store;
+    s.save_rollout("r1", true, "{\"a\":1}").await.unwrap();
+    s.save_rollout("r2", true, "{}").await.unwrap();
+    s.save_rollout("r1", false, "{\"a\":2}").await.unwrap();
+    assert_eq!(
+        s.list_rollouts().await.unwrap(),
+        vec![
+            ("r1".to_string(), false, "{\"a\":2}".to_string()),
+            ("r2".to_string(), true, "{}".to_string())
+        ]
+    );
+    s.add_model(&model("m", 1)).await.unwrap();
+    s.add_model(&model("m", 2)).await.unwrap();
+    s.deploy("m", 1, &Target::All, 1).await.unwrap();
+    s.deploy("m", 2, &Target::Devices(vec!["b".into()]), 1)
+        .await
+        .unwrap();
+    let versions = s
+        .assigned_versions("m", &["a".into(), "b".into()])
+        .await
+        .unwrap();
+    assert_eq!(versions["a"], Some(1));
+    assert_eq!(versions["b"], Some(2));
+    let none = s.assigned_versions("other", &["a".into()]).await.unwrap();
+    assert_eq!(none["a"], None);
+}
+
 /// Runs each test function against both backends.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -634,6 +662,7 @@ suite!(
     tokens_and_the_audit_log_round_trip,
     enrollment_filters_paging_and_revocation,
     tags_edits_and_model_deletion,
+    rollouts_and_assigned_versions_round_trip,
 );
 
 #[tokio::test]

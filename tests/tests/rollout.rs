@@ -1,0 +1,237 @@
+//! Staged rollouts end to end, with real agents: a version that fails its
+//! test vector pauses the rollout at the failure threshold inside the
+//! canary wave, later waves are never asked, abort sends the canary back;
+//! a healthy version rolls out wave by wave to every device.
+
+use std::time::Duration;
+
+use edgefleet_tests::{digits_model, Agent, Server};
+use serde_json::{json, Value};
+
+fn ctl_json(server: &Server, args: &[&str]) -> Value {
+    let out = server.ctl(&[&["--json"][..], args].concat());
+    assert!(
+        out.status.success(),
+        "fleetctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+async fn wait_phase(server: &Server, id: &str, phase: &str) -> anyhow::Result<Value> {
+    for _ in 0..300 {
+        let status = ctl_json(server, &["rollout", "status", id]);
+        if status["phase"]["phase"] == phase {
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!(
+        "rollout {id} never reached {phase}: {}",
+        ctl_json(server, &["rollout", "status", id])
+    )
+}
+
+/// A test vector for the digits model whose expected outputs are wrong.
+fn failing_test_vector(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let v: Value = serde_json::from_slice(&std::fs::read(
+        edgefleet_tests::repo_root().join("models/digits/samples.json"),
+    )?)?;
+    let input: Vec<f64> = v["inputs"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let wrong: Vec<f64> = v["fp32_probabilities"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() + 0.5)
+        .collect();
+    let tv = json!({
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": input}],
+        "expected": [{"name": "probabilities", "datatype": "FP32", "shape": [1, 10], "data": wrong}],
+        "tolerance": 1e-4,
+    });
+    let path = dir.join("wrong-tv.json");
+    std::fs::write(&path, serde_json::to_vec(&tv)?)?;
+    Ok(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_rollout_pauses_in_the_canary_wave_and_abort_reverts() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let ids = ["ro-1", "ro-2", "ro-3", "ro-4"];
+    let mut agents = Vec::new();
+    for id in ids {
+        agents.push(Agent::start_fleet(dir.path(), id, &server)?);
+    }
+    server.push(&digits_model("int8"), "digits", 1);
+    server.deploy("digits", 1, "--all");
+    for id in ids {
+        server.wait_for_model(id, "digits", 1).await?;
+    }
+
+    // Version 2 fails its test vector everywhere.
+    let tv = failing_test_vector(dir.path())?;
+    let fp32 = digits_model("fp32");
+    let out = server.ctl(&[
+        "model",
+        "push",
+        fp32.to_str().unwrap(),
+        "--name",
+        "digits",
+        "--version",
+        "2",
+        "--test-vector",
+        tv.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dry = ctl_json(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--id",
+            "bad",
+            "--model",
+            "digits",
+            "--version",
+            "2",
+            "--all",
+            "--waves",
+            "1,2,100%",
+            "--failure-pct",
+            "30",
+            "--dry-run",
+        ],
+    );
+    let waves: Vec<usize> = dry["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_array().unwrap().len())
+        .collect();
+    assert_eq!(waves, vec![1, 1, 2]);
+    assert_eq!(
+        ctl_json(&server, &["rollout", "status"]),
+        json!([]),
+        "a dry run stores nothing"
+    );
+    ctl_json(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--id",
+            "bad",
+            "--model",
+            "digits",
+            "--version",
+            "2",
+            "--all",
+            "--waves",
+            "1,2,100%",
+            "--failure-pct",
+            "30",
+        ],
+    );
+    // A second rollout over the same devices is refused.
+    let conflict = server.ctl(&[
+        "rollout",
+        "create",
+        "--id",
+        "other",
+        "--model",
+        "digits",
+        "--version",
+        "2",
+        "--all",
+    ]);
+    assert_eq!(conflict.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&conflict.stderr).contains("already in an active rollout"));
+
+    ctl_json(&server, &["rollout", "start", "bad"]);
+    let paused = wait_phase(&server, "bad", "paused").await?;
+    assert_eq!(
+        paused["phase"]["wave"], 0,
+        "stopped inside the canary wave: {paused}"
+    );
+    assert!(paused["phase"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("failed"));
+    let canary = paused["waves"][0][0].as_str().unwrap().to_string();
+    assert_eq!(paused["devices"][&canary]["state"], "failed");
+    for later in paused["waves"].as_array().unwrap()[1..]
+        .iter()
+        .flat_map(|w| w.as_array().unwrap())
+    {
+        assert_eq!(
+            paused["devices"][later.as_str().unwrap()]["state"],
+            "waiting",
+            "{paused}"
+        );
+    }
+    // Every device still serves version 1.
+    for id in ids {
+        server.wait_for_model(id, "digits", 1).await?;
+    }
+
+    let aborted = ctl_json(&server, &["rollout", "abort", "bad"]);
+    assert_eq!(aborted["phase"]["phase"], "aborted");
+    assert_eq!(aborted["devices"][&canary]["state"], "reverted");
+    let device = server
+        .get_json(&format!("/api/v1/devices/{canary}"))
+        .await?;
+    let desired = server
+        .get_json(&format!("/api/v1/devices/{canary}/desired"))
+        .await?;
+    assert_eq!(
+        desired["signed"]["models"][0]["version"], 1,
+        "the canary is signed back to version 1: {desired}, {device}"
+    );
+
+    // A healthy version goes everywhere, wave by wave.
+    server.push(&digits_model("fp32"), "digits", 3);
+    ctl_json(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--id",
+            "good",
+            "--model",
+            "digits",
+            "--version",
+            "3",
+            "--all",
+            "--waves",
+            "1,50%,100%",
+        ],
+    );
+    ctl_json(&server, &["rollout", "start", "good"]);
+    let done = wait_phase(&server, "good", "completed").await?;
+    assert_eq!(done["counts"]["confirmed"], 4, "{done}");
+    for id in ids {
+        server.wait_for_model(id, "digits", 3).await?;
+    }
+    let audit = ctl_json(&server, &["audit"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    for expected in ["rollout.create", "rollout.start", "rollout.abort"] {
+        assert!(actions.contains(&expected), "{actions:?}");
+    }
+    drop(agents);
+    Ok(())
+}
