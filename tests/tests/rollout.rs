@@ -235,3 +235,52 @@ async fn failing_rollout_pauses_in_the_canary_wave_and_abort_reverts() -> anyhow
     drop(agents);
     Ok(())
 }
+
+/// A server restarted mid-rollout resumes it where it was: waiting for
+/// the operator's approval of the next wave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_resumes_a_rollout_where_it_was() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    let ids = ["rs-1", "rs-2"];
+    let mut agents = Vec::new();
+    for id in ids {
+        agents.push(Agent::start_fleet(dir.path(), id, &server)?);
+    }
+    server.push(&digits_model("int8"), "digits", 1);
+    server.deploy("digits", 1, "--all");
+    for id in ids {
+        server.wait_for_model(id, "digits", 1).await?;
+    }
+    server.push(&digits_model("fp32"), "digits", 2);
+    ctl_json(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--id",
+            "slow",
+            "--model",
+            "digits",
+            "--version",
+            "2",
+            "--all",
+            "--waves",
+            "1,100%",
+            "--approve-each",
+        ],
+    );
+    ctl_json(&server, &["rollout", "start", "slow"]);
+    let waiting = wait_phase(&server, "slow", "awaiting_approval").await?;
+    server.restart().await?;
+    let after = ctl_json(&server, &["rollout", "status", "slow"]);
+    assert_eq!(after["phase"], waiting["phase"]);
+    assert_eq!(after["devices"], waiting["devices"]);
+    ctl_json(&server, &["rollout", "approve", "slow"]);
+    wait_phase(&server, "slow", "completed").await?;
+    for id in ids {
+        server.wait_for_model(id, "digits", 2).await?;
+    }
+    drop(agents);
+    Ok(())
+}
