@@ -66,7 +66,10 @@ pub fn start_embedded(listen: SocketAddr, auth: Option<DeviceAuth>) -> anyhow::R
     let mut connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: 4 * 1024 * 1024,
-        max_inflight_count: 500,
+        // Above the server client's own window (1,000 publishes in flight): at
+        // scale it publishes thousands of desired states at once, and a
+        // smaller broker limit stalled its connection (packet id collisions).
+        max_inflight_count: 4096,
         auth: None,
         external_auth: None,
         dynamic_filters: true,

@@ -284,3 +284,64 @@ async fn a_restarted_server_resumes_a_rollout_where_it_was() -> anyhow::Result<(
     drop(agents);
     Ok(())
 }
+
+/// 300 simulated devices (fleet-sim, the real protocol over MQTT), a
+/// quarter of which fail the update: the rollout pauses at its 10 %
+/// threshold before the last wave is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_fleet_pauses_at_the_failure_threshold() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let mut sim = std::process::Command::new(edgefleet_tests::binary("fleet-sim"));
+    sim.arg("--root")
+        .arg(server.root_document())
+        .args([
+            "--mqtt",
+            &server.mqtt_url,
+            "--topic-prefix",
+            &server.topic_prefix,
+        ])
+        .args(["--devices", "300", "--fail-rate", "0.25"]);
+    let _sim = edgefleet_tests::Proc::spawn(sim, dir.path().join("sim.log"))?;
+    for _ in 0..200 {
+        let online = ctl_json(&server, &["devices", "list", "--online"]);
+        if online.as_array().map_or(0, Vec::len) == 300 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.push(&digits_model("int8"), "digits", 1);
+    // Version 1: a quarter of the devices fail it.
+    ctl_json(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--id",
+            "sim1",
+            "--model",
+            "digits",
+            "--version",
+            "1",
+            "--all",
+            "--waves",
+            "1,5%,25%,100%",
+            "--failure-pct",
+            "10",
+            "--success-pct",
+            "0",
+        ],
+    );
+    ctl_json(&server, &["rollout", "start", "sim1"]);
+    let paused = wait_phase(&server, "sim1", "paused").await?;
+    let last_wave = paused["waves"].as_array().unwrap().last().unwrap();
+    for d in last_wave.as_array().unwrap() {
+        assert_eq!(
+            paused["devices"][d.as_str().unwrap()]["state"],
+            "waiting",
+            "{paused}"
+        );
+    }
+    ctl_json(&server, &["rollout", "abort", "sim1"]);
+    Ok(())
+}

@@ -214,6 +214,12 @@ enum RolloutCommand {
         approve_each: bool,
         #[arg(long, default_value_t = 100)]
         max_in_flight: u32,
+        /// A device that does not report within this is asked again.
+        #[arg(long, default_value_t = 600)]
+        device_timeout_secs: u64,
+        /// How often a device is asked again before it counts as failed.
+        #[arg(long, default_value_t = 2)]
+        retries: u32,
         #[arg(long)]
         dry_run: bool,
     },
@@ -1235,6 +1241,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 soak_secs,
                 approve_each,
                 max_in_flight,
+                device_timeout_secs,
+                retries,
                 dry_run,
             } => {
                 let waves = match waves {
@@ -1261,7 +1269,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     )));
                 }
                 let defaults = json!({
-                    "min_confirmed": 1, "device_timeout_secs": 600, "retries": 2, "offline_grace_secs": 900
+                    "min_confirmed": 1, "device_timeout_secs": device_timeout_secs, "retries": retries,
+                    "offline_grace_secs": 900
                 });
                 let mut gates = json!({
                     "success_pct": success_pct, "failure_pct": failure_pct, "failure_action": on_failure,

@@ -1,0 +1,388 @@
+//! `fleet-sim`: thousands of simulated devices in one process, each
+//! speaking the real protocol to a fleet server over MQTT: it announces
+//! itself, verifies every desired state against the pinned root document
+//! (signature, device, expiry, version), downloads the artifact or not (by
+//! ratio), reports accepted / activated / confirmed or a failure (by rate,
+//! reproducible per device and version), and publishes its status. For
+//! tests and benchmarks of the server, not a device agent.
+//!
+//!   fleet-sim --root keys/root.json --mqtt mqtt://127.0.0.1:1883 --devices 10000
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use edgefleet_shared::{
+    DesiredState, DeviceId, EventKind, ModelStatus, RootDocument, Signed, StatusMessage, TopicKind,
+    TopicPrefix, UpdateEvent, SCHEMA_VERSION,
+};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use sha2::{Digest, Sha256};
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "fleet-sim",
+    about = "Simulated edgefleet devices for tests and benchmarks"
+)]
+struct Args {
+    /// The fleet's root document (keys/root.json), pinned by every device.
+    #[arg(long)]
+    root: PathBuf,
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    mqtt: String,
+    #[arg(long, default_value = "edgefleet/v1")]
+    topic_prefix: String,
+    #[arg(long, default_value_t = 100)]
+    devices: u32,
+    /// Device ids are PREFIX-00000, PREFIX-00001, ...
+    #[arg(long, default_value = "sim")]
+    id_prefix: String,
+    /// Share of updates that fail (reproducible per device and version).
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Share of updates whose artifact is really downloaded (and its
+    /// size checked); the rest skip the download.
+    #[arg(long, default_value_t = 0.0)]
+    download_ratio: f64,
+    /// Delay before reporting an update's outcome, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Connections opened per second at start.
+    #[arg(long, default_value_t = 2000)]
+    connect_rate: u32,
+    /// Stop after this many seconds (default: run until interrupted).
+    #[arg(long)]
+    duration_secs: Option<u64>,
+}
+
+/// Whether `device`'s update to `version` fails, with probability `rate`.
+fn fails(device: &str, model: &str, version: u64, rate: f64) -> bool {
+    let digest = Sha256::digest(format!("{device}\0{model}\0{version}").as_bytes());
+    let x = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
+    x < rate
+}
+
+struct Device {
+    id: DeviceId,
+    prefix: TopicPrefix,
+    root: Arc<RootDocument>,
+    args: Arc<Args>,
+    http: reqwest::Client,
+    seq: AtomicU64,
+}
+
+impl Device {
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    async fn send(&self, client: &AsyncClient, kind: TopicKind, payload: Vec<u8>) {
+        let topic = self.prefix.device(&self.id, kind).to_string();
+        let _ = client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await;
+    }
+
+    async fn status(&self, client: &AsyncClient, desired: Option<u64>, models: Vec<ModelStatus>) {
+        let msg = StatusMessage {
+            schema: SCHEMA_VERSION,
+            device_id: self.id.clone(),
+            seq: self.next_seq(),
+            online: true,
+            at: edgefleet_shared::unix_now(),
+            agent_version: "fleet-sim".into(),
+            desired_version: desired,
+            models,
+        };
+        self.send(
+            client,
+            TopicKind::Status,
+            serde_json::to_vec(&msg).expect("status"),
+        )
+        .await;
+    }
+
+    async fn event(
+        &self,
+        client: &AsyncClient,
+        kind: EventKind,
+        desired: u64,
+        model: Option<(&str, u64)>,
+        reason: Option<String>,
+    ) {
+        let e = UpdateEvent {
+            schema: SCHEMA_VERSION,
+            device_id: self.id.clone(),
+            seq: self.next_seq(),
+            at: edgefleet_shared::unix_now(),
+            kind,
+            desired_version: Some(desired),
+            model: model.map(|(m, _)| m.to_string()),
+            model_version: model.map(|(_, v)| v),
+            reason,
+        };
+        self.send(
+            client,
+            TopicKind::Events,
+            serde_json::to_vec(&e).expect("event"),
+        )
+        .await;
+    }
+
+    async fn run(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let (host, port) = match edgefleet_shared::broker_url::parse(&self.args.mqtt) {
+            Ok(hp) => hp,
+            Err(e) => {
+                eprintln!("fleet-sim: {e}");
+                return;
+            }
+        };
+        let mut options = MqttOptions::new(self.id.as_str(), host, port);
+        let will = StatusMessage {
+            schema: SCHEMA_VERSION,
+            device_id: self.id.clone(),
+            seq: 0,
+            online: false,
+            at: 0,
+            agent_version: "fleet-sim".into(),
+            desired_version: None,
+            models: vec![],
+        };
+        options
+            .set_keep_alive(Duration::from_secs(60))
+            .set_clean_session(true)
+            .set_last_will(LastWill::new(
+                self.prefix.device(&self.id, TopicKind::Status).to_string(),
+                serde_json::to_vec(&will).expect("will"),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let mut trusted: Option<u64> = None;
+        let mut serving: Vec<ModelStatus> = Vec::new();
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let topic = self.prefix.device(&self.id, TopicKind::Desired).to_string();
+                    let _ = client.subscribe(topic, QoS::AtLeastOnce).await;
+                    self.status(&client, trusted, serving.clone()).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(envelope) = Signed::from_json(&p.payload) else {
+                        continue;
+                    };
+                    let now = edgefleet_shared::unix_now();
+                    let doc = match DesiredState::verify(&envelope, &self.root, &self.id, now)
+                        .and_then(|d| d.check_newer_than(trusted).map(|()| d))
+                    {
+                        Ok(doc) => doc,
+                        Err(e) => {
+                            if !matches!(e, edgefleet_shared::VerifyError::Rollback { .. }) {
+                                self.event(
+                                    &client,
+                                    EventKind::Refused,
+                                    0,
+                                    None,
+                                    Some(e.to_string()),
+                                )
+                                .await;
+                            }
+                            continue;
+                        }
+                    };
+                    trusted = Some(doc.version);
+                    self.event(&client, EventKind::Accepted, doc.version, None, None)
+                        .await;
+                    let device = Arc::clone(&self);
+                    let client = client.clone();
+                    let previous = serving.clone();
+                    // Outcomes, decided now so the status can follow.
+                    let mut next = Vec::new();
+                    let mut reports = Vec::new();
+                    for slot in &doc.models {
+                        let already = previous
+                            .iter()
+                            .any(|m| m.name == slot.name && m.version == slot.version);
+                        if already {
+                            next.push(
+                                previous
+                                    .iter()
+                                    .find(|m| m.name == slot.name)
+                                    .cloned()
+                                    .expect("found"),
+                            );
+                            continue;
+                        }
+                        let failed = fails(
+                            self.id.as_str(),
+                            &slot.name,
+                            slot.version,
+                            self.args.fail_rate,
+                        );
+                        reports.push((slot.clone(), failed));
+                        if failed {
+                            if let Some(old) = previous.iter().find(|m| m.name == slot.name) {
+                                next.push(old.clone());
+                            }
+                        } else {
+                            next.push(ModelStatus {
+                                name: slot.name.clone(),
+                                version: slot.version,
+                                sha256: slot.sha256.clone(),
+                                runtime: "fleet-sim".into(),
+                            });
+                        }
+                    }
+                    serving = next.clone();
+                    let version = doc.version;
+                    tokio::spawn(async move {
+                        if device.args.latency_ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(device.args.latency_ms)).await;
+                        }
+                        for (slot, failed) in reports {
+                            let download = (rand_unit(device.id.as_str(), slot.version))
+                                < device.args.download_ratio;
+                            let mut reason = failed.then(|| "simulated failure".to_string());
+                            if download {
+                                if let Err(e) = device.download(&slot).await {
+                                    reason = Some(e);
+                                }
+                            }
+                            let model = Some((slot.name.as_str(), slot.version));
+                            match reason {
+                                Some(r) => {
+                                    device
+                                        .event(
+                                            &client,
+                                            EventKind::ActivationFailed,
+                                            version,
+                                            model,
+                                            Some(r),
+                                        )
+                                        .await
+                                }
+                                None => {
+                                    device
+                                        .event(&client, EventKind::Activated, version, model, None)
+                                        .await;
+                                    device
+                                        .event(&client, EventKind::Confirmed, version, model, None)
+                                        .await;
+                                }
+                            }
+                        }
+                        device.status(&client, Some(version), next).await;
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn download(&self, slot: &edgefleet_shared::ModelSlot) -> Result<(), String> {
+        let url = slot.urls.first().ok_or("no artifact URL")?;
+        let bytes = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .bytes()
+            .await
+            .map_err(|e| e.to_string())?;
+        if bytes.len() as u64 != slot.size {
+            return Err(format!(
+                "downloaded {} bytes, expected {}",
+                bytes.len(),
+                slot.size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A reproducible number in [0, 1) per device and version.
+fn rand_unit(device: &str, version: u64) -> f64 {
+    let digest = Sha256::digest(format!("dl\0{device}\0{version}").as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let root = match std::fs::read(&args.root)
+        .map_err(|e| e.to_string())
+        .and_then(|b| Signed::from_json(&b).map_err(|e| e.to_string()))
+        .and_then(|s| RootDocument::verify_initial(&s).map_err(|e| e.to_string()))
+    {
+        Ok(root) => Arc::new(root),
+        Err(e) => {
+            eprintln!(
+                "fleet-sim: cannot use the root document {}: {e}",
+                args.root.display()
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let prefix = match TopicPrefix::new(args.topic_prefix.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("fleet-sim: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        fleet_server::install_crypto_provider();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let args = Arc::new(args);
+        let http = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        let pause = Duration::from_secs_f64(1.0 / f64::from(args.connect_rate.max(1)));
+        for i in 0..args.devices {
+            let id = match DeviceId::new(format!("{}-{i:05}", args.id_prefix)) {
+                Ok(id) => id,
+                Err(e) => {
+                    eprintln!("fleet-sim: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            let device = Arc::new(Device {
+                id,
+                prefix: prefix.clone(),
+                root: Arc::clone(&root),
+                args: Arc::clone(&args),
+                http: http.clone(),
+                seq: AtomicU64::new(edgefleet_shared::unix_now() * 1000),
+            });
+            tasks.push(tokio::spawn(device.run(shutdown.clone())));
+            tokio::time::sleep(pause).await;
+        }
+        eprintln!("fleet-sim: {} devices started", args.devices);
+        match args.duration_secs {
+            Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        shutdown.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        std::process::ExitCode::SUCCESS
+    })
+}
