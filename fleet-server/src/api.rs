@@ -429,21 +429,13 @@ async fn deploy(
     let target = if req.all {
         store::Target::All
     } else if !req.tags.is_empty() {
-        let mut filter = store::DeviceFilter {
-            limit: 10_000,
-            ..Default::default()
-        };
-        for (k, v) in &req.tags {
-            check_tag(k, v)?;
-            filter.tags.push((k.clone(), v.clone()));
-        }
-        let mut ids = Vec::new();
-        loop {
-            let page = fleet.store.find_devices(&filter).await?;
-            let Some(last) = page.last() else { break };
-            filter.after = Some(last.id.clone());
-            ids.extend(page.into_iter().map(|d| d.id));
-        }
+        let ids: Vec<String> = fleet
+            .store
+            .find_all_devices(&tag_filter(&req.tags)?)
+            .await?
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
         if ids.is_empty() {
             return Err(ApiError::not_found(format!(
                 "no device has the tags {:?}",
@@ -563,6 +555,16 @@ fn check_tag(key: &str, value: &str) -> ApiResult<()> {
     }
 }
 
+/// A device filter requiring all of `tags` (each checked).
+fn tag_filter(tags: &std::collections::BTreeMap<String, String>) -> ApiResult<store::DeviceFilter> {
+    let mut filter = store::DeviceFilter::default();
+    for (k, v) in tags {
+        check_tag(k, v)?;
+        filter.tags.push((k.clone(), v.clone()));
+    }
+    Ok(filter)
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EnrollRequest {
@@ -657,22 +659,9 @@ async fn mosquitto_files(
     Query(q): Query<MosquittoQuery>,
 ) -> ApiResult<Json<Value>> {
     let mut passwords = String::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = fleet
-            .store
-            .find_devices(&store::DeviceFilter {
-                after: after.clone(),
-                limit: 1000,
-                ..Default::default()
-            })
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
-        for device in &page {
-            if let Some(hash) = fleet.store.device_credential(&device.id).await? {
-                passwords += &format!("{}:{hash}\n", device.id);
-            }
+    for device in fleet.store.find_all_devices(&Default::default()).await? {
+        if let Some(hash) = fleet.store.device_credential(&device.id).await? {
+            passwords += &format!("{}:{hash}\n", device.id);
         }
     }
     let server_user = q
@@ -1170,26 +1159,15 @@ async fn create_rollout(
         ));
     }
     let devices = if req.devices.is_empty() {
-        let mut filter = store::DeviceFilter {
-            limit: 10_000,
-            ..Default::default()
-        };
-        for (k, v) in &req.tags {
-            check_tag(k, v)?;
-            filter.tags.push((k.clone(), v.clone()));
-        }
-        let mut ids = Vec::new();
-        loop {
-            let page = fleet.store.find_devices(&filter).await?;
-            let Some(last) = page.last() else { break };
-            filter.after = Some(last.id.clone());
-            ids.extend(
-                page.into_iter()
-                    .filter(|d| d.revoked_at.is_none())
-                    .map(|d| d.id),
-            );
-        }
-        ids
+        // Every unrevoked device, or those with all the tags.
+        fleet
+            .store
+            .find_all_devices(&tag_filter(&req.tags)?)
+            .await?
+            .into_iter()
+            .filter(|d| d.revoked_at.is_none())
+            .map(|d| d.id)
+            .collect()
     } else {
         for d in &req.devices {
             DeviceId::new(d.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;

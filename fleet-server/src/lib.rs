@@ -210,24 +210,15 @@ async fn bootstrap_admin_token(
     Ok(())
 }
 
-/// The ids of revoked devices, read page by page.
+/// The ids of revoked devices.
 async fn revoked_devices(
     store: &store::Store,
 ) -> anyhow::Result<std::collections::HashSet<String>> {
-    let mut revoked = std::collections::HashSet::new();
-    let mut filter = store::DeviceFilter {
-        limit: 10_000,
-        ..Default::default()
-    };
-    loop {
-        let page = store.find_devices(&filter).await?;
-        let Some(last) = page.last() else { break };
-        filter.after = Some(last.id.clone());
-        revoked.extend(
-            page.into_iter()
-                .filter(|d| d.revoked_at.is_some())
-                .map(|d| d.id),
-        );
-    }
-    Ok(revoked)
+    Ok(store
+        .find_all_devices(&Default::default())
+        .await?
+        .into_iter()
+        .filter(|d| d.revoked_at.is_some())
+        .map(|d| d.id)
+        .collect())
 }

@@ -304,10 +304,16 @@ impl Rollouts {
             if !matches!(record.plan.phase, Phase::Running { .. }) {
                 continue;
             }
-            let before = serde_json::to_string(&record.plan).ok();
+            // What a tick can change: timeouts move devices between
+            // states (the counts), retries come back as commands, gates
+            // move the phase. Compared instead of serialising the plan
+            // twice a second.
+            let before = (record.plan.phase.clone(), record.plan.summary());
             let commands = record.plan.tick(now);
+            let changed = !commands.is_empty()
+                || before != (record.plan.phase.clone(), record.plan.summary());
             execute(fleet, record, commands).await;
-            if serde_json::to_string(&record.plan).ok() != before {
+            if changed {
                 if let Err(e) = save(fleet, record).await {
                     tracing::error!(rollout = %record.plan.id, error = %e, "cannot store a rollout");
                 }

@@ -32,6 +32,24 @@ async fn wait_phase(server: &Server, id: &str, phase: &str) -> anyhow::Result<Va
     )
 }
 
+/// Real agents `ids`, all serving digits version 1 (deployed fleet-wide).
+async fn agents_on_version_1(
+    dir: &std::path::Path,
+    server: &Server,
+    ids: &[&str],
+) -> anyhow::Result<Vec<Agent>> {
+    let mut agents = Vec::new();
+    for id in ids {
+        agents.push(Agent::start_fleet(dir, id, server)?);
+    }
+    server.push(&digits_model("int8"), "digits", 1);
+    server.deploy("digits", 1, "--all");
+    for id in ids {
+        server.wait_for_model(id, "digits", 1).await?;
+    }
+    Ok(agents)
+}
+
 /// A test vector for the digits model whose expected outputs are wrong.
 fn failing_test_vector(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let v: Value = serde_json::from_slice(&std::fs::read(
@@ -64,15 +82,7 @@ async fn failing_rollout_pauses_in_the_canary_wave_and_abort_reverts() -> anyhow
     let dir = tempfile::tempdir()?;
     let server = Server::start(dir.path()).await?;
     let ids = ["ro-1", "ro-2", "ro-3", "ro-4"];
-    let mut agents = Vec::new();
-    for id in ids {
-        agents.push(Agent::start_fleet(dir.path(), id, &server)?);
-    }
-    server.push(&digits_model("int8"), "digits", 1);
-    server.deploy("digits", 1, "--all");
-    for id in ids {
-        server.wait_for_model(id, "digits", 1).await?;
-    }
+    let agents = agents_on_version_1(dir.path(), &server, &ids).await?;
 
     // Version 2 fails its test vector everywhere.
     let tv = failing_test_vector(dir.path())?;
@@ -243,15 +253,7 @@ async fn a_restarted_server_resumes_a_rollout_where_it_was() -> anyhow::Result<(
     let dir = tempfile::tempdir()?;
     let mut server = Server::start(dir.path()).await?;
     let ids = ["rs-1", "rs-2"];
-    let mut agents = Vec::new();
-    for id in ids {
-        agents.push(Agent::start_fleet(dir.path(), id, &server)?);
-    }
-    server.push(&digits_model("int8"), "digits", 1);
-    server.deploy("digits", 1, "--all");
-    for id in ids {
-        server.wait_for_model(id, "digits", 1).await?;
-    }
+    let agents = agents_on_version_1(dir.path(), &server, &ids).await?;
     server.push(&digits_model("fp32"), "digits", 2);
     ctl_json(
         &server,

@@ -319,6 +319,27 @@ impl Store {
         on_backend!(self, s => s.get_device(id).await)
     }
 
+    /// Every device matching `filter` (its `after` and `limit` ignored),
+    /// read page by page, by id.
+    pub async fn find_all_devices(
+        &self,
+        filter: &DeviceFilter,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
+        let mut page_filter = DeviceFilter {
+            after: None,
+            limit: 10_000,
+            ..filter.clone()
+        };
+        let mut all = Vec::new();
+        loop {
+            let page = self.find_devices(&page_filter).await?;
+            let Some(last) = page.last() else { break };
+            page_filter.after = Some(last.id.clone());
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
     /// Devices matching `filter`, by id.
     pub async fn find_devices(
         &self,
