@@ -86,6 +86,7 @@ impl Reporter {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             desired_version,
             models,
+            session: None,
         };
         push_status(&self.outbox, &msg);
         self.status.send_replace(Some(msg));

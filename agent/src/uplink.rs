@@ -312,6 +312,18 @@ impl Uplink {
             .map(|s| (s, topic(s.topic())))
             .collect();
 
+        // Each connection has its number, in its "online" status and its
+        // last will, so the server can tell a late will of a connection
+        // already replaced from a real drop.
+        let mut session = edgefleet_shared::messages::next_session(None);
+        let will = |session: u64| -> anyhow::Result<LastWill> {
+            Ok(LastWill::new(
+                &status_topic,
+                serde_json::to_vec(&StatusMessage::will(self.device.clone(), session))?,
+                QoS::AtLeastOnce,
+                true,
+            ))
+        };
         let mut options = MqttOptions::new(self.device.as_str(), host, port);
         options
             .set_keep_alive(Duration::from_secs(self.config.keep_alive_secs.max(5)))
@@ -323,12 +335,7 @@ impl Uplink {
             .set_clean_session(self.config.clean_session)
             .set_inflight(WINDOW as u16)
             .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024)
-            .set_last_will(LastWill::new(
-                &status_topic,
-                serde_json::to_vec(&StatusMessage::offline(self.device.clone()))?,
-                QoS::AtLeastOnce,
-                true,
-            ));
+            .set_last_will(will(session)?);
         if let (Some(user), Some(pass)) = (&self.config.username, &self.config.password) {
             options.set_credentials(user, pass);
         }
@@ -375,7 +382,8 @@ impl Uplink {
                         }
                         // The broker may hold our last will ("offline"):
                         // say we are back.
-                        if let Some(current) = status.borrow().clone() {
+                        if let Some(mut current) = status.borrow().clone() {
+                            current.session = Some(session);
                             crate::report::push_status(&outbox, &current);
                         }
                         outbox.stored().notify_one();
@@ -440,6 +448,8 @@ impl Uplink {
                         }
                         connected = false;
                         failures += 1;
+                        session = edgefleet_shared::messages::next_session(Some(session));
+                        eventloop.mqtt_options.set_last_will(will(session)?);
                         delete_delivered(&outbox, &mut delivered).await;
                         let wait = backoff(failures);
                         tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
@@ -494,7 +504,7 @@ impl Uplink {
         // Graceful goodbye: say offline ourselves (the will only fires on
         // an unclean drop), then disconnect.
         if connected {
-            let offline = serde_json::to_vec(&StatusMessage::offline(self.device.clone()))?;
+            let offline = serde_json::to_vec(&StatusMessage::will(self.device.clone(), session))?;
             let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, offline);
             let _ = client.try_disconnect();
             let drain = async {

@@ -37,7 +37,7 @@ pub struct ErrorBody {
         health, root_document, list_models, get_model, upload_model, put_spec, put_test_vector,
         deploy, list_devices, enroll_device, revoke_device, mosquitto_files, get_device,
         device_events, device_telemetry, device_results, device_desired, download_artifact,
-        put_tags, delete_model, list_rollouts, create_rollout, get_rollout, rollout_action,
+        put_tags, delete_model, list_rollouts, create_rollout, get_rollout, rollout_action, rollout_device_action,
         create_token, list_tokens, revoke_token, list_audit, metrics, openapi_json
     ),
     components(schemas(ErrorBody)),
@@ -139,6 +139,10 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
         .route("/api/v1/rollouts/{id}", get(get_rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(rollout_action))
+        .route(
+            "/api/v1/rollouts/{id}/devices/{device}/{action}",
+            post(rollout_device_action),
+        )
         .route("/metrics", get(metrics))
         .route("/api/v1/openapi.json", get(openapi_json))
         .route("/artifacts/{name}", get(download_artifact))
@@ -606,6 +610,8 @@ async fn enroll_device(
         .enroll_device(&enrollment, edgefleet_shared::unix_now())
         .await?;
     fleet.set_revoked(id.as_str(), false);
+    fleet.rollouts.on_join(&fleet, &device).await;
+    fleet.rollouts.flush(&fleet).await?;
     audit(
         &fleet,
         &op,
@@ -700,6 +706,9 @@ async fn put_tags(
         .set_tags(&id, &tags)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
+    // Newly in an active rollout's selection: it joins.
+    fleet.rollouts.on_join(&fleet, &device).await;
+    fleet.rollouts.flush(&fleet).await?;
     audit(&fleet, &op, "device.tags", id, Some(json!(tags))).await;
     Ok(Json(device))
 }
@@ -1152,17 +1161,29 @@ async fn create_rollout(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let req: crate::rollouts::CreateRollout = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed rollout: {e}")))?;
-    let chosen = [req.all, !req.devices.is_empty(), !req.tags.is_empty()];
+    let chosen = [
+        req.all,
+        !req.devices.is_empty(),
+        !req.tags.is_empty() || req.hardware.is_some(),
+    ];
     if chosen.iter().filter(|c| **c).count() != 1 {
         return Err(ApiError::bad_request(
-            "give exactly one of \"devices\", \"all\": true or \"tags\"",
+            "give exactly one of \"devices\", \"all\": true or \"tags\" and/or \"hardware\"",
         ));
     }
     let devices = if req.devices.is_empty() {
-        // Every unrevoked device, or those with all the tags.
+        // Every unrevoked device, or those with all the tags (and the
+        // hardware class).
+        let mut filter = tag_filter(&req.tags)?;
+        if let Some(hardware) = &req.hardware {
+            check_tag("hardware", hardware).map_err(|_| {
+                ApiError::bad_request("hardware must be 1 to 64 of A-Z a-z 0-9 . _ -")
+            })?;
+            filter.hardware = Some(hardware.clone());
+        }
         fleet
             .store
-            .find_all_devices(&tag_filter(&req.tags)?)
+            .find_all_devices(&filter)
             .await?
             .into_iter()
             .filter(|d| d.revoked_at.is_none())
@@ -1189,11 +1210,23 @@ async fn list_rollouts(State(fleet): State<Fleet>) -> Json<Value> {
     Json(json!(fleet.rollouts.list().await))
 }
 
-#[utoipa::path(get, path = "/api/v1/rollouts/{id}", tag = "rollouts", params(("id" = String, Path)), responses((status = 200, description = "phase (and why it paused), waves, counts per state, gates, devices", body = Object), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
-async fn get_rollout(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct RolloutQuery {
+    /// Leave out each device's state and the devices of each wave.
+    #[serde(default)]
+    brief: bool,
+}
+
+#[utoipa::path(get, path = "/api/v1/rollouts/{id}", tag = "rollouts", params(("id" = String, Path), RolloutQuery), responses((status = 200, description = "phase (and why it paused), waves, counts per state, gates, devices", body = Object), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
+async fn get_rollout(
+    State(fleet): State<Fleet>,
+    Path(id): Path<String>,
+    Query(q): Query<RolloutQuery>,
+) -> ApiResult<Json<Value>> {
     fleet
         .rollouts
-        .get(&id)
+        .get(&id, q.brief)
         .await
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("unknown rollout {id:?}")))
@@ -1209,5 +1242,35 @@ async fn rollout_action(
 ) -> ApiResult<Json<Value>> {
     let status = fleet.rollouts.act(&fleet, &id, &action).await?;
     audit(&fleet, &op, &format!("rollout.{action}"), id, None).await;
+    Ok(Json(status))
+}
+
+/// `POST /api/v1/rollouts/{id}/devices/{device}/{action}`: an operator's
+/// decision about one device: `exclude` (taken out, and sent back if it
+/// had moved), `retry` (a failed, reverted, excluded or offline device
+/// back in line) or `force` (asked now, ahead of its wave).
+#[utoipa::path(post, path = "/api/v1/rollouts/{id}/devices/{device}/{action}", tag = "rollouts", params(("id" = String, Path), ("device" = String, Path), ("action" = String, Path, description = "exclude, retry or force")), responses((status = 200, body = Object), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody), (status = 409, description = "not possible in this state", body = ErrorBody)))]
+async fn rollout_device_action(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    Path((id, device, action)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let what: crate::rollout::Override = serde_json::from_value(json!(action)).map_err(|_| {
+        ApiError::bad_request(format!(
+            "unknown device action {action:?} (exclude, retry, force)"
+        ))
+    })?;
+    let status = fleet
+        .rollouts
+        .override_device(&fleet, &id, &device, what)
+        .await?;
+    audit(
+        &fleet,
+        &op,
+        &format!("rollout.device.{action}"),
+        id,
+        Some(json!({ "device": device })),
+    )
+    .await;
     Ok(Json(status))
 }

@@ -234,6 +234,12 @@ pub async fn ingest(
                         _ => {}
                     }
                 }
+                if !streamed.is_empty() {
+                    fleet.rollouts.on_telemetry(&streamed).await;
+                }
+                // What the batch changed in rollouts is stored before the
+                // batch is acknowledged.
+                fleet.rollouts.flush(&fleet).await?;
                 Ok::<_, store::StoreError>(())
             }
             .await;

@@ -34,6 +34,9 @@ pub struct Fleet {
     pub revoked: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
     /// Staged rollouts (planner state, stored after every change).
     pub rollouts: crate::rollouts::Rollouts,
+    /// Each device's latest MQTT connection number, from its "online"
+    /// status: a last will of an older connection is stale.
+    pub sessions: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 impl Fleet {
@@ -150,6 +153,10 @@ impl Fleet {
     /// Records a status message; a device seen for the first time gets its
     /// desired state from the fleet-wide assignments.
     pub async fn on_status(&self, msg: StatusMessage) -> Result<(), StoreError> {
+        if self.stale_will(&msg) {
+            tracing::debug!(device = %msg.device_id, session = ?msg.session, "last will of a replaced connection ignored");
+            return Ok(());
+        }
         let now = edgefleet_shared::unix_now();
         // One store round trip: record the status and, for an online
         // device, read back what it should be running.
@@ -157,9 +164,12 @@ impl Fleet {
             is_new,
             desired: stored,
         } = self.store.record_status(&msg, now).await?;
-        self.rollouts
-            .on_presence(self, msg.device_id.as_str(), msg.online)
-            .await;
+        self.rollouts.on_status(&msg).await;
+        if is_new {
+            if let Some(device) = self.store.get_device(msg.device_id.as_str()).await? {
+                self.rollouts.on_join(self, &device).await;
+            }
+        }
         match stored {
             None => {}
             Some((_, None)) => {
@@ -178,6 +188,27 @@ impl Fleet {
         Ok(())
     }
 
+    /// Records an online status's connection number; true for an offline
+    /// message from a connection that a newer one has replaced (the broker
+    /// publishes the old connection's will when it drops it, which may be
+    /// after the new connection said it is online).
+    fn stale_will(&self, msg: &StatusMessage) -> bool {
+        let Some(session) = msg.session else {
+            return false;
+        };
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return false;
+        };
+        let device = msg.device_id.as_str();
+        if msg.online {
+            let latest = sessions.entry(device.to_string()).or_insert(session);
+            *latest = (*latest).max(session);
+            false
+        } else {
+            sessions.get(device).is_some_and(|&latest| session < latest)
+        }
+    }
+
     pub async fn on_event(&self, event: UpdateEvent) -> Result<(), StoreError> {
         if event.reason.is_some() {
             tracing::warn!(device = %event.device_id, kind = event.kind.as_str(), reason = ?event.reason, "device event");
@@ -186,7 +217,7 @@ impl Fleet {
         }
         let new = self.store.record_event(&event).await?;
         if new {
-            self.rollouts.on_event(self, &event).await;
+            self.rollouts.on_event(&event).await;
         }
         Ok(())
     }

@@ -114,10 +114,11 @@ pub async fn start(
         metrics: metrics::Metrics::default(),
         device_mqtt_url: config.device_mqtt_url(&public_url, port),
         revoked: Arc::new(std::sync::RwLock::new(revoked)),
+        sessions: Default::default(),
         rollouts: loaded_rollouts,
     };
     let bridge_task = tokio::spawn(bridge::run(fleet.clone(), eventloop, shutdown.clone()));
-    tokio::spawn(rollouts::run_clock(fleet.clone(), shutdown.clone()));
+    tokio::spawn(rollouts::run(fleet.clone(), shutdown.clone()));
     tokio::spawn(prune_streamed(
         fleet.store.clone(),
         config.telemetry_retention_secs,

@@ -1,50 +1,116 @@
 //! Staged rollouts, driven: the [`crate::rollout`] planner plus what it
 //! needs around it. Creation resolves the selection and each device's
-//! current version; operator actions, device events and a one-second clock
-//! go into the planner; its commands become signed desired states; after
-//! every change the rollout is stored, so a restarted server resumes it.
-//! Only one active rollout may target a device.
+//! current version; operator actions, device events, telemetry, devices
+//! joining and a one-second clock go into the planner.
+//!
+//! Changes are stored in rounds, not one by one: the ingest loop feeds a
+//! whole batch of device messages in, then [`Rollouts::flush`] stores each
+//! changed rollout once, before the batch is acknowledged (so a crash loses
+//! nothing a device sent), and only then hands the planner's commands to
+//! the dispatcher. The dispatcher assigns versions in one transaction per
+//! round and signs and publishes each device's desired state, apart from
+//! the lock, so device messages keep flowing while thousands of devices are
+//! asked to update. Only one active rollout may target a device.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use edgefleet_shared::{DeviceId, EventKind, UpdateEvent};
+use edgefleet_shared::{DeviceId, EventKind, StatusMessage, UpdateEvent};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 
 use crate::fleet::Fleet;
-use crate::rollout::{Command, Gates, Phase, Report, Rollout, WaveSize};
-use crate::store::{self, StoreError};
+use crate::rollout::{Command, Gates, Override, Phase, Report, Rollout, WaveSize};
+use crate::store::{self, DeviceRecord, StoreError, Streamed};
 
-/// A rollout as stored: what it moves, each device's version before it,
-/// and the planner's state.
+/// A rollout as stored: what it moves, which devices it selects, each
+/// device's version before it, and the planner's state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RolloutRecord {
     pub model: String,
     pub version: u64,
     pub previous: BTreeMap<String, Option<u64>>,
     pub created_at: u64,
+    #[serde(default)]
+    pub selection: Selection,
     pub plan: Rollout,
+    /// Changed since it was last stored.
+    #[serde(skip)]
+    dirty: bool,
+    /// Commands to hand to the dispatcher once stored.
+    #[serde(skip)]
+    pending: Vec<Command>,
+}
+
+/// Which devices a rollout is for: all, those with every tag (and the
+/// hardware class, if given), or a list.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Selection {
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub hardware: Option<String>,
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+impl Selection {
+    /// Whether a device (new, enrolled or re-tagged) falls in it.
+    pub fn matches(&self, device: &DeviceRecord) -> bool {
+        if device.revoked_at.is_some() {
+            return false;
+        }
+        if !self.devices.is_empty() {
+            return self.devices.contains(&device.id);
+        }
+        if self.all {
+            return true;
+        }
+        let tagged = self
+            .tags
+            .iter()
+            .all(|(k, v)| device.tags.get(k) == Some(v));
+        let hardware = self
+            .hardware
+            .as_ref()
+            .is_none_or(|h| device.hardware.as_ref() == Some(h));
+        (!self.tags.is_empty() || self.hardware.is_some()) && tagged && hardware
+    }
 }
 
 impl RolloutRecord {
     pub fn active(&self) -> bool {
-        !matches!(self.plan.phase, Phase::Aborted { .. } | Phase::Completed)
+        !self.plan.ended()
     }
 
-    /// Status for the API: phase, waves, counts, gates.
-    pub fn status(&self) -> serde_json::Value {
-        serde_json::json!({
+    /// Status for the API: phase (and why it paused), counts per state in
+    /// all and per wave, gates; unless `brief`, also every device's state
+    /// and which devices each wave holds.
+    pub fn status(&self, brief: bool) -> serde_json::Value {
+        let mut status = serde_json::json!({
             "id": self.plan.id,
             "model": self.model,
             "version": self.version,
             "created_at": self.created_at,
+            "selection": self.selection,
             "phase": self.plan.phase,
-            "waves": self.plan.plan(),
+            "wave_counts": self.plan.wave_summary(),
             "counts": self.plan.summary(),
             "gates": self.plan.gates,
-            "devices": self.plan.devices,
-        })
+        });
+        if !brief {
+            status["waves"] = serde_json::json!(self.plan.plan());
+            status["devices"] = serde_json::json!(self.plan.devices);
+        }
+        status
+    }
+
+    /// Takes the planner's commands for the next flush.
+    fn changed(&mut self, commands: Vec<Command>) {
+        self.dirty = true;
+        self.pending.extend(commands);
     }
 }
 
@@ -61,6 +127,9 @@ pub struct CreateRollout {
     pub all: bool,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// Only devices of this hardware class (with `tags`, or alone).
+    #[serde(default)]
+    pub hardware: Option<String>,
     /// Cumulative wave sizes: `{"count": 1}`, `{"percent": 25}`.
     #[serde(default)]
     #[schema(value_type = Vec<Object>)]
@@ -77,10 +146,22 @@ pub struct CreateRollout {
     pub dry_run: bool,
 }
 
+/// One device to point at a version: model, device, version.
+type Dispatch = (String, String, u64);
+
 /// The server's rollouts, in memory and stored.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Rollouts {
     inner: Arc<Mutex<BTreeMap<String, RolloutRecord>>>,
+    dispatch: mpsc::UnboundedSender<Dispatch>,
+    /// Taken by [`run`], which starts the dispatcher.
+    receiver: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<Dispatch>>>>,
+}
+
+impl Default for Rollouts {
+    fn default() -> Self {
+        Self::with(BTreeMap::new())
+    }
 }
 
 /// Why an action on a rollout was refused.
@@ -97,6 +178,15 @@ pub enum RolloutError {
 }
 
 impl Rollouts {
+    fn with(map: BTreeMap<String, RolloutRecord>) -> Self {
+        let (dispatch, receiver) = mpsc::unbounded_channel();
+        Self {
+            inner: Arc::new(Mutex::new(map)),
+            dispatch,
+            receiver: Arc::new(std::sync::Mutex::new(Some(receiver))),
+        }
+    }
+
     /// Loads the stored rollouts.
     pub async fn load(store: &store::Store) -> Result<Self, StoreError> {
         let mut map = BTreeMap::new();
@@ -110,22 +200,21 @@ impl Rollouts {
                 }
             }
         }
-        Ok(Self {
-            inner: Arc::new(Mutex::new(map)),
-        })
+        Ok(Self::with(map))
     }
 
+    /// Every rollout's status, brief.
     pub async fn list(&self) -> Vec<serde_json::Value> {
         self.inner
             .lock()
             .await
             .values()
-            .map(RolloutRecord::status)
+            .map(|r| r.status(true))
             .collect()
     }
 
-    pub async fn get(&self, id: &str) -> Option<serde_json::Value> {
-        self.inner.lock().await.get(id).map(RolloutRecord::status)
+    pub async fn get(&self, id: &str, brief: bool) -> Option<serde_json::Value> {
+        self.inner.lock().await.get(id).map(|r| r.status(brief))
     }
 
     /// Creates a rollout (or, with `dry_run`, only plans it).
@@ -169,10 +258,17 @@ impl Rollouts {
             }
         };
         let gates = req.gates.clone().unwrap_or_default();
-        if !(0.0..=100.0).contains(&gates.success_pct)
-            || !(0.0..=100.0).contains(&gates.failure_pct)
+        let percent = |p: Option<f64>| p.is_none_or(|p| (0.0..=100.0).contains(&p));
+        if !percent(Some(gates.success_pct))
+            || !percent(Some(gates.failure_pct))
+            || !percent(gates.max_error_pct)
         {
             return Err(RolloutError::BadRequest("percentages are 0 to 100".into()));
+        }
+        if gates.max_p95_ms.is_some_and(|ms| !(ms > 0.0 && ms.is_finite())) {
+            return Err(RolloutError::BadRequest(
+                "max_p95_ms must be a positive number of milliseconds".into(),
+            ));
         }
         let plan = Rollout::new(&req.id, devices.clone(), waves, gates);
         let previous = fleet.store.assigned_versions(&req.model, &devices).await?;
@@ -181,10 +277,18 @@ impl Rollouts {
             version: req.version,
             previous,
             created_at: edgefleet_shared::unix_now(),
+            selection: Selection {
+                all: req.all,
+                tags: req.tags.clone(),
+                hardware: req.hardware.clone(),
+                devices: req.devices.clone(),
+            },
             plan,
+            dirty: false,
+            pending: Vec::new(),
         };
         if req.dry_run {
-            return Ok(record.status());
+            return Ok(record.status(false));
         }
         let mut map = self.inner.lock().await;
         if map.contains_key(&req.id) {
@@ -207,7 +311,7 @@ impl Rollouts {
             )));
         }
         save(fleet, &record).await?;
-        let status = record.status();
+        let status = record.status(false);
         map.insert(req.id.clone(), record);
         Ok(status)
     }
@@ -219,32 +323,61 @@ impl Rollouts {
         id: &str,
         action: &str,
     ) -> Result<serde_json::Value, RolloutError> {
-        let now = edgefleet_shared::unix_now();
-        let mut map = self.inner.lock().await;
-        let record = map
-            .get_mut(id)
-            .ok_or_else(|| RolloutError::NotFound(format!("unknown rollout {id:?}")))?;
-        let plan = &mut record.plan;
-        let commands = match action {
+        self.change(fleet, id, |plan, now| match action {
             "start" => plan.start(now),
             "pause" => plan.pause("paused by an operator").map(|()| Vec::new()),
             "resume" => plan.resume(now),
             "approve" => plan.approve(now),
             "abort" => plan.abort("aborted by an operator"),
-            other => {
-                return Err(RolloutError::BadRequest(format!(
-                    "unknown action {other:?} (start, pause, resume, approve, abort)"
-                )))
+            other => Err(format!(
+                "unknown action {other:?} (start, pause, resume, approve, abort)"
+            )),
+        })
+        .await
+    }
+
+    /// An operator's decision about one device of a rollout.
+    pub async fn override_device(
+        &self,
+        fleet: &Fleet,
+        id: &str,
+        device: &str,
+        action: Override,
+    ) -> Result<serde_json::Value, RolloutError> {
+        self.change(fleet, id, |plan, now| {
+            plan.override_device(device, action, now)
+        })
+        .await
+    }
+
+    /// Applies an operator's change to one rollout, stores it and hands
+    /// its commands out.
+    async fn change(
+        &self,
+        fleet: &Fleet,
+        id: &str,
+        f: impl FnOnce(&mut Rollout, u64) -> Result<Vec<Command>, String>,
+    ) -> Result<serde_json::Value, RolloutError> {
+        let now = edgefleet_shared::unix_now();
+        let mut map = self.inner.lock().await;
+        let record = map
+            .get_mut(id)
+            .ok_or_else(|| RolloutError::NotFound(format!("unknown rollout {id:?}")))?;
+        let commands = f(&mut record.plan, now).map_err(|e| {
+            if e.starts_with("unknown action") {
+                RolloutError::BadRequest(e)
+            } else {
+                RolloutError::Conflict(e)
             }
-        }
-        .map_err(RolloutError::Conflict)?;
-        execute(fleet, record, commands).await;
-        save(fleet, record).await?;
-        Ok(record.status())
+        })?;
+        record.changed(commands);
+        let status = record.status(false);
+        self.flush_locked(fleet, &mut map).await?;
+        Ok(status)
     }
 
     /// A device's update event, for the rollouts that include it.
-    pub async fn on_event(&self, fleet: &Fleet, event: &UpdateEvent) {
+    pub async fn on_event(&self, event: &UpdateEvent) {
         let report = match event.kind {
             EventKind::Confirmed => Report::Healthy,
             EventKind::ActivationFailed
@@ -257,7 +390,7 @@ impl Rollouts {
             )),
             _ => return,
         };
-        self.feed(fleet, event.device_id.as_str(), report, |r| {
+        self.feed(event.device_id.as_str(), report, |r| {
             // Reports about other models or versions are not this rollout's.
             event.model.as_deref().is_none_or(|m| m == r.model)
                 && event.model_version.is_none_or(|v| v == r.version)
@@ -265,33 +398,112 @@ impl Rollouts {
         .await;
     }
 
-    /// A device came online or went offline.
-    pub async fn on_presence(&self, fleet: &Fleet, device: &str, online: bool) {
-        let report = if online {
+    /// A device's status: online or offline, and which versions it runs.
+    pub async fn on_status(&self, status: &StatusMessage) {
+        let device = status.device_id.as_str();
+        let report = if status.online {
             Report::Online
         } else {
             Report::Offline
         };
-        self.feed(fleet, device, report, |_| true).await;
+        self.feed(device, report, |_| true).await;
+        if status.online {
+            self.feed(device, Report::Running, |r| {
+                status
+                    .models
+                    .iter()
+                    .any(|m| m.name == r.model && m.version == r.version)
+            })
+            .await;
+        }
     }
 
-    async fn feed(
-        &self,
-        fleet: &Fleet,
-        device: &str,
-        report: Report,
-        concerns: impl Fn(&RolloutRecord) -> bool,
-    ) {
+    /// Telemetry: a device on a rollout's new version whose error rate or
+    /// latency breaks the rollout's limits counts as failed.
+    pub async fn on_telemetry(&self, records: &[Streamed]) {
+        let now = edgefleet_shared::unix_now();
+        let mut map = self.inner.lock().await;
+        for record in map.values_mut() {
+            if !record.active() || !record.plan.gates.watches_telemetry() {
+                continue;
+            }
+            for r in records {
+                let Streamed::Telemetry(t) = r else { continue };
+                if !record.plan.devices.contains_key(t.device_id.as_str()) {
+                    continue;
+                }
+                let Some(m) = t
+                    .models
+                    .iter()
+                    .find(|m| m.name == record.model && m.version == record.version)
+                else {
+                    continue;
+                };
+                if let Some(why) = record.plan.gates.judge(m.inferences, m.errors, m.p95_us) {
+                    let before = record.plan.devices[t.device_id.as_str()].clone();
+                    let commands =
+                        record
+                            .plan
+                            .report(t.device_id.as_str(), Report::Degraded(why.clone()), now);
+                    if record.plan.devices[t.device_id.as_str()] != before {
+                        tracing::warn!(rollout = %record.plan.id, device = %t.device_id, reason = %why, "device over the rollout's telemetry limits");
+                    }
+                    record.changed(commands);
+                }
+            }
+        }
+    }
+
+    /// A device that now falls in an active rollout's selection (seen for
+    /// the first time, enrolled, or re-tagged) joins it.
+    pub async fn on_join(&self, fleet: &Fleet, device: &DeviceRecord) {
+        let now = edgefleet_shared::unix_now();
+        let mut map = self.inner.lock().await;
+        // Only one active rollout may hold a device.
+        if map
+            .values()
+            .any(|r| r.active() && r.plan.devices.contains_key(&device.id))
+        {
+            return;
+        }
+        for record in map.values_mut() {
+            if !record.active() || !record.selection.matches(device) {
+                continue;
+            }
+            if let Some(commands) = record.plan.join(&device.id, device.online, now) {
+                tracing::info!(rollout = %record.plan.id, device = %device.id, "device joined the rollout");
+                let previous = fleet
+                    .store
+                    .assigned_versions(&record.model, std::slice::from_ref(&device.id))
+                    .await
+                    .map(|mut v| v.remove(&device.id).flatten());
+                match previous {
+                    Ok(previous) => {
+                        record.previous.insert(device.id.clone(), previous);
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %device.id, error = %e, "cannot read a joining device's version; an abort leaves it as it is")
+                    }
+                }
+                record.changed(commands);
+                break;
+            }
+        }
+    }
+
+    async fn feed(&self, device: &str, report: Report, concerns: impl Fn(&RolloutRecord) -> bool) {
         let now = edgefleet_shared::unix_now();
         let mut map = self.inner.lock().await;
         for record in map.values_mut() {
             if !record.active() || !record.plan.devices.contains_key(device) || !concerns(record) {
                 continue;
             }
+            let before = (record.plan.devices[device].clone(), record.plan.phase.clone());
             let commands = record.plan.report(device, report.clone(), now);
-            execute(fleet, record, commands).await;
-            if let Err(e) = save(fleet, record).await {
-                tracing::error!(rollout = %record.plan.id, error = %e, "cannot store a rollout");
+            if !commands.is_empty()
+                || before != (record.plan.devices[device].clone(), record.plan.phase.clone())
+            {
+                record.changed(commands);
             }
         }
     }
@@ -306,19 +518,52 @@ impl Rollouts {
             }
             // What a tick can change: timeouts move devices between
             // states (the counts), retries come back as commands, gates
-            // move the phase. Compared instead of serialising the plan
-            // twice a second.
+            // move the phase.
             let before = (record.plan.phase.clone(), record.plan.summary());
             let commands = record.plan.tick(now);
-            let changed = !commands.is_empty()
-                || before != (record.plan.phase.clone(), record.plan.summary());
-            execute(fleet, record, commands).await;
-            if changed {
-                if let Err(e) = save(fleet, record).await {
-                    tracing::error!(rollout = %record.plan.id, error = %e, "cannot store a rollout");
-                }
+            if !commands.is_empty() || before != (record.plan.phase.clone(), record.plan.summary())
+            {
+                record.changed(commands);
             }
         }
+        if let Err(e) = self.flush_locked(fleet, &mut map).await {
+            tracing::error!(error = %e, "cannot store rollouts; retried on the next tick");
+        }
+    }
+
+    /// Stores every changed rollout, then hands their commands to the
+    /// dispatcher. The ingest loop calls it after each batch, before
+    /// acknowledging it.
+    pub async fn flush(&self, fleet: &Fleet) -> Result<(), StoreError> {
+        let mut map = self.inner.lock().await;
+        self.flush_locked(fleet, &mut map).await
+    }
+
+    async fn flush_locked(
+        &self,
+        fleet: &Fleet,
+        map: &mut BTreeMap<String, RolloutRecord>,
+    ) -> Result<(), StoreError> {
+        for record in map.values_mut().filter(|r| r.dirty) {
+            save(fleet, record).await?;
+            record.dirty = false;
+            for command in std::mem::take(&mut record.pending) {
+                let (device, version) = match command {
+                    Command::Update(d) => (d, Some(record.version)),
+                    Command::Revert(d) => {
+                        let v = record.previous.get(&d).copied().flatten();
+                        (d, v)
+                    }
+                };
+                let Some(version) = version else {
+                    tracing::warn!(device = %device, rollout = %record.plan.id, "no previous version to go back to; left as it is");
+                    continue;
+                };
+                // The receiver lives as long as the server.
+                let _ = self.dispatch.send((record.model.clone(), device, version));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -330,41 +575,74 @@ async fn save(fleet: &Fleet, record: &RolloutRecord) -> Result<(), StoreError> {
         .await
 }
 
-/// Carries out the planner's commands: a new signed desired state for
-/// each device to update or to send back.
-async fn execute(fleet: &Fleet, record: &RolloutRecord, commands: Vec<Command>) {
-    let now = edgefleet_shared::unix_now();
-    for command in commands {
-        let (device, version) = match &command {
-            Command::Update(d) => (d, Some(record.version)),
-            Command::Revert(d) => (d, record.previous.get(d).copied().flatten()),
-        };
-        let Some(version) = version else {
-            tracing::warn!(device = %device, rollout = %record.plan.id, "no previous version to go back to; left as it is");
-            continue;
-        };
-        let target = store::Target::Devices(vec![device.clone()]);
-        if let Err(e) = fleet
-            .store
-            .deploy(&record.model, version, &target, now)
-            .await
-        {
-            tracing::error!(device = %device, error = %e, "rollout cannot assign a version");
-            continue;
+/// Most devices assigned per round.
+const DISPATCH_BATCH: usize = 4096;
+
+/// Carries out the planner's commands in order: per round, the versions
+/// are assigned in one transaction per (model, version), then each
+/// device's desired state is signed and published. A device asked twice
+/// in one round gets only the later version.
+async fn dispatch(
+    fleet: Fleet,
+    mut rx: mpsc::UnboundedReceiver<Dispatch>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+    while rx.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+        let mut last: HashMap<(String, String), u64> = HashMap::new();
+        let mut order = Vec::new();
+        for (model, device, version) in batch.drain(..) {
+            if last.insert((model.clone(), device.clone()), version).is_none() {
+                order.push((model, device));
+            }
         }
-        match DeviceId::new(device.clone()) {
-            Ok(id) => {
-                if let Err(e) = fleet.publish_desired(&id).await {
-                    tracing::error!(device = %device, error = %e, "rollout cannot publish desired state");
+        let mut groups: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+        for (model, device) in &order {
+            let version = last[&(model.clone(), device.clone())];
+            groups
+                .entry((model.clone(), version))
+                .or_default()
+                .push(device.clone());
+        }
+        let now = edgefleet_shared::unix_now();
+        for ((model, version), devices) in groups {
+            let target = store::Target::Devices(devices);
+            let mut failures = 0u32;
+            while let Err(e) = fleet.store.deploy(&model, version, &target, now).await {
+                failures += 1;
+                tracing::error!(model = %model, version, error = %e, attempt = failures, "rollout cannot assign a version; retrying");
+                let wait = std::time::Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
-            Err(e) => tracing::error!(device = %device, error = %e, "bad device id in a rollout"),
+        }
+        for (_, device) in order {
+            match DeviceId::new(device.clone()) {
+                Ok(id) => {
+                    if let Err(e) = fleet.publish_desired(&id).await {
+                        tracing::error!(device = %device, error = %e, "rollout cannot publish desired state; the device gets it when it next reports");
+                    }
+                }
+                Err(e) => tracing::error!(device = %device, error = %e, "bad device id in a rollout"),
+            }
         }
     }
 }
 
-/// Runs the rollouts' clock every second until `shutdown`.
-pub async fn run_clock(fleet: Fleet, shutdown: tokio_util::sync::CancellationToken) {
+/// Runs the rollouts' dispatcher and their clock (every second) until
+/// `shutdown`.
+pub async fn run(fleet: Fleet, shutdown: tokio_util::sync::CancellationToken) {
+    let receiver = fleet
+        .rollouts
+        .receiver
+        .lock()
+        .ok()
+        .and_then(|mut r| r.take());
+    if let Some(rx) = receiver {
+        tokio::spawn(dispatch(fleet.clone(), rx, shutdown.clone()));
+    }
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {

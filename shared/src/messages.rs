@@ -38,6 +38,13 @@ pub struct StatusMessage {
     pub desired_version: Option<u64>,
     #[serde(default)]
     pub models: Vec<ModelStatus>,
+    /// Which MQTT connection this is about: the agent numbers each
+    /// connection, and the "online" status it sends on connecting and its
+    /// last will carry that number. A broker that drops an old connection
+    /// after a new one took over publishes the old will late; the server
+    /// ignores an offline message whose session is not the device's latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<u64>,
 }
 
 impl StatusMessage {
@@ -52,8 +59,27 @@ impl StatusMessage {
             agent_version: String::new(),
             desired_version: None,
             models: Vec::new(),
+            session: None,
         }
     }
+
+    /// The last will of connection `session`.
+    pub fn will(device_id: DeviceId, session: u64) -> Self {
+        Self {
+            session: Some(session),
+            ..Self::offline(device_id)
+        }
+    }
+}
+
+/// A number for a new MQTT connection, larger than any before it from the
+/// same device: milliseconds since the epoch, or one more than `previous`.
+pub fn next_session(previous: Option<u64>) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    previous.map_or(now, |p| now.max(p + 1))
 }
 
 /// What happened to an update.
@@ -293,6 +319,7 @@ mod tests {
                 sha256: "00".repeat(32),
                 runtime: "tract-onnx".into(),
             }],
+            session: Some(7),
         };
         let json = serde_json::to_string(&msg).unwrap();
         assert_eq!(serde_json::from_str::<StatusMessage>(&json).unwrap(), msg);

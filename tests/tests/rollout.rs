@@ -50,6 +50,33 @@ async fn agents_on_version_1(
     Ok(agents)
 }
 
+/// A fleet-sim process of simulated devices named `prefix-NNNNN`.
+fn simulated(
+    dir: &std::path::Path,
+    server: &Server,
+    prefix: &str,
+    args: &[&str],
+) -> anyhow::Result<edgefleet_tests::Proc> {
+    let mut sim = std::process::Command::new(edgefleet_tests::binary("fleet-sim"));
+    sim.arg("--root")
+        .arg(server.root_document())
+        .args(["--mqtt", &server.mqtt_url])
+        .args(["--topic-prefix", &server.topic_prefix, "--id-prefix", prefix])
+        .args(args);
+    edgefleet_tests::Proc::spawn(sim, dir.join(format!("{prefix}.log")))
+}
+
+async fn wait_online(server: &Server, n: usize) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        let online = ctl_json(server, &["devices", "list", "--online", "--limit", "1000"]);
+        if online.as_array().map_or(0, Vec::len) >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("fewer than {n} devices came online")
+}
+
 /// A test vector for the digits model whose expected outputs are wrong.
 fn failing_test_vector(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let v: Value = serde_json::from_slice(&std::fs::read(
@@ -294,24 +321,8 @@ async fn a_restarted_server_resumes_a_rollout_where_it_was() -> anyhow::Result<(
 async fn a_simulated_fleet_pauses_at_the_failure_threshold() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server = Server::start(dir.path()).await?;
-    let mut sim = std::process::Command::new(edgefleet_tests::binary("fleet-sim"));
-    sim.arg("--root")
-        .arg(server.root_document())
-        .args([
-            "--mqtt",
-            &server.mqtt_url,
-            "--topic-prefix",
-            &server.topic_prefix,
-        ])
-        .args(["--devices", "300", "--fail-rate", "0.25"]);
-    let _sim = edgefleet_tests::Proc::spawn(sim, dir.path().join("sim.log"))?;
-    for _ in 0..200 {
-        let online = ctl_json(&server, &["devices", "list", "--online"]);
-        if online.as_array().map_or(0, Vec::len) == 300 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _sim = simulated(dir.path(), &server, "sim", &["--devices", "300", "--fail-rate", "0.25"])?;
+    wait_online(&server, 300).await?;
     server.push(&digits_model("int8"), "digits", 1);
     // Version 1: a quarter of the devices fail it.
     ctl_json(
@@ -346,4 +357,175 @@ async fn a_simulated_fleet_pauses_at_the_failure_threshold() -> anyhow::Result<(
     }
     ctl_json(&server, &["rollout", "abort", "sim1"]);
     Ok(())
+}
+
+/// Simulated devices with telemetry: a device excluded by the operator is
+/// skipped, devices that join mid-rollout are taken in under the same
+/// gates; a version whose inference error rate breaks the rollout's limit
+/// fails its canary after it confirmed, which pauses the rollout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let telemetry = [
+        "--telemetry-secs",
+        "0.5",
+        "--degraded",
+        "digits:2",
+        "--error-pct",
+        "40",
+    ];
+    let _sim = simulated(
+        dir.path(),
+        &server,
+        "sim",
+        &[&["--devices", "20"][..], &telemetry].concat(),
+    )?;
+    wait_online(&server, 20).await?;
+    server.push(&digits_model("int8"), "digits", 1);
+    server.push(&digits_model("int8"), "digits", 2);
+    let create = |id: &str, version: &str, waves: &str, more: &[&str]| {
+        ctl_json(
+            &server,
+            &[
+                &[
+                    "rollout", "create", "--id", id, "--model", "digits", "--version", version,
+                    "--all", "--waves", waves, "--max-error-pct", "5", "--failure-pct", "10",
+                ][..],
+                more,
+            ]
+            .concat(),
+        )
+    };
+    create("v1", "1", "1,50%,100%", &["--approve-each"]);
+    ctl_json(&server, &["rollout", "start", "v1"]);
+    let waiting = wait_phase(&server, "v1", "awaiting_approval").await?;
+    // The operator keeps one device of the last wave out of it.
+    let waves = waiting["waves"].as_array().unwrap();
+    let kept_out = waves[2][0].as_str().unwrap().to_string();
+    let excluded = ctl_json(&server, &["rollout", "device", "v1", &kept_out, "exclude"]);
+    assert_eq!(excluded["devices"][&kept_out]["state"], "excluded");
+    // Three devices join the fleet while the rollout waits.
+    let _late = simulated(dir.path(), &server, "late", &["--devices", "3"])?;
+    let mut joined = Value::Null;
+    for _ in 0..100 {
+        joined = ctl_json(&server, &["rollout", "status", "v1"]);
+        if joined["devices"].as_object().unwrap().len() == 23 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        joined["devices"].as_object().unwrap().len(),
+        23,
+        "late devices joined: {joined}"
+    );
+    assert_eq!(joined["waves"].as_array().unwrap()[2].as_array().unwrap().len(), 13);
+    ctl_json(&server, &["rollout", "approve", "v1"]);
+    wait_phase(&server, "v1", "awaiting_approval").await?;
+    ctl_json(&server, &["rollout", "approve", "v1"]);
+    let done = wait_phase(&server, "v1", "completed").await?;
+    assert_eq!(done["counts"]["confirmed"], 22, "{done}");
+    assert_eq!(done["counts"]["excluded"], 1, "{done}");
+    for late in ["late-00000", "late-00001", "late-00002"] {
+        assert_eq!(done["devices"][late]["state"], "confirmed", "{done}");
+    }
+    let device = server.get_json(&format!("/api/v1/devices/{kept_out}")).await?;
+    assert!(
+        !device["models"].as_array().unwrap().iter().any(|m| m["name"] == "digits"),
+        "the excluded device was never asked: {device}"
+    );
+
+    // Version 2 confirms, then, within the soak time, its telemetry shows
+    // 40 % of inferences failing, over the 5 % limit.
+    create("v2", "2", "1,100%", &["--success-pct", "0", "--soak-secs", "5"]);
+    ctl_json(&server, &["rollout", "start", "v2"]);
+    let paused = wait_phase(&server, "v2", "paused").await?;
+    let canary = paused["waves"][0][0].as_str().unwrap();
+    let state = &paused["devices"][canary];
+    assert_eq!(state["state"], "failed", "{paused}");
+    assert!(
+        state["reason"].as_str().unwrap().contains("inference error rate 40.0 % > 5 %"),
+        "{state}"
+    );
+    assert_eq!(paused["counts"]["waiting"], 22, "nobody else asked: {paused}");
+    ctl_json(&server, &["rollout", "abort", "v2"]);
+    server.wait_for_model(canary, "digits", 1).await?;
+    Ok(())
+}
+
+/// A broker that drops an old connection after a new one took over
+/// publishes the old connection's last will late: the server ignores an
+/// offline message from a connection older than the device's latest, and
+/// takes the will of the latest connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()> {
+    use edgefleet_shared::{DeviceId, StatusMessage, TopicKind, TopicPrefix, UpdateEvent};
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let id = DeviceId::new("phone-home")?;
+    let prefix = TopicPrefix::new(server.topic_prefix.clone())?;
+    let status_topic = prefix.device(&id, TopicKind::Status).to_string();
+    let online = StatusMessage {
+        seq: 1,
+        online: true,
+        at: edgefleet_shared::unix_now(),
+        session: Some(200),
+        ..StatusMessage::offline(id.clone())
+    };
+    let path = format!("/api/v1/devices/{id}");
+    async fn online_now(server: &Server, path: &str) -> Option<bool> {
+        server.get_json(path).await.ok().map(|d| d["online"] == true)
+    }
+    server
+        .publish_retained(&status_topic, serde_json::to_vec(&online)?)
+        .await?;
+    for _ in 0..100 {
+        if online_now(&server, &path).await == Some(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(online_now(&server, &path).await, Some(true));
+    // The will of connection 100, replaced by 200, then an event to know
+    // when the server has handled it (messages are handled in order).
+    let stale = StatusMessage::will(id.clone(), 100);
+    server
+        .publish_retained(&status_topic, serde_json::to_vec(&stale)?)
+        .await?;
+    let event = UpdateEvent {
+        schema: edgefleet_shared::SCHEMA_VERSION,
+        device_id: id.clone(),
+        seq: 2,
+        at: edgefleet_shared::unix_now(),
+        kind: edgefleet_shared::EventKind::Accepted,
+        desired_version: Some(1),
+        model: None,
+        model_version: None,
+        reason: None,
+    };
+    server
+        .publish_retained(
+            &prefix.device(&id, TopicKind::Events).to_string(),
+            serde_json::to_vec(&event)?,
+        )
+        .await?;
+    server
+        .wait_event_matching(id.as_str(), "the marker event", Duration::from_secs(10), |e| {
+            e["seq"] == 2
+        })
+        .await?;
+    assert_eq!(online_now(&server, &path).await, Some(true), "a stale will marked it offline");
+    // The latest connection's will counts.
+    let real = StatusMessage::will(id.clone(), 200);
+    server
+        .publish_retained(&status_topic, serde_json::to_vec(&real)?)
+        .await?;
+    for _ in 0..100 {
+        if online_now(&server, &path).await == Some(false) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the latest connection's will did not mark the device offline")
 }

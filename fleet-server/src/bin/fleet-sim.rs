@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use edgefleet_shared::{
-    DesiredState, DeviceId, EventKind, ModelStatus, RootDocument, Signed, StatusMessage, TopicKind,
-    TopicPrefix, UpdateEvent, SCHEMA_VERSION,
+    DesiredState, DeviceId, EventKind, Health, ModelStatus, ModelTelemetry, OutboxHealth,
+    RootDocument, Signed, StatusMessage, TelemetryMessage, TopicKind, TopicPrefix, UpdateEvent,
+    SCHEMA_VERSION,
 };
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use sha2::{Digest, Sha256};
@@ -55,6 +56,21 @@ struct Args {
     /// Stop after this many seconds (default: run until interrupted).
     #[arg(long)]
     duration_secs: Option<u64>,
+    /// Send telemetry (health and per-model inference counts) this often;
+    /// 0: never.
+    #[arg(long, default_value_t = 0.0)]
+    telemetry_secs: f64,
+    /// Inferences per model per telemetry interval.
+    #[arg(long, default_value_t = 100)]
+    inferences: u64,
+    /// MODEL:VERSION that runs badly: its inferences fail at
+    /// `--error-pct` and take `--slow-ms`.
+    #[arg(long)]
+    degraded: Option<String>,
+    #[arg(long, default_value_t = 50.0)]
+    error_pct: f64,
+    #[arg(long, default_value_t = 0.0)]
+    slow_ms: f64,
 }
 
 /// Whether `device`'s update to `version` fails, with probability `rate`.
@@ -85,7 +101,13 @@ impl Device {
             .await;
     }
 
-    async fn status(&self, client: &AsyncClient, desired: Option<u64>, models: Vec<ModelStatus>) {
+    async fn status(
+        &self,
+        client: &AsyncClient,
+        desired: Option<u64>,
+        models: Vec<ModelStatus>,
+        session: Option<u64>,
+    ) {
         let msg = StatusMessage {
             schema: SCHEMA_VERSION,
             device_id: self.id.clone(),
@@ -95,6 +117,7 @@ impl Device {
             agent_version: "fleet-sim".into(),
             desired_version: desired,
             models,
+            session,
         };
         self.send(
             client,
@@ -131,6 +154,54 @@ impl Device {
         .await;
     }
 
+    /// One telemetry sample for the models it serves: `--inferences` each,
+    /// failing and slow for the `--degraded` one.
+    fn telemetry(&self, models: &[ModelStatus], interval_secs: f64) -> TelemetryMessage {
+        let degraded = self.args.degraded.as_deref().and_then(|d| d.rsplit_once(':'));
+        let models = models
+            .iter()
+            .map(|m| {
+                let bad = degraded.is_some_and(|(name, version)| {
+                    name == m.name && version.parse() == Ok(m.version)
+                });
+                let total = self.args.inferences;
+                let errors = if bad {
+                    (total as f64 * self.args.error_pct / 100.0).round() as u64
+                } else {
+                    0
+                };
+                let p95_us = 1_000.0 + if bad { self.args.slow_ms * 1000.0 } else { 0.0 };
+                ModelTelemetry {
+                    name: m.name.clone(),
+                    version: m.version,
+                    runtime: m.runtime.clone(),
+                    inferences: total - errors,
+                    errors,
+                    total_inferences: total - errors,
+                    total_errors: errors,
+                    p50_us: Some(p95_us * 0.6),
+                    p95_us: Some(p95_us),
+                    p99_us: Some(p95_us * 1.2),
+                    runtime_trials: Vec::new(),
+                }
+            })
+            .collect();
+        TelemetryMessage {
+            schema: SCHEMA_VERSION,
+            device_id: self.id.clone(),
+            seq: self.next_seq(),
+            at: edgefleet_shared::unix_now(),
+            interval_secs,
+            health: Health {
+                memory_total_bytes: 512 << 20,
+                memory_available_bytes: 256 << 20,
+                ..Health::default()
+            },
+            models,
+            outbox: OutboxHealth::default(),
+        }
+    }
+
     async fn run(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         let (host, port) = match edgefleet_shared::broker_url::parse(&self.args.mqtt) {
             Ok(hp) => hp,
@@ -140,38 +211,47 @@ impl Device {
             }
         };
         let mut options = MqttOptions::new(self.id.as_str(), host, port);
-        let will = StatusMessage {
-            schema: SCHEMA_VERSION,
-            device_id: self.id.clone(),
-            seq: 0,
-            online: false,
-            at: 0,
-            agent_version: "fleet-sim".into(),
-            desired_version: None,
-            models: vec![],
-        };
-        options
-            .set_keep_alive(Duration::from_secs(60))
-            .set_clean_session(true)
-            .set_last_will(LastWill::new(
+        let mut session = edgefleet_shared::messages::next_session(None);
+        let will = |session: u64| {
+            let mut will = StatusMessage::will(self.id.clone(), session);
+            will.agent_version = "fleet-sim".into();
+            LastWill::new(
                 self.prefix.device(&self.id, TopicKind::Status).to_string(),
                 serde_json::to_vec(&will).expect("will"),
                 QoS::AtLeastOnce,
                 true,
-            ));
+            )
+        };
+        options
+            .set_keep_alive(Duration::from_secs(60))
+            .set_clean_session(true)
+            .set_last_will(will(session));
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let mut trusted: Option<u64> = None;
         let mut serving: Vec<ModelStatus> = Vec::new();
+        let interval = Duration::from_secs_f64(self.args.telemetry_secs.max(0.001));
+        let mut telemetry = tokio::time::interval(interval);
+        telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = eventloop.poll() => event,
+                _ = telemetry.tick(), if self.args.telemetry_secs > 0.0 => {
+                    if !serving.is_empty() {
+                        let sample = self.telemetry(&serving, interval.as_secs_f64());
+                        let payload = serde_json::to_vec(&sample).expect("telemetry");
+                        // Never wait on the event loop from inside it.
+                        let topic = self.prefix.device(&self.id, TopicKind::Telemetry).to_string();
+                        let _ = client.try_publish(topic, QoS::AtLeastOnce, false, payload);
+                    }
+                    continue;
+                }
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     let topic = self.prefix.device(&self.id, TopicKind::Desired).to_string();
                     let _ = client.subscribe(topic, QoS::AtLeastOnce).await;
-                    self.status(&client, trusted, serving.clone()).await;
+                    self.status(&client, trusted, serving.clone(), Some(session)).await;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let Ok(envelope) = Signed::from_json(&p.payload) else {
@@ -277,11 +357,13 @@ impl Device {
                                 }
                             }
                         }
-                        device.status(&client, Some(version), next).await;
+                        device.status(&client, Some(version), next, None).await;
                     });
                 }
                 Ok(_) => {}
                 Err(_) => {
+                    session = edgefleet_shared::messages::next_session(Some(session));
+                    eventloop.mqtt_options.set_last_will(will(session));
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}

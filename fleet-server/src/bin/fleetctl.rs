@@ -186,12 +186,16 @@ enum RolloutCommand {
         model: String,
         #[arg(long)]
         version: u64,
-        #[arg(long = "device", conflicts_with_all = ["all", "tags"], required_unless_present_any = ["all", "tags"])]
+        #[arg(long = "device", conflicts_with_all = ["all", "tags", "hardware"], required_unless_present_any = ["all", "tags", "hardware"])]
         devices: Vec<String>,
-        #[arg(long, conflicts_with = "tags")]
+        #[arg(long, conflicts_with_all = ["tags", "hardware"])]
         all: bool,
+        /// Devices with every KEY=VALUE tag given.
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Devices of this hardware class (with --tag, or alone).
+        #[arg(long)]
+        hardware: Option<String>,
         /// Cumulative waves: counts and percents, e.g. 1,5%,25%,100%.
         #[arg(long, conflicts_with = "ramp")]
         waves: Option<String>,
@@ -220,12 +224,38 @@ enum RolloutCommand {
         /// How often a device is asked again before it counts as failed.
         #[arg(long, default_value_t = 2)]
         retries: u32,
+        /// How long an offline device may hold a wave's gate.
+        #[arg(long, default_value_t = 900)]
+        offline_grace_secs: u64,
+        /// A device on the new version whose inference error rate (percent,
+        /// in one telemetry interval) is above this counts as failed.
+        #[arg(long)]
+        max_error_pct: Option<f64>,
+        /// Likewise for its p95 inference latency, in milliseconds.
+        #[arg(long)]
+        max_p95_ms: Option<f64>,
+        /// Fewest inferences in an interval to judge it by.
+        #[arg(long, default_value_t = 20)]
+        min_inferences: u64,
         #[arg(long)]
         dry_run: bool,
     },
-    /// Status: phase (and why it paused), waves, counts per state.
+    /// Status: phase (and why it paused), counts per state in all and per
+    /// wave; with --json, also each device's state.
     Status {
         id: Option<String>,
+        /// With --json: leave out each device's state.
+        #[arg(long)]
+        brief: bool,
+    },
+    /// An operator's decision about one device: exclude (take it out, and
+    /// send it back if it moved), retry (a failed, reverted, excluded or
+    /// offline device back in line), force (ask it now, ahead of its wave).
+    Device {
+        id: String,
+        device: String,
+        #[arg(value_parser = ["exclude", "retry", "force"])]
+        action: String,
     },
     Start {
         id: String,
@@ -276,14 +306,18 @@ fn rollout_line(r: &Value) -> String {
         "aborted" => format!("aborted: {}", phase["reason"].as_str().unwrap_or("")),
         other => other.to_string(),
     };
-    let waves: Vec<String> = r["waves"]
+    let waves: Vec<String> = r["wave_counts"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|w| w.as_array().map_or(0, Vec::len).to_string())
+        .map(|w| {
+            let done = w["confirmed"].as_u64().unwrap_or(0);
+            let size = w["size"].as_u64().unwrap_or(0);
+            format!("{done}/{size}")
+        })
         .collect();
     format!(
-        "{} {} v{}: {what}; waves [{}]; {}",
+        "{} {} v{}: {what}; confirmed per wave [{}]; {}",
         r["id"].as_str().unwrap_or("?"),
         r["model"].as_str().unwrap_or("?"),
         r["version"],
@@ -1243,6 +1277,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 max_in_flight,
                 device_timeout_secs,
                 retries,
+                offline_grace_secs,
+                max_error_pct,
+                max_p95_ms,
+                min_inferences,
+                hardware,
                 dry_run,
             } => {
                 let waves = match waves {
@@ -1268,27 +1307,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         "--on-failure must be pause or abort"
                     )));
                 }
-                let defaults = json!({
-                    "min_confirmed": 1, "device_timeout_secs": device_timeout_secs, "retries": retries,
-                    "offline_grace_secs": 900
-                });
-                let mut gates = json!({
+                let gates = json!({
                     "success_pct": success_pct, "failure_pct": failure_pct, "failure_action": on_failure,
                     "soak_secs": soak_secs, "manual_approval": approve_each, "max_in_flight": max_in_flight,
+                    "device_timeout_secs": device_timeout_secs, "retries": retries,
+                    "offline_grace_secs": offline_grace_secs, "max_error_pct": max_error_pct,
+                    "max_p95_ms": max_p95_ms, "min_inferences": min_inferences,
                 });
-                for (k, v) in defaults.as_object().into_iter().flatten() {
-                    gates[k] = v.clone();
-                }
                 let body = json!({
                     "id": id, "model": model, "version": version, "devices": devices, "all": all,
-                    "tags": parse_tags(tags)?, "waves": waves, "ramp": ramp, "gates": gates, "dry_run": dry_run,
+                    "tags": parse_tags(tags)?, "hardware": hardware, "waves": waves, "ramp": ramp,
+                    "gates": gates, "dry_run": dry_run,
                 });
                 let request = client.post(format!("{base}/api/v1/rollouts")).json(&body);
                 call(request, cli.json, rollout_line).await?;
             }
-            RolloutCommand::Status { id } => match id {
+            RolloutCommand::Status { id, brief } => match id {
                 Some(id) => {
-                    let request = client.get(format!("{base}/api/v1/rollouts/{id}"));
+                    // The table needs no per-device states.
+                    let brief = *brief || !cli.json;
+                    let request =
+                        client.get(format!("{base}/api/v1/rollouts/{id}?brief={brief}"));
                     call(request, cli.json, rollout_line).await?;
                 }
                 None => {
@@ -1317,6 +1356,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     _ => "abort",
                 };
                 let request = client.post(format!("{base}/api/v1/rollouts/{id}/{action}"));
+                call(request, cli.json, rollout_line).await?;
+            }
+            RolloutCommand::Device { id, device, action } => {
+                let request = client.post(format!(
+                    "{base}/api/v1/rollouts/{id}/devices/{device}/{action}"
+                ));
                 call(request, cli.json, rollout_line).await?;
             }
         },

@@ -101,6 +101,7 @@ fn model(name: &str, version: u64) -> ModelRecord {
 
 fn status(id: &str, seq: u64, online: bool) -> StatusMessage {
     StatusMessage {
+        session: None,
         schema: SCHEMA_VERSION,
         device_id: DeviceId::new(id).unwrap(),
         seq,
