@@ -227,13 +227,15 @@ pub async fn ingest(
                         streamed.iter().map(|r| now as f64 - r.at() as f64),
                     );
                 }
+                let (mut statuses, mut events) = (Vec::new(), Vec::new());
                 for (inbound, _) in &batch {
                     match inbound {
-                        Some(Inbound::Status(s)) => fleet.on_status(s.clone()).await?,
-                        Some(Inbound::Event(e)) => fleet.on_event(e.clone()).await?,
+                        Some(Inbound::Status(s)) => statuses.push(s.clone()),
+                        Some(Inbound::Event(e)) => events.push(e.clone()),
                         _ => {}
                     }
                 }
+                fleet.on_messages(statuses, events).await?;
                 if !streamed.is_empty() {
                     fleet.rollouts.on_telemetry(&streamed).await;
                 }

@@ -150,21 +150,58 @@ impl Fleet {
         }
     }
 
-    /// Records a status message; a device seen for the first time gets its
-    /// desired state from the fleet-wide assignments.
-    pub async fn on_status(&self, msg: StatusMessage) -> Result<(), StoreError> {
-        if self.stale_will(&msg) {
-            tracing::debug!(device = %msg.device_id, session = ?msg.session, "last will of a replaced connection ignored");
+    /// Records a batch of status messages and update events in one
+    /// transaction (each status also reads back what its device should
+    /// run), then acts on them in order: rollouts hear of presence, versions
+    /// and outcomes; a device seen for the first time joins the rollouts
+    /// that select it and gets its desired state.
+    pub async fn on_messages(
+        &self,
+        statuses: Vec<StatusMessage>,
+        events: Vec<UpdateEvent>,
+    ) -> Result<(), StoreError> {
+        let statuses: Vec<StatusMessage> = statuses
+            .into_iter()
+            .filter(|m| {
+                let stale = self.stale_will(m);
+                if stale {
+                    tracing::debug!(device = %m.device_id, session = ?m.session, "last will of a replaced connection ignored");
+                }
+                !stale
+            })
+            .collect();
+        if statuses.is_empty() && events.is_empty() {
             return Ok(());
         }
         let now = edgefleet_shared::unix_now();
-        // One store round trip: record the status and, for an online
-        // device, read back what it should be running.
+        let (outcomes, new) = self.store.record_messages(&statuses, &events, now).await?;
+        for (msg, outcome) in statuses.iter().zip(outcomes) {
+            self.after_status(msg, outcome).await?;
+        }
+        for (event, new) in events.iter().zip(new) {
+            if event.reason.is_some() {
+                tracing::warn!(device = %event.device_id, kind = event.kind.as_str(), reason = ?event.reason, "device event");
+            } else {
+                tracing::info!(device = %event.device_id, kind = event.kind.as_str(), model = ?event.model, version = ?event.model_version, "device event");
+            }
+            if new {
+                self.rollouts.on_event(event).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// What follows a stored status message.
+    async fn after_status(
+        &self,
+        msg: &StatusMessage,
+        outcome: store::StatusOutcome,
+    ) -> Result<(), StoreError> {
         let store::StatusOutcome {
             is_new,
             desired: stored,
-        } = self.store.record_status(&msg, now).await?;
-        self.rollouts.on_status(&msg).await;
+        } = outcome;
+        self.rollouts.on_status(msg).await;
         if is_new {
             if let Some(device) = self.store.get_device(msg.device_id.as_str()).await? {
                 self.rollouts.on_join(self, &device).await;
@@ -209,16 +246,4 @@ impl Fleet {
         }
     }
 
-    pub async fn on_event(&self, event: UpdateEvent) -> Result<(), StoreError> {
-        if event.reason.is_some() {
-            tracing::warn!(device = %event.device_id, kind = event.kind.as_str(), reason = ?event.reason, "device event");
-        } else {
-            tracing::info!(device = %event.device_id, kind = event.kind.as_str(), model = ?event.model, version = ?event.model_version, "device event");
-        }
-        let new = self.store.record_event(&event).await?;
-        if new {
-            self.rollouts.on_event(&event).await;
-        }
-        Ok(())
-    }
 }

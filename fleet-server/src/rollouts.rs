@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use edgefleet_shared::{DeviceId, EventKind, StatusMessage, UpdateEvent};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Mutex};
 
@@ -577,6 +578,8 @@ async fn save(fleet: &Fleet, record: &RolloutRecord) -> Result<(), StoreError> {
 
 /// Most devices assigned per round.
 const DISPATCH_BATCH: usize = 4096;
+/// Desired states signed and stored at once.
+const SIGN_CONCURRENCY: usize = 8;
 
 /// Carries out the planner's commands in order: per round, the versions
 /// are assigned in one transaction per (model, version), then each
@@ -618,16 +621,25 @@ async fn dispatch(
                 }
             }
         }
-        for (_, device) in order {
-            match DeviceId::new(device.clone()) {
-                Ok(id) => {
-                    if let Err(e) = fleet.publish_desired(&id).await {
-                        tracing::error!(device = %device, error = %e, "rollout cannot publish desired state; the device gets it when it next reports");
+        // Each device once per round, so their documents can be signed
+        // side by side (PostgreSQL commits them on several connections).
+        futures_util::stream::iter(order)
+            .for_each_concurrent(SIGN_CONCURRENCY, |(_, device)| {
+                let fleet = &fleet;
+                async move {
+                    match DeviceId::new(device.clone()) {
+                        Ok(id) => {
+                            if let Err(e) = fleet.publish_desired(&id).await {
+                                tracing::error!(device = %device, error = %e, "rollout cannot publish desired state; the device gets it when it next reports");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(device = %device, error = %e, "bad device id in a rollout")
+                        }
                     }
                 }
-                Err(e) => tracing::error!(device = %device, error = %e, "bad device id in a rollout"),
-            }
-        }
+            })
+            .await;
     }
 }
 

@@ -249,8 +249,12 @@ impl Device {
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let topic = self.prefix.device(&self.id, TopicKind::Desired).to_string();
-                    let _ = client.subscribe(topic, QoS::AtLeastOnce).await;
+                    // What an agent subscribes to (receipts are not used:
+                    // nothing here is kept to be re-sent).
+                    for kind in [TopicKind::Desired, TopicKind::Receipts] {
+                        let topic = self.prefix.device(&self.id, kind).to_string();
+                        let _ = client.subscribe(topic, QoS::AtLeastOnce).await;
+                    }
                     self.status(&client, trusted, serving.clone(), Some(session)).await;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {

@@ -274,7 +274,22 @@ impl Store {
         msg: &StatusMessage,
         now: u64,
     ) -> Result<StatusOutcome, StoreError> {
-        on_backend!(self, s => s.record_status(msg, now).await)
+        let (mut outcomes, _) = self
+            .record_messages(std::slice::from_ref(msg), &[], now)
+            .await?;
+        Ok(outcomes.remove(0))
+    }
+
+    /// Records a batch of status messages and update events in one
+    /// transaction: what [`Self::record_status`] and [`Self::record_event`]
+    /// return for each, in order.
+    pub async fn record_messages(
+        &self,
+        statuses: &[StatusMessage],
+        events: &[UpdateEvent],
+        now: u64,
+    ) -> Result<(Vec<StatusOutcome>, Vec<bool>), StoreError> {
+        on_backend!(self, s => s.record_messages(statuses, events, now).await)
     }
 
     /// Signs and stores the next desired state of `device` from its
@@ -300,7 +315,10 @@ impl Store {
     /// Stores an update event once (a redelivered copy is ignored);
     /// returns whether it was new.
     pub async fn record_event(&self, event: &UpdateEvent) -> Result<bool, StoreError> {
-        on_backend!(self, s => s.record_event(event).await)
+        let (_, new) = self
+            .record_messages(&[], std::slice::from_ref(event), edgefleet_shared::unix_now())
+            .await?;
+        Ok(new[0])
     }
 
     pub async fn events_for_device(

@@ -212,71 +212,28 @@ impl PgStore {
         self.pool.get().await.map_err(pg)
     }
 
-    pub async fn record_status(
+    pub async fn record_messages(
         &self,
-        msg: &StatusMessage,
+        statuses: &[StatusMessage],
+        events: &[UpdateEvent],
         now: u64,
-    ) -> Result<StatusOutcome, StoreError> {
+    ) -> Result<(Vec<StatusOutcome>, Vec<bool>), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let id = msg.device_id.as_str();
-        // Lock the row (or learn it is new) so concurrent status messages
-        // of one device apply in sequence order.
-        let existing: Option<i64> = tx
-            .query_opt(
-                "SELECT last_status_seq FROM devices WHERE id = $1 FOR UPDATE",
-                &[&id],
-            )
-            .await?
-            .map(|r| r.get(0));
-        let is_new = existing.is_none();
-        if is_new {
-            tx.execute(
-                "INSERT INTO devices (id, first_seen, last_seen) VALUES ($1, $2, $2)
-                 ON CONFLICT (id) DO NOTHING",
-                &[&id, &(now as i64)],
-            )
-            .await?;
+        // Rows locked in device order (a stable sort keeps each device's
+        // messages in arrival order), so batches cannot deadlock.
+        let mut order: Vec<usize> = (0..statuses.len()).collect();
+        order.sort_by(|&a, &b| statuses[a].device_id.as_str().cmp(statuses[b].device_id.as_str()));
+        let mut outcomes: Vec<Option<StatusOutcome>> = vec![None; statuses.len()];
+        for i in order {
+            outcomes[i] = Some(record_status(&tx, &statuses[i], now).await?);
         }
-        if !msg.online {
-            tx.execute(
-                "UPDATE devices SET online = FALSE, last_seen = $2 WHERE id = $1",
-                &[&id, &(now as i64)],
-            )
-            .await?;
-        } else if msg.seq as i64 > existing.unwrap_or(0) {
-            let models = serde_json::to_string(&msg.models).expect("models serialise");
-            tx.execute(
-                "UPDATE devices SET online = TRUE, last_seen = $2, agent_version = $3,
-                    reported_desired_version = $4, models_json = $5, last_status_seq = $6
-                 WHERE id = $1",
-                &[
-                    &id,
-                    &(now as i64),
-                    &msg.agent_version,
-                    &msg.desired_version.map(|v| v as i64),
-                    &models,
-                    &(msg.seq as i64),
-                ],
-            )
-            .await?;
+        let mut new = Vec::with_capacity(events.len());
+        for e in events {
+            new.push(record_event(&tx, e).await?);
         }
-        let desired = if msg.online {
-            let row = tx
-                .query_one(
-                    "SELECT desired_version, desired_json FROM devices WHERE id = $1",
-                    &[&id],
-                )
-                .await?;
-            Some((
-                row.get::<_, i64>(0) as u64,
-                row.get::<_, Option<Vec<u8>>>(1),
-            ))
-        } else {
-            None
-        };
         tx.commit().await?;
-        Ok(StatusOutcome { is_new, desired })
+        Ok((outcomes.into_iter().flatten().collect(), new))
     }
 
     pub async fn sign_desired(
@@ -327,30 +284,6 @@ impl PgStore {
             .query_opt("SELECT desired_json FROM devices WHERE id = $1", &[&device])
             .await?
             .and_then(|r| r.get::<_, Option<Vec<u8>>>(0)))
-    }
-
-    pub async fn record_event(&self, e: &UpdateEvent) -> Result<bool, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        ensure_device(&tx, e.device_id.as_str(), e.at).await?;
-        let n = tx
-            .execute(
-                "INSERT INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-                &[
-                    &e.device_id.as_str(),
-                    &(e.seq as i64),
-                    &(e.at as i64),
-                    &e.kind.as_str(),
-                    &e.desired_version.map(|v| v as i64),
-                    &e.model,
-                    &e.model_version.map(|v| v as i64),
-                    &e.reason,
-                ],
-            )
-            .await?;
-        tx.commit().await?;
-        Ok(n == 1)
     }
 
     pub async fn events_for_device(
@@ -1118,4 +1051,89 @@ mod tests {
             "postgres://127.0.0.1/test"
         );
     }
+}
+
+async fn record_status(
+    tx: &impl GenericClient,
+    msg: &StatusMessage,
+    now: u64,
+) -> Result<StatusOutcome, StoreError> {
+        let id = msg.device_id.as_str();
+        // Lock the row (or learn it is new) so concurrent status messages
+        // of one device apply in sequence order.
+        let existing: Option<i64> = tx
+            .query_opt(
+                "SELECT last_status_seq FROM devices WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let is_new = existing.is_none();
+        if is_new {
+            tx.execute(
+                "INSERT INTO devices (id, first_seen, last_seen) VALUES ($1, $2, $2)
+                 ON CONFLICT (id) DO NOTHING",
+                &[&id, &(now as i64)],
+            )
+            .await?;
+        }
+        if !msg.online {
+            tx.execute(
+                "UPDATE devices SET online = FALSE, last_seen = $2 WHERE id = $1",
+                &[&id, &(now as i64)],
+            )
+            .await?;
+        } else if msg.seq as i64 > existing.unwrap_or(0) {
+            let models = serde_json::to_string(&msg.models).expect("models serialise");
+            tx.execute(
+                "UPDATE devices SET online = TRUE, last_seen = $2, agent_version = $3,
+                    reported_desired_version = $4, models_json = $5, last_status_seq = $6
+                 WHERE id = $1",
+                &[
+                    &id,
+                    &(now as i64),
+                    &msg.agent_version,
+                    &msg.desired_version.map(|v| v as i64),
+                    &models,
+                    &(msg.seq as i64),
+                ],
+            )
+            .await?;
+        }
+        let desired = if msg.online {
+            let row = tx
+                .query_one(
+                    "SELECT desired_version, desired_json FROM devices WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            Some((
+                row.get::<_, i64>(0) as u64,
+                row.get::<_, Option<Vec<u8>>>(1),
+            ))
+        } else {
+            None
+        };
+        Ok(StatusOutcome { is_new, desired })
+}
+
+async fn record_event(tx: &impl GenericClient, e: &UpdateEvent) -> Result<bool, StoreError> {
+    ensure_device(tx, e.device_id.as_str(), e.at).await?;
+    let n = tx
+        .execute(
+            "INSERT INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            &[
+                &e.device_id.as_str(),
+                &(e.seq as i64),
+                &(e.at as i64),
+                &e.kind.as_str(),
+                &e.desired_version.map(|v| v as i64),
+                &e.model,
+                &e.model_version.map(|v| v as i64),
+                &e.reason,
+            ],
+        )
+        .await?;
+    Ok(n == 1)
 }

@@ -237,22 +237,34 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    pub async fn record_status(
+    pub async fn record_messages(
         &self,
-        msg: &StatusMessage,
+        statuses: &[StatusMessage],
+        events: &[UpdateEvent],
         now: u64,
-    ) -> Result<StatusOutcome, StoreError> {
-        let m = msg.clone();
+    ) -> Result<(Vec<StatusOutcome>, Vec<bool>), StoreError> {
+        let (statuses, events) = (statuses.to_vec(), events.to_vec());
         self.call(move |conn| {
-            let is_new = record_status(conn, &m, now)?;
-            let desired = if m.online {
-                let version =
-                    get_device(conn, m.device_id.as_str())?.map_or(0, |d| d.desired_version);
-                Some((version, desired_json(conn, m.device_id.as_str())?))
-            } else {
-                None
-            };
-            Ok(StatusOutcome { is_new, desired })
+            let tx = conn.transaction()?;
+            let mut outcomes = Vec::with_capacity(statuses.len());
+            for m in &statuses {
+                let is_new = record_status(&tx, m, now)?;
+                let desired = if m.online {
+                    let version =
+                        get_device(&tx, m.device_id.as_str())?.map_or(0, |d| d.desired_version);
+                    Some((version, desired_json(&tx, m.device_id.as_str())?))
+                } else {
+                    None
+                };
+                outcomes.push(StatusOutcome { is_new, desired });
+            }
+            let mut new = Vec::with_capacity(events.len());
+            for e in &events {
+                ensure_device(&tx, e.device_id.as_str(), e.at)?;
+                new.push(record_event(&tx, e)?);
+            }
+            tx.commit()?;
+            Ok((outcomes, new))
         })
         .await
     }
@@ -289,18 +301,6 @@ impl SqliteStore {
     pub async fn desired_json(&self, device: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let id = device.to_string();
         self.call(move |conn| desired_json(conn, &id)).await
-    }
-
-    pub async fn record_event(&self, event: &UpdateEvent) -> Result<bool, StoreError> {
-        let e = event.clone();
-        self.call(move |conn| {
-            let tx = conn.transaction()?;
-            ensure_device(&tx, e.device_id.as_str(), e.at)?;
-            let new = record_event(&tx, &e)?;
-            tx.commit()?;
-            Ok(new)
-        })
-        .await
     }
 
     pub async fn events_for_device(
@@ -748,8 +748,7 @@ fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
 /// Records a status message. Returns true if the device was new. Stale
 /// (lower-sequence) online messages are ignored; offline last-will
 /// messages always mark the device offline.
-fn record_status(conn: &mut Connection, msg: &StatusMessage, now: u64) -> Result<bool, StoreError> {
-    let tx = conn.transaction()?;
+fn record_status(tx: &Connection, msg: &StatusMessage, now: u64) -> Result<bool, StoreError> {
     let existing: Option<u64> = tx
         .query_row(
             "SELECT last_status_seq FROM devices WHERE id = ?1",
@@ -784,7 +783,6 @@ fn record_status(conn: &mut Connection, msg: &StatusMessage, now: u64) -> Result
             ],
         )?;
     }
-    tx.commit()?;
     Ok(is_new)
 }
 
