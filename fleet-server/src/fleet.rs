@@ -245,5 +245,4 @@ impl Fleet {
             sessions.get(device).is_some_and(|&latest| session < latest)
         }
     }
-
 }

@@ -104,10 +104,9 @@ impl Gates {
             }
         }
         match (self.max_p95_ms, p95_us) {
-            (Some(limit), Some(p95)) if p95 / 1000.0 > limit => Some(format!(
-                "p95 latency {:.2} ms > {limit} ms",
-                p95 / 1000.0
-            )),
+            (Some(limit), Some(p95)) if p95 / 1000.0 > limit => {
+                Some(format!("p95 latency {:.2} ms > {limit} ms", p95 / 1000.0))
+            }
             _ => None,
         }
     }
@@ -190,7 +189,10 @@ impl DeviceState {
     fn moved(&self) -> bool {
         matches!(
             self,
-            Self::Updating { .. } | Self::Backoff { .. } | Self::Confirmed { .. } | Self::Failed { .. }
+            Self::Updating { .. }
+                | Self::Backoff { .. }
+                | Self::Confirmed { .. }
+                | Self::Failed { .. }
         )
     }
 }
@@ -642,7 +644,9 @@ impl Rollout {
             Report::Degraded(reason) if asked || matches!(state, DeviceState::Confirmed { .. }) => {
                 Some(DeviceState::Failed { reason })
             }
-            Report::Offline if matches!(state, DeviceState::Waiting | DeviceState::Updating { .. }) => {
+            Report::Offline
+                if matches!(state, DeviceState::Waiting | DeviceState::Updating { .. }) =>
+            {
                 Some(DeviceState::Offline { since: now })
             }
             // Back under the same gates: asked again when a slot is free.
@@ -740,14 +744,15 @@ impl Rollout {
         }
         // The wave's gate.
         let c = self.counts(Some(wave));
-        let offline_waited = self.index.members[OFFLINE].range(..scope).all(|&i| {
-            match *self.state_at(i) {
-                DeviceState::Offline { since } => {
-                    now.saturating_sub(since) >= self.gates.offline_grace_secs
-                }
-                _ => true,
-            }
-        });
+        let offline_waited =
+            self.index.members[OFFLINE]
+                .range(..scope)
+                .all(|&i| match *self.state_at(i) {
+                    DeviceState::Offline { since } => {
+                        now.saturating_sub(since) >= self.gates.offline_grace_secs
+                    }
+                    _ => true,
+                });
         let all_settled = c.settled + c.offline + c.excluded == scope && offline_waited;
         // A wave with nobody settled (all offline or excluded) has nothing
         // unhealthy in it.
@@ -759,7 +764,8 @@ impl Rollout {
         let soaked = now.saturating_sub(wave_started) >= self.gates.soak_secs;
         if all_settled
             && soaked
-            && c.confirmed >= (self.gates.min_confirmed as usize).min(scope - c.offline - c.excluded)
+            && c.confirmed
+                >= (self.gates.min_confirmed as usize).min(scope - c.offline - c.excluded)
             && healthy_pct >= self.gates.success_pct
         {
             if wave + 1 == self.ends.len() {
@@ -1145,8 +1151,15 @@ mod tests {
         assert!(!Gates::default().watches_telemetry());
         assert_eq!(gates.judge(95, 5, Some(1_000.0)), None, "5 % is the limit");
         let why = gates.judge(90, 10, Some(1_000.0)).unwrap();
-        assert!(why.contains("10.0 % > 5 %") && why.contains("10 of 100"), "{why}");
-        assert_eq!(gates.judge(5, 10, None), None, "too few inferences to judge");
+        assert!(
+            why.contains("10.0 % > 5 %") && why.contains("10 of 100"),
+            "{why}"
+        );
+        assert_eq!(
+            gates.judge(5, 10, None),
+            None,
+            "too few inferences to judge"
+        );
         let why = gates.judge(100, 0, Some(25_000.0)).unwrap();
         assert!(why.contains("25.00 ms > 20 ms"), "{why}");
         assert_eq!(gates.judge(100, 0, None), None);
@@ -1196,12 +1209,20 @@ mod tests {
             Some(vec!["late-3".to_string()])
         );
         let mut t = 5;
-        for d in wave1.iter().chain(&back).chain(["late-3".to_string()].iter()) {
+        for d in wave1
+            .iter()
+            .chain(&back)
+            .chain(["late-3".to_string()].iter())
+        {
             r.report(d, Report::Healthy, t);
             t += 1;
         }
         assert_eq!(r.phase, Phase::Completed);
-        assert_eq!(r.join("late-4", true, t), None, "an ended rollout takes nobody");
+        assert_eq!(
+            r.join("late-4", true, t),
+            None,
+            "an ended rollout takes nobody"
+        );
     }
 
     #[test]
@@ -1218,7 +1239,10 @@ mod tests {
             r.override_device(&last, Override::Force, 1).unwrap(),
             vec![Command::Update(last.clone())]
         );
-        assert!(r.override_device(&last, Override::Force, 1).is_err(), "already updating");
+        assert!(
+            r.override_device(&last, Override::Force, 1).is_err(),
+            "already updating"
+        );
         // Excluding a device that moved sends it back; it no longer holds
         // the gate and is not a failure.
         assert_eq!(
@@ -1230,10 +1254,16 @@ mod tests {
         // The canary fails; retrying puts it back in line and it is asked again.
         r.report(&canary, Report::Unhealthy("test vector".into()), 3);
         assert!(matches!(r.phase, Phase::Paused { .. }), "{:?}", r.phase);
-        assert!(r.override_device(&canary, Override::Retry, 4).unwrap().is_empty());
+        assert!(r
+            .override_device(&canary, Override::Retry, 4)
+            .unwrap()
+            .is_empty());
         assert_eq!(r.devices[&canary], DeviceState::Waiting);
         assert_eq!(updated(&r.resume(5).unwrap()), vec![canary.clone()]);
-        assert!(r.override_device(&canary, Override::Retry, 6).is_err(), "updating: nothing to retry");
+        assert!(
+            r.override_device(&canary, Override::Retry, 6).is_err(),
+            "updating: nothing to retry"
+        );
         assert!(r.override_device("nobody", Override::Exclude, 6).is_err());
         // The excluded device is skipped when its wave comes.
         let mut asked = updated(&r.report(&canary, Report::Healthy, 7));
@@ -1247,7 +1277,10 @@ mod tests {
         assert_eq!(r.phase, Phase::Completed);
         assert!(!all.contains(&last));
         assert_eq!(r.summary()["excluded"], 1);
-        assert!(r.override_device(&canary, Override::Exclude, t).is_err(), "ended");
+        assert!(
+            r.override_device(&canary, Override::Exclude, t).is_err(),
+            "ended"
+        );
     }
 
     #[test]
@@ -1261,10 +1294,19 @@ mod tests {
         // Dropped while updating, its confirmation arrives after it is back.
         r.report(&asked[0], Report::Offline, 1);
         r.report(&asked[0], Report::Online, 2);
-        assert_eq!(r.devices[&asked[0]], DeviceState::Updating { since: 2, attempt: 1 });
+        assert_eq!(
+            r.devices[&asked[0]],
+            DeviceState::Updating {
+                since: 2,
+                attempt: 1
+            }
+        );
         r.report(&asked[1], Report::Offline, 2);
         r.report(&asked[1], Report::Healthy, 3);
-        assert!(matches!(r.devices[&asked[1]], DeviceState::Confirmed { .. }));
+        assert!(matches!(
+            r.devices[&asked[1]],
+            DeviceState::Confirmed { .. }
+        ));
         // A status alone settles nothing on the first attempt ...
         r.report(&asked[0], Report::Running, 3);
         assert!(matches!(r.devices[&asked[0]], DeviceState::Updating { .. }));
@@ -1272,7 +1314,10 @@ mod tests {
         r.tick(12);
         assert!(matches!(r.devices[&asked[0]], DeviceState::Backoff { .. }));
         r.report(&asked[0], Report::Running, 13);
-        assert!(matches!(r.devices[&asked[0]], DeviceState::Confirmed { .. }));
+        assert!(matches!(
+            r.devices[&asked[0]],
+            DeviceState::Confirmed { .. }
+        ));
         r.report(&asked[2], Report::Healthy, 14);
         assert_eq!(r.phase, Phase::Completed);
     }
@@ -1287,7 +1332,11 @@ mod tests {
         let canary = updated(&r.start(0).unwrap())[0].clone();
         r.report(&canary, Report::Offline, 1);
         assert!(updated(&r.tick(5)).is_empty());
-        assert_eq!(updated(&r.tick(11)).len(), 2, "the next wave after the grace");
+        assert_eq!(
+            updated(&r.tick(11)).len(),
+            2,
+            "the next wave after the grace"
+        );
     }
 
     #[test]
@@ -1299,9 +1348,105 @@ mod tests {
         let mut back: Rollout = serde_json::from_str(&json).unwrap();
         assert_eq!(back.summary(), r.summary());
         for d in &wave1 {
-            assert_eq!(back.report(d, Report::Healthy, 2), r.report(d, Report::Healthy, 2));
+            assert_eq!(
+                back.report(d, Report::Healthy, 2),
+                r.report(d, Report::Healthy, 2)
+            );
         }
         assert_eq!(back, r);
         assert_eq!(back.counts(None), r.counts(None));
+    }
+
+    /// Random reports, overrides, joins, ticks and operator actions: the
+    /// index (per-wave counts, per-state sets) always agrees with a count
+    /// made from scratch, and a rollout rebuilt from its stored state
+    /// answers the same.
+    #[test]
+    fn property_the_index_always_matches_the_states() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..100 {
+            let n = 1 + (next() % 60) as usize;
+            let gates = Gates {
+                failure_pct: 30.0 + (next() % 70) as f64,
+                success_pct: 0.0,
+                max_in_flight: 1 + (next() % 10) as u32,
+                device_timeout_secs: 5,
+                retries: 1,
+                offline_grace_secs: 20,
+                ..Gates::default()
+            };
+            let mut r = Rollout::new(&format!("i{case}"), devices(n), four_waves(), gates);
+            r.start(0).unwrap();
+            let mut joined = 0;
+            for t in 1..200u64 {
+                let d = if next() % 10 == 0 && joined < 5 {
+                    joined += 1;
+                    let d = format!("late-{joined}");
+                    r.join(&d, next() % 2 == 0, t);
+                    d
+                } else {
+                    r.order[(next() % r.order.len() as u64) as usize].clone()
+                };
+                match next() % 12 {
+                    0..=3 => {
+                        r.report(&d, Report::Healthy, t);
+                    }
+                    4 => {
+                        r.report(&d, Report::Unhealthy("x".into()), t);
+                    }
+                    5 => {
+                        r.report(&d, Report::Degraded("y".into()), t);
+                    }
+                    6 => {
+                        r.report(&d, Report::Offline, t);
+                    }
+                    7 => {
+                        r.report(&d, Report::Online, t);
+                    }
+                    8 => {
+                        let action = [Override::Exclude, Override::Retry, Override::Force]
+                            [(next() % 3) as usize];
+                        let _ = r.override_device(&d, action, t);
+                    }
+                    9 => {
+                        let _ = r.resume(t).or_else(|_| r.approve(t));
+                    }
+                    10 => {
+                        r.report(&d, Report::Running, t);
+                    }
+                    _ => {
+                        r.tick(t);
+                    }
+                }
+                let mut scratch: BTreeMap<&'static str, usize> = BTreeMap::new();
+                for state in r.devices.values() {
+                    *scratch.entry(KIND_NAMES[state.kind()]).or_default() += 1;
+                }
+                assert_eq!(r.summary(), scratch, "case {case} at {t}");
+                let ends = r.ends.clone();
+                assert_eq!(*ends.last().unwrap(), r.order.len());
+                for (w, wave) in r.wave_summary().iter().enumerate() {
+                    let start = if w == 0 { 0 } else { ends[w - 1] };
+                    assert_eq!(wave["size"], ends[w] - start, "case {case}");
+                }
+                let in_flight = r.index.members[UPDATING].len();
+                let counted = r
+                    .devices
+                    .values()
+                    .filter(|s| matches!(s, DeviceState::Updating { .. }))
+                    .count();
+                assert_eq!(in_flight, counted);
+            }
+            let mut back: Rollout =
+                serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+            assert_eq!(back.counts(None), r.counts(None), "case {case}");
+            assert_eq!(back.wave_summary(), r.wave_summary(), "case {case}");
+        }
     }
 }

@@ -69,10 +69,7 @@ impl Selection {
         if self.all {
             return true;
         }
-        let tagged = self
-            .tags
-            .iter()
-            .all(|(k, v)| device.tags.get(k) == Some(v));
+        let tagged = self.tags.iter().all(|(k, v)| device.tags.get(k) == Some(v));
         let hardware = self
             .hardware
             .as_ref()
@@ -266,7 +263,10 @@ impl Rollouts {
         {
             return Err(RolloutError::BadRequest("percentages are 0 to 100".into()));
         }
-        if gates.max_p95_ms.is_some_and(|ms| !(ms > 0.0 && ms.is_finite())) {
+        if gates
+            .max_p95_ms
+            .is_some_and(|ms| !(ms > 0.0 && ms.is_finite()))
+        {
             return Err(RolloutError::BadRequest(
                 "max_p95_ms must be a positive number of milliseconds".into(),
             ));
@@ -442,10 +442,11 @@ impl Rollouts {
                 };
                 if let Some(why) = record.plan.gates.judge(m.inferences, m.errors, m.p95_us) {
                     let before = record.plan.devices[t.device_id.as_str()].clone();
-                    let commands =
-                        record
-                            .plan
-                            .report(t.device_id.as_str(), Report::Degraded(why.clone()), now);
+                    let commands = record.plan.report(
+                        t.device_id.as_str(),
+                        Report::Degraded(why.clone()),
+                        now,
+                    );
                     if record.plan.devices[t.device_id.as_str()] != before {
                         tracing::warn!(rollout = %record.plan.id, device = %t.device_id, reason = %why, "device over the rollout's telemetry limits");
                     }
@@ -499,10 +500,17 @@ impl Rollouts {
             if !record.active() || !record.plan.devices.contains_key(device) || !concerns(record) {
                 continue;
             }
-            let before = (record.plan.devices[device].clone(), record.plan.phase.clone());
+            let before = (
+                record.plan.devices[device].clone(),
+                record.plan.phase.clone(),
+            );
             let commands = record.plan.report(device, report.clone(), now);
             if !commands.is_empty()
-                || before != (record.plan.devices[device].clone(), record.plan.phase.clone())
+                || before
+                    != (
+                        record.plan.devices[device].clone(),
+                        record.plan.phase.clone(),
+                    )
             {
                 record.changed(commands);
             }
@@ -595,7 +603,10 @@ async fn dispatch(
         let mut last: HashMap<(String, String), u64> = HashMap::new();
         let mut order = Vec::new();
         for (model, device, version) in batch.drain(..) {
-            if last.insert((model.clone(), device.clone()), version).is_none() {
+            if last
+                .insert((model.clone(), device.clone()), version)
+                .is_none()
+            {
                 order.push((model, device));
             }
         }

@@ -61,7 +61,12 @@ fn simulated(
     sim.arg("--root")
         .arg(server.root_document())
         .args(["--mqtt", &server.mqtt_url])
-        .args(["--topic-prefix", &server.topic_prefix, "--id-prefix", prefix])
+        .args([
+            "--topic-prefix",
+            &server.topic_prefix,
+            "--id-prefix",
+            prefix,
+        ])
         .args(args);
     edgefleet_tests::Proc::spawn(sim, dir.join(format!("{prefix}.log")))
 }
@@ -321,7 +326,12 @@ async fn a_restarted_server_resumes_a_rollout_where_it_was() -> anyhow::Result<(
 async fn a_simulated_fleet_pauses_at_the_failure_threshold() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server = Server::start(dir.path()).await?;
-    let _sim = simulated(dir.path(), &server, "sim", &["--devices", "300", "--fail-rate", "0.25"])?;
+    let _sim = simulated(
+        dir.path(),
+        &server,
+        "sim",
+        &["--devices", "300", "--fail-rate", "0.25"],
+    )?;
     wait_online(&server, 300).await?;
     server.push(&digits_model("int8"), "digits", 1);
     // Version 1: a quarter of the devices fail it.
@@ -389,8 +399,21 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
             &server,
             &[
                 &[
-                    "rollout", "create", "--id", id, "--model", "digits", "--version", version,
-                    "--all", "--waves", waves, "--max-error-pct", "5", "--failure-pct", "10",
+                    "rollout",
+                    "create",
+                    "--id",
+                    id,
+                    "--model",
+                    "digits",
+                    "--version",
+                    version,
+                    "--all",
+                    "--waves",
+                    waves,
+                    "--max-error-pct",
+                    "5",
+                    "--failure-pct",
+                    "10",
                 ][..],
                 more,
             ]
@@ -420,7 +443,13 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
         23,
         "late devices joined: {joined}"
     );
-    assert_eq!(joined["waves"].as_array().unwrap()[2].as_array().unwrap().len(), 13);
+    assert_eq!(
+        joined["waves"].as_array().unwrap()[2]
+            .as_array()
+            .unwrap()
+            .len(),
+        13
+    );
     ctl_json(&server, &["rollout", "approve", "v1"]);
     wait_phase(&server, "v1", "awaiting_approval").await?;
     ctl_json(&server, &["rollout", "approve", "v1"]);
@@ -430,25 +459,42 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
     for late in ["late-00000", "late-00001", "late-00002"] {
         assert_eq!(done["devices"][late]["state"], "confirmed", "{done}");
     }
-    let device = server.get_json(&format!("/api/v1/devices/{kept_out}")).await?;
+    let device = server
+        .get_json(&format!("/api/v1/devices/{kept_out}"))
+        .await?;
     assert!(
-        !device["models"].as_array().unwrap().iter().any(|m| m["name"] == "digits"),
+        !device["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "digits"),
         "the excluded device was never asked: {device}"
     );
 
     // Version 2 confirms, then, within the soak time, its telemetry shows
     // 40 % of inferences failing, over the 5 % limit.
-    create("v2", "2", "1,100%", &["--success-pct", "0", "--soak-secs", "5"]);
+    create(
+        "v2",
+        "2",
+        "1,100%",
+        &["--success-pct", "0", "--soak-secs", "5"],
+    );
     ctl_json(&server, &["rollout", "start", "v2"]);
     let paused = wait_phase(&server, "v2", "paused").await?;
     let canary = paused["waves"][0][0].as_str().unwrap();
     let state = &paused["devices"][canary];
     assert_eq!(state["state"], "failed", "{paused}");
     assert!(
-        state["reason"].as_str().unwrap().contains("inference error rate 40.0 % > 5 %"),
+        state["reason"]
+            .as_str()
+            .unwrap()
+            .contains("inference error rate 40.0 % > 5 %"),
         "{state}"
     );
-    assert_eq!(paused["counts"]["waiting"], 22, "nobody else asked: {paused}");
+    assert_eq!(
+        paused["counts"]["waiting"], 22,
+        "nobody else asked: {paused}"
+    );
     ctl_json(&server, &["rollout", "abort", "v2"]);
     server.wait_for_model(canary, "digits", 1).await?;
     Ok(())
@@ -475,7 +521,11 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
     };
     let path = format!("/api/v1/devices/{id}");
     async fn online_now(server: &Server, path: &str) -> Option<bool> {
-        server.get_json(path).await.ok().map(|d| d["online"] == true)
+        server
+            .get_json(path)
+            .await
+            .ok()
+            .map(|d| d["online"] == true)
     }
     server
         .publish_retained(&status_topic, serde_json::to_vec(&online)?)
@@ -511,11 +561,18 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
         )
         .await?;
     server
-        .wait_event_matching(id.as_str(), "the marker event", Duration::from_secs(10), |e| {
-            e["seq"] == 2
-        })
+        .wait_event_matching(
+            id.as_str(),
+            "the marker event",
+            Duration::from_secs(10),
+            |e| e["seq"] == 2,
+        )
         .await?;
-    assert_eq!(online_now(&server, &path).await, Some(true), "a stale will marked it offline");
+    assert_eq!(
+        online_now(&server, &path).await,
+        Some(true),
+        "a stale will marked it offline"
+    );
     // The latest connection's will counts.
     let real = StatusMessage::will(id.clone(), 200);
     server

@@ -157,7 +157,11 @@ impl Device {
     /// One telemetry sample for the models it serves: `--inferences` each,
     /// failing and slow for the `--degraded` one.
     fn telemetry(&self, models: &[ModelStatus], interval_secs: f64) -> TelemetryMessage {
-        let degraded = self.args.degraded.as_deref().and_then(|d| d.rsplit_once(':'));
+        let degraded = self
+            .args
+            .degraded
+            .as_deref()
+            .and_then(|d| d.rsplit_once(':'));
         let models = models
             .iter()
             .map(|m| {
@@ -255,7 +259,8 @@ impl Device {
                         let topic = self.prefix.device(&self.id, kind).to_string();
                         let _ = client.subscribe(topic, QoS::AtLeastOnce).await;
                     }
-                    self.status(&client, trusted, serving.clone(), Some(session)).await;
+                    self.status(&client, trusted, serving.clone(), Some(session))
+                        .await;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let Ok(envelope) = Signed::from_json(&p.payload) else {

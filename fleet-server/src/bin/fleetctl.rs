@@ -1326,8 +1326,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Some(id) => {
                     // The table needs no per-device states.
                     let brief = *brief || !cli.json;
-                    let request =
-                        client.get(format!("{base}/api/v1/rollouts/{id}?brief={brief}"));
+                    let request = client.get(format!("{base}/api/v1/rollouts/{id}?brief={brief}"));
                     call(request, cli.json, rollout_line).await?;
                 }
                 None => {

@@ -316,7 +316,11 @@ impl Store {
     /// returns whether it was new.
     pub async fn record_event(&self, event: &UpdateEvent) -> Result<bool, StoreError> {
         let (_, new) = self
-            .record_messages(&[], std::slice::from_ref(event), edgefleet_shared::unix_now())
+            .record_messages(
+                &[],
+                std::slice::from_ref(event),
+                edgefleet_shared::unix_now(),
+            )
             .await?;
         Ok(new[0])
     }

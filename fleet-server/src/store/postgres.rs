@@ -223,7 +223,12 @@ impl PgStore {
         // Rows locked in device order (a stable sort keeps each device's
         // messages in arrival order), so batches cannot deadlock.
         let mut order: Vec<usize> = (0..statuses.len()).collect();
-        order.sort_by(|&a, &b| statuses[a].device_id.as_str().cmp(statuses[b].device_id.as_str()));
+        order.sort_by(|&a, &b| {
+            statuses[a]
+                .device_id
+                .as_str()
+                .cmp(statuses[b].device_id.as_str())
+        });
         let mut outcomes: Vec<Option<StatusOutcome>> = vec![None; statuses.len()];
         for i in order {
             outcomes[i] = Some(record_status(&tx, &statuses[i], now).await?);
@@ -1058,63 +1063,63 @@ async fn record_status(
     msg: &StatusMessage,
     now: u64,
 ) -> Result<StatusOutcome, StoreError> {
-        let id = msg.device_id.as_str();
-        // Lock the row (or learn it is new) so concurrent status messages
-        // of one device apply in sequence order.
-        let existing: Option<i64> = tx
-            .query_opt(
-                "SELECT last_status_seq FROM devices WHERE id = $1 FOR UPDATE",
-                &[&id],
-            )
-            .await?
-            .map(|r| r.get(0));
-        let is_new = existing.is_none();
-        if is_new {
-            tx.execute(
-                "INSERT INTO devices (id, first_seen, last_seen) VALUES ($1, $2, $2)
+    let id = msg.device_id.as_str();
+    // Lock the row (or learn it is new) so concurrent status messages
+    // of one device apply in sequence order.
+    let existing: Option<i64> = tx
+        .query_opt(
+            "SELECT last_status_seq FROM devices WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let is_new = existing.is_none();
+    if is_new {
+        tx.execute(
+            "INSERT INTO devices (id, first_seen, last_seen) VALUES ($1, $2, $2)
                  ON CONFLICT (id) DO NOTHING",
-                &[&id, &(now as i64)],
-            )
-            .await?;
-        }
-        if !msg.online {
-            tx.execute(
-                "UPDATE devices SET online = FALSE, last_seen = $2 WHERE id = $1",
-                &[&id, &(now as i64)],
-            )
-            .await?;
-        } else if msg.seq as i64 > existing.unwrap_or(0) {
-            let models = serde_json::to_string(&msg.models).expect("models serialise");
-            tx.execute(
-                "UPDATE devices SET online = TRUE, last_seen = $2, agent_version = $3,
+            &[&id, &(now as i64)],
+        )
+        .await?;
+    }
+    if !msg.online {
+        tx.execute(
+            "UPDATE devices SET online = FALSE, last_seen = $2 WHERE id = $1",
+            &[&id, &(now as i64)],
+        )
+        .await?;
+    } else if msg.seq as i64 > existing.unwrap_or(0) {
+        let models = serde_json::to_string(&msg.models).expect("models serialise");
+        tx.execute(
+            "UPDATE devices SET online = TRUE, last_seen = $2, agent_version = $3,
                     reported_desired_version = $4, models_json = $5, last_status_seq = $6
                  WHERE id = $1",
-                &[
-                    &id,
-                    &(now as i64),
-                    &msg.agent_version,
-                    &msg.desired_version.map(|v| v as i64),
-                    &models,
-                    &(msg.seq as i64),
-                ],
+            &[
+                &id,
+                &(now as i64),
+                &msg.agent_version,
+                &msg.desired_version.map(|v| v as i64),
+                &models,
+                &(msg.seq as i64),
+            ],
+        )
+        .await?;
+    }
+    let desired = if msg.online {
+        let row = tx
+            .query_one(
+                "SELECT desired_version, desired_json FROM devices WHERE id = $1",
+                &[&id],
             )
             .await?;
-        }
-        let desired = if msg.online {
-            let row = tx
-                .query_one(
-                    "SELECT desired_version, desired_json FROM devices WHERE id = $1",
-                    &[&id],
-                )
-                .await?;
-            Some((
-                row.get::<_, i64>(0) as u64,
-                row.get::<_, Option<Vec<u8>>>(1),
-            ))
-        } else {
-            None
-        };
-        Ok(StatusOutcome { is_new, desired })
+        Some((
+            row.get::<_, i64>(0) as u64,
+            row.get::<_, Option<Vec<u8>>>(1),
+        ))
+    } else {
+        None
+    };
+    Ok(StatusOutcome { is_new, desired })
 }
 
 async fn record_event(tx: &impl GenericClient, e: &UpdateEvent) -> Result<bool, StoreError> {
