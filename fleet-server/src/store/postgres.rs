@@ -1041,23 +1041,6 @@ fn stored_bodies(rows: &[Row]) -> Result<Vec<serde_json::Value>, StoreError> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::redacted;
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(
-            redacted("postgres://fleet:s3cret@db.example:5432/fleet"),
-            "postgres://fleet@db.example:5432/fleet"
-        );
-        assert_eq!(
-            redacted("postgres://127.0.0.1/test"),
-            "postgres://127.0.0.1/test"
-        );
-    }
-}
-
 async fn record_status(
     tx: &impl GenericClient,
     msg: &StatusMessage,
@@ -1141,4 +1124,21 @@ async fn record_event(tx: &impl GenericClient, e: &UpdateEvent) -> Result<bool, 
         )
         .await?;
     Ok(n == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redacted("postgres://fleet:s3cret@db.example:5432/fleet"),
+            "postgres://fleet@db.example:5432/fleet"
+        );
+        assert_eq!(
+            redacted("postgres://127.0.0.1/test"),
+            "postgres://127.0.0.1/test"
+        );
+    }
 }
