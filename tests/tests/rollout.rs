@@ -586,3 +586,71 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
     }
     anyhow::bail!("the latest connection's will did not mark the device offline")
 }
+
+/// 100 simulated devices of which a tenth drop their connection (no
+/// goodbye, the broker publishes their will) every second and come back a
+/// second later, losing what was in flight: a healthy version still
+/// reaches every device, none counted as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_completes_through_offline_churn() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let churn = [
+        "--devices",
+        "100",
+        "--churn-secs",
+        "1",
+        "--churn-share",
+        "0.1",
+        "--offline-secs",
+        "1",
+        // Outcomes come 1.5 s after the desired state, so drops catch
+        // devices in the middle of updating.
+        "--latency-ms",
+        "1500",
+    ];
+    let _sim = simulated(dir.path(), &server, "sim", &churn)?;
+    wait_online(&server, 90).await?;
+    server.push(&digits_model("int8"), "digits", 1);
+    ctl_json(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--id",
+            "churn",
+            "--model",
+            "digits",
+            "--version",
+            "1",
+            "--all",
+            "--waves",
+            "1,10%,50%,100%",
+            "--device-timeout-secs",
+            "2",
+            "--retries",
+            "5",
+            "--failure-pct",
+            "5",
+        ],
+    );
+    ctl_json(&server, &["rollout", "start", "churn"]);
+    let mut status = Value::Null;
+    let mut fewest_online = usize::MAX;
+    for _ in 0..600 {
+        status = ctl_json(&server, &["rollout", "status", "churn", "--brief"]);
+        if status["phase"]["phase"] != "running" {
+            break;
+        }
+        let online = ctl_json(&server, &["devices", "list", "--online", "--limit", "1000"]);
+        fewest_online = fewest_online.min(online.as_array().map_or(0, Vec::len));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status["phase"]["phase"], "completed", "{status}");
+    assert_eq!(status["counts"]["confirmed"], 100, "{status}");
+    assert!(
+        fewest_online < 100,
+        "no device was seen offline: the churn did not happen"
+    );
+    Ok(())
+}

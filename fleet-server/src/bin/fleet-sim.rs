@@ -71,6 +71,16 @@ struct Args {
     error_pct: f64,
     #[arg(long, default_value_t = 0.0)]
     slow_ms: f64,
+    /// Offline churn: this often (seconds; 0: never), each device drops
+    /// its connection without a goodbye (the broker publishes its will)
+    /// with probability `--churn-share`, and comes back after
+    /// `--offline-secs`.
+    #[arg(long, default_value_t = 0.0)]
+    churn_secs: f64,
+    #[arg(long, default_value_t = 0.1)]
+    churn_share: f64,
+    #[arg(long, default_value_t = 2.0)]
+    offline_secs: f64,
 }
 
 /// Whether `device`'s update to `version` fails, with probability `rate`.
@@ -230,7 +240,11 @@ impl Device {
             .set_keep_alive(Duration::from_secs(60))
             .set_clean_session(true)
             .set_last_will(will(session));
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (mut client, mut eventloop) = AsyncClient::new(options.clone(), 64);
+        let churn_every = Duration::from_secs_f64(self.args.churn_secs.max(0.001));
+        let mut churn =
+            tokio::time::interval_at(tokio::time::Instant::now() + churn_every, churn_every);
+        let mut churns = 0u64;
         let mut trusted: Option<u64> = None;
         let mut serving: Vec<ModelStatus> = Vec::new();
         let interval = Duration::from_secs_f64(self.args.telemetry_secs.max(0.001));
@@ -240,6 +254,22 @@ impl Device {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = eventloop.poll() => event,
+                _ = churn.tick(), if self.args.churn_secs > 0.0 => {
+                    churns += 1;
+                    if rand_unit(&format!("churn\0{}", self.id), churns) < self.args.churn_share {
+                        // Dropping the event loop closes the socket with no
+                        // DISCONNECT: the broker publishes the will. What
+                        // was in flight is lost, as on a real link cut.
+                        session = edgefleet_shared::messages::next_session(Some(session));
+                        options.set_last_will(will(session));
+                        (client, eventloop) = AsyncClient::new(options.clone(), 64);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_secs_f64(self.args.offline_secs)) => {}
+                        }
+                    }
+                    continue;
+                }
                 _ = telemetry.tick(), if self.args.telemetry_secs > 0.0 => {
                     if !serving.is_empty() {
                         let sample = self.telemetry(&serving, interval.as_secs_f64());
