@@ -18,6 +18,7 @@ pub mod registry;
 pub mod report;
 pub mod stats;
 pub mod status_view;
+pub mod systemd;
 pub mod telemetry;
 pub mod tensor;
 pub mod trim;
@@ -227,12 +228,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         tracing::info!(%addr, "local API listening on loopback TCP");
         tasks.spawn(api::serve_tcp(tcp, api_state, shutdown.clone()));
     }
+    // Under systemd (Type=notify): started, and alive while the runtime is.
+    systemd::notify("READY=1");
+    tasks.spawn(systemd::feed_watchdog(shutdown.clone()));
     // Start-up code (model loading, configuration, connecting) has run;
     // give its pages back.
     trim::page_out_after(Duration::from_secs(5));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
+    systemd::notify("STOPPING=1");
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
