@@ -69,6 +69,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     let server = Server::start_full(dir.path(), None, None, &["--device-auth"]).await?;
     let bundle = dir.path().join("bundle-pi-a");
     let bundle_str = bundle.to_str().unwrap();
+    let profile = edgefleet_tests::repo_root().join("devices/raspberry-pi-64/agent.toml");
     let enrolled = json_out(&server.ctl(&[
         "--json",
         "devices",
@@ -81,11 +82,16 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
         "site=berlin",
         "--out",
         bundle_str,
+        // The board's settings merged in: the agent started below runs
+        // with them.
+        "--profile",
+        profile.to_str().unwrap(),
     ]));
     assert_eq!(enrolled["device"]["hardware"], "rpi4");
     assert_eq!(enrolled["mqtt"]["password"], "(in the bundle)");
     let config = std::fs::read_to_string(bundle.join("agent.toml"))?;
     assert!(config.contains("username = \"pi-a\""), "{config}");
+    assert!(config.contains("max_db_bytes = 268435456"), "{config}");
     assert!(bundle.join("root.json").exists());
     {
         use std::os::unix::fs::PermissionsExt;
@@ -94,6 +100,29 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
             .mode();
         assert_eq!(mode & 0o077, 0, "the bundle's password is private");
     }
+    // A profile that would set what enrollment writes is refused before
+    // anything is enrolled.
+    let bad = dir.path().join("bad-profile.toml");
+    std::fs::write(&bad, "[mqtt]\nurl = \"mqtt://elsewhere:1883\"\n")?;
+    let refused = server.ctl(&[
+        "devices",
+        "enroll",
+        "--id",
+        "pi-bad",
+        "--hardware",
+        "rpi4",
+        "--out",
+        dir.path().join("bundle-bad").to_str().unwrap(),
+        "--profile",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("sets \"mqtt\""));
+    let device = server.get_json("/api/v1/devices/pi-bad").await;
+    assert!(
+        device.as_ref().map_or(true, |d| d["id"] != "pi-bad"),
+        "not enrolled: {device:?}"
+    );
     // A second bundle into the same directory is refused (exit 2).
     let again = server.ctl(&[
         "devices",

@@ -149,6 +149,11 @@ enum DevicesCommand {
         /// Bundle directory (created; must not hold a bundle already).
         #[arg(long)]
         out: PathBuf,
+        /// A board's agent settings to merge into the bundle's agent.toml
+        /// (devices/<board>/agent.toml): outbox, telemetry, display,
+        /// runtime, API limits.
+        #[arg(long)]
+        profile: Option<PathBuf>,
     },
     /// Revoke a device: its credentials stop working.
     Revoke { id: String },
@@ -689,29 +694,58 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
 
 /// A device bundle: the agent's config with its MQTT credentials (mode
 /// 0600) and the fleet's root document.
-fn write_bundle(dir: &std::path::Path, enrolled: &Value) -> anyhow::Result<()> {
+/// A board profile: agent settings without the device's own (its id,
+/// credentials and root document come from enrollment).
+fn read_profile(path: &std::path::Path) -> anyhow::Result<toml::Table> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read profile {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("profile {} is not valid TOML", path.display()))?;
+    for key in ["device_id", "root_document", "mqtt"] {
+        if table.contains_key(key) {
+            anyhow::bail!(
+                "profile {} sets {key:?}, which enrollment writes; remove it",
+                path.display()
+            );
+        }
+    }
+    Ok(table)
+}
+
+fn write_bundle(
+    dir: &std::path::Path,
+    enrolled: &Value,
+    profile: Option<toml::Table>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mqtt = &enrolled["mqtt"];
     let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_default();
     let id = text(&enrolled["device"]["id"]);
+    let mut config = profile.unwrap_or_default();
+    config.insert("device_id".into(), id.clone().into());
+    config
+        .entry("data_dir")
+        .or_insert_with(|| "/var/lib/edgefleet".into());
+    config.insert("root_document".into(), "/etc/edgefleet/root.json".into());
+    let api = config
+        .entry("api")
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    if let Some(api) = api.as_table_mut() {
+        api.entry("socket")
+            .or_insert_with(|| "/run/edgefleet/agent.sock".into());
+    }
+    let mut broker = toml::Table::new();
+    broker.insert("url".into(), text(&mqtt["url"]).into());
+    broker.insert("topic_prefix".into(), text(&mqtt["topic_prefix"]).into());
+    broker.insert("username".into(), text(&mqtt["username"]).into());
+    broker.insert("password".into(), text(&mqtt["password"]).into());
+    config.insert("mqtt".into(), toml::Value::Table(broker));
     let config = format!(
         "# edgefleet agent, device {id} ({hardware}); written by `fleetctl devices enroll`.\n\
-         # Holds this device's MQTT password: keep it readable by the agent only.\n\
-         device_id = {id:?}\n\
-         data_dir = \"/var/lib/edgefleet\"\n\
-         root_document = \"/etc/edgefleet/root.json\"\n\n\
-         [api]\n\
-         socket = \"/run/edgefleet/agent.sock\"\n\n\
-         [mqtt]\n\
-         url = {url:?}\n\
-         topic_prefix = {prefix:?}\n\
-         username = {user:?}\n\
-         password = {password:?}\n",
+         # Holds this device's MQTT password: keep it readable by the agent only.\n{}",
+        toml::to_string(&config)?,
         hardware = text(&enrolled["device"]["hardware"]),
-        url = text(&mqtt["url"]),
-        prefix = text(&mqtt["topic_prefix"]),
-        user = text(&mqtt["username"]),
-        password = text(&mqtt["password"]),
     );
     write_private(&dir.join("agent.toml"), &config)?;
     let root = serde_json::to_vec_pretty(&enrolled["root"])?;
@@ -1026,8 +1060,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 hardware,
                 tags,
                 out,
+                profile,
             } => {
                 let tags = parse_tags(tags)?;
+                // Read before enrolling: a bad profile enrolls nothing.
+                let profile = match profile {
+                    Some(path) => Some(read_profile(path).map_err(usage)?),
+                    None => None,
+                };
                 if out.join("agent.toml").exists() {
                     return Err(usage(anyhow::anyhow!(
                         "{} already holds a bundle; choose another --out",
@@ -1041,7 +1081,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .await
                     .map_err(classify)?;
                 let enrolled = check(resp).await?;
-                write_bundle(out, &enrolled).map_err(usage)?;
+                write_bundle(out, &enrolled, profile).map_err(usage)?;
                 if cli.json {
                     let mut summary = enrolled.clone();
                     summary["mqtt"]["password"] = "(in the bundle)".into();
