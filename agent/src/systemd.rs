@@ -33,7 +33,7 @@ pub fn notify(state: &str) {
 /// How often to feed the watchdog: half of `$WATCHDOG_USEC`, when systemd
 /// asks for it (and asks this process: `$WATCHDOG_PID`).
 pub fn watchdog_interval() -> Option<Duration> {
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok() {
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.parse::<u32>().ok() != Some(std::process::id()) {
             return None;
         }
