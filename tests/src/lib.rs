@@ -209,6 +209,21 @@ pub fn fleetctl(server: &str, args: &[&str]) -> Output {
         .expect("run fleetctl")
 }
 
+/// Asserts that a `fleetctl` run succeeded, showing its stderr if not.
+pub fn expect_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "fleetctl {what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The JSON a successful `fleetctl --json` run printed.
+pub fn json_output(out: &Output) -> Value {
+    expect_success(out, "--json");
+    serde_json::from_slice(&out.stdout).expect("fleetctl --json prints JSON")
+}
+
 /// A running fleet server with its embedded broker.
 pub struct Server {
     pub proc: Proc,
@@ -424,11 +439,7 @@ impl Server {
             "--version",
             &version.to_string(),
         ]);
-        assert!(
-            out.status.success(),
-            "push: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        expect_success(&out, "model push");
     }
 
     /// `fleetctl deploy` to `target` (`--all` or a device id), asserting success.
@@ -440,12 +451,7 @@ impl Server {
         } else {
             args.extend(["--device", target]);
         }
-        let out = self.ctl(&args);
-        assert!(
-            out.status.success(),
-            "deploy: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        expect_success(&self.ctl(&args), "deploy");
     }
 
     pub fn root_document(&self) -> PathBuf {

@@ -3,17 +3,8 @@
 //! enforced; revocation is immediate; secrets are never stored; operator
 //! actions land in the audit log.
 
-use edgefleet_tests::{digits_model, Server};
+use edgefleet_tests::{digits_model, json_output, Server};
 use serde_json::Value;
-
-fn stdout_json(out: &std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "fleetctl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("fleetctl --json prints JSON")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_scopes_revocation_and_audit() -> anyhow::Result<()> {
@@ -55,7 +46,7 @@ async fn tokens_scopes_revocation_and_audit() -> anyhow::Result<()> {
     assert_eq!(resp.status(), 401);
 
     // The admin makes a read and a write token.
-    let read = stdout_json(&server.ctl(&[
+    let read = json_output(&server.ctl(&[
         "--json",
         "tokens",
         "create",
@@ -64,7 +55,7 @@ async fn tokens_scopes_revocation_and_audit() -> anyhow::Result<()> {
         "--scope",
         "read",
     ]));
-    let write = stdout_json(&server.ctl(&[
+    let write = json_output(&server.ctl(&[
         "--json", "tokens", "create", "--name", "ci", "--scope", "write",
     ]));
     let read_token = read["token"].as_str().unwrap().to_string();
@@ -139,7 +130,7 @@ async fn tokens_scopes_revocation_and_audit() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(resp.status(), 401, "a revoked token is refused at once");
-    let tokens = stdout_json(&server.ctl(&["--json", "tokens", "list"]));
+    let tokens = json_output(&server.ctl(&["--json", "tokens", "list"]));
     let listed = tokens.as_array().unwrap();
     assert!(listed
         .iter()
@@ -170,7 +161,7 @@ async fn tokens_scopes_revocation_and_audit() -> anyhow::Result<()> {
     }
 
     // The audit log names who did what.
-    let audit = stdout_json(&server.ctl(&["--json", "audit"]));
+    let audit = json_output(&server.ctl(&["--json", "audit"]));
     let actions: Vec<(String, String)> = audit
         .as_array()
         .unwrap()

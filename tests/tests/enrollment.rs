@@ -7,9 +7,8 @@
 
 use std::time::Duration;
 
-use edgefleet_tests::{digits_model, samples, Agent, Server};
+use edgefleet_tests::{digits_model, expect_success, json_output, samples, Agent, Server};
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet};
-use serde_json::Value;
 
 /// Connects to the broker as `client_id`/`user` and reports whether the
 /// broker accepted the connection.
@@ -46,20 +45,7 @@ fn write_mosquitto_files(server: &Server, dir: &std::path::Path) {
         "--server-password",
         "server-secret",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn json_out(out: &std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "fleetctl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    expect_success(&out, "broker mosquitto");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +56,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     let bundle = dir.path().join("bundle-pi-a");
     let bundle_str = bundle.to_str().unwrap();
     let profile = edgefleet_tests::repo_root().join("devices/raspberry-pi-64/agent.toml");
-    let enrolled = json_out(&server.ctl(&[
+    let enrolled = json_output(&server.ctl(&[
         "--json",
         "devices",
         "enroll",
@@ -136,7 +122,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     ]);
     assert_eq!(again.status.code(), Some(2));
     let bundle_b = dir.path().join("bundle-pi-b");
-    json_out(&server.ctl(&[
+    json_output(&server.ctl(&[
         "--json",
         "devices",
         "enroll",
@@ -175,7 +161,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     assert!(!broker_accepts(port, "pi-a", None).await);
 
     // Tags and hardware filter the list.
-    let berlin = json_out(&server.ctl(&["--json", "devices", "list", "--tag", "site=berlin"]));
+    let berlin = json_output(&server.ctl(&["--json", "devices", "list", "--tag", "site=berlin"]));
     let ids: Vec<&str> = berlin
         .as_array()
         .unwrap()
@@ -184,7 +170,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
         .collect();
     assert_eq!(ids, vec!["pi-a"]);
     let jetsons =
-        json_out(&server.ctl(&["--json", "devices", "list", "--hardware", "jetson-orin"]));
+        json_output(&server.ctl(&["--json", "devices", "list", "--hardware", "jetson-orin"]));
     assert_eq!(jetsons[0]["id"], "pi-b");
     let bad = server.ctl(&["devices", "list", "--tag", "site"]);
     assert_eq!(bad.status.code(), Some(1));
@@ -192,9 +178,9 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
 
     // Tags can change; a deployment can select by tag.
     let tagged =
-        json_out(&server.ctl(&["--json", "devices", "tag", "pi-b", "site=berlin", "floor=2"]));
+        json_output(&server.ctl(&["--json", "devices", "tag", "pi-b", "site=berlin", "floor=2"]));
     assert_eq!(tagged["tags"]["floor"], "2");
-    let deployed = json_out(&server.ctl(&[
+    let deployed = json_output(&server.ctl(&[
         "--json",
         "deploy",
         "--model",
@@ -229,7 +215,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     let deployed_delete = server.ctl(&["model", "delete", "--name", "digits", "--version", "1"]);
     assert_eq!(deployed_delete.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&deployed_delete.stderr).contains("is deployed"));
-    json_out(&server.ctl(&[
+    json_output(&server.ctl(&[
         "--json",
         "model",
         "delete",
@@ -245,7 +231,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     ))
     .await?;
     assert_eq!(artifact.status(), 404, "the unused file is gone");
-    let models = json_out(&server.ctl(&["--json", "model", "list"]));
+    let models = json_output(&server.ctl(&["--json", "model", "list"]));
     assert_eq!(models.as_array().unwrap().len(), 1);
 
     // Mosquitto files: the server user and every enrolled device.
@@ -266,11 +252,11 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
 
     // Revoked: the same credentials no longer connect, and the device
     // leaves the Mosquitto password file.
-    let revoked = json_out(&server.ctl(&["--json", "devices", "revoke", "pi-a"]));
+    let revoked = json_output(&server.ctl(&["--json", "devices", "revoke", "pi-a"]));
     assert!(revoked["revoked_at"].is_u64());
     // Still connected, it is cut off: no new desired state reaches it.
     server.push(&digits_model("fp32"), "digits", 3);
-    let deployed = json_out(&server.ctl(&[
+    let deployed = json_output(&server.ctl(&[
         "--json",
         "deploy",
         "--model",
@@ -285,7 +271,7 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
     write_mosquitto_files(&server, &broker_dir);
     let passwords = std::fs::read_to_string(broker_dir.join("passwords"))?;
     assert!(!passwords.contains("pi-a:") && passwords.contains("pi-b:"));
-    let audit = json_out(&server.ctl(&["--json", "audit"]));
+    let audit = json_output(&server.ctl(&["--json", "audit"]));
     let actions: Vec<&str> = audit
         .as_array()
         .unwrap()
@@ -379,11 +365,7 @@ async fn mosquitto_with_generated_passwords_and_acl_keeps_devices_apart() -> any
             "--out",
             bundle.to_str().unwrap(),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        expect_success(&out, "devices enroll");
         bundles.push(bundle);
     }
     write_mosquitto_files(&server, &conf_dir);

@@ -5,17 +5,11 @@
 
 use std::time::Duration;
 
-use edgefleet_tests::{digits_model, Agent, Server};
+use edgefleet_tests::{digits_model, expect_success, json_output, Agent, Server};
 use serde_json::{json, Value};
 
 fn ctl_json(server: &Server, args: &[&str]) -> Value {
-    let out = server.ctl(&[&["--json"][..], args].concat());
-    assert!(
-        out.status.success(),
-        "fleetctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
+    json_output(&server.ctl(&[&["--json"][..], args].concat()))
 }
 
 async fn wait_phase(server: &Server, id: &str, phase: &str) -> anyhow::Result<Value> {
@@ -130,11 +124,7 @@ async fn failing_rollout_pauses_in_the_canary_wave_and_abort_reverts() -> anyhow
         "--test-vector",
         tv.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    expect_success(&out, "model push");
     let dry = ctl_json(
         &server,
         &[
