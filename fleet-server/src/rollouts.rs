@@ -12,7 +12,7 @@
 //! the lock, so device messages keep flowing while thousands of devices are
 //! asked to update. Only one active rollout may target a device.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use edgefleet_shared::{DeviceId, EventKind, StatusMessage, UpdateEvent};
@@ -324,15 +324,20 @@ impl Rollouts {
         id: &str,
         action: &str,
     ) -> Result<serde_json::Value, RolloutError> {
-        self.change(fleet, id, |plan, now| match action {
-            "start" => plan.start(now),
-            "pause" => plan.pause("paused by an operator").map(|()| Vec::new()),
-            "resume" => plan.resume(now),
-            "approve" => plan.approve(now),
-            "abort" => plan.abort("aborted by an operator"),
-            other => Err(format!(
-                "unknown action {other:?} (start, pause, resume, approve, abort)"
-            )),
+        self.change(fleet, id, |plan, now| {
+            match action {
+                "start" => plan.start(now),
+                "pause" => plan.pause("paused by an operator").map(|()| Vec::new()),
+                "resume" => plan.resume(now),
+                "approve" => plan.approve(now),
+                "abort" => plan.abort("aborted by an operator"),
+                other => {
+                    return Err(RolloutError::BadRequest(format!(
+                        "unknown action {other:?} (start, pause, resume, approve, abort)"
+                    )))
+                }
+            }
+            .map_err(RolloutError::Conflict)
         })
         .await
     }
@@ -347,6 +352,7 @@ impl Rollouts {
     ) -> Result<serde_json::Value, RolloutError> {
         self.change(fleet, id, |plan, now| {
             plan.override_device(device, action, now)
+                .map_err(RolloutError::Conflict)
         })
         .await
     }
@@ -357,20 +363,14 @@ impl Rollouts {
         &self,
         fleet: &Fleet,
         id: &str,
-        f: impl FnOnce(&mut Rollout, u64) -> Result<Vec<Command>, String>,
+        f: impl FnOnce(&mut Rollout, u64) -> Result<Vec<Command>, RolloutError>,
     ) -> Result<serde_json::Value, RolloutError> {
         let now = edgefleet_shared::unix_now();
         let mut map = self.inner.lock().await;
         let record = map
             .get_mut(id)
             .ok_or_else(|| RolloutError::NotFound(format!("unknown rollout {id:?}")))?;
-        let commands = f(&mut record.plan, now).map_err(|e| {
-            if e.starts_with("unknown action") {
-                RolloutError::BadRequest(e)
-            } else {
-                RolloutError::Conflict(e)
-            }
-        })?;
+        let commands = f(&mut record.plan, now)?;
         record.changed(commands);
         let status = record.status(false);
         self.flush_locked(fleet, &mut map).await?;
@@ -600,21 +600,18 @@ async fn dispatch(
 ) {
     let mut batch = Vec::with_capacity(DISPATCH_BATCH);
     while rx.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
-        let mut last: HashMap<(String, String), u64> = HashMap::new();
-        let mut order = Vec::new();
-        for (model, device, version) in batch.drain(..) {
-            if last
-                .insert((model.clone(), device.clone()), version)
-                .is_none()
-            {
-                order.push((model, device));
-            }
-        }
+        // The latest word per (model, device): walk the round backwards.
+        let mut seen = HashSet::new();
+        let mut order: Vec<Dispatch> = batch
+            .drain(..)
+            .rev()
+            .filter(|(model, device, _)| seen.insert((model.clone(), device.clone())))
+            .collect();
+        order.reverse();
         let mut groups: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
-        for (model, device) in &order {
-            let version = last[&(model.clone(), device.clone())];
+        for (model, device, version) in &order {
             groups
-                .entry((model.clone(), version))
+                .entry((model.clone(), *version))
                 .or_default()
                 .push(device.clone());
         }
@@ -635,7 +632,7 @@ async fn dispatch(
         // Each device once per round, so their documents can be signed
         // side by side (PostgreSQL commits them on several connections).
         futures_util::stream::iter(order)
-            .for_each_concurrent(SIGN_CONCURRENCY, |(_, device)| {
+            .for_each_concurrent(SIGN_CONCURRENCY, |(_, device, _)| {
                 let fleet = &fleet;
                 async move {
                     match DeviceId::new(device.clone()) {
