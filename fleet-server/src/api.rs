@@ -909,22 +909,57 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(presented) = presented else {
-        return unauthorized(
-            "missing operator token: send `Authorization: Bearer <token>` (fleetctl: --token or EDGEFLEET_TOKEN; on first start the server writes an admin token to {data_dir}/admin.token)".into(),
-        );
+    let session = crate::dashboard::session::from_cookies(req.headers());
+    let record = match (presented, session) {
+        (Some(presented), _) => {
+            let Some((id, secret)) = auth::parse(presented) else {
+                return unauthorized("malformed operator token (expected eft_<id>_<secret>)".into());
+            };
+            let (record, hash) = match fleet.store.token_for_auth(id).await {
+                Err(e) => return ApiError::from(e).into_response(),
+                Ok(None) => return unauthorized("unknown or revoked operator token".into()),
+                Ok(Some(found)) => found,
+            };
+            if record.revoked_at.is_some() || !auth::matches(secret, &hash) {
+                return unauthorized("unknown or revoked operator token".into());
+            }
+            record
+        }
+        // The dashboard's calls: its session cookie, and on a
+        // state-changing call the session's CSRF token.
+        (None, Some(session_id)) => {
+            let (record, session) = match crate::dashboard::session_token(&fleet, &session_id).await {
+                Err(e) => return ApiError::from(e).into_response(),
+                Ok(None) => {
+                    return unauthorized(
+                        "dashboard session expired, unknown or its token revoked: log in again".into(),
+                    )
+                }
+                Ok(Some(found)) => found,
+            };
+            let safe = matches!(
+                *req.method(),
+                http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+            );
+            let csrf = req
+                .headers()
+                .get(crate::dashboard::session::CSRF_HEADER)
+                .and_then(|v| v.to_str().ok());
+            if !safe && !crate::dashboard::session::csrf_matches(&session, csrf) {
+                return ApiError(
+                    StatusCode::FORBIDDEN,
+                    "missing or wrong CSRF token: a state-changing call made with the dashboard's session cookie must send the page's token in X-CSRF-Token".into(),
+                )
+                .into_response();
+            }
+            record
+        }
+        (None, None) => {
+            return unauthorized(
+                "missing operator token: send `Authorization: Bearer <token>` (fleetctl: --token or EDGEFLEET_TOKEN; on first start the server writes an admin token to {data_dir}/admin.token)".into(),
+            );
+        }
     };
-    let Some((id, secret)) = auth::parse(presented) else {
-        return unauthorized("malformed operator token (expected eft_<id>_<secret>)".into());
-    };
-    let (record, hash) = match fleet.store.token_for_auth(id).await {
-        Err(e) => return ApiError::from(e).into_response(),
-        Ok(None) => return unauthorized("unknown or revoked operator token".into()),
-        Ok(Some(found)) => found,
-    };
-    if record.revoked_at.is_some() || !auth::matches(secret, &hash) {
-        return unauthorized("unknown or revoked operator token".into());
-    }
     if record.scope < needed {
         return ApiError(
             StatusCode::FORBIDDEN,

@@ -220,6 +220,7 @@ pub async fn ingest(
                     let now = edgefleet_shared::unix_now();
                     let started = std::time::Instant::now();
                     let new = fleet.store.record_streamed(&streamed, now).await?;
+                    fleet.insights.observe(&streamed, now);
                     fleet.metrics.ingested(
                         streamed.len(),
                         new,

@@ -37,6 +37,13 @@ pub struct Fleet {
     /// Each device's latest MQTT connection number, from its "online"
     /// status: a last will of an older connection is stale.
     pub sessions: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    /// The dashboard's in-memory view: latest health, last events, fleet
+    /// series.
+    pub insights: Arc<crate::insights::Insights>,
+    /// Dashboard login sessions.
+    pub logins: Arc<crate::dashboard::session::Sessions>,
+    /// Session cookies carry `Secure` (the server is reached over HTTPS).
+    pub secure_cookies: bool,
 }
 
 impl Fleet {
@@ -185,6 +192,7 @@ impl Fleet {
                 tracing::info!(device = %event.device_id, kind = event.kind.as_str(), model = ?event.model, version = ?event.model_version, "device event");
             }
             if new {
+                self.insights.on_event(event);
                 self.rollouts.on_event(event).await;
             }
         }

@@ -12,8 +12,10 @@ pub mod auth;
 pub mod bridge;
 pub mod broker;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod fleet;
+pub mod insights;
 pub mod keys;
 pub mod metrics;
 pub mod rollout;
@@ -116,7 +118,22 @@ pub async fn start(
         revoked: Arc::new(std::sync::RwLock::new(revoked)),
         sessions: Default::default(),
         rollouts: loaded_rollouts,
+        insights: Default::default(),
+        logins: Default::default(),
+        secure_cookies: config.tls.is_some() || public_url.starts_with("https://"),
     };
+    {
+        // The dashboard's view of the fleet, rebuilt in the background so
+        // the server is ready at once.
+        let fleet = fleet.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match fleet.insights.rebuild(&fleet.store, 720).await {
+                Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "dashboard view rebuilt from the store"),
+                Err(e) => tracing::error!(error = %e, "cannot rebuild the dashboard view from the store"),
+            }
+        });
+    }
     let bridge_task = tokio::spawn(bridge::run(fleet.clone(), eventloop, shutdown.clone()));
     tokio::spawn(rollouts::run(fleet.clone(), shutdown.clone()));
     tokio::spawn(prune_streamed(
@@ -124,7 +141,7 @@ pub async fn start(
         config.telemetry_retention_secs,
         shutdown.clone(),
     ));
-    let app = api::router(fleet);
+    let app = api::router(fleet.clone()).merge(dashboard::router(fleet));
     let token = shutdown.clone();
     let tls = match &config.tls {
         Some(tls) => Some(tls::acceptor(tls)?),

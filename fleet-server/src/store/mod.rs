@@ -470,6 +470,17 @@ impl Store {
         on_backend!(self, s => s.telemetry_for_device(device, page).await)
     }
 
+    /// A device's newest telemetry (at most `limit` samples whose device
+    /// time is `since` or later), oldest first; empty for an unknown device.
+    pub async fn recent_telemetry(
+        &self,
+        device: &str,
+        since: u64,
+        limit: u32,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        on_backend!(self, s => s.recent_telemetry(device, since, limit).await)
+    }
+
     /// Uploaded inference results of a device in sequence order,
     /// optionally of one model; `None` for an unknown device.
     pub async fn results_for_device(

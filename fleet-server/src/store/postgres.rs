@@ -731,6 +731,25 @@ impl PgStore {
         stored_bodies(&rows).map(Some)
     }
 
+    pub async fn recent_telemetry(
+        &self,
+        device: &str,
+        since: u64,
+        limit: u32,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT received_at, body FROM (
+                     SELECT seq, received_at, body FROM telemetry
+                     WHERE device_id = $1 AND at >= $2 ORDER BY seq DESC LIMIT $3
+                 ) AS newest ORDER BY seq",
+                &[&device, &(since as i64), &(limit as i64)],
+            )
+            .await?;
+        stored_bodies(&rows)
+    }
+
     pub async fn results_for_device(
         &self,
         device: &str,

@@ -595,6 +595,26 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn recent_telemetry(
+        &self,
+        device: &str,
+        since: u64,
+        limit: u32,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let id = device.to_string();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT received_at, body FROM (
+                     SELECT seq, received_at, body FROM telemetry
+                     WHERE device_id = ?1 AND at >= ?2 ORDER BY seq DESC LIMIT ?3
+                 ) ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![id, since as i64, limit], stored_body)?;
+            rows.map(|row| row?).collect()
+        })
+        .await
+    }
+
     pub async fn results_for_device(
         &self,
         device: &str,

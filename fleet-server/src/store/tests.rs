@@ -377,6 +377,14 @@ async fn streamed_records_are_stored_once_in_sequence_order_and_pruned(f: Fixtur
             .len(),
         1
     );
+    // The newest samples, oldest first, bounded by count and device time.
+    let seqs = |v: Vec<serde_json::Value>| -> Vec<u64> {
+        v.iter().map(|v| v["seq"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(seqs(s.recent_telemetry("a", 0, 10).await.unwrap()), [1, 3]);
+    assert_eq!(seqs(s.recent_telemetry("a", 0, 1).await.unwrap()), [3]);
+    assert_eq!(seqs(s.recent_telemetry("a", 1002, 10).await.unwrap()), [3]);
+    assert!(s.recent_telemetry("nobody", 0, 10).await.unwrap().is_empty());
     let r = s
         .results_for_device("a", Some("m"), &page)
         .await
