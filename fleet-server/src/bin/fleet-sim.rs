@@ -81,6 +81,11 @@ struct Args {
     churn_share: f64,
     #[arg(long, default_value_t = 2.0)]
     offline_secs: f64,
+    /// Share of devices whose health shows a problem (chosen per device,
+    /// reproducibly): a hot sensor, a nearly full disk, or an outbox
+    /// backlog that grows with every sample.
+    #[arg(long, default_value_t = 0.0)]
+    trouble_share: f64,
 }
 
 /// Whether `device`'s update to `version` fails, with probability `rate`.
@@ -200,20 +205,57 @@ impl Device {
                 }
             })
             .collect();
+        let seq = self.next_seq();
+        let (health, outbox) = self.health(seq);
         TelemetryMessage {
             schema: SCHEMA_VERSION,
             device_id: self.id.clone(),
-            seq: self.next_seq(),
+            seq,
             at: edgefleet_shared::unix_now(),
             interval_secs,
-            health: Health {
-                memory_total_bytes: 512 << 20,
-                memory_available_bytes: 256 << 20,
-                ..Health::default()
-            },
+            health,
             models,
-            outbox: OutboxHealth::default(),
+            outbox,
         }
+    }
+
+    /// Plausible, varying health: each device has its own load level and a
+    /// slow wave over time; `--trouble-share` of them show a problem.
+    fn health(&self, seq: u64) -> (Health, OutboxHealth) {
+        let id = self.id.as_str();
+        let level = rand_unit(&format!("load\0{id}"), 0);
+        let wave = (seq as f64 / 8.0 + level * std::f64::consts::TAU).sin();
+        let total: u64 = 512 << 20;
+        let disk_total: u64 = 16 << 30;
+        let mut health = Health {
+            cpu_percent: Some((15.0 + 35.0 * level + 10.0 * wave) as f32),
+            load: Some([0.4 + level, 0.5 + level, 0.5 + level]),
+            memory_total_bytes: total,
+            memory_available_bytes: (total as f64 * (0.55 - 0.25 * level - 0.05 * wave)) as u64,
+            disk_total_bytes: Some(disk_total),
+            disk_available_bytes: Some((disk_total as f64 * (0.3 + 0.4 * level)) as u64),
+            temperatures: vec![edgefleet_shared::Temperature {
+                label: "cpu-thermal".into(),
+                celsius: (45.0 + 20.0 * level + 3.0 * wave) as f32,
+            }],
+            uptime_secs: 86_400 + seq * 10,
+            agent_rss_bytes: 14 << 20,
+            agent_cpu_percent: Some((2.0 + 3.0 * level + wave) as f32),
+            agent_uptime_secs: seq * 10,
+        };
+        let mut outbox = OutboxHealth::default();
+        if rand_unit(&format!("trouble\0{id}"), 0) < self.args.trouble_share {
+            match (rand_unit(&format!("kind\0{id}"), 0) * 3.0) as u32 {
+                0 => health.temperatures[0].celsius = 84.0 + 2.0 * wave as f32,
+                1 => health.disk_available_bytes = Some(disk_total / 100),
+                _ => {
+                    outbox.depth = 100 + 40 * seq;
+                    outbox.depth_bytes = outbox.depth * 300;
+                    outbox.oldest_age_secs = Some(seq * 10);
+                }
+            }
+        }
+        (health, outbox)
     }
 
     async fn run(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
@@ -271,13 +313,13 @@ impl Device {
                     continue;
                 }
                 _ = telemetry.tick(), if self.args.telemetry_secs > 0.0 => {
-                    if !serving.is_empty() {
-                        let sample = self.telemetry(&serving, interval.as_secs_f64());
-                        let payload = serde_json::to_vec(&sample).expect("telemetry");
-                        // Never wait on the event loop from inside it.
-                        let topic = self.prefix.device(&self.id, TopicKind::Telemetry).to_string();
-                        let _ = client.try_publish(topic, QoS::AtLeastOnce, false, payload);
-                    }
+                    // Health goes out with or without a model, as an
+                    // agent's does.
+                    let sample = self.telemetry(&serving, interval.as_secs_f64());
+                    let payload = serde_json::to_vec(&sample).expect("telemetry");
+                    // Never wait on the event loop from inside it.
+                    let topic = self.prefix.device(&self.id, TopicKind::Telemetry).to_string();
+                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, payload);
                     continue;
                 }
             };

@@ -729,7 +729,7 @@ pub fn rollouts(viewer: &Viewer, p: &RolloutsPage<'_>) -> Markup {
                         p { "Push a model first: " code { "fleetctl model push FILE --name NAME --version N" } }
                     } @else {
                         form.stacked id="new-rollout" {
-                            div.field { label for="r-id" { "Name" } input id="r-id" name="id" required pattern="[A-Za-z0-9._-]{1,64}" placeholder="e.g. digits-v3"; }
+                            div.field { label for="r-id" { "Name" } input id="r-id" name="id" required pattern="[A-Za-z0-9._\\-]{1,64}" placeholder="e.g. digits-v3"; }
                             div.field {
                                 label for="r-model" { "Model version" }
                                 select id="r-model" name="model" required {
