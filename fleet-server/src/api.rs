@@ -913,7 +913,9 @@ async fn authenticate(
     let record = match (presented, session) {
         (Some(presented), _) => {
             let Some((id, secret)) = auth::parse(presented) else {
-                return unauthorized("malformed operator token (expected eft_<id>_<secret>)".into());
+                return unauthorized(
+                    "malformed operator token (expected eft_<id>_<secret>)".into(),
+                );
             };
             let (record, hash) = match fleet.store.token_for_auth(id).await {
                 Err(e) => return ApiError::from(e).into_response(),
@@ -928,11 +930,13 @@ async fn authenticate(
         // The dashboard's calls: its session cookie, and on a
         // state-changing call the session's CSRF token.
         (None, Some(session_id)) => {
-            let (record, session) = match crate::dashboard::session_token(&fleet, &session_id).await {
+            let (record, session) = match crate::dashboard::session_token(&fleet, &session_id).await
+            {
                 Err(e) => return ApiError::from(e).into_response(),
                 Ok(None) => {
                     return unauthorized(
-                        "dashboard session expired, unknown or its token revoked: log in again".into(),
+                        "dashboard session expired, unknown or its token revoked: log in again"
+                            .into(),
                     )
                 }
                 Ok(Some(found)) => found,

@@ -208,7 +208,10 @@ pub fn attention(device: &DeviceRecord, insight: Option<&DeviceInsight>, now: u6
         reasons.push(format!("outbox: {condition}"));
     }
     if i.backlog_growing() {
-        reasons.push(format!("outbox backlog growing: {} waiting", i.outbox_depth));
+        reasons.push(format!(
+            "outbox backlog growing: {} waiting",
+            i.outbox_depth
+        ));
     }
     for m in &i.models {
         let total = m.inferences + m.errors;
@@ -250,14 +253,18 @@ impl DeviceInsight {
         self.at = t.at;
         self.cpu_percent = h.cpu_percent;
         self.memory_used_pct = (h.memory_total_bytes > 0).then(|| {
-            let used = h.memory_total_bytes.saturating_sub(h.memory_available_bytes);
+            let used = h
+                .memory_total_bytes
+                .saturating_sub(h.memory_available_bytes);
             used as f64 * 100.0 / h.memory_total_bytes as f64
         });
         self.temperature_c = h
             .temperatures
             .iter()
             .map(|s| s.celsius)
-            .fold(None, |hot: Option<f32>, c| Some(hot.map_or(c, |h| h.max(c))));
+            .fold(None, |hot: Option<f32>, c| {
+                Some(hot.map_or(c, |h| h.max(c)))
+            });
         self.disk_free_pct = match (h.disk_total_bytes, h.disk_available_bytes) {
             (Some(total), Some(free)) if total > 0 => Some(free as f64 * 100.0 / total as f64),
             _ => None,
@@ -378,7 +385,11 @@ impl Insights {
     fn set_last_event(&self, device: &str, event: LastEvent) {
         let mut state = self.state();
         let insight = state.devices.entry(device.to_string()).or_default();
-        if insight.last_event.as_ref().is_none_or(|e| e.seq < event.seq) {
+        if insight
+            .last_event
+            .as_ref()
+            .is_none_or(|e| e.seq < event.seq)
+        {
             insight.last_event = Some(event);
         }
     }
@@ -522,10 +533,22 @@ mod tests {
 
     #[test]
     fn compliance_follows_reports_and_the_last_event() {
-        assert_eq!(compliance(&device(false, 3, Some(3)), None), Compliance::Offline);
-        assert_eq!(compliance(&device(true, 3, Some(3)), None), Compliance::OnTarget);
-        assert_eq!(compliance(&device(true, 3, Some(2)), None), Compliance::Updating);
-        assert_eq!(compliance(&device(true, 0, None), None), Compliance::OnTarget);
+        assert_eq!(
+            compliance(&device(false, 3, Some(3)), None),
+            Compliance::Offline
+        );
+        assert_eq!(
+            compliance(&device(true, 3, Some(3)), None),
+            Compliance::OnTarget
+        );
+        assert_eq!(
+            compliance(&device(true, 3, Some(2)), None),
+            Compliance::Updating
+        );
+        assert_eq!(
+            compliance(&device(true, 0, None), None),
+            Compliance::OnTarget
+        );
         let failed = event("activation_failed", 3, 7);
         assert_eq!(
             compliance(&device(true, 3, Some(3)), Some(&failed)),

@@ -129,8 +129,13 @@ pub async fn start(
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             match fleet.insights.rebuild(&fleet.store, 720).await {
-                Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "dashboard view rebuilt from the store"),
-                Err(e) => tracing::error!(error = %e, "cannot rebuild the dashboard view from the store"),
+                Ok(()) => tracing::info!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "dashboard view rebuilt from the store"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rebuild the dashboard view from the store")
+                }
             }
         });
     }

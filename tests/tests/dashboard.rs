@@ -127,7 +127,14 @@ async fn dashboard_in_headless_chromium() -> anyhow::Result<()> {
         out.status.success(),
         "browser tests failed ({}):\n{report}\nserver log:\n{}",
         out.status,
-        server.proc.log_text().lines().rev().take(40).collect::<Vec<_>>().join("\n")
+        server
+            .proc
+            .log_text()
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     Ok(())
 }

@@ -102,6 +102,8 @@ struct Device {
     args: Arc<Args>,
     http: reqwest::Client,
     seq: AtomicU64,
+    /// Telemetry samples sent (drives the simulated health over time).
+    samples: AtomicU64,
 }
 
 impl Device {
@@ -206,7 +208,7 @@ impl Device {
             })
             .collect();
         let seq = self.next_seq();
-        let (health, outbox) = self.health(seq);
+        let (health, outbox) = self.health(self.samples.fetch_add(1, Ordering::Relaxed));
         TelemetryMessage {
             schema: SCHEMA_VERSION,
             device_id: self.id.clone(),
@@ -221,10 +223,10 @@ impl Device {
 
     /// Plausible, varying health: each device has its own load level and a
     /// slow wave over time; `--trouble-share` of them show a problem.
-    fn health(&self, seq: u64) -> (Health, OutboxHealth) {
+    fn health(&self, n: u64) -> (Health, OutboxHealth) {
         let id = self.id.as_str();
         let level = rand_unit(&format!("load\0{id}"), 0);
-        let wave = (seq as f64 / 8.0 + level * std::f64::consts::TAU).sin();
+        let wave = (n as f64 / 8.0 + level * std::f64::consts::TAU).sin();
         let total: u64 = 512 << 20;
         let disk_total: u64 = 16 << 30;
         let mut health = Health {
@@ -238,10 +240,10 @@ impl Device {
                 label: "cpu-thermal".into(),
                 celsius: (45.0 + 20.0 * level + 3.0 * wave) as f32,
             }],
-            uptime_secs: 86_400 + seq * 10,
+            uptime_secs: 86_400 + n * 10,
             agent_rss_bytes: 14 << 20,
             agent_cpu_percent: Some((2.0 + 3.0 * level + wave) as f32),
-            agent_uptime_secs: seq * 10,
+            agent_uptime_secs: n * 10,
         };
         let mut outbox = OutboxHealth::default();
         if rand_unit(&format!("trouble\0{id}"), 0) < self.args.trouble_share {
@@ -249,9 +251,9 @@ impl Device {
                 0 => health.temperatures[0].celsius = 84.0 + 2.0 * wave as f32,
                 1 => health.disk_available_bytes = Some(disk_total / 100),
                 _ => {
-                    outbox.depth = 100 + 40 * seq;
+                    outbox.depth = 100 + 40 * n;
                     outbox.depth_bytes = outbox.depth * 300;
-                    outbox.oldest_age_secs = Some(seq * 10);
+                    outbox.oldest_age_secs = Some(n * 10);
                 }
             }
         }
@@ -531,6 +533,7 @@ fn main() -> std::process::ExitCode {
                 args: Arc::clone(&args),
                 http: http.clone(),
                 seq: AtomicU64::new(edgefleet_shared::unix_now() * 1000),
+                samples: AtomicU64::new(0),
             });
             tasks.push(tokio::spawn(device.run(shutdown.clone())));
             tokio::time::sleep(pause).await;

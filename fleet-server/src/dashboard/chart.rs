@@ -32,7 +32,7 @@ const MAX_POINTS: usize = 320;
 
 /// The smallest "round" number (1, 2 or 5 × 10^k) at or above `x`.
 pub fn nice_ceiling(x: f64) -> f64 {
-    if !(x > 0.0) || !x.is_finite() {
+    if !x.is_finite() || x <= 0.0 {
         return 1.0;
     }
     let magnitude = 10f64.powf(x.log10().floor());
@@ -64,6 +64,11 @@ pub fn clock(t: u64) -> String {
     format!("{:02}:{:02}", (t / 3600) % 24, (t / 60) % 60)
 }
 
+/// "HH:MM:SS" (UTC), for spans of minutes.
+pub fn clock_seconds(t: u64) -> String {
+    format!("{}:{:02}", clock(t), t % 60)
+}
+
 fn thin(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
     if points.len() <= MAX_POINTS {
         return points.to_vec();
@@ -78,8 +83,27 @@ fn thin(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
 
 /// A chart of `series` over `[from, to]` (unix seconds). `id` names the
 /// element (the live refresh swaps it by id).
-pub fn line_chart(id: &str, title: &str, unit: &str, from: u64, to: u64, series: &[Series]) -> Markup {
+pub fn line_chart(
+    id: &str,
+    title: &str,
+    unit: &str,
+    from: u64,
+    to: u64,
+    series: &[Series],
+) -> Markup {
+    // Data that covers only part of the window (a device that just came
+    // up) fills the chart rather than hugging its right edge.
+    let first = series
+        .iter()
+        .filter_map(|s| s.points.first().map(|p| p.0))
+        .min();
+    let from = first.map_or(from, |f| from.max(f.min(to.saturating_sub(60))));
     let to = to.max(from + 1);
+    let label = if to - from < 600 {
+        clock_seconds
+    } else {
+        clock
+    };
     let max = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -109,8 +133,8 @@ pub fn line_chart(id: &str, title: &str, unit: &str, from: u64, to: u64, series:
                     line.grid x1=(LEFT) x2=(WIDTH - RIGHT) y1=(y(v)) y2=(y(v)) {}
                     text.axis x=(LEFT - 6.0) y=(y(v) + 4.0) text-anchor="end" { (short_number(v)) }
                 }
-                text.axis x=(LEFT) y=(HEIGHT - 6.0) { (clock(from)) }
-                text.axis x=(WIDTH - RIGHT) y=(HEIGHT - 6.0) text-anchor="end" { (clock(to)) " UTC" }
+                text.axis x=(LEFT) y=(HEIGHT - 6.0) { (label(from)) }
+                text.axis x=(WIDTH - RIGHT) y=(HEIGHT - 6.0) text-anchor="end" { (label(to)) " UTC" }
                 @for (i, s) in series.iter().enumerate() {
                     @let pts = thin(&s.points);
                     @if pts.len() == 1 {
@@ -164,13 +188,20 @@ mod tests {
         // Names are escaped.
         assert!(svg.contains("p95 &lt;b&gt;: 3 ms"));
         assert!(!svg.contains("No data"));
-        let empty = line_chart("e", "Empty", "ms", 0, 60, &[Series::new("x", vec![])]).into_string();
+        let empty =
+            line_chart("e", "Empty", "ms", 0, 60, &[Series::new("x", vec![])]).into_string();
         assert!(empty.contains("No data in this window"));
         assert!(empty.contains("x: no data"));
         // Many points are thinned.
         let many: Vec<(u64, f64)> = (0..5000).map(|i| (i, i as f64)).collect();
         let big = line_chart("b", "Big", "n", 0, 5000, &[Series::new("n", many)]).into_string();
-        let drawn = big.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        let drawn = big
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
         assert!(drawn.split(' ').count() <= MAX_POINTS + 1);
     }
 }

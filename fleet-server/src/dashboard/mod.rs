@@ -193,7 +193,9 @@ async fn viewer(fleet: &Fleet, headers: &HeaderMap, here: &str) -> Result<Viewer
 /// Where to go after logging in: only a dashboard path of this server.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with("/ui/") && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        Some(n) if n.starts_with("/ui/") && !n.starts_with("//") && !n.contains('\\') => {
+            n.to_string()
+        }
         _ => "/ui/".to_string(),
     }
 }
@@ -217,11 +219,19 @@ fn cross_site(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v != "same-origin" && v != "none")
 }
 
-async fn login(State(fleet): State<Fleet>, headers: HeaderMap, body: axum::body::Bytes) -> PageResult {
+async fn login(
+    State(fleet): State<Fleet>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> PageResult {
     let form: BTreeMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
     let next = safe_next(form.get("next").map(String::as_str));
     let refuse = |message: &str| {
-        Ok((StatusCode::UNAUTHORIZED, html(pages::login(Some(message), &next))).into_response())
+        Ok((
+            StatusCode::UNAUTHORIZED,
+            html(pages::login(Some(message), &next)),
+        )
+            .into_response())
     };
     if cross_site(&headers) {
         return refuse("Log in from this server's own login page.");
@@ -234,7 +244,9 @@ async fn login(State(fleet): State<Fleet>, headers: HeaderMap, body: axum::body:
         return refuse("That is not an operator token (they look like eft_<16 hex>_<64 hex>).");
     };
     let record = match fleet.store.token_for_auth(id).await? {
-        Some((record, hash)) if record.revoked_at.is_none() && auth::matches(secret, &hash) => record,
+        Some((record, hash)) if record.revoked_at.is_none() && auth::matches(secret, &hash) => {
+            record
+        }
         _ => return refuse("Unknown or revoked operator token."),
     };
     let (session_id, _) = fleet.logins.create(&record.id);
@@ -248,7 +260,11 @@ async fn login(State(fleet): State<Fleet>, headers: HeaderMap, body: axum::body:
     Ok(response)
 }
 
-async fn logout(State(fleet): State<Fleet>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn logout(
+    State(fleet): State<Fleet>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let form: BTreeMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
     if let Some(id) = session::from_cookies(&headers) {
         match fleet.logins.get(&id) {
@@ -256,7 +272,10 @@ async fn logout(State(fleet): State<Fleet>, headers: HeaderMap, body: axum::body
                 fleet.logins.remove(&id);
             }
             Some(_) => {
-                return (StatusCode::FORBIDDEN, "logout refused: missing or wrong CSRF token")
+                return (
+                    StatusCode::FORBIDDEN,
+                    "logout refused: missing or wrong CSRF token",
+                )
                     .into_response()
             }
             None => {}
@@ -285,8 +304,15 @@ async fn device_rows(fleet: &Fleet, now: u64) -> Result<Vec<DeviceRow>, StoreErr
         .collect())
 }
 
-fn row(device: crate::store::DeviceRecord, insight: Option<crate::insights::DeviceInsight>, now: u64) -> DeviceRow {
-    let state = compliance(&device, insight.as_ref().and_then(|i| i.last_event.as_ref()));
+fn row(
+    device: crate::store::DeviceRecord,
+    insight: Option<crate::insights::DeviceInsight>,
+    now: u64,
+) -> DeviceRow {
+    let state = compliance(
+        &device,
+        insight.as_ref().and_then(|i| i.last_event.as_ref()),
+    );
     let why = attention(&device, insight.as_ref(), now);
     DeviceRow {
         device,
@@ -302,7 +328,11 @@ struct WindowQuery {
     window: Option<String>,
 }
 
-async fn overview(State(fleet): State<Fleet>, headers: HeaderMap, Query(q): Query<WindowQuery>) -> PageResult {
+async fn overview(
+    State(fleet): State<Fleet>,
+    headers: HeaderMap,
+    Query(q): Query<WindowQuery>,
+) -> PageResult {
     let viewer = viewer(&fleet, &headers, "/ui/").await?;
     let now = edgefleet_shared::unix_now();
     let window = Window::parse(q.window.as_deref());
@@ -324,7 +354,12 @@ async fn overview(State(fleet): State<Fleet>, headers: HeaderMap, Query(q): Quer
 fn hardware_classes(rows: &[DeviceRow]) -> Vec<String> {
     let mut hw: Vec<String> = rows
         .iter()
-        .map(|r| r.device.hardware.clone().unwrap_or_else(|| "unknown".into()))
+        .map(|r| {
+            r.device
+                .hardware
+                .clone()
+                .unwrap_or_else(|| "unknown".into())
+        })
         .collect();
     hw.sort();
     hw.dedup();
@@ -339,7 +374,13 @@ async fn devices(State(fleet): State<Fleet>, headers: HeaderMap, uri: http::Uri)
     let now = edgefleet_shared::unix_now();
     let rows = device_rows(&fleet, now).await?;
     let matched: Vec<&DeviceRow> = rows.iter().filter(|r| q.matches(r)).collect();
-    Ok(html(pages::devices(&viewer, now, &q, &matched, &hardware_classes(&rows))))
+    Ok(html(pages::devices(
+        &viewer,
+        now,
+        &q,
+        &matched,
+        &hardware_classes(&rows),
+    )))
 }
 
 /// The devices query from a query string, field by field, ignoring what
@@ -370,7 +411,10 @@ async fn device(
 ) -> PageResult {
     let viewer = viewer(&fleet, &headers, &format!("/ui/devices/{id}")).await?;
     let Some(record) = fleet.store.get_device(&id).await? else {
-        return Err(PageError::NotFound(viewer, format!("No device {id:?} is known.")));
+        return Err(PageError::NotFound(
+            viewer,
+            format!("No device {id:?} is known."),
+        ));
     };
     let now = edgefleet_shared::unix_now();
     let window = Window::parse(q.window.as_deref());
@@ -411,7 +455,11 @@ async fn rollouts(State(fleet): State<Fleet>, headers: HeaderMap) -> PageResult 
     )))
 }
 
-async fn rollout(State(fleet): State<Fleet>, headers: HeaderMap, Path(id): Path<String>) -> PageResult {
+async fn rollout(
+    State(fleet): State<Fleet>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> PageResult {
     let viewer = viewer(&fleet, &headers, &format!("/ui/rollouts/{id}")).await?;
     match fleet.rollouts.get(&id, false).await {
         Some(status) => Ok(html(pages::rollout(&viewer, &status))),
@@ -441,7 +489,12 @@ mod tests {
     #[test]
     fn logins_only_return_to_dashboard_paths() {
         assert_eq!(safe_next(Some("/ui/devices?q=a")), "/ui/devices?q=a");
-        for hostile in ["https://evil.example/", "//evil.example/ui/", "/api/v1/tokens", "/ui/\\evil"] {
+        for hostile in [
+            "https://evil.example/",
+            "//evil.example/ui/",
+            "/api/v1/tokens",
+            "/ui/\\evil",
+        ] {
             assert_eq!(safe_next(Some(hostile)), "/ui/", "{hostile}");
         }
         assert_eq!(safe_next(None), "/ui/");

@@ -43,7 +43,9 @@ impl DeviceRow {
             i.models
                 .iter()
                 .filter_map(|m| m.p95_us)
-                .fold(None, |acc: Option<f64>, v| Some(acc.map_or(v, |a| a.max(v))))
+                .fold(None, |acc: Option<f64>, v| {
+                    Some(acc.map_or(v, |a| a.max(v)))
+                })
                 .map(|us| us / 1000.0)
         })
     }
@@ -107,10 +109,7 @@ pub fn datetime(t: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {} UTC",
-        chart::clock(t)
-    )
+    format!("{year:04}-{month:02}-{day:02} {} UTC", chart::clock(t))
 }
 
 fn ago(now: u64, t: u64) -> String {
@@ -245,15 +244,19 @@ fn hardware_of(d: &DeviceRecord) -> &str {
 fn stacked_bar(counts: &BTreeMap<Compliance, usize>, total: usize) -> Markup {
     let total = total.max(1) as f64;
     let mut x = 0.0;
+    let segments: Vec<(Compliance, usize, f64, f64)> = Compliance::ALL
+        .into_iter()
+        .filter_map(|c| {
+            let n = counts.get(&c).copied().unwrap_or(0);
+            let w = n as f64 / total * 1000.0;
+            x += w;
+            (n > 0).then_some((c, n, x - w, w))
+        })
+        .collect();
     html! {
         svg.stack viewBox="0 0 1000 24" preserveAspectRatio="none" role="img" aria-label="Devices by compliance state" {
-            @for c in Compliance::ALL {
-                @let n = counts.get(&c).copied().unwrap_or(0);
-                @if n > 0 {
-                    @let w = n as f64 / total * 1000.0;
-                    rect class={"fill " (c.as_str())} x=(format!("{x:.1}")) y="0" width=(format!("{w:.1}")) height="24" { title { (c.label()) ": " (n) } }
-                    @let _ = { x += w; };
-                }
+            @for (c, n, x, w) in segments {
+                rect class={"fill " (c.as_str())} x=(format!("{x:.1}")) y="0" width=(format!("{w:.1}")) height="24" { title { (c.label()) ": " (n) } }
             }
         }
     }
@@ -278,7 +281,11 @@ pub fn overview(viewer: &Viewer, o: &Overview<'_>) -> Markup {
     for r in o.rows {
         *by_state.entry(r.compliance).or_default() += 1;
         let hw = hardware_of(&r.device);
-        *by_hw.entry(hw).or_default().entry(r.compliance).or_default() += 1;
+        *by_hw
+            .entry(hw)
+            .or_default()
+            .entry(r.compliance)
+            .or_default() += 1;
         let e = hw_online.entry(hw).or_default();
         e.0 += 1;
         e.1 += usize::from(r.device.online);
@@ -298,7 +305,10 @@ pub fn overview(viewer: &Viewer, o: &Overview<'_>) -> Markup {
     let errors_hour: u64 = hour.iter().map(|m| m.errors).sum();
     let from = o.now.saturating_sub(o.window.secs());
     let per_min = |f: fn(&Minute) -> Option<f64>| -> Vec<(u64, f64)> {
-        o.series.iter().filter_map(|m| f(m).map(|v| (m.t, v))).collect()
+        o.series
+            .iter()
+            .filter_map(|m| f(m).map(|v| (m.t, v)))
+            .collect()
     };
     layout(
         Some(viewer),
@@ -425,9 +435,9 @@ impl DeviceQuery {
                 _ => true,
             }
             && (self.model.is_empty()
-                || d.models
-                    .iter()
-                    .any(|m| format!("{}@{}", m.name, m.version) == self.model || m.name == self.model))
+                || d.models.iter().any(|m| {
+                    format!("{}@{}", m.name, m.version) == self.model || m.name == self.model
+                }))
             && (self.attention.is_empty() || !r.attention.is_empty())
     }
 
@@ -455,10 +465,17 @@ impl DeviceQuery {
 
 pub const PAGE_SIZE: usize = 50;
 
-pub fn devices(viewer: &Viewer, now: u64, q: &DeviceQuery, matched: &[&DeviceRow], hardware: &[String]) -> Markup {
+pub fn devices(
+    viewer: &Viewer,
+    now: u64,
+    q: &DeviceQuery,
+    matched: &[&DeviceRow],
+    hardware: &[String],
+) -> Markup {
     let pages = matched.len().div_ceil(PAGE_SIZE).max(1);
     let page = q.page.min(pages - 1);
-    let shown = &matched[(page * PAGE_SIZE).min(matched.len())..((page + 1) * PAGE_SIZE).min(matched.len())];
+    let shown = &matched
+        [(page * PAGE_SIZE).min(matched.len())..((page + 1) * PAGE_SIZE).min(matched.len())];
     let select = |name: &str, label: &str, current: &str, options: Vec<(String, String)>| {
         html! {
             div.field {
@@ -679,7 +696,9 @@ fn phase_badge(r: &Value) -> Markup {
 fn progress(r: &Value) -> Markup {
     let counts = &r["counts"];
     let n = |k: &str| counts[k].as_u64().unwrap_or(0);
-    let total: u64 = counts.as_object().map_or(0, |o| o.values().filter_map(Value::as_u64).sum());
+    let total: u64 = counts
+        .as_object()
+        .map_or(0, |o| o.values().filter_map(Value::as_u64).sum());
     html! {
         span.progress {
             (n("confirmed")) " / " (total) " confirmed"
@@ -770,11 +789,22 @@ pub fn rollout(viewer: &Viewer, r: &Value) -> Markup {
         .as_object()
         .map(|m| {
             m.iter()
-                .filter(|(_, s)| matches!(s["state"].as_str(), Some("failed" | "offline" | "backoff")))
+                .filter(|(_, s)| {
+                    matches!(s["state"].as_str(), Some("failed" | "offline" | "backoff"))
+                })
                 .collect()
         })
         .unwrap_or_default();
-    const KINDS: [&str; 8] = ["waiting", "updating", "backoff", "confirmed", "failed", "reverted", "offline", "excluded"];
+    const KINDS: [&str; 8] = [
+        "waiting",
+        "updating",
+        "backoff",
+        "confirmed",
+        "failed",
+        "reverted",
+        "offline",
+        "excluded",
+    ];
     layout(
         Some(viewer),
         &format!("Rollout {id}"),
@@ -862,7 +892,12 @@ pub fn rollout(viewer: &Viewer, r: &Value) -> Markup {
     )
 }
 
-pub fn models(viewer: &Viewer, now: u64, models: &[ModelRecord], running: &BTreeMap<(String, u64), (usize, usize)>) -> Markup {
+pub fn models(
+    viewer: &Viewer,
+    now: u64,
+    models: &[ModelRecord],
+    running: &BTreeMap<(String, u64), (usize, usize)>,
+) -> Markup {
     layout(
         Some(viewer),
         "Models",
@@ -906,7 +941,10 @@ mod tests {
     fn dates_are_civil_utc() {
         assert_eq!(datetime(0), "1970-01-01 00:00 UTC");
         assert_eq!(datetime(951_782_400), "2000-02-29 00:00 UTC");
-        assert_eq!(datetime(1_795_737_600 + 17 * 3600 + 42 * 60), "2026-11-27 17:42 UTC");
+        assert_eq!(
+            datetime(1_795_737_600 + 17 * 3600 + 42 * 60),
+            "2026-11-27 17:42 UTC"
+        );
     }
 
     #[test]

@@ -384,7 +384,11 @@ async fn streamed_records_are_stored_once_in_sequence_order_and_pruned(f: Fixtur
     assert_eq!(seqs(s.recent_telemetry("a", 0, 10).await.unwrap()), [1, 3]);
     assert_eq!(seqs(s.recent_telemetry("a", 0, 1).await.unwrap()), [3]);
     assert_eq!(seqs(s.recent_telemetry("a", 1002, 10).await.unwrap()), [3]);
-    assert!(s.recent_telemetry("nobody", 0, 10).await.unwrap().is_empty());
+    assert!(s
+        .recent_telemetry("nobody", 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
     let r = s
         .results_for_device("a", Some("m"), &page)
         .await
