@@ -324,6 +324,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         "\nAPI            {api}/api/v1/devices  (admin token in {})",
         token_file.display()
     );
+    println!("dashboard      {api}/ui/  (log in with that token)");
     println!("done in        {:.1} s", started.elapsed().as_secs_f64());
     let result = if failures == 0 {
         Ok(())

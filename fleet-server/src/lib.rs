@@ -165,7 +165,7 @@ pub async fn start(
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), bridge_task).await;
     });
-    tracing::info!(http = %bound, mqtt = %format!("{host}:{port}"), "fleet server ready");
+    tracing::info!(http = %bound, mqtt = %format!("{host}:{port}"), dashboard = %format!("{public_url}/ui/"), "fleet server ready");
     Ok((
         Running {
             http: bound,
