@@ -138,3 +138,111 @@ async fn dashboard_in_headless_chromium() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Sessions at the HTTP level: the login page's refusals, the cookie's
+/// attributes, the security headers, CSRF on API calls made with the
+/// cookie, and a revoked token ending its sessions.
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_sessions_over_http() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let url = |path: &str| format!("{}{path}", server.url);
+
+    let anonymous = client.get(url("/ui/devices?q=a")).send().await?;
+    assert_eq!(anonymous.status(), 303);
+    assert_eq!(
+        anonymous.headers()["location"],
+        "/ui/login?next=%2Fui%2Fdevices%3Fq%3Da"
+    );
+    let login = |token: &str, site: &'static str| {
+        client
+            .post(url("/ui/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("sec-fetch-site", site)
+            .body(format!("token={token}&next=%2Fui%2Fmodels"))
+            .send()
+    };
+    let cross = login(&server.token, "cross-site").await?;
+    assert_eq!(cross.status(), 401, "a login posted from another site");
+    let bad = login("hunter2", "same-origin").await?;
+    assert_eq!(bad.status(), 401);
+    assert!(bad.text().await?.contains("not an operator token"));
+
+    let read = json_output(&server.ctl(&[
+        "--json", "tokens", "create", "--name", "viewer", "--scope", "read",
+    ]));
+    let ok = login(read["token"].as_str().unwrap(), "same-origin").await?;
+    assert_eq!(ok.status(), 303);
+    assert_eq!(ok.headers()["location"], "/ui/models");
+    let cookie = ok.headers()["set-cookie"].to_str()?.to_string();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    let session = cookie.split(';').next().unwrap().to_string();
+
+    let page = client
+        .get(url("/ui/"))
+        .header("cookie", &session)
+        .send()
+        .await?;
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str()?;
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    let html = page.text().await?;
+    let csrf = html
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page carries its CSRF token")
+        .to_string();
+    // Reading with the cookie works; writing needs the CSRF token, and
+    // then the token's scope decides.
+    let devices = client
+        .get(url("/api/v1/devices"))
+        .header("cookie", &session)
+        .send()
+        .await?;
+    assert_eq!(devices.status(), 200);
+    let no_csrf = client
+        .post(url("/api/v1/rollouts/r/pause"))
+        .header("cookie", &session)
+        .send()
+        .await?;
+    assert_eq!(no_csrf.status(), 403);
+    let read_only = client
+        .post(url("/api/v1/rollouts/r/pause"))
+        .header("cookie", &session)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await?;
+    assert_eq!(read_only.status(), 403);
+    assert!(read_only.text().await?.contains("has scope read"));
+    let missing = client
+        .get(url("/ui/devices/no-such-device"))
+        .header("cookie", &session)
+        .send()
+        .await?;
+    assert_eq!(missing.status(), 404);
+
+    // Revoking the token ends its sessions.
+    edgefleet_tests::expect_success(
+        &server.ctl(&["tokens", "revoke", read["id"].as_str().unwrap()]),
+        "tokens revoke",
+    );
+    let after = client
+        .get(url("/ui/"))
+        .header("cookie", &session)
+        .send()
+        .await?;
+    assert_eq!(after.status(), 303);
+    let api = client
+        .get(url("/api/v1/devices"))
+        .header("cookie", &session)
+        .send()
+        .await?;
+    assert_eq!(api.status(), 401);
+    Ok(())
+}
