@@ -14,6 +14,7 @@ pub mod broker;
 pub mod config;
 pub mod dashboard;
 pub mod demo;
+pub mod flash;
 pub mod fleet;
 pub mod insights;
 pub mod keys;

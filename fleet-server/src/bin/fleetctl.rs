@@ -155,6 +155,43 @@ enum DevicesCommand {
         #[arg(long)]
         profile: Option<PathBuf>,
     },
+    /// Put the agent and a device's bundle on a board: over SSH
+    /// (--host: copy, install, start, then wait until the device reports
+    /// in), or onto the board's mounted root file system for its first
+    /// boot to install (--to).
+    Flash {
+        #[arg(long)]
+        id: String,
+        /// user@address of the board (key-based SSH; the user is root or
+        /// may sudo without a password).
+        #[arg(long, required_unless_present = "to", conflicts_with = "to")]
+        host: Option<String>,
+        /// The board's mounted root file system (e.g. an SD card's).
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// The bundle from enrollment [default: bundles/ID].
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// The package [default: the one in --dist for the board's
+        /// architecture].
+        #[arg(long)]
+        package: Option<PathBuf>,
+        /// The board's Debian architecture (arm64, armhf, amd64), for --to
+        /// without --package.
+        #[arg(long)]
+        arch: Option<String>,
+        #[arg(long, default_value = "dist")]
+        dist: PathBuf,
+        /// SSH port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Extra `ssh -o` options (KEY=VALUE); repeatable.
+        #[arg(long = "ssh-option")]
+        ssh_options: Vec<String>,
+        /// Seconds to wait for the device to report in (0: do not wait).
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
     /// Revoke a device: its credentials stop working.
     Revoke { id: String },
     /// Replace a device's tags (KEY=VALUE ...; none clears them).
@@ -713,6 +750,71 @@ fn read_profile(path: &std::path::Path) -> anyhow::Result<toml::Table> {
     Ok(table)
 }
 
+/// A board reached with the system's `ssh` and `scp` (its keys, agent and
+/// config apply), never prompting.
+struct Ssh<'a> {
+    host: &'a str,
+    port: Option<u16>,
+    options: &'a [String],
+}
+
+impl Ssh<'_> {
+    fn args(&self, port_flag: &str) -> Vec<String> {
+        let mut args = vec!["-o".to_string(), "BatchMode=yes".to_string()];
+        for o in self.options {
+            args.push("-o".into());
+            args.push(o.clone());
+        }
+        if let Some(port) = self.port {
+            args.push(port_flag.into());
+            args.push(port.to_string());
+        }
+        args
+    }
+
+    fn output(&self, program: &str, args: Vec<String>, what: &str) -> Result<String, Failure> {
+        let out = std::process::Command::new(program)
+            .args(&args)
+            .output()
+            .map_err(|e| Failure(3, anyhow::anyhow!("cannot run {program}: {e}")))?;
+        if !out.status.success() {
+            let code = if out.status.code() == Some(255) { 3 } else { 1 };
+            return Err(Failure(
+                code,
+                anyhow::anyhow!(
+                    "{what} on {} failed ({}): {}",
+                    self.host,
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Runs a shell command on the board; its standard output, trimmed.
+    fn run(&self, command: &str) -> Result<String, Failure> {
+        let mut args = self.args("-p");
+        args.push(self.host.to_string());
+        args.push(command.to_string());
+        let what = command
+            .split_whitespace()
+            .next()
+            .unwrap_or(command)
+            .to_string();
+        self.output("ssh", args, &what)
+    }
+
+    /// Copies local files to a path on the board.
+    fn copy(&self, files: &[&std::path::Path], to: &str) -> Result<(), Failure> {
+        let mut args = self.args("-P");
+        args.push("-p".into());
+        args.extend(files.iter().map(|f| f.display().to_string()));
+        args.push(format!("{}:{to}", self.host));
+        self.output("scp", args, "copying").map(|_| ())
+    }
+}
+
 fn write_bundle(
     dir: &std::path::Path,
     enrolled: &Value,
@@ -1194,6 +1296,127 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let url = format!("{base}/api/v1/devices/{id}/results?{}", query.finish());
                 let page = check(client.get(url).send().await.map_err(classify)?).await?;
                 print_records(&page, "results", cli.json);
+            }
+            DevicesCommand::Flash {
+                id,
+                host,
+                to,
+                bundle,
+                package,
+                arch,
+                dist,
+                port,
+                ssh_options,
+                wait_secs,
+            } => {
+                let dir = bundle
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("bundles").join(id));
+                let bundle = fleet_server::flash::bundle(&dir, id).map_err(usage)?;
+                if let Some(root) = to {
+                    let package = match (package, arch) {
+                        (Some(p), _) => p.clone(),
+                        (None, Some(arch)) => {
+                            fleet_server::flash::find_package(dist, arch).map_err(usage)?
+                        }
+                        (None, None) => {
+                            return Err(usage(anyhow::anyhow!(
+                                "--to needs --package or --arch (arm64, armhf, amd64)"
+                            )))
+                        }
+                    };
+                    let written = fleet_server::flash::write_first_boot(root, &package, &bundle)
+                        .map_err(|e| Failure(1, e))?;
+                    if cli.json {
+                        println!("{}", json!({"device": id, "staged": written}));
+                    } else {
+                        println!(
+                            "{id}: {} and its bundle staged under {}; the board installs them on its next boot ({})",
+                            package.display(),
+                            root.display(),
+                            fleet_server::flash::FIRST_BOOT_UNIT
+                        );
+                    }
+                    return Ok(());
+                }
+                let host = host.as_deref().expect("clap requires --host without --to");
+                let ssh = Ssh {
+                    host,
+                    port: *port,
+                    options: ssh_options,
+                };
+                let started = edgefleet_shared::unix_now();
+                let remote_arch = ssh.run("dpkg --print-architecture")?;
+                let package = match package {
+                    Some(p) => p.clone(),
+                    None => fleet_server::flash::find_package(dist, &remote_arch).map_err(usage)?,
+                };
+                if let Some(a) = fleet_server::flash::package_arch(&package) {
+                    if a != remote_arch {
+                        return Err(usage(anyhow::anyhow!(
+                            "{} is for {a}, but {host} is {remote_arch}",
+                            package.display()
+                        )));
+                    }
+                }
+                let staged = ssh.run("mktemp -d /tmp/edgefleet-flash.XXXXXX")?;
+                ssh.run(&format!(
+                    "mkdir {}/bundle",
+                    fleet_server::flash::sh_quote(&staged)
+                ))?;
+                eprintln!(
+                    "{id}: copying {} and the bundle to {host}:{staged}",
+                    package.display()
+                );
+                ssh.copy(
+                    &[package.as_path()],
+                    &format!("{staged}/edgefleet-agent.deb"),
+                )?;
+                ssh.copy(
+                    &[bundle.agent_toml.as_path(), bundle.root_json.as_path()],
+                    &format!("{staged}/bundle/"),
+                )?;
+                let script =
+                    fleet_server::flash::sh_quote(&fleet_server::flash::install_script(&staged));
+                eprintln!("{id}: installing and starting the agent");
+                ssh.run(&format!(
+                    "if [ \"$(id -u)\" = 0 ]; then sh -c {script}; else sudo -n sh -c {script}; fi"
+                ))?;
+                if *wait_secs == 0 {
+                    println!("{id}: installed on {host}");
+                    return Ok(());
+                }
+                let deadline =
+                    std::time::Instant::now() + std::time::Duration::from_secs(*wait_secs);
+                loop {
+                    let resp = client
+                        .get(format!("{base}/api/v1/devices/{id}"))
+                        .send()
+                        .await
+                        .map_err(classify)?;
+                    let d = check(resp).await?;
+                    if d["online"] == true && d["last_seen"].as_u64().unwrap_or(0) >= started {
+                        if cli.json {
+                            println!("{d}");
+                        } else {
+                            println!(
+                                "{id}: installed on {host} and reporting in (agent {}, {}s)",
+                                d["agent_version"].as_str().unwrap_or("?"),
+                                edgefleet_shared::unix_now() - started
+                            );
+                        }
+                        return Ok(());
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err(Failure(
+                            1,
+                            anyhow::anyhow!(
+                                "{id} was installed on {host} but did not report in within {wait_secs} s; on the board: journalctl -u edgefleet-agent"
+                            ),
+                        ));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
             }
             DevicesCommand::Revoke { id } => {
                 let request = client.post(format!("{base}/api/v1/devices/{id}/revoke"));

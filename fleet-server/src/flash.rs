@@ -1,0 +1,335 @@
+//! `fleetctl devices flash`: puts the agent's package and a device's
+//! enrollment bundle on a board, either over SSH (copy, install, start; the
+//! caller then waits for the device to report in) or onto a mounted root
+//! file system (an SD card) for the board's first boot.
+//!
+//! Both paths stage the same layout in a directory on the device,
+//!   DIR/edgefleet-agent.deb
+//!   DIR/bundle/agent.toml   (the device's MQTT password: mode 0600)
+//!   DIR/bundle/root.json
+//! and run the same [`install_script`] on it: over SSH at once, or from a
+//! one-shot systemd unit on first boot.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+/// Where the first-boot path stages its files on the device.
+pub const FIRST_BOOT_DIR: &str = "/var/cache/edgefleet/flash";
+/// The first-boot unit's name.
+pub const FIRST_BOOT_UNIT: &str = "edgefleet-firstboot.service";
+
+/// A device's bundle (`fleetctl devices enroll --out DIR`), checked.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub agent_toml: PathBuf,
+    pub root_json: PathBuf,
+}
+
+/// Checks that `dir` holds the bundle of device `id`.
+pub fn bundle(dir: &Path, id: &str) -> anyhow::Result<Bundle> {
+    let agent_toml = dir.join("agent.toml");
+    let root_json = dir.join("root.json");
+    for f in [&agent_toml, &root_json] {
+        if !f.is_file() {
+            bail!(
+                "{} is missing: enroll the device first (fleetctl devices enroll --id {id} --hardware CLASS --out {})",
+                f.display(),
+                dir.display()
+            );
+        }
+    }
+    let text = std::fs::read_to_string(&agent_toml)
+        .with_context(|| format!("cannot read {}", agent_toml.display()))?;
+    let config: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("{} is not valid TOML", agent_toml.display()))?;
+    match config.get("device_id").and_then(|v| v.as_str()) {
+        Some(found) if found == id => {}
+        Some(found) => bail!(
+            "{} is the bundle of device {found:?}, not {id:?}",
+            dir.display()
+        ),
+        None => bail!("{} names no device_id: not a bundle", agent_toml.display()),
+    }
+    Ok(Bundle {
+        agent_toml,
+        root_json,
+    })
+}
+
+/// The Debian architecture a package file name ends in
+/// (`edgefleet-agent_0.1.0_arm64.deb` → `arm64`).
+pub fn package_arch(package: &Path) -> Option<&str> {
+    let name = package.file_name()?.to_str()?;
+    name.strip_suffix(".deb")?.rsplit('_').next()
+}
+
+/// The package in `dist` for a Debian architecture; an error names what
+/// is there when there is not exactly one.
+pub fn find_package(dist: &Path, arch: &str) -> anyhow::Result<PathBuf> {
+    let entries = std::fs::read_dir(dist).with_context(|| {
+        format!(
+            "cannot read {}: build the packages first (cross/build && cross/package) or pass --package",
+            dist.display()
+        )
+    })?;
+    let mut all = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("edgefleet-agent_") && name.ends_with(".deb") {
+            all.push(path);
+        }
+    }
+    all.sort();
+    let matching: Vec<&PathBuf> = all
+        .iter()
+        .filter(|p| package_arch(p) == Some(arch))
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => bail!(
+            "no edgefleet-agent package for {arch} in {} (found: {}); build it (cross/build && cross/package) or pass --package",
+            dist.display(),
+            if all.is_empty() {
+                "none".to_string()
+            } else {
+                all.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            }
+        ),
+        several => bail!(
+            "several packages for {arch} in {}: {}; pass --package",
+            dist.display(),
+            several.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// `s` as one POSIX shell word.
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The shell script (run as root) that installs a staged directory: the
+/// package (the agent keeps its config and data on an upgrade), then the
+/// bundle as its config (readable by the agent's group only), then
+/// (re)starts the agent and removes the staged files.
+pub fn install_script(dir: &str) -> String {
+    let d = sh_quote(dir);
+    format!(
+        "set -eu\n\
+         export DEBIAN_FRONTEND=noninteractive\n\
+         dpkg --force-confold -i {d}/edgefleet-agent.deb\n\
+         install -d -m 0755 /etc/edgefleet\n\
+         install -m 0640 -o root -g edgefleet {d}/bundle/agent.toml {d}/bundle/root.json /etc/edgefleet/\n\
+         rm -rf {d}\n\
+         if [ -d /run/systemd/system ]; then\n\
+         \x20   systemctl daemon-reload\n\
+         \x20   systemctl enable edgefleet-agent.service\n\
+         \x20   systemctl restart edgefleet-agent.service\n\
+         fi\n"
+    )
+}
+
+/// The one-shot unit that runs [`install_script`] on first boot.
+pub fn first_boot_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=Install the edgefleet agent staged by fleetctl devices flash\n\
+         ConditionPathExists={FIRST_BOOT_DIR}/edgefleet-agent.deb\n\
+         After=local-fs.target\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         ExecStart=/bin/sh {FIRST_BOOT_DIR}.sh\n\
+         ExecStartPost=/bin/rm -f {FIRST_BOOT_DIR}.sh\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
+fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::copy(from, to)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", to.display()))
+}
+
+/// Stages `package` and `bundle` under `root` (a board's mounted root file
+/// system) for the first boot to install, and enables the one-shot unit
+/// that does. Returns the files written.
+pub fn write_first_boot(
+    root: &Path,
+    package: &Path,
+    bundle: &Bundle,
+) -> anyhow::Result<Vec<PathBuf>> {
+    if !root.join("etc").is_dir() {
+        bail!(
+            "{} has no etc/: point --to at the board's mounted root file system",
+            root.display()
+        );
+    }
+    let staged = root.join(FIRST_BOOT_DIR.trim_start_matches('/'));
+    if staged.exists() {
+        bail!(
+            "{} exists: a flash is already staged there (remove it to stage again)",
+            staged.display()
+        );
+    }
+    std::fs::create_dir_all(staged.join("bundle"))
+        .with_context(|| format!("cannot create {}", staged.display()))?;
+    let deb = staged.join("edgefleet-agent.deb");
+    copy(package, &deb, 0o644)?;
+    let agent_toml = staged.join("bundle/agent.toml");
+    copy(&bundle.agent_toml, &agent_toml, 0o600)?;
+    let root_json = staged.join("bundle/root.json");
+    copy(&bundle.root_json, &root_json, 0o644)?;
+    let script = root.join(format!("{}.sh", FIRST_BOOT_DIR.trim_start_matches('/')));
+    std::fs::write(
+        &script,
+        format!(
+            "{}systemctl disable {FIRST_BOOT_UNIT} || true\n",
+            install_script(FIRST_BOOT_DIR)
+        ),
+    )
+    .with_context(|| format!("cannot write {}", script.display()))?;
+    let units = root.join("etc/systemd/system");
+    let wants = units.join("multi-user.target.wants");
+    std::fs::create_dir_all(&wants)
+        .with_context(|| format!("cannot create {}", wants.display()))?;
+    let unit = units.join(FIRST_BOOT_UNIT);
+    std::fs::write(&unit, first_boot_unit())
+        .with_context(|| format!("cannot write {}", unit.display()))?;
+    let link = wants.join(FIRST_BOOT_UNIT);
+    if !link.exists() {
+        std::os::unix::fs::symlink(format!("../{FIRST_BOOT_UNIT}"), &link)
+            .with_context(|| format!("cannot link {}", link.display()))?;
+    }
+    Ok(vec![deb, agent_toml, root_json, script, unit, link])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_bundle(dir: &Path, id: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("agent.toml"), format!("device_id = \"{id}\"\n")).unwrap();
+        std::fs::write(dir.join("root.json"), "{}").unwrap();
+    }
+
+    #[test]
+    fn bundles_must_be_the_devices_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("b");
+        let missing = bundle(&dir, "pi-1").unwrap_err().to_string();
+        assert!(missing.contains("enroll the device first"), "{missing}");
+        write_bundle(&dir, "pi-2");
+        let wrong = bundle(&dir, "pi-1").unwrap_err().to_string();
+        assert!(wrong.contains("bundle of device \"pi-2\""), "{wrong}");
+        assert!(bundle(&dir, "pi-2").is_ok());
+    }
+
+    #[test]
+    fn packages_are_found_by_architecture() {
+        let tmp = tempfile::tempdir().unwrap();
+        for name in [
+            "edgefleet-agent_0.1.0_arm64.deb",
+            "edgefleet-agent_0.1.0_armhf.deb",
+            "notes.txt",
+        ] {
+            std::fs::write(tmp.path().join(name), "").unwrap();
+        }
+        let arm64 = find_package(tmp.path(), "arm64").unwrap();
+        assert_eq!(package_arch(&arm64), Some("arm64"));
+        let none = find_package(tmp.path(), "amd64").unwrap_err().to_string();
+        assert!(
+            none.contains("no edgefleet-agent package for amd64") && none.contains("armhf"),
+            "{none}"
+        );
+        std::fs::write(tmp.path().join("edgefleet-agent_0.2.0_arm64.deb"), "").unwrap();
+        assert!(find_package(tmp.path(), "arm64")
+            .unwrap_err()
+            .to_string()
+            .contains("several"));
+    }
+
+    #[test]
+    fn shell_words_are_quoted() {
+        assert_eq!(
+            sh_quote("/tmp/edgefleet-flash.Ab3"),
+            "/tmp/edgefleet-flash.Ab3"
+        );
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's; rm -rf /"), r"'it'\''s; rm -rf /'");
+        assert_eq!(sh_quote(""), "''");
+        let script = install_script("/tmp/x y");
+        assert!(script.contains("dpkg --force-confold -i '/tmp/x y'/edgefleet-agent.deb"));
+    }
+
+    #[test]
+    fn the_install_script_is_valid_shell() {
+        for script in [install_script("/tmp/a"), first_boot_unit()] {
+            assert!(!script.is_empty());
+        }
+        let status = std::process::Command::new("sh")
+            .args(["-n", "-c", &install_script("/tmp/a b")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn first_boot_stages_the_package_and_the_bundle() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let not_root = write_first_boot(
+            &root,
+            Path::new("/nonexistent"),
+            &Bundle {
+                agent_toml: PathBuf::new(),
+                root_json: PathBuf::new(),
+            },
+        );
+        assert!(not_root.unwrap_err().to_string().contains("no etc/"));
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let dir = tmp.path().join("bundle");
+        write_bundle(&dir, "pi-1");
+        let package = tmp.path().join("edgefleet-agent_0.1.0_arm64.deb");
+        std::fs::write(&package, "deb").unwrap();
+        let b = bundle(&dir, "pi-1").unwrap();
+        let written = write_first_boot(&root, &package, &b).unwrap();
+        assert_eq!(written.len(), 6);
+        let staged = root.join("var/cache/edgefleet/flash");
+        assert_eq!(
+            std::fs::read(staged.join("edgefleet-agent.deb")).unwrap(),
+            b"deb"
+        );
+        let mode = std::fs::metadata(staged.join("bundle/agent.toml"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the password stays private");
+        let link = root
+            .join("etc/systemd/system/multi-user.target.wants")
+            .join(FIRST_BOOT_UNIT);
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            PathBuf::from(format!("../{FIRST_BOOT_UNIT}"))
+        );
+        // Staging twice is refused rather than mixing two flashes.
+        assert!(write_first_boot(&root, &package, &b)
+            .unwrap_err()
+            .to_string()
+            .contains("already staged"));
+    }
+}
