@@ -80,13 +80,27 @@ fn parse_test_vector(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_string(), PathBuf::from(path)))
 }
 
+/// Logs to stderr (journald adds the time). `EDGEFLEET_LOG` is a level
+/// and/or `target=level` directives (`warn,edgefleet_agent::uplink=debug`),
+/// RUST_LOG's syntax without its span-field filters: those need a regex
+/// engine, which would add about a megabyte to the static binary.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = match std::env::var("EDGEFLEET_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => spec.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("EDGEFLEET_LOG={spec:?} is not a log filter ({e}); logging at info");
+            Targets::new().with_default(LevelFilter::INFO)
+        }),
+        _ => Targets::new().with_default(LevelFilter::INFO),
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
+        .with(filter)
         .init();
 }
 
