@@ -160,7 +160,8 @@ const FAILED: usize = 4;
 const REVERTED: usize = 5;
 const OFFLINE: usize = 6;
 const EXCLUDED: usize = 7;
-const KIND_NAMES: [&str; KINDS] = [
+/// The names of the device states, as status counts use them.
+pub const KIND_NAMES: [&str; KINDS] = [
     "waiting",
     "updating",
     "backoff",

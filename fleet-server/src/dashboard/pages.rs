@@ -795,16 +795,7 @@ pub fn rollout(viewer: &Viewer, r: &Value) -> Markup {
                 .collect()
         })
         .unwrap_or_default();
-    const KINDS: [&str; 8] = [
-        "waiting",
-        "updating",
-        "backoff",
-        "confirmed",
-        "failed",
-        "reverted",
-        "offline",
-        "excluded",
-    ];
+    use crate::rollout::KIND_NAMES as KINDS;
     layout(
         Some(viewer),
         &format!("Rollout {id}"),
