@@ -470,12 +470,14 @@ async fn rollout(
 async fn models(State(fleet): State<Fleet>, headers: HeaderMap) -> PageResult {
     let viewer = viewer(&fleet, &headers, "/ui/models").await?;
     let models = fleet.store.list_models().await?;
-    let mut running: BTreeMap<(String, u64), (usize, usize)> = BTreeMap::new();
+    let mut running: BTreeMap<(String, u64), pages::Running> = BTreeMap::new();
     for d in fleet.store.list_devices().await? {
+        let hardware = d.hardware.as_deref().unwrap_or("unknown");
         for m in &d.models {
-            let e = running.entry((m.name.clone(), m.version)).or_default();
-            e.0 += 1;
-            e.1 += usize::from(d.online);
+            let r = running.entry((m.name.clone(), m.version)).or_default();
+            r.devices += 1;
+            r.online += usize::from(d.online);
+            *r.by_hardware.entry(hardware.to_string()).or_default() += 1;
         }
     }
     let now = edgefleet_shared::unix_now();

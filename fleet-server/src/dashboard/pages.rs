@@ -883,12 +883,21 @@ pub fn rollout(viewer: &Viewer, r: &Value) -> Markup {
     )
 }
 
+/// Where a model version runs.
+#[derive(Debug, Clone, Default)]
+pub struct Running {
+    pub devices: usize,
+    pub online: usize,
+    pub by_hardware: BTreeMap<String, usize>,
+}
+
 pub fn models(
     viewer: &Viewer,
     now: u64,
     models: &[ModelRecord],
-    running: &BTreeMap<(String, u64), (usize, usize)>,
+    running: &BTreeMap<(String, u64), Running>,
 ) -> Markup {
+    let none = Running::default();
     layout(
         Some(viewer),
         "Models",
@@ -902,7 +911,7 @@ pub fn models(
                         thead { tr { th scope="col" { "Model" } th scope="col" { "Version" } th scope="col" { "Format" } th scope="col" { "Size" } th scope="col" { "SHA-256" } th scope="col" { "Pushed" } th scope="col" { "By" } th scope="col" { "Test vector" } th scope="col" { "Runs on" } } }
                         tbody {
                             @for m in models.iter().rev() {
-                                @let (n, online) = running.get(&(m.name.clone(), m.version)).copied().unwrap_or((0, 0));
+                                @let r = running.get(&(m.name.clone(), m.version)).unwrap_or(&none);
                                 tr {
                                     th scope="row" { (m.name) @if let Some(notes) = &m.notes { br; small { (notes) } } }
                                     td.num { (m.version) }
@@ -912,7 +921,18 @@ pub fn models(
                                     td { (ago(now, m.created_at)) }
                                     td { (m.pushed_by.as_deref().unwrap_or("–")) }
                                     td { (if m.test_vector.is_some() { "yes" } else { "no" }) }
-                                    td.num { a href={"/ui/devices?model=" (m.name) "@" (m.version)} { (n) " devices" } " (" (online) " online)" }
+                                    td {
+                                        a href={"/ui/devices?model=" (m.name) "@" (m.version)} { (r.devices) " devices" } " (" (r.online) " online)"
+                                        @if !r.by_hardware.is_empty() {
+                                            br;
+                                            small.where {
+                                                @for (i, (hw, n)) in r.by_hardware.iter().enumerate() {
+                                                    @if i > 0 { " · " }
+                                                    a href={"/ui/devices?model=" (m.name) "@" (m.version) "&hardware=" (hw)} { (hw) " " (n) }
+                                                }
+                                            }
+                                        }
+                                    }
                                 }
                             }
                             @if models.is_empty() { tr { td colspan="9" { "No model pushed yet: " code { "fleetctl model push FILE --name NAME --version N" } } } }
