@@ -629,8 +629,12 @@ async fn dispatch(
                 }
             }
         }
-        // Each device once per round, so their documents can be signed
-        // side by side (PostgreSQL commits them on several connections).
+        // Each device once per round (one document covers all its models,
+        // even when two rollouts moved it), so documents can be signed side
+        // by side (PostgreSQL commits them on several connections) without
+        // two for one device racing to be the retained one.
+        let mut signed = HashSet::new();
+        order.retain(|(_, device, _)| signed.insert(device.clone()));
         futures_util::stream::iter(order)
             .for_each_concurrent(SIGN_CONCURRENCY, |(_, device, _)| {
                 let fleet = &fleet;

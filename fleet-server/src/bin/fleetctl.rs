@@ -729,8 +729,6 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A device bundle: the agent's config with its MQTT credentials (mode
-/// 0600) and the fleet's root document.
 /// A board profile: agent settings without the device's own (its id,
 /// credentials and root document come from enrollment).
 fn read_profile(path: &std::path::Path) -> anyhow::Result<toml::Table> {
@@ -815,6 +813,8 @@ impl Ssh<'_> {
     }
 }
 
+/// A device bundle: the agent's config with its MQTT credentials (mode
+/// 0600) and the fleet's root document.
 fn write_bundle(
     dir: &std::path::Path,
     enrolled: &Value,
@@ -1345,7 +1345,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     port: *port,
                     options: ssh_options,
                 };
-                let started = edgefleet_shared::unix_now();
+                let began = edgefleet_shared::unix_now();
                 let remote_arch = ssh.run("dpkg --print-architecture")?;
                 let package = match package {
                     Some(p) => p.clone(),
@@ -1386,6 +1386,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     println!("{id}: installed on {host}");
                     return Ok(());
                 }
+                // The install restarted the agent: what the server hears
+                // from now on comes from the new one.
+                let started = edgefleet_shared::unix_now();
                 let deadline =
                     std::time::Instant::now() + std::time::Duration::from_secs(*wait_secs);
                 loop {
@@ -1402,7 +1405,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             println!(
                                 "{id}: installed on {host} and reporting in (agent {}, {}s)",
                                 d["agent_version"].as_str().unwrap_or("?"),
-                                edgefleet_shared::unix_now() - started
+                                edgefleet_shared::unix_now() - began
                             );
                         }
                         return Ok(());
