@@ -351,26 +351,17 @@ async fn overview(
     )))
 }
 
-fn hardware_classes(rows: &[DeviceRow]) -> Vec<String> {
-    let mut hw: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            r.device
-                .hardware
-                .clone()
-                .unwrap_or_else(|| "unknown".into())
-        })
-        .collect();
-    hw.sort();
-    hw.dedup();
-    hw
+/// The distinct hardware classes of `devices`, sorted.
+fn hardware_classes<'a>(devices: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let classes: std::collections::BTreeSet<&str> = devices.collect();
+    classes.into_iter().map(str::to_string).collect()
 }
 
 async fn devices(State(fleet): State<Fleet>, headers: HeaderMap, uri: http::Uri) -> PageResult {
     let here = uri.path_and_query().map_or("/ui/devices", |p| p.as_str());
     let viewer = viewer(&fleet, &headers, here).await?;
     // Unknown or malformed parameters are ignored, not an error page.
-    let q: DeviceQuery = serde_urlencoded_lenient(uri.query().unwrap_or(""));
+    let q: DeviceQuery = device_query(uri.query().unwrap_or(""));
     let now = edgefleet_shared::unix_now();
     let rows = device_rows(&fleet, now).await?;
     let matched: Vec<&DeviceRow> = rows.iter().filter(|r| q.matches(r)).collect();
@@ -379,13 +370,13 @@ async fn devices(State(fleet): State<Fleet>, headers: HeaderMap, uri: http::Uri)
         now,
         &q,
         &matched,
-        &hardware_classes(&rows),
+        &hardware_classes(rows.iter().map(|r| pages::hardware_of(&r.device))),
     )))
 }
 
 /// The devices query from a query string, field by field, ignoring what
 /// does not parse.
-fn serde_urlencoded_lenient(query: &str) -> DeviceQuery {
+fn device_query(query: &str) -> DeviceQuery {
     let mut q = DeviceQuery::default();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         let v = v.into_owned();
@@ -443,8 +434,9 @@ async fn rollouts(State(fleet): State<Fleet>, headers: HeaderMap) -> PageResult 
     let viewer = viewer(&fleet, &headers, "/ui/rollouts").await?;
     let list = fleet.rollouts.list().await;
     let models = fleet.store.list_models().await?;
-    let now = edgefleet_shared::unix_now();
-    let hardware = hardware_classes(&device_rows(&fleet, now).await?);
+    // Only enrolled classes: a rollout selects by the enrolled one.
+    let devices = fleet.store.list_devices().await?;
+    let hardware = hardware_classes(devices.iter().filter_map(|d| d.hardware.as_deref()));
     Ok(html(pages::rollouts(
         &viewer,
         &pages::RolloutsPage {
@@ -472,7 +464,7 @@ async fn models(State(fleet): State<Fleet>, headers: HeaderMap) -> PageResult {
     let models = fleet.store.list_models().await?;
     let mut running: BTreeMap<(String, u64), pages::Running> = BTreeMap::new();
     for d in fleet.store.list_devices().await? {
-        let hardware = d.hardware.as_deref().unwrap_or("unknown");
+        let hardware = pages::hardware_of(&d);
         for m in &d.models {
             let r = running.entry((m.name.clone(), m.version)).or_default();
             r.devices += 1;
@@ -504,7 +496,7 @@ mod tests {
 
     #[test]
     fn device_queries_ignore_what_does_not_parse() {
-        let q = serde_urlencoded_lenient("q=pi&page=x&bogus=1&state=failed");
+        let q = device_query("q=pi&page=x&bogus=1&state=failed");
         assert_eq!(q.q, "pi");
         assert_eq!(q.page, 0);
         assert_eq!(q.state, "failed");

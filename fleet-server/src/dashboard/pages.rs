@@ -237,7 +237,8 @@ fn window_links(base: &str, window: Window) -> Markup {
     }
 }
 
-fn hardware_of(d: &DeviceRecord) -> &str {
+/// A device's hardware class, `unknown` when it was never enrolled.
+pub fn hardware_of(d: &DeviceRecord) -> &str {
     d.hardware.as_deref().unwrap_or("unknown")
 }
 
@@ -405,8 +406,7 @@ pub fn overview(viewer: &Viewer, o: &Overview<'_>) -> Markup {
 }
 
 /// The devices table's query.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(default)]
+#[derive(Debug, Clone, Default)]
 pub struct DeviceQuery {
     pub q: String,
     pub hardware: String,
