@@ -19,3 +19,34 @@ arch_of() {
 packaged_targets() {
     (cd dist && ls -d */ | tr -d / | grep -v '^aarch64-unknown-linux-gnu$')
 }
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Starts a fleet server (host debug build in $host, embedded broker with
+# device authentication) with its data under $1; sets server_pid and
+# exports FLEETCTL_SERVER and EDGEFLEET_TOKEN for fleetctl. The caller
+# stops it (kill "$server_pid").
+start_fleet_server() {
+    local dir="$1" http_port mqtt_port
+    http_port="$(free_port)"
+    mqtt_port="$(free_port)"
+    "$host/fleetctl" keys init --dir "$dir/keys" >/dev/null
+    EDGEFLEET_LOG=warn "$host/fleet-server" serve --data-dir "$dir/server" --keys-dir "$dir/keys" \
+        --http "127.0.0.1:$http_port" --mqtt-listen "127.0.0.1:$mqtt_port" --device-auth \
+        >"$dir/server.log" 2>&1 &
+    server_pid=$!
+    export FLEETCTL_SERVER="http://127.0.0.1:$http_port"
+    for _ in $(seq 100); do
+        curl -fsS "$FLEETCTL_SERVER/api/v1/health" >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    EDGEFLEET_TOKEN="$(cat "$dir/server/admin.token")"
+    export EDGEFLEET_TOKEN
+}
+
+# Installs Debian packages (with sudo unless root).
+apt_install() {
+    local sudo=""
+    [[ "$(id -u)" != 0 ]] && sudo=sudo
+    $sudo apt-get update -qq && $sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}

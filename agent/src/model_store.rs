@@ -5,6 +5,7 @@
 //! {data_dir}/models/{name}/{version}/slot.json     the signed slot it came from
 //! {data_dir}/models/{name}/active                  {"version": V, "previous": P, "soaking": {...}}
 //! {data_dir}/models/{name}/rejected                versions that failed here: never installed again
+//! {data_dir}/models/{name}/loading                 {"version": V, "sha256": H, "attempts": N} while V loads
 //! {data_dir}/staging/{sha256}.part                 downloads in progress
 //! ```
 //!
@@ -69,6 +70,22 @@ pub struct Soaking {
 /// Starts while soaking after which the version is taken to be what
 /// brings the agent down.
 pub const MAX_SOAK_RESTARTS: u32 = 3;
+
+/// Loads of a version that the agent did not live through after which the
+/// version is taken to be what kills it (a runtime that aborts or
+/// segfaults on it) and is not loaded again. One is forgiven: power can
+/// fail during any load.
+pub const MAX_DIED_LOADING: u32 = 2;
+
+/// The version being loaded, as persisted before the load starts and
+/// removed when it ends either way: finding it at the next load means
+/// the agent died part-way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct LoadingMark {
+    version: u64,
+    sha256: String,
+    attempts: u32,
+}
 
 /// A version that failed on this device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +294,43 @@ impl ModelStore {
         self.write_pointer(name, &back)?;
         self.collect_garbage(name, &back);
         Ok(Some(previous))
+    }
+
+    /// Notes (durably) that `version` of `name` is about to be loaded.
+    /// Returns how many earlier loads of this same version never ended:
+    /// each is an agent that died while loading it.
+    pub fn begin_load(&self, name: &str, version: u64, sha256: &str) -> Result<u32, StoreError> {
+        let dir = self.name_dir(name);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join("loading");
+        let died = match fs::read(&path) {
+            // A marker that cannot be read is a write the power cut
+            // short: write_atomic makes that a leftover, not a torn file.
+            Ok(bytes) => serde_json::from_slice::<LoadingMark>(&bytes)
+                .ok()
+                .filter(|m| m.version == version && m.sha256 == sha256)
+                .map_or(0, |m| m.attempts),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let mark = LoadingMark {
+            version,
+            sha256: sha256.to_string(),
+            attempts: died + 1,
+        };
+        write_atomic(&path, &serde_json::to_vec(&mark).expect("mark serialises"))
+            .map_err(io_err(&path))?;
+        Ok(died)
+    }
+
+    /// The load [`Self::begin_load`] noted ended (whatever its outcome).
+    pub fn end_load(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.name_dir(name).join("loading");
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.name_dir(name)).map_err(io_err(&path)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
     }
 
     /// Records that `version` (with this hash) failed here.
@@ -592,5 +646,39 @@ mod tests {
             .reject("other", 3, &"ab".repeat(32), "test vector")
             .unwrap();
         assert_eq!(store.rejected("other").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn loads_the_agent_died_in_are_counted_per_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        let (v2, v3) = ("22".repeat(32), "33".repeat(32));
+        // A load that ends is forgotten.
+        assert_eq!(store.begin_load("digits", 2, &v2).unwrap(), 0);
+        store.end_load("digits").unwrap();
+        assert_eq!(store.begin_load("digits", 2, &v2).unwrap(), 0);
+        // Two starts that never ended (the agent died), as a reopened
+        // store sees them after each restart.
+        let store = ModelStore::open(dir.path()).unwrap();
+        assert_eq!(store.begin_load("digits", 2, &v2).unwrap(), 1);
+        let store = ModelStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.begin_load("digits", 2, &v2).unwrap(),
+            MAX_DIED_LOADING
+        );
+        // Another version, or the same number with other bytes, starts over.
+        assert_eq!(store.begin_load("digits", 3, &v3).unwrap(), 0);
+        assert_eq!(store.begin_load("digits", 3, &v2).unwrap(), 0);
+        // A torn marker counts as none; ending twice is harmless.
+        fs::write(dir.path().join("models/digits/loading"), b"{\"vers").unwrap();
+        assert_eq!(store.begin_load("digits", 3, &v3).unwrap(), 0);
+        store.end_load("digits").unwrap();
+        store.end_load("digits").unwrap();
+        assert!(!dir.path().join("models/digits/loading").exists());
+        // The marker does not get in the way of installs or the active list.
+        install_version(&store, 1);
+        store.activate("digits", 1, None).unwrap();
+        store.begin_load("digits", 2, &v2).unwrap();
+        assert_eq!(store.active_models().unwrap().len(), 1);
     }
 }

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::activation::{judge, Failure, Input, Judgement, Phase, Window};
 use crate::download::Downloader;
 use crate::engine::{Check, Engine, EngineError, Runtimes, Selection};
-use crate::model_store::{InstalledModel, ModelStore, Soaking, MAX_SOAK_RESTARTS};
+use crate::model_store::{
+    InstalledModel, ModelStore, Soaking, MAX_DIED_LOADING, MAX_SOAK_RESTARTS,
+};
 use crate::registry::{ModelRegistry, ServedModel};
 use crate::report::Reporter;
 use crate::stats::Counts;
@@ -490,9 +492,37 @@ impl Updater {
             Ok(installed) => installed,
             Err(e) => return step(phase, Input::Failed(Failure::Load(e.to_string()))),
         };
+        // A runtime that aborts or segfaults on this model kills the agent
+        // (the static build aborts on panic): the load is noted first, so
+        // that after MAX_DIED_LOADING such deaths the version is refused
+        // instead of looping through restarts.
+        match self
+            .store
+            .begin_load(&slot.name, slot.version, &slot.sha256)
+        {
+            Ok(died) if died >= MAX_DIED_LOADING => {
+                let failure = Failure::Load(format!(
+                    "the agent died {died} times while loading this version (a runtime crashed on it, or the process was killed); it is not loaded again"
+                ));
+                if let Err(e) =
+                    self.store
+                        .reject(&slot.name, slot.version, &slot.sha256, &failure.to_string())
+                {
+                    tracing::error!(error = %e, "cannot record the rejected version");
+                }
+                let _ = self.store.end_load(&slot.name);
+                return step(phase, Input::Failed(failure));
+            }
+            Ok(_) => {}
+            Err(e) => return step(phase, Input::Failed(Failure::Load(e.to_string()))),
+        }
         // Loading and checking happen together: every runtime loads it,
         // then each is run on the signed test vector.
-        let selection = match load_engine(&installed, &self.loading).await {
+        let loaded = load_engine(&installed, &self.loading).await;
+        if let Err(e) = self.store.end_load(&slot.name) {
+            tracing::warn!(error = %e, "cannot clear the loading mark");
+        }
+        let selection = match loaded {
             Ok(selection) => selection,
             Err(f @ Failure::TestVector(_)) => {
                 phase = step(phase, Input::LoadDone);

@@ -5,7 +5,11 @@
 //! depend on the runtime (input names, datatypes, shapes, element counts)
 //! live here in [`validate_inputs`] so every engine refuses bad input the
 //! same way, before any runtime code sees it. Runtime panics are caught
-//! here too: a hostile model or input must never take the agent down.
+//! here too where panics unwind (tests, and `cargo build --release`). The
+//! shipped builds (`cross/build`, profile `agent`) abort on panic instead,
+//! to save 2 MB: there a runtime that fails on input that passed these
+//! checks restarts the agent (systemd), and a model that kills it while
+//! loading is refused after `model_store::MAX_DIED_LOADING` tries.
 
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
