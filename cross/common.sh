@@ -48,5 +48,5 @@ start_fleet_server() {
 apt_install() {
     local sudo=""
     [[ "$(id -u)" != 0 ]] && sudo=sudo
-    $sudo apt-get update -qq && $sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }

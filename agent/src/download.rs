@@ -60,20 +60,31 @@ impl Downloader {
     }
 
     /// The shared client while any download holds it, else a new one.
-    fn client(&self) -> std::sync::Arc<reqwest::Client> {
+    /// Without CA certificates on the system (no `ca-certificates`
+    /// package) the client still downloads over plain HTTP; HTTPS then
+    /// fails with a certificate error naming the server.
+    fn client(&self) -> Result<std::sync::Arc<reqwest::Client>, DownloadError> {
         let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(client) = slot.upgrade() {
-            return client;
+            return Ok(client);
         }
-        let client = std::sync::Arc::new(
+        let builder = || {
             reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(10))
                 .user_agent(concat!("edgefleet-agent/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .expect("HTTP client builds"),
-        );
+        };
+        let client = match builder().build() {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(error = %e, "no usable CA certificates (install ca-certificates); downloads over HTTPS will fail, plain HTTP works");
+                builder().tls_certs_only([]).build().map_err(|e| {
+                    DownloadError::AllUrlsFailed(format!("cannot make an HTTP client: {e}"))
+                })?
+            }
+        };
+        let client = std::sync::Arc::new(client);
         *slot = std::sync::Arc::downgrade(&client);
-        client
+        Ok(client)
     }
 
     /// Fetches `slot` into `dest` (a staging path). On success `dest` holds
@@ -82,7 +93,7 @@ impl Downloader {
     /// size, then decompressed into `dest`, capped at the model's size);
     /// if that fails in any way the plain URLs are tried.
     pub async fn fetch(&self, slot: &ModelSlot, dest: &Path) -> Result<(), DownloadError> {
-        let client = self.client();
+        let client = self.client()?;
         if let Some(z) = &slot.zstd {
             let packed = packed_path(dest);
             let result = self.fetch_packed(&client, slot, z, &packed, dest).await;

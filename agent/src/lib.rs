@@ -14,6 +14,7 @@ pub mod durable;
 pub mod engine;
 pub mod model_store;
 pub mod outbox;
+pub mod probe;
 pub mod registry;
 pub mod report;
 pub mod stats;
@@ -65,17 +66,27 @@ async fn serve_local_models(
                 None => None,
                 Some(tv) => Some(read_test_vector(tv)?),
             };
-            let runtimes = loading.runtimes.clone();
             let pin = local.runtime.clone().or_else(|| loading.pin.clone());
-            let selection = tokio::task::spawn_blocking(move || {
-                let bytes = std::fs::read(&path)?;
-                let (check, hints) = match &test_vector {
-                    Some(tv) => (engine::Check::TestVector(tv), tv.input_specs()),
-                    None => (engine::Check::CrossCompare, Vec::new()),
+            // Where a panic would abort the agent, a child process loads
+            // it first (probe.rs).
+            if let Some(probe) = &loading.probe {
+                let subject = probe::Subject::File {
+                    path: &path,
+                    test_vector: local.test_vector.as_deref(),
+                    pin: pin.as_deref(),
                 };
-                runtimes
-                    .select(format, &bytes, &hints, check, pin.as_deref())
-                    .map_err(anyhow::Error::from)
+                match probe.check(subject).await {
+                    probe::Outcome::Passed => {}
+                    probe::Outcome::Unavailable(reason) => {
+                        tracing::warn!(%reason, "cannot load the model in a probe process first; loading it here")
+                    }
+                    probe::Outcome::Failed(failure) => anyhow::bail!("{failure}"),
+                    probe::Outcome::Crashed(reason) => anyhow::bail!("{reason}"),
+                }
+            }
+            let runtimes = loading.runtimes.clone();
+            let selection = tokio::task::spawn_blocking(move || {
+                select_local(&runtimes, format, &path, test_vector.as_ref(), pin.as_deref())
             })
             .await??;
             anyhow::Ok((format, sha256, selection))
@@ -95,7 +106,25 @@ async fn serve_local_models(
     }
 }
 
-fn read_test_vector(path: &std::path::Path) -> anyhow::Result<edgefleet_shared::TestVector> {
+/// Loads a local model file in every suitable runtime, checks each (its
+/// test vector, or cross-comparison) and keeps the fastest correct one.
+pub fn select_local(
+    runtimes: &engine::Runtimes,
+    format: ModelFormat,
+    path: &std::path::Path,
+    test_vector: Option<&edgefleet_shared::TestVector>,
+    pin: Option<&str>,
+) -> anyhow::Result<engine::Selection> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (check, hints) = match test_vector {
+        Some(tv) => (engine::Check::TestVector(tv), tv.input_specs()),
+        None => (engine::Check::CrossCompare, Vec::new()),
+    };
+    Ok(runtimes.select(format, &bytes, &hints, check, pin)?)
+}
+
+/// Reads a test vector file (`fleetctl model push --test-vector`'s JSON).
+pub fn read_test_vector(path: &std::path::Path) -> anyhow::Result<edgefleet_shared::TestVector> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read test vector {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| {
@@ -115,8 +144,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let loading = updater::Loading {
         runtimes: engine::runtimes::detect(&config.runtime),
         pin: config.runtime.pin.clone(),
+        probe: probe::Probe::for_this_build(&config.runtime),
     };
-    tracing::info!(runtimes = ?loading.runtimes, pin = ?loading.pin, "inference runtimes");
+    tracing::info!(runtimes = ?loading.runtimes, pin = ?loading.pin, probe = loading.probe.is_some(), "inference runtimes");
     let startup_rollbacks = updater::serve_installed(&store, &registry, &loading).await?;
     serve_local_models(&config, &registry, &loading).await;
 

@@ -58,6 +58,31 @@ enum Command {
         #[arg(long = "onnxruntime-provider", value_enum)]
         onnxruntime_providers: Vec<edgefleet_agent::config::OrtProvider>,
     },
+    /// Load and check one installed model version, then report (how the
+    /// agent tries a new version in a child process first; see probe.rs).
+    #[command(name = "probe-load", hide = true)]
+    ProbeLoad {
+        /// An installed version's directory (slot.json and the model).
+        #[arg(
+            long,
+            required_unless_present = "model_file",
+            conflicts_with = "model_file"
+        )]
+        model_dir: Option<PathBuf>,
+        /// A local model file.
+        #[arg(long)]
+        model_file: Option<PathBuf>,
+        #[arg(long, requires = "model_file")]
+        test_vector: Option<PathBuf>,
+        #[arg(long)]
+        runtime: Option<String>,
+        #[arg(long, env = "ORT_DYLIB_PATH")]
+        onnxruntime_library: Option<PathBuf>,
+        #[arg(long, env = "TFLITE_C_LIBRARY")]
+        tflite_library: Option<PathBuf>,
+        #[arg(long = "onnxruntime-provider", value_enum)]
+        onnxruntime_providers: Vec<edgefleet_agent::config::OrtProvider>,
+    },
 }
 
 fn parse_model(s: &str) -> Result<LocalModel, String> {
@@ -129,6 +154,39 @@ fn main() -> ExitCode {
     init_logging();
     install_panic_logger();
     let config = match cli.command {
+        Command::ProbeLoad {
+            model_dir,
+            model_file,
+            test_vector,
+            runtime,
+            onnxruntime_library,
+            tflite_library,
+            onnxruntime_providers,
+        } => {
+            use edgefleet_agent::probe;
+            println!("{}", probe::STARTED);
+            let runtime = edgefleet_agent::config::RuntimeConfig {
+                pin: runtime,
+                onnxruntime_library,
+                tflite_library,
+                onnxruntime_providers,
+            };
+            let subject = match (&model_dir, &model_file) {
+                (Some(dir), _) => probe::Subject::Installed(dir),
+                (None, Some(path)) => probe::Subject::File {
+                    path,
+                    test_vector: test_vector.as_deref(),
+                    pin: runtime.pin.as_deref(),
+                },
+                (None, None) => unreachable!("clap requires --model-dir or --model-file"),
+            };
+            let report = probe::run_child(subject, &runtime);
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("report serialises")
+            );
+            return ExitCode::SUCCESS;
+        }
         Command::Run { config } => AgentConfig::load(&config),
         Command::Serve {
             mut models,

@@ -102,6 +102,33 @@ pub struct InstalledModel {
     pub path: PathBuf,
 }
 
+impl InstalledModel {
+    /// The version in `dir` (its `slot.json` and model file), checked
+    /// against the slot's hash.
+    pub fn read(dir: &Path) -> Result<Self, StoreError> {
+        let slot_path = dir.join("slot.json");
+        let bytes = fs::read(&slot_path).map_err(io_err(&slot_path))?;
+        let slot: ModelSlot = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path: slot_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let path = dir.join(format!("model.{}", slot.format.extension()));
+        let actual = sha256_file(&path).map_err(io_err(&path))?;
+        if actual != slot.sha256 {
+            return Err(StoreError::Corrupt {
+                path,
+                reason: format!("sha256 is {actual}, expected {}", slot.sha256),
+            });
+        }
+        Ok(Self { slot, path })
+    }
+
+    /// The directory that holds this version.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelStore {
     root: PathBuf,
@@ -424,22 +451,7 @@ impl ModelStore {
     /// Reads an installed version and checks its file against the hash in
     /// its slot.
     pub fn load_version(&self, name: &str, version: u64) -> Result<InstalledModel, StoreError> {
-        let dir = self.version_dir(name, version);
-        let slot_path = dir.join("slot.json");
-        let bytes = fs::read(&slot_path).map_err(io_err(&slot_path))?;
-        let slot: ModelSlot = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-            path: slot_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let path = dir.join(format!("model.{}", slot.format.extension()));
-        let actual = sha256_file(&path).map_err(io_err(&path))?;
-        if actual != slot.sha256 {
-            return Err(StoreError::Corrupt {
-                path,
-                reason: format!("sha256 is {actual}, expected {}", slot.sha256),
-            });
-        }
-        Ok(InstalledModel { slot, path })
+        InstalledModel::read(&self.version_dir(name, version))
     }
 
     /// Every model with an active pointer, checked on disk.

@@ -16,6 +16,7 @@ use crate::engine::{Check, Engine, EngineError, Runtimes, Selection};
 use crate::model_store::{
     InstalledModel, ModelStore, Soaking, MAX_DIED_LOADING, MAX_SOAK_RESTARTS,
 };
+use crate::probe::Outcome;
 use crate::registry::{ModelRegistry, ServedModel};
 use crate::report::Reporter;
 use crate::stats::Counts;
@@ -76,6 +77,9 @@ pub struct Loading {
     pub runtimes: Runtimes,
     /// Serve every model with this runtime (config `runtime.pin`).
     pub pin: Option<String>,
+    /// Where panics abort the process: new versions are first loaded in a
+    /// child process ([`crate::probe`]).
+    pub probe: Option<crate::probe::Probe>,
 }
 
 /// Loads a model file in every suitable runtime on a blocking thread,
@@ -85,34 +89,37 @@ pub async fn load_engine(
     installed: &InstalledModel,
     loading: &Loading,
 ) -> Result<Selection, Failure> {
-    let path = installed.path.clone();
-    let slot = installed.slot.clone();
+    let installed = installed.clone();
     let loading = loading.clone();
-    tokio::task::spawn_blocking(move || {
-        let bytes = std::fs::read(&path)
-            .map_err(|e| Failure::Load(format!("cannot read {}: {e}", path.display())))?;
-        let check = match &slot.test_vector {
-            Some(tv) => Check::TestVector(tv),
-            None => Check::CrossCompare,
-        };
-        let selection = loading
-            .runtimes
-            .select(
-                slot.format,
-                &bytes,
-                &slot.inputs,
-                check,
-                loading.pin.as_deref(),
-            )
-            .map_err(|e| match e {
-                EngineError::Incorrect(_) => Failure::TestVector(e.to_string()),
-                e => Failure::Load(e.to_string()),
-            })?;
-        check_declared_interface(selection.engine.as_ref(), &slot).map_err(Failure::Load)?;
-        Ok(selection)
-    })
-    .await
-    .map_err(|e| Failure::Load(format!("loader task failed: {e}")))?
+    tokio::task::spawn_blocking(move || select_engine(&installed, &loading))
+        .await
+        .map_err(|e| Failure::Load(format!("loader task failed: {e}")))?
+}
+
+/// [`load_engine`]'s work, on the calling thread.
+pub fn select_engine(installed: &InstalledModel, loading: &Loading) -> Result<Selection, Failure> {
+    let (path, slot) = (&installed.path, &installed.slot);
+    let bytes = std::fs::read(path)
+        .map_err(|e| Failure::Load(format!("cannot read {}: {e}", path.display())))?;
+    let check = match &slot.test_vector {
+        Some(tv) => Check::TestVector(tv),
+        None => Check::CrossCompare,
+    };
+    let selection = loading
+        .runtimes
+        .select(
+            slot.format,
+            &bytes,
+            &slot.inputs,
+            check,
+            loading.pin.as_deref(),
+        )
+        .map_err(|e| match e {
+            EngineError::Incorrect(_) => Failure::TestVector(e.to_string()),
+            e => Failure::Load(e.to_string()),
+        })?;
+    check_declared_interface(selection.engine.as_ref(), slot).map_err(Failure::Load)?;
+    Ok(selection)
 }
 
 /// Serves every model the store has active. Used at start-up, before any
@@ -517,8 +524,35 @@ impl Updater {
             Err(e) => return step(phase, Input::Failed(Failure::Load(e.to_string()))),
         }
         // Loading and checking happen together: every runtime loads it,
-        // then each is run on the signed test vector.
-        let loaded = load_engine(&installed, &self.loading).await;
+        // then each is run on the signed test vector. Where a panic would
+        // abort the agent, a child process does it first.
+        let probed = match &self.loading.probe {
+            None => Outcome::Passed,
+            Some(probe) => {
+                probe
+                    .check(crate::probe::Subject::Installed(installed.dir()))
+                    .await
+            }
+        };
+        let loaded = match probed {
+            Outcome::Passed => load_engine(&installed, &self.loading).await,
+            Outcome::Unavailable(reason) => {
+                tracing::warn!(%reason, "cannot load the model in a probe process first; loading it here");
+                load_engine(&installed, &self.loading).await
+            }
+            Outcome::Failed(failure) => Err(failure),
+            Outcome::Crashed(reason) => {
+                // It would do the same to the agent: never try it again.
+                let failure = Failure::Load(reason);
+                if let Err(e) =
+                    self.store
+                        .reject(&slot.name, slot.version, &slot.sha256, &failure.to_string())
+                {
+                    tracing::error!(error = %e, "cannot record the rejected version");
+                }
+                Err(failure)
+            }
+        };
         if let Err(e) = self.store.end_load(&slot.name) {
             tracing::warn!(error = %e, "cannot clear the loading mark");
         }
