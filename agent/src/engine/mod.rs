@@ -7,9 +7,9 @@
 //! same way, before any runtime code sees it. Runtime panics are caught
 //! here too where panics unwind (tests, and `cargo build --release`). The
 //! shipped builds (`cross/build`, profile `agent`) abort on panic instead,
-//! to save 2 MB: there a runtime that fails on input that passed these
-//! checks restarts the agent (systemd), and a model that kills it while
-//! loading is refused after `model_store::MAX_DIED_LOADING` tries.
+//! to save 2 MB: there a new model is first loaded in a child process
+//! ([`crate::probe`]) and refused if that dies, and a runtime that fails on
+//! input that passed these checks restarts the agent (systemd).
 
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
