@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use edgefleet_agent::config::{AgentConfig, LocalModel};
+use edgefleet_agent::config::{AgentConfig, LocalModel, RuntimeConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -44,19 +44,8 @@ enum Command {
         /// Data directory (model store).
         #[arg(long, default_value = "/var/lib/edgefleet")]
         data_dir: PathBuf,
-        /// Serve every model with this runtime instead of the fastest correct one.
-        #[arg(long)]
-        runtime: Option<String>,
-        /// Path of libonnxruntime.so (native build).
-        #[arg(long, env = "ORT_DYLIB_PATH")]
-        onnxruntime_library: Option<PathBuf>,
-        /// Path of libtensorflowlite_c.so (native build).
-        #[arg(long, env = "TFLITE_C_LIBRARY")]
-        tflite_library: Option<PathBuf>,
-        /// Also offer this ONNX Runtime execution provider (native build
-        /// with a GPU build of ONNX Runtime); repeatable.
-        #[arg(long = "onnxruntime-provider", value_enum)]
-        onnxruntime_providers: Vec<edgefleet_agent::config::OrtProvider>,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
     /// Load and check one installed model version, then report (how the
     /// agent tries a new version in a child process first; see probe.rs).
@@ -74,15 +63,38 @@ enum Command {
         model_file: Option<PathBuf>,
         #[arg(long, requires = "model_file")]
         test_vector: Option<PathBuf>,
-        #[arg(long)]
-        runtime: Option<String>,
-        #[arg(long, env = "ORT_DYLIB_PATH")]
-        onnxruntime_library: Option<PathBuf>,
-        #[arg(long, env = "TFLITE_C_LIBRARY")]
-        tflite_library: Option<PathBuf>,
-        #[arg(long = "onnxruntime-provider", value_enum)]
-        onnxruntime_providers: Vec<edgefleet_agent::config::OrtProvider>,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
+}
+
+/// Runtime choices on the command line (`serve`, and the probe child).
+#[derive(clap::Args)]
+struct RuntimeArgs {
+    /// Serve every model with this runtime instead of the fastest correct one.
+    #[arg(long)]
+    runtime: Option<String>,
+    /// Path of libonnxruntime.so (native build).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    onnxruntime_library: Option<PathBuf>,
+    /// Path of libtensorflowlite_c.so (native build).
+    #[arg(long, env = "TFLITE_C_LIBRARY")]
+    tflite_library: Option<PathBuf>,
+    /// Also offer this ONNX Runtime execution provider (native build
+    /// with a GPU build of ONNX Runtime); repeatable.
+    #[arg(long = "onnxruntime-provider", value_enum)]
+    onnxruntime_providers: Vec<edgefleet_agent::config::OrtProvider>,
+}
+
+impl From<RuntimeArgs> for RuntimeConfig {
+    fn from(a: RuntimeArgs) -> Self {
+        Self {
+            pin: a.runtime,
+            onnxruntime_library: a.onnxruntime_library,
+            tflite_library: a.tflite_library,
+            onnxruntime_providers: a.onnxruntime_providers,
+        }
+    }
 }
 
 fn parse_model(s: &str) -> Result<LocalModel, String> {
@@ -159,18 +171,10 @@ fn main() -> ExitCode {
             model_file,
             test_vector,
             runtime,
-            onnxruntime_library,
-            tflite_library,
-            onnxruntime_providers,
         } => {
             use edgefleet_agent::probe;
             println!("{}", probe::STARTED);
-            let runtime = edgefleet_agent::config::RuntimeConfig {
-                pin: runtime,
-                onnxruntime_library,
-                tflite_library,
-                onnxruntime_providers,
-            };
+            let runtime = RuntimeConfig::from(runtime);
             let subject = match (&model_dir, &model_file) {
                 (Some(dir), _) => probe::Subject::Installed(dir),
                 (None, Some(path)) => probe::Subject::File {
@@ -195,9 +199,6 @@ fn main() -> ExitCode {
             tcp,
             data_dir,
             runtime,
-            onnxruntime_library,
-            tflite_library,
-            onnxruntime_providers,
         } => {
             for (name, path) in test_vectors {
                 match models.iter_mut().find(|m| m.name == name) {
@@ -212,10 +213,7 @@ fn main() -> ExitCode {
             }
             let mut config = AgentConfig::standalone(socket, data_dir);
             config.api.tcp = tcp;
-            config.runtime.pin = runtime;
-            config.runtime.onnxruntime_library = onnxruntime_library;
-            config.runtime.tflite_library = tflite_library;
-            config.runtime.onnxruntime_providers = onnxruntime_providers;
+            config.runtime = runtime.into();
             config.models = models;
             config.validate().map(|()| config)
         }

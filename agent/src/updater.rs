@@ -401,6 +401,16 @@ impl Updater {
         self.publish_status();
     }
 
+    /// Records that `slot` failed here for good: it is never installed again.
+    fn reject(&self, slot: &ModelSlot, failure: &Failure) {
+        if let Err(e) =
+            self.store
+                .reject(&slot.name, slot.version, &slot.sha256, &failure.to_string())
+        {
+            tracing::error!(error = %e, "cannot record the rejected version");
+        }
+    }
+
     /// Whether this device already found `slot` bad.
     fn rejected(&self, slot: &ModelSlot) -> bool {
         self.store.rejected(&slot.name).is_ok_and(|list| {
@@ -429,14 +439,7 @@ impl Updater {
                             // wrong: never try it again. Downloads are
                             // retried with the next desired state or start.
                             if matches!(failure, Failure::TestVector(_)) {
-                                if let Err(e) = self.store.reject(
-                                    &slot.name,
-                                    slot.version,
-                                    &slot.sha256,
-                                    &failure.to_string(),
-                                ) {
-                                    tracing::error!(error = %e, "cannot record the rejected version");
-                                }
+                                self.reject(&slot, &failure);
                             }
                             self.reporter.event(
                                 kind,
@@ -499,10 +502,11 @@ impl Updater {
             Ok(installed) => installed,
             Err(e) => return step(phase, Input::Failed(Failure::Load(e.to_string()))),
         };
-        // A runtime that aborts or segfaults on this model kills the agent
-        // (the static build aborts on panic): the load is noted first, so
-        // that after MAX_DIED_LOADING such deaths the version is refused
-        // instead of looping through restarts.
+        // The load is noted first: an agent that dies during it (a power
+        // cut, an OOM kill, or a runtime crash where no probe process could
+        // run) finds the note at its next try, and after MAX_DIED_LOADING
+        // such deaths refuses the version instead of looping through
+        // restarts.
         match self
             .store
             .begin_load(&slot.name, slot.version, &slot.sha256)
@@ -511,12 +515,7 @@ impl Updater {
                 let failure = Failure::Load(format!(
                     "the agent died {died} times while loading this version (a runtime crashed on it, or the process was killed); it is not loaded again"
                 ));
-                if let Err(e) =
-                    self.store
-                        .reject(&slot.name, slot.version, &slot.sha256, &failure.to_string())
-                {
-                    tracing::error!(error = %e, "cannot record the rejected version");
-                }
+                self.reject(slot, &failure);
                 let _ = self.store.end_load(&slot.name);
                 return step(phase, Input::Failed(failure));
             }
@@ -544,12 +543,7 @@ impl Updater {
             Outcome::Crashed(reason) => {
                 // It would do the same to the agent: never try it again.
                 let failure = Failure::Load(reason);
-                if let Err(e) =
-                    self.store
-                        .reject(&slot.name, slot.version, &slot.sha256, &failure.to_string())
-                {
-                    tracing::error!(error = %e, "cannot record the rejected version");
-                }
+                self.reject(slot, &failure);
                 Err(failure)
             }
         };
