@@ -13,11 +13,13 @@ arch_of() {
     esac
 }
 
-# The targets in dist/ that are packaged: the static builds and armv7's
-# glibc one; the native aarch64 build (cross/build --all) would clash with
-# the static arm64 package's name.
+# The targets in dist/ that are packaged: one per Debian architecture.
+# Left out: the native aarch64 build and the ARMv6 one (cross/build --all),
+# which would clash with the arm64 and armhf packages' names, and a glibc
+# armv7 build when the static one is there.
 packaged_targets() {
-    (cd dist && ls -d */ | tr -d / | grep -v '^aarch64-unknown-linux-gnu$')
+    (cd dist && ls -d */ | tr -d / | grep -v -e '^aarch64-unknown-linux-gnu$' -e '^arm-unknown-linux-musleabihf$' \
+        | if [[ -d armv7-unknown-linux-musleabihf ]]; then grep -v '^armv7-unknown-linux-gnueabihf$'; else cat; fi)
 }
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

@@ -191,7 +191,7 @@ pub fn interpret(status: ExitStatus, stdout: &[u8], stderr: &[u8]) -> Outcome {
         ));
     }
     let report = lines
-        .last()
+        .next_back()
         .and_then(|l| serde_json::from_str::<Report>(l).ok());
     match (status.success(), report) {
         (true, Some(r)) if r.ok => Outcome::Passed,
