@@ -1,4 +1,5 @@
-# Shared by the cross/ scripts (sourced, from the repository root).
+# Shared by the cross/ scripts and scripts/test (sourced, from the
+# repository root).
 
 # The workspace version, as packages are named.
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"

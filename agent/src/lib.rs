@@ -69,24 +69,21 @@ async fn serve_local_models(
             let pin = local.runtime.clone().or_else(|| loading.pin.clone());
             // Where a panic would abort the agent, a child process loads
             // it first (probe.rs).
-            if let Some(probe) = &loading.probe {
-                let subject = probe::Subject::File {
-                    path: &path,
-                    test_vector: local.test_vector.as_deref(),
-                    pin: pin.as_deref(),
-                };
-                match probe.check(subject).await {
-                    probe::Outcome::Passed => {}
-                    probe::Outcome::Unavailable(reason) => {
-                        tracing::warn!(%reason, "cannot load the model in a probe process first; loading it here")
-                    }
-                    probe::Outcome::Failed(failure) => anyhow::bail!("{failure}"),
-                    probe::Outcome::Crashed(reason) => anyhow::bail!("{reason}"),
-                }
-            }
+            let subject = probe::Subject::File {
+                path: &path,
+                test_vector: local.test_vector.as_deref(),
+                pin: pin.as_deref(),
+            };
+            probe::gate(loading.probe.as_ref(), subject).await?;
             let runtimes = loading.runtimes.clone();
             let selection = tokio::task::spawn_blocking(move || {
-                select_local(&runtimes, format, &path, test_vector.as_ref(), pin.as_deref())
+                select_local(
+                    &runtimes,
+                    format,
+                    &path,
+                    test_vector.as_ref(),
+                    pin.as_deref(),
+                )
             })
             .await??;
             anyhow::Ok((format, sha256, selection))

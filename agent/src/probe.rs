@@ -14,6 +14,7 @@
 //! under an emulator) is told apart from one that crashed: the agent then
 //! loads the version itself, as unwinding builds always do.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -60,6 +61,36 @@ pub enum Outcome {
     Unavailable(String),
 }
 
+/// Why a probe says the agent must not load a model.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    /// It failed its load or checks the ordinary way.
+    #[error("{0}")]
+    Failed(Failure),
+    /// It crashed the child: it would crash the agent.
+    #[error("{0}")]
+    Crashed(String),
+}
+
+/// Whether the agent may load `subject` itself: yes when there is no
+/// probe (panics unwind), when the child passed it, or when no child could
+/// run (said in the log; the load then happens in-process as without a
+/// probe); otherwise why not.
+pub async fn gate(probe: Option<&Probe>, subject: Subject<'_>) -> Result<(), Refusal> {
+    let Some(probe) = probe else {
+        return Ok(());
+    };
+    match probe.check(subject).await {
+        Outcome::Passed => Ok(()),
+        Outcome::Unavailable(reason) => {
+            tracing::warn!(%reason, "cannot load the model in a probe process first; loading it here");
+            Ok(())
+        }
+        Outcome::Failed(failure) => Err(Refusal::Failed(failure)),
+        Outcome::Crashed(reason) => Err(Refusal::Crashed(reason)),
+    }
+}
+
 /// What the child loads.
 #[derive(Debug, Clone, Copy)]
 pub enum Subject<'a> {
@@ -78,7 +109,7 @@ pub enum Subject<'a> {
 pub struct Probe {
     program: PathBuf,
     /// The runtime settings, but the pin.
-    args: Vec<String>,
+    args: Vec<OsString>,
     pin: Option<String>,
 }
 
@@ -101,19 +132,16 @@ impl Probe {
 
     /// A probe that runs `program` with the runtime settings of `runtime`.
     pub fn new(program: PathBuf, runtime: &RuntimeConfig) -> Self {
-        let mut args = Vec::new();
+        let mut args: Vec<OsString> = Vec::new();
         if let Some(p) = &runtime.onnxruntime_library {
-            args.extend(["--onnxruntime-library".to_string(), p.display().to_string()]);
+            args.extend(["--onnxruntime-library".into(), p.into()]);
         }
         if let Some(p) = &runtime.tflite_library {
-            args.extend(["--tflite-library".to_string(), p.display().to_string()]);
+            args.extend(["--tflite-library".into(), p.into()]);
         }
         for provider in &runtime.onnxruntime_providers {
             if let Some(name) = clap::ValueEnum::to_possible_value(provider) {
-                args.extend([
-                    "--onnxruntime-provider".to_string(),
-                    name.get_name().to_string(),
-                ]);
+                args.extend(["--onnxruntime-provider".into(), name.get_name().into()]);
             }
         }
         Self {
@@ -124,8 +152,8 @@ impl Probe {
     }
 
     /// The child's arguments for `subject`.
-    fn command_line(&self, subject: Subject<'_>) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = vec![SUBCOMMAND.into()];
+    fn command_line(&self, subject: Subject<'_>) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![SUBCOMMAND.into()];
         let pin = match subject {
             Subject::Installed(dir) => {
                 args.extend(["--model-dir".into(), dir.into()]);
@@ -146,7 +174,7 @@ impl Probe {
         if let Some(pin) = pin {
             args.extend(["--runtime".into(), pin.into()]);
         }
-        args.extend(self.args.iter().map(Into::into));
+        args.extend(self.args.iter().cloned());
         args
     }
 

@@ -16,7 +16,7 @@ use crate::engine::{Check, Engine, EngineError, Runtimes, Selection};
 use crate::model_store::{
     InstalledModel, ModelStore, Soaking, MAX_DIED_LOADING, MAX_SOAK_RESTARTS,
 };
-use crate::probe::Outcome;
+use crate::probe::{self, Refusal, Subject};
 use crate::registry::{ModelRegistry, ServedModel};
 use crate::report::Reporter;
 use crate::stats::Counts;
@@ -525,22 +525,11 @@ impl Updater {
         // Loading and checking happen together: every runtime loads it,
         // then each is run on the signed test vector. Where a panic would
         // abort the agent, a child process does it first.
-        let probed = match &self.loading.probe {
-            None => Outcome::Passed,
-            Some(probe) => {
-                probe
-                    .check(crate::probe::Subject::Installed(installed.dir()))
-                    .await
-            }
-        };
-        let loaded = match probed {
-            Outcome::Passed => load_engine(&installed, &self.loading).await,
-            Outcome::Unavailable(reason) => {
-                tracing::warn!(%reason, "cannot load the model in a probe process first; loading it here");
-                load_engine(&installed, &self.loading).await
-            }
-            Outcome::Failed(failure) => Err(failure),
-            Outcome::Crashed(reason) => {
+        let subject = Subject::Installed(installed.dir());
+        let loaded = match probe::gate(self.loading.probe.as_ref(), subject).await {
+            Ok(()) => load_engine(&installed, &self.loading).await,
+            Err(Refusal::Failed(failure)) => Err(failure),
+            Err(Refusal::Crashed(reason)) => {
                 // It would do the same to the agent: never try it again.
                 let failure = Failure::Load(reason);
                 self.reject(slot, &failure);
