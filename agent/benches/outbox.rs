@@ -89,6 +89,7 @@ async fn drain_rate(
                 health: Default::default(),
                 models: Vec::new(),
                 outbox: Default::default(),
+                link: Default::default(),
             };
             serde_json::to_vec(&msg).unwrap()
         });
@@ -106,6 +107,10 @@ async fn drain_rate(
         device: DeviceId::new(device).unwrap(),
         prefix,
         config: mqtt,
+        // Every publish is signed, as in the field.
+        key: edgefleet_shared::SecretKey::from_seed([7; 32]),
+        server_keys: Default::default(),
+        health: Default::default(),
     };
     let started = Instant::now();
     let task = tokio::spawn(uplink.run(
@@ -212,6 +217,7 @@ async fn main() {
         delete_on,
         batch_records,
         clean_session: true,
+        server_url: None,
     };
     let run_id = std::process::id();
     let prefix = TopicPrefix::new(format!("edgefleet-bench-{run_id}/v1")).unwrap();

@@ -13,8 +13,15 @@
 //! | GET | `/v2/models/{m}[/versions/{v}]/stats` | counts and latency percentiles |
 //!
 //! Every error is `{"error": "..."}` with a message naming the problem.
+//!
+//! A request's body is read in full (bounded in size and time) before it
+//! may take one of the `api.max_concurrent_requests` inference permits, so
+//! a client that uploads slowly or stops part-way holds only its own
+//! connection. The TCP listener also checks `Host` and `Origin`: a web page
+//! in a browser on the device must not reach it through DNS rebinding.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +31,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -36,6 +43,21 @@ use crate::engine::{self, IoSpec};
 use crate::registry::{ModelRegistry, Placement, ServedModel};
 use crate::tensor::{DataType, Tensor, TensorData};
 
+/// How long a client may take to send a request's headers. Local clients
+/// send them in one write; a connection still short of a complete header
+/// after this long is stuck or hostile, and each one holds a socket and a
+/// task. hyper counts an idle keep-alive connection's wait for its next
+/// request against the same limit, so idle connections close after this
+/// long too (clients reconnect).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take to send a request's whole body. The body is
+/// read before an inference permit is taken, so a slow sender no longer
+/// blocks other requests, but it still holds a connection, a task and up
+/// to `api.max_request_bytes` of memory; 30 s moves the default 16 MiB
+/// limit even over a slow local link, and cuts off a client that stopped.
+pub const BODY_READ_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Shared state of the API.
 #[derive(Clone)]
 pub struct ApiState {
@@ -44,6 +66,12 @@ pub struct ApiState {
     pub permits: Arc<Semaphore>,
     pub max_concurrent: usize,
     pub request_timeout: Duration,
+    /// Longest a client may take to send a request's headers
+    /// ([`HEADER_READ_TIMEOUT`]).
+    pub header_read_timeout: Duration,
+    /// Longest a client may take to send a request's whole body
+    /// ([`BODY_READ_DEADLINE`]).
+    pub body_read_deadline: Duration,
     /// Where results of models with `upload_results` go (fleet mode).
     pub uploads: Option<Uploads>,
 }
@@ -63,6 +91,8 @@ impl ApiState {
             permits: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
             max_concurrent: limits.max_concurrent_requests,
             request_timeout: Duration::from_millis(limits.request_timeout_ms),
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            body_read_deadline: BODY_READ_DEADLINE,
             uploads: None,
         }
     }
@@ -138,7 +168,9 @@ pub async fn serve_unix(listener: UnixListener, state: ApiState, shutdown: Cance
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => spawn_connection(stream, state.clone(), shutdown.clone()),
+                // The socket's file mode decides who may connect: no
+                // Host/Origin check (a browser cannot reach a Unix socket).
+                Ok((stream, _)) => spawn_connection(stream, state.clone(), None, shutdown.clone()),
                 Err(e) => {
                     tracing::warn!(error = %e, "unix accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -148,15 +180,24 @@ pub async fn serve_unix(listener: UnixListener, state: ApiState, shutdown: Cance
     }
 }
 
-/// Serves connections from a bound TCP listener until `shutdown`.
+/// Serves connections from a bound TCP listener until `shutdown`. Only
+/// requests naming a loopback host (and no foreign `Origin`) are served:
+/// see [`check_local_client`].
 pub async fn serve_tcp(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
+    let local = match listener.local_addr() {
+        Ok(local) => local,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the TCP listener's address; not serving on it");
+            return;
+        }
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    spawn_connection(stream, state.clone(), shutdown.clone());
+                    spawn_connection(stream, state.clone(), Some(local), shutdown.clone());
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "tcp accept failed");
@@ -167,17 +208,37 @@ pub async fn serve_tcp(listener: TcpListener, state: ApiState, shutdown: Cancell
     }
 }
 
-fn spawn_connection<S>(stream: S, state: ApiState, shutdown: CancellationToken)
-where
+/// Serves one connection. `tcp_listener` is the address of the TCP
+/// listener it came from (`None` for the Unix socket): its requests must
+/// pass [`check_local_client`].
+fn spawn_connection<S>(
+    stream: S,
+    state: ApiState,
+    tcp_listener: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let service = service_fn(move |req| {
+        let header_read_timeout = state.header_read_timeout;
+        let service = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(state, req).await) }
+            async move {
+                if let Some(listener) = tcp_listener {
+                    if let Err(e) = check_local_client(&req, listener) {
+                        tracing::warn!(reason = %e.message, "refused a TCP API request");
+                        return Ok::<_, Infallible>(error_response(e));
+                    }
+                }
+                Ok(handle(state, req).await)
+            }
         });
+        // A client that stalls inside its headers is closed without an
+        // answer: hyper gives up on the connection before any handler runs.
         let conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
             .serve_connection(TokioIo::new(stream), service);
         let mut conn = std::pin::pin!(conn);
         tokio::select! {
@@ -192,6 +253,69 @@ where
             }
         }
     });
+}
+
+/// Refuses a TCP request unless it names a loopback host and, when it
+/// carries an `Origin`, comes from a loopback origin. The API has no
+/// authentication; a web page on another site that gets its name to
+/// resolve to 127.0.0.1 (DNS rebinding) still sends its own name as `Host`
+/// and its site as `Origin`, so both are checked. A request naming the
+/// listener's own address is also accepted.
+pub fn check_local_client<B>(req: &Request<B>, listener: SocketAddr) -> Result<(), ApiError> {
+    let forbidden = |message: String| ApiError::new(StatusCode::FORBIDDEN, message);
+    let loopback = |host: &str| {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || bare
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback() || (ip == listener.ip() && !ip.is_unspecified()))
+    };
+    // An absolute request target (`GET http://name/...`) names the host
+    // instead of the Host header; hold it to the same rule.
+    if let Some(authority) = req.uri().authority() {
+        if !loopback(authority.host()) {
+            return Err(forbidden(format!(
+                "request target names host {:?}, which is not a loopback address; this API serves only local clients at localhost, 127.0.0.1 or [::1]",
+                authority.host()
+            )));
+        }
+    }
+    let Some(host) = req.headers().get(http::header::HOST) else {
+        return Err(forbidden(format!(
+            "the request has no Host header; this API serves only local clients: send Host: {listener}"
+        )));
+    };
+    let host_name = host
+        .to_str()
+        .ok()
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .map(|a| a.host().to_string());
+    match host_name {
+        Some(name) if loopback(&name) => {}
+        _ => {
+            return Err(forbidden(format!(
+                "Host {:?} is not a loopback name; this API serves only local clients at localhost, 127.0.0.1 or [::1] (a web page reaching it under another name is refused)",
+                String::from_utf8_lossy(host.as_bytes())
+            )))
+        }
+    }
+    if let Some(origin) = req.headers().get(http::header::ORIGIN) {
+        let origin_host = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.parse::<http::Uri>().ok())
+            .and_then(|u| u.host().map(str::to_string));
+        match origin_host {
+            Some(name) if loopback(&name) => {}
+            _ => {
+                return Err(forbidden(format!(
+                    "Origin {:?} is not a loopback origin; this API does not serve web pages from other sites (call it from a local program or through the Unix socket)",
+                    String::from_utf8_lossy(origin.as_bytes())
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Routes one request.
@@ -313,7 +437,19 @@ async fn read_body(state: &ApiState, req: Request<Incoming>) -> Result<Bytes, Ap
             ));
         }
     }
-    match Limited::new(req.into_body(), limit).collect().await {
+    let deadline = state.body_read_deadline;
+    let collected = tokio::time::timeout(deadline, Limited::new(req.into_body(), limit).collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} ms; send the whole body without pausing",
+                    deadline.as_millis()
+                ),
+            )
+        })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -590,15 +726,6 @@ async fn infer(
     model: Arc<ServedModel>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let permit = state.permits.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "too many concurrent requests (limit {}, api.max_concurrent_requests); retry shortly",
-                state.max_concurrent
-            ),
-        )
-    })?;
     let header_len = match req.headers().get(HEADER_LENGTH) {
         None => None,
         Some(v) => Some(
@@ -634,6 +761,17 @@ async fn infer(
             }
         }
     }
+    // Taken only now, with the whole request in hand: a permit stands for
+    // inference work, never for waiting on a client.
+    let permit = state.permits.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "too many concurrent requests (limit {}, api.max_concurrent_requests); retry shortly",
+                state.max_concurrent
+            ),
+        )
+    })?;
     let started = Instant::now();
     // A fast model given a far larger input than it was timed on could
     // hold the worker for long: only small requests run directly.
@@ -791,5 +929,355 @@ mod tests {
         let json = json!({"inputs": [], "parameters": {"binary_data_output": true}});
         let d = decode_request(None, &serde_json::to_vec(&json).unwrap()).unwrap();
         assert!(d.binary_by_default && d.wanted.is_none());
+    }
+
+    #[test]
+    fn only_loopback_hosts_and_origins_pass_the_tcp_check() {
+        let listener: SocketAddr = "127.0.0.1:8500".parse().unwrap();
+        let check = |host: Option<&str>, origin: Option<&str>| {
+            let mut req = Request::builder().uri("/v2");
+            if let Some(host) = host {
+                req = req.header(http::header::HOST, host);
+            }
+            if let Some(origin) = origin {
+                req = req.header(http::header::ORIGIN, origin);
+            }
+            check_local_client(&req.body(()).unwrap(), listener)
+        };
+        for host in [
+            "localhost",
+            "LOCALHOST:8500",
+            "127.0.0.1",
+            "127.0.0.1:8500",
+            "[::1]",
+            "[::1]:8500",
+        ] {
+            assert!(check(Some(host), None).is_ok(), "{host}");
+        }
+        for origin in [
+            "http://localhost:3000",
+            "http://127.0.0.1:8500",
+            "https://[::1]",
+        ] {
+            assert!(
+                check(Some("127.0.0.1:8500"), Some(origin)).is_ok(),
+                "{origin}"
+            );
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8500",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io:8500",
+            "10.0.0.5:8500",
+        ] {
+            let err = check(Some(host), None).unwrap_err();
+            assert_eq!(err.status, StatusCode::FORBIDDEN);
+            assert!(err.message.contains(host), "{}", err.message);
+        }
+        let err = check(None, None).unwrap_err();
+        assert!(err.message.contains("no Host header"), "{}", err.message);
+        for origin in ["http://evil.example", "http://evil.example:8500", "null"] {
+            let err = check(Some("127.0.0.1:8500"), Some(origin)).unwrap_err();
+            assert_eq!(err.status, StatusCode::FORBIDDEN);
+            assert!(
+                err.message.contains("Origin") && err.message.contains(origin),
+                "{}",
+                err.message
+            );
+        }
+        // An absolute request target is held to the same rule as Host.
+        let req = Request::builder()
+            .uri("http://evil.example/v2")
+            .header(http::header::HOST, "127.0.0.1")
+            .body(())
+            .unwrap();
+        assert!(check_local_client(&req, listener).is_err());
+    }
+
+    /// Component tests over real sockets.
+    mod sockets {
+        use super::*;
+        use crate::engine::{EngineError, Selection};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::{TcpStream, UnixStream};
+
+        /// y = x: the cheapest model, yet each request needs a permit.
+        struct Echo {
+            inputs: Vec<IoSpec>,
+            outputs: Vec<IoSpec>,
+        }
+
+        impl engine::Engine for Echo {
+            fn runtime(&self) -> &'static str {
+                "echo"
+            }
+            fn inputs(&self) -> &[IoSpec] {
+                &self.inputs
+            }
+            fn outputs(&self) -> &[IoSpec] {
+                &self.outputs
+            }
+            fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+                let x = inputs.into_iter().next().expect("validated");
+                Ok(vec![Tensor {
+                    name: "y".into(),
+                    ..x
+                }])
+            }
+        }
+
+        fn state(max_concurrent: usize) -> ApiState {
+            let spec = |name: &str| IoSpec {
+                name: name.into(),
+                datatype: DataType::Fp32,
+                shape: vec![None],
+            };
+            let registry = ModelRegistry::default();
+            registry.insert(ServedModel::new(
+                "echo".into(),
+                1,
+                "0".repeat(64),
+                edgefleet_shared::ModelFormat::Onnx,
+                Selection {
+                    engine: Box::new(Echo {
+                        inputs: vec![spec("x")],
+                        outputs: vec![spec("y")],
+                    }),
+                    trials: Vec::new(),
+                },
+            ));
+            ApiState::new(
+                registry,
+                &crate::config::ApiConfig {
+                    max_concurrent_requests: max_concurrent,
+                    ..Default::default()
+                },
+            )
+        }
+
+        async fn start_tcp(state: ApiState) -> (SocketAddr, CancellationToken) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let shutdown = CancellationToken::new();
+            tokio::spawn(serve_tcp(listener, state, shutdown.clone()));
+            (addr, shutdown)
+        }
+
+        async fn start_unix(
+            state: ApiState,
+        ) -> (tempfile::TempDir, std::path::PathBuf, CancellationToken) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("api.sock");
+            let listener = bind_unix(&path).await.unwrap();
+            let shutdown = CancellationToken::new();
+            tokio::spawn(serve_unix(listener, state, shutdown.clone()));
+            (dir, path, shutdown)
+        }
+
+        const INFER_BODY: &str =
+            r#"{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}"#;
+
+        /// A whole HTTP/1.1 request that asks the server to close after
+        /// answering, so the answer is everything up to EOF.
+        fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+            let mut text = format!("{method} {path} HTTP/1.1\r\n");
+            for (name, value) in headers {
+                text.push_str(&format!("{name}: {value}\r\n"));
+            }
+            text.push_str(&format!(
+                "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ));
+            text.into_bytes()
+        }
+
+        /// Sends `request` and returns the answer's status and body.
+        async fn exchange<S>(mut stream: S, request: &[u8]) -> (u16, String)
+        where
+            S: AsyncRead + AsyncWrite + Unpin,
+        {
+            stream.write_all(request).await.unwrap();
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw).await.unwrap();
+            parse_response(&raw)
+        }
+
+        fn parse_response(raw: &[u8]) -> (u16, String) {
+            let text = String::from_utf8_lossy(raw);
+            let status = text
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+            (status, body.unwrap_or_default())
+        }
+
+        /// Headers and the first bytes of a body that never arrives whole.
+        const SLOW_UPLOAD: &[u8] = b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: localhost\r\n\
+            Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"inputs\": [";
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn slow_uploads_do_not_hold_the_inference_permits() {
+            let (_dir, path, shutdown) = start_unix(state(2)).await;
+            let mut slow = Vec::new();
+            for _ in 0..6 {
+                let mut stream = UnixStream::connect(&path).await.unwrap();
+                stream.write_all(SLOW_UPLOAD).await.unwrap();
+                slow.push(stream);
+            }
+            // Time for the server to accept them and start on their bodies.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let started = Instant::now();
+            let stream = UnixStream::connect(&path).await.unwrap();
+            let infer = request(
+                "POST",
+                "/v2/models/echo/infer",
+                &[("Host", "localhost")],
+                INFER_BODY,
+            );
+            let (status, body) =
+                tokio::time::timeout(Duration::from_secs(5), exchange(stream, &infer))
+                    .await
+                    .expect("inference answered while slow uploads are pending");
+            assert_eq!(status, 200, "{body}");
+            assert!(started.elapsed() < Duration::from_secs(2));
+            let answer: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(answer["outputs"][0]["data"], json!([1.0, 2.0]));
+            // The slow clients are still connected, unanswered.
+            for stream in &slow {
+                let mut buf = [0u8; 64];
+                let read = stream.try_read(&mut buf);
+                assert!(
+                    matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                    "{read:?}"
+                );
+            }
+            shutdown.cancel();
+        }
+
+        #[tokio::test]
+        async fn a_client_that_stops_mid_body_gets_408_and_is_disconnected() {
+            let mut state = state(2);
+            state.body_read_deadline = Duration::from_millis(300);
+            let (_dir, path, shutdown) = start_unix(state).await;
+            let mut stream = UnixStream::connect(&path).await.unwrap();
+            stream.write_all(SLOW_UPLOAD).await.unwrap();
+            let started = Instant::now();
+            let mut raw = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
+                .await
+                .expect("the server cut the stalled client off")
+                .unwrap();
+            assert!(started.elapsed() >= Duration::from_millis(300));
+            let (status, body) = parse_response(&raw);
+            assert_eq!(status, 408, "{body}");
+            let error: Value = serde_json::from_str(&body).unwrap();
+            let message = error["error"].as_str().unwrap();
+            assert!(
+                message.contains("request body not received within 300 ms"),
+                "{message}"
+            );
+            shutdown.cancel();
+        }
+
+        #[tokio::test]
+        async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+            let mut state = state(2);
+            state.header_read_timeout = Duration::from_millis(300);
+            let (addr, shutdown) = start_tcp(state).await;
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                .await
+                .unwrap();
+            let started = Instant::now();
+            let mut raw = Vec::new();
+            let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
+                .await
+                .expect("the server closed the connection");
+            assert!(started.elapsed() >= Duration::from_millis(300));
+            // Closed without an answer (hyper cannot answer a half-read head).
+            assert!(
+                matches!(&closed, Ok(0))
+                    || matches!(&closed, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "{closed:?} {raw:?}"
+            );
+            shutdown.cancel();
+        }
+
+        async fn tcp_get(addr: SocketAddr, headers: &[(&str, &str)]) -> (u16, String) {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let get = request("GET", "/v2/health/live", headers, "");
+            tokio::time::timeout(Duration::from_secs(5), exchange(stream, &get))
+                .await
+                .expect("answered")
+        }
+
+        #[tokio::test]
+        async fn the_tcp_api_refuses_foreign_hosts_and_origins() {
+            let (addr, shutdown) = start_tcp(state(2)).await;
+            let port = addr.port();
+            for host in [format!("evil.example:{port}"), "attacker.test".to_string()] {
+                let (status, body) = tcp_get(addr, &[("Host", &host)]).await;
+                assert_eq!(status, 403, "{body}");
+                let error: Value = serde_json::from_str(&body).unwrap();
+                let message = error["error"].as_str().unwrap();
+                assert!(message.contains(&format!("Host {host:?}")), "{message}");
+            }
+            let own = addr.to_string();
+            for origin in ["http://evil.example", "null"] {
+                let (status, body) = tcp_get(addr, &[("Host", &own), ("Origin", origin)]).await;
+                assert_eq!(status, 403, "{body}");
+                let error: Value = serde_json::from_str(&body).unwrap();
+                let message = error["error"].as_str().unwrap();
+                assert!(message.contains(&format!("Origin {origin:?}")), "{message}");
+            }
+            shutdown.cancel();
+        }
+
+        #[tokio::test]
+        async fn local_clients_are_served_on_tcp_and_the_unix_socket_is_unchecked() {
+            let (addr, shutdown) = start_tcp(state(2)).await;
+            let port = addr.port();
+            // What curl sends: Host 127.0.0.1:PORT, no Origin.
+            let curl_host = format!("127.0.0.1:{port}");
+            let (status, body) = tcp_get(addr, &[("Host", &curl_host)]).await;
+            assert_eq!(status, 200, "{body}");
+            for host in ["localhost", &format!("localhost:{port}"), "[::1]"] {
+                let (status, body) = tcp_get(addr, &[("Host", host)]).await;
+                assert_eq!(status, 200, "{host}: {body}");
+            }
+            let (status, body) = tcp_get(
+                addr,
+                &[("Host", &curl_host), ("Origin", "http://localhost:3000")],
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let infer = request(
+                "POST",
+                "/v2/models/echo/infer",
+                &[("Host", &curl_host)],
+                INFER_BODY,
+            );
+            let (status, body) = exchange(stream, &infer).await;
+            assert_eq!(status, 200, "{body}");
+            shutdown.cancel();
+
+            // The Unix socket is guarded by its file mode, not by names.
+            let (_dir, path, shutdown) = start_unix(state(2)).await;
+            let stream = UnixStream::connect(&path).await.unwrap();
+            let get = request(
+                "GET",
+                "/v2/health/live",
+                &[("Host", "evil.example"), ("Origin", "http://evil.example")],
+                "",
+            );
+            let (status, body) = exchange(stream, &get).await;
+            assert_eq!(status, 200, "{body}");
+            shutdown.cancel();
+        }
     }
 }

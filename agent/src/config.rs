@@ -32,6 +32,10 @@ pub struct AgentConfig {
     /// The root document this device was flashed with. Required when
     /// `mqtt` is set: without it no update can be verified.
     pub root_document: Option<PathBuf>,
+    /// This device's signing key (fleet mode); made here at first start
+    /// if missing. Default: `{data_dir}/device.key`.
+    #[serde(default)]
+    pub device_key: Option<PathBuf>,
     #[serde(default)]
     pub api: ApiConfig,
     /// The fleet connection; absent for a standalone agent.
@@ -202,6 +206,11 @@ pub struct MqttConfig {
     /// Mosquitto when records are sent one per publish (see README).
     #[serde(default = "default_clean_session")]
     pub clean_session: bool,
+    /// The fleet server's HTTP URL. With `username` and `password`, a
+    /// device key made on the device is registered there (accepted only
+    /// while the server holds no key for the device).
+    #[serde(default)]
+    pub server_url: Option<String>,
 }
 
 fn default_clean_session() -> bool {
@@ -307,12 +316,20 @@ fn default_telemetry_interval_ms() -> u64 {
 }
 
 impl AgentConfig {
+    /// Where the device key lives.
+    pub fn device_key_path(&self) -> PathBuf {
+        self.device_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("device.key"))
+    }
+
     /// A config with every default and nothing connected.
     pub fn standalone(socket: PathBuf, data_dir: PathBuf) -> Self {
         Self {
             device_id: None,
             data_dir,
             root_document: None,
+            device_key: None,
             api: ApiConfig {
                 socket,
                 ..ApiConfig::default()
@@ -366,6 +383,9 @@ impl AgentConfig {
         fix(&mut self.api.socket);
         if let Some(root) = &mut self.root_document {
             fix(root);
+        }
+        if let Some(key) = &mut self.device_key {
+            fix(key);
         }
         for model in &mut self.models {
             fix(&mut model.path);

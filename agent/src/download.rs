@@ -5,7 +5,13 @@
 //! only for the missing bytes. A server that sends more than the declared
 //! size is cut off at the cap (endless-data attack); a body that hashes
 //! wrong is deleted.
+//!
+//! Each artifact must also arrive within an overall deadline derived from
+//! its signed size ([`MIN_TRANSFER_RATE`], [`DEADLINE_GRACE`]): the
+//! per-chunk stall timeout alone lets a server that sends a byte just
+//! inside it hold the update for ever.
 
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,6 +20,17 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::fs::{File, OpenOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// The slowest average rate, in bytes per second, at which a download may
+/// still finish: 16 KiB/s moves a 100 MB model in under two hours, so a
+/// poor cellular link still gets there, while a server feeding a byte at a
+/// time is given up on instead of holding the update.
+pub const MIN_TRANSFER_RATE: u64 = 16 * 1024;
+
+/// Added to every download's deadline, for what does not scale with size:
+/// connecting, retries and their back-off, a slow start.
+pub const DEADLINE_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DownloadError {
@@ -27,6 +44,14 @@ pub enum DownloadError {
     AllUrlsFailed(String),
     #[error("compressed artifact is not valid zstd: {0}")]
     Corrupt(String),
+    #[error("download from {url} too slow: {received} of {size} bytes arrived within its deadline of {deadline:?} (the size at a minimum of {min_rate} bytes/s, plus a grace period); check the server and the device's link")]
+    TooSlow {
+        url: String,
+        received: u64,
+        size: u64,
+        deadline: Duration,
+        min_rate: u64,
+    },
 }
 
 /// One attempt's outcome.
@@ -37,6 +62,17 @@ enum Attempt {
     Retry(String),
     /// Stop trying this model.
     Fatal(DownloadError),
+    /// The overall deadline passed with `received` bytes staged. Unlike a
+    /// fatal error this leaves the staging file in place, so a later try
+    /// of the same artifact resumes from it.
+    OutOfTime { received: u64 },
+}
+
+/// How a wait bounded by both the stall timeout and the deadline ended.
+enum Waited<T> {
+    Done(T),
+    Stalled,
+    OutOfTime,
 }
 
 /// Downloads model artifacts. The HTTP client (TLS roots included) is
@@ -47,6 +83,9 @@ pub struct Downloader {
     client: std::sync::Arc<std::sync::Mutex<std::sync::Weak<reqwest::Client>>>,
     stall: Duration,
     attempts: u32,
+    /// Every artifact gets `grace + size / min_rate` (bytes per second).
+    grace: Duration,
+    min_rate: u64,
 }
 
 impl Downloader {
@@ -56,6 +95,41 @@ impl Downloader {
             client: Default::default(),
             stall,
             attempts: attempts.max(1),
+            grace: DEADLINE_GRACE,
+            min_rate: MIN_TRANSFER_RATE,
+        }
+    }
+
+    /// Replaces the overall deadline rule: an artifact of `size` bytes must
+    /// arrive within `grace + size / min_rate` (`min_rate` in bytes per
+    /// second, at least 1).
+    pub fn with_deadline(mut self, grace: Duration, min_rate: u64) -> Self {
+        self.grace = grace;
+        self.min_rate = min_rate.max(1);
+        self
+    }
+
+    /// How long an artifact of `size` bytes may take, all URLs and retries
+    /// together.
+    pub fn deadline_for(&self, size: u64) -> Duration {
+        let rate = self.min_rate.max(1);
+        // Below a second, in u128: the product overflows u64 for large rates.
+        let nanos = u128::from(size % rate) * 1_000_000_000 / u128::from(rate);
+        let nanos = u64::try_from(nanos).expect("under a second of nanoseconds");
+        let transfer = Duration::from_secs(size / rate) + Duration::from_nanos(nanos);
+        self.grace.saturating_add(transfer)
+    }
+
+    /// Waits for `future` until the stall timeout or `deadline`, whichever
+    /// comes first.
+    async fn within<F: Future>(&self, deadline: Instant, future: F) -> Waited<F::Output> {
+        let until = Instant::now()
+            .checked_add(self.stall)
+            .map_or(deadline, |stall_at| stall_at.min(deadline));
+        match tokio::time::timeout_at(until, future).await {
+            Ok(output) => Waited::Done(output),
+            Err(_) if Instant::now() >= deadline => Waited::OutOfTime,
+            Err(_) => Waited::Stalled,
         }
     }
 
@@ -91,7 +165,8 @@ impl Downloader {
     /// the verified file. A compressed copy, when the slot names one, is
     /// tried first (staged as `{sha256}.zst.part`, capped at its signed
     /// size, then decompressed into `dest`, capped at the model's size);
-    /// if that fails in any way the plain URLs are tried.
+    /// if that fails in any way the plain URLs are tried. Each of the two
+    /// has its own deadline ([`Downloader::deadline_for`] its size).
     pub async fn fetch(&self, slot: &ModelSlot, dest: &Path) -> Result<(), DownloadError> {
         let client = self.client()?;
         if let Some(z) = &slot.zstd {
@@ -130,6 +205,8 @@ impl Downloader {
         self.verify(&Target::model(slot), dest).await
     }
 
+    /// Tries each URL in turn, `attempts` times each, all within one
+    /// deadline for the target's size.
     async fn fetch_urls(
         &self,
         client: &reqwest::Client,
@@ -137,18 +214,33 @@ impl Downloader {
         target: &Target,
         dest: &Path,
     ) -> Result<(), DownloadError> {
+        let allowed = self.deadline_for(target.size);
+        let now = Instant::now();
+        // A size too large for the clock to count to: a century will do.
+        let deadline = now
+            .checked_add(allowed)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let mut last_error = String::from("no URL");
         for url in urls {
             for attempt in 0..self.attempts {
                 if attempt > 0 {
                     let backoff = Duration::from_millis(250 * (1 << attempt.min(6)));
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep_until((Instant::now() + backoff).min(deadline)).await;
                 }
-                match self.attempt(client, url, target, dest).await {
+                match self.attempt(client, url, target, dest, deadline).await {
                     Attempt::Complete => return Ok(()),
                     Attempt::Fatal(e) => {
                         let _ = tokio::fs::remove_file(dest).await;
                         return Err(e);
+                    }
+                    Attempt::OutOfTime { received } => {
+                        return Err(DownloadError::TooSlow {
+                            url: url.clone(),
+                            received,
+                            size: target.size,
+                            deadline: allowed,
+                            min_rate: self.min_rate,
+                        });
                     }
                     Attempt::Retry(why) => {
                         tracing::warn!(%url, attempt, reason = %why, "download attempt failed");
@@ -166,6 +258,7 @@ impl Downloader {
         url: &str,
         slot: &Target,
         dest: &Path,
+        deadline: Instant,
     ) -> Attempt {
         let io = |e: std::io::Error| Attempt::Fatal(DownloadError::Io(e.to_string()));
         let mut have = match tokio::fs::metadata(dest).await {
@@ -182,16 +275,22 @@ impl Downloader {
         if have == slot.size {
             return self.verify(slot, dest).await.into();
         }
+        if Instant::now() >= deadline {
+            return Attempt::OutOfTime { received: have };
+        }
         let mut request = client.get(url);
         if have > 0 {
             request = request
                 .header(reqwest::header::RANGE, format!("bytes={have}-"))
                 .header(reqwest::header::IF_RANGE, &slot.etag);
         }
-        let response = match tokio::time::timeout(self.stall, request.send()).await {
-            Err(_) => return Attempt::Retry(format!("no response within {:?}", self.stall)),
-            Ok(Err(e)) => return Attempt::Retry(e.to_string()),
-            Ok(Ok(r)) => r,
+        let response = match self.within(deadline, request.send()).await {
+            Waited::OutOfTime => return Attempt::OutOfTime { received: have },
+            Waited::Stalled => {
+                return Attempt::Retry(format!("no response within {:?}", self.stall))
+            }
+            Waited::Done(Err(e)) => return Attempt::Retry(e.to_string()),
+            Waited::Done(Ok(r)) => r,
         };
         let status = response.status();
         let resuming = have > 0 && status == reqwest::StatusCode::PARTIAL_CONTENT;
@@ -214,17 +313,21 @@ impl Downloader {
         };
         let mut stream = response.bytes_stream();
         loop {
-            let chunk = match tokio::time::timeout(self.stall, stream.next()).await {
-                Err(_) => {
+            let chunk = match self.within(deadline, stream.next()).await {
+                Waited::OutOfTime => {
+                    let _ = file.sync_all().await;
+                    return Attempt::OutOfTime { received: have };
+                }
+                Waited::Stalled => {
                     let _ = file.sync_all().await;
                     return Attempt::Retry(format!("stalled: no data for {:?}", self.stall));
                 }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
+                Waited::Done(None) => break,
+                Waited::Done(Some(Err(e))) => {
                     let _ = file.sync_all().await;
                     return Attempt::Retry(format!("connection broke: {e}"));
                 }
-                Ok(Some(Ok(chunk))) => chunk,
+                Waited::Done(Some(Ok(chunk))) => chunk,
             };
             let room = slot.size - have;
             if chunk.len() as u64 > room {
@@ -351,4 +454,149 @@ async fn sha256_async(path: &Path) -> std::io::Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// An HTTP server that answers every GET with `body`, one byte every
+    /// `pause` (all at once when `pause` is zero). Returns its URL.
+    async fn trickle_server(body: Vec<u8>, pause: Duration) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/model.onnx", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let header =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                    if stream.write_all(header.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if pause.is_zero() {
+                        let _ = stream.write_all(&body).await;
+                        return;
+                    }
+                    for byte in body {
+                        if stream.write_all(&[byte]).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    fn target(body: &[u8]) -> Target {
+        let sha256 = hex::encode(Sha256::digest(body));
+        Target {
+            size: body.len() as u64,
+            etag: format!("\"{sha256}\""),
+            sha256: Some(sha256),
+        }
+    }
+
+    #[test]
+    fn the_deadline_grows_with_the_signed_size() {
+        let downloader = Downloader::new(Duration::from_secs(30), 3);
+        assert_eq!(downloader.deadline_for(0), DEADLINE_GRACE);
+        assert_eq!(
+            downloader.deadline_for(10 * MIN_TRANSFER_RATE),
+            DEADLINE_GRACE + Duration::from_secs(10)
+        );
+        let fast = downloader
+            .clone()
+            .with_deadline(Duration::from_millis(200), 1000);
+        assert_eq!(fast.deadline_for(500), Duration::from_millis(700));
+        // No overflow at the extremes.
+        assert_eq!(
+            fast.deadline_for(u64::MAX),
+            Duration::from_millis(200) + Duration::from_millis(u64::MAX)
+        );
+        let instant = downloader.with_deadline(Duration::ZERO, u64::MAX);
+        assert_eq!(instant.deadline_for(u64::MAX), Duration::from_secs(1));
+        assert_eq!(
+            instant.deadline_for(u64::MAX - 1),
+            Duration::from_nanos(999_999_999)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_trickling_inside_the_stall_timeout_is_cut_off_at_the_deadline() {
+        let body: Vec<u8> = (0..200u8).collect();
+        // 200 bytes at one per 20 ms would take 4 s; the stall timeout
+        // (1 s) never fires.
+        let url = trickle_server(body.clone(), Duration::from_millis(20)).await;
+        let downloader = Downloader::new(Duration::from_secs(1), 3)
+            .with_deadline(Duration::from_millis(200), 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("model.part");
+        let client = downloader.client().unwrap();
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(3),
+            downloader.fetch_urls(&client, std::slice::from_ref(&url), &target(&body), &dest),
+        )
+        .await
+        .expect("the download ended at its deadline");
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
+        assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+        let err = result.unwrap_err();
+        let DownloadError::TooSlow {
+            url: failed_url,
+            received,
+            size,
+            deadline,
+            min_rate,
+        } = &err
+        else {
+            panic!("expected TooSlow, got {err:?}");
+        };
+        assert_eq!(failed_url, &url);
+        assert!(*received > 0 && *received < 200, "{received}");
+        assert_eq!((*size, *min_rate), (200, 1000));
+        assert_eq!(*deadline, Duration::from_millis(400));
+        let message = err.to_string();
+        assert!(
+            message.contains(&url)
+                && message.contains(&format!("{received} of 200 bytes"))
+                && message.contains("400ms"),
+            "{message}"
+        );
+        // What arrived stays staged for the next try to resume from.
+        let staged = std::fs::metadata(&dest).unwrap().len();
+        assert_eq!(staged, *received);
+    }
+
+    #[tokio::test]
+    async fn a_prompt_download_finishes_well_inside_the_deadline() {
+        let body: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
+        let url = trickle_server(body.clone(), Duration::ZERO).await;
+        let downloader = Downloader::new(Duration::from_secs(1), 1)
+            .with_deadline(Duration::from_millis(500), 1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("model.part");
+        let client = downloader.client().unwrap();
+        downloader
+            .fetch_urls(&client, &[url], &target(&body), &dest)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), body);
+    }
 }

@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod api;
 pub mod config;
+pub mod device_key;
 pub mod display;
 pub mod download;
 pub mod durable;
@@ -164,6 +165,23 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .context("root_document is required with [mqtt]")?;
         let trust = trust::TrustStore::open(&config.data_dir, &root_path)?;
         tracing::info!(device = %device, root_version = trust.root().version, "fleet mode");
+        let key_path = config.device_key_path();
+        let (key, made) = device_key::load_or_create(&key_path)?;
+        tracing::info!(
+            key = %key.public().to_hex(),
+            path = %key_path.display(),
+            made,
+            "device key (the fleet server must know this public key)"
+        );
+        if let (Some(url), Some(password)) = (&mqtt.server_url, &mqtt.password) {
+            tasks.spawn(device_key::register(
+                url.clone(),
+                device.clone(),
+                password.clone(),
+                key.clone(),
+                shutdown.clone(),
+            ));
+        }
         let sequence =
             outbox::Sequence::persistent(&config.data_dir.join("trust").join("sequence"))
                 .context("cannot open the message sequence counter")?;
@@ -183,7 +201,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         });
         let (desired_tx, desired_rx) = mpsc::channel(4);
         let (status_tx, status_rx) = watch::channel(None);
-        let updater = updater::Updater::new(
+        let mut updater = updater::Updater::new(
             device.clone(),
             trust,
             store,
@@ -196,6 +214,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             loading,
             startup_rollbacks,
         );
+        let server_keys = uplink::ServerKeys::default();
+        updater.share_server_keys(server_keys.clone());
+        let link_counters = uplink::LinkCounters::default();
         tasks.spawn(updater.run(desired_rx, shutdown.clone()));
         tasks.spawn(telemetry::run(
             device.clone(),
@@ -203,12 +224,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             Duration::from_millis(config.telemetry.interval_ms),
             registry.clone(),
             outbox.clone(),
+            link_counters.clone(),
             shutdown.clone(),
         ));
         let uplink = uplink::Uplink {
             device,
             prefix: mqtt.prefix()?,
             config: mqtt.clone(),
+            key,
+            server_keys,
+            health: link_counters,
         };
         let token = shutdown.clone();
         let link = link_tx.clone();

@@ -186,6 +186,7 @@ impl Sampler {
             health: self.health(),
             models: self.models(registry),
             outbox,
+            link: Default::default(),
         }
     }
 }
@@ -197,6 +198,7 @@ pub async fn run(
     interval: Duration,
     registry: ModelRegistry,
     outbox: OutboxHandle,
+    link: crate::uplink::LinkCounters,
     shutdown: CancellationToken,
 ) {
     let mut sampler = Sampler::new(&data_dir);
@@ -209,8 +211,10 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         let (device, registry, handle) = (device.clone(), registry.clone(), outbox.clone());
+        let link = link.snapshot();
         let result = tokio::task::spawn_blocking(move || {
             let mut msg = sampler.sample(&device, &registry, handle.health());
+            msg.link = link;
             handle.push(Stream::Telemetry, |seq| {
                 msg.seq = seq;
                 serde_json::to_vec(&msg).expect("telemetry serializes")

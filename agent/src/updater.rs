@@ -65,10 +65,12 @@ pub struct Updater {
     /// Rollbacks [`serve_installed`] made, reported once connected.
     pub startup_rollbacks: Vec<StartupRollback>,
     watches: Vec<Watch>,
-    /// The last desired state refused for its signing key: it is tried
-    /// again when a newer root arrives (the chain and the document it
-    /// signs may arrive in either order).
+    /// The last desired state refused for its signing key or because the
+    /// trusted root had expired: it is tried again when a newer root
+    /// arrives (the chain and the document it signs may arrive in either
+    /// order).
     unknown_signer: Option<Vec<u8>>,
+    server_keys: Option<crate::uplink::ServerKeys>,
 }
 
 /// How models are matched to runtimes on this device.
@@ -229,7 +231,15 @@ impl Updater {
             startup_rollbacks,
             watches: Vec::new(),
             unknown_signer: None,
+            server_keys: None,
         }
+    }
+
+    /// Keeps `keys` (what the uplink checks receipts and the server's
+    /// status against) in step with the trusted root as it rotates.
+    pub fn share_server_keys(&mut self, keys: crate::uplink::ServerKeys) {
+        keys.set(self.trust.root());
+        self.server_keys = Some(keys);
     }
 
     fn serving(&self) -> Vec<Serving> {
@@ -333,9 +343,13 @@ impl Updater {
             Verdict::AlreadyApplied => {}
             Verdict::Refuse(e) => {
                 tracing::warn!(reason = %e, "desired state refused");
+                // Kept for when a newer root arrives: one that trusts its
+                // signer, or a fresh one after the trusted root expired.
                 if matches!(
                     e,
-                    VerifyError::UnknownKey { .. } | VerifyError::ThresholdNotMet { .. }
+                    VerifyError::UnknownKey { .. }
+                        | VerifyError::ThresholdNotMet { .. }
+                        | VerifyError::RootExpired { .. }
                 ) {
                     self.unknown_signer = Some(payload.to_vec());
                 }
@@ -394,6 +408,9 @@ impl Updater {
         };
         if accepted.is_empty() {
             return;
+        }
+        if let Some(keys) = &self.server_keys {
+            keys.set(self.trust.root());
         }
         if let Some(pending) = self.unknown_signer.take() {
             self.handle(&pending).await;

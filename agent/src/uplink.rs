@@ -17,9 +17,16 @@
 //! retained, so a broker-side session would add nothing but state.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use edgefleet_shared::{DeviceId, Receipt, ServerStatus, StatusMessage, TopicKind, TopicPrefix};
+use edgefleet_shared::messages::LinkHealth;
+use edgefleet_shared::signed_message::{seal, MessageError, SignedMessage};
+use edgefleet_shared::{
+    DeviceId, PublicKey, Receipt, RootDocument, SecretKey, ServerStatus, StatusMessage, TopicKind,
+    TopicPrefix,
+};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +47,12 @@ const ACK_BATCH: usize = RECORD_WINDOW / 4;
 const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most sequence numbers taken from one receipt.
 const MAX_RECEIPT: usize = 100_000;
+/// While the server's status says offline, a few records are still sent
+/// this often: a signed receipt for them proves the server is storing
+/// (a replayed "offline" status must not stall the outbox for good).
+const PROBE_EVERY: Duration = Duration::from_secs(30);
+/// Records sent by one such probe.
+const PROBE_RECORDS: usize = 16;
 
 /// What the fleet sends the device, handed to the updater.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +67,105 @@ pub struct Uplink {
     pub device: DeviceId,
     pub prefix: TopicPrefix,
     pub config: MqttConfig,
+    /// Signs every publish.
+    pub key: SecretKey,
+    /// What receipts and the server's status must be signed by.
+    pub server_keys: ServerKeys,
+    /// What was refused, for telemetry.
+    pub health: LinkCounters,
+}
+
+/// The fleet server's online keys: the trusted root's desired-state role,
+/// kept current by the updater as the root rotates.
+#[derive(Debug, Clone, Default)]
+pub struct ServerKeys(Arc<RwLock<Vec<PublicKey>>>);
+
+impl ServerKeys {
+    pub fn set(&self, root: &RootDocument) {
+        let keys = root.desired_keys().map(|(_, k)| *k).collect();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+
+    /// Opens a message on `topic` that must be signed by the server.
+    pub fn open<'a>(&self, payload: &'a [u8], topic: &str) -> Result<&'a [u8], MessageError> {
+        let keys = self.0.read().unwrap_or_else(|e| e.into_inner());
+        SignedMessage::open(payload, topic, keys.iter())
+    }
+}
+
+/// Messages from the fleet that the agent refused (forged or unsigned
+/// receipts and server statuses), shared with telemetry.
+#[derive(Debug, Clone, Default)]
+pub struct LinkCounters(Arc<(AtomicU64, Mutex<Option<String>>)>);
+
+impl LinkCounters {
+    pub fn rejected(&self, what: &str, reason: &str) {
+        let count = self.0 .0.fetch_add(1, Ordering::Relaxed) + 1;
+        // The first few are logged; after that every thousandth, so a flood
+        // cannot fill the log.
+        if count <= 10 || count % 1000 == 0 {
+            tracing::warn!(what, reason, count, "message from the fleet refused");
+        }
+        *self.0 .1.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{what}: {reason}"));
+    }
+
+    pub fn snapshot(&self) -> LinkHealth {
+        LinkHealth {
+            rejected_messages: self.0 .0.load(Ordering::Relaxed),
+            last_rejection: self.0 .1.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+}
+
+/// Whether the fleet server is storing, from its signed status: a newer
+/// server connection's status replaces an older one's, and within one
+/// connection "offline" (its last will) is final, so a replayed older
+/// status changes nothing. A signed receipt also proves a server is
+/// storing.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServerPresence {
+    /// The newest server connection heard of.
+    session: Option<u64>,
+    /// That connection said "offline".
+    ended: bool,
+    /// Heard "online" (or a receipt) since the agent's own connection.
+    online: bool,
+}
+
+impl ServerPresence {
+    pub fn online(&self) -> bool {
+        self.online && !self.ended
+    }
+
+    /// Takes a verified status.
+    pub fn status(&mut self, status: &ServerStatus) {
+        match self.session {
+            Some(known) if status.session < known => {}
+            Some(known) if status.session == known => {
+                if status.online {
+                    self.online = true;
+                } else {
+                    self.ended = true;
+                }
+            }
+            _ => {
+                self.session = Some(status.session);
+                self.ended = !status.online;
+                self.online = status.online;
+            }
+        }
+    }
+
+    /// A verified receipt arrived.
+    pub fn receipt(&mut self) {
+        self.online = true;
+        self.ended = false;
+    }
+
+    /// The agent's connection to the broker is gone: wait to hear again.
+    pub fn disconnected(&mut self) {
+        self.online = false;
+    }
 }
 
 /// Whether the fleet connection is up, and since when.
@@ -316,10 +428,12 @@ impl Uplink {
         // last will, so the server can tell a late will of a connection
         // already replaced from a real drop.
         let mut session = edgefleet_shared::messages::next_session(None);
+        // Signed now: the broker publishes it for us when we drop.
         let will = |session: u64| -> anyhow::Result<LastWill> {
+            let msg = serde_json::to_vec(&StatusMessage::will(self.device.clone(), session))?;
             Ok(LastWill::new(
                 &status_topic,
-                serde_json::to_vec(&StatusMessage::will(self.device.clone(), session))?,
+                seal(&status_topic, &msg, &self.key),
                 QoS::AtLeastOnce,
                 true,
             ))
@@ -353,7 +467,11 @@ impl Uplink {
         // beyond what is in flight.
         let mut more = true;
         // Without receipts there is no server to wait for.
-        let mut server_online = mode == DeleteOn::Puback;
+        let mut presence = ServerPresence::default();
+        let server_online = |p: &ServerPresence| mode == DeleteOn::Puback || p.online();
+        // A few records sent while the server seems offline (PROBE_EVERY).
+        let mut probe = false;
+        let mut last_probe = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Whatever is on disk from before a restart is sent first.
@@ -399,23 +517,40 @@ impl Uplink {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == server_topic => {
-                        let online = serde_json::from_slice::<ServerStatus>(&publish.payload)
-                            .map(|s| s.online)
-                            .unwrap_or(false);
-                        if online != server_online {
-                            tracing::info!(online, "fleet server status");
-                        }
-                        server_online = online;
-                        if online {
-                            outbox.stored().notify_one();
+                        let status = self.server_keys.open(&publish.payload, &server_topic)
+                            .map_err(|e| e.to_string())
+                            .and_then(|msg| serde_json::from_slice::<ServerStatus>(msg).map_err(|e| e.to_string()));
+                        match status {
+                            Ok(status) => {
+                                let was = presence.online();
+                                presence.status(&status);
+                                if presence.online() != was {
+                                    tracing::info!(online = presence.online(), session = status.session, "fleet server status");
+                                }
+                                if presence.online() {
+                                    outbox.stored().notify_one();
+                                }
+                            }
+                            Err(reason) => self.health.rejected("server status", &reason),
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == receipts_topic => {
-                        match serde_json::from_slice::<Receipt>(&publish.payload) {
+                        let receipt = self.server_keys.open(&publish.payload, &receipts_topic)
+                            .map_err(|e| e.to_string())
+                            .and_then(|msg| serde_json::from_slice::<Receipt>(msg).map_err(|e| format!("malformed: {e}")));
+                        match receipt {
                             Ok(receipt) if receipt.device_id == self.device => {
+                                if !presence.online() {
+                                    tracing::info!("fleet server is storing (signed receipt)");
+                                }
+                                presence.receipt();
+                                // Only records actually in flight leave the
+                                // outbox: a receipt names what the server
+                                // stored of what was sent, nothing else.
                                 for seq in receipt.each(MAX_RECEIPT) {
-                                    inflight.receipted(seq);
-                                    delivered.push(seq);
+                                    if inflight.receipted(seq) {
+                                        delivered.push(seq);
+                                    }
                                 }
                                 if delivered.len() >= ACK_BATCH {
                                     delete_delivered(&outbox, &mut delivered).await;
@@ -424,8 +559,8 @@ impl Uplink {
                                     outbox.stored().notify_one();
                                 }
                             }
-                            Ok(_) => tracing::warn!("receipt for another device ignored"),
-                            Err(e) => tracing::warn!(error = %e, "malformed receipt ignored"),
+                            Ok(receipt) => self.health.rejected("receipt", &format!("names device {}", receipt.device_id)),
+                            Err(reason) => self.health.rejected("receipt", &reason),
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => inflight.written(pkid, Instant::now()),
@@ -440,9 +575,7 @@ impl Uplink {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        if mode == DeleteOn::Receipt {
-                            server_online = false;
-                        }
+                        presence.disconnected();
                         if connected {
                             link.send_replace(LinkState { connected: false, since: Instant::now() });
                         }
@@ -459,8 +592,13 @@ impl Uplink {
                         }
                     }
                 },
-                _ = outbox.stored().notified(), if connected && server_online && inflight.len() < RECORD_WINDOW => {
-                    let room = RECORD_WINDOW - inflight.len();
+                _ = outbox.stored().notified(), if connected && (server_online(&presence) || probe) && inflight.len() < RECORD_WINDOW => {
+                    let mut room = RECORD_WINDOW - inflight.len();
+                    if !server_online(&presence) {
+                        room = room.min(PROBE_RECORDS);
+                        probe = false;
+                        last_probe = Instant::now();
+                    }
                     // In flight, or delivered and about to be deleted.
                     let mut exclude = inflight.seqs().clone();
                     exclude.extend(delivered.iter().copied());
@@ -475,8 +613,10 @@ impl Uplink {
                                 let stream = records[range.start].stream;
                                 let chunk = &mut records[range];
                                 inflight.queued(chunk.iter().map(|r| r.seq).collect(), Instant::now());
+                                let topic = &topics[&stream];
+                                let payload = seal(topic, &publish_payload(chunk), &self.key);
                                 if client
-                                    .try_publish(&topics[&stream], QoS::AtLeastOnce, stream.retained(), publish_payload(chunk))
+                                    .try_publish(topic, QoS::AtLeastOnce, stream.retained(), payload)
                                     .is_err()
                                 {
                                     inflight.unqueue_last();
@@ -485,7 +625,7 @@ impl Uplink {
                                     break;
                                 }
                             }
-                            if full && inflight.len() < RECORD_WINDOW {
+                            if full && inflight.len() < RECORD_WINDOW && server_online(&presence) {
                                 outbox.stored().notify_one();
                             }
                         }
@@ -497,6 +637,10 @@ impl Uplink {
                     if connected && inflight.expire(Instant::now(), INFLIGHT_TIMEOUT) > 0 {
                         outbox.stored().notify_one();
                     }
+                    if connected && !server_online(&presence) && !probe && last_probe.elapsed() >= PROBE_EVERY {
+                        probe = true;
+                        outbox.stored().notify_one();
+                    }
                 }
             }
         }
@@ -505,6 +649,7 @@ impl Uplink {
         // an unclean drop), then disconnect.
         if connected {
             let offline = serde_json::to_vec(&StatusMessage::will(self.device.clone(), session))?;
+            let offline = seal(&status_topic, &offline, &self.key);
             let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, offline);
             let _ = client.try_disconnect();
             let drain = async {

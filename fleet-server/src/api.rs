@@ -36,6 +36,7 @@ pub struct ErrorBody {
     paths(
         health, root_document, list_models, get_model, upload_model, put_spec, put_test_vector,
         deploy, list_devices, enroll_device, revoke_device, mosquitto_files, get_device,
+        set_device_key, register_device_key,
         device_events, device_telemetry, device_results, device_desired, download_artifact,
         put_tags, delete_model, list_rollouts, create_rollout, get_rollout, rollout_action, rollout_device_action,
         create_token, list_tokens, revoke_token, list_audit, metrics, openapi_json
@@ -126,6 +127,8 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/deployments", post(deploy))
         .route("/api/v1/devices", get(list_devices).post(enroll_device))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
+        .route("/api/v1/devices/{id}/key", axum::routing::put(set_device_key))
+        .route("/api/v1/device-key", post(register_device_key))
         .route("/api/v1/devices/{id}/tags", axum::routing::put(put_tags))
         .route("/api/v1/broker/mosquitto", get(mosquitto_files))
         .route("/api/v1/devices/{id}", get(get_device))
@@ -576,6 +579,16 @@ struct EnrollRequest {
     hardware: String,
     #[serde(default)]
     tags: std::collections::BTreeMap<String, String>,
+    /// The device's ed25519 public key (64 hex), when it made one already;
+    /// otherwise the device registers its key with its new credentials.
+    #[serde(default)]
+    public_key: Option<String>,
+}
+
+/// Parses a public key given in a request.
+fn parse_public_key(text: &str) -> ApiResult<edgefleet_shared::PublicKey> {
+    text.parse()
+        .map_err(|e: edgefleet_shared::crypto::KeyError| ApiError::bad_request(e.to_string()))
 }
 
 /// `POST /api/v1/devices` (admin): enrolls a device (again: a new
@@ -598,17 +611,24 @@ async fn enroll_device(
     for (k, v) in &req.tags {
         check_tag(k, v)?;
     }
+    let public_key = req
+        .public_key
+        .as_deref()
+        .map(parse_public_key)
+        .transpose()?;
     let password = auth::device_password();
     let enrollment = store::Enrollment {
         id: id.to_string(),
         hardware: req.hardware.clone(),
         tags: req.tags.clone(),
         credential: auth::mosquitto_hash(&password),
+        public_key: public_key.map(|k| k.to_hex()),
     };
     let device = fleet
         .store
         .enroll_device(&enrollment, edgefleet_shared::unix_now())
         .await?;
+    fleet.device_keys.learn(&device);
     fleet.set_revoked(id.as_str(), false);
     fleet.rollouts.on_join(&fleet, &device).await;
     fleet.rollouts.flush(&fleet).await?;
@@ -617,7 +637,7 @@ async fn enroll_device(
         &op,
         "device.enroll",
         id.to_string(),
-        Some(json!({"hardware": req.hardware, "tags": req.tags})),
+        Some(json!({"hardware": req.hardware, "tags": req.tags, "public_key": device.public_key})),
     )
     .await;
     Ok((
@@ -651,8 +671,150 @@ async fn revoke_device(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
     fleet.set_revoked(&id, true);
-    audit(&fleet, &op, "device.revoke", id, None).await;
+    // Cut it off now rather than at its next connect.
+    let cut = fleet.gate.as_ref().map_or(0, |g| g.disconnect(&id));
+    crate::bridge::kick(&fleet, &id);
+    audit(
+        &fleet,
+        &op,
+        "device.revoke",
+        id,
+        Some(json!({"connections_closed": cut})),
+    )
+    .await;
     Ok(Json(json!(device)))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct SetKeyRequest {
+    /// The device's ed25519 public key, 64 hex characters.
+    public_key: String,
+}
+
+/// `PUT /api/v1/devices/{id}/key` (admin): sets the key the device's
+/// messages must be signed with, replacing any earlier one (a key the
+/// device made and printed with `edgefleet-agent key`, or a rotation).
+#[utoipa::path(put, path = "/api/v1/devices/{id}/key", tag = "devices", params(("id" = String, Path, description = "device id")), request_body = SetKeyRequest, responses((status = 200, body = DeviceRecord), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
+async fn set_device_key(
+    State(fleet): State<Fleet>,
+    Extension(op): Extension<auth::Operator>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let req: SetKeyRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "malformed key (expected {{\"public_key\": \"<64 hex>\"}}): {e}"
+        ))
+    })?;
+    let key = parse_public_key(&req.public_key)?;
+    let now = edgefleet_shared::unix_now();
+    fleet
+        .store
+        .set_device_key(&id, &key.to_hex(), store::KeyWrite::Operator, now)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
+    let device = fleet
+        .store
+        .get_device(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
+    fleet.device_keys.learn(&device);
+    audit(
+        &fleet,
+        &op,
+        "device.set_key",
+        id,
+        Some(json!({"public_key": key.to_hex()})),
+    )
+    .await;
+    Ok(Json(json!(device)))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RegisterKeyRequest {
+    device_id: String,
+    /// 64 hex characters.
+    public_key: String,
+    /// Base64 ed25519 signature by the key over
+    /// `edgefleet/v1/device-key\0{device_id}\0{public_key}`.
+    proof: String,
+}
+
+/// `POST /api/v1/device-key`: a device registers the key it made, with
+/// its enrollment credentials (HTTP Basic: device id and MQTT password)
+/// and proof that it holds the key. Taken only while the device has no
+/// key; the same key again is fine; a different one is refused (409)
+/// until an operator sets it.
+#[utoipa::path(post, path = "/api/v1/device-key", tag = "devices", security(()), request_body = RegisterKeyRequest, responses((status = 200, description = "the key is the device's", body = Object), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "not an enrolled, unrevoked device with these credentials", body = ErrorBody), (status = 409, description = "the device has another key", body = ErrorBody)))]
+async fn register_device_key(
+    State(fleet): State<Fleet>,
+    headers: http::HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let unauthorized = || {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "not an enrolled, unrevoked device with these credentials (HTTP Basic: device id and its MQTT password)".into(),
+        )
+    };
+    let (user, password) = basic_credentials(&headers).ok_or_else(unauthorized)?;
+    let req: RegisterKeyRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "malformed registration (expected device_id, public_key, proof): {e}"
+        ))
+    })?;
+    if req.device_id != user {
+        return Err(unauthorized());
+    }
+    let hash = fleet
+        .store
+        .device_credential(&user)
+        .await?
+        .ok_or_else(unauthorized)?;
+    if !auth::verify_mosquitto(&password, &hash) {
+        return Err(unauthorized());
+    }
+    let key = parse_public_key(&req.public_key)?;
+    let proof = edgefleet_shared::crypto::decode_signature(&req.proof)
+        .map_err(|e| ApiError::bad_request(format!("proof: {e}")))?;
+    let input =
+        edgefleet_shared::signed_message::key_registration_input(&user, &key.to_hex());
+    if !key.verify(&input, &proof) {
+        return Err(ApiError::bad_request(
+            "proof does not verify: sign the registration with the key being registered",
+        ));
+    }
+    let now = edgefleet_shared::unix_now();
+    let held = fleet
+        .store
+        .set_device_key(&user, &key.to_hex(), store::KeyWrite::FirstOnly, now)
+        .await?;
+    if held.as_deref() != Some(key.to_hex().as_str()) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("device {user:?} has another key registered; an operator changes it with `fleetctl devices set-key`"),
+        ));
+    }
+    if let Some(device) = fleet.store.get_device(&user).await? {
+        fleet.device_keys.learn(&device);
+    }
+    tracing::info!(device = %user, key = %key.key_id().short(), "device registered its key");
+    Ok(Json(json!({"device_id": user, "public_key": key.to_hex()})))
+}
+
+/// The user name and password of an HTTP Basic `Authorization` header.
+fn basic_credentials(headers: &http::HeaderMap) -> Option<(String, String)> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?.trim();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
 }
 
 /// `GET /api/v1/broker/mosquitto?server_user=U` (admin): a Mosquitto
@@ -739,10 +901,16 @@ async fn delete_model(
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DeviceRecord), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn get_device(State(fleet): State<Fleet>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let device = fleet.store.get_device(&id).await?;
-    device
-        .map(|d| Json(json!(d)))
-        .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))
+    let device = fleet
+        .store
+        .get_device(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
+    let mut body = json!(device);
+    if let Some(rejected) = fleet.device_keys.rejections(&id) {
+        body["rejected_messages"] = json!(rejected);
+    }
+    Ok(Json(body))
 }
 
 #[derive(Deserialize)]

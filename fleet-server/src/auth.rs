@@ -125,9 +125,12 @@ pub fn matches(secret: &str, stored: &str) -> bool {
 /// calls anyone may make (health, the public root document, artifacts,
 /// whose content is addressed by the hash a signed document names).
 pub fn required_scope(method: &http::Method, path: &str) -> Option<Scope> {
+    // The device-key registration authenticates the device itself (its
+    // enrollment credentials), not an operator.
     if path == "/api/v1/health"
         || path == "/api/v1/root"
         || path == "/api/v1/openapi.json"
+        || path == "/api/v1/device-key"
         || path.starts_with("/artifacts/")
     {
         return None;
@@ -138,8 +141,11 @@ pub fn required_scope(method: &http::Method, path: &str) -> Option<Scope> {
     {
         return Some(Scope::Admin);
     }
-    // Enrolling and revoking devices hands out or takes away credentials.
-    if *method == http::Method::POST && (path == "/api/v1/devices" || path.ends_with("/revoke")) {
+    // Enrolling and revoking devices hands out or takes away credentials;
+    // a device's key decides whose messages are believed.
+    if (*method == http::Method::POST && (path == "/api/v1/devices" || path.ends_with("/revoke")))
+        || (path.starts_with("/api/v1/devices/") && path.ends_with("/key"))
+    {
         return Some(Scope::Admin);
     }
     Some(match *method {

@@ -1,8 +1,10 @@
 //! The server's MQTT connection: one task owns the rumqttc event loop,
 //! subscribes to every device's `status`, `events`, `telemetry` and
-//! `results`, checks each message (topic shape, payload, device id matching
-//! the topic) and hands it to [`Fleet`]; telemetry and results go to the
-//! [`ingest`] task, which stores them in batches.
+//! `results`, checks each message (topic shape, the device's signature
+//! with its registered key, payload, device id matching the topic) and
+//! hands it to [`Fleet`]; telemetry and results go to the [`ingest`] task,
+//! which stores them in batches. What the server publishes that makes an
+//! agent act (receipts, its own status) is signed with its online key.
 //!
 //! Delivery: the session is persistent (a fixed client id per topic
 //! prefix, clean session off), so an external broker keeps QoS 1 messages
@@ -13,14 +15,16 @@
 use std::time::Duration;
 
 use edgefleet_shared::{
-    DeviceId, DeviceTopic, InferenceResult, Receipt, ServerStatus, StatusMessage, TelemetryMessage,
-    TopicKind, TopicPrefix, UpdateEvent,
+    DeviceId, DeviceTopic, InferenceResult, MessageError, PublicKey, Receipt, ServerStatus,
+    SignedMessage, StatusMessage, TelemetryMessage, TopicKind, TopicPrefix, UpdateEvent,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::device_keys::{DeviceKeys, KeyCheck};
 use crate::fleet::Fleet;
+use crate::keys::Signer;
 use crate::store::{self, Streamed};
 
 /// A message from a device, checked.
@@ -70,13 +74,68 @@ pub enum InboundError {
     DeviceMismatch { topic: String, claimed: String },
     #[error("devices do not publish on {0}")]
     WrongDirection(String),
+    #[error("message on {topic} refused: {source}")]
+    Signature {
+        topic: String,
+        device: DeviceId,
+        source: MessageError,
+    },
 }
 
-/// Parses and checks one inbound publish.
-pub fn decode(prefix: &TopicPrefix, topic: &str, payload: &[u8]) -> Result<Inbound, InboundError> {
+impl InboundError {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Topic(_) => "topic",
+            Self::Payload { .. } => "payload",
+            Self::DeviceMismatch { .. } => "device_mismatch",
+            Self::WrongDirection(_) => "wrong_direction",
+            Self::Signature { source, .. } => source.label(),
+        }
+    }
+
+    /// The device whose topic it came on, where the topic was valid.
+    pub fn device(&self) -> Option<&DeviceId> {
+        match self {
+            Self::Signature { device, .. } => Some(device),
+            _ => None,
+        }
+    }
+}
+
+/// A checked message, and the key to pin when it was the first one of a
+/// device that was never enrolled.
+#[derive(Debug)]
+pub struct Checked {
+    pub inbound: Inbound,
+    pub pin: Option<PublicKey>,
+}
+
+/// Parses and checks one inbound publish: the signature first (with the
+/// key `keys` holds for the topic's device), then the message it covers.
+pub fn decode(
+    prefix: &TopicPrefix,
+    keys: &DeviceKeys,
+    topic: &str,
+    payload: &[u8],
+) -> Result<Checked, InboundError> {
     let parsed: DeviceTopic = prefix
         .parse(topic)
         .map_err(|e| InboundError::Topic(e.to_string()))?;
+    if matches!(parsed.kind, TopicKind::Desired | TopicKind::Receipts) {
+        return Err(InboundError::WrongDirection(topic.into()));
+    }
+    let refused = |source: MessageError| InboundError::Signature {
+        topic: topic.to_string(),
+        device: parsed.device.clone(),
+        source,
+    };
+    let signed = SignedMessage::parse(payload).map_err(refused)?;
+    let check = keys
+        .check(parsed.device.as_str(), &signed.key, topic)
+        .map_err(refused)?;
+    let payload = signed.verify(topic).map_err(refused)?;
+    let pin = (check == KeyCheck::PinFirstUse).then_some(signed.key);
     let payload_err = |e: serde_json::Error| InboundError::Payload {
         topic: topic.to_string(),
         reason: e.to_string(),
@@ -114,7 +173,7 @@ pub fn decode(prefix: &TopicPrefix, topic: &str, payload: &[u8]) -> Result<Inbou
             claimed: claimed.to_string(),
         });
     }
-    Ok(inbound)
+    Ok(Checked { inbound, pin })
 }
 
 /// A record, or a JSON array of records (a device's batched publish).
@@ -150,29 +209,46 @@ pub fn client_id(prefix: &TopicPrefix) -> String {
     format!("edgefleet-server-{clean}")
 }
 
+/// The server's status for connection `session`, signed, as published on
+/// the server status topic.
+fn server_status(signer: &Signer, prefix: &TopicPrefix, online: bool, session: u64) -> Vec<u8> {
+    let status = ServerStatus {
+        online,
+        at: edgefleet_shared::unix_now(),
+        session,
+    };
+    let msg = serde_json::to_vec(&status).expect("status serializes");
+    signer.seal(&prefix.server_status(), &msg)
+}
+
+/// The last will of connection `session`: the broker publishes it, signed
+/// now, when the server drops.
+fn will(signer: &Signer, prefix: &TopicPrefix, session: u64) -> rumqttc::LastWill {
+    rumqttc::LastWill::new(
+        prefix.server_status(),
+        server_status(signer, prefix, false, session),
+        QoS::AtLeastOnce,
+        true,
+    )
+}
+
 /// Creates the server's MQTT client for `host:port`, with a user name and
-/// password where the broker needs them.
+/// password where the broker needs them; `session` numbers this connection
+/// in the server's signed status and last will.
 pub fn client(
     host: &str,
     port: u16,
     prefix: &TopicPrefix,
     credentials: Option<(String, String)>,
+    signer: &Signer,
+    session: u64,
 ) -> (AsyncClient, EventLoop) {
     let mut options = MqttOptions::new(client_id(prefix), host, port);
     if let Some((user, password)) = credentials {
         options.set_credentials(user, password);
     }
-    let offline = ServerStatus {
-        online: false,
-        at: 0,
-    };
     options
-        .set_last_will(rumqttc::LastWill::new(
-            prefix.server_status(),
-            serde_json::to_vec(&offline).expect("status serializes"),
-            QoS::AtLeastOnce,
-            true,
-        ))
+        .set_last_will(will(signer, prefix, session))
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(false)
         .set_manual_acks(true)
@@ -276,18 +352,118 @@ pub async fn ingest(
                 seqs: Receipt::ranges(seqs),
                 device_id: device,
             };
-            let topic = fleet.prefix.device(&receipt.device_id, TopicKind::Receipts);
-            let payload = serde_json::to_vec(&receipt).expect("receipts serialize");
+            let topic = fleet
+                .prefix
+                .device(&receipt.device_id, TopicKind::Receipts)
+                .to_string();
+            let payload = fleet.signer.seal(
+                &topic,
+                &serde_json::to_vec(&receipt).expect("receipts serialize"),
+            );
             fleet.metrics.published("receipts");
             if let Err(e) = fleet
                 .mqtt
-                .publish(topic.to_string(), QoS::AtLeastOnce, false, payload)
+                .publish(topic, QoS::AtLeastOnce, false, payload)
                 .await
             {
                 tracing::warn!(error = %e, "cannot send a receipt");
             }
         }
     }
+}
+
+/// Publishes the root chain, retained.
+fn publish_chain(fleet: &Fleet) {
+    let chain = serde_json::to_vec(&fleet.signer.chain()).expect("roots serialize");
+    if let Err(e) = fleet
+        .mqtt
+        .try_publish(fleet.prefix.roots(), QoS::AtLeastOnce, true, chain)
+    {
+        tracing::error!(error = %e, "cannot publish the root chain");
+    }
+}
+
+/// Puts the server's own retained root chain and status back when
+/// something else overwrote them, at most once a second each (the server
+/// hears its own publishes too, which match and change nothing).
+#[derive(Debug, Default)]
+struct ServerTopics {
+    roots_restored: Option<std::time::Instant>,
+    status_restored: Option<std::time::Instant>,
+}
+
+impl ServerTopics {
+    fn check(&mut self, fleet: &Fleet, publish: &Publish, session: u64) {
+        let due = |last: &Option<std::time::Instant>| {
+            last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        };
+        if publish.topic == fleet.prefix.roots() {
+            let ours = serde_json::to_vec(&fleet.signer.chain()).expect("roots serialize");
+            if publish.payload[..] != ours[..] && due(&self.roots_restored) {
+                tracing::warn!("the retained root chain was overwritten; publishing it again");
+                fleet.metrics.rejected("server_topic");
+                self.roots_restored = Some(std::time::Instant::now());
+                publish_chain(fleet);
+            }
+            return;
+        }
+        let topic = fleet.prefix.server_status();
+        let key = fleet.signer.public_key();
+        let genuine = SignedMessage::open(&publish.payload, &topic, [key].iter())
+            .ok()
+            .and_then(|msg| serde_json::from_slice::<ServerStatus>(msg).ok())
+            .is_some_and(|s| s.session == session && s.online);
+        // An empty retained message is the broker clearing it.
+        if !genuine && !publish.payload.is_empty() && due(&self.status_restored) {
+            tracing::warn!("the retained server status was overwritten; announcing again");
+            fleet.metrics.rejected("server_topic");
+            self.status_restored = Some(std::time::Instant::now());
+            announce(fleet, true, session);
+        }
+    }
+}
+
+/// Logs (rate-limited per device by the counters), counts and remembers a
+/// refused message.
+fn refused(fleet: &Fleet, e: &InboundError) {
+    fleet.metrics.rejected(e.label());
+    match e.device() {
+        Some(device) => {
+            let first = fleet.device_keys.rejections(device.as_str()).is_none();
+            fleet
+                .device_keys
+                .rejected(device.as_str(), &e.to_string(), edgefleet_shared::unix_now());
+            let count = fleet
+                .device_keys
+                .rejections(device.as_str())
+                .map_or(0, |r| r.count);
+            if first || count % 1000 == 0 {
+                tracing::warn!(device = %device, count, error = %e, "device message refused");
+            }
+        }
+        None => tracing::warn!(error = %e, "inbound message dropped"),
+    }
+}
+
+/// Pins a never-enrolled device's first key (open fleets only) and stores it.
+fn pin_first_key(fleet: &Fleet, inbound: &Inbound, key: PublicKey) {
+    let Some(device) = inbound.device().cloned() else {
+        return;
+    };
+    if !fleet.device_keys.pin(device.as_str(), key) {
+        return;
+    }
+    tracing::warn!(device = %device, key = %key.to_hex(), "device key pinned on first use (the device was never enrolled)");
+    let store = fleet.store.clone();
+    tokio::spawn(async move {
+        let now = edgefleet_shared::unix_now();
+        if let Err(e) = store
+            .set_device_key(device.as_str(), &key.to_hex(), crate::store::KeyWrite::FirstOnly, now)
+            .await
+        {
+            tracing::error!(device = %device, error = %e, "cannot store the pinned device key");
+        }
+    });
 }
 
 impl Inbound {
@@ -310,6 +486,41 @@ impl Inbound {
     }
 }
 
+/// Ends `device`'s connection to an external broker at once: a new
+/// connection with the device's client id makes the broker close the old
+/// one (MQTT session takeover), and the device's own credentials, revoked,
+/// no longer let it back in (regenerate the broker's password file with
+/// `fleetctl broker mosquitto`). The embedded broker's gate closes the
+/// connection itself.
+pub fn kick(fleet: &Fleet, device: &str) {
+    let Some((host, port, credentials)) = fleet.external_broker.clone() else {
+        return;
+    };
+    let device = device.to_string();
+    tokio::spawn(async move {
+        let mut options = MqttOptions::new(device.clone(), host, port);
+        options.set_clean_session(true);
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 4);
+        let took_over = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+        tracing::info!(device = %device, took_over, "revoked device's broker session ended");
+    });
+}
+
 /// Waits for the first successful connection, so start-up fails clearly
 /// when the broker is unreachable.
 pub async fn connect(eventloop: &mut EventLoop, what: &str) -> anyhow::Result<()> {
@@ -329,13 +540,9 @@ pub async fn connect(eventloop: &mut EventLoop, what: &str) -> anyhow::Result<()
     }
 }
 
-/// Publishes the retained server status.
-fn announce(fleet: &Fleet, online: bool) {
-    let status = ServerStatus {
-        online,
-        at: edgefleet_shared::unix_now(),
-    };
-    let payload = serde_json::to_vec(&status).expect("status serializes");
+/// Publishes the retained server status of connection `session`.
+fn announce(fleet: &Fleet, online: bool, session: u64) {
+    let payload = server_status(&fleet.signer, &fleet.prefix, online, session);
     if let Err(e) = fleet.mqtt.try_publish(
         fleet.prefix.server_status(),
         QoS::AtLeastOnce,
@@ -346,9 +553,15 @@ fn announce(fleet: &Fleet, online: bool) {
     }
 }
 
-/// Runs the event loop until `shutdown`.
-pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationToken) {
-    let subscribe = |fleet: &Fleet| {
+/// Runs the event loop until `shutdown`; `session` is the number the
+/// client was made with.
+pub async fn run(
+    fleet: Fleet,
+    mut eventloop: EventLoop,
+    mut session: u64,
+    shutdown: CancellationToken,
+) {
+    let subscribe = |fleet: &Fleet, session: u64| {
         for kind in [
             TopicKind::Status,
             TopicKind::Events,
@@ -363,16 +576,18 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
             }
         }
         // The root chain, for devices to walk forward after a rotation.
-        let chain = serde_json::to_vec(fleet.signer.chain()).expect("roots serialize");
-        if let Err(e) = fleet
-            .mqtt
-            .try_publish(fleet.prefix.roots(), QoS::AtLeastOnce, true, chain)
-        {
-            tracing::error!(error = %e, "cannot publish the root chain");
+        publish_chain(fleet);
+        // Only the server may publish these two: it watches them and puts
+        // its own back when anyone else overwrites them (a broker without
+        // an ACL lets any client do that).
+        for topic in [fleet.prefix.roots(), fleet.prefix.server_status()] {
+            if let Err(e) = fleet.mqtt.try_subscribe(topic, QoS::AtLeastOnce) {
+                tracing::error!(error = %e, "subscribe failed");
+            }
         }
         // After the subscriptions on the same connection, so an agent that
         // sees "online" knows its messages will be stored.
-        announce(fleet, true);
+        announce(fleet, true, session);
     };
     // Unbounded, yet bounded in practice: messages stay unacknowledged
     // until ingested, and the broker sends only so many unacknowledged
@@ -380,7 +595,7 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
     let (ingest_tx, ingest_rx) = mpsc::unbounded_channel();
     let ingest_task = tokio::spawn(ingest(fleet.clone(), ingest_rx, shutdown.clone()));
     // The first ConnAck was consumed by `connect`.
-    subscribe(&fleet);
+    subscribe(&fleet, session);
     // After a key rotation, desired state signed by a key the new root
     // drops is signed again; queued after the chain, so devices see the
     // new root first.
@@ -391,6 +606,7 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
         }
     });
     let mut failures = 0u32;
+    let mut guard = ServerTopics::default();
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -400,13 +616,25 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 failures = 0;
                 tracing::info!("reconnected to broker");
-                subscribe(&fleet);
+                subscribe(&fleet, session);
+            }
+            Ok(Event::Incoming(Packet::Publish(publish)))
+                if publish.topic == fleet.prefix.roots()
+                    || publish.topic == fleet.prefix.server_status() =>
+            {
+                guard.check(&fleet, &publish, session);
+                let _ = fleet.mqtt.try_ack(&publish);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let inbound = match decode(&fleet.prefix, &publish.topic, &publish.payload) {
-                    Ok(inbound) => Some(inbound),
+                let inbound = match decode(&fleet.prefix, &fleet.device_keys, &publish.topic, &publish.payload) {
+                    Ok(checked) => {
+                        if let Some(key) = checked.pin {
+                            pin_first_key(&fleet, &checked.inbound, key);
+                        }
+                        Some(checked.inbound)
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "inbound message dropped");
+                        refused(&fleet, &e);
                         None
                     }
                 };
@@ -430,6 +658,11 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
             Ok(_) => {}
             Err(e) => {
                 failures += 1;
+                // The broker publishes this connection's will; the next
+                // one gets a new number, so agents tell its "online" from
+                // the old "offline".
+                session = edgefleet_shared::messages::next_session(Some(session));
+                eventloop.mqtt_options.set_last_will(will(&fleet.signer, &fleet.prefix, session));
                 let wait = Duration::from_millis((200 * u64::from(failures)).min(5_000));
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
                 tokio::select! {
@@ -441,7 +674,7 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
     }
     drop(ingest_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), ingest_task).await;
-    announce(&fleet, false);
+    announce(&fleet, false, session);
     let _ = fleet.mqtt.try_disconnect();
     // Let the goodbye reach the broker.
     let flush = async {
@@ -457,17 +690,36 @@ pub async fn run(fleet: Fleet, mut eventloop: EventLoop, shutdown: CancellationT
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgefleet_shared::signed_message::seal;
+    use edgefleet_shared::SecretKey;
+
+    fn key() -> SecretKey {
+        SecretKey::from_seed([9; 32])
+    }
+
+    /// An open fleet: any never-enrolled device's first key is taken.
+    fn open_fleet() -> DeviceKeys {
+        DeviceKeys::new(&[], true)
+    }
+
+    fn signed(topic: &str, payload: &[u8]) -> Vec<u8> {
+        seal(topic, payload, &key())
+    }
+
+    fn check(prefix: &TopicPrefix, topic: &str, payload: &[u8]) -> Result<Inbound, InboundError> {
+        decode(prefix, &open_fleet(), topic, &signed(topic, payload)).map(|c| c.inbound)
+    }
 
     #[test]
     fn payload_device_id_must_match_the_topic() {
         let prefix = TopicPrefix::default();
         let payload = br#"{"schema":1,"device_id":"pi-2","seq":1,"online":true,"at":0}"#;
         assert!(matches!(
-            decode(&prefix, "edgefleet/v1/devices/pi-2/status", payload),
+            check(&prefix, "edgefleet/v1/devices/pi-2/status", payload),
             Ok(Inbound::Status(_))
         ));
         assert_eq!(
-            decode(&prefix, "edgefleet/v1/devices/pi-1/status", payload).unwrap_err(),
+            check(&prefix, "edgefleet/v1/devices/pi-1/status", payload).unwrap_err(),
             InboundError::DeviceMismatch {
                 topic: "edgefleet/v1/devices/pi-1/status".into(),
                 claimed: "pi-2".into()
@@ -479,15 +731,15 @@ mod tests {
     fn garbage_and_wrong_direction_are_dropped_with_reasons() {
         let prefix = TopicPrefix::default();
         assert!(matches!(
-            decode(&prefix, "edgefleet/v1/devices/a/status", b"{"),
-            Err(InboundError::Payload { .. })
+            decode(&prefix, &open_fleet(), "edgefleet/v1/devices/a/status", b"{"),
+            Err(InboundError::Signature { .. })
         ));
         assert!(matches!(
-            decode(&prefix, "edgefleet/v1/devices/a/desired", b"{}"),
+            decode(&prefix, &open_fleet(), "edgefleet/v1/devices/a/desired", b"{}"),
             Err(InboundError::WrongDirection(_))
         ));
         assert!(matches!(
-            decode(&prefix, "other/topic", b"{}"),
+            decode(&prefix, &open_fleet(), "other/topic", b"{}"),
             Err(InboundError::Topic(_))
         ));
     }
@@ -502,7 +754,7 @@ mod tests {
             )
         };
         let batch = format!(" [{},{}]", result("pi-1", 4), result("pi-1", 5));
-        let Ok(inbound) = decode(&prefix, topic, batch.as_bytes()) else {
+        let Ok(inbound) = check(&prefix, topic, batch.as_bytes()) else {
             panic!("batch rejected")
         };
         let origin: Vec<u64> = inbound.origin().into_iter().map(|(_, s)| s).collect();
@@ -510,14 +762,60 @@ mod tests {
         // One record of another device spoils the whole publish.
         let mixed = format!("[{},{}]", result("pi-1", 6), result("pi-2", 7));
         assert!(matches!(
-            decode(&prefix, topic, mixed.as_bytes()),
+            check(&prefix, topic, mixed.as_bytes()),
             Err(InboundError::DeviceMismatch { claimed, .. }) if claimed == "pi-2"
         ));
         // A batch with one malformed record is refused, not half stored.
         let broken = format!("[{},{{}}]", result("pi-1", 8));
         assert!(matches!(
-            decode(&prefix, topic, broken.as_bytes()),
+            check(&prefix, topic, broken.as_bytes()),
             Err(InboundError::Payload { .. })
         ));
+    }
+
+    #[test]
+    fn only_the_devices_own_key_opens_its_topics() {
+        let prefix = TopicPrefix::default();
+        let topic = "edgefleet/v1/devices/pi-1/events";
+        let event = br#"{"schema":1,"device_id":"pi-1","seq":3,"at":1,"kind":"rolled_back","reason":"forged"}"#;
+        let pi1 = key();
+        let other = SecretKey::from_seed([8; 32]);
+        let record = |id: &str, key: &SecretKey| crate::store::DeviceRecord {
+            id: id.into(),
+            first_seen: 0,
+            last_seen: 0,
+            online: false,
+            agent_version: String::new(),
+            reported_desired_version: None,
+            models: vec![],
+            desired_version: 0,
+            hardware: None,
+            tags: Default::default(),
+            enrolled_at: Some(1),
+            revoked_at: None,
+            public_key: Some(key.public().to_hex()),
+        };
+        let keys = DeviceKeys::new(&[record("pi-1", &pi1), record("pi-2", &other)], false);
+        // The device itself.
+        let ok = decode(&prefix, &keys, topic, &seal(topic, event, &pi1)).unwrap();
+        assert!(ok.pin.is_none());
+        // Another enrolled device forging it with its own key.
+        let forged = decode(&prefix, &keys, topic, &seal(topic, event, &other)).unwrap_err();
+        assert_eq!(forged.label(), "untrusted_key", "{forged}");
+        // Unsigned, as a stock MQTT client would send it.
+        let unsigned = decode(&prefix, &keys, topic, event).unwrap_err();
+        assert_eq!(unsigned.label(), "unsigned", "{unsigned}");
+        // pi-1's genuine message replayed on pi-2's topic.
+        let replayed = decode(
+            &prefix,
+            &keys,
+            "edgefleet/v1/devices/pi-2/events",
+            &seal(topic, event, &pi1),
+        )
+        .unwrap_err();
+        assert_eq!(replayed.label(), "untrusted_key", "{replayed}");
+        // First use pins only on an open fleet, and says so.
+        let open = decode(&prefix, &open_fleet(), topic, &seal(topic, event, &pi1)).unwrap();
+        assert_eq!(open.pin, Some(pi1.public()));
     }
 }

@@ -56,6 +56,13 @@ impl DeviceAuth {
     }
 }
 
+/// A free loopback address for the broker behind the gate.
+pub fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| anyhow::anyhow!("cannot find a loopback port for the embedded broker: {e}"))?;
+    Ok(probe.local_addr()?)
+}
+
 /// Starts the broker on `listen` on a background thread; with `auth`,
 /// only the clients it allows may connect.
 pub fn start_embedded(listen: SocketAddr, auth: Option<DeviceAuth>) -> anyhow::Result<()> {

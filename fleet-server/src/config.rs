@@ -36,6 +36,11 @@ pub struct BrokerConfig {
     /// server itself. Off by default so unenrolled demo agents connect.
     #[serde(default)]
     pub device_auth: bool,
+    /// Let the embedded broker listen beyond loopback without device
+    /// authentication: anyone who reaches it may read and publish
+    /// anything. Refused unless set.
+    #[serde(default)]
+    pub insecure_open: bool,
 }
 
 impl Default for BrokerConfig {
@@ -46,6 +51,7 @@ impl Default for BrokerConfig {
             username: None,
             password: None,
             device_auth: false,
+            insecure_open: false,
         }
     }
 }
@@ -80,6 +86,12 @@ pub struct ServerConfig {
     /// Lifetime of each signed desired state.
     #[serde(default = "default_expiry")]
     pub desired_expiry_secs: u64,
+    /// Lifetime of a root document the server renews itself (when the
+    /// root keys are in the keys directory): it writes the next root
+    /// version, valid this long, once less than a third of this is left.
+    /// With the root keys offline it only warns.
+    #[serde(default = "default_root_expiry_days")]
+    pub root_expiry_days: u64,
     /// Largest model upload accepted.
     #[serde(default = "default_max_upload")]
     pub max_upload_bytes: u64,
@@ -113,6 +125,9 @@ fn default_prefix() -> String {
 }
 fn default_expiry() -> u64 {
     30 * 86_400
+}
+fn default_root_expiry_days() -> u64 {
+    365
 }
 fn default_retention() -> u64 {
     7 * 86_400
@@ -210,6 +225,7 @@ impl ServerConfig {
     /// The broker URL devices are given, for a server whose artifact base
     /// URL is `public_url` and whose broker listens on `mqtt_port`.
     pub fn device_mqtt_url(&self, public_url: &str, mqtt_port: u16) -> String {
+        let scheme = if self.embedded_mqtt_tls() { "mqtts" } else { "mqtt" };
         if let Some(url) = self.public_mqtt_url.clone().or(self.broker.url.clone()) {
             return url;
         }
@@ -221,7 +237,14 @@ impl ServerConfig {
             .next()
             .unwrap_or("127.0.0.1");
         let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        format!("mqtt://{host}:{mqtt_port}")
+        format!("{scheme}://{host}:{mqtt_port}")
+    }
+
+    /// The embedded broker serves `mqtts://` (with the HTTPS certificate)
+    /// when devices authenticate and the server has a certificate: device
+    /// passwords never cross the network in clear.
+    pub fn embedded_mqtt_tls(&self) -> bool {
+        self.broker.url.is_none() && self.broker.device_auth && self.tls.is_some()
     }
 
     /// The artifact base URL for a server actually bound to `bound`.
@@ -235,12 +258,25 @@ impl ServerConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let (None, Some(listen)) = (&self.broker.url, self.broker.embedded_listen) {
+            if !listen.ip().is_loopback() && !self.broker.device_auth && !self.broker.insecure_open {
+                return Err(ConfigError::Invalid(format!(
+                    "the embedded broker would listen on {listen} with no device authentication: anyone reaching it could read and forge every device's messages. Add --device-auth (enrolled devices only, each to its own topics), listen on loopback, or say --insecure-open-broker"
+                )));
+            }
+        }
         edgefleet_shared::TopicPrefix::new(self.topic_prefix.clone())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.desired_expiry_secs < 60 {
             return Err(ConfigError::Invalid(
                 "desired_expiry_secs must be at least 60".into(),
             ));
+        }
+        if self.root_expiry_days < 3 {
+            return Err(ConfigError::Invalid(format!(
+                "root_expiry_days = {} is too short: at least 3 (a root is renewed when a third of it is left)",
+                self.root_expiry_days
+            )));
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

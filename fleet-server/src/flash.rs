@@ -105,6 +105,89 @@ pub fn find_package(dist: &Path, arch: &str) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// A board reached with the system's `ssh` and `scp`: `[user@]address`,
+/// an optional port and extra `-o` options.
+///
+/// The host comes from the command line and lands among `ssh`'s and
+/// `scp`'s arguments, so one starting with `-` (`-oProxyCommand=...`) would
+/// be taken as an option and run a command locally. [`SshTarget::new`]
+/// refuses such hosts and user names, and every invocation puts `--`
+/// before the destination (`ssh`) or the files (`scp`), so nothing after
+/// it is read as an option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    host: String,
+    port: Option<u16>,
+    options: Vec<String>,
+}
+
+impl SshTarget {
+    /// Checks `host` (`[user@]address`) and keeps the rest.
+    pub fn new(host: &str, port: Option<u16>, options: &[String]) -> anyhow::Result<Self> {
+        let (user, address) = match host.rsplit_once('@') {
+            Some((user, address)) => (Some(user), address),
+            None => (None, host),
+        };
+        if host.starts_with('-') || user.is_some_and(|u| u.starts_with('-')) {
+            bail!(
+                "--host {host:?} starts with '-', which ssh would read as an option: give the board as user@address"
+            );
+        }
+        if address.starts_with('-') {
+            bail!("--host {host:?}: the address {address:?} starts with '-', which is not a host name");
+        }
+        if address.is_empty() || user.is_some_and(str::is_empty) {
+            bail!("--host {host:?} is not user@address");
+        }
+        if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!("--host {host:?} contains spaces or control characters");
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+            options: options.to_vec(),
+        })
+    }
+
+    /// `user@address`, as given.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn common_args(&self, port_flag: &str) -> Vec<String> {
+        let mut args = vec!["-o".to_string(), "BatchMode=yes".to_string()];
+        for o in &self.options {
+            args.push("-o".into());
+            args.push(o.clone());
+        }
+        if let Some(port) = self.port {
+            args.push(port_flag.into());
+            args.push(port.to_string());
+        }
+        args
+    }
+
+    /// The arguments of `ssh` that run `command` on the board.
+    pub fn ssh_args(&self, command: &str) -> Vec<String> {
+        let mut args = self.common_args("-p");
+        args.push("--".into());
+        args.push(self.host.clone());
+        args.push(command.to_string());
+        args
+    }
+
+    /// The arguments of `scp` that copy local `files` to `remote_path` on
+    /// the board, keeping their modes.
+    pub fn scp_args(&self, files: &[&Path], remote_path: &str) -> Vec<String> {
+        let mut args = self.common_args("-P");
+        args.push("-p".into());
+        args.push("--".into());
+        args.extend(files.iter().map(|f| f.display().to_string()));
+        args.push(format!("{}:{remote_path}", self.host));
+        args
+    }
+}
+
 /// `s` as one POSIX shell word.
 pub fn sh_quote(s: &str) -> String {
     if !s.is_empty()
@@ -163,6 +246,14 @@ fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set the mode of {}", to.display()))
 }
 
+/// Copies a file holding a secret: written with mode 0600 from the start,
+/// never through a symlink ([`edgefleet_shared::secret_file`]).
+fn copy_secret(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+    edgefleet_shared::secret_file::write(to, &bytes)
+        .with_context(|| format!("cannot write {}", to.display()))
+}
+
 /// Stages `package` and `bundle` under `root` (a board's mounted root file
 /// system) for the first boot to install, and enables the one-shot unit
 /// that does. Returns the files written.
@@ -189,7 +280,7 @@ pub fn write_first_boot(
     let deb = staged.join("edgefleet-agent.deb");
     copy(package, &deb, 0o644)?;
     let agent_toml = staged.join("bundle/agent.toml");
-    copy(&bundle.agent_toml, &agent_toml, 0o600)?;
+    copy_secret(&bundle.agent_toml, &agent_toml)?;
     let root_json = staged.join("bundle/root.json");
     copy(&bundle.root_json, &root_json, 0o644)?;
     let script = root.join(format!("{}.sh", FIRST_BOOT_DIR.trim_start_matches('/')));
@@ -276,6 +367,102 @@ mod tests {
     }
 
     #[test]
+    fn hosts_and_users_that_look_like_options_are_refused() {
+        for host in [
+            "-oProxyCommand=touch /tmp/pwned",
+            "-oProxyCommand=sh@board",
+            "--help",
+            "-l",
+        ] {
+            let err = SshTarget::new(host, None, &[]).unwrap_err().to_string();
+            assert!(err.contains("starts with '-'"), "{host}: {err}");
+        }
+        let err = SshTarget::new("root@-oProxyCommand=x", None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("starts with '-'"), "{err}");
+        for host in ["", "@board", "root@", "root@board name", "root@board\n"] {
+            assert!(SshTarget::new(host, None, &[]).is_err(), "{host:?}");
+        }
+        for host in [
+            "board",
+            "root@192.168.1.20",
+            "pi@rpi4-kitchen.local",
+            "a-b@c-d",
+        ] {
+            assert_eq!(SshTarget::new(host, None, &[]).unwrap().host(), host);
+        }
+    }
+
+    #[test]
+    fn ssh_and_scp_end_their_options_before_the_destination() {
+        let options = vec!["StrictHostKeyChecking=no".to_string()];
+        let t = SshTarget::new("root@board", Some(2222), &options).unwrap();
+        assert_eq!(
+            t.ssh_args("dpkg --print-architecture"),
+            [
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-p",
+                "2222",
+                "--",
+                "root@board",
+                "dpkg --print-architecture"
+            ]
+        );
+        let scp = t.scp_args(
+            &[Path::new("-rf.deb"), Path::new("bundle/agent.toml")],
+            "/tmp/x/",
+        );
+        assert_eq!(
+            scp,
+            [
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-P",
+                "2222",
+                "-p",
+                "--",
+                "-rf.deb",
+                "bundle/agent.toml",
+                "root@board:/tmp/x/"
+            ]
+        );
+        // Without a port, no port flag; `--` still right before the host.
+        let t = SshTarget::new("board", None, &[]).unwrap();
+        assert_eq!(
+            t.ssh_args("true"),
+            ["-o", "BatchMode=yes", "--", "board", "true"]
+        );
+    }
+
+    #[test]
+    fn ssh_takes_what_follows_the_double_dash_as_the_destination() {
+        // With the real ssh client, when there is one: a host that slipped
+        // past the check is at worst an unknown host, never an option
+        // (without the `--`, ssh runs this ProxyCommand, which creates the
+        // marker file).
+        let tmp = tempfile::tempdir().unwrap();
+        let marker = tmp.path().join("pwned");
+        // Built directly: `SshTarget::new` refuses this host.
+        let target = SshTarget {
+            host: format!("-oProxyCommand=touch {}", marker.display()),
+            port: None,
+            options: vec!["ConnectTimeout=1".into()],
+        };
+        let args = target.ssh_args("true");
+        let Ok(out) = std::process::Command::new("ssh").args(&args).output() else {
+            return; // no ssh here
+        };
+        assert!(!out.status.success());
+        assert!(!marker.exists(), "ssh ran the ProxyCommand");
+    }
+
+    #[test]
     fn the_install_script_is_valid_shell() {
         for script in [install_script("/tmp/a"), first_boot_unit()] {
             assert!(!script.is_empty());
@@ -319,6 +506,10 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "the password stays private");
+        assert_eq!(
+            std::fs::read(staged.join("bundle/agent.toml")).unwrap(),
+            b"device_id = \"pi-1\"\n"
+        );
         let link = root
             .join("etc/systemd/system/multi-user.target.wants")
             .join(FIRST_BOOT_UNIT);

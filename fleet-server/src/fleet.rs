@@ -32,6 +32,14 @@ pub struct Fleet {
     /// server's revocations and enrollments (other servers on the same
     /// database learn them at their next start).
     pub revoked: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
+    /// An external broker's address and the server's login there, to end
+    /// a revoked device's session.
+    pub external_broker: Option<(String, u16, Option<(String, String)>)>,
+    /// The embedded broker's device connections (with device
+    /// authentication): a revoked device is cut off through it.
+    pub gate: Option<crate::broker_gate::Connections>,
+    /// Each device's message-signing key, and what was refused.
+    pub device_keys: Arc<crate::device_keys::DeviceKeys>,
     /// Staged rollouts (planner state, stored after every change).
     pub rollouts: crate::rollouts::Rollouts,
     /// Each device's latest MQTT connection number, from its "online"

@@ -473,6 +473,7 @@ mod tests {
             tags: Default::default(),
             enrolled_at: None,
             revoked_at: None,
+            public_key: None,
         }
     }
 
@@ -528,6 +529,7 @@ mod tests {
                 depth,
                 ..Default::default()
             },
+            link: Default::default(),
         })
     }
 

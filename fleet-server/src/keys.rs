@@ -16,10 +16,23 @@
 //! kept as `online-<keyid>.retired.key`; new root keys are
 //! `root-vN-<i>.key`. The server publishes the chain on start-up and
 //! re-signs every device's desired state whose signer is no longer trusted.
+//!
+//! A root document expires (`--expires-days`, 365 by default), and devices
+//! accept no desired state under an expired root. When a threshold of the
+//! root keys is in the keys directory (the embedded default, `keys init`
+//! leaves them there) the server renews the root itself
+//! ([`Signer::keep_root_fresh`]): at start and then periodically, once less
+//! than a third of the configured lifetime is left ([`renewal_due`]), it
+//! writes root version N+1 with the same keys and a later expiry. With the
+//! root keys offline it warns loudly instead and the operator runs `keys
+//! rotate`; either way `/metrics` shows the expiry.
+//!
+//! Key files are written through [`edgefleet_shared::secret_file`]: mode
+//! 0600, never through a symlink, never over an existing key.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use edgefleet_shared::crypto::KeyFile;
 use edgefleet_shared::{DesiredState, RootDocument, SecretKey, Signed};
@@ -48,28 +61,19 @@ pub enum KeyError {
     Invalid(String),
 }
 
-/// Writes a file readable only by its owner, failing if it exists.
+/// Writes a file readable only by its owner, failing if anything (a file
+/// or a symlink) is there already.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
-    let werr = |source| KeyError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(|e| {
+    edgefleet_shared::secret_file::write_new(path, bytes).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             KeyError::Exists(path.to_path_buf())
         } else {
-            werr(e)
+            KeyError::Write {
+                path: path.to_path_buf(),
+                source: e,
+            }
         }
-    })?;
-    file.write_all(bytes).map_err(werr)?;
-    file.sync_all().map_err(werr)
+    })
 }
 
 pub fn write_key(path: &Path, key: &SecretKey) -> Result<(), KeyError> {
@@ -100,7 +104,8 @@ pub fn read_root(path: &Path) -> Result<(Signed, RootDocument), KeyError> {
         reason,
     };
     let envelope = Signed::from_json(&bytes).map_err(|e| bad(e.to_string()))?;
-    let root = RootDocument::verify_initial(&envelope).map_err(|e| bad(e.to_string()))?;
+    // Expired or not: the server must still be able to renew or rotate it.
+    let root = RootDocument::verify_pinned(&envelope).map_err(|e| bad(e.to_string()))?;
     Ok((envelope, root))
 }
 
@@ -173,18 +178,14 @@ fn werr(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
 }
 
 /// Writes root `version` into the chain (`roots/N.json`) and makes it the
-/// current `root.json`, each with an atomic replace.
+/// current `root.json`, each with an atomic replace (public documents:
+/// mode 0644).
 fn write_root(dir: &Path, envelope: &Signed, version: u64) -> Result<(), KeyError> {
     let json = serde_json::to_vec_pretty(envelope).expect("root serialises");
     let chain = dir.join("roots");
     fs::create_dir_all(&chain).map_err(werr(&chain))?;
     for path in [chain.join(format!("{version}.json")), dir.join("root.json")] {
-        let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, &json).map_err(werr(&tmp))?;
-        fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(werr(&tmp))?;
-        fs::rename(&tmp, &path).map_err(werr(&path))?;
+        edgefleet_shared::secret_file::write_with_mode(&path, &json, 0o644).map_err(werr(&path))?;
     }
     Ok(())
 }
@@ -213,7 +214,7 @@ pub fn read_chain(dir: &Path) -> Result<Vec<Signed>, KeyError> {
         })?;
         let env = Signed::from_json(&bytes).map_err(|e| bad(e.to_string()))?;
         let doc = match &trusted {
-            None => RootDocument::verify_initial(&env),
+            None => RootDocument::verify_pinned(&env),
             Some(prev) => prev.verify_successor(&env),
         }
         .map_err(|e| bad(format!("{}: {e}", path.display())))?;
@@ -387,13 +388,84 @@ pub fn rotate(dir: &Path, rotation: &Rotation) -> Result<Rotated, KeyError> {
     })
 }
 
-/// Signs desired state with the online key named by the root document.
+/// Whether a root expiring at `expires` is due for renewal at `now`, for
+/// roots that live `lifetime_secs`: when less than a third of that is left
+/// (or it has expired). Renewing at two thirds leaves devices that are
+/// offline for a while (and a server that is down) a third of the lifetime
+/// to pick the new root up before the old one runs out.
+pub fn renewal_due(expires: u64, lifetime_secs: u64, now: u64) -> bool {
+    expires.saturating_sub(now) < lifetime_secs / 3
+}
+
+/// Writes root version N+1 with the same keys and thresholds as the
+/// current root N in `dir`, expiring `lifetime_secs` after `now`, signed
+/// by the root keys in `dir` (at least the threshold of them).
+pub fn renew_root(dir: &Path, lifetime_secs: u64, now: u64) -> Result<RootDocument, KeyError> {
+    let chain = read_chain(dir)?;
+    let (_, current) = read_root(&dir.join("root.json"))?;
+    let root_keys = root_keys_in(dir, &current)?;
+    if (root_keys.len() as u32) < current.root.threshold {
+        return Err(KeyError::Invalid(format!(
+            "renewing root version {} needs {} of its root keys; {} of them are in {} (bring the offline root-*.key files and run `fleetctl keys rotate`)",
+            current.version,
+            current.root.threshold,
+            root_keys.len(),
+            dir.display()
+        )));
+    }
+    if !dir.join("roots").exists() {
+        // Start the chain from the directory's only root.
+        write_root(dir, &chain[0], current.version)?;
+    }
+    let renewed = RootDocument {
+        version: current.version + 1,
+        expires: now.saturating_add(lifetime_secs),
+        ..current.clone()
+    };
+    let signers: Vec<&SecretKey> = root_keys.iter().collect();
+    let envelope = Signed::sign(&renewed, &signers);
+    current
+        .verify_successor(&envelope)
+        .map_err(|e| KeyError::Invalid(format!("the renewed root would not verify: {e}")))?;
+    write_root(dir, &envelope, renewed.version)?;
+    Ok(renewed)
+}
+
+/// What [`Signer::keep_root_fresh`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootUpkeep {
+    /// More than a third of the lifetime is left. `renewable`: a
+    /// threshold of the root keys is in the keys directory, so the server
+    /// will renew it when it is due.
+    Fresh {
+        version: u64,
+        expires: u64,
+        renewable: bool,
+    },
+    /// Root version `version` (with the same keys, expiring at `expires`)
+    /// was written and is now the current root; the chain must be
+    /// published again.
+    Renewed { version: u64, expires: u64 },
+    /// Due for renewal (or expired), and the root keys are offline: only
+    /// the operator can issue the next root (`fleetctl keys rotate`).
+    NeedsOperator { version: u64, expires: u64 },
+}
+
+/// The root document the server trusts, its envelope and the chain up to
+/// it; replaced as a whole when the root is renewed.
 #[derive(Debug, Clone)]
-pub struct Signer {
-    key: SecretKey,
-    root_envelope: Signed,
+struct Roots {
+    envelope: Signed,
     root: RootDocument,
     chain: Vec<Signed>,
+}
+
+/// Signs desired state with the online key named by the root document.
+#[derive(Debug)]
+pub struct Signer {
+    dir: PathBuf,
+    key: SecretKey,
+    roots: RwLock<Roots>,
 }
 
 impl Signer {
@@ -401,32 +473,48 @@ impl Signer {
     pub fn load(dir: &Path) -> Result<Self, KeyError> {
         let key_path = dir.join("online.key");
         let key = read_key(&key_path)?;
-        let (root_envelope, root) = read_root(&dir.join("root.json"))?;
+        let roots = Self::read_roots(dir, &key)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            key,
+            roots: RwLock::new(roots),
+        })
+    }
+
+    fn read_roots(dir: &Path, key: &SecretKey) -> Result<Roots, KeyError> {
+        let (envelope, root) = read_root(&dir.join("root.json"))?;
         if !root.desired.keyids.contains(&key.key_id()) {
             return Err(KeyError::KeyNotInRoot {
                 keyid: key.key_id().to_string(),
-                path: key_path,
+                path: dir.join("online.key"),
             });
         }
         let chain = read_chain(dir)?;
-        Ok(Self {
-            key,
-            root_envelope,
+        Ok(Roots {
+            envelope,
             root,
             chain,
         })
     }
 
+    fn roots(&self) -> std::sync::RwLockReadGuard<'_, Roots> {
+        // Roots are replaced whole under the lock: a poisoned lock still
+        // holds a consistent value.
+        self.roots.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The root documents from version 1 to the current one.
-    pub fn chain(&self) -> &[Signed] {
-        &self.chain
+    pub fn chain(&self) -> Vec<Signed> {
+        self.roots().chain.clone()
     }
 
     /// Whether `envelope` carries a signature by a key the current root
     /// trusts for desired state (else it must be signed again).
     pub fn trusts_signer_of(&self, envelope: &Signed) -> bool {
+        let roots = self.roots();
         envelope.signatures.iter().any(|s| {
-            self.root
+            roots
+                .root
                 .desired
                 .keyids
                 .iter()
@@ -434,16 +522,59 @@ impl Signer {
         })
     }
 
+    /// Keeps the root from expiring, at time `now`, for roots that live
+    /// `lifetime_secs`: when [`renewal_due`] and a threshold of the root
+    /// keys is in the keys directory, writes the next root version with a
+    /// later expiry ([`renew_root`]) and trusts it from now on (publishing
+    /// the new chain is the caller's). Reads the keys directory each time,
+    /// so root keys brought or taken away count at the next check.
+    pub fn keep_root_fresh(&self, lifetime_secs: u64, now: u64) -> Result<RootUpkeep, KeyError> {
+        let current = self.root();
+        let renewable = (root_keys_in(&self.dir, &current)?.len() as u32) >= current.root.threshold;
+        if !renewal_due(current.expires, lifetime_secs, now) {
+            return Ok(RootUpkeep::Fresh {
+                version: current.version,
+                expires: current.expires,
+                renewable,
+            });
+        }
+        if !renewable {
+            return Ok(RootUpkeep::NeedsOperator {
+                version: current.version,
+                expires: current.expires,
+            });
+        }
+        renew_root(&self.dir, lifetime_secs, now)?;
+        // Read back what is on disk now: the renewed root and its chain.
+        let roots = Self::read_roots(&self.dir, &self.key)?;
+        let (version, expires) = (roots.root.version, roots.root.expires);
+        *self.roots.write().unwrap_or_else(|e| e.into_inner()) = roots;
+        Ok(RootUpkeep::Renewed { version, expires })
+    }
+
     pub fn sign(&self, doc: &DesiredState) -> Signed {
         Signed::sign(doc, &[&self.key])
     }
 
-    pub fn root(&self) -> &RootDocument {
-        &self.root
+    /// The online key's public half.
+    pub fn public_key(&self) -> edgefleet_shared::PublicKey {
+        self.key.public()
     }
 
-    pub fn root_envelope(&self) -> &Signed {
-        &self.root_envelope
+    /// Signs a message for `topic` (receipts, the server's status), which
+    /// agents check against the root's desired-state keys.
+    pub fn seal(&self, topic: &str, msg: &[u8]) -> Vec<u8> {
+        edgefleet_shared::signed_message::seal(topic, msg, &self.key)
+    }
+
+    /// The current root document.
+    pub fn root(&self) -> RootDocument {
+        self.roots().root.clone()
+    }
+
+    /// The current root document, signed.
+    pub fn root_envelope(&self) -> Signed {
+        self.roots().envelope.clone()
     }
 }
 
@@ -458,7 +589,7 @@ mod tests {
         assert_eq!(keys.root.root.threshold, 2);
         assert_eq!(keys.root_key_paths.len(), 3);
         let signer = Signer::load(dir.path()).unwrap();
-        assert_eq!(signer.root(), &keys.root);
+        assert_eq!(signer.root(), keys.root);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -594,6 +725,126 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("must be signed"), "{err}");
+    }
+
+    #[test]
+    fn renewal_is_due_when_less_than_a_third_of_the_lifetime_is_left() {
+        let day = 86_400;
+        let lifetime = 300 * day;
+        let now = 1_700_000_000;
+        assert!(!renewal_due(now + 300 * day, lifetime, now), "brand new");
+        assert!(!renewal_due(now + 101 * day, lifetime, now));
+        assert!(!renewal_due(now + 100 * day, lifetime, now), "a third left");
+        assert!(renewal_due(now + 100 * day - 1, lifetime, now));
+        assert!(renewal_due(now + 1, lifetime, now));
+        assert!(renewal_due(now, lifetime, now), "expires now");
+        assert!(renewal_due(now - 5 * day, lifetime, now), "expired");
+        // A root made to live shorter than the server's lifetime is
+        // renewed at once, to that lifetime.
+        assert!(renewal_due(now + 30 * day, 365 * day, now));
+    }
+
+    #[test]
+    fn a_server_holding_the_root_keys_renews_its_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = init_keys(dir.path(), 3, 2, 10).unwrap();
+        let signer = Signer::load(dir.path()).unwrap();
+        let online = signer.key.key_id();
+        let now = edgefleet_shared::unix_now();
+        let lifetime = 365 * 86_400;
+        // Ten days left of a 365-day lifetime: due.
+        let upkeep = signer.keep_root_fresh(lifetime, now).unwrap();
+        assert_eq!(
+            upkeep,
+            RootUpkeep::Renewed {
+                version: 2,
+                expires: now + lifetime
+            }
+        );
+        let root = signer.root();
+        assert_eq!((root.version, root.expires), (2, now + lifetime));
+        // Same keys: nothing to re-sign, the online key is still trusted.
+        assert_eq!(root.keys, keys.root.keys);
+        assert_eq!(root.root, keys.root.root);
+        assert_eq!(root.desired.keyids, vec![online]);
+        let doc = DesiredState::new(
+            edgefleet_shared::DeviceId::new("d").unwrap(),
+            1,
+            0,
+            10,
+            vec![],
+        );
+        assert!(signer.trusts_signer_of(&signer.sign(&doc)));
+        // Devices walk from version 1 to it; it is what a restart loads.
+        let chain = signer.chain();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(signer.root_envelope(), chain[1]);
+        let walk = keys.root.walk_chain(&chain, now);
+        assert_eq!((walk.accepted.len(), walk.error), (1, None));
+        assert_eq!(Signer::load(dir.path()).unwrap().root(), root);
+        // Fresh now: nothing more to do.
+        assert_eq!(
+            signer.keep_root_fresh(lifetime, now).unwrap(),
+            RootUpkeep::Fresh {
+                version: 2,
+                expires: now + lifetime,
+                renewable: true
+            }
+        );
+        // A year later it is due again, and goes on being renewed.
+        let later = now + lifetime - 100 * 86_400;
+        assert!(matches!(
+            signer.keep_root_fresh(lifetime, later).unwrap(),
+            RootUpkeep::Renewed { version: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn an_expired_root_still_loads_and_renews() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = init_keys(dir.path(), 1, 1, 0).unwrap();
+        let now = edgefleet_shared::unix_now() + 10;
+        assert!(keys.root.check_unexpired(now).is_err());
+        let signer = Signer::load(dir.path()).unwrap();
+        assert!(matches!(
+            signer.keep_root_fresh(30 * 86_400, now).unwrap(),
+            RootUpkeep::Renewed { version: 2, .. }
+        ));
+        // A device pinned to the expired version 1 walks to version 2.
+        let pinned = RootDocument::verify_pinned(&signer.chain()[0]).unwrap();
+        assert_eq!(pinned.walk_chain(&signer.chain(), now).error, None);
+    }
+
+    #[test]
+    fn with_the_root_keys_offline_the_operator_must_renew() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = init_keys(dir.path(), 2, 2, 10).unwrap();
+        // One of the two needed root keys taken offline.
+        fs::remove_file(&keys.root_key_paths[0]).unwrap();
+        let signer = Signer::load(dir.path()).unwrap();
+        let now = edgefleet_shared::unix_now();
+        assert_eq!(
+            signer.keep_root_fresh(365 * 86_400, now).unwrap(),
+            RootUpkeep::NeedsOperator {
+                version: 1,
+                expires: keys.root.expires
+            }
+        );
+        assert_eq!(
+            signer.keep_root_fresh(15 * 86_400, now).unwrap(),
+            RootUpkeep::Fresh {
+                version: 1,
+                expires: keys.root.expires,
+                renewable: false
+            }
+        );
+        assert!(!dir.path().join("roots/2.json").exists());
+        assert_eq!(signer.root(), keys.root);
+        let err = renew_root(dir.path(), 365 * 86_400, now).unwrap_err();
+        assert!(
+            err.to_string().contains("needs 2 of its root keys"),
+            "{err}"
+        );
     }
 
     #[test]

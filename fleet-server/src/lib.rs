@@ -11,8 +11,10 @@ pub mod artifacts;
 pub mod auth;
 pub mod bridge;
 pub mod broker;
+pub mod broker_gate;
 pub mod config;
 pub mod dashboard;
+pub mod device_keys;
 pub mod demo;
 pub mod flash;
 pub mod fleet;
@@ -21,6 +23,7 @@ pub mod keys;
 pub mod metrics;
 pub mod rollout;
 pub mod rollouts;
+pub mod root_upkeep;
 pub mod store;
 pub mod tls;
 pub mod unix_http;
@@ -66,12 +69,18 @@ pub async fn start(
             config.keys_dir().display()
         )
     })?;
+    let root_lifetime_secs = config.root_expiry_days.saturating_mul(86_400);
+    root_upkeep::check_at_start(&signer, root_lifetime_secs, &config.keys_dir());
     let database = config.database();
     let store = store::Store::open(&database).await?;
     tracing::info!(backend = store.backend(), "fleet database open");
     bootstrap_admin_token(&store, &config.data_dir).await?;
     let artifacts = artifacts::ArtifactStore::open(&config.data_dir.join("artifacts"))?;
     let prefix = TopicPrefix::new(config.topic_prefix.clone())?;
+    // With device authentication the embedded broker's devices connect
+    // through the gate (`public_mqtt`), the server behind it.
+    let mut public_mqtt = None;
+    let mut gate_connections = None;
     let (host, port, credentials) = match (&config.broker.url, config.broker.embedded_listen) {
         (Some(url), _) => {
             let (host, port) = config::parse_mqtt_url(url)?;
@@ -91,19 +100,55 @@ pub async fn start(
             let credentials = auth
                 .as_ref()
                 .map(|a| (a.server_user.clone(), a.server_password.clone()));
-            if auth.is_some() {
-                tracing::info!("embedded broker: only enrolled devices may connect");
+            match auth {
+                Some(auth) => {
+                    // rumqttd behind the gate, on loopback; devices reach
+                    // it only through the gate, the server directly.
+                    let inner = broker::free_loopback_addr()?;
+                    broker::start_embedded(inner, Some(auth.clone()))?;
+                    let listener = TcpListener::bind(listen).await.map_err(|e| {
+                        anyhow::anyhow!("embedded MQTT broker cannot listen on {listen}: {e} (choose another --mqtt-listen, or use --broker for an external one)")
+                    })?;
+                    let tls = match (&config.tls, config.embedded_mqtt_tls()) {
+                        (Some(tls), true) => Some(tls::acceptor(tls)?),
+                        _ => None,
+                    };
+                    tracing::info!(
+                        %listen,
+                        tls = tls.is_some(),
+                        "embedded broker: only enrolled devices may connect, each to its own topics"
+                    );
+                    gate_connections = Some(broker_gate::Connections::default());
+                    let gate = broker_gate::Gate {
+                        acl: broker_gate::Acl::new(prefix.clone()),
+                        auth,
+                        upstream: inner,
+                        connections: gate_connections.clone().unwrap_or_default(),
+                        tls,
+                    };
+                    tokio::spawn(broker_gate::serve(gate, listener, shutdown.clone()));
+                    public_mqtt = Some((listen.ip().to_string(), listen.port()));
+                    (inner.ip().to_string(), inner.port(), credentials)
+                }
+                None => {
+                    broker::start_embedded(listen, None)?;
+                    (listen.ip().to_string(), listen.port(), credentials)
+                }
             }
-            broker::start_embedded(listen, auth)?;
-            (listen.ip().to_string(), listen.port(), credentials)
         }
         (None, None) => anyhow::bail!("no MQTT broker configured"),
     };
-    let (mqtt, mut eventloop) = bridge::client(&host, port, &prefix, credentials);
+    let session = edgefleet_shared::messages::next_session(None);
+    let (mqtt, mut eventloop) =
+        bridge::client(&host, port, &prefix, credentials.clone(), &signer, session);
     bridge::connect(&mut eventloop, &format!("{host}:{port}")).await?;
     let bound = http.local_addr()?;
     let public_url = config.public_url(bound);
-    let revoked = revoked_devices(&store).await?;
+    let devices = store.find_all_devices(&Default::default()).await?;
+    let revoked = revoked_devices(&devices);
+    // Only a fleet that does not require enrollment pins a never-enrolled
+    // device's first key.
+    let device_keys = device_keys::DeviceKeys::new(&devices, !config.broker.device_auth);
     let loaded_rollouts = rollouts::Rollouts::load(&store).await?;
     let fleet = Fleet {
         store,
@@ -115,8 +160,18 @@ pub async fn start(
         desired_expiry_secs: config.desired_expiry_secs,
         max_upload_bytes: config.max_upload_bytes,
         metrics: metrics::Metrics::default(),
-        device_mqtt_url: config.device_mqtt_url(&public_url, port),
+        device_mqtt_url: config.device_mqtt_url(
+            &public_url,
+            public_mqtt.as_ref().map_or(port, |(_, p)| *p),
+        ),
+        gate: gate_connections,
+        external_broker: config
+            .broker
+            .url
+            .is_some()
+            .then(|| (host.clone(), port, credentials.clone())),
         revoked: Arc::new(std::sync::RwLock::new(revoked)),
+        device_keys: Arc::new(device_keys),
         sessions: Default::default(),
         rollouts: loaded_rollouts,
         insights: Default::default(),
@@ -140,8 +195,19 @@ pub async fn start(
             }
         });
     }
-    let bridge_task = tokio::spawn(bridge::run(fleet.clone(), eventloop, shutdown.clone()));
+    let bridge_task = tokio::spawn(bridge::run(
+        fleet.clone(),
+        eventloop,
+        session,
+        shutdown.clone(),
+    ));
     tokio::spawn(rollouts::run(fleet.clone(), shutdown.clone()));
+    tokio::spawn(root_upkeep::run(
+        fleet.clone(),
+        root_lifetime_secs,
+        config.keys_dir(),
+        shutdown.clone(),
+    ));
     tokio::spawn(prune_streamed(
         fleet.store.clone(),
         config.telemetry_retention_secs,
@@ -170,7 +236,7 @@ pub async fn start(
     Ok((
         Running {
             http: bound,
-            mqtt: (host, port),
+            mqtt: public_mqtt.unwrap_or((host, port)),
             public_url,
         },
         done,
@@ -212,19 +278,8 @@ async fn bootstrap_admin_token(
         edgefleet_shared::unix_now(),
     );
     let path = data_dir.join("admin.token");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("cannot write the first admin token to {}", path.display()))?;
-        writeln!(file, "{}", made.token)?;
-        file.sync_all()?;
-    }
+    edgefleet_shared::secret_file::write(&path, format!("{}\n", made.token).as_bytes())
+        .with_context(|| format!("cannot write the first admin token to {}", path.display()))?;
     store.create_token(&made.record, &made.hash).await?;
     tracing::warn!(
         path = %path.display(),
@@ -235,14 +290,10 @@ async fn bootstrap_admin_token(
 }
 
 /// The ids of revoked devices.
-async fn revoked_devices(
-    store: &store::Store,
-) -> anyhow::Result<std::collections::HashSet<String>> {
-    Ok(store
-        .find_all_devices(&Default::default())
-        .await?
-        .into_iter()
+fn revoked_devices(devices: &[store::DeviceRecord]) -> std::collections::HashSet<String> {
+    devices
+        .iter()
         .filter(|d| d.revoked_at.is_some())
-        .map(|d| d.id)
-        .collect())
+        .map(|d| d.id.clone())
+        .collect()
 }

@@ -6,12 +6,18 @@
 //!   each scrape;
 //! - `edgefleet_mqtt_messages_received_total{kind}` and
 //!   `edgefleet_mqtt_messages_published_total{kind}`;
+//! - `edgefleet_mqtt_messages_rejected_total{kind}`: device messages
+//!   refused, by reason (`unsigned`, `untrusted_key`, `bad_signature`,
+//!   `payload`, `device_mismatch`, ...);
 //! - `edgefleet_ingest_records_total{result="new"|"duplicate"}`,
 //!   `edgefleet_ingest_lag_seconds` (device timestamp to stored; device
 //!   clocks may be off, so negative lags count as 0) and
 //!   `edgefleet_ingest_batch_seconds` (one store transaction);
 //! - `edgefleet_http_request_duration_seconds{method, route, status}`,
-//!   by route template (`/api/v1/devices/{id}`), not by raw path.
+//!   by route template (`/api/v1/devices/{id}`), not by raw path;
+//! - `edgefleet_root_expires_seconds`: when the current root document
+//!   expires (Unix seconds); alert well before it, devices accept no
+//!   desired state after it.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -56,10 +62,12 @@ pub struct Metrics {
     pub devices: Family<State, Gauge>,
     pub received: Family<Kind, Counter>,
     pub published: Family<Kind, Counter>,
+    pub rejected: Family<Kind, Counter>,
     pub ingest_records: Family<IngestResult, Counter>,
     pub ingest_lag: Histogram,
     pub ingest_batch: Histogram,
     pub http: HistogramFamily<HttpLabels>,
+    pub root_expires: Gauge,
 }
 
 impl Default for Metrics {
@@ -82,6 +90,12 @@ impl Default for Metrics {
             "mqtt_messages_published",
             "MQTT messages published by the server, by kind",
             published.clone(),
+        );
+        let rejected = Family::<Kind, Counter>::default();
+        registry.register(
+            "mqtt_messages_rejected",
+            "Device messages refused before storing, by reason (unsigned, untrusted_key, bad_signature, payload, ...)",
+            rejected.clone(),
         );
         let ingest_records = Family::<IngestResult, Counter>::default();
         registry.register(
@@ -108,15 +122,23 @@ impl Default for Metrics {
             "HTTP API latency by method, route template and status",
             http.clone(),
         );
+        let root_expires = Gauge::default();
+        registry.register(
+            "root_expires_seconds",
+            "When the fleet's current root document expires, in Unix seconds",
+            root_expires.clone(),
+        );
         Self {
             registry: std::sync::Arc::new(registry),
             devices,
             received,
             published,
+            rejected,
             ingest_records,
             ingest_lag,
             ingest_batch,
             http,
+            root_expires,
         }
     }
 }
@@ -124,6 +146,10 @@ impl Default for Metrics {
 impl Metrics {
     pub fn received(&self, kind: &'static str) {
         self.received.get_or_create(&Kind { kind }).inc();
+    }
+
+    pub fn rejected(&self, kind: &'static str) {
+        self.rejected.get_or_create(&Kind { kind }).inc();
     }
 
     pub fn published(&self, kind: &'static str) {
@@ -162,6 +188,12 @@ impl Metrics {
             .set(offline as i64);
     }
 
+    /// Records when the current root document expires.
+    pub fn set_root_expires(&self, expires: u64) {
+        self.root_expires
+            .set(i64::try_from(expires).unwrap_or(i64::MAX));
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -183,6 +215,7 @@ mod tests {
         m.published("desired");
         m.ingested(5, 3, 0.002, [1.5, -3.0].into_iter());
         m.set_devices(2, 1);
+        m.set_root_expires(1_900_000_000);
         m.http
             .get_or_create(&HttpLabels {
                 method: "GET".into(),
@@ -198,6 +231,7 @@ mod tests {
             "edgefleet_ingest_records_total{result=\"duplicate\"} 2",
             "edgefleet_ingest_lag_seconds_count 2",
             "edgefleet_devices{state=\"online\"} 2",
+            "edgefleet_root_expires_seconds 1900000000",
             "edgefleet_http_request_duration_seconds_count{method=\"GET\",route=\"/api/v1/devices\",status=\"200\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");

@@ -9,7 +9,7 @@
 //! * [`RootDocument`] names the root keys (kept offline) and the online keys
 //!   allowed to sign desired state, each role with a threshold. Devices are
 //!   flashed with the first root document and only ever move forward
-//!   ([`RootDocument::verify_successor`]).
+//!   ([`RootDocument::walk_chain`]).
 //! * [`DesiredState`] tells one device which models to run. It is signed by
 //!   the fleet server's online key and checked with [`DesiredState::verify`].
 
@@ -48,6 +48,12 @@ pub enum VerifyError {
     },
     #[error("document expired at {expires} (now {now}); the fleet server must re-sign it")]
     Expired { expires: u64, now: u64 },
+    #[error("root document version {version} expired at {expires} (now {now}); nothing signed under it is trusted until a newer root arrives (the fleet server renews it when it holds the root keys, else the operator runs `fleetctl keys rotate`)")]
+    RootExpired {
+        version: u64,
+        expires: u64,
+        now: u64,
+    },
     #[error("desired state is for device {found}, not this device ({expected})")]
     WrongDevice { expected: String, found: String },
     #[error("invalid root document: {0}")]
@@ -285,17 +291,89 @@ impl RootDocument {
     }
 
     /// Verifies a root document that is trusted by being pinned (flashed
-    /// onto the device): well formed and signed by a threshold of its own
-    /// root keys.
-    pub fn verify_initial(envelope: &Signed) -> Result<Self, VerifyError> {
+    /// onto the device) and acted on as it is, without a chain to walk:
+    /// well formed, signed by a threshold of its own root keys and not
+    /// expired at `now`.
+    pub fn verify_initial(envelope: &Signed, now: u64) -> Result<Self, VerifyError> {
+        let doc = Self::verify_pinned(envelope)?;
+        doc.check_unexpired(now)?;
+        Ok(doc)
+    }
+
+    /// Verifies a pinned root as the anchor of a chain walk: well formed
+    /// and signed by a threshold of its own root keys, expired or not.
+    /// A device that was switched off past its root's expiry must still
+    /// be able to walk forward from it ([`RootDocument::walk_chain`]
+    /// checks the expiry of the root it ends at), and the fleet server
+    /// must still be able to renew it. Nothing may be verified against
+    /// the returned root before [`RootDocument::check_unexpired`].
+    pub fn verify_pinned(envelope: &Signed) -> Result<Self, VerifyError> {
         let doc: Self = envelope.parse_unverified()?;
         doc.validate()?;
         envelope.check_role(Self::TYPE, "root", &doc.root, &doc.keys)?;
         Ok(doc)
     }
 
+    /// Refuses this root if it has expired at `now`.
+    pub fn check_unexpired(&self, now: u64) -> Result<(), VerifyError> {
+        if now >= self.expires {
+            return Err(VerifyError::RootExpired {
+                version: self.version,
+                expires: self.expires,
+                now,
+            });
+        }
+        Ok(())
+    }
+
+    /// Walks `chain` (root envelopes in any order; versions up to this
+    /// one's are ignored) forward from this trusted root and returns the
+    /// roots accepted, oldest first, and why the walk stopped short.
+    ///
+    /// The expiry rule, as in TUF's client workflow (specification
+    /// 5.3.4-5.3.10): each link is checked for its version (exactly one
+    /// more) and its signatures (a threshold of the previous root's root
+    /// keys *and* of its own), but not for expiry, so a device can walk
+    /// from an expired root over expired intermediate ones. Only the
+    /// newest root reached, the one the device ends up trusting, must be
+    /// unexpired at `now`: if it is not, the walk still reports every
+    /// root accepted (they are validly signed and the device must never
+    /// move backward; a newer root may have revoked a key) with
+    /// [`VerifyError::RootExpired`], and [`DesiredState::verify`] refuses
+    /// everything signed under it until a fresh root arrives (a freeze:
+    /// an attacker replaying an old chain cannot keep a device acting on
+    /// stale trust).
+    pub fn walk_chain<'a>(&self, chain: &'a [Signed], now: u64) -> ChainWalk<'a> {
+        let mut ordered: Vec<(u64, &Signed)> = chain
+            .iter()
+            .map(|env| {
+                let version = env.signed.get("version").and_then(Value::as_u64);
+                (version.unwrap_or(0), env)
+            })
+            .filter(|(version, _)| *version > self.version)
+            .collect();
+        ordered.sort_by_key(|(version, _)| *version);
+        let mut accepted: Vec<(&Signed, RootDocument)> = Vec::new();
+        for (_, env) in ordered {
+            let trusted = accepted.last().map_or(self, |(_, doc)| doc);
+            match trusted.verify_successor(env) {
+                Ok(next) => accepted.push((env, next)),
+                Err(error) => {
+                    return ChainWalk {
+                        accepted,
+                        error: Some(error),
+                    }
+                }
+            }
+        }
+        let newest = accepted.last().map_or(self, |(_, doc)| doc);
+        let error = newest.check_unexpired(now).err();
+        ChainWalk { accepted, error }
+    }
+
     /// Verifies the next root in the chain: exactly one version newer,
     /// signed by a threshold of this root's root keys *and* of its own.
+    /// Its expiry is not checked (see [`RootDocument::walk_chain`]).
     pub fn verify_successor(&self, envelope: &Signed) -> Result<Self, VerifyError> {
         let next: Self = envelope.parse_unverified()?;
         if next.version != self.version + 1 {
@@ -317,6 +395,19 @@ impl RootDocument {
             .iter()
             .filter_map(|id| self.keys.get_key_value(id))
     }
+}
+
+/// The outcome of [`RootDocument::walk_chain`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainWalk<'a> {
+    /// The roots accepted, oldest first, each with its envelope (to
+    /// persist): every one follows the one before it (the first follows
+    /// the root the walk started from).
+    pub accepted: Vec<(&'a Signed, RootDocument)>,
+    /// Why the walk stopped short: a broken link, or
+    /// [`VerifyError::RootExpired`] when the newest root reached (or the
+    /// starting one, if none was accepted) has expired.
+    pub error: Option<VerifyError>,
 }
 
 /// Model file formats the agent can load.
@@ -578,8 +669,8 @@ impl DesiredState {
     }
 
     /// Verifies an envelope for `device` against the trusted `root` at time
-    /// `now`: signatures by the desired role, the device id, expiry and the
-    /// model slots' structure. Freshness against what the device already
+    /// `now`: the root itself unexpired, signatures by the desired role,
+    /// the device id, expiry and the model slots' structure. Freshness against what the device already
     /// trusts is [`DesiredState::check_newer_than`].
     pub fn verify(
         envelope: &Signed,
@@ -588,6 +679,7 @@ impl DesiredState {
         now: u64,
     ) -> Result<Self, VerifyError> {
         let doc: Self = envelope.parse_unverified()?;
+        root.check_unexpired(now)?;
         envelope.check_role(Self::TYPE, "desired", &root.desired, &root.keys)?;
         if doc.device_id != *device {
             return Err(VerifyError::WrongDevice {
@@ -698,7 +790,7 @@ mod tests {
         let f = fixture();
         let env = Signed::sign(&f.root, &[&f.root_key]);
         let parsed = Signed::from_json(&env.to_json()).unwrap();
-        assert_eq!(RootDocument::verify_initial(&parsed).unwrap(), f.root);
+        assert_eq!(RootDocument::verify_initial(&parsed, NOW).unwrap(), f.root);
     }
 
     #[test]
@@ -706,7 +798,7 @@ mod tests {
         let f = fixture();
         let env = Signed::sign(&f.root, &[&f.online_key]);
         assert!(matches!(
-            RootDocument::verify_initial(&env).unwrap_err(),
+            RootDocument::verify_initial(&env, NOW).unwrap_err(),
             VerifyError::UnknownKey { role, .. } if role == "root"
         ));
     }
@@ -1025,6 +1117,160 @@ mod tests {
                 trusted: 1,
                 offered: 3
             }
+        );
+    }
+
+    /// Root `version` of the fixture's keys (a renewal: same keys), valid
+    /// until `expires`, signed by the root key.
+    fn renewed(f: &Fixture, version: u64, expires: u64) -> Signed {
+        let doc = RootDocument::new(
+            version,
+            expires,
+            &[f.root_key.public()],
+            1,
+            &[f.online_key.public()],
+        );
+        Signed::sign(&doc, &[&f.root_key])
+    }
+
+    #[test]
+    fn an_expired_root_is_refused_and_so_is_what_it_signs() {
+        let f = fixture();
+        let env = Signed::sign(&f.root, &[&f.root_key]);
+        let expired = VerifyError::RootExpired {
+            version: 1,
+            expires: 2_000_000_000,
+            now: 2_000_000_000,
+        };
+        assert_eq!(
+            RootDocument::verify_initial(&env, 2_000_000_000).unwrap_err(),
+            expired
+        );
+        assert!(RootDocument::verify_initial(&env, 1_999_999_999).is_ok());
+        // Still usable as the anchor of a walk, but not to verify with.
+        let pinned = RootDocument::verify_pinned(&env).unwrap();
+        assert_eq!(pinned.check_unexpired(2_000_000_000), Err(expired.clone()));
+        // A desired state valid in itself is refused under an expired root.
+        let doc = DesiredState::new(f.device.clone(), 7, 1_000, u64::MAX, vec![slot()]);
+        let signed = Signed::sign(&doc, &[&f.online_key]);
+        assert!(DesiredState::verify(&signed, &pinned, &f.device, 1_999_999_999).is_ok());
+        assert_eq!(
+            DesiredState::verify(&signed, &pinned, &f.device, 2_000_000_000).unwrap_err(),
+            expired
+        );
+    }
+
+    #[test]
+    fn a_walk_steps_over_expired_roots_to_a_fresh_one() {
+        let f = fixture();
+        let now = 3_000_000_000;
+        // Version 1 (the fixture) expired at 2e9, so did version 2; 3 is
+        // fresh. Given in any order, with an old version thrown in.
+        let v2 = renewed(&f, 2, 2_500_000_000);
+        let v3 = renewed(&f, 3, 4_000_000_000);
+        let old = Signed::sign(&f.root, &[&f.root_key]);
+        let chain = vec![v3.clone(), old, v2.clone()];
+        let walk = f.root.walk_chain(&chain, now);
+        assert_eq!(walk.error, None);
+        let versions: Vec<u64> = walk.accepted.iter().map(|(_, d)| d.version).collect();
+        assert_eq!(versions, vec![2, 3]);
+        assert_eq!(walk.accepted[1].0, &v3);
+        // Nothing newer, and the trusted root is fresh: nothing to do.
+        let fresh = &walk.accepted[1].1;
+        let walk = fresh.walk_chain(&chain, now);
+        assert_eq!((walk.accepted.len(), walk.error), (0, None));
+    }
+
+    #[test]
+    fn a_walk_ending_at_an_expired_root_moves_forward_and_says_so() {
+        let f = fixture();
+        let now = 3_000_000_000;
+        let chain = vec![renewed(&f, 2, 2_500_000_000)];
+        let walk = f.root.walk_chain(&chain, now);
+        // Version 2 is validly signed: trusted (never go back), yet stale.
+        assert_eq!(walk.accepted.len(), 1);
+        assert_eq!(
+            walk.error,
+            Some(VerifyError::RootExpired {
+                version: 2,
+                expires: 2_500_000_000,
+                now
+            })
+        );
+        // No newer root at all, and the trusted one expired: reported too.
+        let walk = f.root.walk_chain(&[], now);
+        assert!(walk.accepted.is_empty());
+        assert!(matches!(
+            walk.error,
+            Some(VerifyError::RootExpired { version: 1, .. })
+        ));
+        // A broken link stops the walk after what came before it.
+        let rogue = SecretKey::from_seed([66; 32]);
+        let forged = Signed::sign(
+            &RootDocument::new(3, 4_000_000_000, &[rogue.public()], 1, &[rogue.public()]),
+            &[&rogue],
+        );
+        let chain = vec![renewed(&f, 2, 2_500_000_000), forged];
+        let walk = f.root.walk_chain(&chain, now);
+        assert_eq!(walk.accepted.len(), 1);
+        assert!(matches!(walk.error, Some(VerifyError::UnknownKey { .. })));
+    }
+
+    /// Floats whose shortest decimal form serde_json parses one ULP off
+    /// unless its `float_roundtrip` feature is on (found by printing and
+    /// parsing random f64 values with serde_json 1.0.154: about one in
+    /// eight of them comes back different without the feature; none with
+    /// it).
+    const FLOATS_SERDE_JSON_GETS_WRONG_BY_DEFAULT: [f64; 12] = [
+        0.9856906946328695,
+        -114.51378781506311,
+        0.21291890726713458,
+        14.169897424337579,
+        102.70060649649079,
+        -53.559940781497204,
+        0.9720916325967499,
+        0.47079800016492035,
+        0.37449851059431805,
+        1.5633501113983639,
+        -127.13945378799981,
+        116.07947448955409,
+    ];
+
+    #[test]
+    fn floats_in_a_signed_document_survive_json_bit_exact() {
+        // Each one parses back bit-exact (without the feature, each of
+        // these comes back one ULP off and the signature below fails).
+        for x in FLOATS_SERDE_JSON_GETS_WRONG_BY_DEFAULT {
+            let text = serde_json::to_string(&x).unwrap();
+            let back: f64 = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{text} parsed as {back:?}");
+        }
+        let f = fixture();
+        let mut doc = desired(&f);
+        let floats = FLOATS_SERDE_JSON_GETS_WRONG_BY_DEFAULT.to_vec();
+        let tv = doc.models[0].test_vector.as_mut().unwrap();
+        tv.inputs[0].shape = vec![1, floats.len() as u64];
+        tv.inputs[0].data = floats.clone();
+        tv.expected = vec![TestTensor {
+            name: "output".into(),
+            datatype: "FP64".into(),
+            shape: vec![floats.len() as u64],
+            data: floats.iter().rev().copied().collect(),
+        }];
+        tv.tolerance = 0.30000000000000004;
+        doc.models[0].soak = Some(SoakPolicy {
+            secs: 600,
+            min_requests: 20,
+            max_error_rate: Some(0.21291890726713458),
+            max_error_rate_ratio: Some(1.5633501113983639),
+            max_p95_us: None,
+            max_p95_ratio: Some(0.9720916325967499),
+        });
+        let env = Signed::sign(&doc, &[&f.online_key]);
+        let parsed = Signed::from_json(&env.to_json()).unwrap();
+        assert_eq!(
+            DesiredState::verify(&parsed, &f.root, &f.device, NOW).unwrap(),
+            doc
         );
     }
 

@@ -2,9 +2,11 @@
 //!
 //! Everything that crosses the wire between the two deployables is defined
 //! here, once: the MQTT topic layout ([`topics`]), the JSON messages
-//! ([`messages`]), the signed documents that carry trust and desired state
+//! ([`messages`]) and the signatures every message carries
+//! ([`signed_message`]), the signed documents that carry trust and desired state
 //! ([`documents`]), the one canonical byte encoding those signatures cover
-//! ([`canonical`]) and the ed25519 keys that make them ([`crypto`]).
+//! ([`canonical`]) and the ed25519 keys that make them ([`crypto`]). Both
+//! sides write their secrets through [`secret_file`].
 
 pub mod broker_url;
 pub mod canonical;
@@ -12,18 +14,21 @@ pub mod crypto;
 pub mod documents;
 pub mod ids;
 pub mod messages;
+pub mod secret_file;
+pub mod signed_message;
 pub mod topics;
 
 pub use crypto::{KeyId, PublicKey, SecretKey};
 pub use documents::{
-    Compressed, DesiredState, ModelFormat, ModelSlot, RoleKeys, RootDocument, Signed, SoakPolicy,
-    TensorSpec, TestVector, VerifyError,
+    ChainWalk, Compressed, DesiredState, ModelFormat, ModelSlot, RoleKeys, RootDocument, Signed,
+    SoakPolicy, TensorSpec, TestVector, VerifyError,
 };
 pub use ids::{DeviceId, InvalidId};
 pub use messages::{
     EventKind, Health, InferenceResult, ModelStatus, ModelTelemetry, OutboxHealth, Receipt,
     ServerStatus, StatusMessage, TelemetryMessage, Temperature, UpdateEvent,
 };
+pub use signed_message::{MessageError, SignedMessage};
 pub use topics::{DeviceTopic, TopicKind, TopicPrefix};
 
 /// Version of the JSON schema every message and document carries in its

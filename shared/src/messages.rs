@@ -151,6 +151,20 @@ pub struct TelemetryMessage {
     #[serde(default)]
     pub models: Vec<ModelTelemetry>,
     pub outbox: OutboxHealth,
+    /// Messages from the fleet the agent refused.
+    #[serde(default)]
+    pub link: LinkHealth,
+}
+
+/// What the agent refused of what reached it over MQTT: receipts and
+/// server statuses that were unsigned, forged or not for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkHealth {
+    /// Since the agent started.
+    #[serde(default)]
+    pub rejected_messages: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rejection: Option<String>,
 }
 
 /// Device health as `sysinfo` sees it. Fields a board does not expose are
@@ -234,17 +248,22 @@ pub struct OutboxHealth {
     pub condition: Option<String>,
 }
 
-/// Retained on the server status topic: `online: true` once the fleet
-/// server is subscribed to every device topic; its last will says false.
+/// Retained on the server status topic, signed by the server's online
+/// key: `online: true` once the fleet server is subscribed to every device
+/// topic; its last will says false.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerStatus {
     pub online: bool,
     #[serde(default)]
     pub at: u64,
+    /// Which connection of the server this is about (larger is newer);
+    /// its "online" and its last will share the number.
+    #[serde(default)]
+    pub session: u64,
 }
 
-/// Published by the server on a device's `receipts` topic once messages
-/// from it are stored: the agent deletes them from its outbox only then,
+/// Published by the server on a device's `receipts` topic, signed by its
+/// online key, once messages from it are stored: the agent deletes them from its outbox only then,
 /// so nothing is lost between the broker's acknowledgement and the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {

@@ -47,9 +47,14 @@ struct ServeArgs {
     broker_user: Option<String>,
     #[arg(long, env = "EDGEFLEET_BROKER_PASSWORD", hide_env_values = true)]
     broker_password: Option<String>,
-    /// Embedded broker: only enrolled, unrevoked devices may connect.
+    /// Embedded broker: only enrolled, unrevoked devices may connect, each
+    /// only to its own topics (and over TLS when --tls-cert is set).
     #[arg(long)]
     device_auth: bool,
+    /// Let the embedded broker listen beyond loopback without
+    /// --device-auth (anyone reaching it may read and publish anything).
+    #[arg(long)]
+    insecure_open_broker: bool,
     /// Serve HTTPS with this PEM certificate chain (and --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -151,6 +156,7 @@ fn main() -> ExitCode {
                 broker_user,
                 broker_password,
                 device_auth,
+                insecure_open_broker,
                 tls_cert,
                 tls_key,
                 public_url,
@@ -186,6 +192,7 @@ fn main() -> ExitCode {
                         c.broker.password = broker_password;
                     }
                     c.broker.device_auth |= device_auth;
+                    c.broker.insecure_open |= insecure_open_broker;
                     if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
                         c.tls = Some(fleet_server::config::TlsConfig { cert, key });
                     }

@@ -3,8 +3,14 @@
 //! itself, verifies every desired state against the pinned root document
 //! (signature, device, expiry, version), downloads the artifact or not (by
 //! ratio), reports accepted / activated / confirmed or a failure (by rate,
-//! reproducible per device and version), and publishes its status. For
-//! tests and benchmarks of the server, not a device agent.
+//! reproducible per device and version), and publishes its status, every
+//! message signed with the device's own key as an agent's is (so the
+//! server's verification is part of every figure). For tests and
+//! benchmarks of the server, not a device agent.
+//!
+//! Each simulated device's key is derived from its id, so a server that
+//! pinned the keys on first use knows them in the next run too; that makes
+//! them public knowledge, which is fine for a simulator and nothing else.
 //!
 //!   fleet-sim --root keys/root.json --mqtt mqtt://127.0.0.1:1883 --devices 10000
 
@@ -97,6 +103,7 @@ fn fails(device: &str, model: &str, version: u64, rate: f64) -> bool {
 
 struct Device {
     id: DeviceId,
+    key: edgefleet_shared::SecretKey,
     prefix: TopicPrefix,
     root: Arc<RootDocument>,
     args: Arc<Args>,
@@ -111,8 +118,14 @@ impl Device {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// `msg` signed for `topic` with the device's key.
+    fn seal(&self, topic: &str, msg: &[u8]) -> Vec<u8> {
+        edgefleet_shared::signed_message::seal(topic, msg, &self.key)
+    }
+
     async fn send(&self, client: &AsyncClient, kind: TopicKind, payload: Vec<u8>) {
         let topic = self.prefix.device(&self.id, kind).to_string();
+        let payload = self.seal(&topic, &payload);
         let _ = client
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await;
@@ -218,6 +231,7 @@ impl Device {
             health,
             models,
             outbox,
+            link: Default::default(),
         }
     }
 
@@ -273,12 +287,9 @@ impl Device {
         let will = |session: u64| {
             let mut will = StatusMessage::will(self.id.clone(), session);
             will.agent_version = "fleet-sim".into();
-            LastWill::new(
-                self.prefix.device(&self.id, TopicKind::Status).to_string(),
-                serde_json::to_vec(&will).expect("will"),
-                QoS::AtLeastOnce,
-                true,
-            )
+            let topic = self.prefix.device(&self.id, TopicKind::Status).to_string();
+            let payload = self.seal(&topic, &serde_json::to_vec(&will).expect("will"));
+            LastWill::new(topic, payload, QoS::AtLeastOnce, true)
         };
         options
             .set_keep_alive(Duration::from_secs(60))
@@ -321,6 +332,7 @@ impl Device {
                     let payload = serde_json::to_vec(&sample).expect("telemetry");
                     // Never wait on the event loop from inside it.
                     let topic = self.prefix.device(&self.id, TopicKind::Telemetry).to_string();
+                    let payload = self.seal(&topic, &payload);
                     let _ = client.try_publish(topic, QoS::AtLeastOnce, false, payload);
                     continue;
                 }
@@ -489,8 +501,10 @@ fn main() -> std::process::ExitCode {
     let root = match std::fs::read(&args.root)
         .map_err(|e| e.to_string())
         .and_then(|b| Signed::from_json(&b).map_err(|e| e.to_string()))
-        .and_then(|s| RootDocument::verify_initial(&s).map_err(|e| e.to_string()))
-    {
+        .and_then(|s| {
+            RootDocument::verify_initial(&s, edgefleet_shared::unix_now())
+                .map_err(|e| e.to_string())
+        }) {
         Ok(root) => Arc::new(root),
         Err(e) => {
             eprintln!(
@@ -526,7 +540,9 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(2);
                 }
             };
+            let seed: [u8; 32] = Sha256::digest(format!("fleet-sim\0{id}").as_bytes()).into();
             let device = Arc::new(Device {
+                key: edgefleet_shared::SecretKey::from_seed(seed),
                 id,
                 prefix: prefix.clone(),
                 root: Arc::clone(&root),

@@ -154,6 +154,12 @@ enum DevicesCommand {
         /// runtime, API limits.
         #[arg(long)]
         profile: Option<PathBuf>,
+        /// The device's public key (64 hex), if it made one already
+        /// (`edgefleet-agent key` prints it). Without it the agent makes a
+        /// key at first start and registers it with the bundle's
+        /// credentials; the server takes only the first.
+        #[arg(long)]
+        public_key: Option<String>,
     },
     /// Put the agent and a device's bundle on a board: over SSH
     /// (--host: copy, install, start, then wait until the device reports
@@ -192,8 +198,17 @@ enum DevicesCommand {
         #[arg(long, default_value_t = 120)]
         wait_secs: u64,
     },
-    /// Revoke a device: its credentials stop working.
+    /// Revoke a device: its credentials stop working and its broker
+    /// connection is cut.
     Revoke { id: String },
+    /// Set the key a device's messages must be signed with, replacing any
+    /// other (a key made on the device, or a rotation).
+    SetKey {
+        id: String,
+        /// 64 hex characters (`edgefleet-agent key` on the device prints it).
+        #[arg(long)]
+        public_key: String,
+    },
     /// Replace a device's tags (KEY=VALUE ...; none clears them).
     Tag { id: String, tags: Vec<String> },
     /// One device: what it reports, its tags and enrollment.
@@ -714,19 +729,11 @@ fn parse_tags(tags: &[String]) -> Result<std::collections::BTreeMap<String, Stri
         .collect()
 }
 
-/// Writes `text` readable by its owner only.
+/// Writes `text` readable by its owner only (mode 0600 whatever was
+/// there, never through a symlink).
 fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(text.as_bytes())?;
-    Ok(())
+    edgefleet_shared::secret_file::write(path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// A board profile: agent settings without the device's own (its id,
@@ -750,26 +757,11 @@ fn read_profile(path: &std::path::Path) -> anyhow::Result<toml::Table> {
 
 /// A board reached with the system's `ssh` and `scp` (its keys, agent and
 /// config apply), never prompting.
-struct Ssh<'a> {
-    host: &'a str,
-    port: Option<u16>,
-    options: &'a [String],
+struct Ssh {
+    target: fleet_server::flash::SshTarget,
 }
 
-impl Ssh<'_> {
-    fn args(&self, port_flag: &str) -> Vec<String> {
-        let mut args = vec!["-o".to_string(), "BatchMode=yes".to_string()];
-        for o in self.options {
-            args.push("-o".into());
-            args.push(o.clone());
-        }
-        if let Some(port) = self.port {
-            args.push(port_flag.into());
-            args.push(port.to_string());
-        }
-        args
-    }
-
+impl Ssh {
     fn output(&self, program: &str, args: Vec<String>, what: &str) -> Result<String, Failure> {
         let out = std::process::Command::new(program)
             .args(&args)
@@ -781,7 +773,7 @@ impl Ssh<'_> {
                 code,
                 anyhow::anyhow!(
                     "{what} on {} failed ({}): {}",
-                    self.host,
+                    self.target.host(),
                     out.status,
                     String::from_utf8_lossy(&out.stderr).trim()
                 ),
@@ -792,9 +784,7 @@ impl Ssh<'_> {
 
     /// Runs a shell command on the board; its standard output, trimmed.
     fn run(&self, command: &str) -> Result<String, Failure> {
-        let mut args = self.args("-p");
-        args.push(self.host.to_string());
-        args.push(command.to_string());
+        let args = self.target.ssh_args(command);
         let what = command
             .split_whitespace()
             .next()
@@ -805,10 +795,7 @@ impl Ssh<'_> {
 
     /// Copies local files to a path on the board.
     fn copy(&self, files: &[&std::path::Path], to: &str) -> Result<(), Failure> {
-        let mut args = self.args("-P");
-        args.push("-p".into());
-        args.extend(files.iter().map(|f| f.display().to_string()));
-        args.push(format!("{}:{to}", self.host));
+        let args = self.target.scp_args(files, to);
         self.output("scp", args, "copying").map(|_| ())
     }
 }
@@ -842,6 +829,8 @@ fn write_bundle(
     broker.insert("topic_prefix".into(), text(&mqtt["topic_prefix"]).into());
     broker.insert("username".into(), text(&mqtt["username"]).into());
     broker.insert("password".into(), text(&mqtt["password"]).into());
+    // Where the agent registers the key it makes at first start.
+    broker.insert("server_url".into(), text(&enrolled["server_url"]).into());
     config.insert("mqtt".into(), toml::Value::Table(broker));
     let config = format!(
         "# edgefleet agent, device {id} ({hardware}); written by `fleetctl devices enroll`.\n\
@@ -1163,6 +1152,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 tags,
                 out,
                 profile,
+                public_key,
             } => {
                 let tags = parse_tags(tags)?;
                 // Read before enrolling: a bad profile enrolls nothing.
@@ -1178,7 +1168,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 let resp = client
                     .post(format!("{base}/api/v1/devices"))
-                    .json(&json!({"id": id, "hardware": hardware, "tags": tags}))
+                    .json(&json!({"id": id, "hardware": hardware, "tags": tags, "public_key": public_key}))
                     .send()
                     .await
                     .map_err(classify)?;
@@ -1244,6 +1234,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         ),
                         ("hardware", text(&d["hardware"])),
                         ("tags", text(&d["tags"])),
+                        ("key", text(&d["public_key"])),
+                        (
+                            "refused",
+                            match d["rejected_messages"]["count"].as_u64() {
+                                Some(n) => format!(
+                                    "{n} message(s); last: {}",
+                                    text(&d["rejected_messages"]["last_reason"])
+                                ),
+                                None => "-".into(),
+                            },
+                        ),
                         ("agent", text(&d["agent_version"])),
                         (
                             "models",
@@ -1341,9 +1342,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 let host = host.as_deref().expect("clap requires --host without --to");
                 let ssh = Ssh {
-                    host,
-                    port: *port,
-                    options: ssh_options,
+                    target: fleet_server::flash::SshTarget::new(host, *port, ssh_options)
+                        .map_err(usage)?,
                 };
                 let began = edgefleet_shared::unix_now();
                 let remote_arch = ssh.run("dpkg --print-architecture")?;
@@ -1424,6 +1424,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             DevicesCommand::Revoke { id } => {
                 let request = client.post(format!("{base}/api/v1/devices/{id}/revoke"));
                 call(request, cli.json, |_| format!("revoked {id}")).await?;
+            }
+            DevicesCommand::SetKey { id, public_key } => {
+                let request = client
+                    .put(format!("{base}/api/v1/devices/{id}/key"))
+                    .json(&json!({"public_key": public_key}));
+                call(request, cli.json, |_| {
+                    format!("{id} now signs with key {public_key}")
+                })
+                .await?;
             }
         },
         Command::Broker {

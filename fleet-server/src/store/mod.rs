@@ -107,6 +107,10 @@ pub struct DeviceRecord {
     /// Set when revoked: the device's credentials no longer work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<u64>,
+    /// The device's ed25519 public key (hex): every message it sends must
+    /// be signed by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// Which devices a listing returns: all the given tags, the hardware
@@ -130,6 +134,21 @@ pub struct Enrollment {
     pub tags: std::collections::BTreeMap<String, String>,
     /// The password's Mosquitto-format hash (see [`crate::auth`]).
     pub credential: String,
+    /// The device's public key when the operator knows it already;
+    /// otherwise the device registers one (and any earlier key is dropped:
+    /// enrolling again is a rotation).
+    pub public_key: Option<String>,
+}
+
+/// Who is setting a device's public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyWrite {
+    /// An operator: replaces any key; the device must exist.
+    Operator,
+    /// The device itself (registration with its enrollment credentials,
+    /// or first use on an open fleet): only while it has no key. Creates
+    /// the device if it is unknown.
+    FirstOnly,
 }
 
 /// A stored update event.
@@ -406,6 +425,18 @@ impl Store {
         version: u64,
     ) -> Result<(ModelRecord, bool), StoreError> {
         on_backend!(self, s => s.delete_model(name, version).await)
+    }
+
+    /// Sets a device's public key (hex) as `who` may; returns the key the
+    /// device has afterwards (`None`: no such device).
+    pub async fn set_device_key(
+        &self,
+        id: &str,
+        key: &str,
+        who: KeyWrite,
+        now: u64,
+    ) -> Result<Option<String>, StoreError> {
+        on_backend!(self, s => s.set_device_key(id, key, who, now).await)
     }
 
     /// A device's credential hash, if it is enrolled and not revoked.

@@ -19,7 +19,7 @@ use super::{
     AuditEntry, AuditRecord, DeviceRecord, EventRecord, ModelRecord, Page, SignFn, StatusOutcome,
     StoreError, Streamed, Target, ALL_DEVICES,
 };
-use super::{DeviceFilter, Enrollment};
+use super::{DeviceFilter, Enrollment, KeyWrite};
 
 /// Ordered schema migrations; `edgefleet_schema` records how many ran.
 /// Integers are BIGINT (unix seconds, versions, sequence numbers); JSON
@@ -131,6 +131,10 @@ const MIGRATIONS: &[&str] = &[
         state TEXT NOT NULL,
         seq BIGSERIAL
     );
+    "#,
+    // 6: each device's message-signing public key (hex).
+    r#"
+    ALTER TABLE devices ADD COLUMN device_key TEXT;
     "#,
 ];
 
@@ -371,11 +375,12 @@ impl PgStore {
         let tags = serde_json::to_string(&e.tags).expect("tags serialise");
         client
             .execute(
-                "INSERT INTO devices (id, first_seen, last_seen, hardware, tags, enrolled_at, credential)
-                 VALUES ($1, $2, $2, $3, $4, $2, $5)
+                "INSERT INTO devices (id, first_seen, last_seen, hardware, tags, enrolled_at, credential, device_key)
+                 VALUES ($1, $2, $2, $3, $4, $2, $5, $6)
                  ON CONFLICT (id) DO UPDATE SET hardware = excluded.hardware, tags = excluded.tags,
-                    enrolled_at = excluded.enrolled_at, credential = excluded.credential, revoked_at = NULL",
-                &[&e.id, &(now as i64), &e.hardware, &tags, &e.credential],
+                    enrolled_at = excluded.enrolled_at, credential = excluded.credential, revoked_at = NULL,
+                    device_key = excluded.device_key",
+                &[&e.id, &(now as i64), &e.hardware, &tags, &e.credential, &e.public_key],
             )
             .await?;
         get_device(&client, &e.id)
@@ -487,6 +492,40 @@ impl PgStore {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
+    }
+
+    pub async fn set_device_key(
+        &self,
+        id: &str,
+        key: &str,
+        who: KeyWrite,
+        now: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        match who {
+            KeyWrite::Operator => {
+                client
+                    .execute(
+                        "UPDATE devices SET device_key = $2 WHERE id = $1",
+                        &[&id, &key],
+                    )
+                    .await?
+            }
+            KeyWrite::FirstOnly => {
+                client
+                    .execute(
+                        "INSERT INTO devices (id, first_seen, last_seen, device_key) VALUES ($1, $2, $2, $3)
+                         ON CONFLICT (id) DO UPDATE SET device_key = excluded.device_key
+                         WHERE devices.device_key IS NULL",
+                        &[&id, &(now as i64), &key],
+                    )
+                    .await?
+            }
+        };
+        Ok(client
+            .query_opt("SELECT device_key FROM devices WHERE id = $1", &[&id])
+            .await?
+            .and_then(|r| r.get::<_, Option<String>>(0)))
     }
 
     pub async fn device_credential(&self, id: &str) -> Result<Option<String>, StoreError> {
@@ -959,7 +998,7 @@ async fn ensure_device(c: &impl GenericClient, id: &str, now: u64) -> Result<(),
     Ok(())
 }
 
-const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version, hardware, tags, enrolled_at, revoked_at";
+const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version, hardware, tags, enrolled_at, revoked_at, device_key";
 
 fn device_from_row(r: &Row) -> DeviceRecord {
     DeviceRecord {
@@ -975,6 +1014,7 @@ fn device_from_row(r: &Row) -> DeviceRecord {
         tags: serde_json::from_str(r.get(9)).unwrap_or_default(),
         enrolled_at: r.get::<_, Option<i64>>(10).map(|v| v as u64),
         revoked_at: r.get::<_, Option<i64>>(11).map(|v| v as u64),
+        public_key: r.get(12),
     }
 }
 

@@ -15,7 +15,7 @@ use super::{
     AuditEntry, AuditRecord, DeviceRecord, EventRecord, ModelRecord, ModelSpec, Page, SignFn,
     StatusOutcome, StoreError, Streamed, Target, ALL_DEVICES,
 };
-use super::{DeviceFilter, Enrollment};
+use super::{DeviceFilter, Enrollment, KeyWrite};
 
 /// Ordered schema migrations; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -166,6 +166,10 @@ const MIGRATIONS: &[&str] = &[
         state TEXT NOT NULL,
         seq INTEGER NOT NULL
     );
+    "#,
+    // 9: each device's message-signing public key (hex).
+    r#"
+    ALTER TABLE devices ADD COLUMN device_key TEXT;
     "#,
 ];
 
@@ -368,11 +372,12 @@ impl SqliteStore {
         self.call(move |conn| {
             let tags = serde_json::to_string(&e.tags).expect("tags serialise");
             conn.execute(
-                "INSERT INTO devices (id, first_seen, last_seen, hardware, tags, enrolled_at, credential)
-                 VALUES (?1, ?2, ?2, ?3, ?4, ?2, ?5)
+                "INSERT INTO devices (id, first_seen, last_seen, hardware, tags, enrolled_at, credential, device_key)
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?2, ?5, ?6)
                  ON CONFLICT (id) DO UPDATE SET hardware = excluded.hardware, tags = excluded.tags,
-                    enrolled_at = excluded.enrolled_at, credential = excluded.credential, revoked_at = NULL",
-                params![e.id, now as i64, e.hardware, tags, e.credential],
+                    enrolled_at = excluded.enrolled_at, credential = excluded.credential, revoked_at = NULL,
+                    device_key = excluded.device_key",
+                params![e.id, now as i64, e.hardware, tags, e.credential, e.public_key],
             )?;
             get_device(conn, &e.id)?.ok_or_else(|| StoreError::NotFound(e.id.clone()))
         })
@@ -478,6 +483,37 @@ impl SqliteStore {
             let rows =
                 stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?)))?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn set_device_key(
+        &self,
+        id: &str,
+        key: &str,
+        who: KeyWrite,
+        now: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let (id, key) = (id.to_string(), key.to_string());
+        self.call(move |conn| {
+            match who {
+                KeyWrite::Operator => conn.execute(
+                    "UPDATE devices SET device_key = ?2 WHERE id = ?1",
+                    params![id, key],
+                )?,
+                KeyWrite::FirstOnly => conn.execute(
+                    "INSERT INTO devices (id, first_seen, last_seen, device_key) VALUES (?1, ?2, ?2, ?3)
+                     ON CONFLICT (id) DO UPDATE SET device_key = excluded.device_key
+                     WHERE devices.device_key IS NULL",
+                    params![id, now as i64, key],
+                )?,
+            };
+            Ok(conn
+                .query_row("SELECT device_key FROM devices WHERE id = ?1", [id], |r| {
+                    r.get::<_, Option<String>>(0)
+                })
+                .optional()?
+                .flatten())
         })
         .await
     }
@@ -821,10 +857,11 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
         tags: serde_json::from_str(&r.get::<_, String>(9)?).unwrap_or_default(),
         enrolled_at: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
         revoked_at: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+        public_key: r.get(12)?,
     })
 }
 
-const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version, hardware, tags, enrolled_at, revoked_at";
+const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, reported_desired_version, models_json, desired_version, hardware, tags, enrolled_at, revoked_at, device_key";
 
 fn list_devices(conn: &Connection) -> Result<Vec<DeviceRecord>, StoreError> {
     let mut stmt = conn.prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"))?;

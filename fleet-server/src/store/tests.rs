@@ -123,6 +123,7 @@ fn telemetry(device: &str, seq: u64) -> Streamed {
         health: Default::default(),
         models: vec![],
         outbox: Default::default(),
+        link: Default::default(),
     })
 }
 
@@ -473,6 +474,7 @@ async fn enrollment_filters_paging_and_revocation(f: Fixture) {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         credential: format!("hash-of-{id}"),
+        public_key: None,
     };
     let a = s
         .enroll_device(
@@ -646,6 +648,34 @@ async fn rollouts_and_assigned_versions_round_trip(f: Fixture) {
     assert_eq!(none["a"], None);
 }
 
+async fn device_keys_are_set_once_by_devices_and_replaced_by_operators(f: Fixture) {
+    let s = &f.store;
+    let (k1, k2) = ("11".repeat(32), "22".repeat(32));
+    // First use on an open fleet: the device did not exist yet.
+    let set = s.set_device_key("new", &k1, KeyWrite::FirstOnly, 5).await.unwrap();
+    assert_eq!(set.as_deref(), Some(k1.as_str()));
+    assert_eq!(s.get_device("new").await.unwrap().unwrap().public_key, Some(k1.clone()));
+    // A device cannot replace its key.
+    let kept = s.set_device_key("new", &k2, KeyWrite::FirstOnly, 6).await.unwrap();
+    assert_eq!(kept.as_deref(), Some(k1.as_str()));
+    // An operator can, but only for a device that exists.
+    let replaced = s.set_device_key("new", &k2, KeyWrite::Operator, 7).await.unwrap();
+    assert_eq!(replaced.as_deref(), Some(k2.as_str()));
+    assert_eq!(s.set_device_key("nobody", &k2, KeyWrite::Operator, 7).await.unwrap(), None);
+    // Enrolling again is a rotation: the old key goes, or the new one is given.
+    let enroll = |key: Option<String>| Enrollment {
+        id: "new".into(),
+        hardware: "rpi4".into(),
+        tags: Default::default(),
+        credential: "hash".into(),
+        public_key: key,
+    };
+    let d = s.enroll_device(&enroll(None), 8).await.unwrap();
+    assert_eq!(d.public_key, None);
+    let d = s.enroll_device(&enroll(Some(k1.clone())), 9).await.unwrap();
+    assert_eq!(d.public_key, Some(k1));
+}
+
 /// Runs each test function against both backends.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -676,6 +706,7 @@ suite!(
     enrollment_filters_paging_and_revocation,
     tags_edits_and_model_deletion,
     rollouts_and_assigned_versions_round_trip,
+    device_keys_are_set_once_by_devices_and_replaced_by_operators,
 );
 
 #[tokio::test]
