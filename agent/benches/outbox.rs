@@ -218,6 +218,8 @@ async fn main() {
         batch_records,
         clean_session: true,
         server_url: None,
+        ca_file: None,
+        ca_pem: None,
     };
     let run_id = std::process::id();
     let prefix = TopicPrefix::new(format!("edgefleet-bench-{run_id}/v1")).unwrap();

@@ -211,6 +211,13 @@ pub struct MqttConfig {
     /// while the server holds no key for the device).
     #[serde(default)]
     pub server_url: Option<String>,
+    /// `mqtts://` only: the PEM certificate authority the broker's
+    /// certificate must chain to (a file, or the PEM itself in `ca_pem`,
+    /// as enrollment bundles carry it). Default: the system's CAs.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
 
 fn default_clean_session() -> bool {
@@ -225,6 +232,25 @@ impl MqttConfig {
     /// Host and port from `url`.
     pub fn host_port(&self) -> Result<(String, u16), ConfigError> {
         parse_mqtt_url(&self.url)
+    }
+
+    /// The TLS transport for an `mqtts://` url (`None` for plain MQTT).
+    pub fn tls_transport(&self) -> Result<Option<rumqttc::Transport>, ConfigError> {
+        if !edgefleet_shared::broker_url::is_tls(&self.url) {
+            return Ok(None);
+        }
+        let ca = match (&self.ca_pem, &self.ca_file) {
+            (Some(pem), _) => Some(pem.clone().into_bytes()),
+            (None, Some(path)) => {
+                Some(std::fs::read(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+            (None, None) => None,
+        };
+        let ca = edgefleet_shared::broker_url::trusted_cas(ca).map_err(ConfigError::Invalid)?;
+        Ok(Some(rumqttc::Transport::tls(ca, None, None)))
     }
 
     pub fn prefix(&self) -> Result<TopicPrefix, ConfigError> {
@@ -386,6 +412,9 @@ impl AgentConfig {
         }
         if let Some(key) = &mut self.device_key {
             fix(key);
+        }
+        if let Some(ca) = self.mqtt.as_mut().and_then(|m| m.ca_file.as_mut()) {
+            fix(ca);
         }
         for model in &mut self.models {
             fix(&mut model.path);

@@ -12,7 +12,6 @@
 //! --key-in-bundle` makes the key on the operator's machine and ships it in
 //! the bundle (the weaker option: the secret existed off the device).
 
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -56,9 +55,20 @@ pub fn load_or_create(path: &Path) -> Result<(SecretKey, bool), DeviceKeyError> 
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::generate().map_err(|e| DeviceKeyError::Random(e.to_string()))?;
-            write_new(path, &key).map_err(|source| DeviceKeyError::Write {
-                path: shown,
-                source,
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| DeviceKeyError::Write {
+                    path: shown.clone(),
+                    source,
+                })?;
+            }
+            let bytes =
+                serde_json::to_vec_pretty(&KeyFile::new(&key)).expect("key files serialise");
+            // Mode 0600, never through a link, never over a key already there.
+            edgefleet_shared::secret_file::write_new(path, &bytes).map_err(|source| {
+                DeviceKeyError::Write {
+                    path: shown,
+                    source,
+                }
             })?;
             Ok((key, true))
         }
@@ -67,33 +77,6 @@ pub fn load_or_create(path: &Path) -> Result<(SecretKey, bool), DeviceKeyError> 
             source,
         }),
     }
-}
-
-/// Writes a key file that did not exist: created with mode 0600 under a
-/// temporary name (never following a link), synced, then moved into place
-/// without replacing anything already there.
-fn write_new(path: &Path, key: &SecretKey) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = crate::durable::temp_path(path);
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&tmp)?;
-        file.write_all(&serde_json::to_vec_pretty(&KeyFile::new(key))?)?;
-        file.sync_all()?;
-        drop(file);
-        // A hard link fails if `path` exists, so a key that appeared
-        // meanwhile is never replaced.
-        std::fs::hard_link(&tmp, path)
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result?;
-    crate::durable::sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// The proof that the holder of `key` asks to be `device`'s key: its
@@ -123,6 +106,7 @@ pub async fn register(
         "public_key": key.public().to_hex(),
         "proof": registration_proof(&device, &key),
     });
+    crate::download::install_crypto_provider();
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -153,7 +137,9 @@ pub async fn register(
                     "the fleet server refused this device's key; the operator registers it with `fleetctl devices set-key`");
                 return;
             }
-            Ok(r) => tracing::warn!(status = %r.status(), "cannot register the device key yet; retrying"),
+            Ok(r) => {
+                tracing::warn!(status = %r.status(), "cannot register the device key yet; retrying")
+            }
             Err(e) => tracing::warn!(error = %e, "cannot register the device key yet; retrying"),
         }
         tokio::select! {
@@ -207,6 +193,8 @@ mod tests {
             .public()
             .verify(&key_registration_input(device.as_str(), &hex), &proof));
         let other = DeviceId::new("pi-2").unwrap();
-        assert!(!key.public().verify(&key_registration_input(other.as_str(), &hex), &proof));
+        assert!(!key
+            .public()
+            .verify(&key_registration_input(other.as_str(), &hex), &proof));
     }
 }

@@ -453,6 +453,9 @@ impl Uplink {
         if let (Some(user), Some(pass)) = (&self.config.username, &self.config.password) {
             options.set_credentials(user, pass);
         }
+        if let Some(transport) = self.config.tls_transport()? {
+            options.set_transport(transport);
+        }
         let (client, mut eventloop) = AsyncClient::new(options, RECORD_WINDOW);
         // Small packets in a window: Nagle's algorithm would hold each one
         // back waiting for the previous one's TCP acknowledgement.

@@ -11,6 +11,13 @@
 //! - batches of 1 (the baseline: one transaction per record) and of 256;
 //! - the same 256-record batches delivered a second time (all duplicates).
 //!
+//! Then the whole path of a signed device message, as the bridge runs it:
+//! parse the envelope, check the device's registered key, verify the
+//! ed25519 signature, decode, store in 256-record batches; against the
+//! same path with the signature check skipped (the baseline), for one
+//! record per publish (the worst case) and 32 (the agent's batches). And
+//! the cost of sealing and opening one message.
+//!
 //! Run: `cargo bench -p fleet-server --bench ingest`. PostgreSQL from
 //! `EDGEFLEET_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`), in a fresh schema; skipped
@@ -18,8 +25,13 @@
 
 use std::time::Instant;
 
-use edgefleet_shared::{DeviceId, TelemetryMessage, SCHEMA_VERSION};
-use fleet_server::store::{Store, Streamed};
+use edgefleet_shared::signed_message::seal;
+use edgefleet_shared::{
+    DeviceId, SecretKey, SignedMessage, TelemetryMessage, TopicKind, TopicPrefix, SCHEMA_VERSION,
+};
+use fleet_server::bridge::{decode, Inbound};
+use fleet_server::device_keys::DeviceKeys;
+use fleet_server::store::{DeviceRecord, Store, Streamed};
 
 const DEVICES: u64 = 1_000;
 const PER_DEVICE: u64 = 50;
@@ -89,6 +101,153 @@ async fn run(name: &str, store: Store) {
     );
 }
 
+fn key_of(device: u64) -> SecretKey {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&device.to_le_bytes());
+    SecretKey::from_seed(seed)
+}
+
+/// Every device's records as signed publishes of `per_publish` records.
+fn publishes(first_seq: u64, per_publish: usize) -> Vec<(String, Vec<u8>)> {
+    let prefix = TopicPrefix::default();
+    let mut by_device: Vec<Vec<TelemetryMessage>> = vec![Vec::new(); DEVICES as usize];
+    for r in records(first_seq) {
+        if let Streamed::Telemetry(t) = r {
+            let d: usize = t.device_id.as_str()[3..].parse().unwrap();
+            by_device[d].push(t);
+        }
+    }
+    let mut out = Vec::new();
+    for (d, samples) in by_device.iter().enumerate() {
+        let id = DeviceId::new(format!("pi-{d:05}")).unwrap();
+        let topic = prefix.device(&id, TopicKind::Telemetry).to_string();
+        let key = key_of(d as u64);
+        for chunk in samples.chunks(per_publish) {
+            let body = if chunk.len() == 1 {
+                serde_json::to_vec(&chunk[0]).unwrap()
+            } else {
+                serde_json::to_vec(chunk).unwrap()
+            };
+            out.push((topic.clone(), seal(&topic, &body, &key)));
+        }
+    }
+    out
+}
+
+/// Decodes every publish (verifying its signature, or only reading the
+/// envelope when `verify` is off) and stores the records in 256-record
+/// batches; returns records/s.
+async fn signed_ingest(
+    store: &Store,
+    keys: &DeviceKeys,
+    publishes: &[(String, Vec<u8>)],
+    verify: bool,
+) -> f64 {
+    let prefix = TopicPrefix::default();
+    let started = Instant::now();
+    let mut batch: Vec<Streamed> = Vec::with_capacity(512);
+    let mut total = 0;
+    for (topic, payload) in publishes {
+        let records = if verify {
+            match decode(&prefix, keys, topic, payload).unwrap().inbound {
+                Inbound::Streamed(r) => r,
+                other => panic!("not telemetry: {other:?}"),
+            }
+        } else {
+            let msg = SignedMessage::parse(payload).unwrap().msg();
+            let parsed: Vec<TelemetryMessage> = if msg.first() == Some(&b'[') {
+                serde_json::from_slice(msg).unwrap()
+            } else {
+                vec![serde_json::from_slice(msg).unwrap()]
+            };
+            parsed.into_iter().map(Streamed::Telemetry).collect()
+        };
+        total += records.len();
+        batch.extend(records);
+        if batch.len() >= 256 {
+            store.record_streamed(&batch, 1_790_000_000).await.unwrap();
+            batch.clear();
+        }
+    }
+    store.record_streamed(&batch, 1_790_000_000).await.unwrap();
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn verified(dir: &std::path::Path) {
+    let devices: Vec<DeviceRecord> = (0..DEVICES)
+        .map(|d| DeviceRecord {
+            id: format!("pi-{d:05}"),
+            first_seen: 0,
+            last_seen: 0,
+            online: true,
+            agent_version: String::new(),
+            reported_desired_version: None,
+            models: vec![],
+            desired_version: 0,
+            hardware: None,
+            tags: Default::default(),
+            enrolled_at: Some(1),
+            revoked_at: None,
+            public_key: Some(key_of(d).public().to_hex()),
+        })
+        .collect();
+    let keys = DeviceKeys::new(&devices, false);
+    println!();
+    println!(
+        "signed telemetry into SQLite, {} records; records/s",
+        DEVICES * PER_DEVICE
+    );
+    println!(
+        "{:<26} {:>16} {:>16} {:>9}",
+        "records per publish", "envelope only", "verified", "ratio"
+    );
+    for (i, per) in [1usize, 32].into_iter().enumerate() {
+        let a = Store::open(dir.join(format!("a{i}.db")).to_str().unwrap())
+            .await
+            .unwrap();
+        let b = Store::open(dir.join(format!("b{i}.db")).to_str().unwrap())
+            .await
+            .unwrap();
+        let pubs = publishes(1, per);
+        let plain = signed_ingest(&a, &keys, &pubs, false).await;
+        let checked = signed_ingest(&b, &keys, &pubs, true).await;
+        println!(
+            "{:<26} {:>16.0} {:>16.0} {:>8.2}x",
+            per,
+            plain,
+            checked,
+            plain / checked
+        );
+    }
+    // One message: seal (agent side) and open (server side).
+    let pubs = publishes(1, 1);
+    let (topic, payload) = &pubs[0];
+    let body = SignedMessage::parse(payload).unwrap().msg().to_vec();
+    let key = key_of(0);
+    let n = 5_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(seal(topic, &body, &key));
+    }
+    let sign_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let public = [key.public()];
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(SignedMessage::open(payload, topic, public.iter()).unwrap());
+    }
+    let open_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(serde_json::from_slice::<TelemetryMessage>(&body).unwrap());
+    }
+    let parse_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    println!(
+        "one {}-byte telemetry message: seal {sign_us:.1} us, open (verify) {open_us:.1} us; parsing it costs {parse_us:.1} us (verify/parse {:.1}x)",
+        body.len(),
+        open_us / parse_us
+    );
+}
+
 #[tokio::main]
 async fn main() {
     println!(
@@ -102,6 +261,8 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
     run("SQLite", Store::open(path.to_str().unwrap()).await.unwrap()).await;
+    let verified_at_end = dir.path().join("signed");
+    std::fs::create_dir_all(&verified_at_end).unwrap();
 
     let url = std::env::var("EDGEFLEET_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
@@ -125,4 +286,5 @@ async fn main() {
                 .unwrap();
         }
     }
+    verified(&verified_at_end).await;
 }

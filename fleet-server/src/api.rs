@@ -127,7 +127,10 @@ pub fn router(fleet: Fleet) -> Router {
         .route("/api/v1/deployments", post(deploy))
         .route("/api/v1/devices", get(list_devices).post(enroll_device))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
-        .route("/api/v1/devices/{id}/key", axum::routing::put(set_device_key))
+        .route(
+            "/api/v1/devices/{id}/key",
+            axum::routing::put(set_device_key),
+        )
         .route("/api/v1/device-key", post(register_device_key))
         .route("/api/v1/devices/{id}/tags", axum::routing::put(put_tags))
         .route("/api/v1/broker/mosquitto", get(mosquitto_files))
@@ -649,6 +652,7 @@ async fn enroll_device(
                 "topic_prefix": fleet.prefix.as_str(),
                 "username": id,
                 "password": password,
+                "ca_pem": fleet.device_ca_pem,
             },
             "server_url": fleet.public_url,
             "root": fleet.signer.root_envelope(),
@@ -708,10 +712,9 @@ async fn set_device_key(
         ))
     })?;
     let key = parse_public_key(&req.public_key)?;
-    let now = edgefleet_shared::unix_now();
     fleet
         .store
-        .set_device_key(&id, &key.to_hex(), store::KeyWrite::Operator, now)
+        .set_device_key(&id, &key.to_hex(), store::KeyWrite::Operator)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
     let device = fleet
@@ -779,17 +782,15 @@ async fn register_device_key(
     let key = parse_public_key(&req.public_key)?;
     let proof = edgefleet_shared::crypto::decode_signature(&req.proof)
         .map_err(|e| ApiError::bad_request(format!("proof: {e}")))?;
-    let input =
-        edgefleet_shared::signed_message::key_registration_input(&user, &key.to_hex());
+    let input = edgefleet_shared::signed_message::key_registration_input(&user, &key.to_hex());
     if !key.verify(&input, &proof) {
         return Err(ApiError::bad_request(
             "proof does not verify: sign the registration with the key being registered",
         ));
     }
-    let now = edgefleet_shared::unix_now();
     let held = fleet
         .store
-        .set_device_key(&user, &key.to_hex(), store::KeyWrite::FirstOnly, now)
+        .set_device_key(&user, &key.to_hex(), store::KeyWrite::FirstOnly)
         .await?;
     if held.as_deref() != Some(key.to_hex().as_str()) {
         return Err(ApiError(

@@ -236,17 +236,12 @@ fn will(signer: &Signer, prefix: &TopicPrefix, session: u64) -> rumqttc::LastWil
 /// password where the broker needs them; `session` numbers this connection
 /// in the server's signed status and last will.
 pub fn client(
-    host: &str,
-    port: u16,
+    login: &BrokerLogin,
     prefix: &TopicPrefix,
-    credentials: Option<(String, String)>,
     signer: &Signer,
     session: u64,
 ) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(client_id(prefix), host, port);
-    if let Some((user, password)) = credentials {
-        options.set_credentials(user, password);
-    }
+    let mut options = login.options(client_id(prefix));
     options
         .set_last_will(will(signer, prefix, session))
         .set_keep_alive(Duration::from_secs(30))
@@ -335,6 +330,7 @@ pub async fn ingest(
                 }
             }
         }
+        save_pinned_keys(&fleet).await;
         let mut stored: std::collections::BTreeMap<DeviceId, Vec<u64>> = Default::default();
         for (inbound, publish) in batch.drain(..) {
             if let Some(inbound) = &inbound {
@@ -384,42 +380,69 @@ fn publish_chain(fleet: &Fleet) {
 }
 
 /// Puts the server's own retained root chain and status back when
-/// something else overwrote them, at most once a second each (the server
-/// hears its own publishes too, which match and change nothing).
+/// something else overwrote them (the server hears its own publishes too,
+/// which match and change nothing). At most once a second each: an
+/// overwrite inside that second is put back when it ends, so the last
+/// word is always the server's.
 #[derive(Debug, Default)]
 struct ServerTopics {
-    roots_restored: Option<std::time::Instant>,
-    status_restored: Option<std::time::Instant>,
+    last: Option<tokio::time::Instant>,
+    roots_pending: bool,
+    status_pending: bool,
 }
+
+const RESTORE_EVERY: Duration = Duration::from_secs(1);
 
 impl ServerTopics {
     fn check(&mut self, fleet: &Fleet, publish: &Publish, session: u64) {
-        let due = |last: &Option<std::time::Instant>| {
-            last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        };
         if publish.topic == fleet.prefix.roots() {
             let ours = serde_json::to_vec(&fleet.signer.chain()).expect("roots serialize");
-            if publish.payload[..] != ours[..] && due(&self.roots_restored) {
+            if publish.payload[..] != ours[..] {
                 tracing::warn!("the retained root chain was overwritten; publishing it again");
                 fleet.metrics.rejected("server_topic");
-                self.roots_restored = Some(std::time::Instant::now());
-                publish_chain(fleet);
+                self.roots_pending = true;
             }
+        } else {
+            let topic = fleet.prefix.server_status();
+            let key = fleet.signer.public_key();
+            let genuine = SignedMessage::open(&publish.payload, &topic, [key].iter())
+                .ok()
+                .and_then(|msg| serde_json::from_slice::<ServerStatus>(msg).ok())
+                .is_some_and(|s| s.session == session && s.online);
+            // An empty retained message is the broker clearing it.
+            if !genuine && !publish.payload.is_empty() {
+                tracing::warn!("the retained server status was overwritten; announcing again");
+                fleet.metrics.rejected("server_topic");
+                self.status_pending = true;
+            }
+        }
+        if self.due() <= tokio::time::Instant::now() {
+            self.restore(fleet, session);
+        }
+    }
+
+    /// Whether something waits to be put back.
+    fn pending(&self) -> bool {
+        self.roots_pending || self.status_pending
+    }
+
+    /// When the next restore may go out.
+    fn due(&self) -> tokio::time::Instant {
+        self.last
+            .map_or_else(tokio::time::Instant::now, |t| t + RESTORE_EVERY)
+    }
+
+    fn restore(&mut self, fleet: &Fleet, session: u64) {
+        if !self.pending() {
             return;
         }
-        let topic = fleet.prefix.server_status();
-        let key = fleet.signer.public_key();
-        let genuine = SignedMessage::open(&publish.payload, &topic, [key].iter())
-            .ok()
-            .and_then(|msg| serde_json::from_slice::<ServerStatus>(msg).ok())
-            .is_some_and(|s| s.session == session && s.online);
-        // An empty retained message is the broker clearing it.
-        if !genuine && !publish.payload.is_empty() && due(&self.status_restored) {
-            tracing::warn!("the retained server status was overwritten; announcing again");
-            fleet.metrics.rejected("server_topic");
-            self.status_restored = Some(std::time::Instant::now());
+        if std::mem::take(&mut self.roots_pending) {
+            publish_chain(fleet);
+        }
+        if std::mem::take(&mut self.status_pending) {
             announce(fleet, true, session);
         }
+        self.last = Some(tokio::time::Instant::now());
     }
 }
 
@@ -430,9 +453,11 @@ fn refused(fleet: &Fleet, e: &InboundError) {
     match e.device() {
         Some(device) => {
             let first = fleet.device_keys.rejections(device.as_str()).is_none();
-            fleet
-                .device_keys
-                .rejected(device.as_str(), &e.to_string(), edgefleet_shared::unix_now());
+            fleet.device_keys.rejected(
+                device.as_str(),
+                &e.to_string(),
+                edgefleet_shared::unix_now(),
+            );
             let count = fleet
                 .device_keys
                 .rejections(device.as_str())
@@ -445,25 +470,36 @@ fn refused(fleet: &Fleet, e: &InboundError) {
     }
 }
 
-/// Pins a never-enrolled device's first key (open fleets only) and stores it.
+/// Pins a never-enrolled device's first key (open fleets only); the
+/// ingest stores it once the device's first messages are stored.
 fn pin_first_key(fleet: &Fleet, inbound: &Inbound, key: PublicKey) {
-    let Some(device) = inbound.device().cloned() else {
+    let Some(device) = inbound.device() else {
         return;
     };
-    if !fleet.device_keys.pin(device.as_str(), key) {
-        return;
+    if fleet.device_keys.pin(device.as_str(), key) {
+        tracing::warn!(device = %device, key = %key.to_hex(), "device key pinned on first use (the device was never enrolled)");
     }
-    tracing::warn!(device = %device, key = %key.to_hex(), "device key pinned on first use (the device was never enrolled)");
-    let store = fleet.store.clone();
-    tokio::spawn(async move {
-        let now = edgefleet_shared::unix_now();
-        if let Err(e) = store
-            .set_device_key(device.as_str(), &key.to_hex(), crate::store::KeyWrite::FirstOnly, now)
+}
+
+/// Stores the keys pinned on first use whose devices are stored now.
+async fn save_pinned_keys(fleet: &Fleet) {
+    for (device, key) in fleet.device_keys.unsaved() {
+        match fleet
+            .store
+            .set_device_key(&device, &key.to_hex(), crate::store::KeyWrite::FirstOnly)
             .await
         {
-            tracing::error!(device = %device, error = %e, "cannot store the pinned device key");
+            Ok(Some(stored)) if stored == key.to_hex() => fleet.device_keys.saved(&device, key),
+            Ok(Some(_)) => {
+                tracing::error!(device = %device, "another key is stored for this device; an operator decides (fleetctl devices set-key)")
+            }
+            // Not stored yet: tried again after the next batch.
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(device = %device, error = %e, "cannot store a pinned device key yet")
+            }
         }
-    });
+    }
 }
 
 impl Inbound {
@@ -486,6 +522,30 @@ impl Inbound {
     }
 }
 
+/// How the server reaches a broker: where, with which user name and
+/// password, and over TLS (`mqtts://`) or not.
+#[derive(Clone)]
+pub struct BrokerLogin {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+    pub tls: Option<rumqttc::Transport>,
+}
+
+impl BrokerLogin {
+    /// Options for client `id` with this login.
+    fn options(&self, id: String) -> MqttOptions {
+        let mut options = MqttOptions::new(id, self.host.clone(), self.port);
+        if let Some((user, password)) = &self.credentials {
+            options.set_credentials(user, password);
+        }
+        if let Some(tls) = &self.tls {
+            options.set_transport(tls.clone());
+        }
+        options
+    }
+}
+
 /// Ends `device`'s connection to an external broker at once: a new
 /// connection with the device's client id makes the broker close the old
 /// one (MQTT session takeover), and the device's own credentials, revoked,
@@ -493,16 +553,32 @@ impl Inbound {
 /// `fleetctl broker mosquitto`). The embedded broker's gate closes the
 /// connection itself.
 pub fn kick(fleet: &Fleet, device: &str) {
-    let Some((host, port, credentials)) = fleet.external_broker.clone() else {
+    let Some(login) = fleet.external_broker.clone() else {
         return;
     };
+    // At most once a second per device, however fast it sends.
+    static LAST: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    > = std::sync::OnceLock::new();
+    {
+        let mut last = LAST
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if last
+            .get(device)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        last.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        last.insert(device.to_string(), now);
+    }
     let device = device.to_string();
     tokio::spawn(async move {
-        let mut options = MqttOptions::new(device.clone(), host, port);
+        let mut options = login.options(device.clone());
         options.set_clean_session(true);
-        if let Some((user, password)) = credentials {
-            options.set_credentials(user, password);
-        }
         let (client, mut eventloop) = AsyncClient::new(options, 4);
         let took_over = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
@@ -611,6 +687,10 @@ pub async fn run(
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
             event = eventloop.poll() => event,
+            _ = tokio::time::sleep_until(guard.due()), if guard.pending() => {
+                guard.restore(&fleet, session);
+                continue;
+            }
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -626,7 +706,12 @@ pub async fn run(
                 let _ = fleet.mqtt.try_ack(&publish);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let inbound = match decode(&fleet.prefix, &fleet.device_keys, &publish.topic, &publish.payload) {
+                let inbound = match decode(
+                    &fleet.prefix,
+                    &fleet.device_keys,
+                    &publish.topic,
+                    &publish.payload,
+                ) {
                     Ok(checked) => {
                         if let Some(key) = checked.pin {
                             pin_first_key(&fleet, &checked.inbound, key);
@@ -640,9 +725,13 @@ pub async fn run(
                 };
                 // A revoked device's messages are dropped (and acknowledged,
                 // so the broker does not send them again).
+                // An external broker may let it back in until its password
+                // file is reloaded: each of its messages ends its session
+                // again.
                 let inbound = inbound.filter(|i| match i.device() {
                     Some(device) if fleet.is_revoked(device.as_str()) => {
                         tracing::warn!(device = %device, "message from a revoked device dropped");
+                        kick(&fleet, device.as_str());
                         false
                     }
                     _ => true,
@@ -662,7 +751,9 @@ pub async fn run(
                 // one gets a new number, so agents tell its "online" from
                 // the old "offline".
                 session = edgefleet_shared::messages::next_session(Some(session));
-                eventloop.mqtt_options.set_last_will(will(&fleet.signer, &fleet.prefix, session));
+                eventloop
+                    .mqtt_options
+                    .set_last_will(will(&fleet.signer, &fleet.prefix, session));
                 let wait = Duration::from_millis((200 * u64::from(failures)).min(5_000));
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
                 tokio::select! {
@@ -731,11 +822,21 @@ mod tests {
     fn garbage_and_wrong_direction_are_dropped_with_reasons() {
         let prefix = TopicPrefix::default();
         assert!(matches!(
-            decode(&prefix, &open_fleet(), "edgefleet/v1/devices/a/status", b"{"),
+            decode(
+                &prefix,
+                &open_fleet(),
+                "edgefleet/v1/devices/a/status",
+                b"{"
+            ),
             Err(InboundError::Signature { .. })
         ));
         assert!(matches!(
-            decode(&prefix, &open_fleet(), "edgefleet/v1/devices/a/desired", b"{}"),
+            decode(
+                &prefix,
+                &open_fleet(),
+                "edgefleet/v1/devices/a/desired",
+                b"{}"
+            ),
             Err(InboundError::WrongDirection(_))
         ));
         assert!(matches!(

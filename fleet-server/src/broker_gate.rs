@@ -92,7 +92,9 @@ impl Acl {
         if topic == status {
             Ok(())
         } else {
-            Err(format!("a device's last will goes on its own status topic, not {topic:?}"))
+            Err(format!(
+                "a device's last will goes on its own status topic, not {topic:?}"
+            ))
         }
     }
 }
@@ -224,15 +226,21 @@ where
     let first = tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut client_rx, &mut buf))
         .await
         .map_err(|_| "no CONNECT within 10 s".to_string())??;
-    let Some((connect_bytes, Packet::Connect(connect))) = first else {
-        return Err("the first packet must be CONNECT".into());
+    let (connect_bytes, connect) = match first {
+        Some((bytes, Packet::Connect(connect))) => (bytes, connect),
+        Some(_) => return Err("the first packet must be CONNECT".into()),
+        // A port probe: connected and closed without a word.
+        None => return Ok(()),
     };
     if connect.protocol != Protocol::V4 {
         return Err("only MQTT 3.1.1 is served".into());
     }
     let Some(login) = &connect.login else {
         refuse(&mut client_tx).await;
-        return Err(format!("client {:?} sent no credentials", connect.client_id));
+        return Err(format!(
+            "client {:?} sent no credentials",
+            connect.client_id
+        ));
     };
     if login.username == gate.auth.server_user {
         // The server itself connects to the broker behind the gate.

@@ -41,6 +41,10 @@ pub struct BrokerConfig {
     /// anything. Refused unless set.
     #[serde(default)]
     pub insecure_open: bool,
+    /// `mqtts://` external broker: the PEM CA its certificate chains to
+    /// (default: the system's CAs).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -52,6 +56,7 @@ impl Default for BrokerConfig {
             password: None,
             device_auth: false,
             insecure_open: false,
+            ca_file: None,
         }
     }
 }
@@ -112,6 +117,10 @@ pub struct ServerConfig {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA that signed `cert`, when it is a private one: enrollment
+    /// hands it to devices so they can check the server (`mqtts://`).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -225,7 +234,11 @@ impl ServerConfig {
     /// The broker URL devices are given, for a server whose artifact base
     /// URL is `public_url` and whose broker listens on `mqtt_port`.
     pub fn device_mqtt_url(&self, public_url: &str, mqtt_port: u16) -> String {
-        let scheme = if self.embedded_mqtt_tls() { "mqtts" } else { "mqtt" };
+        let scheme = if self.embedded_mqtt_tls() {
+            "mqtts"
+        } else {
+            "mqtt"
+        };
         if let Some(url) = self.public_mqtt_url.clone().or(self.broker.url.clone()) {
             return url;
         }
@@ -259,7 +272,8 @@ impl ServerConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let (None, Some(listen)) = (&self.broker.url, self.broker.embedded_listen) {
-            if !listen.ip().is_loopback() && !self.broker.device_auth && !self.broker.insecure_open {
+            if !listen.ip().is_loopback() && !self.broker.device_auth && !self.broker.insecure_open
+            {
                 return Err(ConfigError::Invalid(format!(
                     "the embedded broker would listen on {listen} with no device authentication: anyone reaching it could read and forge every device's messages. Add --device-auth (enrolled devices only, each to its own topics), listen on loopback, or say --insecure-open-broker"
                 )));

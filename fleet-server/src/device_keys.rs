@@ -23,6 +23,9 @@ use crate::store::DeviceRecord;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Known {
     Key(PublicKey),
+    /// Pinned on first use, not stored yet (the device's row is written by
+    /// the ingest of its first messages; the key follows it).
+    Pinned(PublicKey),
     /// Enrolled, no key registered yet.
     Enrolled,
 }
@@ -96,7 +99,7 @@ impl DeviceKeys {
             .unwrap_or_else(|e| e.into_inner())
             .get(device)
         {
-            Some(Known::Key(k)) => Some(*k),
+            Some(Known::Key(k) | Known::Pinned(k)) => Some(*k),
             _ => None,
         }
     }
@@ -115,24 +118,45 @@ impl DeviceKeys {
         };
         let map = self.known.read().unwrap_or_else(|e| e.into_inner());
         match map.get(device) {
-            Some(Known::Key(k)) if k == key => Ok(KeyCheck::Registered),
+            Some(Known::Key(k) | Known::Pinned(k)) if k == key => Ok(KeyCheck::Registered),
             Some(_) => Err(untrusted()),
             None if self.first_use => Ok(KeyCheck::PinFirstUse),
             None => Err(untrusted()),
         }
     }
 
-    /// Pins `key` for `device` in memory (the caller stores it). Returns
-    /// false when another key got there first.
+    /// Pins `key` for `device` in memory; [`DeviceKeys::unsaved`] lists it
+    /// until it is stored. Returns false when another key got there first.
     pub fn pin(&self, device: &str, key: PublicKey) -> bool {
         let mut map = self.known.write().unwrap_or_else(|e| e.into_inner());
         match map.get(device) {
-            Some(Known::Key(k)) => *k == key,
+            Some(Known::Key(k) | Known::Pinned(k)) => *k == key,
             Some(Known::Enrolled) => false,
             None => {
-                map.insert(device.to_string(), Known::Key(key));
+                map.insert(device.to_string(), Known::Pinned(key));
                 true
             }
+        }
+    }
+
+    /// Keys pinned on first use and not stored yet.
+    pub fn unsaved(&self) -> Vec<(String, PublicKey)> {
+        self.known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(id, k)| match k {
+                Known::Pinned(key) => Some((id.clone(), *key)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `key` is stored for `device`.
+    pub fn saved(&self, device: &str, key: PublicKey) {
+        let mut map = self.known.write().unwrap_or_else(|e| e.into_inner());
+        if map.get(device) == Some(&Known::Pinned(key)) {
+            map.insert(device.to_string(), Known::Key(key));
         }
     }
 
@@ -199,6 +223,10 @@ mod tests {
         assert!(keys.check("c", &a, "t").is_err());
         assert!(!keys.pin("c", a));
         assert_eq!(keys.key_of("c"), Some(b));
+        assert_eq!(keys.unsaved(), vec![("c".to_string(), b)]);
+        keys.saved("c", b);
+        assert!(keys.unsaved().is_empty());
+        assert_eq!(keys.check("c", &b, "t"), Ok(KeyCheck::Registered));
         // Without first use, unknown devices are refused.
         let strict = DeviceKeys::new(&[], false);
         assert!(strict.check("c", &b, "t").is_err());
@@ -213,7 +241,10 @@ mod tests {
         assert!(keys.check("a", &a, "t").is_err(), "the old key is gone");
         assert_eq!(keys.check("a", &b, "t"), Ok(KeyCheck::Registered));
         keys.learn(&device("a", true, None));
-        assert!(keys.check("a", &b, "t").is_err(), "re-enrolled without a key");
+        assert!(
+            keys.check("a", &b, "t").is_err(),
+            "re-enrolled without a key"
+        );
     }
 
     #[test]
@@ -222,7 +253,10 @@ mod tests {
         keys.rejected("a", "unsigned", 5);
         keys.rejected("a", "bad signature", 6);
         let r = keys.rejections("a").unwrap();
-        assert_eq!((r.count, r.last_reason.as_str(), r.last_at), (2, "bad signature", 6));
+        assert_eq!(
+            (r.count, r.last_reason.as_str(), r.last_at),
+            (2, "bad signature", 6)
+        );
         assert_eq!(keys.rejections("b"), None);
     }
 }

@@ -27,6 +27,8 @@ pub struct Fleet {
     pub metrics: crate::metrics::Metrics,
     /// The broker URL device bundles carry.
     pub device_mqtt_url: String,
+    /// The private CA (PEM) device bundles carry for an `mqtts://` broker.
+    pub device_ca_pem: Option<String>,
     /// Revoked devices: their messages are dropped and no desired state
     /// is published to them. Loaded at start, kept up to date by this
     /// server's revocations and enrollments (other servers on the same
@@ -34,7 +36,7 @@ pub struct Fleet {
     pub revoked: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
     /// An external broker's address and the server's login there, to end
     /// a revoked device's session.
-    pub external_broker: Option<(String, u16, Option<(String, String)>)>,
+    pub external_broker: Option<crate::bridge::BrokerLogin>,
     /// The embedded broker's device connections (with device
     /// authentication): a revoked device is cut off through it.
     pub gate: Option<crate::broker_gate::Connections>,

@@ -14,8 +14,8 @@ pub mod broker;
 pub mod broker_gate;
 pub mod config;
 pub mod dashboard;
-pub mod device_keys;
 pub mod demo;
+pub mod device_keys;
 pub mod flash;
 pub mod fleet;
 pub mod insights;
@@ -81,6 +81,7 @@ pub async fn start(
     // through the gate (`public_mqtt`), the server behind it.
     let mut public_mqtt = None;
     let mut gate_connections = None;
+    let mut broker_tls = None;
     let (host, port, credentials) = match (&config.broker.url, config.broker.embedded_listen) {
         (Some(url), _) => {
             let (host, port) = config::parse_mqtt_url(url)?;
@@ -89,6 +90,17 @@ pub async fn start(
                 .username
                 .clone()
                 .map(|user| (user, config.broker.password.clone().unwrap_or_default()));
+            if edgefleet_shared::broker_url::is_tls(url) {
+                let ca = match &config.broker.ca_file {
+                    Some(path) => Some(std::fs::read(path).with_context(|| {
+                        format!("cannot read the broker's CA {}", path.display())
+                    })?),
+                    None => None,
+                };
+                let ca =
+                    edgefleet_shared::broker_url::trusted_cas(ca).map_err(anyhow::Error::msg)?;
+                broker_tls = Some(rumqttc::Transport::tls(ca, None, None));
+            }
             (host, port, credentials)
         }
         (None, Some(listen)) => {
@@ -139,8 +151,13 @@ pub async fn start(
         (None, None) => anyhow::bail!("no MQTT broker configured"),
     };
     let session = edgefleet_shared::messages::next_session(None);
-    let (mqtt, mut eventloop) =
-        bridge::client(&host, port, &prefix, credentials.clone(), &signer, session);
+    let login = bridge::BrokerLogin {
+        host: host.clone(),
+        port,
+        credentials,
+        tls: broker_tls,
+    };
+    let (mqtt, mut eventloop) = bridge::client(&login, &prefix, &signer, session);
     bridge::connect(&mut eventloop, &format!("{host}:{port}")).await?;
     let bound = http.local_addr()?;
     let public_url = config.public_url(bound);
@@ -160,16 +177,17 @@ pub async fn start(
         desired_expiry_secs: config.desired_expiry_secs,
         max_upload_bytes: config.max_upload_bytes,
         metrics: metrics::Metrics::default(),
-        device_mqtt_url: config.device_mqtt_url(
-            &public_url,
-            public_mqtt.as_ref().map_or(port, |(_, p)| *p),
-        ),
+        device_mqtt_url: config
+            .device_mqtt_url(&public_url, public_mqtt.as_ref().map_or(port, |(_, p)| *p)),
         gate: gate_connections,
-        external_broker: config
-            .broker
-            .url
-            .is_some()
-            .then(|| (host.clone(), port, credentials.clone())),
+        device_ca_pem: match config.tls.as_ref().and_then(|t| t.ca.as_ref()) {
+            Some(path) if config.embedded_mqtt_tls() => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --tls-ca {}", path.display()))?,
+            ),
+            _ => None,
+        },
+        external_broker: config.broker.url.is_some().then(|| login.clone()),
         revoked: Arc::new(std::sync::RwLock::new(revoked)),
         device_keys: Arc::new(device_keys),
         sessions: Default::default(),
@@ -232,11 +250,12 @@ pub async fn start(
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), bridge_task).await;
     });
-    tracing::info!(http = %bound, mqtt = %format!("{host}:{port}"), dashboard = %format!("{public_url}/ui/"), "fleet server ready");
+    let (mqtt_host, mqtt_port) = public_mqtt.unwrap_or((host, port));
+    tracing::info!(http = %bound, mqtt = %format!("{mqtt_host}:{mqtt_port}"), dashboard = %format!("{public_url}/ui/"), "fleet server ready");
     Ok((
         Running {
             http: bound,
-            mqtt: public_mqtt.unwrap_or((host, port)),
+            mqtt: (mqtt_host, mqtt_port),
             public_url,
         },
         done,
@@ -296,4 +315,49 @@ fn revoked_devices(devices: &[store::DeviceRecord]) -> std::collections::HashSet
         .filter(|d| d.revoked_at.is_some())
         .map(|d| d.id.clone())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    async fn bootstrap_in(dir: &std::path::Path) {
+        let database = dir.join("fleet.db").display().to_string();
+        let store = super::store::Store::open(&database).await.unwrap();
+        super::bootstrap_admin_token(&store, dir).await.unwrap();
+    }
+
+    fn mode(path: &std::path::Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_first_admin_token_is_private_whatever_was_at_its_path() {
+        // A world-readable file left there: the token is not written into it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        bootstrap_in(dir.path()).await;
+        assert_eq!(mode(&path), 0o600);
+        assert!(std::fs::read_to_string(&path).unwrap().trim().len() > 20);
+
+        // A symlink planted there: replaced, its target untouched.
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = elsewhere.path().join("readable-by-all");
+        std::fs::write(&target, "untouched").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = dir.path().join("admin.token");
+        symlink(&target, &path).unwrap();
+        bootstrap_in(dir.path()).await;
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
+        assert_eq!(mode(&target), 0o644);
+    }
 }

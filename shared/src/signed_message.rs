@@ -177,7 +177,10 @@ mod tests {
         // Surrounding white space is not part of the message.
         let padded = seal(TOPIC, b" \n{\"seq\": 7,  \"device_id\":\"pi-1\"} ", &key);
         assert_eq!(
-            SignedMessage::parse(&padded).unwrap().verify(TOPIC).unwrap(),
+            SignedMessage::parse(&padded)
+                .unwrap()
+                .verify(TOPIC)
+                .unwrap(),
             msg
         );
         let parsed = SignedMessage::parse(&sealed).unwrap();
@@ -204,13 +207,13 @@ mod tests {
         // The message altered after signing.
         let text = String::from_utf8(sealed.clone()).unwrap();
         let altered = text.replace(r#"{"seq":1}"#, r#"{"seq":9}"#);
-        let err = SignedMessage::open(altered.as_bytes(), TOPIC, [key.public()].iter())
-            .unwrap_err();
+        let err =
+            SignedMessage::open(altered.as_bytes(), TOPIC, [key.public()].iter()).unwrap_err();
         assert!(matches!(err, MessageError::BadSignature { .. }), "{err}");
         // A key swapped in with the old signature.
         let swapped = text.replace(&key.public().to_hex(), &other.public().to_hex());
-        let err = SignedMessage::open(swapped.as_bytes(), TOPIC, [other.public()].iter())
-            .unwrap_err();
+        let err =
+            SignedMessage::open(swapped.as_bytes(), TOPIC, [other.public()].iter()).unwrap_err();
         assert!(matches!(err, MessageError::BadSignature { .. }), "{err}");
     }
 

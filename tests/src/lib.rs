@@ -15,6 +15,7 @@ use serde_json::Value;
 pub use fleet_server::unix_http;
 
 pub mod artifact_server;
+pub mod mosquitto;
 pub mod proxy;
 
 /// The repository root.
@@ -130,6 +131,18 @@ pub fn samples() -> Samples {
         .map(|x| x.as_u64().unwrap() as usize)
         .collect();
     Samples { inputs, labels }
+}
+
+/// The MQTT password in a device bundle's `agent.toml`.
+pub fn bundle_password(bundle: &Path) -> String {
+    std::fs::read_to_string(bundle.join("agent.toml"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("password = ")
+                .map(|p| p.trim_matches('"').to_string())
+        })
+        .unwrap_or_default()
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout`.

@@ -502,6 +502,20 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
     let id = DeviceId::new("phone-home")?;
     let prefix = TopicPrefix::new(server.topic_prefix.clone())?;
     let status_topic = prefix.device(&id, TopicKind::Status).to_string();
+    // The device's key, pinned by the server at its first message (an
+    // open fleet: the device was never enrolled).
+    let key = edgefleet_shared::SecretKey::from_seed([42; 32]);
+    fn sign<T: serde::Serialize>(
+        topic: &str,
+        msg: &T,
+        key: &edgefleet_shared::SecretKey,
+    ) -> anyhow::Result<Vec<u8>> {
+        Ok(edgefleet_shared::signed_message::seal(
+            topic,
+            &serde_json::to_vec(msg)?,
+            key,
+        ))
+    }
     let online = StatusMessage {
         seq: 1,
         online: true,
@@ -518,7 +532,7 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
             .map(|d| d["online"] == true)
     }
     server
-        .publish_retained(&status_topic, serde_json::to_vec(&online)?)
+        .publish_retained(&status_topic, sign(&status_topic, &online, &key)?)
         .await?;
     for _ in 0..100 {
         if online_now(&server, &path).await == Some(true) {
@@ -531,7 +545,7 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
     // when the server has handled it (messages are handled in order).
     let stale = StatusMessage::will(id.clone(), 100);
     server
-        .publish_retained(&status_topic, serde_json::to_vec(&stale)?)
+        .publish_retained(&status_topic, sign(&status_topic, &stale, &key)?)
         .await?;
     let event = UpdateEvent {
         schema: edgefleet_shared::SCHEMA_VERSION,
@@ -547,7 +561,11 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
     server
         .publish_retained(
             &prefix.device(&id, TopicKind::Events).to_string(),
-            serde_json::to_vec(&event)?,
+            sign(
+                &prefix.device(&id, TopicKind::Events).to_string(),
+                &event,
+                &key,
+            )?,
         )
         .await?;
     server
@@ -566,7 +584,7 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
     // The latest connection's will counts.
     let real = StatusMessage::will(id.clone(), 200);
     server
-        .publish_retained(&status_topic, serde_json::to_vec(&real)?)
+        .publish_retained(&status_topic, sign(&status_topic, &real, &key)?)
         .await?;
     for _ in 0..100 {
         if online_now(&server, &path).await == Some(false) {

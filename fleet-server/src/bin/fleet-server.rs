@@ -61,6 +61,13 @@ struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The private CA that signed --tls-cert: device bundles carry it, so
+    /// agents check the embedded broker's certificate (mqtts://).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// An mqtts:// external broker's CA (PEM; default: the system's).
+    #[arg(long, requires = "broker")]
+    broker_ca: Option<PathBuf>,
     /// Base URL devices download artifacts from.
     #[arg(long)]
     public_url: Option<String>,
@@ -159,6 +166,8 @@ fn main() -> ExitCode {
                 insecure_open_broker,
                 tls_cert,
                 tls_key,
+                tls_ca,
+                broker_ca,
                 public_url,
                 topic_prefix,
             } = *args;
@@ -192,9 +201,16 @@ fn main() -> ExitCode {
                         c.broker.password = broker_password;
                     }
                     c.broker.device_auth |= device_auth;
+                    if broker_ca.is_some() {
+                        c.broker.ca_file = broker_ca;
+                    }
                     c.broker.insecure_open |= insecure_open_broker;
                     if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
-                        c.tls = Some(fleet_server::config::TlsConfig { cert, key });
+                        c.tls = Some(fleet_server::config::TlsConfig {
+                            cert,
+                            key,
+                            ca: tls_ca,
+                        });
                     }
                     if public_url.is_some() {
                         c.public_url = public_url;

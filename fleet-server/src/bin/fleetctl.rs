@@ -831,6 +831,10 @@ fn write_bundle(
     broker.insert("password".into(), text(&mqtt["password"]).into());
     // Where the agent registers the key it makes at first start.
     broker.insert("server_url".into(), text(&enrolled["server_url"]).into());
+    // The fleet's private CA, for an mqtts:// broker.
+    if let Some(ca) = mqtt["ca_pem"].as_str() {
+        broker.insert("ca_pem".into(), ca.into());
+    }
     config.insert("mqtt".into(), toml::Value::Table(broker));
     let config = format!(
         "# edgefleet agent, device {id} ({hardware}); written by `fleetctl devices enroll`.\n\

@@ -146,8 +146,8 @@ pub enum KeyWrite {
     /// An operator: replaces any key; the device must exist.
     Operator,
     /// The device itself (registration with its enrollment credentials,
-    /// or first use on an open fleet): only while it has no key. Creates
-    /// the device if it is unknown.
+    /// or first use on an open fleet): only while it has no key, and only
+    /// for a device the store has.
     FirstOnly,
 }
 
@@ -434,9 +434,8 @@ impl Store {
         id: &str,
         key: &str,
         who: KeyWrite,
-        now: u64,
     ) -> Result<Option<String>, StoreError> {
-        on_backend!(self, s => s.set_device_key(id, key, who, now).await)
+        on_backend!(self, s => s.set_device_key(id, key, who).await)
     }
 
     /// A device's credential hash, if it is enrolled and not revoked.

@@ -499,7 +499,6 @@ impl PgStore {
         id: &str,
         key: &str,
         who: KeyWrite,
-        now: u64,
     ) -> Result<Option<String>, StoreError> {
         let client = self.client().await?;
         match who {
@@ -514,10 +513,8 @@ impl PgStore {
             KeyWrite::FirstOnly => {
                 client
                     .execute(
-                        "INSERT INTO devices (id, first_seen, last_seen, device_key) VALUES ($1, $2, $2, $3)
-                         ON CONFLICT (id) DO UPDATE SET device_key = excluded.device_key
-                         WHERE devices.device_key IS NULL",
-                        &[&id, &(now as i64), &key],
+                        "UPDATE devices SET device_key = $2 WHERE id = $1 AND device_key IS NULL",
+                        &[&id, &key],
                     )
                     .await?
             }

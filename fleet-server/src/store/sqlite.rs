@@ -492,7 +492,6 @@ impl SqliteStore {
         id: &str,
         key: &str,
         who: KeyWrite,
-        now: u64,
     ) -> Result<Option<String>, StoreError> {
         let (id, key) = (id.to_string(), key.to_string());
         self.call(move |conn| {
@@ -502,10 +501,8 @@ impl SqliteStore {
                     params![id, key],
                 )?,
                 KeyWrite::FirstOnly => conn.execute(
-                    "INSERT INTO devices (id, first_seen, last_seen, device_key) VALUES (?1, ?2, ?2, ?3)
-                     ON CONFLICT (id) DO UPDATE SET device_key = excluded.device_key
-                     WHERE devices.device_key IS NULL",
-                    params![id, now as i64, key],
+                    "UPDATE devices SET device_key = ?2 WHERE id = ?1 AND device_key IS NULL",
+                    params![id, key],
                 )?,
             };
             Ok(conn

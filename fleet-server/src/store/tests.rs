@@ -651,17 +651,41 @@ async fn rollouts_and_assigned_versions_round_trip(f: Fixture) {
 async fn device_keys_are_set_once_by_devices_and_replaced_by_operators(f: Fixture) {
     let s = &f.store;
     let (k1, k2) = ("11".repeat(32), "22".repeat(32));
-    // First use on an open fleet: the device did not exist yet.
-    let set = s.set_device_key("new", &k1, KeyWrite::FirstOnly, 5).await.unwrap();
+    // Only for a device the store has.
+    let none = s
+        .set_device_key("new", &k1, KeyWrite::FirstOnly)
+        .await
+        .unwrap();
+    assert_eq!(none, None);
+    s.record_status(&status("new", 1, true), 1).await.unwrap();
+    // First use on an open fleet.
+    let set = s
+        .set_device_key("new", &k1, KeyWrite::FirstOnly)
+        .await
+        .unwrap();
     assert_eq!(set.as_deref(), Some(k1.as_str()));
-    assert_eq!(s.get_device("new").await.unwrap().unwrap().public_key, Some(k1.clone()));
+    assert_eq!(
+        s.get_device("new").await.unwrap().unwrap().public_key,
+        Some(k1.clone())
+    );
     // A device cannot replace its key.
-    let kept = s.set_device_key("new", &k2, KeyWrite::FirstOnly, 6).await.unwrap();
+    let kept = s
+        .set_device_key("new", &k2, KeyWrite::FirstOnly)
+        .await
+        .unwrap();
     assert_eq!(kept.as_deref(), Some(k1.as_str()));
     // An operator can, but only for a device that exists.
-    let replaced = s.set_device_key("new", &k2, KeyWrite::Operator, 7).await.unwrap();
+    let replaced = s
+        .set_device_key("new", &k2, KeyWrite::Operator)
+        .await
+        .unwrap();
     assert_eq!(replaced.as_deref(), Some(k2.as_str()));
-    assert_eq!(s.set_device_key("nobody", &k2, KeyWrite::Operator, 7).await.unwrap(), None);
+    assert_eq!(
+        s.set_device_key("nobody", &k2, KeyWrite::Operator)
+            .await
+            .unwrap(),
+        None
+    );
     // Enrolling again is a rotation: the old key goes, or the new one is given.
     let enroll = |key: Option<String>| Enrollment {
         id: "new".into(),
