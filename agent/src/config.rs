@@ -211,9 +211,11 @@ pub struct MqttConfig {
     /// while the server holds no key for the device).
     #[serde(default)]
     pub server_url: Option<String>,
-    /// `mqtts://` only: the PEM certificate authority the broker's
-    /// certificate must chain to (a file, or the PEM itself in `ca_pem`,
-    /// as enrollment bundles carry it). Default: the system's CAs.
+    /// The fleet's own PEM certificate authority (a file, or the PEM itself
+    /// in `ca_pem`, as enrollment bundles carry it): an `mqtts://` broker's
+    /// certificate must chain to it, and HTTPS downloads and the key
+    /// registration trust it besides the system's CAs. Without it an
+    /// `mqtts://` broker is checked against the system's CAs.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
@@ -234,12 +236,9 @@ impl MqttConfig {
         parse_mqtt_url(&self.url)
     }
 
-    /// The TLS transport for an `mqtts://` url (`None` for plain MQTT).
-    pub fn tls_transport(&self) -> Result<Option<rumqttc::Transport>, ConfigError> {
-        if !edgefleet_shared::broker_url::is_tls(&self.url) {
-            return Ok(None);
-        }
-        let ca = match (&self.ca_pem, &self.ca_file) {
+    /// The fleet's CA (PEM), if configured.
+    pub fn fleet_ca(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        Ok(match (&self.ca_pem, &self.ca_file) {
             (Some(pem), _) => Some(pem.clone().into_bytes()),
             (None, Some(path)) => {
                 Some(std::fs::read(path).map_err(|source| ConfigError::Read {
@@ -248,8 +247,16 @@ impl MqttConfig {
                 })?)
             }
             (None, None) => None,
-        };
-        let ca = edgefleet_shared::broker_url::trusted_cas(ca).map_err(ConfigError::Invalid)?;
+        })
+    }
+
+    /// The TLS transport for an `mqtts://` url (`None` for plain MQTT).
+    pub fn tls_transport(&self) -> Result<Option<rumqttc::Transport>, ConfigError> {
+        if !edgefleet_shared::broker_url::is_tls(&self.url) {
+            return Ok(None);
+        }
+        let ca = edgefleet_shared::broker_url::trusted_cas(self.fleet_ca()?)
+            .map_err(ConfigError::Invalid)?;
         Ok(Some(rumqttc::Transport::tls(ca, None, None)))
     }
 

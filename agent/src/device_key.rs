@@ -98,6 +98,7 @@ pub async fn register(
     device: DeviceId,
     password: String,
     key: SecretKey,
+    fleet_ca: Option<Vec<u8>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let url = format!("{}/api/v1/device-key", server_url.trim_end_matches('/'));
@@ -107,10 +108,15 @@ pub async fn register(
         "proof": registration_proof(&device, &key),
     });
     crate::download::install_crypto_provider();
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    for ca in fleet_ca
+        .as_deref()
+        .and_then(|pem| reqwest::Certificate::from_pem_bundle(pem).ok())
+        .unwrap_or_default()
     {
+        builder = builder.add_root_certificate(ca);
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot register the device key: no HTTP client");

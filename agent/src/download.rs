@@ -86,6 +86,8 @@ pub struct Downloader {
     /// Every artifact gets `grace + size / min_rate` (bytes per second).
     grace: Duration,
     min_rate: u64,
+    /// The fleet's own CA (PEM), trusted besides the system's.
+    ca: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 impl Downloader {
@@ -97,7 +99,14 @@ impl Downloader {
             attempts: attempts.max(1),
             grace: DEADLINE_GRACE,
             min_rate: MIN_TRANSFER_RATE,
+            ca: None,
         }
+    }
+
+    /// Also trusts the fleet's own CA (PEM) for HTTPS.
+    pub fn with_ca(mut self, ca: Option<Vec<u8>>) -> Self {
+        self.ca = ca.map(std::sync::Arc::new);
+        self
     }
 
     /// Replaces the overall deadline rule: an artifact of `size` bytes must
@@ -142,18 +151,30 @@ impl Downloader {
         if let Some(client) = slot.upgrade() {
             return Ok(client);
         }
+        let fleet_ca = match &self.ca {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                DownloadError::AllUrlsFailed(format!("the fleet's CA is not PEM: {e}"))
+            })?,
+            None => Vec::new(),
+        };
         let builder = || {
-            reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .user_agent(concat!("edgefleet-agent/", env!("CARGO_PKG_VERSION")))
+            fleet_ca.iter().cloned().fold(
+                reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .user_agent(concat!("edgefleet-agent/", env!("CARGO_PKG_VERSION"))),
+                |b, ca| b.add_root_certificate(ca),
+            )
         };
         let client = match builder().build() {
             Ok(client) => client,
             Err(e) => {
                 tracing::warn!(error = %e, "no usable CA certificates (install ca-certificates); downloads over HTTPS will fail, plain HTTP works");
-                builder().tls_certs_only([]).build().map_err(|e| {
-                    DownloadError::AllUrlsFailed(format!("cannot make an HTTP client: {e}"))
-                })?
+                builder()
+                    .tls_certs_only(fleet_ca.clone())
+                    .build()
+                    .map_err(|e| {
+                        DownloadError::AllUrlsFailed(format!("cannot make an HTTP client: {e}"))
+                    })?
             }
         };
         let client = std::sync::Arc::new(client);

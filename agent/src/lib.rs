@@ -179,6 +179,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 device.clone(),
                 password.clone(),
                 key.clone(),
+                mqtt.fleet_ca()?,
                 shutdown.clone(),
             ));
         }
@@ -209,7 +210,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             Downloader::new(
                 Duration::from_secs(config.update.download_stall_secs),
                 config.update.download_attempts,
-            ),
+            )
+            .with_ca(mqtt.fleet_ca()?),
             Reporter::new(device.clone(), outbox.clone(), status_tx, alert_tx.clone()),
             loading,
             startup_rollbacks,

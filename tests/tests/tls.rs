@@ -1,7 +1,9 @@
 //! HTTPS served by the fleet server itself (`--tls-cert`, `--tls-key`),
 //! with a certificate `openssl` makes for the test: the API answers over
 //! TLS only, `fleetctl --ca-cert` trusts it, and unusable files stop the
-//! server at start with a message naming them.
+//! server at start with a message naming them. With device
+//! authentication the embedded broker serves `mqtts://` with the same
+//! certificate, and enrolled agents use it.
 
 use std::path::Path;
 use std::process::Command;
@@ -184,5 +186,150 @@ async fn the_api_is_served_over_tls_and_fleetctl_trusts_a_given_ca() -> anyhow::
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect::<String>();
     assert!(log.contains("bad-key.pem"), "{log}");
+    Ok(())
+}
+
+/// With device authentication and a certificate, the embedded broker
+/// speaks only MQTT over TLS: an enrolled device's bundle carries the
+/// `mqtts://` address and the fleet's CA, its agent connects, registers
+/// its key over HTTPS and serves what is deployed; a plain MQTT client on
+/// the same port gets nowhere, so no password crosses the network in
+/// clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_devices_speak_mqtt_over_tls_to_the_embedded_broker() -> anyhow::Result<()> {
+    fleet_server::install_crypto_provider();
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    make_certificate(d)?;
+    let keys = Command::new(binary("fleetctl"))
+        .args(["keys", "init", "--dir"])
+        .arg(d.join("keys"))
+        .output()?;
+    assert!(keys.status.success());
+    let (http, mqtt) = (free_port(), free_port());
+    let mut cmd = Command::new(binary("fleet-server"));
+    cmd.args(["serve", "--device-auth", "--data-dir"])
+        .arg(d.join("server"))
+        .arg("--keys-dir")
+        .arg(d.join("keys"))
+        .arg("--http")
+        .arg(format!("127.0.0.1:{http}"))
+        .arg("--mqtt-listen")
+        .arg(format!("127.0.0.1:{mqtt}"))
+        .arg("--tls-cert")
+        .arg(d.join("cert.pem"))
+        .arg("--tls-key")
+        .arg(d.join("key.pem"))
+        .arg("--tls-ca")
+        .arg(d.join("ca.pem"));
+    let _server = Proc::spawn(cmd, d.join("server-mqtts.log"))?;
+    let token_file = d.join("server").join("admin.token");
+    edgefleet_tests::wait_for("the server", Duration::from_secs(20), || async {
+        token_file.exists().then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = std::fs::read_to_string(&token_file)?;
+    let ca = d.join("ca.pem");
+    let ctl = |args: &[&str]| {
+        let out = Command::new(binary("fleetctl"))
+            .env("FLEETCTL_SERVER", format!("https://127.0.0.1:{http}"))
+            .env("EDGEFLEET_TOKEN", token.trim())
+            .arg("--ca-cert")
+            .arg(&ca)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fleetctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let bundle = d.join("bundle");
+    ctl(&[
+        "devices",
+        "enroll",
+        "--id",
+        "pi-tls",
+        "--hardware",
+        "rpi4",
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    let config = std::fs::read_to_string(bundle.join("agent.toml"))?;
+    assert!(
+        config.contains(&format!("url = \"mqtts://127.0.0.1:{mqtt}\"")),
+        "{config}"
+    );
+    assert!(config.contains("BEGIN CERTIFICATE"), "{config}");
+
+    // A plain MQTT client, even with the device's own credentials, gets
+    // no CONNACK from a TLS listener.
+    let password = edgefleet_tests::bundle_password(&bundle);
+    let mut options = rumqttc::MqttOptions::new("pi-tls", "127.0.0.1", mqtt);
+    options.set_credentials("pi-tls", &password);
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let plain = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(!plain, "plain MQTT was answered on the TLS port");
+
+    let agent = edgefleet_tests::Agent::start_from_bundle(d, "pi-tls", &bundle)?;
+    ctl(&[
+        "model",
+        "push",
+        edgefleet_tests::digits_model("int8").to_str().unwrap(),
+        "--name",
+        "digits",
+        "--version",
+        "1",
+    ]);
+    ctl(&[
+        "deploy",
+        "--model",
+        "digits",
+        "--version",
+        "1",
+        "--device",
+        "pi-tls",
+    ]);
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca)?)?)
+        .build()?;
+    let device = edgefleet_tests::wait_for(
+        "pi-tls serving digits v1",
+        Duration::from_secs(60),
+        || async {
+            let d: serde_json::Value = https
+                .get(format!("https://127.0.0.1:{http}/api/v1/devices/pi-tls"))
+                .bearer_auth(token.trim())
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let serving = d["models"]
+                .as_array()?
+                .iter()
+                .any(|m| m["name"] == "digits" && m["version"] == 1);
+            serving.then_some(d)
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", agent.proc.log_text()))?;
+    assert!(device["public_key"].is_string(), "{device}");
+    let s = edgefleet_tests::samples();
+    assert_eq!(agent.classify(&s.inputs[1]).await?, s.labels[1]);
     Ok(())
 }

@@ -15,10 +15,11 @@
 //!   with `delete_on = "puback"`, what the broker acknowledged).
 //!
 //! When the disk is full (or the database reaches `max_db_bytes`) or the
-//! file is damaged, records wait in memory up to a bound (update events are
-//! never dropped, even then), the condition is reported in telemetry, and
-//! appending resumes by itself once there is room again. A damaged file is
-//! moved aside and what it still holds is carried over.
+//! file is damaged, records wait in memory up to a bound ([`Retention`]:
+//! refusals go first, then the oldest status, telemetry and results;
+//! update events are never dropped, even then), the condition is reported
+//! in telemetry, and appending resumes by itself once there is room again.
+//! A damaged file is moved aside and what it still holds is carried over.
 
 pub mod policy;
 pub mod sequence;
@@ -50,9 +51,43 @@ impl std::fmt::Debug for OutboxHandle {
     }
 }
 
+/// What may happen to a record while it waits in memory for the disk,
+/// once more than `memory_records` wait. The database file does not know
+/// it: it only matters before the record is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Kept whatever the bound: update events the fleet must see.
+    Keep,
+    /// Dropped, oldest first, once the bound is reached.
+    Droppable,
+    /// Dropped before any other record, oldest first. For events anyone
+    /// who can publish on the device's topics can provoke at will (refused
+    /// desired states and root chains): they count against the bound, so
+    /// a flood of them cannot grow memory, and they cannot push out the
+    /// device's own status and telemetry either.
+    DropFirst,
+}
+
+impl Retention {
+    /// What [`OutboxHandle::push`] gives a stream's records: events are
+    /// kept, everything else is droppable.
+    pub fn default_for(stream: Stream) -> Self {
+        match stream {
+            Stream::Events => Self::Keep,
+            Stream::Status | Stream::Telemetry | Stream::Results => Self::Droppable,
+        }
+    }
+}
+
+/// A record queued in memory, with what may happen to it there.
+struct Waiting {
+    record: NewRecord,
+    retention: Retention,
+}
+
 struct Inner {
     seq: Sequence,
-    pending: Mutex<VecDeque<NewRecord>>,
+    pending: Mutex<VecDeque<Waiting>>,
     memory_records: usize,
     writer_wake: Notify,
     stored: Notify,
@@ -73,11 +108,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Drops the oldest droppable (non-event) records beyond `bound`.
-fn enforce_memory_bound(queue: &mut VecDeque<NewRecord>, bound: usize) -> u64 {
+/// Drops records beyond `bound`: the oldest [`Retention::DropFirst`] ones,
+/// then the oldest [`Retention::Droppable`] ones; [`Retention::Keep`]
+/// records stay even beyond it. Returns how many went.
+fn enforce_memory_bound(queue: &mut VecDeque<Waiting>, bound: usize) -> u64 {
     let mut dropped = 0;
     while queue.len() > bound {
-        match queue.iter().position(|r| r.stream != Stream::Events) {
+        let victim = [Retention::DropFirst, Retention::Droppable]
+            .into_iter()
+            .find_map(|retention| queue.iter().position(|w| w.retention == retention));
+        match victim {
             Some(i) => {
                 queue.remove(i);
                 dropped += 1;
@@ -131,13 +171,27 @@ impl OutboxHandle {
     /// Queues a record; `make` builds its payload from its sequence number.
     /// Returns the sequence number.
     pub fn push(&self, stream: Stream, make: impl FnOnce(u64) -> Vec<u8>) -> u64 {
+        self.push_with(stream, Retention::default_for(stream), make)
+    }
+
+    /// [`OutboxHandle::push`] with a chosen [`Retention`] while the record
+    /// waits in memory.
+    pub fn push_with(
+        &self,
+        stream: Stream,
+        retention: Retention,
+        make: impl FnOnce(u64) -> Vec<u8>,
+    ) -> u64 {
         let mut queue = lock(&self.0.pending);
         // Numbered under the queue lock, so the queue is in sequence order.
         let seq = self.0.seq.next();
-        queue.push_back(NewRecord {
-            stream,
-            seq,
-            payload: make(seq),
+        queue.push_back(Waiting {
+            record: NewRecord {
+                stream,
+                seq,
+                payload: make(seq),
+            },
+            retention,
         });
         let dropped = enforce_memory_bound(&mut queue, self.0.memory_records);
         drop(queue);
@@ -154,10 +208,12 @@ impl OutboxHandle {
     pub fn flush(&self) -> Result<usize, OutboxError> {
         let mut written = 0;
         loop {
-            let batch: Vec<NewRecord> = {
+            // Moved apart (not copied) for the append, and back together
+            // if it fails.
+            let (batch, retentions): (Vec<NewRecord>, Vec<Retention>) = {
                 let mut queue = lock(&self.0.pending);
                 let n = queue.len().min(MAX_BATCH);
-                queue.drain(..n).collect()
+                queue.drain(..n).map(|w| (w.record, w.retention)).unzip()
             };
             if batch.is_empty() {
                 return Ok(written);
@@ -178,8 +234,8 @@ impl OutboxHandle {
                 }
                 Err(e) => {
                     let mut queue = lock(&self.0.pending);
-                    for record in batch.into_iter().rev() {
-                        queue.push_front(record);
+                    for (record, retention) in batch.into_iter().zip(retentions).rev() {
+                        queue.push_front(Waiting { record, retention });
                     }
                     let dropped = enforce_memory_bound(&mut queue, self.0.memory_records);
                     drop(queue);
@@ -339,20 +395,7 @@ mod tests {
     fn a_full_disk_keeps_records_in_memory_within_bounds_then_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let h = handle(dir.path(), 48 * 1024, 50);
-        // Fill the database to its cap.
-        let mut on_disk = 0;
-        loop {
-            for _ in 0..10 {
-                h.push(Stream::Telemetry, |_| vec![1; 400]);
-            }
-            match h.flush() {
-                Ok(n) => on_disk += n,
-                Err(e) => {
-                    assert!(e.is_disk_full(), "{e}");
-                    break;
-                }
-            }
-        }
+        let on_disk = fill_to_cap(&h);
         let health = h.health();
         assert_eq!(health.condition.as_deref(), Some("disk full"));
         assert_eq!(health.depth, on_disk as u64, "what was on disk stays");
@@ -381,6 +424,69 @@ mod tests {
             .filter(|r| r.stream == Stream::Events)
             .count();
         assert_eq!(events, 60, "no event was dropped");
+    }
+
+    /// Pushes telemetry until the database reaches its size cap; returns
+    /// how many records are on disk.
+    fn fill_to_cap(h: &OutboxHandle) -> usize {
+        let mut on_disk = 0;
+        loop {
+            for _ in 0..10 {
+                h.push(Stream::Telemetry, |_| vec![1; 400]);
+            }
+            match h.flush() {
+                Ok(n) => on_disk += n,
+                Err(e) => {
+                    assert!(e.is_disk_full(), "{e}");
+                    return on_disk;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refusals_count_against_the_memory_bound_and_go_first_while_the_disk_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handle(dir.path(), 48 * 1024, 50);
+        let on_disk = fill_to_cap(&h);
+        // The ten telemetry records of the failed flush wait in memory.
+        assert_eq!(h.health().memory_depth, 10);
+        let dropped_before = h.health().dropped;
+        // A flood of refusals with a genuine event every thousand.
+        for i in 0..10_000u32 {
+            h.push_with(Stream::Events, Retention::DropFirst, |_| {
+                format!("refused {i}").into_bytes()
+            });
+            if i % 1000 == 0 {
+                h.push(Stream::Events, |_| format!("genuine {i}").into_bytes());
+            }
+            assert!(h.health().memory_depth <= 50);
+        }
+        let health = h.health();
+        assert_eq!(health.memory_depth, 50);
+        // 10 telemetry + 10 genuine events stay; of the refusals only the
+        // newest 30 do, and every one that went is counted.
+        assert_eq!(health.dropped - dropped_before, 10_000 - 30);
+        let sent = h.next_batch(on_disk, &HashSet::new()).unwrap();
+        h.ack(&sent.iter().map(|r| r.seq).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(h.flush().unwrap(), 50);
+        let stored = h.next_batch(1000, &HashSet::new()).unwrap();
+        let texts: Vec<String> = stored
+            .iter()
+            .filter(|r| r.stream == Stream::Events)
+            .map(|r| String::from_utf8(r.payload.clone()).unwrap())
+            .collect();
+        let genuine: Vec<&String> = texts.iter().filter(|t| t.starts_with("genuine")).collect();
+        assert_eq!(genuine.len(), 10, "no genuine event was dropped");
+        let refused: Vec<&String> = texts.iter().filter(|t| t.starts_with("refused")).collect();
+        assert_eq!(refused.len(), 30);
+        assert_eq!(refused[0], "refused 9970", "the oldest refusals went first");
+        let telemetry = stored
+            .iter()
+            .filter(|r| r.stream == Stream::Telemetry)
+            .count();
+        assert_eq!(telemetry, 10, "refusals do not push out telemetry");
     }
 
     #[test]
