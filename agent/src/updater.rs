@@ -4,7 +4,7 @@
 //! through [`crate::activation::Phase`] and reporting every outcome.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgefleet_shared::{DesiredState, DeviceId, EventKind, ModelSlot, SoakPolicy, VerifyError};
 use tokio::sync::mpsc;
@@ -18,6 +18,7 @@ use crate::model_store::{
 };
 use crate::probe::{self, Refusal, Subject};
 use crate::registry::{ModelRegistry, ServedModel};
+use crate::report::refusals::{self, RefusalCollapser, RefusalKind};
 use crate::report::Reporter;
 use crate::stats::Counts;
 use crate::trust::TrustStore;
@@ -46,6 +47,12 @@ pub struct StartupRollback {
     pub reason: String,
 }
 
+/// The monotonic time refusals are counted in: tokio's clock, the one the
+/// summary timer sleeps on (the wall clock may jump on boards without one).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 fn window(counts: &Counts) -> Window {
     Window {
         requests: counts.successes + counts.failures,
@@ -71,6 +78,8 @@ pub struct Updater {
     /// order).
     unknown_signer: Option<Vec<u8>>,
     server_keys: Option<crate::uplink::ServerKeys>,
+    /// Which refusals are reported, and the count of those that are not.
+    refusals: RefusalCollapser,
 }
 
 /// How models are matched to runtimes on this device.
@@ -232,6 +241,7 @@ impl Updater {
             watches: Vec::new(),
             unknown_signer: None,
             server_keys: None,
+            refusals: RefusalCollapser::default(),
         }
     }
 
@@ -265,6 +275,8 @@ impl Updater {
         let mut tick = tokio::time::interval(SOAK_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let summary_due = self.refusals.next_due();
+            let summary_at = tokio::time::Instant::from_std(summary_due.unwrap_or_else(now));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 msg = desired_rx.recv() => match msg {
@@ -273,8 +285,46 @@ impl Updater {
                     None => break,
                 },
                 _ = tick.tick(), if !self.watches.is_empty() => self.check_soaks().await,
+                _ = tokio::time::sleep_until(summary_at), if summary_due.is_some() => {
+                    self.report_due_refusals(now());
+                }
             }
         }
+        // Summaries still waiting; best effort, as the outbox writer may
+        // already have written its last batch.
+        for refusal in self.refusals.drain() {
+            self.report_refusal(refusal);
+        }
+    }
+
+    /// Passes a refusal through the collapser and reports what it says to.
+    fn refuse(&mut self, kind: RefusalKind, desired_version: Option<u64>, reason: String) {
+        tracing::debug!(%kind, %reason, "refused");
+        let refusal = refusals::Refusal {
+            kind,
+            desired_version,
+            reason,
+        };
+        for refusal in self.refusals.refused(refusal, now()) {
+            self.report_refusal(refusal);
+        }
+    }
+
+    /// Reports the summaries of repeated refusals due by `now`.
+    fn report_due_refusals(&mut self, now: Instant) {
+        for refusal in self.refusals.due(now) {
+            self.report_refusal(refusal);
+        }
+    }
+
+    fn report_refusal(&self, refusal: refusals::Refusal) {
+        tracing::warn!(reason = %refusal.reason, "{} refused", refusal.kind.document());
+        self.reporter.event(
+            EventKind::Refused,
+            refusal.desired_version,
+            None,
+            Some(refusal.reason),
+        );
     }
 
     /// After a restart: report rollbacks made at start, go on watching
@@ -342,7 +392,6 @@ impl Updater {
         match assess(payload, trust, edgefleet_shared::unix_now()) {
             Verdict::AlreadyApplied => {}
             Verdict::Refuse(e) => {
-                tracing::warn!(reason = %e, "desired state refused");
                 // Kept for when a newer root arrives: one that trusts its
                 // signer, or a fresh one after the trusted root expired.
                 if matches!(
@@ -356,18 +405,16 @@ impl Updater {
                 let offered = serde_json::from_slice::<serde_json::Value>(payload)
                     .ok()
                     .and_then(|v| v["signed"]["version"].as_u64());
-                self.reporter
-                    .event(EventKind::Refused, offered, None, Some(e.to_string()));
+                self.refuse(RefusalKind::desired(&e), offered, e.to_string());
             }
             Verdict::Apply(boxed) => {
                 let (envelope, doc) = *boxed;
                 if let Err(e) = self.trust.accept_desired(&envelope, doc.version) {
                     tracing::error!(error = %e, "cannot persist desired state");
-                    self.reporter.event(
-                        EventKind::Refused,
+                    self.refuse(
+                        RefusalKind::DESIRED_NOT_STORED,
                         Some(doc.version),
-                        None,
-                        Some(e.to_string()),
+                        e.to_string(),
                     );
                     return;
                 }
@@ -391,18 +438,14 @@ impl Updater {
             Ok(chain) => chain,
             Err(e) => {
                 let reason = format!("root chain is not a JSON array of signed documents: {e}");
-                tracing::warn!(%reason, "root chain refused");
-                self.reporter
-                    .event(EventKind::Refused, None, None, Some(reason));
+                self.refuse(RefusalKind::ROOT_CHAIN_NOT_JSON, None, reason);
                 return;
             }
         };
         let accepted = match self.trust.walk_roots(&chain) {
             Ok(accepted) => accepted,
             Err((accepted, e)) => {
-                tracing::warn!(error = %e, "root chain refused");
-                self.reporter
-                    .event(EventKind::Refused, None, None, Some(e.to_string()));
+                self.refuse(RefusalKind::root_chain(&e), None, e.to_string());
                 accepted
             }
         };
@@ -669,5 +712,146 @@ impl Updater {
     fn publish_status(&self) {
         self.reporter
             .status(self.trust.desired_version(), self.registry.statuses());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use edgefleet_shared::{RootDocument, SecretKey, Signed, UpdateEvent};
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::outbox::{OutboxHandle, Sequence, Stream, StreamPolicy};
+    use crate::report::refusals::REFUSAL_PERIOD;
+
+    /// An updater on a fresh data directory trusting `online` for desired
+    /// states, with the outbox it reports to.
+    fn updater(dir: &std::path::Path, online: &SecretKey) -> (Updater, OutboxHandle) {
+        let root_key = SecretKey::from_seed([1; 32]);
+        let root = RootDocument::new(1, u64::MAX, &[root_key.public()], 1, &[online.public()]);
+        let pinned = dir.join("root.json");
+        std::fs::write(&pinned, Signed::sign(&root, &[&root_key]).to_json()).unwrap();
+        let outbox = OutboxHandle::open(
+            &dir.join("outbox.db"),
+            Stream::ALL.map(StreamPolicy::default_for),
+            1 << 30,
+            1000,
+            Sequence::persistent(&dir.join("seq")).unwrap(),
+        )
+        .unwrap();
+        let device = DeviceId::new("pi-1").unwrap();
+        let updater = Updater::new(
+            device.clone(),
+            TrustStore::open(dir, &pinned).unwrap(),
+            ModelStore::open(dir).unwrap(),
+            ModelRegistry::default(),
+            Downloader::new(Duration::from_secs(5), 1),
+            Reporter::new(
+                device,
+                outbox.clone(),
+                watch::channel(None).0,
+                watch::channel(None).0,
+            ),
+            Loading {
+                runtimes: crate::engine::Runtimes::builtin(),
+                pin: None,
+                probe: None,
+            },
+            Vec::new(),
+        );
+        (updater, outbox)
+    }
+
+    /// A desired state `version` with no models, signed by `key`.
+    fn desired(key: &SecretKey, version: u64) -> Vec<u8> {
+        let now = edgefleet_shared::unix_now();
+        let doc = DesiredState::new(
+            DeviceId::new("pi-1").unwrap(),
+            version,
+            now,
+            now + 3600,
+            vec![],
+        );
+        Signed::sign(&doc, &[key]).to_json()
+    }
+
+    fn events(outbox: &OutboxHandle) -> Vec<UpdateEvent> {
+        outbox.flush().unwrap();
+        outbox
+            .next_batch(100_000, &HashSet::new())
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.stream == Stream::Events)
+            .map(|r| serde_json::from_slice(&r.payload).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_replayed_desired_states_makes_two_refused_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let online = SecretKey::from_seed([2; 32]);
+        let (mut updater, outbox) = updater(dir.path(), &online);
+        updater.handle(&desired(&online, 10_001)).await;
+        // A broker replays 10,000 old, genuinely signed desired states,
+        // each refused as a rollback with its own version in the reason;
+        // half way through the fleet publishes a real new one.
+        for version in 1..=10_000 {
+            updater.handle(&desired(&online, version)).await;
+            if version == 5_000 {
+                updater.handle(&desired(&online, 10_002)).await;
+            }
+        }
+        updater.report_due_refusals(now() + REFUSAL_PERIOD);
+        let events = events(&outbox);
+        let accepted: Vec<Option<u64>> = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Accepted)
+            .map(|e| e.desired_version)
+            .collect();
+        assert_eq!(
+            accepted,
+            vec![Some(10_001), Some(10_002)],
+            "genuine events are all there"
+        );
+        let refused: Vec<&UpdateEvent> = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Refused)
+            .collect();
+        assert_eq!(refused.len(), 2, "{refused:#?}");
+        assert_eq!(refused[0].desired_version, Some(1));
+        assert!(
+            refused[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .starts_with("desired state version 1 is not newer"),
+            "{:?}",
+            refused[0].reason
+        );
+        assert_eq!(refused[1].desired_version, Some(10_000));
+        let summary = refused[1].reason.as_deref().unwrap();
+        assert!(
+            summary.starts_with("desired state version 10000 is not newer"),
+            "{summary}"
+        );
+        assert!(
+            summary.ends_with("(and 9,998 more like it within 60 s)"),
+            "{summary}"
+        );
+        // Nothing more is due: the next refusal after a quiet period is
+        // reported at once.
+        updater.report_due_refusals(now() + 2 * REFUSAL_PERIOD);
+        assert!(events_after(&outbox, &events).is_empty());
+    }
+
+    /// Events stored since `before` was read.
+    fn events_after(outbox: &OutboxHandle, before: &[UpdateEvent]) -> Vec<UpdateEvent> {
+        let seen: HashSet<u64> = before.iter().map(|e| e.seq).collect();
+        events(outbox)
+            .into_iter()
+            .filter(|e| !seen.contains(&e.seq))
+            .collect()
     }
 }

@@ -176,19 +176,9 @@ async fn signed_ingest(
 async fn verified(dir: &std::path::Path) {
     let devices: Vec<DeviceRecord> = (0..DEVICES)
         .map(|d| DeviceRecord {
-            id: format!("pi-{d:05}"),
-            first_seen: 0,
-            last_seen: 0,
-            online: true,
-            agent_version: String::new(),
-            reported_desired_version: None,
-            models: vec![],
-            desired_version: 0,
-            hardware: None,
-            tags: Default::default(),
             enrolled_at: Some(1),
-            revoked_at: None,
             public_key: Some(key_of(d).public().to_hex()),
+            ..DeviceRecord::new(format!("pi-{d:05}"))
         })
         .collect();
     let keys = DeviceKeys::new(&devices, false);

@@ -882,19 +882,9 @@ mod tests {
         let pi1 = key();
         let other = SecretKey::from_seed([8; 32]);
         let record = |id: &str, key: &SecretKey| crate::store::DeviceRecord {
-            id: id.into(),
-            first_seen: 0,
-            last_seen: 0,
-            online: false,
-            agent_version: String::new(),
-            reported_desired_version: None,
-            models: vec![],
-            desired_version: 0,
-            hardware: None,
-            tags: Default::default(),
             enrolled_at: Some(1),
-            revoked_at: None,
             public_key: Some(key.public().to_hex()),
+            ..crate::store::DeviceRecord::new(id)
         };
         let keys = DeviceKeys::new(&[record("pi-1", &pi1), record("pi-2", &other)], false);
         // The device itself.

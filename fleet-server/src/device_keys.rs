@@ -189,19 +189,9 @@ mod tests {
 
     fn device(id: &str, enrolled: bool, key: Option<&PublicKey>) -> DeviceRecord {
         DeviceRecord {
-            id: id.into(),
-            first_seen: 0,
-            last_seen: 0,
-            online: false,
-            agent_version: String::new(),
-            reported_desired_version: None,
-            models: vec![],
-            desired_version: 0,
-            hardware: None,
-            tags: Default::default(),
             enrolled_at: enrolled.then_some(1),
-            revoked_at: None,
             public_key: key.map(PublicKey::to_hex),
+            ..DeviceRecord::new(id)
         }
     }
 

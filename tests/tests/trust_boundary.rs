@@ -45,10 +45,13 @@ impl Broker {
     }
 }
 
+/// Topic and payload of each publish received.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A stock MQTT client: what it received, and whether the broker closed it.
 struct Client {
     client: AsyncClient,
-    received: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    received: Received,
     closed: Arc<AtomicBool>,
 }
 
@@ -60,7 +63,7 @@ impl Client {
             options.set_credentials(user, password);
         }
         let (client, mut eventloop) = AsyncClient::new(options, 100);
-        let received = Arc::new(Mutex::new(Vec::new()));
+        let received: Received = Arc::new(Mutex::new(Vec::new()));
         let closed = Arc::new(AtomicBool::new(false));
         let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
         {

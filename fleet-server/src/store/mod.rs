@@ -113,6 +113,28 @@ pub struct DeviceRecord {
     pub public_key: Option<String>,
 }
 
+impl DeviceRecord {
+    /// A device the server has heard nothing from yet: `id`, every other
+    /// field empty.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            first_seen: 0,
+            last_seen: 0,
+            online: false,
+            agent_version: String::new(),
+            reported_desired_version: None,
+            models: Vec::new(),
+            desired_version: 0,
+            hardware: None,
+            tags: Default::default(),
+            enrolled_at: None,
+            revoked_at: None,
+            public_key: None,
+        }
+    }
+}
+
 /// Which devices a listing returns: all the given tags, the hardware
 /// class and online state if given, ids after `after` (paging), at most
 /// `limit`.
