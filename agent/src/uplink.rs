@@ -828,6 +828,73 @@ mod tests {
         assert_eq!(f.acked(5, DeleteOn::Puback, t), none());
     }
 
+    fn server(online: bool, session: u64) -> ServerStatus {
+        ServerStatus {
+            online,
+            at: 0,
+            session,
+        }
+    }
+
+    #[test]
+    fn a_replayed_older_server_status_changes_nothing() {
+        let mut p = ServerPresence::default();
+        assert!(!p.online(), "nothing heard yet");
+        p.status(&server(true, 5));
+        assert!(p.online());
+        // An old connection's "offline", replayed: ignored.
+        p.status(&server(false, 4));
+        assert!(p.online());
+        // This connection's last will is final for it...
+        p.status(&server(false, 5));
+        assert!(!p.online());
+        p.status(&server(true, 5));
+        assert!(!p.online(), "a replayed online of an ended connection");
+        // ...until a newer connection says online.
+        p.status(&server(true, 6));
+        assert!(p.online());
+    }
+
+    #[test]
+    fn after_a_reconnect_the_retained_status_counts_again() {
+        let mut p = ServerPresence::default();
+        p.status(&server(true, 7));
+        p.disconnected();
+        assert!(!p.online(), "unknown while the agent is not connected");
+        // The broker hands the retained status of the same connection.
+        p.status(&server(true, 7));
+        assert!(p.online());
+    }
+
+    #[test]
+    fn a_signed_receipt_proves_the_server_is_storing() {
+        let mut p = ServerPresence::default();
+        p.status(&server(false, 9));
+        assert!(!p.online());
+        p.receipt();
+        assert!(p.online());
+    }
+
+    #[test]
+    fn only_the_online_keys_of_the_trusted_root_open_server_messages() {
+        let root_key = SecretKey::from_seed([1; 32]);
+        let online = SecretKey::from_seed([2; 32]);
+        let device = SecretKey::from_seed([3; 32]);
+        let root = RootDocument::new(1, u64::MAX, &[root_key.public()], 1, &[online.public()]);
+        let keys = ServerKeys::default();
+        keys.set(&root);
+        let topic = "edgefleet/v1/devices/d/receipts";
+        let msg = br#"{"schema":1,"device_id":"d","seqs":[[1,2]]}"#;
+        assert_eq!(keys.open(&seal(topic, msg, &online), topic).unwrap(), msg);
+        for forged in [
+            seal(topic, msg, &device),
+            seal(topic, msg, &root_key),
+            msg.to_vec(),
+        ] {
+            assert!(keys.open(&forged, topic).is_err());
+        }
+    }
+
     fn record(seq: u64, stream: Stream, bytes: usize) -> crate::outbox::Record {
         crate::outbox::Record {
             id: seq as i64,

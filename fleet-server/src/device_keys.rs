@@ -39,6 +39,15 @@ pub enum KeyCheck {
     PinFirstUse,
 }
 
+/// The key `fleet-sim` signs with for simulated device `id`: derived from
+/// the id, so a server that pinned or was given it knows it in the next
+/// run too. Public knowledge, so for the simulator and tests only.
+pub fn simulated_device_key(id: &str) -> edgefleet_shared::SecretKey {
+    use sha2::Digest;
+    let seed: [u8; 32] = sha2::Sha256::digest(format!("fleet-sim\0{id}").as_bytes()).into();
+    edgefleet_shared::SecretKey::from_seed(seed)
+}
+
 /// Refused messages of one device, for its page.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Rejections {

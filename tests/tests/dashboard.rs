@@ -55,6 +55,11 @@ async fn dashboard_in_headless_chromium() -> anyhow::Result<()> {
                 "id": format!("sim-{i:05}"),
                 "hardware": HARDWARE[match i % 10 { 0..=4 => 0, 5..=7 => 1, _ => 2 }],
                 "tags": {"site": if i % 4 == 0 { "lab" } else { "field" }},
+                // Enrolled devices are never pinned on first use: the
+                // operator gives each simulated device's key.
+                "public_key": fleet_server::device_keys::simulated_device_key(&format!("sim-{i:05}"))
+                    .public()
+                    .to_hex(),
             });
             let r = client
                 .post(format!("{url}/api/v1/devices"))

@@ -8,9 +8,10 @@
 //! server's verification is part of every figure). For tests and
 //! benchmarks of the server, not a device agent.
 //!
-//! Each simulated device's key is derived from its id, so a server that
-//! pinned the keys on first use knows them in the next run too; that makes
-//! them public knowledge, which is fine for a simulator and nothing else.
+//! Each simulated device's key is derived from its id
+//! ([`fleet_server::device_keys::simulated_device_key`]): a server pins it
+//! on first use, or is given it at enrollment; that makes the keys public
+//! knowledge, which is fine for a simulator and nothing else.
 //!
 //!   fleet-sim --root keys/root.json --mqtt mqtt://127.0.0.1:1883 --devices 10000
 
@@ -540,9 +541,8 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(2);
                 }
             };
-            let seed: [u8; 32] = Sha256::digest(format!("fleet-sim\0{id}").as_bytes()).into();
             let device = Arc::new(Device {
-                key: edgefleet_shared::SecretKey::from_seed(seed),
+                key: fleet_server::device_keys::simulated_device_key(id.as_str()),
                 id,
                 prefix: prefix.clone(),
                 root: Arc::clone(&root),
