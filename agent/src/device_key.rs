@@ -107,16 +107,9 @@ pub async fn register(
         "public_key": key.public().to_hex(),
         "proof": registration_proof(&device, &key),
     });
-    crate::download::install_crypto_provider();
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
-    for ca in fleet_ca
-        .as_deref()
-        .and_then(|pem| reqwest::Certificate::from_pem_bundle(pem).ok())
-        .unwrap_or_default()
-    {
-        builder = builder.add_root_certificate(ca);
-    }
-    let client = match builder.build() {
+    let client = match crate::download::http_client(fleet_ca.as_deref(), |b| {
+        b.timeout(Duration::from_secs(30))
+    }) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot register the device key: no HTTP client");

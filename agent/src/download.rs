@@ -143,40 +143,15 @@ impl Downloader {
     }
 
     /// The shared client while any download holds it, else a new one.
-    /// Without CA certificates on the system (no `ca-certificates`
-    /// package) the client still downloads over plain HTTP; HTTPS then
-    /// fails with a certificate error naming the server.
     fn client(&self) -> Result<std::sync::Arc<reqwest::Client>, DownloadError> {
         let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(client) = slot.upgrade() {
             return Ok(client);
         }
-        let fleet_ca = match &self.ca {
-            Some(pem) => reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
-                DownloadError::AllUrlsFailed(format!("the fleet's CA is not PEM: {e}"))
-            })?,
-            None => Vec::new(),
-        };
-        let builder = || {
-            fleet_ca.iter().cloned().fold(
-                reqwest::Client::builder()
-                    .connect_timeout(Duration::from_secs(10))
-                    .user_agent(concat!("edgefleet-agent/", env!("CARGO_PKG_VERSION"))),
-                |b, ca| b.add_root_certificate(ca),
-            )
-        };
-        let client = match builder().build() {
-            Ok(client) => client,
-            Err(e) => {
-                tracing::warn!(error = %e, "no usable CA certificates (install ca-certificates); downloads over HTTPS will fail, plain HTTP works");
-                builder()
-                    .tls_certs_only(fleet_ca.clone())
-                    .build()
-                    .map_err(|e| {
-                        DownloadError::AllUrlsFailed(format!("cannot make an HTTP client: {e}"))
-                    })?
-            }
-        };
+        let client = http_client(self.ca.as_deref().map(Vec::as_slice), |b| {
+            b.connect_timeout(Duration::from_secs(10))
+        })
+        .map_err(DownloadError::AllUrlsFailed)?;
         let client = std::sync::Arc::new(client);
         *slot = std::sync::Arc::downgrade(&client);
         Ok(client)
@@ -459,6 +434,40 @@ async fn unpack(packed: &Path, dest: &Path, size: u64) -> Result<(), DownloadErr
 }
 
 /// Makes rustls use ring (small, cross-compiles cleanly). Idempotent.
+/// An HTTP client trusting the system's CAs and the fleet's own (`fleet_ca`,
+/// PEM), with `configure` applied. Without CA certificates on the system
+/// (no `ca-certificates` package) it trusts the fleet's CA alone, so plain
+/// HTTP and the fleet's own HTTPS still work; other HTTPS then fails with a
+/// certificate error naming the server.
+pub fn http_client(
+    fleet_ca: Option<&[u8]>,
+    configure: impl Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> Result<reqwest::Client, String> {
+    install_crypto_provider();
+    let fleet_ca = match fleet_ca {
+        Some(pem) => reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("the fleet's CA is not PEM: {e}"))?,
+        None => Vec::new(),
+    };
+    let builder = || {
+        fleet_ca.iter().cloned().fold(
+            configure(reqwest::Client::builder())
+                .user_agent(concat!("edgefleet-agent/", env!("CARGO_PKG_VERSION"))),
+            |b, ca| b.add_root_certificate(ca),
+        )
+    };
+    match builder().build() {
+        Ok(client) => Ok(client),
+        Err(e) => {
+            tracing::warn!(error = %e, "no usable system CA certificates (install ca-certificates); HTTPS works only with the fleet's own CA");
+            builder()
+                .tls_certs_only(fleet_ca.clone())
+                .build()
+                .map_err(|e| format!("cannot make an HTTP client: {e}"))
+        }
+    }
+}
+
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
