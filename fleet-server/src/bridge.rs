@@ -755,7 +755,7 @@ pub async fn run(
     let (ingest_tx, ingest_rx) = mpsc::unbounded_channel();
     let ingest_task = tokio::spawn(ingest(fleet.clone(), ingest_rx, shutdown.clone()));
     // Signatures are checked off the event loop, a batch at a time on
-    // every core, in arrival order.
+    // two threads, in arrival order.
     let (verify_tx, verify_rx) = mpsc::unbounded_channel();
     let verify_task = tokio::spawn(verify(fleet.clone(), verify_rx, ingest_tx));
     // The first ConnAck was consumed by `connect`.
