@@ -4,13 +4,11 @@
 //!
 //! The key is made on the device at first start and its secret half never
 //! leaves it (`{data_dir}/device.key`, mode 0600). The public half reaches
-//! the server one of three ways, strongest first: the operator registers it
-//! (`edgefleet-agent key` prints it; `fleetctl devices enroll --public-key`
-//! or `fleetctl devices set-key`); the agent registers it itself over HTTP
-//! with its enrollment password ([`register`]), which the server accepts
-//! only while the device has no key; or `fleetctl devices enroll
-//! --key-in-bundle` makes the key on the operator's machine and ships it in
-//! the bundle (the weaker option: the secret existed off the device).
+//! the server one of two ways, strongest first: the operator registers it
+//! (the agent logs it at start, "device key"; `fleetctl devices enroll
+//! --public-key` or `fleetctl devices set-key`); or the agent registers it
+//! itself over HTTP with its enrollment password ([`register`]), which the
+//! server accepts only while the device has no key.
 
 use std::path::Path;
 use std::time::Duration;

@@ -698,7 +698,7 @@ struct SetKeyRequest {
 
 /// `PUT /api/v1/devices/{id}/key` (admin): sets the key the device's
 /// messages must be signed with, replacing any earlier one (a key the
-/// device made and printed with `edgefleet-agent key`, or a rotation).
+/// device made and logged at start, or a rotation).
 #[utoipa::path(put, path = "/api/v1/devices/{id}/key", tag = "devices", params(("id" = String, Path, description = "device id")), request_body = SetKeyRequest, responses((status = 200, body = DeviceRecord), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody)))]
 async fn set_device_key(
     State(fleet): State<Fleet>,

@@ -536,17 +536,12 @@ fn refused(fleet: &Fleet, e: &InboundError) {
     fleet.metrics.rejected(e.label());
     match e.device() {
         Some(device) => {
-            let first = fleet.device_keys.rejections(device.as_str()).is_none();
-            fleet.device_keys.rejected(
+            let count = fleet.device_keys.rejected(
                 device.as_str(),
                 &e.to_string(),
                 edgefleet_shared::unix_now(),
             );
-            let count = fleet
-                .device_keys
-                .rejections(device.as_str())
-                .map_or(0, |r| r.count);
-            if first || count % 1000 == 0 {
+            if count <= 1 || count % 1000 == 0 {
                 tracing::warn!(device = %device, count, error = %e, "device message refused");
             }
         }

@@ -111,11 +111,11 @@ impl Connections {
         list.push(token);
     }
 
-    fn remove(&self, device: &str, token: &CancellationToken) {
+    /// Forgets `device`'s connections that have ended (their tokens are
+    /// cancelled).
+    fn forget_ended(&self, device: &str) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(list) = map.get_mut(device) {
-            // The caller cancelled `token` first.
-            let _ = token;
             list.retain(|t| !t.is_cancelled());
             if list.is_empty() {
                 map.remove(device);
@@ -135,11 +135,6 @@ impl Connections {
             t.cancel();
         }
         list.len()
-    }
-
-    /// Devices connected now.
-    pub fn count(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -308,7 +303,7 @@ where
         r = up => r,
     };
     token.cancel();
-    gate.connections.remove(device.as_str(), &token);
+    gate.connections.forget_ended(device.as_str());
     result
 }
 
@@ -402,7 +397,8 @@ mod tests {
         c.add("b", other.clone());
         assert_eq!(c.disconnect("a"), 2);
         assert!(t1.is_cancelled() && t2.is_cancelled() && !other.is_cancelled());
-        assert_eq!(c.count(), 1);
         assert_eq!(c.disconnect("a"), 0);
+        assert_eq!(c.disconnect("b"), 1);
+        assert!(other.is_cancelled());
     }
 }

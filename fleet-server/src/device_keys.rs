@@ -100,19 +100,6 @@ impl DeviceKeys {
         };
     }
 
-    /// The key `device` must sign with, if one is registered.
-    pub fn key_of(&self, device: &str) -> Option<PublicKey> {
-        match self
-            .known
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(device)
-        {
-            Some(Known::Key(k) | Known::Pinned(k)) => Some(*k),
-            _ => None,
-        }
-    }
-
     /// Whether a message on `topic` from `device`, signed by `key`, may be
     /// verified and used.
     pub fn check(
@@ -169,16 +156,18 @@ impl DeviceKeys {
         }
     }
 
-    /// Records a refused message of `device`.
-    pub fn rejected(&self, device: &str, reason: &str, now: u64) {
+    /// Records a refused message of `device`; returns how many of its
+    /// messages were refused so far (0 once too many devices are counted).
+    pub fn rejected(&self, device: &str, reason: &str, now: u64) -> u64 {
         let mut map = self.rejections.write().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_REJECTING_DEVICES && !map.contains_key(device) {
-            return;
+            return 0;
         }
         let r = map.entry(device.to_string()).or_default();
         r.count += 1;
         r.last_reason = reason.chars().take(300).collect();
         r.last_at = now;
+        r.count
     }
 
     /// Refused messages of `device` since the server started.
@@ -221,7 +210,6 @@ mod tests {
         assert!(keys.pin("c", b));
         assert!(keys.check("c", &a, "t").is_err());
         assert!(!keys.pin("c", a));
-        assert_eq!(keys.key_of("c"), Some(b));
         assert_eq!(keys.unsaved(), vec![("c".to_string(), b)]);
         keys.saved("c", b);
         assert!(keys.unsaved().is_empty());
@@ -249,8 +237,8 @@ mod tests {
     #[test]
     fn refusals_are_counted_per_device_with_the_last_reason() {
         let keys = DeviceKeys::new(&[], false);
-        keys.rejected("a", "unsigned", 5);
-        keys.rejected("a", "bad signature", 6);
+        assert_eq!(keys.rejected("a", "unsigned", 5), 1);
+        assert_eq!(keys.rejected("a", "bad signature", 6), 2);
         let r = keys.rejections("a").unwrap();
         assert_eq!(
             (r.count, r.last_reason.as_str(), r.last_at),

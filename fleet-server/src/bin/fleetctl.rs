@@ -155,7 +155,7 @@ enum DevicesCommand {
         #[arg(long)]
         profile: Option<PathBuf>,
         /// The device's public key (64 hex), if it made one already
-        /// (`edgefleet-agent key` prints it). Without it the agent makes a
+        /// (the agent logs it at start). Without it the agent makes a
         /// key at first start and registers it with the bundle's
         /// credentials; the server takes only the first.
         #[arg(long)]
@@ -205,7 +205,7 @@ enum DevicesCommand {
     /// other (a key made on the device, or a rotation).
     SetKey {
         id: String,
-        /// 64 hex characters (`edgefleet-agent key` on the device prints it).
+        /// 64 hex characters (the agent logs its key at start, "device key").
         #[arg(long)]
         public_key: String,
     },
