@@ -676,7 +676,7 @@ async fn revoke_device(
         .ok_or_else(|| ApiError::not_found(format!("unknown device {id:?}")))?;
     fleet.set_revoked(&id, true);
     // Cut it off now rather than at its next connect.
-    let cut = fleet.gate.as_ref().map_or(0, |g| g.disconnect(&id));
+    let cut = fleet.broker.as_ref().map_or(0, |b| b.evict(&id));
     crate::bridge::kick(&fleet, &id);
     audit(
         &fleet,
@@ -1295,6 +1295,10 @@ async fn metrics(State(fleet): State<Fleet>) -> ApiResult<Response> {
     let devices = fleet.store.list_devices().await?;
     let online = devices.iter().filter(|d| d.online).count();
     fleet.metrics.set_devices(online, devices.len() - online);
+    if let Some(broker) = &fleet.broker {
+        let (stats, clients) = broker.stats();
+        fleet.metrics.set_broker(stats, clients);
+    }
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -629,8 +629,8 @@ impl BrokerLogin {
 /// connection with the device's client id makes the broker close the old
 /// one (MQTT session takeover), and the device's own credentials, revoked,
 /// no longer let it back in (regenerate the broker's password file with
-/// `fleetctl broker mosquitto`). The embedded broker's gate closes the
-/// connection itself.
+/// `fleetctl broker mosquitto`). The embedded broker closes the
+/// connection itself ([`crate::broker::Broker::evict`]).
 pub fn kick(fleet: &Fleet, device: &str) {
     let Some(login) = fleet.external_broker.clone() else {
         return;

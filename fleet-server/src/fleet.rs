@@ -37,9 +37,9 @@ pub struct Fleet {
     /// An external broker's address and the server's login there, to end
     /// a revoked device's session.
     pub external_broker: Option<crate::bridge::BrokerLogin>,
-    /// The embedded broker's device connections (with device
-    /// authentication): a revoked device is cut off through it.
-    pub gate: Option<crate::broker_gate::Connections>,
+    /// The embedded broker, when it runs here: a revoked device is cut
+    /// off through it, and `/metrics` reads its counters.
+    pub broker: Option<crate::broker::Broker>,
     /// Each device's message-signing key, and what was refused.
     pub device_keys: Arc<crate::device_keys::DeviceKeys>,
     /// Staged rollouts (planner state, stored after every change).

@@ -11,7 +11,6 @@ pub mod artifacts;
 pub mod auth;
 pub mod bridge;
 pub mod broker;
-pub mod broker_gate;
 pub mod config;
 pub mod dashboard;
 pub mod demo;
@@ -77,10 +76,10 @@ pub async fn start(
     bootstrap_admin_token(&store, &config.data_dir).await?;
     let artifacts = artifacts::ArtifactStore::open(&config.data_dir.join("artifacts"))?;
     let prefix = TopicPrefix::new(config.topic_prefix.clone())?;
-    // With device authentication the embedded broker's devices connect
-    // through the gate (`public_mqtt`), the server behind it.
+    // With device authentication devices reach the embedded broker on its
+    // public listener (`public_mqtt`), the server on a loopback one.
     let mut public_mqtt = None;
-    let mut gate_connections = None;
+    let mut embedded = None;
     let mut broker_tls = None;
     let (host, port, credentials) = match (&config.broker.url, config.broker.embedded_listen) {
         (Some(url), _) => {
@@ -112,40 +111,47 @@ pub async fn start(
             let credentials = auth
                 .as_ref()
                 .map(|a| (a.server_user.clone(), a.server_password.clone()));
-            match auth {
-                Some(auth) => {
-                    // rumqttd behind the gate, on loopback; devices reach
-                    // it only through the gate, the server directly.
-                    let inner = broker::free_loopback_addr()?;
-                    broker::start_embedded(inner, Some(auth.clone()))?;
-                    let listener = TcpListener::bind(listen).await.map_err(|e| {
-                        anyhow::anyhow!("embedded MQTT broker cannot listen on {listen}: {e} (choose another --mqtt-listen, or use --broker for an external one)")
-                    })?;
-                    let tls = match (&config.tls, config.embedded_mqtt_tls()) {
-                        (Some(tls), true) => Some(tls::acceptor(tls)?),
-                        _ => None,
-                    };
-                    tracing::info!(
-                        %listen,
-                        tls = tls.is_some(),
-                        "embedded broker: only enrolled devices may connect, each to its own topics"
-                    );
-                    gate_connections = Some(broker_gate::Connections::default());
-                    let gate = broker_gate::Gate {
-                        acl: broker_gate::Acl::new(prefix.clone()),
-                        auth,
-                        upstream: inner,
-                        connections: gate_connections.clone().unwrap_or_default(),
-                        tls,
-                    };
-                    tokio::spawn(broker_gate::serve(gate, listener, shutdown.clone()));
-                    public_mqtt = Some((listen.ip().to_string(), listen.port()));
-                    (inner.ip().to_string(), inner.port(), credentials)
-                }
-                None => {
-                    broker::start_embedded(listen, None)?;
-                    (listen.ip().to_string(), listen.port(), credentials)
-                }
+            let device_auth = auth.is_some();
+            let mqtt_broker = broker::Broker::new(prefix.clone(), auth, broker::Limits::default());
+            let listener = broker::Broker::bind(listen).await?;
+            if device_auth {
+                let tls = match (&config.tls, config.embedded_mqtt_tls()) {
+                    (Some(tls), true) => Some(tls::acceptor(tls)?),
+                    _ => None,
+                };
+                tracing::info!(
+                    %listen,
+                    tls = tls.is_some(),
+                    "embedded broker: only enrolled devices may connect, each to its own topics"
+                );
+                let inner = broker::Broker::bind(broker::free_loopback_addr()?).await?;
+                let inner_addr = inner.local_addr()?;
+                tokio::spawn(mqtt_broker.clone().serve(
+                    listener,
+                    broker::Door::Devices,
+                    tls,
+                    shutdown.clone(),
+                ));
+                tokio::spawn(mqtt_broker.clone().serve(
+                    inner,
+                    broker::Door::Server,
+                    None,
+                    shutdown.clone(),
+                ));
+                public_mqtt = Some((listen.ip().to_string(), listen.port()));
+                embedded = Some(mqtt_broker);
+                (inner_addr.ip().to_string(), inner_addr.port(), credentials)
+            } else {
+                let listener_addr = listener.local_addr()?;
+                tokio::spawn(mqtt_broker.clone().serve(
+                    listener,
+                    broker::Door::Open,
+                    None,
+                    shutdown.clone(),
+                ));
+                embedded = Some(mqtt_broker);
+                let bound = listener_addr;
+                (bound.ip().to_string(), bound.port(), credentials)
             }
         }
         (None, None) => anyhow::bail!("no MQTT broker configured"),
@@ -179,7 +185,7 @@ pub async fn start(
         metrics: metrics::Metrics::default(),
         device_mqtt_url: config
             .device_mqtt_url(&public_url, public_mqtt.as_ref().map_or(port, |(_, p)| *p)),
-        gate: gate_connections,
+        broker: embedded,
         device_ca_pem: match config.tls.as_ref().and_then(|t| t.ca.as_ref()) {
             Some(path) if config.embedded_mqtt_tls() => Some(
                 std::fs::read_to_string(path)

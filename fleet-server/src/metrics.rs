@@ -15,6 +15,10 @@
 //!   `edgefleet_ingest_batch_seconds` (one store transaction);
 //! - `edgefleet_http_request_duration_seconds{method, route, status}`,
 //!   by route template (`/api/v1/devices/{id}`), not by raw path;
+//! - `edgefleet_broker_clients` and
+//!   `edgefleet_broker_messages_total{what="received"|"delivered"|"dropped"}`:
+//!   the embedded broker's connected clients and messages (dropped: a
+//!   session's queue was full), read at each scrape;
 //! - `edgefleet_root_expires_seconds`: when the current root document
 //!   expires (Unix seconds); alert well before it, devices accept no
 //!   desired state after it.
@@ -68,6 +72,13 @@ pub struct Metrics {
     pub ingest_batch: Histogram,
     pub http: HistogramFamily<HttpLabels>,
     pub root_expires: Gauge,
+    pub broker_clients: Gauge,
+    pub broker_messages: Family<What, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct What {
+    pub what: &'static str,
 }
 
 impl Default for Metrics {
@@ -128,6 +139,18 @@ impl Default for Metrics {
             "When the fleet's current root document expires, in Unix seconds",
             root_expires.clone(),
         );
+        let broker_clients = Gauge::default();
+        registry.register(
+            "broker_clients",
+            "Clients connected to the embedded MQTT broker",
+            broker_clients.clone(),
+        );
+        let broker_messages = Family::<What, Counter>::default();
+        registry.register(
+            "broker_messages",
+            "Messages the embedded broker received, delivered, and dropped because a session's queue was full",
+            broker_messages.clone(),
+        );
         Self {
             registry: std::sync::Arc::new(registry),
             devices,
@@ -139,6 +162,8 @@ impl Default for Metrics {
             ingest_batch,
             http,
             root_expires,
+            broker_clients,
+            broker_messages,
         }
     }
 }
@@ -194,6 +219,19 @@ impl Metrics {
             .set(i64::try_from(expires).unwrap_or(i64::MAX));
     }
 
+    /// Copies the embedded broker's counters (they only grow).
+    pub fn set_broker(&self, stats: crate::broker::Stats, clients: usize) {
+        self.broker_clients.set(clients as i64);
+        for (what, value) in [
+            ("received", stats.received),
+            ("delivered", stats.delivered),
+            ("dropped", stats.dropped),
+        ] {
+            let counter = self.broker_messages.get_or_create(&What { what });
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -216,6 +254,13 @@ mod tests {
         m.ingested(5, 3, 0.002, [1.5, -3.0].into_iter());
         m.set_devices(2, 1);
         m.set_root_expires(1_900_000_000);
+        let stats = crate::broker::Stats {
+            received: 7,
+            delivered: 5,
+            dropped: 1,
+        };
+        m.set_broker(stats, 3);
+        m.set_broker(stats, 3);
         m.http
             .get_or_create(&HttpLabels {
                 method: "GET".into(),
@@ -232,6 +277,9 @@ mod tests {
             "edgefleet_ingest_lag_seconds_count 2",
             "edgefleet_devices{state=\"online\"} 2",
             "edgefleet_root_expires_seconds 1900000000",
+            "edgefleet_broker_clients 3",
+            "edgefleet_broker_messages_total{what=\"received\"} 7",
+            "edgefleet_broker_messages_total{what=\"dropped\"} 1",
             "edgefleet_http_request_duration_seconds_count{method=\"GET\",route=\"/api/v1/devices\",status=\"200\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
