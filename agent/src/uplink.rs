@@ -444,8 +444,7 @@ impl Uplink {
             // A clean session by default: everything a broker-side
             // session would hold is already covered (records are re-sent
             // from the outbox until receipted, desired state is retained),
-            // and rumqttd was seen to deliver nothing on a session resumed
-            // after the previous connection was killed mid-handshake.
+            // and a broker keeps nothing for a device that never returns.
             .set_clean_session(self.config.clean_session)
             .set_inflight(WINDOW as u16)
             .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024)

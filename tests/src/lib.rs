@@ -178,7 +178,7 @@ impl Proc {
             .stderr(file)
             .env(
                 "EDGEFLEET_LOG",
-                "debug,rumqttd=warn,rumqttd::router::routing=off,hyper=info,reqwest=info",
+                "debug,hyper=info,reqwest=info",
             )
             .spawn()
             .with_context(|| format!("spawn {cmd:?}"))?;

@@ -29,7 +29,7 @@ async fn broker_accepts(port: u16, client_id: &str, credentials: Option<(&str, &
                 }
                 Ok(_) => continue,
                 Err(ConnectionError::ConnectionRefused(_)) => return false,
-                // rumqttd closes the connection of a refused login.
+                // The broker answers a refused login and closes the connection.
                 Err(_) => return false,
             }
         }

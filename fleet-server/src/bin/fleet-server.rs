@@ -171,7 +171,7 @@ fn main() -> ExitCode {
                 public_url,
                 topic_prefix,
             } = *args;
-            init_logging("info,rumqttd=warn,rumqttd::router::routing=off");
+            init_logging("info");
             let loaded = ServerConfig::load_with_env(config.as_deref(), std::env::vars());
             match loaded {
                 Err(e) => Err(e.into()),
@@ -230,7 +230,7 @@ fn main() -> ExitCode {
             agent_bin,
             timeout,
         } => {
-            init_logging("warn,rumqttd=off");
+            init_logging("warn");
             let options = fleet_server::demo::DemoOptions {
                 devices,
                 exit_when_done,
