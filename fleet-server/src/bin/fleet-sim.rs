@@ -13,9 +13,18 @@
 //! on first use, or is given it at enrollment; that makes the keys public
 //! knowledge, which is fine for a simulator and nothing else.
 //!
+//! On a broker that authenticates devices (`fleet-server serve
+//! --device-auth`) each simulated device must be enrolled, with that key,
+//! since such a server never pins one on first use: `--public-keys`
+//! prints what to enroll, and `--credentials` gives each device the MQTT
+//! password its enrollment answered.
+//!
 //!   fleet-sim --root keys/root.json --mqtt mqtt://127.0.0.1:1883 --devices 10000
+//!   fleet-sim --devices 10000 --public-keys > keys.txt
+//!   fleet-sim --root keys/root.json --devices 10000 --credentials credentials.txt
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +45,8 @@ use sha2::{Digest, Sha256};
 )]
 struct Args {
     /// The fleet's root document (keys/root.json), pinned by every device.
-    #[arg(long)]
-    root: PathBuf,
+    #[arg(long, required_unless_present = "public_keys")]
+    root: Option<PathBuf>,
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     mqtt: String,
     #[arg(long, default_value = "edgefleet/v1")]
@@ -93,6 +102,44 @@ struct Args {
     /// backlog that grows with every sample.
     #[arg(long, default_value_t = 0.0)]
     trouble_share: f64,
+    /// Each device's MQTT password, for a broker that authenticates
+    /// devices: lines `DEVICE_ID PASSWORD` (what enrollment answered);
+    /// every simulated device needs one. The user name and client id are
+    /// the device id, as the broker requires.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Print each simulated device's id and public key (64 hex), one
+    /// `DEVICE_ID KEY` line each, and exit: what to enroll the devices
+    /// with where the server does not pin keys on first use.
+    #[arg(long)]
+    public_keys: bool,
+}
+
+/// The simulated devices' ids: PREFIX-00000, PREFIX-00001, ...
+fn device_ids(args: &Args) -> Result<Vec<DeviceId>, String> {
+    (0..args.devices)
+        .map(|i| DeviceId::new(format!("{}-{i:05}", args.id_prefix)).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// Reads a credentials file (`DEVICE_ID PASSWORD` lines; blank lines and
+/// `#` comments are skipped) into passwords by device id.
+fn read_credentials(path: &Path) -> Result<HashMap<String, String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut passwords = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_whitespace().collect::<Vec<_>>()[..] {
+            [id, password] => {
+                passwords.insert(id.to_string(), password.to_string());
+            }
+            _ => return Err(format!("line {}: expected DEVICE_ID PASSWORD", n + 1)),
+        }
+    }
+    Ok(passwords)
 }
 
 /// Whether `device`'s update to `version` fails, with probability `rate`.
@@ -105,6 +152,8 @@ fn fails(device: &str, model: &str, version: u64, rate: f64) -> bool {
 struct Device {
     id: DeviceId,
     key: edgefleet_shared::SecretKey,
+    /// Its MQTT password (`--credentials`); none on an open broker.
+    password: Option<String>,
     prefix: TopicPrefix,
     root: Arc<RootDocument>,
     args: Arc<Args>,
@@ -284,6 +333,9 @@ impl Device {
             }
         };
         let mut options = MqttOptions::new(self.id.as_str(), host, port);
+        if let Some(password) = &self.password {
+            options.set_credentials(self.id.as_str(), password.as_str());
+        }
         let mut session = edgefleet_shared::messages::next_session(None);
         let will = |session: u64| {
             let mut will = StatusMessage::will(self.id.clone(), session);
@@ -499,7 +551,49 @@ fn rand_unit(device: &str, version: u64) -> f64 {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let root = match std::fs::read(&args.root)
+    let ids = match device_ids(&args) {
+        Ok(ids) => ids,
+        Err(e) => {
+            eprintln!("fleet-sim: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.public_keys {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for id in &ids {
+            let key = fleet_server::device_keys::simulated_device_key(id.as_str()).public();
+            if writeln!(out, "{id} {}", key.to_hex()).is_err() {
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+        return match out.flush() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(_) => std::process::ExitCode::FAILURE,
+        };
+    }
+    let mut passwords = match &args.credentials {
+        Some(path) => match read_credentials(path) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!(
+                    "fleet-sim: cannot use the credentials {}: {e}",
+                    path.display()
+                );
+                return std::process::ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    // A device with no password would only be refused, again and again.
+    if let Some(p) = &passwords {
+        if let Some(id) = ids.iter().find(|id| !p.contains_key(id.as_str())) {
+            eprintln!("fleet-sim: no credentials for device {id}");
+            return std::process::ExitCode::from(2);
+        }
+    }
+    let root_path = args.root.clone().expect("clap requires --root");
+    let root = match std::fs::read(&root_path)
         .map_err(|e| e.to_string())
         .and_then(|b| Signed::from_json(&b).map_err(|e| e.to_string()))
         .and_then(|s| {
@@ -510,7 +604,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!(
                 "fleet-sim: cannot use the root document {}: {e}",
-                args.root.display()
+                root_path.display()
             );
             return std::process::ExitCode::from(2);
         }
@@ -533,16 +627,10 @@ fn main() -> std::process::ExitCode {
         let http = reqwest::Client::new();
         let mut tasks = Vec::new();
         let pause = Duration::from_secs_f64(1.0 / f64::from(args.connect_rate.max(1)));
-        for i in 0..args.devices {
-            let id = match DeviceId::new(format!("{}-{i:05}", args.id_prefix)) {
-                Ok(id) => id,
-                Err(e) => {
-                    eprintln!("fleet-sim: {e}");
-                    return std::process::ExitCode::from(2);
-                }
-            };
+        for id in ids {
             let device = Arc::new(Device {
                 key: fleet_server::device_keys::simulated_device_key(id.as_str()),
+                password: passwords.as_mut().and_then(|p| p.remove(id.as_str())),
                 id,
                 prefix: prefix.clone(),
                 root: Arc::clone(&root),
