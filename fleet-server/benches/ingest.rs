@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use edgefleet_shared::signed_message::seal;
 use edgefleet_shared::{
-    DeviceId, SecretKey, SignedMessage, TelemetryMessage, TopicKind, TopicPrefix, SCHEMA_VERSION,
+    DeviceId, SecretKey, SignedMessage, TelemetryMessage, TopicKind, TopicPrefix,
 };
 use fleet_server::bridge::{decode_batch, Inbound};
 use fleet_server::device_keys::DeviceKeys;
@@ -38,31 +38,8 @@ const DEVICES: u64 = 1_000;
 const PER_DEVICE: u64 = 50;
 
 fn sample(device: u64, seq: u64) -> Streamed {
-    let body = serde_json::json!({
-        "schema": SCHEMA_VERSION,
-        "device_id": format!("pi-{device:05}"),
-        "seq": seq,
-        "at": 1_790_000_000 + seq * 60,
-        "interval_secs": 60.0,
-        "health": {
-            "cpu_percent": 12.5, "load": [0.4, 0.3, 0.2],
-            "memory_total_bytes": 4_000_000_000u64, "memory_available_bytes": 2_900_000_000u64,
-            "disk_total_bytes": 30_000_000_000u64, "disk_available_bytes": 21_000_000_000u64,
-            "temperatures": [{"label": "cpu_thermal", "celsius": 51.2}],
-            "uptime_secs": 86_400, "agent_rss_bytes": 9_000_000,
-            "agent_cpu_percent": 0.7, "agent_uptime_secs": 3_600
-        },
-        "models": [
-            {"name": "kws", "version": 3, "runtime": "tract-onnx", "inferences": 600, "errors": 0,
-             "total_inferences": 90_000, "total_errors": 2, "p50_us": 410.0, "p95_us": 620.0, "p99_us": 900.0},
-            {"name": "det", "version": 7, "runtime": "onnxruntime", "inferences": 60, "errors": 1,
-             "total_inferences": 9_000, "total_errors": 4, "p50_us": 8_100.0, "p95_us": 9_900.0, "p99_us": 12_000.0}
-        ],
-        "outbox": {"depth": 0, "depth_bytes": 0, "memory_depth": 0}
-    });
-    let mut t: TelemetryMessage = serde_json::from_value(body).expect("a valid telemetry sample");
-    t.device_id = DeviceId::new(format!("pi-{device:05}")).unwrap();
-    Streamed::Telemetry(t)
+    let device = DeviceId::new(format!("pi-{device:05}")).expect("a valid device id");
+    Streamed::Telemetry(TelemetryMessage::example(device, seq))
 }
 
 /// Records in arrival order: every device's samples interleaved, as many

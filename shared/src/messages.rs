@@ -156,6 +156,37 @@ pub struct TelemetryMessage {
     pub link: LinkHealth,
 }
 
+impl TelemetryMessage {
+    /// A realistic sample as an agent sends it once a minute (health, two
+    /// models with percentiles, an empty outbox), for benchmarks of what
+    /// handling one costs.
+    pub fn example(device: DeviceId, seq: u64) -> Self {
+        let body = serde_json::json!({
+            "schema": crate::SCHEMA_VERSION,
+            "device_id": device,
+            "seq": seq,
+            "at": 1_790_000_000 + seq * 60,
+            "interval_secs": 60.0,
+            "health": {
+                "cpu_percent": 12.5, "load": [0.4, 0.3, 0.2],
+                "memory_total_bytes": 4_000_000_000u64, "memory_available_bytes": 2_900_000_000u64,
+                "disk_total_bytes": 30_000_000_000u64, "disk_available_bytes": 21_000_000_000u64,
+                "temperatures": [{"label": "cpu_thermal", "celsius": 51.2}],
+                "uptime_secs": 86_400, "agent_rss_bytes": 9_000_000,
+                "agent_cpu_percent": 0.7, "agent_uptime_secs": 3_600
+            },
+            "models": [
+                {"name": "kws", "version": 3, "runtime": "tract-onnx", "inferences": 600, "errors": 0,
+                 "total_inferences": 90_000, "total_errors": 2, "p50_us": 410.0, "p95_us": 620.0, "p99_us": 900.0},
+                {"name": "det", "version": 7, "runtime": "onnxruntime", "inferences": 60, "errors": 1,
+                 "total_inferences": 9_000, "total_errors": 4, "p50_us": 8_100.0, "p95_us": 9_900.0, "p99_us": 12_000.0}
+            ],
+            "outbox": {"depth": 0, "depth_bytes": 0, "memory_depth": 0}
+        });
+        serde_json::from_value(body).expect("the example matches TelemetryMessage's own schema")
+    }
+}
+
 /// What the agent refused of what reached it over MQTT: receipts and
 /// server statuses that were unsigned, forged or not for it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
