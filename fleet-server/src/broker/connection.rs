@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::router::{check_filter, check_topic, Attachment, Message};
+use super::router::{check_filter, check_topic, Attachment, Limits, Message};
 use super::Broker;
 
 /// Largest packet a client may send (a telemetry batch is at most 256 KiB).
@@ -220,6 +220,11 @@ where
             id,
             wake: Arc::clone(&wake),
             kick: kick.clone(),
+        },
+        if device.is_some() {
+            Limits::device()
+        } else {
+            broker.limits()
         },
     );
     if connected.replaced.is_some() {

@@ -106,6 +106,9 @@ struct Inner {
     router: Mutex<Router>,
     acl: Acl,
     auth: Option<DeviceAuth>,
+    /// For the server's session and an open broker's clients; devices'
+    /// own sessions get [`Limits::device`].
+    limits: Limits,
     next_connection: AtomicU64,
 }
 
@@ -119,7 +122,8 @@ impl Broker {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                router: Mutex::new(Router::new(limits)),
+                router: Mutex::new(Router::new()),
+                limits,
                 acl: Acl::new(prefix),
                 auth,
                 next_connection: AtomicU64::new(1),
@@ -135,6 +139,10 @@ impl Broker {
 
     pub(crate) fn acl(&self) -> &Acl {
         &self.inner.acl
+    }
+
+    pub(crate) fn limits(&self) -> Limits {
+        self.inner.limits
     }
 
     pub(crate) fn auth(&self) -> Option<&DeviceAuth> {

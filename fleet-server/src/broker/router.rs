@@ -78,6 +78,19 @@ pub struct Limits {
     pub max_inflight: usize,
 }
 
+impl Limits {
+    /// A device's own session: it is sent its desired state, receipts and
+    /// a few retained messages, never a flood; a device that stays away
+    /// with a persistent session must not hold much for long.
+    pub fn device() -> Self {
+        Self {
+            max_queued_messages: 1000,
+            max_queued_bytes: 8 * 1024 * 1024,
+            max_inflight: 100,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -91,6 +104,7 @@ impl Default for Limits {
 #[derive(Debug, Default)]
 struct Session {
     clean: bool,
+    limits: Limits,
     filters: HashMap<String, QoS>,
     queue: VecDeque<Delivery>,
     queued_bytes: usize,
@@ -105,7 +119,8 @@ struct Session {
 }
 
 impl Session {
-    fn push(&mut self, delivery: Delivery, limits: &Limits) -> bool {
+    fn push(&mut self, delivery: Delivery) -> bool {
+        let limits = &self.limits;
         if self.conn.is_none() && (self.clean || delivery.qos == QoS::AtMostOnce) {
             // Nobody to send it to, and nothing kept for later.
             return true;
@@ -157,7 +172,6 @@ pub struct Stats {
 /// Sessions, subscriptions and retained messages.
 #[derive(Debug, Default)]
 pub struct Router {
-    limits: Limits,
     sessions: HashMap<Arc<str>, Session>,
     /// Filters without wildcards, by topic: who subscribed, at what QoS.
     exact: HashMap<String, HashMap<Arc<str>, QoS>>,
@@ -168,11 +182,8 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(limits: Limits) -> Self {
-        Self {
-            limits,
-            ..Default::default()
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     pub fn stats(&self) -> Stats {
@@ -186,8 +197,15 @@ impl Router {
 
     /// Attaches a connection to `client`'s session, creating it, or
     /// starting it afresh for a clean session. An earlier connection of
-    /// the same client is told to close (MQTT's takeover).
-    pub fn connect(&mut self, client: &str, clean: bool, conn: Attachment) -> Connected {
+    /// the same client is told to close (MQTT's takeover). `limits` bound
+    /// what the session holds.
+    pub fn connect(
+        &mut self,
+        client: &str,
+        clean: bool,
+        conn: Attachment,
+        limits: Limits,
+    ) -> Connected {
         let mut replaced = None;
         let mut session_present = false;
         if let Some(old) = self.sessions.get_mut(client) {
@@ -202,6 +220,7 @@ impl Router {
         }
         let session = self.sessions.entry(Arc::from(client)).or_default();
         session.clean = clean;
+        session.limits = limits;
         session.resend = !session.inflight.is_empty();
         session.conn = Some(conn);
         if !session.queue.is_empty() || session.resend {
@@ -300,7 +319,6 @@ impl Router {
         } else {
             self.retained.get(filter).cloned().into_iter().collect()
         };
-        let limits = self.limits;
         let Some(session) = self.sessions.get_mut(client) else {
             return granted;
         };
@@ -311,7 +329,7 @@ impl Router {
                 retain: true,
                 message,
             };
-            if !session.push(delivery, &limits) {
+            if !session.push(delivery) {
                 self.stats.dropped += 1;
             }
         }
@@ -367,7 +385,7 @@ impl Router {
                 retain: false,
                 message: Arc::clone(&message),
             };
-            if session.push(delivery, &self.limits) {
+            if session.push(delivery) {
                 session.wake();
                 queued += 1;
             } else {
@@ -381,10 +399,10 @@ impl Router {
     /// first unacknowledged messages to re-send, then queued ones while
     /// the in-flight window has room (QoS 0 ones do not count against it).
     pub fn take(&mut self, client: &str, conn: u64, out: &mut Vec<Outgoing>) {
-        let max_inflight = self.limits.max_inflight;
         let Some(session) = self.sessions.get_mut(client) else {
             return;
         };
+        let max_inflight = session.limits.max_inflight;
         if session.conn.as_ref().map(|c| c.id) != Some(conn) {
             return;
         }
@@ -527,6 +545,10 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn limits() -> Limits {
+        Limits::default()
+    }
+
     fn attach(id: u64) -> Attachment {
         Attachment {
             id,
@@ -600,9 +622,9 @@ mod tests {
     #[test]
     fn exact_and_wildcard_subscribers_each_get_one_copy() {
         let mut r = Router::default();
-        r.connect("dev", true, attach(1));
-        r.connect("server", false, attach(2));
-        r.connect("other", true, attach(3));
+        r.connect("dev", true, attach(1), limits());
+        r.connect("server", false, attach(2), limits());
+        r.connect("other", true, attach(3), limits());
         r.subscribe("dev", "p/devices/dev/desired", QoS::AtLeastOnce);
         r.subscribe("server", "p/devices/+/desired", QoS::AtLeastOnce);
         r.subscribe("server", "p/#", QoS::AtMostOnce);
@@ -640,7 +662,7 @@ mod tests {
         r.publish(message("t/a", "one", QoS::AtLeastOnce, true));
         r.publish(message("t/a", "two", QoS::AtLeastOnce, true));
         r.publish(message("t/b", "b", QoS::AtMostOnce, true));
-        r.connect("c", true, attach(1));
+        r.connect("c", true, attach(1), limits());
         r.subscribe("c", "t/a", QoS::AtLeastOnce);
         let out = taken(&mut r, "c", 1);
         assert_eq!(payloads(&out), ["two"]);
@@ -653,18 +675,19 @@ mod tests {
         r.publish(message("t/a", "", QoS::AtLeastOnce, true));
         let live = taken(&mut r, "c", 1);
         assert!(!live[0].delivery.retain);
-        r.connect("d", true, attach(2));
+        r.connect("d", true, attach(2), limits());
         r.subscribe("d", "t/#", QoS::AtLeastOnce);
         assert_eq!(payloads(&taken(&mut r, "d", 2)), ["b"]);
     }
 
     #[test]
     fn the_window_holds_back_qos1_until_acknowledged() {
-        let mut r = Router::new(Limits {
+        let mut r = Router::new();
+        let window = Limits {
             max_inflight: 2,
             ..Limits::default()
-        });
-        r.connect("c", true, attach(1));
+        };
+        r.connect("c", true, attach(1), window);
         r.subscribe("c", "t", QoS::AtLeastOnce);
         for i in 0..5 {
             r.publish(message("t", &i.to_string(), QoS::AtLeastOnce, false));
@@ -682,21 +705,21 @@ mod tests {
     #[test]
     fn a_persistent_session_keeps_messages_and_resends_unacknowledged_ones() {
         let mut r = Router::default();
-        r.connect("server", false, attach(1));
+        r.connect("server", false, attach(1), limits());
         r.subscribe("server", "d/+/events", QoS::AtLeastOnce);
         r.publish(message("d/a/events", "1", QoS::AtLeastOnce, false));
         let sent = taken(&mut r, "server", 1);
         assert!(r.disconnect("server", 1));
         r.publish(message("d/a/events", "2", QoS::AtLeastOnce, false));
         r.publish(message("d/a/events", "qos0", QoS::AtMostOnce, false));
-        let back = r.connect("server", false, attach(2));
+        let back = r.connect("server", false, attach(2), limits());
         assert!(back.session_present);
         let out = taken(&mut r, "server", 2);
         assert_eq!(payloads(&out), ["1", "2"], "QoS 0 is not kept offline");
         assert!(out[0].dup && out[0].pkid == sent[0].pkid);
         assert!(!out[1].dup);
         // A clean start forgets it all, subscriptions too.
-        let fresh = r.connect("server", true, attach(3));
+        let fresh = r.connect("server", true, attach(3), limits());
         assert!(!fresh.session_present);
         assert_eq!(
             r.publish(message("d/a/events", "3", QoS::AtLeastOnce, false)),
@@ -709,9 +732,9 @@ mod tests {
     fn a_takeover_closes_the_old_connection_and_keeps_its_will_unsent() {
         let mut r = Router::default();
         let old = attach(1);
-        r.connect("dev", true, old.clone());
+        r.connect("dev", true, old.clone(), limits());
         r.subscribe("dev", "own", QoS::AtLeastOnce);
-        let new = r.connect("dev", true, attach(2));
+        let new = r.connect("dev", true, attach(2), limits());
         assert_eq!(new.replaced, Some(1));
         assert!(old.kick.is_cancelled());
         assert!(
@@ -731,7 +754,7 @@ mod tests {
     fn evicting_closes_the_connection_and_drops_the_session() {
         let mut r = Router::default();
         let conn = attach(1);
-        r.connect("dev", false, conn.clone());
+        r.connect("dev", false, conn.clone(), limits());
         r.subscribe("dev", "own", QoS::AtLeastOnce);
         r.publish(message("own", "x", QoS::AtLeastOnce, false));
         assert!(r.evict("dev"));
@@ -739,17 +762,18 @@ mod tests {
         assert_eq!(r.pending("dev"), 0);
         assert_eq!(r.publish(message("own", "y", QoS::AtLeastOnce, false)), 0);
         assert!(!r.evict("dev"));
-        assert!(!r.connect("dev", false, attach(2)).session_present);
+        assert!(!r.connect("dev", false, attach(2), limits()).session_present);
     }
 
     #[test]
     fn a_full_queue_drops_and_counts() {
-        let mut r = Router::new(Limits {
+        let mut r = Router::new();
+        let small = Limits {
             max_queued_messages: 2,
             max_inflight: 1,
             ..Limits::default()
-        });
-        r.connect("c", false, attach(1));
+        };
+        r.connect("c", false, attach(1), small);
         r.subscribe("c", "t", QoS::AtLeastOnce);
         for i in 0..4 {
             r.publish(message("t", &i.to_string(), QoS::AtLeastOnce, false));
