@@ -114,45 +114,49 @@ pub async fn start(
             let device_auth = auth.is_some();
             let mqtt_broker = broker::Broker::new(prefix.clone(), auth, broker::Limits::default());
             let listener = broker::Broker::bind(listen).await?;
-            if device_auth {
-                let tls = match (&config.tls, config.embedded_mqtt_tls()) {
-                    (Some(tls), true) => Some(tls::acceptor(tls)?),
-                    _ => None,
-                };
+            // With port 0 in --mqtt-listen, devices are told the port bound.
+            let bound = listener.local_addr()?;
+            let tls = match (&config.tls, config.embedded_mqtt_tls()) {
+                (Some(tls), true) => Some(tls::acceptor(tls)?),
+                _ => None,
+            };
+            let door = if device_auth {
                 tracing::info!(
-                    %listen,
+                    %bound,
                     tls = tls.is_some(),
                     "embedded broker: only enrolled devices may connect, each to its own topics"
                 );
-                let inner = broker::Broker::bind(broker::free_loopback_addr()?).await?;
+                broker::Door::Devices
+            } else {
+                broker::Door::Open
+            };
+            tokio::spawn(
+                mqtt_broker
+                    .clone()
+                    .serve(listener, door, tls, shutdown.clone()),
+            );
+            // The server's own client: on a loopback listener of its own
+            // when devices must authenticate, else like any client.
+            let server_addr = if device_auth {
+                let inner = broker::Broker::bind(([127, 0, 0, 1], 0).into()).await?;
                 let inner_addr = inner.local_addr()?;
-                tokio::spawn(mqtt_broker.clone().serve(
-                    listener,
-                    broker::Door::Devices,
-                    tls,
-                    shutdown.clone(),
-                ));
                 tokio::spawn(mqtt_broker.clone().serve(
                     inner,
                     broker::Door::Server,
                     None,
                     shutdown.clone(),
                 ));
-                public_mqtt = Some((listen.ip().to_string(), listen.port()));
-                embedded = Some(mqtt_broker);
-                (inner_addr.ip().to_string(), inner_addr.port(), credentials)
+                public_mqtt = Some((bound.ip().to_string(), bound.port()));
+                inner_addr
             } else {
-                let listener_addr = listener.local_addr()?;
-                tokio::spawn(mqtt_broker.clone().serve(
-                    listener,
-                    broker::Door::Open,
-                    None,
-                    shutdown.clone(),
-                ));
-                embedded = Some(mqtt_broker);
-                let bound = listener_addr;
-                (bound.ip().to_string(), bound.port(), credentials)
-            }
+                bound
+            };
+            embedded = Some(mqtt_broker);
+            (
+                server_addr.ip().to_string(),
+                server_addr.port(),
+                credentials,
+            )
         }
         (None, None) => anyhow::bail!("no MQTT broker configured"),
     };

@@ -89,13 +89,6 @@ impl DeviceAuth {
     }
 }
 
-/// A free loopback address, for the server's own listener.
-pub fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| anyhow::anyhow!("cannot find a loopback port for the embedded broker: {e}"))?;
-    Ok(probe.local_addr()?)
-}
-
 /// The embedded broker: cheap to clone, one per server.
 #[derive(Clone)]
 pub struct Broker {
