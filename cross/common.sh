@@ -53,3 +53,63 @@ apt_install() {
     [[ "$(id -u)" != 0 ]] && sudo=sudo
     $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
+
+# Prints the mirror this machine's own apt sources use for the Debian
+# suite $1 (deb822 `.sources` files and one-line `.list` files, in apt's
+# order), so debootstrap fetches from the same place apt-get does. Fails
+# when no enabled `deb` source carries that suite.
+apt_mirror() {
+    python3 - "$1" <<'PY'
+import glob, sys
+
+suite = sys.argv[1]
+files = ["/etc/apt/sources.list"] + sorted(
+    glob.glob("/etc/apt/sources.list.d/*.list") + glob.glob("/etc/apt/sources.list.d/*.sources")
+)
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+def one_line(text):
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words or words[0] != "deb":
+            continue
+        words = words[1:]
+        if words and words[0].startswith("["):  # [arch=... signed-by=...]
+            while words and not words[0].endswith("]"):
+                words = words[1:]
+            words = words[1:]
+        if len(words) >= 2:
+            yield words[0], [words[1]]
+
+def deb822(text):
+    for stanza in text.split("\n\n"):
+        fields, key = {}, None
+        for line in stanza.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if line[0] in " \t" and key:
+                fields[key] += " " + line.strip()
+                continue
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            fields[key] = value.strip()
+        if fields.get("enabled", "yes").lower() == "no" or "deb" not in fields.get("types", "").split():
+            continue
+        for uri in fields.get("uris", "").split():
+            yield uri, fields.get("suites", "").split()
+
+for path in files:
+    text = read(path)
+    for uri, suites in (deb822(text) if path.endswith(".sources") else one_line(text)):
+        if suite in suites and not uri.startswith("cdrom:"):
+            print(uri)
+            sys.exit(0)
+sys.exit(1)
+PY
+}

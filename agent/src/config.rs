@@ -203,7 +203,8 @@ pub struct MqttConfig {
     pub batch_records: usize,
     /// Start a clean MQTT session on every connect (default). `false`
     /// keeps a persistent session on the broker, which was faster with
-    /// Mosquitto when records are sent one per publish (see README).
+    /// Mosquitto when records are sent one per publish (see
+    /// docs/delivery.md).
     #[serde(default = "default_clean_session")]
     pub clean_session: bool,
     /// The fleet server's HTTP URL. With `username` and `password`, a

@@ -130,7 +130,12 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     let (_tmp, dir) = match &options.data_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            (None, d.clone())
+            // Absolute: each agent runs in its own folder and reads the
+            // root document by this path.
+            let d = std::fs::canonicalize(d).map_err(|e| {
+                anyhow::anyhow!("cannot resolve --data-dir {}: {e}", d.display())
+            })?;
+            (None, d)
         }
         None => {
             let t = tempfile::Builder::new()

@@ -1,4 +1,4 @@
-//! The staged-rollout planner: a pure state machine (issue 7). It owns no
+//! The staged-rollout planner: a pure state machine. It owns no
 //! I/O: the server feeds it operator actions, device reports and the
 //! clock, and carries out the commands it returns (sign a desired state
 //! for a device, or sign the previous version again). Its whole state is

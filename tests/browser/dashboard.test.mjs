@@ -6,7 +6,9 @@
 //   EDGEFLEET_READ_TOKEN   a read-only operator token
 //   EDGEFLEET_DEVICES      how many devices the fleet has
 //   CHROMIUM               the browser binary (default /usr/bin/chromium)
-//   SCREENSHOT_DIR         where the page screenshots go (default: none)
+//   SCREENSHOT_DIR         where the page screenshots go (default: none; the
+//                          Rust test passes a temporary dir, or docs/screenshots/
+//                          with EDGEFLEET_UPDATE_SCREENSHOTS=1)
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";

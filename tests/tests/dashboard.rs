@@ -5,13 +5,18 @@
 //! fleet (and its 1-second budget), the devices table and a device page's
 //! charts, a rollout created, started and paused from the UI, a read-only
 //! operator without buttons, and actions refused without a session or its
-//! CSRF token. Screenshots go to `docs/screenshots/`.
+//! CSRF token.
+//!
+//! Screenshots go to the test's temporary directory, so a test run leaves
+//! the tree as it was. `EDGEFLEET_UPDATE_SCREENSHOTS=1` writes them to
+//! `docs/screenshots/` instead (the ones the manual shows), and
+//! `SCREENSHOT_DIR=DIR` to a directory of your choice.
 //!
 //! Needs `node` and `chromium` and `npm ci` in `tests/browser`
 //! (`./scripts/test` installs all three); elsewhere, set `CHROMIUM` to a
 //! Chromium or Chrome binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgefleet_tests::{digits_model, json_output, repo_root, wait_for, Server};
@@ -19,6 +24,17 @@ use serde_json::json;
 
 const DEVICES: usize = 1000;
 const HARDWARE: [&str; 3] = ["rpi4", "rpi-zero2", "jetson-orin"];
+
+/// Where the browser test writes its screenshots (see the module's doc).
+fn screenshot_dir(scratch: &Path) -> PathBuf {
+    if let Some(dir) = std::env::var_os("SCREENSHOT_DIR") {
+        return PathBuf::from(dir);
+    }
+    if std::env::var_os("EDGEFLEET_UPDATE_SCREENSHOTS").is_some_and(|v| v == "1") {
+        return repo_root().join("docs/screenshots");
+    }
+    scratch.join("screenshots")
+}
 
 fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM")
@@ -106,9 +122,7 @@ async fn dashboard_in_headless_chromium() -> anyhow::Result<()> {
     // A few telemetry rounds, so charts have lines.
     tokio::time::sleep(Duration::from_secs(6)).await;
 
-    let shots = std::env::var_os("SCREENSHOT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("docs/screenshots"));
+    let shots = screenshot_dir(dir.path());
     let out = tokio::process::Command::new("node")
         .arg("--test")
         .arg("--test-reporter=spec")
