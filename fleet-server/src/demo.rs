@@ -132,9 +132,8 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
             std::fs::create_dir_all(d)?;
             // Absolute: each agent runs in its own folder and reads the
             // root document by this path.
-            let d = std::fs::canonicalize(d).map_err(|e| {
-                anyhow::anyhow!("cannot resolve --data-dir {}: {e}", d.display())
-            })?;
+            let d = std::fs::canonicalize(d)
+                .map_err(|e| anyhow::anyhow!("cannot resolve --data-dir {}: {e}", d.display()))?;
             (None, d)
         }
         None => {

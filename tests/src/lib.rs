@@ -176,10 +176,7 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
-            .env(
-                "EDGEFLEET_LOG",
-                "debug,hyper=info,reqwest=info",
-            )
+            .env("EDGEFLEET_LOG", "debug,hyper=info,reqwest=info")
             .spawn()
             .with_context(|| format!("spawn {cmd:?}"))?;
         Ok(Self { child, log })
