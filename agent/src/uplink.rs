@@ -78,17 +78,24 @@ pub struct Uplink {
 /// The fleet server's online keys: the trusted root's desired-state role,
 /// kept current by the updater as the root rotates.
 #[derive(Debug, Clone, Default)]
-pub struct ServerKeys(Arc<RwLock<Vec<PublicKey>>>);
+pub struct ServerKeys(Arc<(RwLock<Vec<PublicKey>>, AtomicU64)>);
 
 impl ServerKeys {
     pub fn set(&self, root: &RootDocument) {
         let keys = root.desired_keys().map(|(_, k)| *k).collect();
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        *self.0 .0.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        self.0 .1.fetch_add(1, Ordering::Release);
+    }
+
+    /// Counts the changes of keys, so a message refused for its key can be
+    /// checked again once the keys change.
+    pub fn generation(&self) -> u64 {
+        self.0 .1.load(Ordering::Acquire)
     }
 
     /// Opens a message on `topic` that must be signed by the server.
     pub fn open<'a>(&self, payload: &'a [u8], topic: &str) -> Result<&'a [u8], MessageError> {
-        let keys = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let keys = self.0 .0.read().unwrap_or_else(|e| e.into_inner());
         SignedMessage::open(payload, topic, keys.iter())
     }
 }
@@ -402,6 +409,41 @@ fn publish_payload(records: &mut [crate::outbox::Record]) -> Vec<u8> {
 }
 
 impl Uplink {
+    /// Takes a server status: verified, it updates `presence`; refused, it
+    /// is counted, and returned with the key generation when the reason
+    /// was its key (to be checked again once the keys change).
+    fn server_status(
+        &self,
+        payload: &[u8],
+        topic: &str,
+        presence: &mut ServerPresence,
+        outbox: &OutboxHandle,
+    ) -> Option<(Vec<u8>, u64)> {
+        let generation = self.server_keys.generation();
+        let message = match self.server_keys.open(payload, topic) {
+            Ok(message) => message,
+            Err(e) => {
+                self.health.rejected("server status", &e.to_string());
+                return matches!(e, MessageError::UntrustedKey { .. })
+                    .then(|| (payload.to_vec(), generation));
+            }
+        };
+        match serde_json::from_slice::<ServerStatus>(message) {
+            Ok(status) => {
+                let was = presence.online();
+                presence.status(&status);
+                if presence.online() != was {
+                    tracing::info!(online = presence.online(), session = status.session, "fleet server status");
+                }
+                if presence.online() {
+                    outbox.stored().notify_one();
+                }
+            }
+            Err(e) => self.health.rejected("server status", &e.to_string()),
+        }
+        None
+    }
+
     pub async fn run(
         self,
         desired_tx: mpsc::Sender<FromFleet>,
@@ -474,6 +516,8 @@ impl Uplink {
         // A few records sent while the server seems offline (PROBE_EVERY).
         let mut probe = false;
         let mut last_probe = Instant::now();
+        // A server status refused for its key, and the key generation then.
+        let mut unverified_status: Option<(Vec<u8>, u64)> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Whatever is on disk from before a restart is sent first.
@@ -519,22 +563,11 @@ impl Uplink {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == server_topic => {
-                        let status = self.server_keys.open(&publish.payload, &server_topic)
-                            .map_err(|e| e.to_string())
-                            .and_then(|msg| serde_json::from_slice::<ServerStatus>(msg).map_err(|e| e.to_string()));
-                        match status {
-                            Ok(status) => {
-                                let was = presence.online();
-                                presence.status(&status);
-                                if presence.online() != was {
-                                    tracing::info!(online = presence.online(), session = status.session, "fleet server status");
-                                }
-                                if presence.online() {
-                                    outbox.stored().notify_one();
-                                }
-                            }
-                            Err(reason) => self.health.rejected("server status", &reason),
-                        }
+                        // The retained status can arrive before the root
+                        // chain that trusts its key has reached the
+                        // updater (after a rotation): one refused for its
+                        // key is checked again when the keys change.
+                        unverified_status = self.server_status(&publish.payload, &server_topic, &mut presence, &outbox);
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == receipts_topic => {
                         let receipt = self.server_keys.open(&publish.payload, &receipts_topic)
@@ -636,6 +669,13 @@ impl Uplink {
                 }
                 _ = tick.tick() => {
                     delete_delivered(&outbox, &mut delivered).await;
+                    if let Some((payload, generation)) = unverified_status.take() {
+                        unverified_status = if self.server_keys.generation() == generation {
+                            Some((payload, generation))
+                        } else {
+                            self.server_status(&payload, &server_topic, &mut presence, &outbox)
+                        };
+                    }
                     if connected && inflight.expire(Instant::now(), INFLIGHT_TIMEOUT) > 0 {
                         outbox.stored().notify_one();
                     }

@@ -36,6 +36,17 @@ fn trusted_root_version(agent: &Agent) -> Option<u64> {
     Signed::from_json(&bytes).ok()?.signed["version"].as_u64()
 }
 
+/// How often the agent has logged that it believes the server is online
+/// from its signed status.
+fn trusted_statuses(agent: &Agent) -> usize {
+    agent
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("fleet server status") && l.contains("online=true"))
+        .count()
+}
+
 async fn wait_root(agent: &Agent, version: u64) -> anyhow::Result<()> {
     wait_for(
         &format!("{} at root v{version}", agent.id),
@@ -84,11 +95,22 @@ async fn devices_follow_rotations_online_and_after_being_offline() -> anyhow::Re
     let _ = offline.proc.child.wait();
 
     // Rotation 1: a new online key. The server is restarted to use it.
+    let statuses_before = trusted_statuses(&online);
     server.kill();
     let out = fleetctl_keys(&server.keys_dir, &["rotate"]);
     assert!(out.contains("version 2"), "{out}");
     server.restart().await?;
     wait_root(&online, 2).await?;
+    // The restarted server's status is signed by the new key and may
+    // arrive before the new root is taken: it is believed once the root
+    // is (not only after the agent's next probe proves the server there).
+    wait_for(
+        "the agent to trust the restarted server's status",
+        WAIT,
+        || async { (trusted_statuses(&online) > statuses_before).then_some(()) },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", online.proc.log_text()))?;
     server.deploy("digits", 2, "rot-online");
     server.wait_for_model("rot-online", "digits", 2).await?;
 
