@@ -433,7 +433,11 @@ impl Uplink {
                 let was = presence.online();
                 presence.status(&status);
                 if presence.online() != was {
-                    tracing::info!(online = presence.online(), session = status.session, "fleet server status");
+                    tracing::info!(
+                        online = presence.online(),
+                        session = status.session,
+                        "fleet server status"
+                    );
                 }
                 if presence.online() {
                     outbox.stored().notify_one();
