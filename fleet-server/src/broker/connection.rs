@@ -116,7 +116,13 @@ async fn read_packet<R: AsyncRead + Unpin>(
             }
             Err(CodecError::InsufficientBytes(missing)) => {
                 // An idle connection holds only a small buffer (thousands
-                // of them wait here); a large packet gets what it needs.
+                // of them wait here), even after a large packet (a batch of
+                // records): a drained buffer still shares its allocation
+                // with the packets split from it, so it is replaced, not
+                // reused. A large packet gets what it needs.
+                if buf.is_empty() {
+                    *buf = BytesMut::new();
+                }
                 buf.reserve(if buf.is_empty() {
                     512
                 } else {
