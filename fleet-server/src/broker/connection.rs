@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::router::{check_filter, check_topic, Attachment, Limits, Message};
+use super::router::{check_filter, check_topic, served_qos, Attachment, Limits, Message};
 use super::Broker;
 
 /// Largest packet a client may send (a telemetry batch is at most 256 KiB).
@@ -206,11 +206,7 @@ where
     let will = connect.last_will.as_ref().map(|w| Message {
         topic: Arc::from(w.topic.as_str()),
         payload: bytes::Bytes::copy_from_slice(&w.message),
-        qos: if w.qos == QoS::AtMostOnce {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        },
+        qos: served_qos(w.qos),
         retain: w.retain,
     });
     if let Some(will) = &will {
@@ -400,11 +396,7 @@ impl Reader<'_> {
                             } else {
                                 p.payload
                             },
-                            qos: if p.qos == QoS::AtMostOnce {
-                                QoS::AtMostOnce
-                            } else {
-                                QoS::AtLeastOnce
-                            },
+                            qos: served_qos(p.qos),
                             retain: p.retain,
                         });
                     };
@@ -439,13 +431,7 @@ impl Reader<'_> {
                             None => Ok(()),
                         });
                         match allowed {
-                            Ok(()) => codes.push(SubscribeReasonCode::Success(
-                                if f.qos == QoS::AtMostOnce {
-                                    QoS::AtMostOnce
-                                } else {
-                                    QoS::AtLeastOnce
-                                },
-                            )),
+                            Ok(()) => codes.push(SubscribeReasonCode::Success(served_qos(f.qos))),
                             // A device asking for what is not its own is
                             // cut off; other clients are told no.
                             Err(e) if self.device.is_some() => return Err(self.cut(e)),

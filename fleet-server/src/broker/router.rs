@@ -292,7 +292,7 @@ impl Router {
     /// Subscribes `client` to `filter` (already validated); queues the
     /// retained messages it matches. Returns the QoS granted.
     pub fn subscribe(&mut self, client: &str, filter: &str, qos: QoS) -> QoS {
-        let granted = min_qos(qos, QoS::AtLeastOnce);
+        let granted = served_qos(qos);
         let Some(key) = self
             .sessions
             .get_key_value(client)
@@ -462,7 +462,8 @@ impl Router {
         !session.queue.is_empty()
     }
 
-    /// Messages queued or in flight for `client` (for tests and logs).
+    /// Messages queued or in flight for `client`.
+    #[cfg(test)]
     pub fn pending(&self, client: &str) -> usize {
         self.sessions
             .get(client)
@@ -472,6 +473,12 @@ impl Router {
 
 fn qos_rank(qos: QoS) -> u8 {
     qos as u8
+}
+
+/// The QoS the broker serves `qos` at: as asked, but never above 1 (a
+/// QoS 2 publish or subscription is taken at QoS 1).
+pub fn served_qos(qos: QoS) -> QoS {
+    min_qos(qos, QoS::AtLeastOnce)
 }
 
 fn min_qos(a: QoS, b: QoS) -> QoS {
