@@ -14,10 +14,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgefleet_agent::config::MqttConfig;
-use edgefleet_agent::outbox::{NewRecord, Outbox, OutboxHandle, Sequence, Stream, StreamPolicy};
+use edgefleet_agent::outbox::{
+    DeleteOn, NewRecord, Outbox, OutboxHandle, Sequence, Stream, StreamPolicy,
+};
 use edgefleet_agent::registry::ModelRegistry;
 use edgefleet_agent::telemetry::Sampler;
-use edgefleet_agent::uplink::{DeleteOn, LinkState, Uplink};
+use edgefleet_agent::uplink::{LinkState, Uplink};
 use edgefleet_shared::{DeviceId, TopicPrefix};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;

@@ -1,5 +1,5 @@
 //! The life of one model version on this device, as a plain state machine
-//! with no I/O: the [`crate::updater`] feeds it what happened and acts on
+//! with no I/O: the update task (`update/task.rs`) feeds it what happened and acts on
 //! the phase it returns, and everything here is unit-tested exhaustively.
 //!
 //! ```text

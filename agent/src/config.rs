@@ -6,6 +6,11 @@ use std::path::{Path, PathBuf};
 use edgefleet_shared::{DeviceId, TopicPrefix};
 use serde::Deserialize;
 
+/// Publishes awaiting their PUBACK at most: the MQTT session's in-flight
+/// window, which the uplink asks rumqttc for, and so the most records one
+/// publish may batch (`mqtt.batch_records`).
+pub const PUBLISH_WINDOW: usize = 256;
+
 /// Why the configuration is unusable. Each variant says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -18,6 +23,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config: {0}")]
     Invalid(String),
+    #[error("config: {0}")]
+    Display(#[from] crate::display::DisplayConfigError),
 }
 
 /// Everything the agent needs to run.
@@ -195,7 +202,7 @@ pub struct MqttConfig {
     /// server confirmed storing it; default) or `puback` (the broker
     /// acknowledged it).
     #[serde(default)]
-    pub delete_on: crate::uplink::DeleteOn,
+    pub delete_on: crate::outbox::DeleteOn,
     /// Most telemetry or results records sent in one publish (as a JSON
     /// array); 1 sends each record on its own, for consumers that expect
     /// one object per message.
@@ -441,11 +448,10 @@ impl AgentConfig {
             if self.root_document.is_none() {
                 return invalid("root_document is required when [mqtt] is set: updates cannot be verified without it".into());
             }
-            if !(1..=crate::uplink::WINDOW).contains(&mqtt.batch_records) {
+            if !(1..=PUBLISH_WINDOW).contains(&mqtt.batch_records) {
                 return invalid(format!(
                     "mqtt.batch_records must be between 1 and {}, not {}",
-                    crate::uplink::WINDOW,
-                    mqtt.batch_records
+                    PUBLISH_WINDOW, mqtt.batch_records
                 ));
             }
         }

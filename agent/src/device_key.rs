@@ -59,8 +59,8 @@ pub fn load_or_create(path: &Path) -> Result<(SecretKey, bool), DeviceKeyError> 
                     source,
                 })?;
             }
-            let bytes =
-                serde_json::to_vec_pretty(&KeyFile::new(&key)).expect("key files serialise");
+            let bytes = serde_json::to_vec_pretty(&KeyFile::new(&key))
+                .expect("a KeyFile is plain strings and always serialises");
             // Mode 0600, never through a link, never over a key already there.
             edgefleet_shared::secret_file::write_new(path, &bytes).map_err(|source| {
                 DeviceKeyError::Write {

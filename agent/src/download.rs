@@ -16,6 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgefleet_shared::ModelSlot;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::fs::{File, OpenOptions};
@@ -124,7 +125,8 @@ impl Downloader {
         let rate = self.min_rate.max(1);
         // Below a second, in u128: the product overflows u64 for large rates.
         let nanos = u128::from(size % rate) * 1_000_000_000 / u128::from(rate);
-        let nanos = u64::try_from(nanos).expect("under a second of nanoseconds");
+        let nanos = u64::try_from(nanos)
+            .expect("size % rate < rate, so this is under a second of nanoseconds and fits in u64");
         let transfer = Duration::from_secs(size / rate) + Duration::from_nanos(nanos);
         self.grace.saturating_add(transfer)
     }
@@ -361,6 +363,29 @@ impl Downloader {
             });
         }
         Ok(())
+    }
+}
+
+/// Fetching a model artifact into a staging file, as the update task
+/// needs it: [`Downloader`] over HTTP in the agent; unit tests of the task
+/// put a fake in its place.
+pub trait Fetcher: Send + Sync + std::fmt::Debug {
+    /// Fetches `slot` into `dest` (a staging path). On success `dest`
+    /// holds exactly the signed bytes; on failure it says why.
+    fn fetch<'a>(
+        &'a self,
+        slot: &'a ModelSlot,
+        dest: &'a Path,
+    ) -> BoxFuture<'a, Result<(), DownloadError>>;
+}
+
+impl Fetcher for Downloader {
+    fn fetch<'a>(
+        &'a self,
+        slot: &'a ModelSlot,
+        dest: &'a Path,
+    ) -> BoxFuture<'a, Result<(), DownloadError>> {
+        Box::pin(Downloader::fetch(self, slot, dest))
     }
 }
 

@@ -2,11 +2,12 @@
 //!
 //! [`run`] wires the pieces together: the [`model_store`] on disk and the
 //! [`registry`] of served models, the local inference [`api`], and, when a
-//! fleet is configured, the [`uplink`] (MQTT) feeding the [`updater`],
-//! whose decisions come from the I/O-free [`update`] module.
+//! fleet is configured, the [`uplink`] (MQTT) feeding the [`update`] task,
+//! whose decisions come from the I/O-free [`update::decide`].
 
 pub mod activation;
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod device_key;
 pub mod display;
@@ -26,18 +27,17 @@ pub mod tensor;
 pub mod trim;
 pub mod trust;
 pub mod update;
-pub mod updater;
 pub mod uplink;
 
 use std::time::Duration;
 
 use anyhow::Context;
-use edgefleet_shared::ModelFormat;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::download::Downloader;
+use crate::engine::load::{local_format, read_test_vector, select_local, Loading};
 use crate::model_store::{sha256_file, ModelStore};
 use crate::registry::{ModelRegistry, ServedModel};
 use crate::report::Reporter;
@@ -50,16 +50,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 async fn serve_local_models(
     config: &AgentConfig,
     registry: &ModelRegistry,
-    loading: &updater::Loading,
+    loading: &Loading,
+    child_probe: Option<&probe::Probe>,
 ) {
     for local in &config.models {
         let result = async {
-            let format = ModelFormat::from_path(&local.path).with_context(|| {
-                format!(
-                    "{}: unknown model format (use a .onnx or .tflite file)",
-                    local.path.display()
-                )
-            })?;
+            let format = local_format(&local.path)?;
             let path = local.path.clone();
             let sha256 =
                 sha256_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -75,7 +71,7 @@ async fn serve_local_models(
                 test_vector: local.test_vector.as_deref(),
                 pin: pin.as_deref(),
             };
-            probe::gate(loading.probe.as_ref(), subject).await?;
+            probe::gate(child_probe, subject).await?;
             let runtimes = loading.runtimes.clone();
             let selection = tokio::task::spawn_blocking(move || {
                 select_local(
@@ -104,49 +100,20 @@ async fn serve_local_models(
     }
 }
 
-/// Loads a local model file in every suitable runtime, checks each (its
-/// test vector, or cross-comparison) and keeps the fastest correct one.
-pub fn select_local(
-    runtimes: &engine::Runtimes,
-    format: ModelFormat,
-    path: &std::path::Path,
-    test_vector: Option<&edgefleet_shared::TestVector>,
-    pin: Option<&str>,
-) -> anyhow::Result<engine::Selection> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (check, hints) = match test_vector {
-        Some(tv) => (engine::Check::TestVector(tv), tv.input_specs()),
-        None => (engine::Check::CrossCompare, Vec::new()),
-    };
-    Ok(runtimes.select(format, &bytes, &hints, check, pin)?)
-}
-
-/// Reads a test vector file (`fleetctl model push --test-vector`'s JSON).
-pub fn read_test_vector(path: &std::path::Path) -> anyhow::Result<edgefleet_shared::TestVector> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read test vector {}", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| {
-        format!(
-            "{} is not a test vector ({{\"inputs\": [...], \"expected\": [...], \"tolerance\": x}})",
-            path.display()
-        )
-    })
-}
-
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let registry = ModelRegistry::default();
     let store = ModelStore::open(&config.data_dir)?;
-    let loading = updater::Loading {
+    let loading = Loading {
         runtimes: engine::runtimes::detect(&config.runtime),
         pin: config.runtime.pin.clone(),
-        probe: probe::Probe::for_this_build(&config.runtime),
     };
-    tracing::info!(runtimes = ?loading.runtimes, pin = ?loading.pin, probe = loading.probe.is_some(), "inference runtimes");
-    let startup_rollbacks = updater::serve_installed(&store, &registry, &loading).await?;
-    serve_local_models(&config, &registry, &loading).await;
+    let child_probe = probe::Probe::for_this_build(&config.runtime);
+    tracing::info!(runtimes = ?loading.runtimes, pin = ?loading.pin, probe = child_probe.is_some(), "inference runtimes");
+    let startup_rollbacks = update::serve_installed(&store, &registry, &loading).await?;
+    serve_local_models(&config, &registry, &loading, child_probe.as_ref()).await;
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut api_state = api::ApiState::new(registry.clone(), &config.api);
@@ -202,7 +169,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         });
         let (desired_tx, desired_rx) = mpsc::channel(4);
         let (status_tx, status_rx) = watch::channel(None);
-        let mut updater = updater::Updater::new(
+        let mut updater = update::Updater::new(
             device.clone(),
             trust,
             store,
@@ -215,7 +182,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             Reporter::new(device.clone(), outbox.clone(), status_tx, alert_tx.clone()),
             loading,
             startup_rollbacks,
-        );
+        )
+        .with_probe(child_probe);
         let server_keys = uplink::ServerKeys::default();
         updater.share_server_keys(server_keys.clone());
         let link_counters = uplink::LinkCounters::default();

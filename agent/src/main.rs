@@ -187,7 +187,8 @@ fn main() -> ExitCode {
             let report = probe::run_child(subject, &runtime);
             println!(
                 "{}",
-                serde_json::to_string(&report).expect("report serialises")
+                serde_json::to_string(&report)
+                    .expect("a probe Report is plain data and always serialises")
             );
             return ExitCode::SUCCESS;
         }
@@ -256,9 +257,19 @@ fn main() -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot handle SIGTERM; stopping on Ctrl-C only");
+            if tokio::signal::ctrl_c().await.is_err() {
+                // No signal can reach the agent: it runs until killed.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }

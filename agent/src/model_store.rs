@@ -229,7 +229,8 @@ impl ModelStore {
         fs::File::open(&model_path)
             .and_then(|f| f.sync_all())
             .map_err(io_err(&model_path))?;
-        let slot_json = serde_json::to_vec_pretty(slot).expect("slots serialise");
+        let slot_json = serde_json::to_vec_pretty(slot)
+            .expect("a ModelSlot is plain data with string keys and always serialises");
         write_atomic(&tmp_dir.join("slot.json"), &slot_json).map_err(io_err(&tmp_dir))?;
         rename_durable(&tmp_dir, &final_dir).map_err(io_err(&final_dir))?;
         Ok(InstalledModel {
@@ -267,7 +268,8 @@ impl ModelStore {
         let path = self.name_dir(name).join("active");
         write_atomic(
             &path,
-            &serde_json::to_vec(pointer).expect("pointer serialises"),
+            &serde_json::to_vec(pointer)
+                .expect("an ActivePointer is plain data and always serialises"),
         )
         .map_err(io_err(&path))
     }
@@ -345,8 +347,11 @@ impl ModelStore {
             sha256: sha256.to_string(),
             attempts: died + 1,
         };
-        write_atomic(&path, &serde_json::to_vec(&mark).expect("mark serialises"))
-            .map_err(io_err(&path))?;
+        write_atomic(
+            &path,
+            &serde_json::to_vec(&mark).expect("a LoadingMark is plain data and always serialises"),
+        )
+        .map_err(io_err(&path))?;
         Ok(died)
     }
 
@@ -386,8 +391,12 @@ impl ModelStore {
         let excess = list.len().saturating_sub(16);
         list.drain(..excess);
         let path = dir.join("rejected");
-        write_atomic(&path, &serde_json::to_vec(&list).expect("list serialises"))
-            .map_err(io_err(&path))
+        write_atomic(
+            &path,
+            &serde_json::to_vec(&list)
+                .expect("a list of Rejected is plain data and always serialises"),
+        )
+        .map_err(io_err(&path))
     }
 
     /// The versions of `name` that failed here.

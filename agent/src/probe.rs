@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::activation::Failure;
 use crate::config::RuntimeConfig;
+use crate::engine::load::{
+    local_format, read_test_vector, select_installed, select_local, Loading,
+};
 use crate::model_store::InstalledModel;
 
 /// The hidden subcommand the child runs.
@@ -269,12 +272,11 @@ pub fn run_child(subject: Subject<'_>, runtime: &RuntimeConfig) -> Report {
                 Ok(installed) => installed,
                 Err(e) => return failed(false, e.to_string()),
             };
-            let loading = crate::updater::Loading {
+            let loading = Loading {
                 runtimes,
                 pin: runtime.pin.clone(),
-                probe: None,
             };
-            crate::updater::select_engine(&installed, &loading).map_err(|failure| {
+            select_installed(&installed, &loading).map_err(|failure| {
                 let test_vector = matches!(failure, Failure::TestVector(_));
                 let reason = match failure {
                     Failure::Load(r) | Failure::TestVector(r) => r,
@@ -289,18 +291,11 @@ pub fn run_child(subject: Subject<'_>, runtime: &RuntimeConfig) -> Report {
             pin,
         } => {
             let loaded = (|| {
-                let format = edgefleet_shared::ModelFormat::from_path(path)
-                    .ok_or_else(|| anyhow::anyhow!("{}: unknown model format", path.display()))?;
-                let tv = test_vector.map(crate::read_test_vector).transpose()?;
-                crate::select_local(&runtimes, format, path, tv.as_ref(), pin)
+                let format = local_format(path)?;
+                let tv = test_vector.map(read_test_vector).transpose()?;
+                select_local(&runtimes, format, path, tv.as_ref(), pin)
             })();
-            loaded.map_err(|e| {
-                let test_vector = matches!(
-                    e.downcast_ref::<crate::engine::EngineError>(),
-                    Some(crate::engine::EngineError::Incorrect(_))
-                );
-                (test_vector, format!("{e:#}"))
-            })
+            loaded.map_err(|e| (e.is_incorrect(), e.to_string()))
         }
     };
     match selection {

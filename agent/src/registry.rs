@@ -6,7 +6,7 @@
 //! update.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use edgefleet_shared::{ModelFormat, ModelStatus};
 
@@ -110,14 +110,17 @@ impl ServedModel {
 /// Name → served model, shared by the API and the updater.
 #[derive(Debug, Default, Clone)]
 pub struct ModelRegistry {
+    /// Each change is one insert or remove, so a map whose lock a panic
+    /// poisoned is still whole and goes on being used.
     models: Arc<RwLock<BTreeMap<String, Arc<ServedModel>>>>,
 }
 
 impl ModelRegistry {
+    /// The model served under `name`.
     pub fn get(&self, name: &str) -> Option<Arc<ServedModel>> {
         self.models
             .read()
-            .expect("registry lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .get(name)
             .cloned()
     }
@@ -126,7 +129,7 @@ impl ModelRegistry {
     pub fn insert(&self, model: ServedModel) -> Option<Arc<ServedModel>> {
         self.models
             .write()
-            .expect("registry lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(model.name.clone(), Arc::new(model))
     }
 
@@ -134,23 +137,29 @@ impl ModelRegistry {
     pub fn insert_arc(&self, model: Arc<ServedModel>) -> Option<Arc<ServedModel>> {
         self.models
             .write()
-            .expect("registry lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(model.name.clone(), model)
     }
 
+    /// Stops serving `name`; returns what it served.
     pub fn remove(&self, name: &str) -> Option<Arc<ServedModel>> {
-        self.models.write().expect("registry lock").remove(name)
+        self.models
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name)
     }
 
+    /// Every served model, by name.
     pub fn all(&self) -> Vec<Arc<ServedModel>> {
         self.models
             .read()
-            .expect("registry lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .cloned()
             .collect()
     }
 
+    /// What is served, as the status message reports it.
     pub fn statuses(&self) -> Vec<ModelStatus> {
         self.all().iter().map(|m| m.status()).collect()
     }

@@ -83,7 +83,8 @@ impl Reporter {
         };
         self.outbox.push_with(Stream::Events, retention, |seq| {
             event.seq = seq;
-            serde_json::to_vec(&event).expect("events serialize")
+            serde_json::to_vec(&event)
+                .expect("an UpdateEvent is plain data with string keys and always serialises")
         });
     }
 
@@ -111,7 +112,8 @@ pub fn push_status(outbox: &OutboxHandle, msg: &StatusMessage) {
     msg.at = edgefleet_shared::unix_now();
     outbox.push(Stream::Status, |seq| {
         msg.seq = seq;
-        serde_json::to_vec(&msg).expect("status serializes")
+        serde_json::to_vec(&msg)
+            .expect("a StatusMessage is plain data with string keys and always serialises")
     });
 }
 

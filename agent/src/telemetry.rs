@@ -217,7 +217,9 @@ pub async fn run(
             msg.link = link;
             handle.push(Stream::Telemetry, |seq| {
                 msg.seq = seq;
-                serde_json::to_vec(&msg).expect("telemetry serializes")
+                serde_json::to_vec(&msg).expect(
+                    "a TelemetryMessage is plain data with string keys and always serialises",
+                )
             });
             sampler
         })

@@ -227,7 +227,10 @@ macro_rules! int_element {
                 out.extend_from_slice(&self.to_le_bytes());
             }
             fn read_le(bytes: &[u8]) -> Result<Self, String> {
-                Ok(<$t>::from_le_bytes(bytes.try_into().expect("chunk size matches")))
+                let array = bytes.try_into().map_err(|_| {
+                    format!("expected {} bytes per element, got {}", size_of::<$t>(), bytes.len())
+                })?;
+                Ok(<$t>::from_le_bytes(array))
             }
         }
     )*};
@@ -293,9 +296,14 @@ macro_rules! float_element {
                 out.extend_from_slice(&self.to_le_bytes());
             }
             fn read_le(bytes: &[u8]) -> Result<Self, String> {
-                Ok(<$t>::from_le_bytes(
-                    bytes.try_into().expect("chunk size matches"),
-                ))
+                let array = bytes.try_into().map_err(|_| {
+                    format!(
+                        "expected {} bytes per element, got {}",
+                        size_of::<$t>(),
+                        bytes.len()
+                    )
+                })?;
+                Ok(<$t>::from_le_bytes(array))
             }
         }
     };

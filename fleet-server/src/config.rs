@@ -319,6 +319,30 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
     edgefleet_shared::broker_url::parse(url).map_err(ConfigError::Invalid)
 }
 
+/// How the server reaches a broker: where, with which user name and
+/// password, and over TLS (`mqtts://`) or not.
+#[derive(Clone)]
+pub struct BrokerLogin {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+    pub tls: Option<rumqttc::Transport>,
+}
+
+impl BrokerLogin {
+    /// Options for client `id` with this login.
+    pub fn options(&self, id: String) -> rumqttc::MqttOptions {
+        let mut options = rumqttc::MqttOptions::new(id, self.host.clone(), self.port);
+        if let Some((user, password)) = &self.credentials {
+            options.set_credentials(user, password);
+        }
+        if let Some(tls) = &self.tls {
+            options.set_transport(tls.clone());
+        }
+        options
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

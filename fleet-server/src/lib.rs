@@ -11,17 +11,19 @@ pub mod artifacts;
 pub mod auth;
 pub mod bridge;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod demo;
+pub mod desired;
 pub mod device_keys;
 pub mod flash;
 pub mod fleet;
 pub mod insights;
 pub mod keys;
+pub mod logins;
 pub mod metrics;
 pub mod rollout;
-pub mod rollouts;
 pub mod root_upkeep;
 pub mod store;
 pub mod tls;
@@ -161,7 +163,7 @@ pub async fn start(
         (None, None) => anyhow::bail!("no MQTT broker configured"),
     };
     let session = edgefleet_shared::messages::next_session(None);
-    let login = bridge::BrokerLogin {
+    let login = config::BrokerLogin {
         host: host.clone(),
         port,
         credentials,
@@ -176,17 +178,32 @@ pub async fn start(
     // Only a fleet that does not require enrollment pins a never-enrolled
     // device's first key.
     let device_keys = device_keys::DeviceKeys::new(&devices, !config.broker.device_auth);
-    let loaded_rollouts = rollouts::Rollouts::load(&store).await?;
+    let clock = clock::system();
+    let signer = Arc::new(signer);
+    let metrics = metrics::Metrics::default();
+    let desired = desired::DesiredStates {
+        store: store.clone(),
+        artifacts: artifacts.clone(),
+        signer: signer.clone(),
+        publisher: Arc::new(mqtt.clone()),
+        clock: clock.clone(),
+        prefix: prefix.clone(),
+        public_url: public_url.clone(),
+        expiry_secs: config.desired_expiry_secs,
+        revoked: desired::Revoked::new(revoked),
+        metrics: metrics.clone(),
+    };
+    let loaded_rollouts =
+        rollout::Rollouts::load(store.clone(), desired.clone(), clock.clone()).await?;
     let fleet = Fleet {
         store,
         artifacts,
-        signer: Arc::new(signer),
+        signer,
         mqtt,
         prefix,
         public_url: public_url.clone(),
-        desired_expiry_secs: config.desired_expiry_secs,
         max_upload_bytes: config.max_upload_bytes,
-        metrics: metrics::Metrics::default(),
+        metrics,
         device_mqtt_url: config
             .device_mqtt_url(&public_url, public_mqtt.as_ref().map_or(port, |(_, p)| *p)),
         broker: embedded,
@@ -198,7 +215,7 @@ pub async fn start(
             _ => None,
         },
         external_broker: config.broker.url.is_some().then(|| login.clone()),
-        revoked: Arc::new(std::sync::RwLock::new(revoked)),
+        desired,
         device_keys: Arc::new(device_keys),
         sessions: Default::default(),
         rollouts: loaded_rollouts,
@@ -229,7 +246,7 @@ pub async fn start(
         session,
         shutdown.clone(),
     ));
-    tokio::spawn(rollouts::run(fleet.clone(), shutdown.clone()));
+    tokio::spawn(fleet.rollouts.clone().run(shutdown.clone()));
     tokio::spawn(root_upkeep::run(
         fleet.clone(),
         root_lifetime_secs,

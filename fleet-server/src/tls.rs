@@ -3,9 +3,9 @@
 //! A reverse proxy in front (nginx, Caddy) is the other way; then the
 //! server speaks plain HTTP on loopback.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -15,35 +15,53 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::TlsConfig;
 
+/// Why the server's certificate or key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read TLS certificate {}: {reason}", path.display())]
+    Certificate { path: PathBuf, reason: String },
+    #[error("{} holds no certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("cannot read a PEM private key from {}: {reason}", path.display())]
+    Key { path: PathBuf, reason: String },
+    #[error("the key in {} does not fit the certificate in {}: {reason}", key.display(), cert.display())]
+    Mismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        reason: String,
+    },
+}
+
 /// Reads the certificate chain and key, refusing with the file and the
 /// reason when either cannot be used.
-pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+    let bad_cert = |e: &dyn std::fmt::Display| TlsError::Certificate {
+        path: config.cert.clone(),
+        reason: e.to_string(),
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&config.cert)
-        .with_context(|| format!("cannot read TLS certificate {}", config.cert.display()))?
+        .map_err(|e| bad_cert(&e))?
         .collect::<Result<_, _>>()
-        .with_context(|| format!("{} is not a PEM certificate chain", config.cert.display()))?;
+        .map_err(|e| bad_cert(&e))?;
     if certs.is_empty() {
-        anyhow::bail!("{} holds no certificate", config.cert.display());
+        return Err(TlsError::NoCertificate(config.cert.clone()));
     }
-    let key = PrivateKeyDer::from_pem_file(&config.key).with_context(|| {
-        format!(
-            "cannot read a PEM private key from {}",
-            config.key.display()
-        )
+    let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| TlsError::Key {
+        path: config.key.clone(),
+        reason: e.to_string(),
     })?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mismatch = |e: tokio_rustls::rustls::Error| TlsError::Mismatch {
+        key: config.key.clone(),
+        cert: config.cert.clone(),
+        reason: e.to_string(),
+    };
     let server = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
+        .map_err(mismatch)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .with_context(|| {
-            format!(
-                "the key in {} does not fit the certificate in {}",
-                config.key.display(),
-                config.cert.display()
-            )
-        })?;
+        .map_err(mismatch)?;
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 

@@ -195,13 +195,9 @@ async fn tokens_scopes_revocation_and_audit() -> anyhow::Result<()> {
 async fn metrics_count_devices_messages_and_calls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server = Server::start(dir.path()).await?;
-    let agent = edgefleet_tests::Agent::start_fleet_with(
-        dir.path(),
-        "metered-1",
-        &server,
-        None,
-        "[telemetry]\ninterval_ms = 200\n",
-    )?;
+    let agent = edgefleet_tests::Agent::builder(dir.path(), "metered-1", &server)
+        .config("[telemetry]\ninterval_ms = 200\n")
+        .start()?;
     server.push(&digits_model("int8"), "digits", 1);
     server.deploy("digits", 1, "metered-1");
     server.wait_for_model("metered-1", "digits", 1).await?;
@@ -209,17 +205,31 @@ async fn metrics_count_devices_messages_and_calls() -> anyhow::Result<()> {
 
     let resp = reqwest::get(format!("{}/metrics", server.url)).await?;
     assert_eq!(resp.status(), 401, "metrics need a token");
-    // Telemetry arrives every 200 ms; wait for some to be stored.
-    let mut text = String::new();
-    for _ in 0..50 {
-        text = server.get("/metrics").await?.text().await?;
-        if text.contains("edgefleet_ingest_records_total{result=\"new\"}")
+    // Telemetry arrives every 200 ms; wait for some to be stored. The
+    // checks below run on the last scrape either way.
+    let scrape = || async {
+        let text = server.get("/metrics").await?.text().await?;
+        anyhow::Ok(text)
+    };
+    let ingested = |text: &str| {
+        text.contains("edgefleet_ingest_records_total{result=\"new\"}")
             && !text.contains("edgefleet_ingest_records_total{result=\"new\"} 0")
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    };
+    let text = match edgefleet_tests::wait_for_showing(
+        "ingested telemetry in the metrics",
+        std::time::Duration::from_secs(5),
+        || async {
+            match scrape().await {
+                Ok(text) if ingested(&text) => Ok(text),
+                other => Err(other),
+            }
+        },
+    )
+    .await
+    {
+        Ok(text) => text,
+        Err(timed_out) => timed_out.last?,
+    };
     // fleetctl reads the same device: detail, telemetry lines, results.
     let show = server.ctl(&["devices", "show", "metered-1"]);
     let show = String::from_utf8_lossy(&show.stdout);

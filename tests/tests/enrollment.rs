@@ -55,7 +55,10 @@ fn write_mosquitto_files(server: &Server, dir: &std::path::Path) {
 async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() -> anyhow::Result<()>
 {
     let dir = tempfile::tempdir()?;
-    let server = Server::start_full(dir.path(), None, None, &["--device-auth"]).await?;
+    let server = Server::builder(dir.path())
+        .args(&["--device-auth"])
+        .start()
+        .await?;
     let bundle = dir.path().join("bundle-pi-a");
     let bundle_str = bundle.to_str().unwrap();
     let profile = edgefleet_tests::repo_root().join("devices/raspberry-pi-64/agent.toml");
@@ -292,29 +295,15 @@ async fn enrolled_devices_connect_with_their_bundle_and_revoked_ones_cannot() ->
 async fn mosquitto_with_generated_passwords_and_acl_carries_the_whole_flow() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let broker = Mosquitto::start_locked(dir.path()).await?;
-    let server = Server::start_full(
-        dir.path(),
-        Some(&broker.url()),
-        None,
-        &Mosquitto::server_args(),
-    )
-    .await?;
-    let mut bundles = Vec::new();
-    for id in ["pi-a", "pi-b"] {
-        let bundle = dir.path().join(format!("bundle-{id}"));
-        let out = server.ctl(&[
-            "devices",
-            "enroll",
-            "--id",
-            id,
-            "--hardware",
-            "rpi4",
-            "--out",
-            bundle.to_str().unwrap(),
-        ]);
-        expect_success(&out, "devices enroll");
-        bundles.push(bundle);
-    }
+    let server = Server::builder(dir.path())
+        .external_broker(&broker.url())
+        .args(&Mosquitto::server_args())
+        .start()
+        .await?;
+    let bundles: Vec<_> = ["pi-a", "pi-b"]
+        .iter()
+        .map(|id| server.enroll(dir.path(), id))
+        .collect();
     broker.allow_enrolled(&server).await?;
     let acl = std::fs::read_to_string(broker.conf_dir.join("acl"))?;
     assert!(

@@ -5,28 +5,18 @@
 //! elsewhere, start one with `mosquitto -p 1883` or point the variable at
 //! yours). The test fails, saying so, when the broker is unreachable.
 
-use edgefleet_tests::{digits_model, samples, Agent, Server};
-
-/// The test broker's URL, once it answers.
-fn mosquitto() -> anyhow::Result<String> {
-    let url =
-        std::env::var("EDGEFLEET_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
-    let (host, port) = edgefleet_shared::broker_url::parse(&url).map_err(anyhow::Error::msg)?;
-    if std::net::TcpStream::connect((host.as_str(), port)).is_err() {
-        anyhow::bail!(
-            "no MQTT broker at {url}: start Mosquitto there or set EDGEFLEET_TEST_MQTT_URL"
-        );
-    }
-    Ok(url)
-}
+use edgefleet_tests::{digits_model, samples, shared_broker_url, unique_suffix, Agent, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_and_serve_through_mosquitto() -> anyhow::Result<()> {
-    let url = mosquitto()?;
+    let url = shared_broker_url()?;
     let dir = tempfile::tempdir()?;
-    let server = Server::start_external(dir.path(), &url).await?;
+    let server = Server::builder(dir.path())
+        .external_broker(&url)
+        .start()
+        .await?;
     // Client ids are global on a shared broker: make them unique per run.
-    let id = format!("mosq-{}", std::process::id());
+    let id = format!("mosq-{}", unique_suffix());
     let agent = Agent::start_fleet(dir.path(), &id, &server)?;
     server.push(&digits_model("int8"), "digits", 1);
     server.deploy("digits", 1, &id);
@@ -43,15 +33,19 @@ async fn push_and_serve_through_mosquitto() -> anyhow::Result<()> {
 /// the database and keeps serving the device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_flow_on_postgresql_and_mosquitto() -> anyhow::Result<()> {
-    let url = mosquitto()?;
+    let url = shared_broker_url()?;
     let database = edgefleet_tests::fresh_postgres_database().await?;
     let dir = tempfile::tempdir()?;
-    let mut server = Server::start_with(dir.path(), Some(&url), Some(&database)).await?;
+    let mut server = Server::builder(dir.path())
+        .external_broker(&url)
+        .database(&database)
+        .start()
+        .await?;
     assert!(
         server.proc.log_text().contains("backend=\"postgres\""),
         "the server must say which database it uses"
     );
-    let id = format!("pg-{}", std::process::id());
+    let id = format!("pg-{}", unique_suffix());
     let agent = Agent::start_fleet(dir.path(), &id, &server)?;
     server.push(&digits_model("int8"), "digits", 1);
     server.deploy("digits", 1, &id);

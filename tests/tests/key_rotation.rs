@@ -57,16 +57,6 @@ async fn wait_root(agent: &Agent, version: u64) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{e}\n{}", agent.proc.log_text()))
 }
 
-async fn serving(agent: &Agent) -> Option<String> {
-    let (status, meta) = agent
-        .request(http::Method::GET, "/v2/models/digits", None)
-        .await
-        .ok()?;
-    status
-        .is_success()
-        .then(|| meta["versions"][0].as_str().unwrap_or_default().to_string())
-}
-
 fn retired_keys(keys_dir: &Path) -> Vec<std::path::PathBuf> {
     let mut keys: Vec<_> = std::fs::read_dir(keys_dir)
         .unwrap()
@@ -135,7 +125,7 @@ async fn devices_follow_rotations_online_and_after_being_offline() -> anyhow::Re
         reason.contains(old_key.key_id().as_str()) && reason.contains("not trusted"),
         "{reason}"
     );
-    assert_eq!(serving(&online).await.as_deref(), Some("2"));
+    assert_eq!(online.serving_version().await.ok().as_deref(), Some("2"));
 
     // Rotation 2: the current online key is revoked (as if stolen).
     server.kill();

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgefleet_tests::proxy::Proxy;
-use edgefleet_tests::{digits_model, samples, wait_for, Agent, Server};
-use serde_json::{json, Value};
+use edgefleet_tests::{
+    digits_model, samples, shared_broker_url, wait_for, wait_for_showing, Agent, Server,
+};
+use serde_json::Value;
 
 fn agent_extra(results_policy: &str) -> String {
     format!(
@@ -21,34 +23,14 @@ fn agent_extra(results_policy: &str) -> String {
     )
 }
 
-/// One inference with request id `id`.
-async fn infer(agent: &Agent, id: &str, pixels: &[f64]) -> anyhow::Result<()> {
-    let body = json!({"id": id, "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": pixels}]});
-    let (status, reply) = agent
-        .request(http::Method::POST, "/v2/models/digits/infer", Some(&body))
-        .await?;
-    anyhow::ensure!(status.is_success(), "inference failed: {status} {reply}");
-    Ok(())
-}
-
 async fn infer_range(agent: &Agent, range: std::ops::Range<usize>) -> anyhow::Result<()> {
     let s = samples();
     for i in range {
-        infer(agent, &format!("r{i}"), &s.inputs[i % s.inputs.len()]).await?;
+        agent
+            .infer_as(&format!("r{i}"), &s.inputs[i % s.inputs.len()])
+            .await?;
     }
     Ok(())
-}
-
-/// The request ids of the results the server stored, in sequence order.
-async fn stored_results(server: &Server, device: &str) -> anyhow::Result<Vec<String>> {
-    let v = server
-        .get_json(&format!("/api/v1/devices/{device}/results?limit=5000"))
-        .await?;
-    let results = v["results"].as_array().context("no results array")?;
-    Ok(results
-        .iter()
-        .map(|r| r["request_id"].as_str().unwrap_or("").to_string())
-        .collect())
 }
 
 async fn telemetry(server: &Server, device: &str) -> anyhow::Result<Vec<Value>> {
@@ -58,39 +40,21 @@ async fn telemetry(server: &Server, device: &str) -> anyhow::Result<Vec<Value>> 
     Ok(v["telemetry"].as_array().context("no telemetry")?.clone())
 }
 
-async fn wait_online(server: &Server, device: &str) -> anyhow::Result<()> {
-    wait_for(
-        &format!("{device} online"),
-        Duration::from_secs(30),
-        || async {
-            let d = server
-                .get_json(&format!("/api/v1/devices/{device}"))
-                .await
-                .ok()?;
-            (d["online"] == true).then_some(())
-        },
-    )
-    .await
-}
-
-/// Waits until the server holds exactly `want` results, then checks them.
+/// Waits until the server holds at least as many results as `want`, then
+/// checks they are exactly `want`, in order.
 async fn expect_results(server: &Server, device: &str, want: &[String]) -> anyhow::Result<()> {
-    let got = wait_for(
+    let got = wait_for_showing(
         &format!("{} results of {device}", want.len()),
         Duration::from_secs(30),
         || async {
-            let got = stored_results(server, device).await.ok()?;
-            (got.len() >= want.len()).then_some(got)
+            match server.result_ids(device).await {
+                Ok(got) if got.len() >= want.len() => Ok(got),
+                Ok(got) => Err(format!("the server has {got:?}")),
+                Err(e) => Err(format!("no results: {e:#}")),
+            }
         },
     )
-    .await
-    .with_context(|| {
-        format!(
-            "the server has {:?}",
-            futures_lite_block(stored_results(server, device))
-        )
-    });
-    let got = got?;
+    .await?;
     assert_eq!(got, want, "every result once, in order");
     Ok(())
 }
@@ -111,11 +75,6 @@ fn logs(agent: &Agent, server: &Server) -> String {
     )
 }
 
-/// Runs a future to completion from a sync closure (error reporting only).
-fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
-}
-
 fn ids(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("r{i}")).collect()
 }
@@ -124,9 +83,11 @@ fn ids(range: std::ops::Range<usize>) -> Vec<String> {
 async fn records_made_while_the_embedded_broker_is_down_arrive_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut server = Server::start(dir.path()).await?;
-    let agent = Agent::start_fleet_with(dir.path(), "off-1", &server, None, &agent_extra(""))?;
+    let agent = Agent::builder(dir.path(), "off-1", &server)
+        .config(&agent_extra(""))
+        .start()?;
     agent.wait_ready().await?;
-    wait_online(&server, "off-1").await?;
+    server.wait_device_online("off-1").await?;
     // Killed right after these: some are in flight (or acknowledged by
     // the broker but not yet stored) when the server dies. The agent
     // deletes a record only on the server's receipt, so none is lost.
@@ -204,31 +165,26 @@ async fn records_made_while_the_embedded_broker_is_down_arrive_once() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_made_while_the_network_to_mosquitto_is_cut_arrive_once() -> anyhow::Result<()> {
-    let url =
-        std::env::var("EDGEFLEET_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
+    let url = shared_broker_url()?;
     let (host, port) = edgefleet_shared::broker_url::parse(&url).map_err(anyhow::Error::msg)?;
     let upstream = tokio::net::lookup_host((host.as_str(), port))
         .await?
         .next()
         .context("broker address")?;
-    if std::net::TcpStream::connect(upstream).is_err() {
-        anyhow::bail!(
-            "no MQTT broker at {url}: start Mosquitto there or set EDGEFLEET_TEST_MQTT_URL"
-        );
-    }
     let dir = tempfile::tempdir()?;
-    let server = Server::start_external(dir.path(), &url).await?;
+    let server = Server::builder(dir.path())
+        .external_broker(&url)
+        .start()
+        .await?;
     let proxy = Proxy::start(upstream).await?;
-    let id = format!("cut-{}", std::process::id());
-    let agent = Agent::start_fleet_with(
-        dir.path(),
-        &id,
-        &server,
-        Some(&proxy.url()),
-        &agent_extra(""),
-    )?;
+    // Client ids are global on a shared broker: unique per run.
+    let id = format!("cut-{}", edgefleet_tests::unique_suffix());
+    let agent = Agent::builder(dir.path(), &id, &server)
+        .mqtt_url(&proxy.url())
+        .config(&agent_extra(""))
+        .start()?;
     agent.wait_ready().await?;
-    wait_online(&server, &id).await?;
+    server.wait_device_online(&id).await?;
     infer_range(&agent, 0..10).await?;
 
     proxy.cut();
@@ -246,7 +202,7 @@ async fn records_made_while_the_network_to_mosquitto_is_cut_arrive_once() -> any
     proxy.restore();
 
     expect_results(&server, &id, &ids(0..50)).await?;
-    wait_online(&server, &id).await?;
+    server.wait_device_online(&id).await?;
     Ok(())
 }
 
@@ -256,9 +212,11 @@ async fn a_full_results_stream_rejects_new_records_as_configured() -> anyhow::Re
     let mut server = Server::start(dir.path()).await?;
     let policy =
         "[outbox.results]\nmax_rows = 10\nmax_bytes = 1000000\noverflow = \"reject-new\"\n";
-    let agent = Agent::start_fleet_with(dir.path(), "cap-1", &server, None, &agent_extra(policy))?;
+    let agent = Agent::builder(dir.path(), "cap-1", &server)
+        .config(&agent_extra(policy))
+        .start()?;
     agent.wait_ready().await?;
-    wait_online(&server, "cap-1").await?;
+    server.wait_device_online("cap-1").await?;
     server.kill();
     infer_range(&agent, 0..30).await?;
     server.restart().await?;
@@ -267,7 +225,7 @@ async fn a_full_results_stream_rejects_new_records_as_configured() -> anyhow::Re
         .await
         .with_context(|| logs(&agent, &server))?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(stored_results(&server, "cap-1").await?, ids(0..10));
+    assert_eq!(server.result_ids("cap-1").await?, ids(0..10));
     // The loss is reported.
     let samples = telemetry(&server, "cap-1").await?;
     let dropped = samples

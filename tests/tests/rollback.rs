@@ -46,14 +46,6 @@ async fn publish(server: &Server, device: &str, after: u64, models: Vec<ModelSlo
     after + 1
 }
 
-async fn serving_version(agent: &Agent) -> anyhow::Result<String> {
-    let (status, meta) = agent
-        .request(http::Method::GET, "/v2/models/digits", None)
-        .await?;
-    anyhow::ensure!(status.is_success(), "metadata: {status} {meta}");
-    Ok(meta["versions"][0].as_str().unwrap_or_default().to_string())
-}
-
 async fn assert_classifies(agent: &Agent) -> anyhow::Result<()> {
     let s = samples();
     for i in 0..5 {
@@ -121,7 +113,7 @@ async fn failed_test_vectors_and_soak_breaches_leave_the_previous_version_servin
         .await?;
     assert!(reason(&failed).contains("test vector failed"), "{failed}");
     assert_eq!(failed["desired_version"], version);
-    assert_eq!(serving_version(&agent).await?, "1");
+    assert_eq!(agent.serving_version().await?, "1");
     assert_classifies(&agent).await?;
     let rejected = std::fs::read_to_string(agent.dir.join("data/models/digits/rejected"))?;
     assert!(rejected.contains("test vector failed"), "{rejected}");
@@ -140,7 +132,7 @@ async fn failed_test_vectors_and_soak_breaches_leave_the_previous_version_servin
     });
     version = publish(&server, "cam-1", version, vec![slow]).await;
     server.wait_event("cam-1", "activated", 3, WAIT).await?;
-    assert_eq!(serving_version(&agent).await?, "3");
+    assert_eq!(agent.serving_version().await?, "3");
     assert_classifies(&agent).await?; // 5 requests: enough to judge
     let rolled = server.wait_event("cam-1", "rolled_back", 3, WAIT).await?;
     assert!(
@@ -148,7 +140,7 @@ async fn failed_test_vectors_and_soak_breaches_leave_the_previous_version_servin
         "{rolled}"
     );
     edgefleet_tests::wait_for("v1 serving again", WAIT, || async {
-        (serving_version(&agent).await.ok()? == "1").then_some(())
+        (agent.serving_version().await.ok()? == "1").then_some(())
     })
     .await?;
     assert_classifies(&agent).await?;
@@ -170,7 +162,7 @@ async fn failed_test_vectors_and_soak_breaches_leave_the_previous_version_servin
     });
     publish(&server, "cam-1", version, vec![good]).await;
     server.wait_event("cam-1", "confirmed", 4, WAIT).await?;
-    assert_eq!(serving_version(&agent).await?, "4");
+    assert_eq!(agent.serving_version().await?, "4");
     let pointer: Value =
         serde_json::from_slice(&std::fs::read(agent.dir.join("data/models/digits/active"))?)?;
     assert_eq!(
@@ -206,7 +198,7 @@ async fn a_version_that_keeps_the_agent_down_is_rolled_back_at_start() -> anyhow
         agent.wait_ready().await?;
         let expected = if start < 3 { "2" } else { "1" };
         assert_eq!(
-            serving_version(&agent).await?,
+            agent.serving_version().await?,
             expected,
             "after start {start}"
         );
@@ -224,7 +216,7 @@ async fn a_version_that_keeps_the_agent_down_is_rolled_back_at_start() -> anyhow
     agent = Agent::start_fleet(dir.path(), "cam-2", &server)?;
     agent.wait_ready().await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(serving_version(&agent).await?, "1");
+    assert_eq!(agent.serving_version().await?, "1");
     let events = server.events("cam-2").await;
     let activations = events
         .iter()
@@ -313,7 +305,7 @@ async fn test_vectors_pushed_with_fleetctl_are_signed_and_enforced() -> anyhow::
         .wait_event("cam-3", "activation_failed", 2, WAIT)
         .await?;
     assert!(reason(&failed).contains("test vector failed"), "{failed}");
-    assert_eq!(serving_version(&agent).await?, "1");
+    assert_eq!(agent.serving_version().await?, "1");
     // Once deployed, a version's vector can no longer change.
     let again = push("2", &good_path);
     assert!(!again.status.success());

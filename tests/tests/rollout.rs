@@ -5,25 +5,33 @@
 
 use std::time::Duration;
 
-use edgefleet_tests::{digits_model, expect_success, json_output, Agent, Server};
+use edgefleet_tests::{digits_model, expect_success, wait_for, wait_for_showing, Agent, Server};
 use serde_json::{json, Value};
 
+/// How long a rollout may take to reach a phase.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn ctl_json(server: &Server, args: &[&str]) -> Value {
-    json_output(&server.ctl(&[&["--json"][..], args].concat()))
+    server.ctl_json(args)
 }
 
+/// Waits for rollout `id` to reach `phase`; returns its status then. On
+/// timeout the error shows the last status seen.
 async fn wait_phase(server: &Server, id: &str, phase: &str) -> anyhow::Result<Value> {
-    for _ in 0..300 {
-        let status = ctl_json(server, &["rollout", "status", id]);
-        if status["phase"]["phase"] == phase {
-            return Ok(status);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!(
-        "rollout {id} never reached {phase}: {}",
-        ctl_json(server, &["rollout", "status", id])
+    let status = wait_for_showing(
+        &format!("rollout {id} in phase {phase}"),
+        PHASE_TIMEOUT,
+        || async {
+            let status = ctl_json(server, &["rollout", "status", id]);
+            if status["phase"]["phase"] == phase {
+                Ok(status)
+            } else {
+                Err(status)
+            }
+        },
     )
+    .await?;
+    Ok(status)
 }
 
 /// Real agents `ids`, all serving digits version 1 (deployed fleet-wide).
@@ -63,17 +71,6 @@ fn simulated(
         ])
         .args(args);
     edgefleet_tests::Proc::spawn(sim, dir.join(format!("{prefix}.log")))
-}
-
-async fn wait_online(server: &Server, n: usize) -> anyhow::Result<()> {
-    for _ in 0..300 {
-        let online = ctl_json(server, &["devices", "list", "--online", "--limit", "1000"]);
-        if online.as_array().map_or(0, Vec::len) >= n {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("fewer than {n} devices came online")
 }
 
 /// A test vector for the digits model whose expected outputs are wrong.
@@ -322,7 +319,7 @@ async fn a_simulated_fleet_pauses_at_the_failure_threshold() -> anyhow::Result<(
         "sim",
         &["--devices", "300", "--fail-rate", "0.25"],
     )?;
-    wait_online(&server, 300).await?;
+    server.wait_devices_online(300).await?;
     server.push(&digits_model("int8"), "digits", 1);
     // Version 1: a quarter of the devices fail it.
     ctl_json(
@@ -381,7 +378,7 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
         "sim",
         &[&["--devices", "20"][..], &telemetry].concat(),
     )?;
-    wait_online(&server, 20).await?;
+    server.wait_devices_online(20).await?;
     server.push(&digits_model("int8"), "digits", 1);
     server.push(&digits_model("int8"), "digits", 2);
     let create = |id: &str, version: &str, waves: &str, more: &[&str]| {
@@ -420,14 +417,20 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
     assert_eq!(excluded["devices"][&kept_out]["state"], "excluded");
     // Three devices join the fleet while the rollout waits.
     let _late = simulated(dir.path(), &server, "late", &["--devices", "3"])?;
-    let mut joined = Value::Null;
-    for _ in 0..100 {
-        joined = ctl_json(&server, &["rollout", "status", "v1"]);
-        if joined["devices"].as_object().unwrap().len() == 23 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let joined = wait_for_showing(
+        "the late devices in the rollout",
+        Duration::from_secs(10),
+        || async {
+            let status = ctl_json(&server, &["rollout", "status", "v1"]);
+            if status["devices"].as_object().unwrap().len() == 23 {
+                Ok(status)
+            } else {
+                Err(status)
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|timed_out| timed_out.last);
     assert_eq!(
         joined["devices"].as_object().unwrap().len(),
         23,
@@ -534,13 +537,15 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
     server
         .publish_retained(&status_topic, sign(&status_topic, &online, &key)?)
         .await?;
-    for _ in 0..100 {
-        if online_now(&server, &path).await == Some(true) {
-            break;
+    let seen = wait_for_showing("phone-home online", Duration::from_secs(5), || async {
+        match online_now(&server, &path).await {
+            Some(true) => Ok(Some(true)),
+            other => Err(other),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(online_now(&server, &path).await, Some(true));
+    })
+    .await
+    .unwrap_or_else(|timed_out| timed_out.last);
+    assert_eq!(seen, Some(true));
     // The will of connection 100, replaced by 200, then an event to know
     // when the server has handled it (messages are handled in order).
     let stale = StatusMessage::will(id.clone(), 100);
@@ -586,13 +591,12 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
     server
         .publish_retained(&status_topic, sign(&status_topic, &real, &key)?)
         .await?;
-    for _ in 0..100 {
-        if online_now(&server, &path).await == Some(false) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("the latest connection's will did not mark the device offline")
+    wait_for(
+        "the latest connection's will to mark the device offline",
+        Duration::from_secs(5),
+        || async { (online_now(&server, &path).await == Some(false)).then_some(()) },
+    )
+    .await
 }
 
 /// 100 simulated devices of which a tenth drop their connection (no
@@ -618,7 +622,7 @@ async fn a_rollout_completes_through_offline_churn() -> anyhow::Result<()> {
         "1500",
     ];
     let _sim = simulated(dir.path(), &server, "sim", &churn)?;
-    wait_online(&server, 90).await?;
+    server.wait_devices_online(90).await?;
     server.push(&digits_model("int8"), "digits", 1);
     ctl_json(
         &server,
@@ -643,17 +647,24 @@ async fn a_rollout_completes_through_offline_churn() -> anyhow::Result<()> {
         ],
     );
     ctl_json(&server, &["rollout", "start", "churn"]);
-    let mut status = Value::Null;
-    let mut fewest_online = usize::MAX;
-    for _ in 0..600 {
-        status = ctl_json(&server, &["rollout", "status", "churn", "--brief"]);
-        if status["phase"]["phase"] != "running" {
-            break;
-        }
-        let online = ctl_json(&server, &["devices", "list", "--online", "--limit", "1000"]);
-        fewest_online = fewest_online.min(online.as_array().map_or(0, Vec::len));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // While it runs, the fewest devices seen online at once.
+    let fewest_online = std::cell::Cell::new(usize::MAX);
+    let status = wait_for_showing(
+        "the churn rollout to stop running",
+        Duration::from_secs(120),
+        || async {
+            let status = ctl_json(&server, &["rollout", "status", "churn", "--brief"]);
+            if status["phase"]["phase"] != "running" {
+                return Ok(status);
+            }
+            let online = ctl_json(&server, &["devices", "list", "--online", "--limit", "1000"]);
+            fewest_online.set(fewest_online.get().min(online.as_array().map_or(0, Vec::len)));
+            Err(status)
+        },
+    )
+    .await
+    .unwrap_or_else(|timed_out| timed_out.last);
+    let fewest_online = fewest_online.get();
     assert_eq!(status["phase"]["phase"], "completed", "{status}");
     assert_eq!(status["counts"]["confirmed"], 100, "{status}");
     assert!(

@@ -9,15 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use edgefleet_tests::{binary, Proc};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use edgefleet_tests::{binary, wait_for, wait_for_showing, Proc, Server};
 
 /// A private CA (`ca.pem`) and a server certificate for 127.0.0.1 it
 /// signed (`cert.pem`, `key.pem`), as an operator's own PKI would give.
@@ -100,21 +92,15 @@ fn make_certificate(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(dir: &Path, http: u16, key: &Path) -> anyhow::Result<Proc> {
-    let mut cmd = Command::new(binary("fleet-server"));
-    cmd.args(["serve", "--data-dir"])
-        .arg(dir.join("server"))
-        .arg("--keys-dir")
-        .arg(dir.join("keys"))
-        .arg("--http")
-        .arg(format!("127.0.0.1:{http}"))
-        .arg("--mqtt-listen")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("--tls-cert")
-        .arg(dir.join("cert.pem"))
-        .arg("--tls-key")
-        .arg(key);
-    Proc::spawn(cmd, dir.join(format!("server-{http}.log")))
+/// The `fleet-server serve` arguments for TLS with the test's
+/// certificate and `key`.
+fn tls_args(dir: &Path, key: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--tls-cert".into(),
+        dir.join("cert.pem").into(),
+        "--tls-key".into(),
+        key.into(),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,36 +108,31 @@ async fn the_api_is_served_over_tls_and_fleetctl_trusts_a_given_ca() -> anyhow::
     fleet_server::install_crypto_provider();
     let dir = tempfile::tempdir()?;
     make_certificate(dir.path())?;
-    let keys = Command::new(binary("fleetctl"))
-        .args(["keys", "init", "--dir"])
-        .arg(dir.path().join("keys"))
-        .output()?;
-    assert!(keys.status.success());
-
-    let port = free_port();
-    let _server = serve(dir.path(), port, &dir.path().join("key.pem"))?;
+    let server = Server::builder(dir.path())
+        .args(&tls_args(dir.path(), &dir.path().join("key.pem")))
+        .start()
+        .await?;
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let port = server.url.rsplit(':').next().unwrap().to_string();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.path().join("ca.pem"))?)?;
     let https = reqwest::Client::builder()
         .add_root_certificate(ca)
         .build()?;
     let health = format!("https://127.0.0.1:{port}/api/v1/health");
-    let mut answered = Err(String::new());
-    for _ in 0..100 {
+    let answered = wait_for_showing("an HTTPS answer", Duration::from_secs(10), || async {
         match https.get(&health).send().await {
-            Ok(resp) => {
-                answered = Ok(resp.status());
-                break;
-            }
-            Err(e) => answered = Err(format!("{e:?}")),
+            Ok(resp) => Ok(resp.status()),
+            Err(e) => Err(format!("{e:?}")),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
+    .map_err(|timed_out| timed_out.last);
     assert_eq!(answered, Ok(reqwest::StatusCode::OK), "no HTTPS answer");
     // Plain HTTP gets no API answer.
     let plain = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/health")).await;
     assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true));
 
-    let token = std::fs::read_to_string(dir.path().join("server").join("admin.token"))?;
+    let token = &server.token;
     let ctl = |extra: &[&str]| {
         Command::new(binary("fleetctl"))
             .env("FLEETCTL_SERVER", format!("https://127.0.0.1:{port}"))
@@ -177,14 +158,21 @@ async fn the_api_is_served_over_tls_and_fleetctl_trusts_a_given_ca() -> anyhow::
     // A key that is not a key stops the server at start, naming the file.
     let bad_key = dir.path().join("bad-key.pem");
     std::fs::write(&bad_key, "not a key\n")?;
-    let mut bad = serve(dir.path(), free_port(), &bad_key)?;
-    let status = tokio::task::spawn_blocking(move || bad.child.wait()).await??;
+    let mut cmd = Command::new(binary("fleet-server"));
+    cmd.args(["serve", "--data-dir"])
+        .arg(dir.path().join("server"))
+        .arg("--keys-dir")
+        .arg(&server.keys_dir)
+        .args(["--http", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+        .args(tls_args(dir.path(), &bad_key));
+    let mut bad = Proc::spawn(cmd, dir.path().join("server-bad-key.log"))?;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = bad.child.wait();
+        (status, bad.log_text())
+    })
+    .await?;
+    let (status, log) = (status.0?, status.1);
     assert!(!status.success());
-    let log = std::fs::read_dir(dir.path())?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("server-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect::<String>();
     assert!(log.contains("bad-key.pem"), "{log}");
     Ok(())
 }
@@ -201,39 +189,21 @@ async fn enrolled_devices_speak_mqtt_over_tls_to_the_embedded_broker() -> anyhow
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     make_certificate(d)?;
-    let keys = Command::new(binary("fleetctl"))
-        .args(["keys", "init", "--dir"])
-        .arg(d.join("keys"))
-        .output()?;
-    assert!(keys.status.success());
-    let (http, mqtt) = (free_port(), free_port());
-    let mut cmd = Command::new(binary("fleet-server"));
-    cmd.args(["serve", "--device-auth", "--data-dir"])
-        .arg(d.join("server"))
-        .arg("--keys-dir")
-        .arg(d.join("keys"))
-        .arg("--http")
-        .arg(format!("127.0.0.1:{http}"))
-        .arg("--mqtt-listen")
-        .arg(format!("127.0.0.1:{mqtt}"))
-        .arg("--tls-cert")
-        .arg(d.join("cert.pem"))
-        .arg("--tls-key")
-        .arg(d.join("key.pem"))
-        .arg("--tls-ca")
-        .arg(d.join("ca.pem"));
-    let _server = Proc::spawn(cmd, d.join("server-mqtts.log"))?;
-    let token_file = d.join("server").join("admin.token");
-    edgefleet_tests::wait_for("the server", Duration::from_secs(20), || async {
-        token_file.exists().then_some(())
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let token = std::fs::read_to_string(&token_file)?;
+    let server = Server::builder(d)
+        .args(&["--device-auth", "--tls-ca"])
+        .args(&[d.join("ca.pem")])
+        .args(&tls_args(d, &d.join("key.pem")))
+        .start()
+        .await?;
+    let (http, mqtt) = (
+        server.url.trim_start_matches("https://").to_string(),
+        server.mqtt_port,
+    );
+    let token = &server.token;
     let ca = d.join("ca.pem");
     let ctl = |args: &[&str]| {
         let out = Command::new(binary("fleetctl"))
-            .env("FLEETCTL_SERVER", format!("https://127.0.0.1:{http}"))
+            .env("FLEETCTL_SERVER", format!("https://{http}"))
             .env("EDGEFLEET_TOKEN", token.trim())
             .arg("--ca-cert")
             .arg(&ca)
@@ -306,12 +276,12 @@ async fn enrolled_devices_speak_mqtt_over_tls_to_the_embedded_broker() -> anyhow
     let https = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca)?)?)
         .build()?;
-    let device = edgefleet_tests::wait_for(
+    let device = wait_for(
         "pi-tls serving digits v1",
         Duration::from_secs(60),
         || async {
             let d: serde_json::Value = https
-                .get(format!("https://127.0.0.1:{http}/api/v1/devices/pi-tls"))
+                .get(format!("https://{http}/api/v1/devices/pi-tls"))
                 .bearer_auth(token.trim())
                 .send()
                 .await

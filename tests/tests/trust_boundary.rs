@@ -25,7 +25,8 @@ use edgefleet_shared::signed_message::seal;
 use edgefleet_shared::{SecretKey, SignedMessage};
 use edgefleet_tests::mosquitto::Mosquitto;
 use edgefleet_tests::{
-    bundle_password, digits_model, expect_success, samples, wait_for, Agent, Server,
+    bundle_password, digits_model, expect_success, samples, shared_broker_url, wait_for, Agent,
+    Server,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
@@ -116,23 +117,6 @@ impl Client {
     }
 }
 
-fn enroll(server: &Server, dir: &std::path::Path, id: &str) -> std::path::PathBuf {
-    let bundle = dir.join(format!("bundle-{id}"));
-    let _ = std::fs::remove_dir_all(&bundle);
-    let out = server.ctl(&[
-        "devices",
-        "enroll",
-        "--id",
-        id,
-        "--hardware",
-        "rpi4",
-        "--out",
-        bundle.to_str().unwrap(),
-    ]);
-    expect_success(&out, "devices enroll");
-    bundle
-}
-
 /// The victim: an agent from its bundle, uploading every result.
 fn start_victim(dir: &std::path::Path, bundle: &std::path::Path) -> anyhow::Result<Agent> {
     let config = bundle.join("agent.toml");
@@ -145,27 +129,15 @@ fn start_victim(dir: &std::path::Path, bundle: &std::path::Path) -> anyhow::Resu
     Agent::start_from_bundle(dir, "dev-b", bundle)
 }
 
+/// One inference by `agent` with request id `id`.
 async fn infer(agent: &Agent, id: &str) -> anyhow::Result<()> {
-    let s = samples();
-    let body = json!({"id": id, "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": s.inputs[0]}]});
-    let (status, reply) = agent
-        .request(http::Method::POST, "/v2/models/digits/infer", Some(&body))
-        .await?;
-    anyhow::ensure!(status.is_success(), "inference failed: {status} {reply}");
-    Ok(())
+    agent.infer_as(id, &samples().inputs[0]).await
 }
 
+/// The request ids of `device`'s stored results, sorted (empty if they
+/// cannot be read).
 async fn stored_results(server: &Server, device: &str) -> Vec<String> {
-    let v = server
-        .get_json(&format!("/api/v1/devices/{device}/results?limit=5000"))
-        .await
-        .unwrap_or_default();
-    let mut ids: Vec<String> = v["results"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r["request_id"].as_str().map(str::to_string))
-        .collect();
+    let mut ids = server.result_ids(device).await.unwrap_or_default();
     ids.sort();
     ids
 }
@@ -250,27 +222,32 @@ impl Fleet {
     async fn start(dir: &std::path::Path, broker: Broker) -> anyhow::Result<Self> {
         let (server, mosquitto, port) = match broker {
             Broker::Gate => {
-                let s = Server::start_full(dir, None, None, &["--device-auth"]).await?;
+                let s = Server::builder(dir)
+                    .args(&["--device-auth"])
+                    .start()
+                    .await?;
                 let port = s.mqtt_port;
                 (s, None, port)
             }
             Broker::MosquittoAcl => {
                 let m = Mosquitto::start_locked(dir).await?;
-                let s = Server::start_full(dir, Some(&m.url()), None, &Mosquitto::server_args())
+                let s = Server::builder(dir)
+                    .external_broker(&m.url())
+                    .args(&Mosquitto::server_args())
+                    .start()
                     .await?;
                 let port = m.port;
                 (s, Some(m), port)
             }
             Broker::MosquittoOpen => {
-                let url = std::env::var("EDGEFLEET_TEST_MQTT_URL")
-                    .unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
-                let (_, port) =
-                    edgefleet_shared::broker_url::parse(&url).map_err(anyhow::Error::msg)?;
-                (Server::start_external(dir, &url).await?, None, port)
+                let url = shared_broker_url()?;
+                let s = Server::builder(dir).external_broker(&url).start().await?;
+                let port = s.mqtt_port;
+                (s, None, port)
             }
         };
-        let a_bundle = enroll(&server, dir, "dev-a");
-        let b_bundle = enroll(&server, dir, "dev-b");
+        let a_bundle = server.enroll(dir, "dev-a");
+        let b_bundle = server.enroll(dir, "dev-b");
         if let Some(m) = &mosquitto {
             m.allow_enrolled(&server).await?;
         }
@@ -527,7 +504,7 @@ impl Fleet {
             serde_json::from_slice(&std::fs::read(self.victim.dir.join("data/device.key"))?)?;
         self.victim.proc.terminate(Duration::from_secs(5));
         std::fs::remove_file(self.victim.dir.join("data/device.key"))?;
-        let bundle = enroll(&self.server, &self.dir, "dev-b");
+        let bundle = self.server.enroll(&self.dir, "dev-b");
         if let Some(m) = &self.mosquitto {
             m.allow_enrolled(&self.server).await?;
         }

@@ -42,13 +42,9 @@ impl Bench {
         let server = Server::start(dir).await?;
         server.push(&digits_model("int8"), "digits", 1);
         server.push(&digits_model("fp32"), "digits", 2);
-        let agent = Agent::start_fleet_with(
-            dir,
-            DEVICE,
-            &server,
-            None,
-            "[update]\ndownload_stall_secs = 1\ndownload_attempts = 2\n",
-        )?;
+        let agent = Agent::builder(dir, DEVICE, &server)
+            .config("[update]\ndownload_stall_secs = 1\ndownload_attempts = 2\n")
+            .start()?;
         server.deploy("digits", 1, DEVICE);
         server.wait_for_model(DEVICE, "digits", 1).await?;
         let (_, genuine) = server.desired(DEVICE).await?;
@@ -249,13 +245,9 @@ async fn an_interrupted_download_resumes_without_fetching_bytes_twice() -> anyho
         cut_after: 4000,
     })
     .await?;
-    let agent = Agent::start_fleet_with(
-        dir.path(),
-        "resumer",
-        &b.server,
-        None,
-        "[update]\ndownload_stall_secs = 2\ndownload_attempts = 5\n",
-    )?;
+    let agent = Agent::builder(dir.path(), "resumer", &b.server)
+        .config("[update]\ndownload_stall_secs = 2\ndownload_attempts = 5\n")
+        .start()?;
     // Retained: the agent gets it whenever it connects.
     let now = edgefleet_shared::unix_now();
     let resumer_doc = DesiredState::new(

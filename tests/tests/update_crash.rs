@@ -16,15 +16,9 @@ fn next_rand(state: &mut u64) -> u64 {
     *state
 }
 
+/// The version the agent serves now, if it serves one.
 async fn serving_version(agent: &Agent) -> Option<u64> {
-    let (status, meta) = agent
-        .request(http::Method::GET, "/v2/models/digits", None)
-        .await
-        .ok()?;
-    if !status.is_success() {
-        return None;
-    }
-    meta["versions"][0].as_str()?.parse().ok()
+    agent.serving_version().await.ok()?.parse().ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

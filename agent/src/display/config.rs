@@ -14,7 +14,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+/// Why the `[display]` table is unusable: the message names the field to
+/// fix and the value it has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DisplayConfigError(pub String);
 
 /// Where the status screen goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -153,8 +157,8 @@ impl DisplayConfig {
 
     /// Checks the table; each error names the field to fix. Nothing is
     /// checked when the display is off.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
+    pub fn validate(&self) -> Result<(), DisplayConfigError> {
+        let invalid = |m: String| Err(DisplayConfigError(m));
         let kind = self.kind;
         let kind_name = kind.name();
         if kind == DisplayKind::Off {

@@ -9,13 +9,12 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use embedded_graphics::pixelcolor::{BinaryColor, Rgb565, Rgb888};
 use embedded_graphics::prelude::*;
 
 use super::canvas::{Canvas, MAX_SIDE};
 use super::config::{Layout, MONO_SIZE};
-use super::{draw_color, draw_mono, Sink, StatusView};
+use super::{draw_color, draw_mono, DisplayError, Sink, StatusView};
 
 /// What sysfs says about a framebuffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,43 +48,49 @@ impl FbGeometry {
     /// `bits_per_pixel` and `stride` (each derived from the other when
     /// missing), and `modes` for the visible size when the virtual one is
     /// larger (double-buffering drivers).
-    pub fn read(sysfs_root: &Path, name: &str) -> anyhow::Result<Self> {
+    pub fn read(sysfs_root: &Path, name: &str) -> Result<Self, DisplayError> {
         let dir = sysfs_root.join("class/graphics").join(name);
         let read = |file: &str| std::fs::read_to_string(dir.join(file));
         let number = |file: &str| -> Option<u64> { read(file).ok()?.trim().parse().ok() };
 
-        let virtual_size = read("virtual_size")
-            .with_context(|| format!("cannot read {}", dir.join("virtual_size").display()))?;
-        let (vw, vh) = parse_pair(&virtual_size).with_context(|| {
-            format!(
+        let bail = |reason: String| Err(DisplayError::Framebuffer(reason));
+        let virtual_size = read("virtual_size").map_err(|source| DisplayError::Io {
+            action: "cannot read",
+            path: dir.join("virtual_size"),
+            source,
+        })?;
+        let Some((vw, vh)) = parse_pair(&virtual_size) else {
+            return bail(format!(
                 "{}: expected \"WIDTH,HEIGHT\", got {:?}",
                 dir.join("virtual_size").display(),
                 virtual_size.trim()
-            )
-        })?;
+            ));
+        };
         if vw == 0 || vh == 0 || vw > MAX_SIDE || vh > MAX_SIDE {
-            bail!("framebuffer {name}: unusable size {vw}x{vh}");
+            return bail(format!("framebuffer {name}: unusable size {vw}x{vh}"));
         }
         let stride = number("stride");
         let bits_per_pixel = match (number("bits_per_pixel"), stride) {
             (Some(bpp), _) => bpp,
             (None, Some(stride)) => stride * 8 / u64::from(vw),
-            (None, None) => bail!(
-                "cannot read {} or {}",
-                dir.join("bits_per_pixel").display(),
-                dir.join("stride").display()
-            ),
+            (None, None) => {
+                return bail(format!(
+                    "cannot read {} or {}",
+                    dir.join("bits_per_pixel").display(),
+                    dir.join("stride").display()
+                ))
+            }
         };
         let bits_per_pixel = u32::try_from(bits_per_pixel).unwrap_or(0);
         if !matches!(bits_per_pixel, 16 | 24 | 32) {
-            bail!(
+            return bail(format!(
                 "framebuffer {name}: {bits_per_pixel} bits per pixel is not supported (16, 24 or 32)"
-            );
+            ));
         }
         let row_bytes = vw as usize * (bits_per_pixel as usize / 8);
         let stride = stride.map_or(row_bytes, |s| s as usize);
         if stride < row_bytes {
-            bail!("framebuffer {name}: stride {stride} is shorter than a row of {vw} pixels at {bits_per_pixel} bpp");
+            return bail(format!("framebuffer {name}: stride {stride} is shorter than a row of {vw} pixels at {bits_per_pixel} bpp"));
         }
         let (width, height) = read("modes")
             .ok()
@@ -153,16 +158,26 @@ pub(super) struct FramebufferSink {
 impl FramebufferSink {
     /// Opens `device` (e.g. `/dev/fb0`), its geometry read under
     /// `sysfs_root` (`/sys` on a real system).
-    pub(super) fn open(device: &Path, sysfs_root: &Path, layout: Layout) -> anyhow::Result<Self> {
-        let name = device
-            .file_name()
-            .and_then(|n| n.to_str())
-            .with_context(|| format!("{} is not a framebuffer device path", device.display()))?;
+    pub(super) fn open(
+        device: &Path,
+        sysfs_root: &Path,
+        layout: Layout,
+    ) -> Result<Self, DisplayError> {
+        let name = device.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            DisplayError::Framebuffer(format!(
+                "{} is not a framebuffer device path",
+                device.display()
+            ))
+        })?;
         let geometry = FbGeometry::read(sysfs_root, name)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(device)
-            .with_context(|| format!("cannot open {} for writing", device.display()))?;
+            .map_err(|source| DisplayError::Io {
+                action: "cannot open for writing",
+                path: device.to_path_buf(),
+                source,
+            })?;
         tracing::info!(
             device = %device.display(),
             width = geometry.width,
@@ -197,14 +212,18 @@ impl FramebufferSink {
 }
 
 impl Sink for FramebufferSink {
-    fn show(&mut self, view: &StatusView) -> anyhow::Result<()> {
+    fn show(&mut self, view: &StatusView) -> Result<(), DisplayError> {
         let frame = pack(&self.render(view), &self.geometry);
         if self.last.as_ref() == Some(&frame) {
             return Ok(());
         }
         self.file
             .write_all_at(&frame, 0)
-            .with_context(|| format!("cannot write to {}", self.device.display()))?;
+            .map_err(|source| DisplayError::Io {
+                action: "cannot write to",
+                path: self.device.clone(),
+                source,
+            })?;
         self.last = Some(frame);
         Ok(())
     }

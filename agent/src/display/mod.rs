@@ -27,7 +27,7 @@ mod tests;
 
 pub use canvas::Canvas;
 pub use color::draw_color;
-pub use config::{DisplayConfig, DisplayKind, Layout};
+pub use config::{DisplayConfig, DisplayConfigError, DisplayKind, Layout};
 #[cfg(unix)]
 pub use linux_fb::FbGeometry;
 pub use mono::draw_mono;
@@ -103,9 +103,34 @@ impl StatusView {
     }
 }
 
+/// Why the status display could not be opened or drawn: each names the
+/// device or file and what went wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum DisplayError {
+    /// This build or configuration has no such display.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The framebuffer's geometry cannot be used.
+    #[error("{0}")]
+    Framebuffer(String),
+    #[error("cannot encode the status PNG: {0}")]
+    Png(#[from] png::EncodingError),
+    /// The I2C panel did not answer or take a frame.
+    #[error("{0}")]
+    Panel(String),
+    #[error("the display target panicked: {0}")]
+    Panicked(String),
+}
+
 /// One place the status is shown. `show` may skip the device write when
 /// the picture has not changed; after an error the sink is dropped and
 /// opened again later.
 trait Sink: Send {
-    fn show(&mut self, view: &StatusView) -> anyhow::Result<()>;
+    fn show(&mut self, view: &StatusView) -> Result<(), DisplayError>;
 }

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context};
 use embedded_graphics::pixelcolor::BinaryColor;
 use embedded_graphics::prelude::*;
 use embedded_graphics::primitives::Rectangle;
@@ -14,7 +13,7 @@ use ssd1306::{I2CDisplayInterface, Ssd1306};
 
 use super::canvas::Canvas;
 use super::config::MONO_SIZE;
-use super::{draw_mono, Sink, StatusView};
+use super::{draw_mono, DisplayError, Sink, StatusView};
 
 type Display =
     Ssd1306<I2CInterface<I2cdev>, DisplaySize128x64, BufferedGraphicsMode<DisplaySize128x64>>;
@@ -29,17 +28,18 @@ pub(super) struct OledSink {
 
 impl OledSink {
     /// Opens the I2C `bus` and initialises the controller at `address`.
-    pub(super) fn open(bus: &Path, address: u8) -> anyhow::Result<Self> {
-        let i2c =
-            I2cdev::new(bus).with_context(|| format!("cannot open I2C bus {}", bus.display()))?;
+    pub(super) fn open(bus: &Path, address: u8) -> Result<Self, DisplayError> {
+        let i2c = I2cdev::new(bus).map_err(|e| {
+            DisplayError::Panel(format!("cannot open I2C bus {}: {e}", bus.display()))
+        })?;
         let interface = I2CDisplayInterface::new_custom_address(i2c, address);
         let mut display = Ssd1306::new(interface, DisplaySize128x64, DisplayRotation::Rotate0)
             .into_buffered_graphics_mode();
         display.init().map_err(|e| {
-            anyhow!(
+            DisplayError::Panel(format!(
                 "no SSD1306 answers at {address:#04x} on {}: {e:?}",
                 bus.display()
-            )
+            ))
         })?;
         tracing::info!(bus = %bus.display(), address = format!("{address:#04x}"), "status display on SSD1306");
         Ok(Self {
@@ -52,7 +52,7 @@ impl OledSink {
 }
 
 impl Sink for OledSink {
-    fn show(&mut self, view: &StatusView) -> anyhow::Result<()> {
+    fn show(&mut self, view: &StatusView) -> Result<(), DisplayError> {
         let mut canvas = Canvas::<BinaryColor>::new(MONO_SIZE.0, MONO_SIZE.1);
         let Ok(()) = draw_mono(view, &mut canvas);
         if self.last.as_ref() == Some(&canvas) {
@@ -68,11 +68,11 @@ impl Sink for OledSink {
             .fill_contiguous(&area, canvas.pixels().iter().copied())
             .and_then(|()| self.display.flush());
         sent.map_err(|e| {
-            anyhow!(
+            DisplayError::Panel(format!(
                 "cannot update the SSD1306 at {:#04x} on {}: {e:?}",
                 self.address,
                 self.bus.display()
-            )
+            ))
         })?;
         self.last = Some(canvas);
         Ok(())

@@ -4,12 +4,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use embedded_graphics::pixelcolor::{BinaryColor, Rgb565};
 
 use super::canvas::Canvas;
 use super::config::Layout;
-use super::{draw_color, draw_mono, Sink, StatusView};
+use super::{draw_color, draw_mono, DisplayError, Sink, StatusView};
 
 /// Encodes 8-bit grey (`rgb == false`) or RGB pixel bytes as a PNG.
 fn encode(width: u32, height: u32, rgb: bool, data: &[u8]) -> Result<Vec<u8>, png::EncodingError> {
@@ -95,14 +94,17 @@ impl PngSink {
 }
 
 impl Sink for PngSink {
-    fn show(&mut self, view: &StatusView) -> anyhow::Result<()> {
+    fn show(&mut self, view: &StatusView) -> Result<(), DisplayError> {
         let frame = render(view, self.layout, self.size.0, self.size.1);
         if self.last.as_ref() == Some(&frame) {
             return Ok(());
         }
-        let bytes = encode_frame(&frame).context("cannot encode the status PNG")?;
-        crate::durable::write_replace(&self.path, &bytes)
-            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        let bytes = encode_frame(&frame)?;
+        crate::durable::write_replace(&self.path, &bytes).map_err(|source| DisplayError::Io {
+            action: "cannot write",
+            path: self.path.clone(),
+            source,
+        })?;
         self.last = Some(frame);
         Ok(())
     }

@@ -5,14 +5,13 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{DisplayConfig, DisplayKind, MAX_REFRESH_MS};
 use super::png_file::PngSink;
-use super::{Connectivity, Sink, StatusView};
+use super::{Connectivity, DisplayError, Sink, StatusView};
 
 /// Shown on the last frame when the agent stops.
 pub(super) const STOPPED_ALERT: &str = "agent stopped";
@@ -20,13 +19,15 @@ pub(super) const STOPPED_ALERT: &str = "agent stopped";
 const FINAL_FRAME_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Opens the configured target (blocking).
-fn open_sink(config: &DisplayConfig) -> anyhow::Result<Box<dyn Sink>> {
+fn open_sink(config: &DisplayConfig) -> Result<Box<dyn Sink>, DisplayError> {
     let layout = config.effective_layout();
     match config.kind {
-        DisplayKind::Off => bail!("the display is off"),
+        DisplayKind::Off => Err(DisplayError::Unavailable("the display is off")),
         DisplayKind::Png => {
             let Some(path) = config.path.clone() else {
-                bail!("display.path is required for kind = \"png\"");
+                return Err(DisplayError::Unavailable(
+                    "display.path is required for kind = \"png\"",
+                ));
             };
             Ok(Box::new(PngSink::new(path, layout, config.png_size())))
         }
@@ -37,16 +38,18 @@ fn open_sink(config: &DisplayConfig) -> anyhow::Result<Box<dyn Sink>> {
             layout,
         )?)),
         #[cfg(not(unix))]
-        DisplayKind::Framebuffer => bail!("the framebuffer display is only supported on Linux"),
+        DisplayKind::Framebuffer => Err(DisplayError::Unavailable(
+            "the framebuffer display is only supported on Linux",
+        )),
         #[cfg(all(feature = "ssd1306", target_os = "linux"))]
         DisplayKind::Ssd1306 => Ok(Box::new(super::oled::OledSink::open(
             &config.i2c_bus(),
             config.i2c_address(),
         )?)),
         #[cfg(not(all(feature = "ssd1306", target_os = "linux")))]
-        DisplayKind::Ssd1306 => {
-            bail!("this agent was built without the `ssd1306` feature (Linux only)")
-        }
+        DisplayKind::Ssd1306 => Err(DisplayError::Unavailable(
+            "this agent was built without the `ssd1306` feature (Linux only)",
+        )),
     }
 }
 
@@ -80,14 +83,14 @@ fn as_shown(view: &StatusView) -> StatusView {
 /// work then finishes on its own); a panic in `work` becomes an error.
 async fn blocking<T: Send + 'static>(
     shutdown: &CancellationToken,
-    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> Option<anyhow::Result<T>> {
+    work: impl FnOnce() -> Result<T, DisplayError> + Send + 'static,
+) -> Option<Result<T, DisplayError>> {
     let handle = tokio::task::spawn_blocking(work);
     tokio::select! {
         _ = shutdown.cancelled() => None,
         joined = handle => Some(match joined {
             Ok(result) => result,
-            Err(e) => Err(anyhow::anyhow!("the display target panicked: {e}")),
+            Err(e) => Err(DisplayError::Panicked(e.to_string())),
         }),
     }
 }
@@ -98,7 +101,7 @@ fn attempt(
     sink: Option<Box<dyn Sink>>,
     config: &DisplayConfig,
     view: StatusView,
-) -> anyhow::Result<Box<dyn Sink>> {
+) -> Result<Box<dyn Sink>, DisplayError> {
     let mut sink = match sink {
         Some(sink) => sink,
         None => open_sink(config)?,

@@ -1,16 +1,19 @@
 //! Inference engines behind one trait.
 //!
 //! A model is loaded, optimised and planned once, at activation, by
-//! [`load`]; requests then only call [`Engine::infer`]. Checks that do not
+//! [`load()`] (through [`load::select_installed`] or [`load::select_local`],
+//! which try every suitable runtime and keep the fastest correct one);
+//! requests then only call [`Engine::infer`]. Checks that do not
 //! depend on the runtime (input names, datatypes, shapes, element counts)
 //! live here in [`validate_inputs`] so every engine refuses bad input the
 //! same way, before any runtime code sees it. Runtime panics are caught
 //! here too where panics unwind (tests, and `cargo build --release`). The
 //! shipped builds (`cross/build`, profile `agent`) abort on panic instead,
 //! to save 2 MB: there a new model is first loaded in a child process
-//! ([`crate::probe`]) and refused if that dies, and a runtime that fails on
+//! (`probe.rs`) and refused if that dies, and a runtime that fails on
 //! input that passed these checks restarts the agent (systemd).
 
+pub mod load;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
 pub mod runtimes;

@@ -230,6 +230,9 @@ impl TfliteModel {
                 }
             }
             handles.interpreter = (api.interpreter_create)(handles.model, handles.options);
+            let interpreter = handles.interpreter;
+            // Built before the check so that its Drop frees whatever was
+            // created, on this error path too.
             let engine = Self {
                 api: Arc::clone(&api),
                 handles: Mutex::new(handles),
@@ -237,7 +240,6 @@ impl TfliteModel {
                 inputs: Vec::new(),
                 outputs: Vec::new(),
             };
-            let interpreter = engine.handles.lock().expect("fresh mutex").interpreter;
             if interpreter.is_null() {
                 return Err(load_error(
                     "the TFLite interpreter refused the model (unsupported op or op version)",

@@ -34,7 +34,7 @@ use edgefleet_shared::OutboxHealth;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use policy::{Overflow, Stream, StreamPolicy};
+pub use policy::{DeleteOn, Overflow, Stream, StreamPolicy};
 pub use sequence::Sequence;
 pub use store::{Appended, Depth, NewRecord, Outbox, OutboxError, Record};
 

@@ -1,5 +1,5 @@
-//! Streams, their caps and overflow policies: plain decisions, tested
-//! without a database.
+//! Streams, their caps and overflow policies, and when a delivered record
+//! leaves the outbox: plain decisions, tested without a database.
 
 use edgefleet_shared::TopicKind;
 use serde::Deserialize;
@@ -172,6 +172,19 @@ pub fn plan_overflow(
             }
         }
     }
+}
+
+/// When a record counts as delivered and leaves the outbox (config
+/// `mqtt.delete_on`; the uplink acts on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeleteOn {
+    /// The fleet server's receipt says it is stored (default).
+    #[default]
+    Receipt,
+    /// The broker acknowledged it (for a broker with some other consumer
+    /// that holds a persistent session).
+    Puback,
 }
 
 #[cfg(test)]

@@ -89,6 +89,14 @@ impl DeviceAuth {
     }
 }
 
+/// The embedded broker's listen address is taken or not allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("embedded MQTT broker cannot listen on {listen}: {source} (choose another --mqtt-listen, or use --broker for an external one)")]
+pub struct BindError {
+    pub listen: SocketAddr,
+    pub source: std::io::Error,
+}
+
 /// The embedded broker: cheap to clone, one per server.
 #[derive(Clone)]
 pub struct Broker {
@@ -159,10 +167,10 @@ impl Broker {
     }
 
     /// Binds `listen` (a clear error if it is taken).
-    pub async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
-        TcpListener::bind(listen).await.map_err(|e| {
-            anyhow::anyhow!("embedded MQTT broker cannot listen on {listen}: {e} (choose another --mqtt-listen, or use --broker for an external one)")
-        })
+    pub async fn bind(listen: SocketAddr) -> Result<TcpListener, BindError> {
+        TcpListener::bind(listen)
+            .await
+            .map_err(|source| BindError { listen, source })
     }
 
     /// Accepts clients on `listener`, as `door` says, until `shutdown`;

@@ -10,7 +10,6 @@
 
 pub mod chart;
 pub mod pages;
-pub mod session;
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -23,9 +22,11 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use maud::Markup;
 use serde::Deserialize;
 
-use crate::auth::{self, TokenRecord};
+use crate::api::types::{RolloutStatus, RolloutSummary};
+use crate::auth;
 use crate::fleet::Fleet;
 use crate::insights::{attention, compliance};
+use crate::logins as session;
 use crate::store::StoreError;
 use pages::{DeviceQuery, DeviceRow, Viewer, Window};
 
@@ -100,24 +101,6 @@ async fn asset(Path(name): Path<String>) -> Response {
         .into_response()
 }
 
-/// The token behind a live session; `None` when the session is unknown
-/// or expired or its token revoked (the session is then ended).
-pub async fn session_token(
-    fleet: &Fleet,
-    session_id: &str,
-) -> Result<Option<(TokenRecord, session::Session)>, StoreError> {
-    let Some(session) = fleet.logins.get(session_id) else {
-        return Ok(None);
-    };
-    match fleet.store.token_for_auth(&session.token_id).await? {
-        Some((record, _)) if record.revoked_at.is_none() => Ok(Some((record, session))),
-        _ => {
-            fleet.logins.remove(session_id);
-            Ok(None)
-        }
-    }
-}
-
 /// Why a page cannot be shown.
 enum PageError {
     /// Not logged in: to the login page, then back.
@@ -180,7 +163,7 @@ async fn viewer(fleet: &Fleet, headers: &HeaderMap, here: &str) -> Result<Viewer
     let Some(id) = session::from_cookies(headers) else {
         return Err(PageError::Login(here.to_string()));
     };
-    match session_token(fleet, &id).await? {
+    match fleet.logins.token(&fleet.store, &id).await? {
         Some((record, session)) => Ok(Viewer {
             name: record.name,
             scope: record.scope,
@@ -337,7 +320,7 @@ async fn overview(
     let now = edgefleet_shared::unix_now();
     let window = Window::parse(q.window.as_deref());
     let rows = device_rows(&fleet, now).await?;
-    let rollouts = fleet.rollouts.list().await;
+    let rollouts = rollout_summaries(&fleet).await;
     let series = fleet.insights.series(now, window.secs());
     Ok(html(pages::overview(
         &viewer,
@@ -432,7 +415,7 @@ async fn device(
 
 async fn rollouts(State(fleet): State<Fleet>, headers: HeaderMap) -> PageResult {
     let viewer = viewer(&fleet, &headers, "/ui/rollouts").await?;
-    let list = fleet.rollouts.list().await;
+    let list = rollout_summaries(&fleet).await;
     let models = fleet.store.list_models().await?;
     // Only enrolled classes: a rollout selects by the enrolled one.
     let devices = fleet.store.list_devices().await?;
@@ -453,10 +436,19 @@ async fn rollout(
     Path(id): Path<String>,
 ) -> PageResult {
     let viewer = viewer(&fleet, &headers, &format!("/ui/rollouts/{id}")).await?;
-    match fleet.rollouts.get(&id, false).await {
-        Some(status) => Ok(html(pages::rollout(&viewer, &status))),
+    match fleet.rollouts.record(&id).await {
+        Some(record) => Ok(html(pages::rollout(
+            &viewer,
+            &RolloutStatus::of(&record, false),
+        ))),
         None => Err(PageError::NotFound(viewer, format!("No rollout {id:?}."))),
     }
+}
+
+/// Every rollout in brief.
+async fn rollout_summaries(fleet: &Fleet) -> Vec<RolloutSummary> {
+    let records = fleet.rollouts.records().await;
+    records.iter().map(RolloutSummary::of).collect()
 }
 
 async fn models(State(fleet): State<Fleet>, headers: HeaderMap) -> PageResult {

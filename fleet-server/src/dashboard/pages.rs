@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 
 use maud::{html, Markup, DOCTYPE};
-use serde_json::Value;
 
 use super::chart::{self, line_chart, Series};
+use crate::api::types::{RolloutStatus, RolloutSummary};
 use crate::auth::Scope;
 use crate::insights::{human_duration, Compliance, DeviceInsight, Minute};
+use crate::rollout::{DeviceState, Phase};
 use crate::store::{DeviceRecord, EventRecord, ModelRecord};
 use edgefleet_shared::TelemetryMessage;
 
@@ -266,7 +267,7 @@ fn stacked_bar(counts: &BTreeMap<Compliance, usize>, total: usize) -> Markup {
 pub struct Overview<'a> {
     pub now: u64,
     pub rows: &'a [DeviceRow],
-    pub rollouts: &'a [Value],
+    pub rollouts: &'a [RolloutSummary],
     pub series: &'a [Minute],
     pub window: Window,
 }
@@ -299,7 +300,7 @@ pub fn overview(viewer: &Viewer, o: &Overview<'_>) -> Markup {
     let active = o
         .rollouts
         .iter()
-        .filter(|r| !matches!(r["phase"]["phase"].as_str(), Some("completed" | "aborted")))
+        .filter(|r| !matches!(r.phase, Phase::Completed | Phase::Aborted { .. }))
         .count();
     let hour: Vec<&Minute> = o.series.iter().filter(|m| m.t + 3600 >= o.now).collect();
     let inferences_hour: u64 = hour.iter().map(|m| m.inferences).sum();
@@ -681,24 +682,48 @@ pub fn device(viewer: &Viewer, p: &DevicePage<'_>) -> Markup {
     )
 }
 
-fn phase_of(r: &Value) -> (&str, Option<&str>) {
-    (
-        r["phase"]["phase"].as_str().unwrap_or("unknown"),
-        r["phase"]["reason"].as_str(),
-    )
+/// A phase's name as the API spells it, and the reason it carries.
+fn phase_of(phase: &Phase) -> (&'static str, Option<&str>) {
+    match phase {
+        Phase::Created => ("created", None),
+        Phase::Running { .. } => ("running", None),
+        Phase::AwaitingApproval { .. } => ("awaiting_approval", None),
+        Phase::Paused { reason, .. } => ("paused", Some(reason)),
+        Phase::Aborted { reason } => ("aborted", Some(reason)),
+        Phase::Completed => ("completed", None),
+    }
 }
 
-fn phase_badge(r: &Value) -> Markup {
-    let (phase, _) = phase_of(r);
+/// The wave a rollout is in, while it has one.
+fn current_wave(phase: &Phase) -> Option<usize> {
+    match phase {
+        Phase::Running { wave, .. } | Phase::Paused { wave, .. } => Some(*wave),
+        _ => None,
+    }
+}
+
+/// A device state's name as the API spells it, and the reason it carries.
+fn state_of(state: &DeviceState) -> (&'static str, Option<&str>) {
+    match state {
+        DeviceState::Waiting => ("waiting", None),
+        DeviceState::Updating { .. } => ("updating", None),
+        DeviceState::Backoff { .. } => ("backoff", None),
+        DeviceState::Confirmed { .. } => ("confirmed", None),
+        DeviceState::Failed { reason } => ("failed", Some(reason)),
+        DeviceState::Reverted => ("reverted", None),
+        DeviceState::Offline { .. } => ("offline", None),
+        DeviceState::Excluded => ("excluded", None),
+    }
+}
+
+fn phase_badge(r: &RolloutSummary) -> Markup {
+    let (phase, _) = phase_of(&r.phase);
     html! { span class={"badge phase " (phase)} { (phase.replace('_', " ")) } }
 }
 
-fn progress(r: &Value) -> Markup {
-    let counts = &r["counts"];
-    let n = |k: &str| counts[k].as_u64().unwrap_or(0);
-    let total: u64 = counts
-        .as_object()
-        .map_or(0, |o| o.values().filter_map(Value::as_u64).sum());
+fn progress(r: &RolloutSummary) -> Markup {
+    let n = |k: &str| r.counts.get(k).copied().unwrap_or(0);
+    let total: usize = r.counts.values().sum();
     html! {
         span.progress {
             (n("confirmed")) " / " (total) " confirmed"
@@ -708,7 +733,7 @@ fn progress(r: &Value) -> Markup {
 }
 
 pub struct RolloutsPage<'a> {
-    pub rollouts: &'a [Value],
+    pub rollouts: &'a [RolloutSummary],
     pub models: &'a [ModelRecord],
     pub hardware: &'a [String],
 }
@@ -727,13 +752,12 @@ pub fn rollouts(viewer: &Viewer, p: &RolloutsPage<'_>) -> Markup {
                         thead { tr { th scope="col" { "Rollout" } th scope="col" { "Model" } th scope="col" { "Phase" } th scope="col" { "Progress" } th scope="col" { "Created" } } }
                         tbody {
                             @for r in p.rollouts.iter().rev() {
-                                @let id = r["id"].as_str().unwrap_or("");
                                 tr {
-                                    th scope="row" { a href={"/ui/rollouts/" (id)} { (id) } }
-                                    td { (r["model"].as_str().unwrap_or("")) "@" (r["version"]) }
+                                    th scope="row" { a href={"/ui/rollouts/" (r.id)} { (r.id) } }
+                                    td { (r.model) "@" (r.version) }
                                     td { (phase_badge(r)) }
                                     td { (progress(r)) }
-                                    td { (datetime(r["created_at"].as_u64().unwrap_or(0))) }
+                                    td { (datetime(r.created_at)) }
                                 }
                             }
                             @if p.rollouts.is_empty() { tr { td colspan="5" { "No rollout yet." } } }
@@ -775,26 +799,31 @@ pub fn rollouts(viewer: &Viewer, p: &RolloutsPage<'_>) -> Markup {
     )
 }
 
-pub fn rollout(viewer: &Viewer, r: &Value) -> Markup {
-    let id = r["id"].as_str().unwrap_or("");
-    let (phase, reason) = phase_of(r);
+pub fn rollout(viewer: &Viewer, status: &RolloutStatus) -> Markup {
+    let r = &status.summary;
+    let id = r.id.as_str();
+    let (phase, reason) = phase_of(&r.phase);
     let action = |name: &str, label: &str, confirm: Option<String>, class: &str| {
         html! {
             button type="button" class=(class) data-api={"/api/v1/rollouts/" (id) "/" (name)} data-confirm=[confirm] data-done={"Rollout " (id) ": " (name) " done"} { (label) }
         }
     };
-    let waves = r["waves"].as_array().cloned().unwrap_or_default();
-    let wave_counts = r["wave_counts"].as_array().cloned().unwrap_or_default();
-    let failed: Vec<(&String, &Value)> = r["devices"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(_, s)| {
-                    matches!(s["state"].as_str(), Some("failed" | "offline" | "backoff"))
-                })
-                .collect()
+    let waves = status.waves.as_deref().unwrap_or_default();
+    let held_back: Vec<(&String, &'static str, Option<&str>)> = status
+        .devices
+        .iter()
+        .flatten()
+        .map(|(device, s)| {
+            let (state, reason) = state_of(s);
+            (device, state, reason)
         })
-        .unwrap_or_default();
+        .filter(|(_, state, _)| matches!(*state, "failed" | "offline" | "backoff"))
+        .collect();
+    // The gates as the API shows them, field by field.
+    let gates = match serde_json::to_value(&r.gates) {
+        Ok(serde_json::Value::Object(fields)) => fields,
+        _ => Default::default(),
+    };
     use crate::rollout::KIND_NAMES as KINDS;
     layout(
         Some(viewer),
@@ -807,11 +836,11 @@ pub fn rollout(viewer: &Viewer, r: &Value) -> Markup {
             section.card id="rollout-state" data-live {
                 p.phase-line {
                     (phase_badge(r)) " "
-                    (r["model"].as_str().unwrap_or("")) "@" (r["version"]) " · " (progress(r))
-                    @if let Some(wave) = r["phase"]["wave"].as_u64() { " · wave " (wave + 1) " of " (waves.len()) }
+                    (r.model) "@" (r.version) " · " (progress(r))
+                    @if let Some(wave) = current_wave(&r.phase) { " · wave " (wave + 1) " of " (waves.len()) }
                 }
                 @if let Some(reason) = reason { p.alert role="note" { strong { (if phase == "paused" { "Paused: " } else { "Why: " }) } (reason) } }
-                @if phase == "awaiting_approval" { p.alert role="note" { "Waiting for an operator to approve wave " (r["phase"]["next"].as_u64().unwrap_or(0) + 1) "." } }
+                @if phase == "awaiting_approval" { p.alert role="note" { "Waiting for an operator to approve wave " (match r.phase { Phase::AwaitingApproval { next } => next + 1, _ => 0 }) "." } }
                 @if viewer.can_write() {
                     div.actions {
                         @if phase == "created" { (action("start", "Start", Some(format!("Start rollout {id}?")), "primary")) }
@@ -826,34 +855,34 @@ pub fn rollout(viewer: &Viewer, r: &Value) -> Markup {
                         caption { "Devices per state and wave" }
                         thead { tr { th scope="col" { "Wave" } th scope="col" { "Size" } @for k in KINDS { th scope="col" { (k) } } } }
                         tbody {
-                            @for (i, w) in wave_counts.iter().enumerate() {
+                            @for (i, w) in r.wave_counts.iter().enumerate() {
                                 tr {
                                     th scope="row" { (i + 1) }
-                                    td.num { (w["size"].as_u64().unwrap_or(0)) }
-                                    @for k in KINDS { td.num { (w[k].as_u64().unwrap_or(0)) } }
+                                    td.num { (w.get("size").copied().unwrap_or(0)) }
+                                    @for k in KINDS { td.num { (w.get(k).copied().unwrap_or(0)) } }
                                 }
                             }
                         }
                         tfoot {
                             tr {
                                 th scope="row" { "All" }
-                                td.num { (r["counts"].as_object().map_or(0, |o| o.values().filter_map(Value::as_u64).sum::<u64>())) }
-                                @for k in KINDS { td.num { (r["counts"][k].as_u64().unwrap_or(0)) } }
+                                td.num { (r.counts.values().sum::<usize>()) }
+                                @for k in KINDS { td.num { (r.counts.get(k).copied().unwrap_or(0)) } }
                             }
                         }
                     }
                 }
-                @if !failed.is_empty() {
+                @if !held_back.is_empty() {
                     div.table-wrap {
                         table {
                             caption { "Devices held back" }
                             thead { tr { th scope="col" { "Device" } th scope="col" { "State" } th scope="col" { "Reason" } @if viewer.can_write() { th scope="col" { "Action" } } } }
                             tbody {
-                                @for (device, s) in failed.iter().take(50) {
+                                @for (device, state, reason) in held_back.iter().take(50) {
                                     tr {
                                         th scope="row" { a href={"/ui/devices/" (device)} { (device) } }
-                                        td { (s["state"].as_str().unwrap_or("")) }
-                                        td { (s["reason"].as_str().unwrap_or("")) }
+                                        td { (state) }
+                                        td { (reason.unwrap_or("")) }
                                         @if viewer.can_write() {
                                             td {
                                                 button type="button" data-api={"/api/v1/rollouts/" (id) "/devices/" (device) "/retry"} data-done={"Retrying " (device)} { "Retry" } " "
@@ -870,14 +899,12 @@ pub fn rollout(viewer: &Viewer, r: &Value) -> Markup {
             section.card {
                 h2 { "Gates" }
                 dl.facts {
-                    @if let Some(g) = r["gates"].as_object() {
-                        @for (k, v) in g {
-                            dt { (k.replace('_', " ")) } dd { (if v.is_null() { "–".to_string() } else { v.to_string().trim_matches('"').to_string() }) }
-                        }
+                    @for (k, v) in &gates {
+                        dt { (k.replace('_', " ")) } dd { (if v.is_null() { "–".to_string() } else { v.to_string().trim_matches('"').to_string() }) }
                     }
                 }
                 h2 { "Selection" }
-                pre.json { (serde_json::to_string_pretty(&r["selection"]).unwrap_or_default()) }
+                pre.json { (serde_json::to_string_pretty(&r.selection).unwrap_or_default()) }
             }
         },
     )
@@ -968,5 +995,83 @@ mod tests {
         };
         assert_eq!(q.with_page(3), "q=pi+1%26&state=failed&page=3");
         assert_eq!(q.with_page(0), "q=pi+1%26&state=failed");
+    }
+
+    fn paused_rollout() -> RolloutStatus {
+        use crate::rollout::{Gates, Selection};
+        let mut devices = BTreeMap::new();
+        devices.insert(
+            "cam-1".to_string(),
+            DeviceState::Failed {
+                reason: "test vector failed".into(),
+            },
+        );
+        devices.insert("cam-2".to_string(), DeviceState::Waiting);
+        RolloutStatus {
+            summary: RolloutSummary {
+                id: "digits-v2".into(),
+                model: "digits".into(),
+                version: 2,
+                created_at: 0,
+                selection: Selection::default(),
+                phase: Phase::Paused {
+                    wave: 0,
+                    reason: "failure threshold crossed".into(),
+                },
+                wave_counts: vec![
+                    [("size".to_string(), 1), ("failed".to_string(), 1)].into(),
+                    [("size".to_string(), 1), ("waiting".to_string(), 1)].into(),
+                ],
+                counts: [("failed".to_string(), 1), ("waiting".to_string(), 1)].into(),
+                gates: Gates::default(),
+            },
+            waves: Some(vec![vec!["cam-1".into()], vec!["cam-2".into()]]),
+            devices: Some(devices),
+        }
+    }
+
+    fn writer() -> Viewer {
+        Viewer {
+            name: "ops".into(),
+            scope: Scope::Write,
+            csrf: "t".into(),
+        }
+    }
+
+    #[test]
+    fn a_rollout_page_shows_its_phase_and_the_devices_held_back() {
+        let page = rollout(&writer(), &paused_rollout()).into_string();
+        assert!(page.contains("Paused: "), "{page}");
+        assert!(page.contains("failure threshold crossed"));
+        assert!(page.contains(" · wave 1 of 2"));
+        assert!(page.contains("0 / 2 confirmed"));
+        assert!(page.contains("test vector failed"));
+        assert!(page.contains("/api/v1/rollouts/digits-v2/devices/cam-1/retry"));
+        // Only held-back devices get a row of their own.
+        assert!(!page.contains("/devices/cam-2/retry"));
+        assert!(page.contains("/api/v1/rollouts/digits-v2/resume"));
+        assert!(!page.contains("/api/v1/rollouts/digits-v2/start"));
+    }
+
+    #[test]
+    fn the_rollout_list_links_each_rollout_with_its_phase() {
+        let paused = paused_rollout().summary;
+        let done = RolloutSummary {
+            id: "old".into(),
+            phase: Phase::Completed,
+            ..paused.clone()
+        };
+        let page = rollouts(
+            &writer(),
+            &RolloutsPage {
+                rollouts: &[paused, done],
+                models: &[],
+                hardware: &[],
+            },
+        )
+        .into_string();
+        assert!(page.contains("href=\"/ui/rollouts/digits-v2\""), "{page}");
+        assert!(page.contains("badge phase paused"));
+        assert!(page.contains("badge phase completed"));
     }
 }

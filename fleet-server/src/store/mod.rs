@@ -3,18 +3,29 @@
 //! run), signed desired state per device, update events, telemetry and
 //! uploaded results.
 //!
-//! Two backends behind one [`Store`]: SQLite (the embedded default, one
-//! file, WAL; [`sqlite`]) and PostgreSQL (for fleets that outgrow one
-//! machine, or several server processes; [`postgres`]). Both keep their
-//! SQL in their own module, apply their versioned migrations at start and
-//! pass the same test suite (`tests` below). The operations are named for
-//! what the server does (record a status, sign a desired state, deploy), so
-//! each backend runs every one in a single transaction.
+//! [`Store`] is a cloneable handle on one [`StoreBackend`] (`backend.rs`:
+//! one method per operation, named for what the server does, each run as
+//! a single transaction). Two backends implement it: SQLite (the embedded
+//! default, one file, WAL; [`sqlite`]) and PostgreSQL (for fleets that
+//! outgrow one machine, or several server processes; [`postgres`]). They
+//! differ only in SQL dialect and driver calls: the column lists and row
+//! mapping (`rows.rs`), filter and paging queries (`filter.rs`) and the
+//! numbered schema migrations (`migrations.rs`) are shared, and both pass
+//! the same test suite (`tests.rs`; upgrades of existing databases in
+//! `upgrade_tests.rs`).
 
+mod backend;
+mod filter;
+mod migrations;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod upgrade_tests;
+
+pub use backend::{StoreBackend, StoreFuture};
 
 use edgefleet_shared::{
     InferenceResult, ModelFormat, ModelStatus, StatusMessage, TelemetryMessage, UpdateEvent,
@@ -22,8 +33,7 @@ use edgefleet_shared::{
 use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
-
-use crate::auth::TokenRecord;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -272,20 +282,27 @@ pub enum Target {
 /// version the store allocated, returns the signed JSON to store.
 pub type SignFn = Box<dyn FnOnce(&[ModelRecord], u64) -> Vec<u8> + Send>;
 
-/// The fleet's database.
-#[derive(Clone, Debug)]
-pub enum Store {
-    Sqlite(sqlite::SqliteStore),
-    Postgres(postgres::PgStore),
+/// The fleet's database: a cheap, cloneable handle on one
+/// [`StoreBackend`]. Every backend operation is called on it directly
+/// (`store.get_device(id).await`, through `Deref`); the methods here are
+/// opening a database and the operations composed of backend ones.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn StoreBackend>,
 }
 
-macro_rules! on_backend {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            Store::Sqlite($s) => $e,
-            Store::Postgres($s) => $e,
-        }
-    };
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Store").field(&self.backend.name()).finish()
+    }
+}
+
+impl std::ops::Deref for Store {
+    type Target = dyn StoreBackend;
+
+    fn deref(&self) -> &Self::Target {
+        self.backend.as_ref()
+    }
 }
 
 impl Store {
@@ -293,19 +310,23 @@ impl Store {
     /// `postgresql://`) URL, or the path of an SQLite file.
     pub async fn open(database: &str) -> Result<Self, StoreError> {
         if database.starts_with("postgres://") || database.starts_with("postgresql://") {
-            Ok(Self::Postgres(postgres::PgStore::connect(database).await?))
+            Ok(Self::new(postgres::PgStore::connect(database).await?))
         } else {
             let path = std::path::PathBuf::from(database);
-            Ok(Self::Sqlite(sqlite::SqliteStore::open(&path)?))
+            Ok(Self::new(sqlite::SqliteStore::open(&path)?))
+        }
+    }
+
+    /// A store over any backend (an in-memory fake in unit tests).
+    pub fn new(backend: impl StoreBackend) -> Self {
+        Self {
+            backend: Arc::new(backend),
         }
     }
 
     /// The backend's name, for logs (`sqlite`, `postgres`).
     pub fn backend(&self) -> &'static str {
-        match self {
-            Self::Sqlite(_) => "sqlite",
-            Self::Postgres(_) => "postgres",
-        }
+        self.backend.name()
     }
 
     /// Records a status message (stale online messages are ignored;
@@ -315,42 +336,13 @@ impl Store {
         msg: &StatusMessage,
         now: u64,
     ) -> Result<StatusOutcome, StoreError> {
-        let (mut outcomes, _) = self
+        let (outcomes, _) = self
             .record_messages(std::slice::from_ref(msg), &[], now)
             .await?;
-        Ok(outcomes.remove(0))
-    }
-
-    /// Records a batch of status messages and update events in one
-    /// transaction: what [`Self::record_status`] and [`Self::record_event`]
-    /// return for each, in order.
-    pub async fn record_messages(
-        &self,
-        statuses: &[StatusMessage],
-        events: &[UpdateEvent],
-        now: u64,
-    ) -> Result<(Vec<StatusOutcome>, Vec<bool>), StoreError> {
-        on_backend!(self, s => s.record_messages(statuses, events, now).await)
-    }
-
-    /// Signs and stores the next desired state of `device` from its
-    /// assignments. `None` when nothing is assigned to it.
-    pub async fn sign_desired(
-        &self,
-        device: &str,
-        now: u64,
-        sign: SignFn,
-    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        on_backend!(self, s => s.sign_desired(device, now, sign).await)
-    }
-
-    /// Every stored desired-state document, by device.
-    pub async fn all_desired(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        on_backend!(self, s => s.all_desired().await)
-    }
-
-    pub async fn desired_json(&self, device: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        on_backend!(self, s => s.desired_json(device).await)
+        outcomes
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Task("no outcome for a recorded status".into()))
     }
 
     /// Stores an update event once (a redelivered copy is ignored);
@@ -363,23 +355,9 @@ impl Store {
                 edgefleet_shared::unix_now(),
             )
             .await?;
-        Ok(new[0])
-    }
-
-    pub async fn events_for_device(
-        &self,
-        device: &str,
-        limit: u32,
-    ) -> Result<Vec<EventRecord>, StoreError> {
-        on_backend!(self, s => s.events_for_device(device, limit).await)
-    }
-
-    pub async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        on_backend!(self, s => s.list_devices().await)
-    }
-
-    pub async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        on_backend!(self, s => s.get_device(id).await)
+        new.into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Task("no outcome for a recorded event".into()))
     }
 
     /// Every device matching `filter` (its `after` and `limit` ignored),
@@ -403,147 +381,6 @@ impl Store {
         Ok(all)
     }
 
-    /// Devices matching `filter`, by id.
-    pub async fn find_devices(
-        &self,
-        filter: &DeviceFilter,
-    ) -> Result<Vec<DeviceRecord>, StoreError> {
-        on_backend!(self, s => s.find_devices(filter).await)
-    }
-
-    /// Enrolls a device (or enrolls it again: new credential, tags and
-    /// hardware, no longer revoked).
-    pub async fn enroll_device(
-        &self,
-        enrollment: &Enrollment,
-        now: u64,
-    ) -> Result<DeviceRecord, StoreError> {
-        on_backend!(self, s => s.enroll_device(enrollment, now).await)
-    }
-
-    /// Revokes a device's credential; `None` for an unknown device.
-    pub async fn revoke_device(
-        &self,
-        id: &str,
-        now: u64,
-    ) -> Result<Option<DeviceRecord>, StoreError> {
-        on_backend!(self, s => s.revoke_device(id, now).await)
-    }
-
-    /// Replaces a device's tags; `None` for an unknown device.
-    pub async fn set_tags(
-        &self,
-        id: &str,
-        tags: &std::collections::BTreeMap<String, String>,
-    ) -> Result<Option<DeviceRecord>, StoreError> {
-        on_backend!(self, s => s.set_tags(id, tags).await)
-    }
-
-    /// Deletes a model version no assignment points at. Returns it and
-    /// whether another version still has the same file (sha256).
-    pub async fn delete_model(
-        &self,
-        name: &str,
-        version: u64,
-    ) -> Result<(ModelRecord, bool), StoreError> {
-        on_backend!(self, s => s.delete_model(name, version).await)
-    }
-
-    /// Sets a device's public key (hex) as `who` may; returns the key the
-    /// device has afterwards (`None`: no such device).
-    pub async fn set_device_key(
-        &self,
-        id: &str,
-        key: &str,
-        who: KeyWrite,
-    ) -> Result<Option<String>, StoreError> {
-        on_backend!(self, s => s.set_device_key(id, key, who).await)
-    }
-
-    /// A device's credential hash, if it is enrolled and not revoked.
-    pub async fn device_credential(&self, id: &str) -> Result<Option<String>, StoreError> {
-        on_backend!(self, s => s.device_credential(id).await)
-    }
-
-    /// Adds a model version. Re-adding the identical file is a no-op; a
-    /// different file under an existing version is a conflict.
-    pub async fn add_model(&self, m: &ModelRecord) -> Result<ModelRecord, StoreError> {
-        on_backend!(self, s => s.add_model(m).await)
-    }
-
-    pub async fn get_model(
-        &self,
-        name: &str,
-        version: u64,
-    ) -> Result<Option<ModelRecord>, StoreError> {
-        on_backend!(self, s => s.get_model(name, version).await)
-    }
-
-    pub async fn list_models(&self) -> Result<Vec<ModelRecord>, StoreError> {
-        on_backend!(self, s => s.list_models().await)
-    }
-
-    /// Attaches a spec or test vector to a model version that exists and
-    /// is not deployed yet (devices may already run a deployed one).
-    pub async fn attach(
-        &self,
-        name: &str,
-        version: u64,
-        attachment: Attachment,
-    ) -> Result<ModelRecord, StoreError> {
-        on_backend!(self, s => s.attach(name, version, attachment).await)
-    }
-
-    /// Points `target` at a model version (which must exist); returns the
-    /// ids of the devices whose desired state changes.
-    pub async fn deploy(
-        &self,
-        model: &str,
-        version: u64,
-        target: &Target,
-        now: u64,
-    ) -> Result<Vec<String>, StoreError> {
-        on_backend!(self, s => s.deploy(model, version, target, now).await)
-    }
-
-    /// Stores a batch of streamed records in one transaction, each once
-    /// (per device and sequence number); returns how many were new.
-    pub async fn record_streamed(&self, batch: &[Streamed], now: u64) -> Result<usize, StoreError> {
-        on_backend!(self, s => s.record_streamed(batch, now).await)
-    }
-
-    /// Telemetry of a device in sequence order, each sample as the device
-    /// sent it plus `received_at`; `None` for an unknown device.
-    pub async fn telemetry_for_device(
-        &self,
-        device: &str,
-        page: &Page,
-    ) -> Result<Option<Vec<serde_json::Value>>, StoreError> {
-        on_backend!(self, s => s.telemetry_for_device(device, page).await)
-    }
-
-    /// A device's newest telemetry (at most `limit` samples whose device
-    /// time is `since` or later), oldest first; empty for an unknown device.
-    pub async fn recent_telemetry(
-        &self,
-        device: &str,
-        since: u64,
-        limit: u32,
-    ) -> Result<Vec<serde_json::Value>, StoreError> {
-        on_backend!(self, s => s.recent_telemetry(device, since, limit).await)
-    }
-
-    /// Uploaded inference results of a device in sequence order,
-    /// optionally of one model; `None` for an unknown device.
-    pub async fn results_for_device(
-        &self,
-        device: &str,
-        model: Option<&str>,
-        page: &Page,
-    ) -> Result<Option<Vec<serde_json::Value>>, StoreError> {
-        on_backend!(self, s => s.results_for_device(device, model, page).await)
-    }
-
     /// The version of `model` each device runs by assignment (its own,
     /// else the fleet-wide one), `None` where none is assigned.
     pub async fn assigned_versions(
@@ -563,71 +400,6 @@ impl Store {
         }
         Ok(out)
     }
-
-    async fn models_for_device(&self, device: &str) -> Result<Vec<ModelRecord>, StoreError> {
-        on_backend!(self, s => s.models_for_device(device).await)
-    }
-
-    /// Stores a rollout's definition and state (JSON), replacing it.
-    pub async fn save_rollout(
-        &self,
-        id: &str,
-        active: bool,
-        state: &str,
-    ) -> Result<(), StoreError> {
-        on_backend!(self, s => s.save_rollout(id, active, state).await)
-    }
-
-    /// Every stored rollout's state, oldest first.
-    pub async fn list_rollouts(&self) -> Result<Vec<(String, bool, String)>, StoreError> {
-        on_backend!(self, s => s.list_rollouts().await)
-    }
-
-    /// Deletes telemetry and results that arrived before `cutoff` (unix
-    /// seconds); returns how many rows went.
-    pub async fn prune_streamed(&self, cutoff: u64) -> Result<usize, StoreError> {
-        on_backend!(self, s => s.prune_streamed(cutoff).await)
-    }
-
-    /// Stores a new operator token (its hash, never the secret).
-    pub async fn create_token(&self, token: &TokenRecord, hash: &str) -> Result<(), StoreError> {
-        on_backend!(self, s => s.create_token(token, hash).await)
-    }
-
-    /// A token and its stored hash, by id (revoked ones too).
-    pub async fn token_for_auth(
-        &self,
-        id: &str,
-    ) -> Result<Option<(TokenRecord, String)>, StoreError> {
-        on_backend!(self, s => s.token_for_auth(id).await)
-    }
-
-    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        on_backend!(self, s => s.list_tokens().await)
-    }
-
-    /// Revokes a token (again is a no-op); `None` for an unknown id.
-    pub async fn revoke_token(
-        &self,
-        id: &str,
-        now: u64,
-    ) -> Result<Option<TokenRecord>, StoreError> {
-        on_backend!(self, s => s.revoke_token(id, now).await)
-    }
-
-    /// Appends to the audit log.
-    pub async fn record_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        on_backend!(self, s => s.record_audit(entry).await)
-    }
-
-    /// Audit entries after `after_id`, oldest first, at most `limit`.
-    pub async fn list_audit(
-        &self,
-        after_id: u64,
-        limit: u32,
-    ) -> Result<Vec<AuditRecord>, StoreError> {
-        on_backend!(self, s => s.list_audit(after_id, limit).await)
-    }
 }
 
 /// A conflict: the version is deployed, so its attachments are fixed.
@@ -637,12 +409,21 @@ pub(crate) fn deployed_conflict(name: &str, version: u64, what: &str) -> StoreEr
     ))
 }
 
+/// A conflict: the version is deployed, so it cannot be deleted.
+pub(crate) fn deployed_model(name: &str, version: u64) -> StoreError {
+    StoreError::Conflict(format!(
+        "model {name} version {version} is deployed; deploy another version first"
+    ))
+}
+
+/// The version to attach to, deploy or delete is not in the registry.
 pub(crate) fn missing_model(name: &str, version: u64) -> StoreError {
     StoreError::NotFound(format!(
         "model {name} version {version} does not exist; push it first"
     ))
 }
 
+/// A different file pushed under an existing version.
 pub(crate) fn changed_model(existing: &ModelRecord, m: &ModelRecord) -> StoreError {
     StoreError::Conflict(format!(
         "model {} version {} already exists with a different file (sha256 {}); push a new version",

@@ -1,0 +1,659 @@
+//! Staged rollouts, driven: the [`super::planner`] plus what it needs
+//! around it: a store, the desired-state publisher and a clock, nothing
+//! else, so the driver runs in unit tests on a manual clock. Creation resolves the selection and each device's
+//! current version; operator actions, device events, telemetry, devices
+//! joining and a one-second clock go into the planner.
+//!
+//! Changes are stored in rounds, not one by one: the ingest loop feeds a
+//! whole batch of device messages in, then [`Rollouts::flush`] stores each
+//! changed rollout once, before the batch is acknowledged (so a crash loses
+//! nothing a device sent), and only then hands the planner's commands to
+//! the dispatcher. The dispatcher assigns versions in one transaction per
+//! round and signs and publishes each device's desired state, apart from
+//! the lock, so device messages keep flowing while thousands of devices are
+//! asked to update. Only one active rollout may target a device.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use edgefleet_shared::{DeviceId, EventKind, StatusMessage, UpdateEvent};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Mutex};
+
+use super::planner::{self, Command, Gates, Override, Phase, Report, Rollout, WaveSize};
+use crate::clock::Clock;
+use crate::desired::DesiredStates;
+use crate::store::{self, DeviceRecord, Store, StoreError, Streamed};
+
+/// A rollout as stored: what it moves, which devices it selects, each
+/// device's version before it, and the planner's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub model: String,
+    pub version: u64,
+    pub previous: BTreeMap<String, Option<u64>>,
+    pub created_at: u64,
+    #[serde(default)]
+    pub selection: Selection,
+    pub plan: Rollout,
+    /// Changed since it was last stored.
+    #[serde(skip)]
+    dirty: bool,
+    /// Commands to hand to the dispatcher once stored.
+    #[serde(skip)]
+    pending: Vec<Command>,
+}
+
+/// Which devices a rollout is for: all, those with every tag (and the
+/// hardware class, if given), or a list.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Selection {
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub hardware: Option<String>,
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+impl Selection {
+    /// Whether a device (new, enrolled or re-tagged) falls in it.
+    pub fn matches(&self, device: &DeviceRecord) -> bool {
+        if device.revoked_at.is_some() {
+            return false;
+        }
+        if !self.devices.is_empty() {
+            return self.devices.contains(&device.id);
+        }
+        if self.all {
+            return true;
+        }
+        let tagged = self.tags.iter().all(|(k, v)| device.tags.get(k) == Some(v));
+        let hardware = self
+            .hardware
+            .as_ref()
+            .is_none_or(|h| device.hardware.as_ref() == Some(h));
+        (!self.tags.is_empty() || self.hardware.is_some()) && tagged && hardware
+    }
+}
+
+impl RolloutRecord {
+    pub fn active(&self) -> bool {
+        !self.plan.ended()
+    }
+
+    /// Takes the planner's commands for the next flush.
+    fn changed(&mut self, commands: Vec<Command>) {
+        self.dirty = true;
+        self.pending.extend(commands);
+    }
+}
+
+/// What a rollout selects.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRollout {
+    pub id: String,
+    pub model: String,
+    pub version: u64,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Only devices of this hardware class (with `tags`, or alone).
+    #[serde(default)]
+    pub hardware: Option<String>,
+    /// Cumulative wave sizes: `{"count": 1}`, `{"percent": 25}`.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub waves: Vec<WaveSize>,
+    /// Or an exponential ramp: `base` devices, times `factor` per wave.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub ramp: Option<(u32, f64)>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub gates: Option<Gates>,
+    /// Only show which devices fall in which wave.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// One device to point at a version: model, device, version.
+type Dispatch = (String, String, u64);
+
+/// The server's rollouts, in memory and stored.
+#[derive(Clone)]
+pub struct Rollouts {
+    inner: Arc<Mutex<BTreeMap<String, RolloutRecord>>>,
+    dispatch: mpsc::UnboundedSender<Dispatch>,
+    /// Taken by [`Rollouts::run`], which starts the dispatcher.
+    receiver: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<Dispatch>>>>,
+    store: Store,
+    desired: DesiredStates,
+    clock: Arc<dyn Clock>,
+}
+
+/// Why an action on a rollout was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Rollouts {
+    /// Loads the stored rollouts; `desired` signs and publishes what they
+    /// assign, `clock` times them.
+    pub async fn load(
+        store: Store,
+        desired: DesiredStates,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let mut map = BTreeMap::new();
+        for (id, _, state) in store.list_rollouts().await? {
+            match serde_json::from_str::<RolloutRecord>(&state) {
+                Ok(record) => {
+                    map.insert(id, record);
+                }
+                Err(e) => {
+                    tracing::error!(rollout = %id, error = %e, "stored rollout unreadable; skipped")
+                }
+            }
+        }
+        let (dispatch, receiver) = mpsc::unbounded_channel();
+        Ok(Self {
+            inner: Arc::new(Mutex::new(map)),
+            dispatch,
+            receiver: Arc::new(std::sync::Mutex::new(Some(receiver))),
+            store,
+            desired,
+            clock,
+        })
+    }
+
+    /// A copy of one rollout as it stands.
+    pub async fn record(&self, id: &str) -> Option<RolloutRecord> {
+        self.inner.lock().await.get(id).cloned()
+    }
+
+    /// A copy of every rollout as it stands, by id.
+    pub async fn records(&self) -> Vec<RolloutRecord> {
+        self.inner.lock().await.values().cloned().collect()
+    }
+
+    /// Creates a rollout (or, with `dry_run`, only plans it): returns it
+    /// as created.
+    pub async fn create(
+        &self,
+        req: CreateRollout,
+        devices: Vec<String>,
+    ) -> Result<RolloutRecord, RolloutError> {
+        edgefleet_shared::ids::validate_name("rollout id", &req.id)
+            .map_err(|e| RolloutError::BadRequest(e.to_string()))?;
+        if self
+            .store
+            .get_model(&req.model, req.version)
+            .await?
+            .is_none()
+        {
+            return Err(RolloutError::NotFound(format!(
+                "model {} version {} does not exist; push it first",
+                req.model, req.version
+            )));
+        }
+        if devices.is_empty() {
+            return Err(RolloutError::BadRequest(
+                "the selection holds no device".into(),
+            ));
+        }
+        let waves = match (req.waves.is_empty(), req.ramp) {
+            (false, None) => req.waves.clone(),
+            (true, Some((base, factor))) => planner::exponential_waves(base, factor),
+            (true, None) => vec![
+                WaveSize::Count(1),
+                WaveSize::Percent(5.0),
+                WaveSize::Percent(25.0),
+                WaveSize::Percent(100.0),
+            ],
+            (false, Some(_)) => {
+                return Err(RolloutError::BadRequest(
+                    "give waves or a ramp, not both".into(),
+                ))
+            }
+        };
+        let gates = req.gates.clone().unwrap_or_default();
+        let percent = |p: Option<f64>| p.is_none_or(|p| (0.0..=100.0).contains(&p));
+        if !percent(Some(gates.success_pct))
+            || !percent(Some(gates.failure_pct))
+            || !percent(gates.max_error_pct)
+        {
+            return Err(RolloutError::BadRequest("percentages are 0 to 100".into()));
+        }
+        if gates
+            .max_p95_ms
+            .is_some_and(|ms| !(ms > 0.0 && ms.is_finite()))
+        {
+            return Err(RolloutError::BadRequest(
+                "max_p95_ms must be a positive number of milliseconds".into(),
+            ));
+        }
+        let plan = Rollout::new(&req.id, devices.clone(), waves, gates);
+        let previous = self.store.assigned_versions(&req.model, &devices).await?;
+        let record = RolloutRecord {
+            model: req.model.clone(),
+            version: req.version,
+            previous,
+            created_at: self.clock.now(),
+            selection: Selection {
+                all: req.all,
+                tags: req.tags.clone(),
+                hardware: req.hardware.clone(),
+                devices: req.devices.clone(),
+            },
+            plan,
+            dirty: false,
+            pending: Vec::new(),
+        };
+        if req.dry_run {
+            return Ok(record);
+        }
+        let mut map = self.inner.lock().await;
+        if map.contains_key(&req.id) {
+            return Err(RolloutError::Conflict(format!("rollout {} exists", req.id)));
+        }
+        let busy: Vec<String> = map
+            .values()
+            .filter(|r| r.active())
+            .flat_map(|r| {
+                devices
+                    .iter()
+                    .filter(|d| r.plan.devices.contains_key(*d))
+                    .map(move |d| format!("{d} (in {})", r.plan.id))
+            })
+            .collect();
+        if !busy.is_empty() {
+            return Err(RolloutError::Conflict(format!(
+                "devices already in an active rollout: {}",
+                busy.join(", ")
+            )));
+        }
+        self.save(&record).await?;
+        map.insert(req.id.clone(), record.clone());
+        Ok(record)
+    }
+
+    /// An operator action: start, pause, resume, approve, abort.
+    pub async fn act(&self, id: &str, action: &str) -> Result<RolloutRecord, RolloutError> {
+        self.change(id, |plan, now| {
+            match action {
+                "start" => plan.start(now),
+                "pause" => plan.pause("paused by an operator").map(|()| Vec::new()),
+                "resume" => plan.resume(now),
+                "approve" => plan.approve(now),
+                "abort" => plan.abort("aborted by an operator"),
+                other => {
+                    return Err(RolloutError::BadRequest(format!(
+                        "unknown action {other:?} (start, pause, resume, approve, abort)"
+                    )))
+                }
+            }
+            .map_err(RolloutError::Conflict)
+        })
+        .await
+    }
+
+    /// An operator's decision about one device of a rollout.
+    pub async fn override_device(
+        &self,
+        id: &str,
+        device: &str,
+        action: Override,
+    ) -> Result<RolloutRecord, RolloutError> {
+        self.change(id, |plan, now| {
+            plan.override_device(device, action, now)
+                .map_err(RolloutError::Conflict)
+        })
+        .await
+    }
+
+    /// Applies an operator's change to one rollout, stores it and hands
+    /// its commands out.
+    async fn change(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Rollout, u64) -> Result<Vec<Command>, RolloutError>,
+    ) -> Result<RolloutRecord, RolloutError> {
+        let now = self.clock.now();
+        let mut map = self.inner.lock().await;
+        let record = map
+            .get_mut(id)
+            .ok_or_else(|| RolloutError::NotFound(format!("unknown rollout {id:?}")))?;
+        let commands = f(&mut record.plan, now)?;
+        record.changed(commands);
+        let changed = record.clone();
+        self.flush_locked(&mut map).await?;
+        Ok(changed)
+    }
+
+    /// A device's update event, for the rollouts that include it.
+    pub async fn on_event(&self, event: &UpdateEvent) {
+        let report = match event.kind {
+            EventKind::Confirmed => Report::Healthy,
+            EventKind::ActivationFailed
+            | EventKind::DownloadFailed
+            | EventKind::RolledBack
+            | EventKind::Refused => Report::Unhealthy(format!(
+                "{}: {}",
+                event.kind.as_str(),
+                event.reason.clone().unwrap_or_default()
+            )),
+            _ => return,
+        };
+        self.feed(event.device_id.as_str(), report, |r| {
+            // Reports about other models or versions are not this rollout's.
+            event.model.as_deref().is_none_or(|m| m == r.model)
+                && event.model_version.is_none_or(|v| v == r.version)
+        })
+        .await;
+    }
+
+    /// A device's status: online or offline, and which versions it runs.
+    pub async fn on_status(&self, status: &StatusMessage) {
+        let device = status.device_id.as_str();
+        let report = if status.online {
+            Report::Online
+        } else {
+            Report::Offline
+        };
+        self.feed(device, report, |_| true).await;
+        if status.online {
+            self.feed(device, Report::Running, |r| {
+                status
+                    .models
+                    .iter()
+                    .any(|m| m.name == r.model && m.version == r.version)
+            })
+            .await;
+        }
+    }
+
+    /// Telemetry: a device on a rollout's new version whose error rate or
+    /// latency breaks the rollout's limits counts as failed.
+    pub async fn on_telemetry(&self, records: &[Streamed]) {
+        let now = self.clock.now();
+        let mut map = self.inner.lock().await;
+        for record in map.values_mut() {
+            if !record.active() || !record.plan.gates.watches_telemetry() {
+                continue;
+            }
+            for r in records {
+                let Streamed::Telemetry(t) = r else { continue };
+                if !record.plan.devices.contains_key(t.device_id.as_str()) {
+                    continue;
+                }
+                let Some(m) = t
+                    .models
+                    .iter()
+                    .find(|m| m.name == record.model && m.version == record.version)
+                else {
+                    continue;
+                };
+                if let Some(why) = record.plan.gates.judge(m.inferences, m.errors, m.p95_us) {
+                    let before = record.plan.devices[t.device_id.as_str()].clone();
+                    let commands = record.plan.report(
+                        t.device_id.as_str(),
+                        Report::Degraded(why.clone()),
+                        now,
+                    );
+                    if record.plan.devices[t.device_id.as_str()] != before {
+                        tracing::warn!(rollout = %record.plan.id, device = %t.device_id, reason = %why, "device over the rollout's telemetry limits");
+                    }
+                    record.changed(commands);
+                }
+            }
+        }
+    }
+
+    /// A device that now falls in an active rollout's selection (seen for
+    /// the first time, enrolled, or re-tagged) joins it.
+    pub async fn on_join(&self, device: &DeviceRecord) {
+        let now = self.clock.now();
+        let mut map = self.inner.lock().await;
+        // Only one active rollout may hold a device.
+        if map
+            .values()
+            .any(|r| r.active() && r.plan.devices.contains_key(&device.id))
+        {
+            return;
+        }
+        for record in map.values_mut() {
+            if !record.active() || !record.selection.matches(device) {
+                continue;
+            }
+            if let Some(commands) = record.plan.join(&device.id, device.online, now) {
+                tracing::info!(rollout = %record.plan.id, device = %device.id, "device joined the rollout");
+                let previous = self
+                    .store
+                    .assigned_versions(&record.model, std::slice::from_ref(&device.id))
+                    .await
+                    .map(|mut v| v.remove(&device.id).flatten());
+                match previous {
+                    Ok(previous) => {
+                        record.previous.insert(device.id.clone(), previous);
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %device.id, error = %e, "cannot read a joining device's version; an abort leaves it as it is")
+                    }
+                }
+                record.changed(commands);
+                break;
+            }
+        }
+    }
+
+    async fn feed(&self, device: &str, report: Report, concerns: impl Fn(&RolloutRecord) -> bool) {
+        let now = self.clock.now();
+        let mut map = self.inner.lock().await;
+        for record in map.values_mut() {
+            if !record.active() || !record.plan.devices.contains_key(device) || !concerns(record) {
+                continue;
+            }
+            let before = (
+                record.plan.devices[device].clone(),
+                record.plan.phase.clone(),
+            );
+            let commands = record.plan.report(device, report.clone(), now);
+            if !commands.is_empty()
+                || before
+                    != (
+                        record.plan.devices[device].clone(),
+                        record.plan.phase.clone(),
+                    )
+            {
+                record.changed(commands);
+            }
+        }
+    }
+
+    /// The clock: timeouts, soak, gates.
+    pub async fn tick(&self) {
+        let now = self.clock.now();
+        let mut map = self.inner.lock().await;
+        for record in map.values_mut() {
+            if !matches!(record.plan.phase, Phase::Running { .. }) {
+                continue;
+            }
+            // What a tick can change: timeouts move devices between
+            // states (the counts), retries come back as commands, gates
+            // move the phase.
+            let before = (record.plan.phase.clone(), record.plan.summary());
+            let commands = record.plan.tick(now);
+            if !commands.is_empty() || before != (record.plan.phase.clone(), record.plan.summary())
+            {
+                record.changed(commands);
+            }
+        }
+        if let Err(e) = self.flush_locked(&mut map).await {
+            tracing::error!(error = %e, "cannot store rollouts; retried on the next tick");
+        }
+    }
+
+    /// Stores every changed rollout, then hands their commands to the
+    /// dispatcher. The ingest loop calls it after each batch, before
+    /// acknowledging it.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let mut map = self.inner.lock().await;
+        self.flush_locked(&mut map).await
+    }
+
+    async fn save(&self, record: &RolloutRecord) -> Result<(), StoreError> {
+        let state = serde_json::to_string(record)
+            .expect("a rollout record is plain data and always serialises");
+        self.store
+            .save_rollout(&record.plan.id, record.active(), &state)
+            .await
+    }
+
+    async fn flush_locked(
+        &self,
+        map: &mut BTreeMap<String, RolloutRecord>,
+    ) -> Result<(), StoreError> {
+        for record in map.values_mut().filter(|r| r.dirty) {
+            self.save(record).await?;
+            record.dirty = false;
+            for command in std::mem::take(&mut record.pending) {
+                let (device, version) = match command {
+                    Command::Update(d) => (d, Some(record.version)),
+                    Command::Revert(d) => {
+                        let v = record.previous.get(&d).copied().flatten();
+                        (d, v)
+                    }
+                };
+                let Some(version) = version else {
+                    tracing::warn!(device = %device, rollout = %record.plan.id, "no previous version to go back to; left as it is");
+                    continue;
+                };
+                // The receiver lives as long as the server.
+                let _ = self.dispatch.send((record.model.clone(), device, version));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most devices assigned per round.
+const DISPATCH_BATCH: usize = 4096;
+/// Desired states signed and stored at once.
+const SIGN_CONCURRENCY: usize = 8;
+
+/// Carries out the planner's commands in order: per round, the versions
+/// are assigned in one transaction per (model, version), then each
+/// device's desired state is signed and published. A device asked twice
+/// in one round gets only the later version.
+async fn dispatch(
+    store: Store,
+    desired: DesiredStates,
+    clock: Arc<dyn Clock>,
+    mut rx: mpsc::UnboundedReceiver<Dispatch>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+    while rx.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+        // The latest word per (model, device): walk the round backwards.
+        let mut seen = HashSet::new();
+        let mut order: Vec<Dispatch> = batch
+            .drain(..)
+            .rev()
+            .filter(|(model, device, _)| seen.insert((model.clone(), device.clone())))
+            .collect();
+        order.reverse();
+        let mut groups: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+        for (model, device, version) in &order {
+            groups
+                .entry((model.clone(), *version))
+                .or_default()
+                .push(device.clone());
+        }
+        let now = clock.now();
+        for ((model, version), devices) in groups {
+            let target = store::Target::Devices(devices);
+            let mut failures = 0u32;
+            while let Err(e) = store.deploy(&model, version, &target, now).await {
+                failures += 1;
+                tracing::error!(model = %model, version, error = %e, attempt = failures, "rollout cannot assign a version; retrying");
+                let wait = std::time::Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        // Each device once per round (one document covers all its models,
+        // even when two rollouts moved it), so documents can be signed side
+        // by side (PostgreSQL commits them on several connections) without
+        // two for one device racing to be the retained one.
+        let mut signed = HashSet::new();
+        order.retain(|(_, device, _)| signed.insert(device.clone()));
+        futures_util::stream::iter(order)
+            .for_each_concurrent(SIGN_CONCURRENCY, |(_, device, _)| {
+                let desired = &desired;
+                async move {
+                    match DeviceId::new(device.clone()) {
+                        Ok(id) => {
+                            if let Err(e) = desired.publish(&id).await {
+                                tracing::error!(device = %device, error = %e, "rollout cannot publish desired state; the device gets it when it next reports");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(device = %device, error = %e, "bad device id in a rollout")
+                        }
+                    }
+                }
+            })
+            .await;
+    }
+}
+
+impl Rollouts {
+    /// Starts the task that carries out the planner's commands (once; a
+    /// second call does nothing).
+    fn spawn_dispatcher(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let receiver = self.receiver.lock().ok().and_then(|mut r| r.take());
+        if let Some(rx) = receiver {
+            tokio::spawn(dispatch(
+                self.store.clone(),
+                self.desired.clone(),
+                self.clock.clone(),
+                rx,
+                shutdown,
+            ));
+        }
+    }
+
+    /// Runs the rollouts' dispatcher and their clock (every second) until
+    /// `shutdown`.
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        self.spawn_dispatcher(shutdown.clone());
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.tick().await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

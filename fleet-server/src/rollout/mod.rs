@@ -1,0 +1,10 @@
+//! Staged rollouts: the [`planner`] decides (a pure state machine over
+//! waves, gates and device reports), the [`driver`] carries it out
+//! (stores it, feeds it the fleet's events and the clock, assigns and
+//! publishes what it commands).
+
+pub mod driver;
+pub mod planner;
+
+pub use driver::{CreateRollout, RolloutError, RolloutRecord, Rollouts, Selection};
+pub use planner::*;

@@ -1,0 +1,379 @@
+//! The schema, as one numbered list of migrations both backends apply:
+//! migration `n` means the same change on SQLite and PostgreSQL, only its
+//! SQL is in each database's dialect. A database records how many ran
+//! (SQLite in `PRAGMA user_version`, PostgreSQL in the `edgefleet_schema`
+//! table); each backend's `migrate` applies the rest at start.
+//!
+//! Integers are INTEGER on SQLite and BIGINT on PostgreSQL (unix seconds,
+//! versions, sequence numbers); JSON is TEXT, stored and returned as
+//! written; true/false is INTEGER 0/1 on SQLite and BOOLEAN on PostgreSQL.
+
+use super::StoreError;
+
+/// One schema change, in both dialects.
+pub(crate) struct Migration {
+    /// What the change is for.
+    pub purpose: &'static str,
+    /// The change on SQLite (run as one batch in a transaction).
+    pub sqlite: &'static str,
+    /// The change on PostgreSQL (run as one batch in a transaction);
+    /// empty where the change needs nothing there.
+    pub postgres: &'static str,
+}
+
+/// A model version's test vector and spec columns (the same SQL on both).
+const MODEL_ATTACHMENTS: &str = r#"
+    ALTER TABLE models ADD COLUMN test_vector TEXT;
+    ALTER TABLE models ADD COLUMN spec TEXT;
+    "#;
+
+/// Who pushed a model version and their notes (the same SQL on both).
+const MODEL_PROVENANCE: &str = r#"
+    ALTER TABLE models ADD COLUMN pushed_by TEXT;
+    ALTER TABLE models ADD COLUMN notes TEXT;
+    "#;
+
+/// A device's public key column (the same SQL on both).
+const DEVICE_KEYS: &str = r#"
+    ALTER TABLE devices ADD COLUMN device_key TEXT;
+    "#;
+
+/// Every migration, in order: migration `n` is `MIGRATIONS[n - 1]`.
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        purpose: "devices, models, assignments and update events",
+        sqlite: r#"
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        online INTEGER NOT NULL DEFAULT 0,
+        agent_version TEXT NOT NULL DEFAULT '',
+        reported_desired_version INTEGER,
+        models_json TEXT NOT NULL DEFAULT '[]',
+        last_status_seq INTEGER NOT NULL DEFAULT 0,
+        desired_version INTEGER NOT NULL DEFAULT 0,
+        desired_json TEXT
+    );
+    CREATE TABLE models (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        format TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE assignments (
+        scope TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        PRIMARY KEY (scope, model)
+    );
+    CREATE TABLE events (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        desired_version INTEGER,
+        model TEXT,
+        model_version INTEGER,
+        reason TEXT,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX events_by_time ON events (device_id, at);
+    "#,
+        postgres: r#"
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        first_seen BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        online BOOLEAN NOT NULL DEFAULT FALSE,
+        agent_version TEXT NOT NULL DEFAULT '',
+        reported_desired_version BIGINT,
+        models_json TEXT NOT NULL DEFAULT '[]',
+        last_status_seq BIGINT NOT NULL DEFAULT 0,
+        desired_version BIGINT NOT NULL DEFAULT 0,
+        desired_json BYTEA
+    );
+    CREATE TABLE models (
+        name TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        format TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE assignments (
+        scope TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        PRIMARY KEY (scope, model)
+    );
+    CREATE TABLE events (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        at BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        desired_version BIGINT,
+        model TEXT,
+        model_version BIGINT,
+        reason TEXT,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX events_by_time ON events (device_id, at);
+    "#,
+    },
+    Migration {
+        purpose: "telemetry and inference results, stored once per device and sequence number",
+        sqlite: r#"
+    CREATE TABLE telemetry (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX telemetry_by_arrival ON telemetry (received_at);
+    CREATE TABLE results (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        model_version INTEGER NOT NULL,
+        request_id TEXT,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX results_by_arrival ON results (received_at);
+    "#,
+        postgres: r#"
+    CREATE TABLE telemetry (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        at BIGINT NOT NULL,
+        received_at BIGINT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX telemetry_by_arrival ON telemetry (received_at);
+    CREATE TABLE results (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        at BIGINT NOT NULL,
+        received_at BIGINT NOT NULL,
+        model TEXT NOT NULL,
+        model_version BIGINT NOT NULL,
+        request_id TEXT,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX results_by_arrival ON results (received_at);
+    "#,
+    },
+    Migration {
+        purpose: "a model version's signed-along test vector and input/output spec (JSON)",
+        sqlite: MODEL_ATTACHMENTS,
+        postgres: MODEL_ATTACHMENTS,
+    },
+    Migration {
+        purpose: "operator tokens (hashes only) and the audit log",
+        sqlite: r#"
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        token_id TEXT,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT
+    );
+    "#,
+        postgres: r#"
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        revoked_at BIGINT
+    );
+    CREATE TABLE audit (
+        id BIGSERIAL PRIMARY KEY,
+        at BIGINT NOT NULL,
+        token_id TEXT,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT
+    );
+    "#,
+    },
+    // On SQLite, telemetry and results become rowid tables with a unique
+    // key: rows are ~0.5-1 KB of JSON, too large for WITHOUT ROWID tables,
+    // whose B-tree leaves then hold a handful of rows and split on every
+    // other insert (benches/ingest.rs, 256-record batches on the 2-core
+    // development machine: 17,900 records/s as WITHOUT ROWID tables,
+    // 102,600 as rowid tables). PostgreSQL tables are heaps with a
+    // separate key index already, so there this changes nothing.
+    Migration {
+        purpose: "telemetry and results laid out for batch ingest",
+        sqlite: r#"
+    CREATE TABLE telemetry_rows (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        UNIQUE (device_id, seq)
+    );
+    INSERT INTO telemetry_rows SELECT device_id, seq, at, received_at, body FROM telemetry;
+    DROP TABLE telemetry;
+    ALTER TABLE telemetry_rows RENAME TO telemetry;
+    CREATE INDEX telemetry_by_arrival ON telemetry (received_at);
+    CREATE TABLE results_rows (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        model_version INTEGER NOT NULL,
+        request_id TEXT,
+        body TEXT NOT NULL,
+        UNIQUE (device_id, seq)
+    );
+    INSERT INTO results_rows
+        SELECT device_id, seq, at, received_at, model, model_version, request_id, body FROM results;
+    DROP TABLE results;
+    ALTER TABLE results_rows RENAME TO results;
+    CREATE INDEX results_by_arrival ON results (received_at);
+    "#,
+        postgres: "",
+    },
+    Migration {
+        purpose:
+            "enrollment: hardware class, tags (a JSON object), the credential's hash, revocation",
+        sqlite: r#"
+    ALTER TABLE devices ADD COLUMN hardware TEXT;
+    ALTER TABLE devices ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE devices ADD COLUMN enrolled_at INTEGER;
+    ALTER TABLE devices ADD COLUMN credential TEXT;
+    ALTER TABLE devices ADD COLUMN revoked_at INTEGER;
+    "#,
+        postgres: r#"
+    ALTER TABLE devices ADD COLUMN hardware TEXT;
+    ALTER TABLE devices ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE devices ADD COLUMN enrolled_at BIGINT;
+    ALTER TABLE devices ADD COLUMN credential TEXT;
+    ALTER TABLE devices ADD COLUMN revoked_at BIGINT;
+    "#,
+    },
+    Migration {
+        purpose: "who pushed a model version, and their notes",
+        sqlite: MODEL_PROVENANCE,
+        postgres: MODEL_PROVENANCE,
+    },
+    Migration {
+        purpose: "staged rollouts (definition and planner state as JSON), in creation order",
+        sqlite: r#"
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        active INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        seq INTEGER NOT NULL
+    );
+    "#,
+        postgres: r#"
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        active BOOLEAN NOT NULL,
+        state TEXT NOT NULL,
+        seq BIGSERIAL
+    );
+    "#,
+    },
+    Migration {
+        purpose: "each device's message-signing public key (hex)",
+        sqlite: DEVICE_KEYS,
+        postgres: DEVICE_KEYS,
+    },
+];
+
+/// For a PostgreSQL database whose `edgefleet_schema` row is not marked
+/// as counting [`MIGRATIONS`] (see the PostgreSQL backend's `migrate`):
+/// its count of a six-step PostgreSQL-only list, as an index into this
+/// table, gives the number of [`MIGRATIONS`] it has. Its step 1 is
+/// migrations 1-3, step 2 is 4, and steps 3-6 are 6-9 (migration 5
+/// changes nothing on PostgreSQL).
+pub(crate) const POSTGRES_SIX_STEP_COUNTS: [usize; 7] = [0, 3, 4, 6, 7, 8, 9];
+
+/// The number of [`MIGRATIONS`] a PostgreSQL database has run, given its
+/// count of the six-step list (see [`POSTGRES_SIX_STEP_COUNTS`]).
+pub(crate) fn from_postgres_six_step(count: usize) -> Result<usize, StoreError> {
+    POSTGRES_SIX_STEP_COUNTS
+        .get(count)
+        .copied()
+        .ok_or_else(|| newer_database(count))
+}
+
+/// The migrations a database that has run `applied` still needs, as
+/// indexes into [`MIGRATIONS`]; an error for a database newer than this
+/// server.
+pub(crate) fn pending(applied: usize) -> Result<std::ops::Range<usize>, StoreError> {
+    if applied > MIGRATIONS.len() {
+        return Err(newer_database(applied));
+    }
+    Ok(applied..MIGRATIONS.len())
+}
+
+/// A database whose schema a newer server wrote.
+fn newer_database(version: usize) -> StoreError {
+    StoreError::Conflict(format!(
+        "database schema version {version} is newer than this server understands ({}); upgrade the server",
+        MIGRATIONS.len()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_migration_has_sqlite_sql_and_a_purpose() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert!(!m.sqlite.trim().is_empty(), "migration {}", i + 1);
+            assert!(!m.purpose.is_empty(), "migration {}", i + 1);
+        }
+    }
+
+    #[test]
+    fn six_step_postgres_counts_map_onto_the_shared_list_in_order() {
+        assert_eq!(POSTGRES_SIX_STEP_COUNTS[0], 0);
+        assert_eq!(POSTGRES_SIX_STEP_COUNTS[6], MIGRATIONS.len());
+        assert!(POSTGRES_SIX_STEP_COUNTS.windows(2).all(|w| w[0] < w[1]));
+        // Migration 5 falls inside six-step count 3 (4 -> 6): fine only
+        // because it changes nothing on PostgreSQL.
+        assert!(MIGRATIONS[4].postgres.trim().is_empty());
+        assert_eq!(from_postgres_six_step(2).unwrap(), 4);
+        assert!(from_postgres_six_step(7).is_err());
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        assert_eq!(pending(0).unwrap(), 0..MIGRATIONS.len());
+        assert_eq!(pending(MIGRATIONS.len()).unwrap().len(), 0);
+        let err = pending(MIGRATIONS.len() + 1).unwrap_err();
+        assert!(err.to_string().contains("upgrade the server"), "{err}");
+    }
+}

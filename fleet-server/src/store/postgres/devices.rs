@@ -1,0 +1,309 @@
+//! Devices on PostgreSQL: status messages, enrollment, tags, keys and the
+//! signed desired state of each device.
+
+use std::collections::BTreeMap;
+
+use deadpool_postgres::GenericClient;
+
+use edgefleet_shared::{StatusMessage, UpdateEvent};
+
+use super::super::filter;
+use super::super::rows::{self, stored, StatusChange, DESIRED_COLUMNS, DEVICE_COLUMNS};
+use super::super::{
+    DeviceFilter, DeviceRecord, Enrollment, KeyWrite, SignFn, StatusOutcome, StoreError,
+};
+use super::{bound, models, query_all, query_opt, streams, Params, Postgres};
+
+/// Records status messages and update events in one transaction (see
+/// [`super::super::StoreBackend::record_messages`]).
+pub(super) async fn record_messages(
+    client: &mut deadpool_postgres::Client,
+    statuses: &[StatusMessage],
+    events: &[UpdateEvent],
+    now: u64,
+) -> Result<(Vec<StatusOutcome>, Vec<bool>), StoreError> {
+    let tx = client.transaction().await?;
+    // Rows locked in device order (a stable sort keeps each device's
+    // messages in arrival order), so batches cannot deadlock.
+    let mut order: Vec<usize> = (0..statuses.len()).collect();
+    order.sort_by(|&a, &b| {
+        statuses[a]
+            .device_id
+            .as_str()
+            .cmp(statuses[b].device_id.as_str())
+    });
+    let mut outcomes: Vec<Option<StatusOutcome>> = vec![None; statuses.len()];
+    for i in order {
+        outcomes[i] = Some(record_status(&tx, &statuses[i], now).await?);
+    }
+    let mut new = Vec::with_capacity(events.len());
+    for e in events {
+        ensure(&tx, e.device_id.as_str(), e.at).await?;
+        new.push(streams::record_event(&tx, e).await?);
+    }
+    tx.commit().await?;
+    Ok((outcomes.into_iter().flatten().collect(), new))
+}
+
+/// Records one status message (see [`rows::status_change`]).
+async fn record_status(
+    tx: &impl GenericClient,
+    msg: &StatusMessage,
+    now: u64,
+) -> Result<StatusOutcome, StoreError> {
+    let id = msg.device_id.as_str();
+    // Lock the row (or learn it is new) so concurrent status messages of
+    // one device apply in sequence order.
+    let last_seq = query_opt(
+        tx,
+        "SELECT last_status_seq FROM devices WHERE id = $1 FOR UPDATE",
+        &[&id],
+        |r| r.unsigned(0),
+    )
+    .await?;
+    let is_new = last_seq.is_none();
+    if is_new {
+        tx.execute(
+            "INSERT INTO devices (id, first_seen, last_seen) VALUES ($1, $2, $2)
+             ON CONFLICT (id) DO NOTHING",
+            &[&id, &stored(now)],
+        )
+        .await?;
+    }
+    match rows::status_change(msg, last_seq) {
+        StatusChange::Offline => {
+            tx.execute(
+                "UPDATE devices SET online = FALSE, last_seen = $2 WHERE id = $1",
+                &[&id, &stored(now)],
+            )
+            .await?;
+        }
+        StatusChange::Online(u) => {
+            tx.execute(
+                "UPDATE devices SET online = TRUE, last_seen = $2, agent_version = $3,
+                    reported_desired_version = $4, models_json = $5, last_status_seq = $6
+                 WHERE id = $1",
+                &[
+                    &id,
+                    &stored(now),
+                    &u.agent_version,
+                    &u.reported_desired_version,
+                    &u.models_json,
+                    &u.seq,
+                ],
+            )
+            .await?;
+        }
+        StatusChange::Stale => {}
+    }
+    let desired = if msg.online {
+        query_opt(
+            tx,
+            &format!("SELECT {DESIRED_COLUMNS} FROM devices WHERE id = $1"),
+            &[&id],
+            rows::desired,
+        )
+        .await?
+    } else {
+        None
+    };
+    Ok(StatusOutcome { is_new, desired })
+}
+
+/// Ensures a device row exists (for deployments to devices not seen yet).
+pub(super) async fn ensure(c: &impl GenericClient, id: &str, now: u64) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO devices (id, first_seen, last_seen) VALUES ($1, $2, $2) ON CONFLICT DO NOTHING",
+        &[&id, &stored(now)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Signs and stores the next desired state of `device`: the version is
+/// allocated (the row locked), signed and stored in one transaction.
+pub(super) async fn sign_desired(
+    client: &mut deadpool_postgres::Client,
+    device: &str,
+    now: u64,
+    sign: SignFn,
+) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    let tx = client.transaction().await?;
+    let models = models::for_device(&tx, device).await?;
+    if models.is_empty() {
+        return Ok(None);
+    }
+    ensure(&tx, device, now).await?;
+    let (current, _) = query_opt(
+        &tx,
+        &format!("SELECT {DESIRED_COLUMNS} FROM devices WHERE id = $1 FOR UPDATE"),
+        &[&device],
+        rows::desired,
+    )
+    .await?
+    .ok_or_else(|| StoreError::NotFound(format!("unknown device {device:?}")))?;
+    let version = current + 1;
+    let bytes = sign(&models, version);
+    tx.execute(
+        "UPDATE devices SET desired_version = $2, desired_json = $3 WHERE id = $1",
+        &[&device, &stored(version), &bytes],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some((version, bytes)))
+}
+
+/// Every stored desired-state document, by device id.
+pub(super) async fn all_desired(
+    c: &impl GenericClient,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let documents = query_all(
+        c,
+        "SELECT id, desired_json FROM devices WHERE desired_json IS NOT NULL ORDER BY id",
+        &[],
+        |r| Ok((r.text(0)?, r.opt_bytes(1)?)),
+    )
+    .await?;
+    Ok(documents
+        .into_iter()
+        .filter_map(|(id, doc)| Some((id, doc?)))
+        .collect())
+}
+
+/// The stored desired-state document of `device`.
+pub(super) async fn desired_json(
+    c: &impl GenericClient,
+    device: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(query_opt(
+        c,
+        &format!("SELECT {DESIRED_COLUMNS} FROM devices WHERE id = $1"),
+        &[&device],
+        rows::desired,
+    )
+    .await?
+    .and_then(|(_, doc)| doc))
+}
+
+/// Every device, by id.
+pub(super) async fn list(c: &impl GenericClient) -> Result<Vec<DeviceRecord>, StoreError> {
+    query_all(
+        c,
+        &format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"),
+        &[],
+        rows::device,
+    )
+    .await
+}
+
+/// One device.
+pub(super) async fn get(
+    c: &impl GenericClient,
+    id: &str,
+) -> Result<Option<DeviceRecord>, StoreError> {
+    query_opt(
+        c,
+        &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"),
+        &[&id],
+        rows::device,
+    )
+    .await
+}
+
+/// The devices matching `filter` (see [`filter::device_query`]).
+pub(super) async fn find(
+    c: &impl GenericClient,
+    filter: &DeviceFilter,
+) -> Result<Vec<DeviceRecord>, StoreError> {
+    let (sql, args) = filter::device_query::<Postgres>(filter);
+    let params: Vec<_> = args.iter().map(bound).collect();
+    let params: &Params<'_> = &params;
+    query_all(c, &sql, params, rows::device).await
+}
+
+/// Enrolls a device, or enrolls it again.
+pub(super) async fn enroll(
+    c: &impl GenericClient,
+    e: &Enrollment,
+    now: u64,
+) -> Result<DeviceRecord, StoreError> {
+    c.execute(
+        "INSERT INTO devices (id, first_seen, last_seen, hardware, tags, enrolled_at, credential, device_key)
+         VALUES ($1, $2, $2, $3, $4, $2, $5, $6)
+         ON CONFLICT (id) DO UPDATE SET hardware = excluded.hardware, tags = excluded.tags,
+            enrolled_at = excluded.enrolled_at, credential = excluded.credential, revoked_at = NULL,
+            device_key = excluded.device_key",
+        &[&e.id, &stored(now), &e.hardware, &rows::tags_json(&e.tags), &e.credential, &e.public_key],
+    )
+    .await?;
+    get(c, &e.id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(e.id.clone()))
+}
+
+/// Revokes a device's credential, keeping the first revocation time.
+pub(super) async fn revoke(
+    c: &impl GenericClient,
+    id: &str,
+    now: u64,
+) -> Result<Option<DeviceRecord>, StoreError> {
+    c.execute(
+        "UPDATE devices SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+        &[&id, &stored(now)],
+    )
+    .await?;
+    get(c, id).await
+}
+
+/// Replaces a device's tags.
+pub(super) async fn set_tags(
+    c: &impl GenericClient,
+    id: &str,
+    tags: &BTreeMap<String, String>,
+) -> Result<Option<DeviceRecord>, StoreError> {
+    c.execute(
+        "UPDATE devices SET tags = $2 WHERE id = $1",
+        &[&id, &rows::tags_json(tags)],
+    )
+    .await?;
+    get(c, id).await
+}
+
+/// Sets a device's public key as `who` may; the key it has afterwards.
+pub(super) async fn set_key(
+    c: &impl GenericClient,
+    id: &str,
+    key: &str,
+    who: KeyWrite,
+) -> Result<Option<String>, StoreError> {
+    let sql = match who {
+        KeyWrite::Operator => "UPDATE devices SET device_key = $2 WHERE id = $1",
+        KeyWrite::FirstOnly => {
+            "UPDATE devices SET device_key = $2 WHERE id = $1 AND device_key IS NULL"
+        }
+    };
+    c.execute(sql, &[&id, &key]).await?;
+    Ok(query_opt(
+        c,
+        "SELECT device_key FROM devices WHERE id = $1",
+        &[&id],
+        |r| r.opt_text(0),
+    )
+    .await?
+    .flatten())
+}
+
+/// A device's credential hash, if it is enrolled and not revoked.
+pub(super) async fn credential(
+    c: &impl GenericClient,
+    id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(query_opt(
+        c,
+        "SELECT credential FROM devices WHERE id = $1 AND revoked_at IS NULL",
+        &[&id],
+        |r| r.opt_text(0),
+    )
+    .await?
+    .flatten())
+}

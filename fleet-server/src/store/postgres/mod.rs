@@ -1,0 +1,487 @@
+//! The PostgreSQL backend, for fleets that outgrow one machine or run
+//! several server processes on one database. All its SQL lives in this
+//! module, by record family (`devices.rs`, `models.rs`, `streams.rs`,
+//! `tokens.rs`).
+//!
+//! A small pool of connections (deadpool-postgres over tokio-postgres);
+//! every operation is one transaction. Migrations run at start under an
+//! advisory lock, so servers starting together apply each one once. The
+//! schema is the search path's (`?options=-csearch_path%3Dname` in the URL
+//! picks another), which is how the tests get a fresh one per run.
+
+mod devices;
+mod models;
+mod streams;
+mod tokens;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use edgefleet_shared::{StatusMessage, UpdateEvent};
+
+use crate::auth::TokenRecord;
+
+use super::backend::{StoreBackend, StoreFuture};
+use super::filter::{Dialect, SqlValue};
+use super::migrations::{self, MIGRATIONS};
+use super::rows::Columns;
+use super::{
+    Attachment, AuditEntry, AuditRecord, DeviceFilter, DeviceRecord, Enrollment, EventRecord,
+    KeyWrite, ModelRecord, Page, SignFn, StatusOutcome, StoreError, Streamed, Target,
+};
+
+/// Any key: serialises migrations of edgefleet servers on one database.
+const MIGRATION_LOCK: i64 = 0x6564_6765_666c_7431; // "edgeflt1"
+
+fn pg(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Postgres(e.to_string())
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's message (with its detail) is the useful part.
+        match e.as_db_error() {
+            Some(db) => StoreError::Postgres(match db.detail() {
+                Some(detail) => format!("{}: {detail}", db.message()),
+                None => db.message().to_string(),
+            }),
+            None => StoreError::Postgres(e.to_string()),
+        }
+    }
+}
+
+/// The PostgreSQL database: a pool of connections.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgStore")
+    }
+}
+
+/// The URL without its password, for messages.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl PgStore {
+    /// Connects (a pool of up to 8 connections), checks the database
+    /// answers, and applies the migrations it lacks.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let open_error = |reason: String| StoreError::Open {
+            what: redacted(url),
+            reason,
+        };
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| open_error(format!("not a PostgreSQL URL: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(8)
+            .build()
+            .map_err(|e| open_error(e.to_string()))?;
+        let store = Self { pool };
+        let mut client = tokio::time::timeout(std::time::Duration::from_secs(10), store.pool.get())
+            .await
+            .map_err(|_| open_error("no answer within 10 s".into()))?
+            .map_err(|e| open_error(e.to_string()))?;
+        migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(pg)
+    }
+}
+
+/// Applies the migrations the database lacks, all in one transaction
+/// under the migration lock. `edgefleet_schema` holds one row: how many of
+/// [`MIGRATIONS`] ran, with `shared_numbering` set. A row without it
+/// counts the six-step PostgreSQL-only list instead and is translated
+/// (see [`migrations::POSTGRES_SIX_STEP_COUNTS`]); servers that only know
+/// that list read the version alone, find it past their six and refuse to
+/// start rather than misread the schema.
+async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS edgefleet_schema (version BIGINT NOT NULL);
+         ALTER TABLE edgefleet_schema
+             ADD COLUMN IF NOT EXISTS shared_numbering BOOLEAN NOT NULL DEFAULT FALSE",
+    )
+    .await?;
+    let recorded = query_opt(
+        &tx,
+        "SELECT version, shared_numbering FROM edgefleet_schema",
+        &[],
+        |r| Ok((r.int(0)? as usize, r.flag(1)?)),
+    )
+    .await?;
+    let applied = match recorded {
+        None => 0,
+        Some((version, true)) => version,
+        Some((count, false)) => migrations::from_postgres_six_step(count)?,
+    };
+    for i in migrations::pending(applied)? {
+        let migration = &MIGRATIONS[i];
+        tracing::info!(
+            number = i + 1,
+            purpose = migration.purpose,
+            "migrating the database"
+        );
+        if !migration.postgres.trim().is_empty() {
+            tx.batch_execute(migration.postgres).await?;
+        }
+    }
+    tx.execute("DELETE FROM edgefleet_schema", &[]).await?;
+    tx.execute(
+        "INSERT INTO edgefleet_schema (version, shared_numbering) VALUES ($1, TRUE)",
+        &[&(MIGRATIONS.len() as i64)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+impl Columns for Row {
+    fn text(&self, index: usize) -> Result<String, StoreError> {
+        Ok(self.try_get(index)?)
+    }
+    fn opt_text(&self, index: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(index)?)
+    }
+    fn int(&self, index: usize) -> Result<i64, StoreError> {
+        Ok(self.try_get(index)?)
+    }
+    fn opt_int(&self, index: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.try_get(index)?)
+    }
+    fn flag(&self, index: usize) -> Result<bool, StoreError> {
+        Ok(self.try_get(index)?)
+    }
+    fn opt_bytes(&self, index: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.try_get(index)?)
+    }
+}
+
+/// Bound values of a statement.
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+/// Every row `sql` returns, each through `map`.
+async fn query_all<T>(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &Params<'_>,
+    map: impl Fn(&dyn Columns) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    c.query(sql, params)
+        .await?
+        .iter()
+        .map(|row| map(row))
+        .collect()
+}
+
+/// The row `sql` returns, through `map`, if there is one.
+async fn query_opt<T>(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &Params<'_>,
+    map: impl Fn(&dyn Columns) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    c.query_opt(sql, params)
+        .await?
+        .as_ref()
+        .map(|row| map(row))
+        .transpose()
+}
+
+/// PostgreSQL's spelling of built queries: `$n` placeholders, tags
+/// matched with `->>` on the tags text read as JSONB.
+struct Postgres;
+
+impl Dialect for Postgres {
+    fn placeholder(n: usize) -> String {
+        format!("${n}")
+    }
+    fn tag_equals(key: &str, value: &str) -> String {
+        format!("(tags::jsonb ->> {key}) = {value}")
+    }
+    fn tag_key(key: &str) -> String {
+        key.to_string()
+    }
+}
+
+/// A built query's value as tokio-postgres binds it.
+fn bound(value: &SqlValue) -> &(dyn ToSql + Sync) {
+    match value {
+        SqlValue::Text(s) => s,
+        SqlValue::Int(i) => i,
+        SqlValue::Flag(b) => b,
+    }
+}
+
+impl StoreBackend for PgStore {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn record_messages<'a>(
+        &'a self,
+        statuses: &'a [StatusMessage],
+        events: &'a [UpdateEvent],
+        now: u64,
+    ) -> StoreFuture<'a, (Vec<StatusOutcome>, Vec<bool>)> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            devices::record_messages(&mut client, statuses, events, now).await
+        })
+    }
+
+    fn sign_desired<'a>(
+        &'a self,
+        device: &'a str,
+        now: u64,
+        sign: SignFn,
+    ) -> StoreFuture<'a, Option<(u64, Vec<u8>)>> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            devices::sign_desired(&mut client, device, now, sign).await
+        })
+    }
+
+    fn all_desired(&self) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
+        Box::pin(async move { devices::all_desired(&self.client().await?).await })
+    }
+
+    fn desired_json<'a>(&'a self, device: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move { devices::desired_json(&self.client().await?, device).await })
+    }
+
+    fn events_for_device<'a>(
+        &'a self,
+        device: &'a str,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<EventRecord>> {
+        Box::pin(
+            async move { streams::events_for_device(&self.client().await?, device, limit).await },
+        )
+    }
+
+    fn list_devices(&self) -> StoreFuture<'_, Vec<DeviceRecord>> {
+        Box::pin(async move { devices::list(&self.client().await?).await })
+    }
+
+    fn get_device<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<DeviceRecord>> {
+        Box::pin(async move { devices::get(&self.client().await?, id).await })
+    }
+
+    fn find_devices<'a>(&'a self, filter: &'a DeviceFilter) -> StoreFuture<'a, Vec<DeviceRecord>> {
+        Box::pin(async move { devices::find(&self.client().await?, filter).await })
+    }
+
+    fn enroll_device<'a>(
+        &'a self,
+        enrollment: &'a Enrollment,
+        now: u64,
+    ) -> StoreFuture<'a, DeviceRecord> {
+        Box::pin(async move { devices::enroll(&self.client().await?, enrollment, now).await })
+    }
+
+    fn revoke_device<'a>(&'a self, id: &'a str, now: u64) -> StoreFuture<'a, Option<DeviceRecord>> {
+        Box::pin(async move { devices::revoke(&self.client().await?, id, now).await })
+    }
+
+    fn set_tags<'a>(
+        &'a self,
+        id: &'a str,
+        tags: &'a std::collections::BTreeMap<String, String>,
+    ) -> StoreFuture<'a, Option<DeviceRecord>> {
+        Box::pin(async move { devices::set_tags(&self.client().await?, id, tags).await })
+    }
+
+    fn delete_model<'a>(
+        &'a self,
+        name: &'a str,
+        version: u64,
+    ) -> StoreFuture<'a, (ModelRecord, bool)> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            models::delete(&mut client, name, version).await
+        })
+    }
+
+    fn set_device_key<'a>(
+        &'a self,
+        id: &'a str,
+        key: &'a str,
+        who: KeyWrite,
+    ) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move { devices::set_key(&self.client().await?, id, key, who).await })
+    }
+
+    fn device_credential<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move { devices::credential(&self.client().await?, id).await })
+    }
+
+    fn add_model<'a>(&'a self, model: &'a ModelRecord) -> StoreFuture<'a, ModelRecord> {
+        Box::pin(async move { models::add(&self.client().await?, model).await })
+    }
+
+    fn get_model<'a>(
+        &'a self,
+        name: &'a str,
+        version: u64,
+    ) -> StoreFuture<'a, Option<ModelRecord>> {
+        Box::pin(async move { models::get(&self.client().await?, name, version).await })
+    }
+
+    fn list_models(&self) -> StoreFuture<'_, Vec<ModelRecord>> {
+        Box::pin(async move { models::list(&self.client().await?).await })
+    }
+
+    fn attach<'a>(
+        &'a self,
+        name: &'a str,
+        version: u64,
+        attachment: Attachment,
+    ) -> StoreFuture<'a, ModelRecord> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            models::attach(&mut client, name, version, &attachment).await
+        })
+    }
+
+    fn deploy<'a>(
+        &'a self,
+        model: &'a str,
+        version: u64,
+        target: &'a Target,
+        now: u64,
+    ) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            models::deploy(&mut client, model, version, target, now).await
+        })
+    }
+
+    fn models_for_device<'a>(&'a self, device: &'a str) -> StoreFuture<'a, Vec<ModelRecord>> {
+        Box::pin(async move { models::for_device(&self.client().await?, device).await })
+    }
+
+    fn record_streamed<'a>(&'a self, batch: &'a [Streamed], now: u64) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            streams::record(&mut client, batch, now).await
+        })
+    }
+
+    fn telemetry_for_device<'a>(
+        &'a self,
+        device: &'a str,
+        page: &'a Page,
+    ) -> StoreFuture<'a, Option<Vec<serde_json::Value>>> {
+        Box::pin(
+            async move { streams::telemetry_for_device(&self.client().await?, device, page).await },
+        )
+    }
+
+    fn recent_telemetry<'a>(
+        &'a self,
+        device: &'a str,
+        since: u64,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<serde_json::Value>> {
+        Box::pin(async move {
+            streams::recent_telemetry(&self.client().await?, device, since, limit).await
+        })
+    }
+
+    fn results_for_device<'a>(
+        &'a self,
+        device: &'a str,
+        model: Option<&'a str>,
+        page: &'a Page,
+    ) -> StoreFuture<'a, Option<Vec<serde_json::Value>>> {
+        Box::pin(async move {
+            streams::results_for_device(&self.client().await?, device, model, page).await
+        })
+    }
+
+    fn save_rollout<'a>(
+        &'a self,
+        id: &'a str,
+        active: bool,
+        state: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(
+            async move { models::save_rollout(&self.client().await?, id, active, state).await },
+        )
+    }
+
+    fn list_rollouts(&self) -> StoreFuture<'_, Vec<(String, bool, String)>> {
+        Box::pin(async move { models::list_rollouts(&self.client().await?).await })
+    }
+
+    fn prune_streamed(&self, cutoff: u64) -> StoreFuture<'_, usize> {
+        Box::pin(async move { streams::prune(&self.client().await?, cutoff).await })
+    }
+
+    fn create_token<'a>(&'a self, token: &'a TokenRecord, hash: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move { tokens::create(&self.client().await?, token, hash).await })
+    }
+
+    fn token_for_auth<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<(TokenRecord, String)>> {
+        Box::pin(async move { tokens::for_auth(&self.client().await?, id).await })
+    }
+
+    fn list_tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
+        Box::pin(async move { tokens::list(&self.client().await?).await })
+    }
+
+    fn revoke_token<'a>(&'a self, id: &'a str, now: u64) -> StoreFuture<'a, Option<TokenRecord>> {
+        Box::pin(async move { tokens::revoke(&self.client().await?, id, now).await })
+    }
+
+    fn record_audit<'a>(&'a self, entry: &'a AuditEntry) -> StoreFuture<'a, ()> {
+        Box::pin(async move { tokens::record_audit(&self.client().await?, entry).await })
+    }
+
+    fn list_audit(&self, after_id: u64, limit: u32) -> StoreFuture<'_, Vec<AuditRecord>> {
+        Box::pin(async move { tokens::list_audit(&self.client().await?, after_id, limit).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redacted("postgres://fleet:s3cret@db.example:5432/fleet"),
+            "postgres://fleet@db.example:5432/fleet"
+        );
+        assert_eq!(
+            redacted("postgres://127.0.0.1/test"),
+            "postgres://127.0.0.1/test"
+        );
+    }
+}

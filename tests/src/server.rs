@@ -1,0 +1,565 @@
+//! A real `fleet-server serve` process for a test: started through
+//! [`ServerBuilder`] on ports the OS assigns (`127.0.0.1:0`), which the
+//! harness learns from the server's "fleet server ready" log line and
+//! keeps for [`Server::restart`], so agents find it again where it was.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::{binary, expect_success, json_output, unique_suffix, wait_for, Proc};
+
+/// How long a server may take from spawn to its ready line.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a device may take to come online or to serve what was deployed.
+const DEVICE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a started server listens, from its "fleet server ready" line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyLine {
+    /// The HTTP API's address.
+    pub http: std::net::SocketAddr,
+    /// The broker devices are told to use: the embedded broker's public
+    /// listener, or the external broker.
+    pub mqtt_host: String,
+    pub mqtt_port: u16,
+    /// Whether the API is served over TLS (the dashboard URL is `https`).
+    pub https: bool,
+}
+
+impl ReadyLine {
+    /// The ready line's fields in the last whole line of `log` that has
+    /// them (a line still being written has no newline yet).
+    pub fn find(log: &str) -> Option<Self> {
+        log.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .rev()
+            .find(|l| l.contains("fleet server ready"))
+            .and_then(Self::parse)
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+        };
+        let (mqtt_host, mqtt_port) = field("mqtt")?.rsplit_once(':')?;
+        Some(Self {
+            http: field("http")?.parse().ok()?,
+            mqtt_host: mqtt_host.to_string(),
+            mqtt_port: mqtt_port.parse().ok()?,
+            https: field("dashboard")?.starts_with("https://"),
+        })
+    }
+}
+
+/// How to start a [`Server`]: `Server::builder(dir)`, then any of the
+/// options, then [`ServerBuilder::start`].
+#[must_use]
+pub struct ServerBuilder {
+    dir: PathBuf,
+    broker: Option<String>,
+    database: Option<String>,
+    args: Vec<OsString>,
+}
+
+impl ServerBuilder {
+    /// Uses the external broker at `url` (`mqtt://host:port`) instead of
+    /// the embedded one, under a topic prefix of its own so parallel tests
+    /// and earlier runs' retained messages never meet.
+    pub fn external_broker(mut self, url: &str) -> Self {
+        self.broker = Some(url.to_string());
+        self
+    }
+
+    /// Uses the database at `url` instead of SQLite in the data dir.
+    pub fn database(mut self, url: &str) -> Self {
+        self.database = Some(url.to_string());
+        self
+    }
+
+    /// Appends `fleet-server serve` arguments.
+    pub fn args<S: AsRef<std::ffi::OsStr>>(mut self, args: &[S]) -> Self {
+        self.args
+            .extend(args.iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
+
+    /// Makes the fleet keys (`fleetctl keys init`) in `{dir}/keys` and
+    /// starts the server on OS-assigned ports; returns once it is ready.
+    pub async fn start(self) -> anyhow::Result<Server> {
+        let dir = self.dir;
+        let keys_dir = dir.join("keys");
+        let out = Command::new(binary("fleetctl"))
+            .args(["keys", "init", "--dir"])
+            .arg(&keys_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("keys init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut args: Vec<OsString> = vec!["serve".into(), "--data-dir".into()];
+        args.push(dir.join("server").into());
+        args.push("--keys-dir".into());
+        args.push(keys_dir.clone().into());
+        let (embedded, topic_prefix) = match &self.broker {
+            None => (true, "edgefleet/v1".to_string()),
+            Some(url) => {
+                let prefix = format!("edgefleet-test-{}/v1", unique_suffix());
+                args.extend(["--broker".into(), url.into()]);
+                args.extend(["--topic-prefix".into(), prefix.clone().into()]);
+                (false, prefix)
+            }
+        };
+        if let Some(database) = &self.database {
+            args.extend(["--database".into(), database.into()]);
+        }
+        args.extend(self.args);
+        let listen = Listen {
+            http: "127.0.0.1:0".into(),
+            mqtt: embedded.then(|| "127.0.0.1:0".into()),
+        };
+        let (proc, ready) = spawn_ready(&args, &listen, dir.join("server.log")).await?;
+        let token_file = dir.join("server").join("admin.token");
+        let token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("the server wrote no {}", token_file.display()))?
+            .trim()
+            .to_string();
+        let scheme = if ready.https { "https" } else { "http" };
+        Ok(Server {
+            token,
+            proc,
+            url: format!("{scheme}://{}", ready.http),
+            mqtt_port: ready.mqtt_port,
+            mqtt_url: match &self.broker {
+                Some(url) => url.clone(),
+                None => format!("mqtt://{}:{}", ready.mqtt_host, ready.mqtt_port),
+            },
+            topic_prefix,
+            keys_dir,
+            dir,
+            listen: Listen {
+                http: ready.http.to_string(),
+                mqtt: embedded.then(|| format!("{}:{}", ready.mqtt_host, ready.mqtt_port)),
+            },
+            args,
+            starts: 1,
+        })
+    }
+}
+
+/// The addresses a server is told to listen on.
+struct Listen {
+    http: String,
+    /// The embedded broker's (`None` with an external broker).
+    mqtt: Option<String>,
+}
+
+/// Spawns `fleet-server` with `args` on `listen` and waits for its ready
+/// line; fails at once, with the log, if it exits first.
+async fn spawn_ready(
+    args: &[OsString],
+    listen: &Listen,
+    log: PathBuf,
+) -> anyhow::Result<(Proc, ReadyLine)> {
+    let mut cmd = Command::new(binary("fleet-server"));
+    cmd.args(args).arg("--http").arg(&listen.http);
+    if let Some(mqtt) = &listen.mqtt {
+        cmd.arg("--mqtt-listen").arg(mqtt);
+    }
+    let mut proc = Proc::spawn(cmd, log)?;
+    fleet_server::install_crypto_provider();
+    let ready = wait_for("the fleet server's ready line", START_TIMEOUT, || {
+        let seen = match ReadyLine::find(&proc.log_text()) {
+            Some(ready) => Some(Ok(ready)),
+            None => proc.child.try_wait().ok().flatten().map(Err),
+        };
+        std::future::ready(seen)
+    })
+    .await;
+    match ready {
+        Ok(Ok(ready)) => Ok((proc, ready)),
+        Ok(Err(status)) => bail!(
+            "the fleet server exited ({status}) before it was ready; log:\n{}",
+            proc.log_text()
+        ),
+        Err(e) => bail!("{e}; log:\n{}", proc.log_text()),
+    }
+}
+
+/// A running fleet server with its embedded broker or on an external one.
+pub struct Server {
+    pub proc: Proc,
+    /// The API's base URL (`http://` or, with TLS, `https://`).
+    pub url: String,
+    /// Port of the broker devices use: the embedded broker's public
+    /// listener, or the external broker's.
+    pub mqtt_port: u16,
+    /// What agents connect to.
+    pub mqtt_url: String,
+    pub topic_prefix: String,
+    pub keys_dir: PathBuf,
+    pub dir: PathBuf,
+    /// The admin token the server wrote on its first start.
+    pub token: String,
+    /// Where it listens: the ports it got at its first start.
+    listen: Listen,
+    /// The `fleet-server` arguments but the listen addresses, for
+    /// [`Server::restart`].
+    args: Vec<OsString>,
+    starts: u32,
+}
+
+impl Server {
+    /// A server with its embedded broker, SQLite and no other options.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::builder(dir).start().await
+    }
+
+    /// A server with keys and data under `dir`, to configure before
+    /// [`ServerBuilder::start`].
+    pub fn builder(dir: &Path) -> ServerBuilder {
+        ServerBuilder {
+            dir: dir.to_path_buf(),
+            broker: None,
+            database: None,
+            args: Vec::new(),
+        }
+    }
+
+    /// Kills the server (SIGKILL: with the embedded broker, the broker
+    /// goes with it).
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts the server again on the same ports and data (after
+    /// [`Server::kill`]; kills it first if it is running). Its log is
+    /// `server-N.log` for the Nth start.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.starts += 1;
+        let log = self.dir.join(format!("server-{}.log", self.starts));
+        let (proc, _) = spawn_ready(&self.args, &self.listen, log).await?;
+        self.proc = proc;
+        Ok(())
+    }
+
+    /// An authenticated GET of an API path (with the admin token).
+    pub async fn get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        Ok(reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await?)
+    }
+
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        Ok(self.get(path).await?.json().await?)
+    }
+
+    /// Runs `fleetctl` against this server with its admin token.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(binary("fleetctl"))
+            .env("FLEETCTL_SERVER", &self.url)
+            .env("EDGEFLEET_TOKEN", &self.token)
+            .args(args)
+            .output()
+            .expect("run fleetctl")
+    }
+
+    /// `fleetctl --json ARGS`: the JSON it printed, asserting success.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        json_output(&self.ctl(&[&["--json"][..], args].concat()))
+    }
+
+    /// `fleetctl devices enroll` of `id` (hardware `rpi4`) into a fresh
+    /// `{dir}/bundle-{id}`, asserting success; returns the bundle.
+    pub fn enroll(&self, dir: &Path, id: &str) -> PathBuf {
+        let bundle = dir.join(format!("bundle-{id}"));
+        let _ = std::fs::remove_dir_all(&bundle);
+        let out = self.ctl(&[
+            "devices",
+            "enroll",
+            "--id",
+            id,
+            "--hardware",
+            "rpi4",
+            "--out",
+            bundle.to_str().expect("temp dirs have UTF-8 paths"),
+        ]);
+        expect_success(&out, "devices enroll");
+        bundle
+    }
+
+    /// The device record once it reports `model` at `version` as served.
+    pub async fn wait_for_model(
+        &self,
+        device: &str,
+        model: &str,
+        version: u64,
+    ) -> anyhow::Result<Value> {
+        let path = format!("/api/v1/devices/{device}");
+        wait_for(
+            &format!("{device} serving {model} v{version}"),
+            DEVICE_TIMEOUT,
+            || {
+                let path = path.clone();
+                async move {
+                    let d = self.get_json(&path).await.ok()?;
+                    let serving = d["models"]
+                        .as_array()?
+                        .iter()
+                        .any(|m| m["name"] == model && m["version"] == version);
+                    (serving && d["online"] == true).then_some(d)
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits until the server shows `device` online.
+    pub async fn wait_device_online(&self, device: &str) -> anyhow::Result<()> {
+        let path = format!("/api/v1/devices/{device}");
+        wait_for(&format!("{device} online"), DEVICE_TIMEOUT / 2, || async {
+            let d = self.get_json(&path).await.ok()?;
+            (d["online"] == true).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until at least `n` devices are online (`fleetctl devices
+    /// list --online`).
+    pub async fn wait_devices_online(&self, n: usize) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{n} devices online"),
+            DEVICE_TIMEOUT,
+            || async {
+                let online = self.ctl_json(&["devices", "list", "--online", "--limit", "1000"]);
+                (online.as_array().map_or(0, Vec::len) >= n).then_some(())
+            },
+        )
+        .await
+    }
+
+    /// The request ids of the results stored for `device`, in sequence
+    /// order (the first 5,000).
+    pub async fn result_ids(&self, device: &str) -> anyhow::Result<Vec<String>> {
+        let v = self
+            .get_json(&format!("/api/v1/devices/{device}/results?limit=5000"))
+            .await?;
+        let results = v["results"].as_array().context("no results array")?;
+        Ok(results
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap_or("").to_string())
+            .collect())
+    }
+
+    /// `fleetctl model push`, asserting success.
+    pub fn push(&self, model: &Path, name: &str, version: u64) {
+        let out = self.ctl(&[
+            "model",
+            "push",
+            model.to_str().expect("model paths are UTF-8"),
+            "--name",
+            name,
+            "--version",
+            &version.to_string(),
+        ]);
+        expect_success(&out, "model push");
+    }
+
+    /// `fleetctl deploy` to `target` (`--all` or a device id), asserting success.
+    pub fn deploy(&self, name: &str, version: u64, target: &str) {
+        let version = version.to_string();
+        let mut args = vec!["deploy", "--model", name, "--version", &version];
+        if target == "--all" {
+            args.push("--all");
+        } else {
+            args.extend(["--device", target]);
+        }
+        expect_success(&self.ctl(&args), "deploy");
+    }
+
+    pub fn root_document(&self) -> PathBuf {
+        self.keys_dir.join("root.json")
+    }
+
+    /// The server's online signing key (the test plays the operator, or
+    /// an attacker who stole it).
+    pub fn online_key(&self) -> edgefleet_shared::SecretKey {
+        fleet_server::keys::read_key(&self.keys_dir.join("online.key"))
+            .expect("keys init wrote online.key")
+    }
+
+    /// The desired state the server last signed for `device`.
+    pub async fn desired(
+        &self,
+        device: &str,
+    ) -> anyhow::Result<(edgefleet_shared::Signed, edgefleet_shared::DesiredState)> {
+        let bytes = self
+            .get(&format!("/api/v1/devices/{device}/desired"))
+            .await?
+            .bytes()
+            .await?;
+        let envelope = edgefleet_shared::Signed::from_json(&bytes)?;
+        let doc = envelope.parse_unverified()?;
+        Ok((envelope, doc))
+    }
+
+    /// Publishes `payload` retained on `device`'s desired-state topic of
+    /// the server's broker, as anyone with broker access could.
+    pub async fn publish_desired(&self, device: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+        let topic = edgefleet_shared::TopicPrefix::new(self.topic_prefix.clone())?
+            .device(
+                &edgefleet_shared::DeviceId::new(device)?,
+                edgefleet_shared::TopicKind::Desired,
+            )
+            .to_string();
+        self.publish_retained(&topic, payload).await
+    }
+
+    /// The topic the server publishes its root chain on.
+    pub fn roots_topic(&self) -> String {
+        edgefleet_shared::TopicPrefix::new(self.topic_prefix.clone())
+            .expect("the server started with this prefix, so it is valid")
+            .roots()
+    }
+
+    /// Publishes `payload` retained on `topic` of the server's broker (an
+    /// anonymous client: the embedded broker without device
+    /// authentication, or an open external one).
+    pub async fn publish_retained(&self, topic: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+        let mut options = rumqttc::MqttOptions::new(
+            format!("test-publisher-{}", unique_suffix()),
+            "127.0.0.1",
+            self.mqtt_port,
+        );
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+            .await?;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("test publisher: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The update events the server stored for `device`, newest first
+    /// (empty if they cannot be read).
+    pub async fn events(&self, device: &str) -> Vec<Value> {
+        self.get_json(&format!("/api/v1/devices/{device}/events"))
+            .await
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Waits for an update event of `device` that `matches`; returns it.
+    /// On timeout the error lists the device's events.
+    pub async fn wait_event_matching(
+        &self,
+        device: &str,
+        what: &str,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let found = wait_for(what, timeout, || async {
+            self.events(device).await.into_iter().find(&matches)
+        })
+        .await;
+        match found {
+            Ok(event) => Ok(event),
+            Err(e) => bail!("{e}\nevents of {device}: {:?}", self.events(device).await),
+        }
+    }
+
+    /// Waits for an update event of `device` with this kind and model
+    /// version; returns it.
+    pub async fn wait_event(
+        &self,
+        device: &str,
+        kind: &str,
+        model_version: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        self.wait_event_matching(
+            device,
+            &format!("{kind} event for model version {model_version}"),
+            timeout,
+            |e| e["kind"] == kind && e["model_version"] == model_version,
+        )
+        .await
+    }
+
+    /// A model slot for `bytes` as the test signs it itself: the name
+    /// `digits`, ONNX, downloaded from `url`, nothing optional.
+    pub fn digits_slot(bytes: &[u8], version: u64, url: String) -> edgefleet_shared::ModelSlot {
+        use sha2::Digest;
+        edgefleet_shared::ModelSlot {
+            name: "digits".into(),
+            version,
+            format: edgefleet_shared::ModelFormat::Onnx,
+            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            size: bytes.len() as u64,
+            urls: vec![url],
+            inputs: vec![],
+            outputs: vec![],
+            test_vector: None,
+            soak: None,
+            upload_results: false,
+            zstd: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = "2026-12-04T19:40:01.123456Z  INFO fleet_server: fleet server ready http=127.0.0.1:41873 mqtt=127.0.0.1:39021 dashboard=http://127.0.0.1:41873/ui/";
+
+    #[test]
+    fn the_ready_line_gives_both_ports() {
+        let log = format!("starting\n{LINE}\nlater line\n");
+        let ready = ReadyLine::find(&log).expect("a ready line");
+        assert_eq!(ready.http, "127.0.0.1:41873".parse().expect("an address"));
+        assert_eq!((ready.mqtt_host.as_str(), ready.mqtt_port), ("127.0.0.1", 39021));
+        assert!(!ready.https);
+    }
+
+    #[test]
+    fn an_https_dashboard_means_tls_and_an_external_broker_keeps_its_host() {
+        let line = LINE
+            .replace("dashboard=http://", "dashboard=https://")
+            .replace("mqtt=127.0.0.1:39021", "mqtt=broker.example:1883");
+        let ready = ReadyLine::find(&format!("{line}\n")).expect("a ready line");
+        assert!(ready.https);
+        assert_eq!((ready.mqtt_host.as_str(), ready.mqtt_port), ("broker.example", 1883));
+    }
+
+    #[test]
+    fn no_ready_line_yet_or_a_cut_one_is_none() {
+        assert_eq!(ReadyLine::find("INFO fleet database open backend=\"sqlite\"\n"), None);
+        let half_written = &LINE[..LINE.find("39021").expect("the mqtt port") + 2];
+        assert_eq!(ReadyLine::find(half_written), None);
+        assert_eq!(ReadyLine::find(LINE), None, "no newline yet");
+        let without_dashboard = &LINE[..LINE.find(" dashboard").expect("the field")];
+        assert_eq!(ReadyLine::find(&format!("{without_dashboard}\n")), None);
+    }
+}
