@@ -17,7 +17,6 @@ pub mod dashboard;
 pub mod demo;
 pub mod desired;
 pub mod device_keys;
-pub mod flash;
 pub mod fleet;
 pub mod insights;
 pub mod keys;

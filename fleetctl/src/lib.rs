@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod failure;
+pub mod flash;
 pub mod output;
 
 use cli::{Cli, Command};

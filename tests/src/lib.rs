@@ -198,4 +198,3 @@ pub fn json_output(out: &Output) -> Value {
     expect_success(out, "--json");
     serde_json::from_slice(&out.stdout).expect("fleetctl --json prints JSON")
 }
-

@@ -65,7 +65,10 @@ impl Mosquitto {
         cmd.arg("-c").arg(conf_dir.join("mosquitto.conf"));
         let proc = Proc::spawn(cmd, dir.join("mosquitto.log"))?;
         wait_for("mosquitto listening", Duration::from_secs(5), || async {
-            tokio::net::UnixStream::connect(&socket).await.ok().map(drop)
+            tokio::net::UnixStream::connect(&socket)
+                .await
+                .ok()
+                .map(drop)
         })
         .await
         .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", proc.log_text()))?;

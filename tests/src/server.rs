@@ -335,14 +335,10 @@ impl Server {
     /// Waits until at least `n` devices are online (`fleetctl devices
     /// list --online`).
     pub async fn wait_devices_online(&self, n: usize) -> anyhow::Result<()> {
-        wait_for(
-            &format!("{n} devices online"),
-            DEVICE_TIMEOUT,
-            || async {
-                let online = self.ctl_json(&["devices", "list", "--online", "--limit", "1000"]);
-                (online.as_array().map_or(0, Vec::len) >= n).then_some(())
-            },
-        )
+        wait_for(&format!("{n} devices online"), DEVICE_TIMEOUT, || async {
+            let online = self.ctl_json(&["devices", "list", "--online", "--limit", "1000"]);
+            (online.as_array().map_or(0, Vec::len) >= n).then_some(())
+        })
         .await
     }
 
@@ -539,7 +535,10 @@ mod tests {
         let log = format!("starting\n{LINE}\nlater line\n");
         let ready = ReadyLine::find(&log).expect("a ready line");
         assert_eq!(ready.http, "127.0.0.1:41873".parse().expect("an address"));
-        assert_eq!((ready.mqtt_host.as_str(), ready.mqtt_port), ("127.0.0.1", 39021));
+        assert_eq!(
+            (ready.mqtt_host.as_str(), ready.mqtt_port),
+            ("127.0.0.1", 39021)
+        );
         assert!(!ready.https);
     }
 
@@ -550,12 +549,18 @@ mod tests {
             .replace("mqtt=127.0.0.1:39021", "mqtt=broker.example:1883");
         let ready = ReadyLine::find(&format!("{line}\n")).expect("a ready line");
         assert!(ready.https);
-        assert_eq!((ready.mqtt_host.as_str(), ready.mqtt_port), ("broker.example", 1883));
+        assert_eq!(
+            (ready.mqtt_host.as_str(), ready.mqtt_port),
+            ("broker.example", 1883)
+        );
     }
 
     #[test]
     fn no_ready_line_yet_or_a_cut_one_is_none() {
-        assert_eq!(ReadyLine::find("INFO fleet database open backend=\"sqlite\"\n"), None);
+        assert_eq!(
+            ReadyLine::find("INFO fleet database open backend=\"sqlite\"\n"),
+            None
+        );
         let half_written = &LINE[..LINE.find("39021").expect("the mqtt port") + 2];
         assert_eq!(ReadyLine::find(half_written), None);
         assert_eq!(ReadyLine::find(LINE), None, "no newline yet");

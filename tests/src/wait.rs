@@ -119,7 +119,10 @@ mod tests {
         assert_eq!(err.last, tries.get(), "the last try's value");
         let message = err.to_string();
         assert!(message.contains("a value above 100"), "{message}");
-        assert!(message.contains(&format!("last seen: {}", err.last)), "{message}");
+        assert!(
+            message.contains(&format!("last seen: {}", err.last)),
+            "{message}"
+        );
     }
 
     #[tokio::test]

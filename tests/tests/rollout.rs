@@ -11,10 +11,6 @@ use serde_json::{json, Value};
 /// How long a rollout may take to reach a phase.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn ctl_json(server: &Server, args: &[&str]) -> Value {
-    server.ctl_json(args)
-}
-
 /// Waits for rollout `id` to reach `phase`; returns its status then. On
 /// timeout the error shows the last status seen.
 async fn wait_phase(server: &Server, id: &str, phase: &str) -> anyhow::Result<Value> {
@@ -22,7 +18,7 @@ async fn wait_phase(server: &Server, id: &str, phase: &str) -> anyhow::Result<Va
         &format!("rollout {id} in phase {phase}"),
         PHASE_TIMEOUT,
         || async {
-            let status = ctl_json(server, &["rollout", "status", id]);
+            let status = server.ctl_json(&["rollout", "status", id]);
             if status["phase"]["phase"] == phase {
                 Ok(status)
             } else {
@@ -122,25 +118,22 @@ async fn failing_rollout_pauses_in_the_canary_wave_and_abort_reverts() -> anyhow
         tv.to_str().unwrap(),
     ]);
     expect_success(&out, "model push");
-    let dry = ctl_json(
-        &server,
-        &[
-            "rollout",
-            "create",
-            "--id",
-            "bad",
-            "--model",
-            "digits",
-            "--version",
-            "2",
-            "--all",
-            "--waves",
-            "1,2,100%",
-            "--failure-pct",
-            "30",
-            "--dry-run",
-        ],
-    );
+    let dry = server.ctl_json(&[
+        "rollout",
+        "create",
+        "--id",
+        "bad",
+        "--model",
+        "digits",
+        "--version",
+        "2",
+        "--all",
+        "--waves",
+        "1,2,100%",
+        "--failure-pct",
+        "30",
+        "--dry-run",
+    ]);
     let waves: Vec<usize> = dry["waves"]
         .as_array()
         .unwrap()
@@ -149,28 +142,25 @@ async fn failing_rollout_pauses_in_the_canary_wave_and_abort_reverts() -> anyhow
         .collect();
     assert_eq!(waves, vec![1, 1, 2]);
     assert_eq!(
-        ctl_json(&server, &["rollout", "status"]),
+        server.ctl_json(&["rollout", "status"]),
         json!([]),
         "a dry run stores nothing"
     );
-    ctl_json(
-        &server,
-        &[
-            "rollout",
-            "create",
-            "--id",
-            "bad",
-            "--model",
-            "digits",
-            "--version",
-            "2",
-            "--all",
-            "--waves",
-            "1,2,100%",
-            "--failure-pct",
-            "30",
-        ],
-    );
+    server.ctl_json(&[
+        "rollout",
+        "create",
+        "--id",
+        "bad",
+        "--model",
+        "digits",
+        "--version",
+        "2",
+        "--all",
+        "--waves",
+        "1,2,100%",
+        "--failure-pct",
+        "30",
+    ]);
     // A second rollout over the same devices is refused.
     let conflict = server.ctl(&[
         "rollout",
@@ -186,7 +176,7 @@ async fn failing_rollout_pauses_in_the_canary_wave_and_abort_reverts() -> anyhow
     assert_eq!(conflict.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&conflict.stderr).contains("already in an active rollout"));
 
-    ctl_json(&server, &["rollout", "start", "bad"]);
+    server.ctl_json(&["rollout", "start", "bad"]);
     let paused = wait_phase(&server, "bad", "paused").await?;
     assert_eq!(
         paused["phase"]["wave"], 0,
@@ -213,7 +203,7 @@ async fn failing_rollout_pauses_in_the_canary_wave_and_abort_reverts() -> anyhow
         server.wait_for_model(id, "digits", 1).await?;
     }
 
-    let aborted = ctl_json(&server, &["rollout", "abort", "bad"]);
+    let aborted = server.ctl_json(&["rollout", "abort", "bad"]);
     assert_eq!(aborted["phase"]["phase"], "aborted");
     assert_eq!(aborted["devices"][&canary]["state"], "reverted");
     let device = server
@@ -229,29 +219,26 @@ async fn failing_rollout_pauses_in_the_canary_wave_and_abort_reverts() -> anyhow
 
     // A healthy version goes everywhere, wave by wave.
     server.push(&digits_model("fp32"), "digits", 3);
-    ctl_json(
-        &server,
-        &[
-            "rollout",
-            "create",
-            "--id",
-            "good",
-            "--model",
-            "digits",
-            "--version",
-            "3",
-            "--all",
-            "--waves",
-            "1,50%,100%",
-        ],
-    );
-    ctl_json(&server, &["rollout", "start", "good"]);
+    server.ctl_json(&[
+        "rollout",
+        "create",
+        "--id",
+        "good",
+        "--model",
+        "digits",
+        "--version",
+        "3",
+        "--all",
+        "--waves",
+        "1,50%,100%",
+    ]);
+    server.ctl_json(&["rollout", "start", "good"]);
     let done = wait_phase(&server, "good", "completed").await?;
     assert_eq!(done["counts"]["confirmed"], 4, "{done}");
     for id in ids {
         server.wait_for_model(id, "digits", 3).await?;
     }
-    let audit = ctl_json(&server, &["audit"]);
+    let audit = server.ctl_json(&["audit"]);
     let actions: Vec<&str> = audit
         .as_array()
         .unwrap()
@@ -274,30 +261,27 @@ async fn a_restarted_server_resumes_a_rollout_where_it_was() -> anyhow::Result<(
     let ids = ["rs-1", "rs-2"];
     let agents = agents_on_version_1(dir.path(), &server, &ids).await?;
     server.push(&digits_model("fp32"), "digits", 2);
-    ctl_json(
-        &server,
-        &[
-            "rollout",
-            "create",
-            "--id",
-            "slow",
-            "--model",
-            "digits",
-            "--version",
-            "2",
-            "--all",
-            "--waves",
-            "1,100%",
-            "--approve-each",
-        ],
-    );
-    ctl_json(&server, &["rollout", "start", "slow"]);
+    server.ctl_json(&[
+        "rollout",
+        "create",
+        "--id",
+        "slow",
+        "--model",
+        "digits",
+        "--version",
+        "2",
+        "--all",
+        "--waves",
+        "1,100%",
+        "--approve-each",
+    ]);
+    server.ctl_json(&["rollout", "start", "slow"]);
     let waiting = wait_phase(&server, "slow", "awaiting_approval").await?;
     server.restart().await?;
-    let after = ctl_json(&server, &["rollout", "status", "slow"]);
+    let after = server.ctl_json(&["rollout", "status", "slow"]);
     assert_eq!(after["phase"], waiting["phase"]);
     assert_eq!(after["devices"], waiting["devices"]);
-    ctl_json(&server, &["rollout", "approve", "slow"]);
+    server.ctl_json(&["rollout", "approve", "slow"]);
     wait_phase(&server, "slow", "completed").await?;
     for id in ids {
         server.wait_for_model(id, "digits", 2).await?;
@@ -322,27 +306,24 @@ async fn a_simulated_fleet_pauses_at_the_failure_threshold() -> anyhow::Result<(
     server.wait_devices_online(300).await?;
     server.push(&digits_model("int8"), "digits", 1);
     // Version 1: a quarter of the devices fail it.
-    ctl_json(
-        &server,
-        &[
-            "rollout",
-            "create",
-            "--id",
-            "sim1",
-            "--model",
-            "digits",
-            "--version",
-            "1",
-            "--all",
-            "--waves",
-            "1,5%,25%,100%",
-            "--failure-pct",
-            "10",
-            "--success-pct",
-            "0",
-        ],
-    );
-    ctl_json(&server, &["rollout", "start", "sim1"]);
+    server.ctl_json(&[
+        "rollout",
+        "create",
+        "--id",
+        "sim1",
+        "--model",
+        "digits",
+        "--version",
+        "1",
+        "--all",
+        "--waves",
+        "1,5%,25%,100%",
+        "--failure-pct",
+        "10",
+        "--success-pct",
+        "0",
+    ]);
+    server.ctl_json(&["rollout", "start", "sim1"]);
     let paused = wait_phase(&server, "sim1", "paused").await?;
     let last_wave = paused["waves"].as_array().unwrap().last().unwrap();
     for d in last_wave.as_array().unwrap() {
@@ -352,7 +333,7 @@ async fn a_simulated_fleet_pauses_at_the_failure_threshold() -> anyhow::Result<(
             "{paused}"
         );
     }
-    ctl_json(&server, &["rollout", "abort", "sim1"]);
+    server.ctl_json(&["rollout", "abort", "sim1"]);
     Ok(())
 }
 
@@ -382,8 +363,7 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
     server.push(&digits_model("int8"), "digits", 1);
     server.push(&digits_model("int8"), "digits", 2);
     let create = |id: &str, version: &str, waves: &str, more: &[&str]| {
-        ctl_json(
-            &server,
+        server.ctl_json(
             &[
                 &[
                     "rollout",
@@ -408,12 +388,12 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
         )
     };
     create("v1", "1", "1,50%,100%", &["--approve-each"]);
-    ctl_json(&server, &["rollout", "start", "v1"]);
+    server.ctl_json(&["rollout", "start", "v1"]);
     let waiting = wait_phase(&server, "v1", "awaiting_approval").await?;
     // The operator keeps one device of the last wave out of it.
     let waves = waiting["waves"].as_array().unwrap();
     let kept_out = waves[2][0].as_str().unwrap().to_string();
-    let excluded = ctl_json(&server, &["rollout", "device", "v1", &kept_out, "exclude"]);
+    let excluded = server.ctl_json(&["rollout", "device", "v1", &kept_out, "exclude"]);
     assert_eq!(excluded["devices"][&kept_out]["state"], "excluded");
     // Three devices join the fleet while the rollout waits.
     let _late = simulated(dir.path(), &server, "late", &["--devices", "3"])?;
@@ -421,7 +401,7 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
         "the late devices in the rollout",
         Duration::from_secs(10),
         || async {
-            let status = ctl_json(&server, &["rollout", "status", "v1"]);
+            let status = server.ctl_json(&["rollout", "status", "v1"]);
             if status["devices"].as_object().unwrap().len() == 23 {
                 Ok(status)
             } else {
@@ -443,9 +423,9 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
             .len(),
         13
     );
-    ctl_json(&server, &["rollout", "approve", "v1"]);
+    server.ctl_json(&["rollout", "approve", "v1"]);
     wait_phase(&server, "v1", "awaiting_approval").await?;
-    ctl_json(&server, &["rollout", "approve", "v1"]);
+    server.ctl_json(&["rollout", "approve", "v1"]);
     let done = wait_phase(&server, "v1", "completed").await?;
     assert_eq!(done["counts"]["confirmed"], 22, "{done}");
     assert_eq!(done["counts"]["excluded"], 1, "{done}");
@@ -472,7 +452,7 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
         "1,100%",
         &["--success-pct", "0", "--soak-secs", "5"],
     );
-    ctl_json(&server, &["rollout", "start", "v2"]);
+    server.ctl_json(&["rollout", "start", "v2"]);
     let paused = wait_phase(&server, "v2", "paused").await?;
     let canary = paused["waves"][0][0].as_str().unwrap();
     let state = &paused["devices"][canary];
@@ -488,7 +468,7 @@ async fn overrides_joining_devices_and_telemetry_limits() -> anyhow::Result<()> 
         paused["counts"]["waiting"], 22,
         "nobody else asked: {paused}"
     );
-    ctl_json(&server, &["rollout", "abort", "v2"]);
+    server.ctl_json(&["rollout", "abort", "v2"]);
     server.wait_for_model(canary, "digits", 1).await?;
     Ok(())
 }
@@ -624,41 +604,42 @@ async fn a_rollout_completes_through_offline_churn() -> anyhow::Result<()> {
     let _sim = simulated(dir.path(), &server, "sim", &churn)?;
     server.wait_devices_online(90).await?;
     server.push(&digits_model("int8"), "digits", 1);
-    ctl_json(
-        &server,
-        &[
-            "rollout",
-            "create",
-            "--id",
-            "churn",
-            "--model",
-            "digits",
-            "--version",
-            "1",
-            "--all",
-            "--waves",
-            "1,10%,50%,100%",
-            "--device-timeout-secs",
-            "2",
-            "--retries",
-            "5",
-            "--failure-pct",
-            "5",
-        ],
-    );
-    ctl_json(&server, &["rollout", "start", "churn"]);
+    server.ctl_json(&[
+        "rollout",
+        "create",
+        "--id",
+        "churn",
+        "--model",
+        "digits",
+        "--version",
+        "1",
+        "--all",
+        "--waves",
+        "1,10%,50%,100%",
+        "--device-timeout-secs",
+        "2",
+        "--retries",
+        "5",
+        "--failure-pct",
+        "5",
+    ]);
+    server.ctl_json(&["rollout", "start", "churn"]);
     // While it runs, the fewest devices seen online at once.
     let fewest_online = std::cell::Cell::new(usize::MAX);
     let status = wait_for_showing(
         "the churn rollout to stop running",
         Duration::from_secs(120),
         || async {
-            let status = ctl_json(&server, &["rollout", "status", "churn", "--brief"]);
+            let status = server.ctl_json(&["rollout", "status", "churn", "--brief"]);
             if status["phase"]["phase"] != "running" {
                 return Ok(status);
             }
-            let online = ctl_json(&server, &["devices", "list", "--online", "--limit", "1000"]);
-            fewest_online.set(fewest_online.get().min(online.as_array().map_or(0, Vec::len)));
+            let online = server.ctl_json(&["devices", "list", "--online", "--limit", "1000"]);
+            fewest_online.set(
+                fewest_online
+                    .get()
+                    .min(online.as_array().map_or(0, Vec::len)),
+            );
             Err(status)
         },
     )

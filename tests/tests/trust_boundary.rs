@@ -15,6 +15,10 @@
 //! covering every sequence number arrived while the server was down.
 //! Revocation cuts a device off at once, and a re-enrolled device with a
 //! new key is accepted while its old key is not.
+//!
+//! The two device ids carry a suffix unique to the run: they are MQTT
+//! client ids too, and on the shared broker two clients with one id take
+//! each other's sessions over.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -118,7 +122,11 @@ impl Client {
 }
 
 /// The victim: an agent from its bundle, uploading every result.
-fn start_victim(dir: &std::path::Path, bundle: &std::path::Path) -> anyhow::Result<Agent> {
+fn start_victim(
+    dir: &std::path::Path,
+    id: &str,
+    bundle: &std::path::Path,
+) -> anyhow::Result<Agent> {
     let config = bundle.join("agent.toml");
     let mut text = std::fs::read_to_string(&config)?;
     text += &format!(
@@ -126,7 +134,7 @@ fn start_victim(dir: &std::path::Path, bundle: &std::path::Path) -> anyhow::Resu
         digits_model("fp32").display()
     );
     std::fs::write(&config, text)?;
-    Agent::start_from_bundle(dir, "dev-b", bundle)
+    Agent::start_from_bundle(dir, id, bundle)
 }
 
 /// One inference by `agent` with request id `id`.
@@ -142,14 +150,18 @@ async fn stored_results(server: &Server, device: &str) -> Vec<String> {
     ids
 }
 
-async fn wait_all_results(server: &Server, expected: &[String]) -> anyhow::Result<()> {
+async fn wait_all_results(
+    server: &Server,
+    device: &str,
+    expected: &[String],
+) -> anyhow::Result<()> {
     let mut expected = expected.to_vec();
     expected.sort();
     wait_for(
         "every result of dev-b stored",
         Duration::from_secs(60),
         || async {
-            let stored = stored_results(server, "dev-b").await;
+            let stored = stored_results(server, device).await;
             (stored == expected).then_some(())
         },
     )
@@ -209,6 +221,10 @@ fn forgeries(
 /// registered key) and dev-b (the victim agent).
 struct Fleet {
     server: Server,
+    /// dev-a's and dev-b's device ids (and MQTT client ids): unique to
+    /// this run, since the open broker is shared with other tests and runs.
+    a: String,
+    b: String,
     mosquitto: Option<Mosquitto>,
     broker: Broker,
     port: u16,
@@ -246,8 +262,10 @@ impl Fleet {
                 (s, None, port)
             }
         };
-        let a_bundle = server.enroll(dir, "dev-a");
-        let b_bundle = server.enroll(dir, "dev-b");
+        let suffix = edgefleet_tests::unique_suffix();
+        let (a_id, b_id) = (format!("dev-a-{suffix}"), format!("dev-b-{suffix}"));
+        let a_bundle = server.enroll(dir, &a_id);
+        let b_bundle = server.enroll(dir, &b_id);
         if let Some(m) = &mosquitto {
             m.allow_enrolled(&server).await?;
         }
@@ -257,12 +275,12 @@ impl Fleet {
         let out = server.ctl(&[
             "devices",
             "set-key",
-            "dev-a",
+            &a_id,
             "--public-key",
             &a_key.public().to_hex(),
         ]);
         expect_success(&out, "devices set-key");
-        let victim = start_victim(dir, &b_bundle)?;
+        let victim = start_victim(dir, &b_id, &b_bundle)?;
         victim.wait_ready().await?;
         // The victim made its key and registered it with its bundle's
         // credentials; its messages are stored.
@@ -270,7 +288,10 @@ impl Fleet {
             "dev-b online with its key",
             Duration::from_secs(30),
             || async {
-                let d = server.get_json("/api/v1/devices/dev-b").await.ok()?;
+                let d = server
+                    .get_json(&format!("/api/v1/devices/{b_id}"))
+                    .await
+                    .ok()?;
                 (d["online"] == true && d["public_key"].is_string()).then_some(d)
             },
         )
@@ -284,6 +305,8 @@ impl Fleet {
         );
         Ok(Self {
             server,
+            a: a_id,
+            b: b_id,
             mosquitto,
             broker,
             port,
@@ -295,7 +318,12 @@ impl Fleet {
     }
 
     async fn attacker(&self) -> anyhow::Result<Client> {
-        Client::connect(self.port, "dev-a", Some(("dev-a", &self.a_password))).await
+        Client::connect(self.port, &self.a, Some((&self.a, &self.a_password))).await
+    }
+
+    /// dev-b's page in the API.
+    fn device_path(&self) -> String {
+        format!("/api/v1/devices/{}", self.b)
     }
 
     fn prefix(&self) -> String {
@@ -304,17 +332,17 @@ impl Fleet {
 
     /// What dev-a can read of dev-b: returns what arrived.
     async fn try_to_read(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        let p = self.prefix();
+        let (p, b) = (self.prefix(), &self.b);
         let mut seen = Vec::new();
         for filter in [
-            format!("{p}/devices/dev-b/desired"),
+            format!("{p}/devices/{b}/desired"),
             format!("{p}/devices/+/receipts"),
-            format!("{p}/devices/dev-b/telemetry"),
+            format!("{p}/devices/{b}/telemetry"),
         ] {
             let c = self.attacker().await?;
             let _ = c.client.subscribe(&filter, QoS::AtLeastOnce).await;
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            seen.extend(c.received_on(|t| t.contains("/dev-b/")));
+            seen.extend(c.received_on(|t| t.contains(&format!("/{b}/"))));
             if self.broker == Broker::Gate {
                 assert!(
                     c.closed.load(Ordering::SeqCst),
@@ -328,7 +356,7 @@ impl Fleet {
     /// Publishes every forgery, each on a fresh connection (the gate
     /// disconnects a device at its first).
     async fn forge(&self, from: u64) -> anyhow::Result<()> {
-        for (topic, payload, retain) in forgeries(&self.prefix(), "dev-b", &self.a_key, from) {
+        for (topic, payload, retain) in forgeries(&self.prefix(), &self.b, &self.a_key, from) {
             let c = self.attacker().await?;
             let _ = c
                 .client
@@ -348,14 +376,14 @@ impl Fleet {
     /// dev-b's state after the attacks: no forged event, online, the
     /// retained root chain and server status the server's own.
     async fn assert_unharmed(&self) -> anyhow::Result<()> {
-        let events = self.server.events("dev-b").await;
+        let events = self.server.events(&self.b).await;
         assert!(
             events
                 .iter()
                 .all(|e| !e["reason"].as_str().unwrap_or("").contains("forged")),
             "{events:?}"
         );
-        let b = self.server.get_json("/api/v1/devices/dev-b").await?;
+        let b = self.server.get_json(&self.device_path()).await?;
         assert_eq!(b["online"], true, "a forged status took: {b}");
         // What a device connecting now finds retained.
         let c = self.attacker().await?;
@@ -399,7 +427,7 @@ async fn attacks_fail(broker: Broker) -> anyhow::Result<()> {
         infer(&fleet.victim, &id).await?;
         expected.push(id);
     }
-    wait_all_results(&fleet.server, &expected).await?;
+    wait_all_results(&fleet.server, &fleet.b, &expected).await?;
 
     let read = fleet.try_to_read().await?;
     if broker.isolates() {
@@ -417,7 +445,7 @@ async fn attacks_fail(broker: Broker) -> anyhow::Result<()> {
             "refusals on dev-b's page",
             Duration::from_secs(10),
             || async {
-                let b = fleet.server.get_json("/api/v1/devices/dev-b").await.ok()?;
+                let b = fleet.server.get_json(&fleet.device_path()).await.ok()?;
                 (b["rejected_messages"]["count"].as_u64()? >= 2).then_some(b)
             },
         )
@@ -454,7 +482,7 @@ async fn attacks_fail(broker: Broker) -> anyhow::Result<()> {
             expected.push(id);
         }
     }
-    wait_all_results(&fleet.server, &expected)
+    wait_all_results(&fleet.server, &fleet.b, &expected)
         .await
         .with_context(|| fleet.victim.proc.log_text())?;
     if broker == Broker::MosquittoOpen {
@@ -475,7 +503,7 @@ impl Fleet {
             return Ok(());
         }
         let before = self.victim.proc.log_text().len();
-        let out = self.server.ctl(&["devices", "revoke", "dev-b"]);
+        let out = self.server.ctl(&["devices", "revoke", &self.b]);
         expect_success(&out, "devices revoke");
         if let Some(m) = &self.mosquitto {
             m.allow_enrolled(&self.server).await?;
@@ -504,16 +532,16 @@ impl Fleet {
             serde_json::from_slice(&std::fs::read(self.victim.dir.join("data/device.key"))?)?;
         self.victim.proc.terminate(Duration::from_secs(5));
         std::fs::remove_file(self.victim.dir.join("data/device.key"))?;
-        let bundle = self.server.enroll(&self.dir, "dev-b");
+        let bundle = self.server.enroll(&self.dir, &self.b);
         if let Some(m) = &self.mosquitto {
             m.allow_enrolled(&self.server).await?;
         }
-        self.victim = start_victim(&self.dir, &bundle)?;
+        self.victim = start_victim(&self.dir, &self.b, &bundle)?;
         let b = wait_for(
             "dev-b back with a new key",
             Duration::from_secs(30),
             || async {
-                let d = self.server.get_json("/api/v1/devices/dev-b").await.ok()?;
+                let d = self.server.get_json(&self.device_path()).await.ok()?;
                 (d["online"] == true
                     && d["public_key"].is_string()
                     && d["public_key"] != old_key["public"])
@@ -528,7 +556,7 @@ impl Fleet {
             "a result from the new key",
             Duration::from_secs(30),
             || async {
-                stored_results(&self.server, "dev-b")
+                stored_results(&self.server, &self.b)
                     .await
                     .contains(&"reenrolled".to_string())
                     .then_some(())
@@ -539,14 +567,14 @@ impl Fleet {
         // also got the new bundle): refused by the server.
         let old = SecretKey::from_hex(old_key["secret"].as_str().unwrap_or(""))?;
         let p = self.prefix();
-        let topic = format!("{p}/devices/dev-b/events");
-        let event = json!({"schema": 1, "device_id": "dev-b", "seq": 8_000_000_000_000u64, "at": 1, "kind": "rolled_back", "reason": "old key"}).to_string();
+        let topic = format!("{p}/devices/{}/events", self.b);
+        let event = json!({"schema": 1, "device_id": self.b, "seq": 8_000_000_000_000u64, "at": 1, "kind": "rolled_back", "reason": "old key"}).to_string();
         // Its own client id would take the real agent's session over; a
         // moment without it changes nothing here.
         let c = Client::connect(
             self.port,
-            "dev-b",
-            Some(("dev-b", &bundle_password(&bundle))),
+            &self.b,
+            Some((&self.b, &bundle_password(&bundle))),
         )
         .await?;
         c.client
@@ -558,14 +586,14 @@ impl Fleet {
             )
             .await?;
         wait_for("the old key refused", Duration::from_secs(10), || async {
-            let b = self.server.get_json("/api/v1/devices/dev-b").await.ok()?;
+            let b = self.server.get_json(&self.device_path()).await.ok()?;
             b["rejected_messages"]["last_reason"]
                 .as_str()?
                 .contains("not trusted")
                 .then_some(())
         })
         .await?;
-        let events = self.server.events("dev-b").await;
+        let events = self.server.events(&self.b).await;
         assert!(
             events.iter().all(|e| e["reason"] != "old key"),
             "{events:?}"

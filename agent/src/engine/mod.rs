@@ -3,7 +3,7 @@
 //! A model is loaded, optimised and planned once, at activation, by
 //! [`load()`] (through [`load::select_installed`] or [`load::select_local`],
 //! which try every suitable runtime and keep the fastest correct one);
-//! requests then only call [`Engine::infer`]. Checks that do not
+//! requests then only call [`infer`]. Checks that do not
 //! depend on the runtime (input names, datatypes, shapes, element counts)
 //! live here in [`validate_inputs`] so every engine refuses bad input the
 //! same way, before any runtime code sees it. Runtime panics are caught

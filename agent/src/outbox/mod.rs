@@ -202,7 +202,7 @@ impl OutboxHandle {
         seq
     }
 
-    /// Appends what is queued, in transactions of up to [`MAX_BATCH`].
+    /// Appends what is queued, in transactions of up to `MAX_BATCH` records.
     /// Returns how many records were written. On error the records stay
     /// queued in memory, in order.
     pub fn flush(&self) -> Result<usize, OutboxError> {

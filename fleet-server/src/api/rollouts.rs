@@ -158,3 +158,59 @@ pub(super) async fn rollout_device_action(
     .await;
     Ok(Json(status))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::Override;
+
+    fn request() -> CreateRolloutRequest {
+        CreateRolloutRequest {
+            id: "r1".into(),
+            model: "digits".into(),
+            version: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rollout_selects_in_exactly_one_way() {
+        let all = CreateRolloutRequest {
+            all: true,
+            ..request()
+        };
+        assert!(check_selection(&all).is_ok());
+        let tagged_hardware = CreateRolloutRequest {
+            tags: [("site".to_string(), "north".to_string())].into(),
+            hardware: Some("rpi4".into()),
+            ..request()
+        };
+        assert!(check_selection(&tagged_hardware).is_ok());
+        let listed = CreateRolloutRequest {
+            devices: vec!["cam-1".into()],
+            ..request()
+        };
+        assert!(check_selection(&listed).is_ok());
+        assert!(matches!(
+            check_selection(&request()),
+            Err(ApiError::BadRequest(_))
+        ));
+        let both = CreateRolloutRequest {
+            all: true,
+            ..listed
+        };
+        assert!(matches!(
+            check_selection(&both),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn device_actions_are_named_in_lowercase() {
+        assert_eq!(device_action("exclude").ok(), Some(Override::Exclude));
+        assert_eq!(device_action("retry").ok(), Some(Override::Retry));
+        assert_eq!(device_action("force").ok(), Some(Override::Force));
+        let err = device_action("Force").unwrap_err();
+        assert!(err.to_string().contains("\"Force\""), "{err}");
+    }
+}

@@ -3,12 +3,12 @@
 //! wait until the device reports in. Or onto a mounted root file system
 //! (`--to`), for the board's first boot to install. The steps themselves
 //! (finding the package, the install script, the first-boot unit) are in
-//! `fleet_server::flash`; this module runs them and reports.
+//! `crate::flash`; this module runs them and reports.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fleet_server::flash::SshTarget;
+use crate::flash::SshTarget;
 use serde_json::json;
 
 use crate::cli::FlashArgs;
@@ -33,11 +33,11 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
     let dir = bundle
         .clone()
         .unwrap_or_else(|| PathBuf::from("bundles").join(id));
-    let bundle = fleet_server::flash::bundle(&dir, id).map_err(usage)?;
+    let bundle = crate::flash::bundle(&dir, id).map_err(usage)?;
     if let Some(root) = to {
         let package = match (package, arch) {
             (Some(p), _) => p.clone(),
-            (None, Some(arch)) => fleet_server::flash::find_package(dist, arch).map_err(usage)?,
+            (None, Some(arch)) => crate::flash::find_package(dist, arch).map_err(usage)?,
             (None, None) => {
                 return Err(usage(anyhow::anyhow!(
                     "--to needs --package or --arch (arm64, armhf, amd64)"
@@ -45,7 +45,7 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
             }
         };
         let written =
-            fleet_server::flash::write_first_boot(root, &package, &bundle).map_err(refused)?;
+            crate::flash::write_first_boot(root, &package, &bundle).map_err(refused)?;
         if ctx.json {
             print_json(&json!({"device": id, "staged": written}));
         } else {
@@ -53,7 +53,7 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
                 "{id}: {} and its bundle staged under {}; the board installs them on its next boot ({})",
                 package.display(),
                 root.display(),
-                fleet_server::flash::FIRST_BOOT_UNIT
+                crate::flash::FIRST_BOOT_UNIT
             );
         }
         return Ok(());
@@ -69,9 +69,9 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
     let remote_arch = ssh.run("dpkg --print-architecture")?;
     let package = match package {
         Some(p) => p.clone(),
-        None => fleet_server::flash::find_package(dist, &remote_arch).map_err(usage)?,
+        None => crate::flash::find_package(dist, &remote_arch).map_err(usage)?,
     };
-    if let Some(a) = fleet_server::flash::package_arch(&package) {
+    if let Some(a) = crate::flash::package_arch(&package) {
         if a != remote_arch {
             return Err(usage(anyhow::anyhow!(
                 "{} is for {a}, but {host} is {remote_arch}",
@@ -82,7 +82,7 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
     let staged = ssh.run("mktemp -d /tmp/edgefleet-flash.XXXXXX")?;
     ssh.run(&format!(
         "mkdir {}/bundle",
-        fleet_server::flash::sh_quote(&staged)
+        crate::flash::sh_quote(&staged)
     ))?;
     eprintln!(
         "{id}: copying {} and the bundle to {host}:{staged}",
@@ -96,7 +96,7 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
         &[bundle.agent_toml.as_path(), bundle.root_json.as_path()],
         &format!("{staged}/bundle/"),
     )?;
-    let script = fleet_server::flash::sh_quote(&fleet_server::flash::install_script(&staged));
+    let script = crate::flash::sh_quote(&crate::flash::install_script(&staged));
     eprintln!("{id}: installing and starting the agent");
     ssh.run(&format!(
         "if [ \"$(id -u)\" = 0 ]; then sh -c {script}; else sudo -n sh -c {script}; fi"
