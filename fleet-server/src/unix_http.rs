@@ -37,13 +37,12 @@ pub async fn request(
         socket: socket.to_path_buf(),
         source,
     };
-    let stream =
-        tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|source| UnixHttpError::Connect {
-                socket: socket.to_path_buf(),
-                source,
-            })?;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| UnixHttpError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(http)?;
@@ -65,7 +64,12 @@ pub async fn request(
         })?;
     let response = sender.send_request(req).await.map_err(http)?;
     let status = response.status();
-    let body = response.into_body().collect().await.map_err(http)?.to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(http)?
+        .to_bytes();
     let json = if body.is_empty() {
         serde_json::Value::Null
     } else {

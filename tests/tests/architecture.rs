@@ -201,7 +201,12 @@ fn the_checker_finds_names_and_circles() {
     .collect();
     assert_eq!(
         find_cycle(&graph),
-        Some(vec!["a", "b", "c", "a"].into_iter().map(String::from).collect())
+        Some(
+            vec!["a", "b", "c", "a"]
+                .into_iter()
+                .map(String::from)
+                .collect()
+        )
     );
     let mut acyclic = graph.clone();
     acyclic.insert("c".into(), BTreeSet::new());
@@ -247,7 +252,10 @@ fn no_source_file_is_longer_than_it_should_be() {
             .unwrap_or(&file)
             .to_string_lossy()
             .replace('\\', "/");
-        let lines = std::fs::read_to_string(&file).unwrap_or_default().lines().count();
+        let lines = std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .count();
         if lines > MAX_LINES && !LONG_FILES.iter().any(|(path, _)| *path == rel) {
             long.push(format!("{rel}: {lines} lines"));
         }

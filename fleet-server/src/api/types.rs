@@ -8,13 +8,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::{Scope, TokenRecord};
-use crate::rollout::Selection;
-use crate::rollout::{DeviceState, Gates, Phase, WaveSize};
-use crate::store::DeviceRecord;
+use crate::auth::TokenRecord;
 
-pub use crate::auth::TokenRecord as Token;
-pub use crate::store::{AuditRecord, EventRecord, ModelRecord, ModelSpec};
+// The records and planner types the bodies hold, so that a client finds
+// every type it reads or sends here.
+pub use crate::auth::{Scope, TokenRecord as Token};
+pub use crate::rollout::{DeviceState, FailureAction, Gates, Phase, Selection, WaveSize};
+pub use crate::store::{AuditRecord, DeviceRecord, EventRecord, ModelRecord, ModelSpec};
 pub use edgefleet_shared::TestVector;
 
 /// Every error answer: `{"error": "what went wrong and what to do"}`.

@@ -44,8 +44,7 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
                 )))
             }
         };
-        let written =
-            crate::flash::write_first_boot(root, &package, &bundle).map_err(refused)?;
+        let written = crate::flash::write_first_boot(root, &package, &bundle).map_err(refused)?;
         if ctx.json {
             print_json(&json!({"device": id, "staged": written}));
         } else {
@@ -80,10 +79,7 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
         }
     }
     let staged = ssh.run("mktemp -d /tmp/edgefleet-flash.XXXXXX")?;
-    ssh.run(&format!(
-        "mkdir {}/bundle",
-        crate::flash::sh_quote(&staged)
-    ))?;
+    ssh.run(&format!("mkdir {}/bundle", crate::flash::sh_quote(&staged)))?;
     eprintln!(
         "{id}: copying {} and the bundle to {host}:{staged}",
         package.display()

@@ -598,8 +598,7 @@ fn property_the_index_always_matches_the_states() {
                 .count();
             assert_eq!(in_flight, counted);
         }
-        let mut back: Rollout =
-            serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        let mut back: Rollout = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back.counts(None), r.counts(None), "case {case}");
         assert_eq!(back.wave_summary(), r.wave_summary(), "case {case}");
     }
