@@ -113,6 +113,7 @@ async fn drain_rate(
         key: edgefleet_shared::SecretKey::from_seed([7; 32]),
         server_keys: Default::default(),
         health: Default::default(),
+        key_registered: Default::default(),
     };
     let started = Instant::now();
     let task = tokio::spawn(uplink.run(

@@ -97,6 +97,7 @@ pub async fn register(
     password: String,
     key: SecretKey,
     fleet_ca: Option<Vec<u8>>,
+    registered: std::sync::Arc<tokio::sync::Notify>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let url = format!("{}/api/v1/device-key", server_url.trim_end_matches('/'));
@@ -125,6 +126,7 @@ pub async fn register(
         match sent {
             Ok(r) if r.status().is_success() => {
                 tracing::info!(key = %key.key_id().short(), "device key registered with the fleet server");
+                registered.notify_one();
                 return;
             }
             Ok(r) if r.status().is_client_error() => {

@@ -140,6 +140,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             made,
             "device key (the fleet server must know this public key)"
         );
+        // The server refuses records signed by a key it does not know yet;
+        // once the key is registered, the uplink sends them again at once.
+        let key_registered = std::sync::Arc::new(tokio::sync::Notify::new());
         if let (Some(url), Some(password)) = (&mqtt.server_url, &mqtt.password) {
             tasks.spawn(device_key::register(
                 url.clone(),
@@ -147,6 +150,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 password.clone(),
                 key.clone(),
                 mqtt.fleet_ca()?,
+                key_registered.clone(),
                 shutdown.clone(),
             ));
         }
@@ -204,6 +208,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             key,
             server_keys,
             health: link_counters,
+            key_registered,
         };
         let token = shutdown.clone();
         let link = link_tx.clone();

@@ -166,13 +166,9 @@ async fn the_api_is_served_over_tls_and_fleetctl_trusts_a_given_ca() -> anyhow::
         .args(["--http", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
         .args(tls_args(dir.path(), &bad_key));
     let mut bad = Proc::spawn(cmd, dir.path().join("server-bad-key.log"))?;
-    let status = tokio::task::spawn_blocking(move || {
-        let status = bad.child.wait();
-        (status, bad.log_text())
-    })
-    .await?;
-    let (status, log) = (status.0?, status.1);
-    assert!(!status.success());
+    let (status, log) =
+        tokio::task::spawn_blocking(move || (bad.child.wait(), bad.log_text())).await?;
+    assert!(!status?.success());
     assert!(log.contains("bad-key.pem"), "{log}");
     Ok(())
 }

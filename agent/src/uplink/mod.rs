@@ -103,6 +103,10 @@ pub struct Uplink {
     pub server_keys: ServerKeys,
     /// What was refused, for telemetry.
     pub health: LinkCounters,
+    /// Told when the device's key has been registered with the server:
+    /// records sent before were refused unreceipted, so whatever is in
+    /// flight is sent again then rather than after [`INFLIGHT_TIMEOUT`].
+    pub key_registered: std::sync::Arc<tokio::sync::Notify>,
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -380,6 +384,12 @@ impl Uplink {
                             }
                         }
                         Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
+                    }
+                }
+                _ = self.key_registered.notified() => {
+                    if connected && inflight.expire(Instant::now(), Duration::ZERO) > 0 {
+                        tracing::debug!("device key registered: records in flight sent again");
+                        outbox.stored().notify_one();
                     }
                 }
                 _ = tick.tick() => {

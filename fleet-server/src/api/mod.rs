@@ -12,7 +12,6 @@ mod devices;
 mod enrollment;
 mod metrics;
 mod models;
-mod planner_schemas;
 mod rollouts;
 mod tokens;
 pub mod types;

@@ -294,57 +294,8 @@ pub struct CreatedToken {
 
 // ---- rollouts ------------------------------------------------------------------
 
-/// `POST /api/v1/rollouts`: a staged rollout. Select with exactly one of
-/// `devices`, `all`, or `tags` and/or `hardware`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateRolloutRequest {
-    pub id: String,
-    pub model: String,
-    pub version: u64,
-    #[serde(default)]
-    pub devices: Vec<String>,
-    #[serde(default)]
-    pub all: bool,
-    #[serde(default)]
-    pub tags: BTreeMap<String, String>,
-    /// Only devices of this hardware class (with `tags`, or alone).
-    #[serde(default)]
-    pub hardware: Option<String>,
-    /// Cumulative wave sizes: `{"count": 1}`, `{"percent": 25}`.
-    #[serde(default)]
-    #[schema(value_type = Vec<super::planner_schemas::WaveSize>)]
-    pub waves: Vec<WaveSize>,
-    /// Or an exponential ramp, `[base, factor]`: `base` devices, times
-    /// `factor` per wave.
-    #[serde(default)]
-    #[schema(value_type = Option<Vec<f64>>)]
-    pub ramp: Option<(u32, f64)>,
-    #[serde(default)]
-    #[schema(value_type = Option<super::planner_schemas::Gates>)]
-    pub gates: Option<Gates>,
-    /// Only show which devices fall in which wave.
-    #[serde(default)]
-    pub dry_run: bool,
-}
-
-impl From<CreateRolloutRequest> for crate::rollout::CreateRollout {
-    fn from(r: CreateRolloutRequest) -> Self {
-        Self {
-            id: r.id,
-            model: r.model,
-            version: r.version,
-            devices: r.devices,
-            all: r.all,
-            tags: r.tags,
-            hardware: r.hardware,
-            waves: r.waves,
-            ramp: r.ramp,
-            gates: r.gates,
-            dry_run: r.dry_run,
-        }
-    }
-}
+/// `POST /api/v1/rollouts`: the rollout driver's own request type.
+pub use crate::rollout::CreateRollout as CreateRolloutRequest;
 
 /// A rollout in brief: what it moves, its phase (and why it paused),
 /// device counts per state in all and per wave, and its gates.
@@ -354,16 +305,16 @@ pub struct RolloutSummary {
     pub model: String,
     pub version: u64,
     pub created_at: u64,
-    #[schema(value_type = super::planner_schemas::Selection)]
+    #[schema(value_type = crate::rollout::schemas::Selection)]
     pub selection: Selection,
-    #[schema(value_type = super::planner_schemas::Phase)]
+    #[schema(value_type = crate::rollout::schemas::Phase)]
     pub phase: Phase,
     /// Per wave: its `size` and its devices per state (states with no
     /// device left out).
     pub wave_counts: Vec<BTreeMap<String, usize>>,
     /// Devices per state (states with no device left out).
     pub counts: BTreeMap<String, usize>,
-    #[schema(value_type = super::planner_schemas::Gates)]
+    #[schema(value_type = crate::rollout::schemas::Gates)]
     pub gates: Gates,
 }
 
@@ -378,7 +329,7 @@ pub struct RolloutStatus {
     pub waves: Option<Vec<Vec<String>>>,
     /// Every device's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<BTreeMap<String, super::planner_schemas::DeviceState>>)]
+    #[schema(value_type = Option<BTreeMap<String, crate::rollout::schemas::DeviceState>>)]
     pub devices: Option<BTreeMap<String, DeviceState>>,
 }
 

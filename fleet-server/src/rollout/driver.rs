@@ -92,8 +92,9 @@ impl RolloutRecord {
     }
 }
 
-/// What a rollout selects.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+/// `POST /api/v1/rollouts`: a staged rollout. Select with exactly one of
+/// `devices`, `all`, or `tags` and/or `hardware`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRollout {
     pub id: String,
@@ -110,14 +111,15 @@ pub struct CreateRollout {
     pub hardware: Option<String>,
     /// Cumulative wave sizes: `{"count": 1}`, `{"percent": 25}`.
     #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Vec<super::schemas::WaveSize>)]
     pub waves: Vec<WaveSize>,
-    /// Or an exponential ramp: `base` devices, times `factor` per wave.
+    /// Or an exponential ramp, `[base, factor]`: `base` devices, times
+    /// `factor` per wave.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Vec<f64>>)]
     pub ramp: Option<(u32, f64)>,
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<super::schemas::Gates>)]
     pub gates: Option<Gates>,
     /// Only show which devices fall in which wave.
     #[serde(default)]

@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 #[derive(ToSchema)]
 #[schema(as = WaveSize)]
 #[serde(rename_all = "snake_case")]
-pub(super) enum WaveSize {
+pub enum WaveSize {
     Count(u32),
     Percent(f64),
 }
@@ -23,7 +23,7 @@ pub(super) enum WaveSize {
 #[derive(ToSchema)]
 #[schema(as = FailureAction)]
 #[serde(rename_all = "lowercase")]
-pub(super) enum FailureAction {
+pub enum FailureAction {
     Pause,
     Abort,
 }
@@ -31,7 +31,7 @@ pub(super) enum FailureAction {
 /// A rollout's gates: what lets a wave end and what stops the rollout.
 #[derive(ToSchema)]
 #[schema(as = Gates)]
-pub(super) struct Gates {
+pub struct Gates {
     /// Devices of a wave that must confirm before the next starts.
     min_confirmed: u32,
     /// Percent of a wave's settled devices that must be healthy.
@@ -60,7 +60,7 @@ pub(super) struct Gates {
 #[derive(ToSchema)]
 #[schema(as = Phase)]
 #[serde(tag = "phase", rename_all = "snake_case")]
-pub(super) enum Phase {
+pub enum Phase {
     Created,
     Running {
         wave: usize,
@@ -84,7 +84,7 @@ pub(super) enum Phase {
 #[derive(ToSchema)]
 #[schema(as = DeviceState)]
 #[serde(tag = "state", rename_all = "snake_case")]
-pub(super) enum DeviceState {
+pub enum DeviceState {
     Waiting,
     Updating { since: u64, attempt: u32 },
     Backoff { until: u64, attempt: u32 },
@@ -99,7 +99,7 @@ pub(super) enum DeviceState {
 /// hardware class, if given), or a list.
 #[derive(ToSchema)]
 #[schema(as = Selection)]
-pub(super) struct Selection {
+pub struct Selection {
     all: bool,
     tags: BTreeMap<String, String>,
     hardware: Option<String>,
