@@ -66,7 +66,7 @@ pub(super) async fn create_rollout(
     };
     let dry_run = req.dry_run;
     let id = req.id.clone();
-    let status = RolloutStatus::of(&fleet.rollouts.create(req.into(), devices).await?, false);
+    let status = RolloutStatus::of(&fleet.rollouts.create(req, devices).await?, false);
     if dry_run {
         return Ok((StatusCode::OK, Json(status)));
     }

@@ -479,13 +479,12 @@ mod tests {
     }
 
     #[test]
-    fn rollout_requests_carry_every_field_to_the_driver() {
-        let req: CreateRolloutRequest = serde_json::from_value(json!({
+    fn rollout_requests_read_every_field_and_refuse_unknown_ones() {
+        let driver: CreateRolloutRequest = serde_json::from_value(json!({
             "id": "r2", "model": "digits", "version": 3, "hardware": "rpi4",
             "ramp": [2, 3.0], "gates": {"soak_secs": 30}, "dry_run": true
         }))
         .unwrap();
-        let driver: crate::rollout::CreateRollout = req.into();
         assert_eq!(driver.id, "r2");
         assert_eq!(driver.hardware.as_deref(), Some("rpi4"));
         assert_eq!(driver.ramp, Some((2, 3.0)));
