@@ -327,3 +327,72 @@ async fn mosquitto_with_generated_passwords_and_acl_carries_the_whole_flow() -> 
     );
     Ok(())
 }
+
+/// A device whose first messages reach the server before its key does
+/// (the key goes over HTTP, the messages over MQTT, and either may be
+/// first): the server refuses them, unreceipted, and once the key is
+/// registered the agent sends them again at once rather than after its
+/// 30 s in-flight timeout, so the device shows online within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_before_the_key_is_registered_are_sent_again_once_it_is(
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use edgefleet_tests::proxy::Proxy;
+    use edgefleet_tests::wait_for;
+
+    let dir = tempfile::tempdir()?;
+    let server = Server::builder(dir.path())
+        .args(&["--device-auth"])
+        .start()
+        .await?;
+    let bundle = server.enroll(dir.path(), "pi-late-key");
+    // The agent reaches the server's HTTP API through a link that is down
+    // at first; MQTT is direct.
+    let http: std::net::SocketAddr = server
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .context("the test server speaks plain HTTP on an address")?;
+    let proxy = Proxy::start(http).await?;
+    proxy.cut();
+    let config = bundle.join("agent.toml");
+    let text = std::fs::read_to_string(&config)?;
+    let via_proxy = text.replace(&server.url, &format!("http://{}", proxy.addr));
+    assert_ne!(text, via_proxy, "the bundle names the server's URL");
+    std::fs::write(&config, via_proxy)?;
+    let agent = Agent::start_from_bundle(dir.path(), "pi-late-key", &bundle)?;
+    let device = || async {
+        server
+            .get_json("/api/v1/devices/pi-late-key")
+            .await
+            .ok()
+    };
+    // Its online status arrives signed by a key the server does not know.
+    wait_for(
+        "the first messages refused",
+        Duration::from_secs(15),
+        || async {
+            let d = device().await?;
+            (d["rejected_messages"]["count"].as_u64()? >= 1).then_some(())
+        },
+    )
+    .await
+    .with_context(|| agent.proc.log_text())?;
+    let d = device().await.context("the device is enrolled")?;
+    assert_ne!(d["online"], true, "a refused status took: {d}");
+    assert!(d["public_key"].is_null(), "{d}");
+    // The link comes back: the key is registered at the agent's next try
+    // (within a few seconds), and the refused status follows it.
+    proxy.restore();
+    wait_for(
+        "online with its key, well inside the 30 s in-flight timeout",
+        Duration::from_secs(15),
+        || async {
+            let d = device().await?;
+            (d["online"] == true && d["public_key"].is_string()).then_some(())
+        },
+    )
+    .await
+    .with_context(|| agent.proc.log_text())?;
+    Ok(())
+}
