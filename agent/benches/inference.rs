@@ -11,6 +11,8 @@
 //! with `ORT_DYLIB_PATH`, `EDGEFLEET_TEST_MODELS` and `EDGEFLEET_PYTHON`
 //! (a Python with onnxruntime, fastapi and uvicorn) set.
 
+#![allow(clippy::unwrap_used)] // a benchmark: a failed unwrap ends the run
+
 mod common;
 use common::{rss_kib, Killed};
 use std::path::{Path, PathBuf};

@@ -7,6 +7,8 @@
 //! `mqtt://127.0.0.1:1883`) and, for the rows that need them,
 //! `EDGEFLEET_BIN_DIR` holding `fleet-server` and `fleetctl` builds.
 
+#![allow(clippy::unwrap_used)] // a benchmark: a failed unwrap ends the run
+
 mod common;
 use common::{anon_kib, rss_kib, Killed};
 use std::path::{Path, PathBuf};

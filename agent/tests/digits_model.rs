@@ -1,6 +1,8 @@
 //! The example digits classifier (fp32 and int8 QDQ) on tract-onnx:
 //! predictions match the held-out labels and onnxruntime's probabilities.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 
 use edgefleet_agent::engine::{self, EngineError};

@@ -9,6 +9,8 @@
 //! library; the TFLite C runtime with `--features tflite` and
 //! `TFLITE_C_LIBRARY` (`scripts/test` sets all of them).
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 
 use edgefleet_agent::config::RuntimeConfig;

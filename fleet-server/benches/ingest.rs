@@ -24,6 +24,8 @@
 //! `postgres://postgres@127.0.0.1:5432/test`), in a fresh schema; skipped
 //! with a note when unreachable.
 
+#![allow(clippy::unwrap_used)] // a benchmark: a failed unwrap ends the run
+
 use std::time::Instant;
 
 use edgefleet_shared::signed_message::seal;

@@ -4,6 +4,8 @@
 //! reconnect, last wills (sent after a dropped link, not after a clean
 //! DISCONNECT or a takeover), and refusals of malformed input.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use edgefleet_shared::TopicPrefix;

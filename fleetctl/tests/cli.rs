@@ -1,6 +1,8 @@
 //! fleetctl end to end: the real binary against a real fleet server,
 //! asserting what it prints and the exit codes scripts rely on.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 mod support;
 
 use serde_json::Value;

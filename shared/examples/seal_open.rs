@@ -27,6 +27,8 @@
 //! `N` is the number of timed operations of each kind (default 2000),
 //! after a warm-up of N/10.
 
+#![allow(clippy::unwrap_used)] // a measurement run: a failed unwrap ends it
+
 use std::hint::black_box;
 use std::time::Instant;
 

@@ -3,6 +3,8 @@
 //! enforced; revocation is immediate; secrets are never stored; operator
 //! actions land in the audit log.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use edgefleet_tests::{digits_model, json_output, Server};
 use serde_json::Value;
 

@@ -9,6 +9,8 @@
 //! - library modules report errors as typed (`thiserror`) values: `anyhow`
 //!   appears only at the edges listed in [`ANYHOW_EDGES`].
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

@@ -16,6 +16,8 @@
 //! (`./scripts/test` installs all three); elsewhere, set `CHROMIUM` to a
 //! Chromium or Chrome binary.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

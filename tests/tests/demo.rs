@@ -1,6 +1,8 @@
 //! `fleet-server demo --devices 3 --exit-when-done` runs the main job end
 //! to end and exits 0.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -14,6 +14,8 @@
 //!
 //! Plain Rust over the files: no mdBook, no network, runs in milliseconds.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

@@ -5,6 +5,8 @@
 //! tags and hardware filter the device list; `fleetctl broker mosquitto`
 //! writes files Mosquitto accepts.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use edgefleet_tests::mosquitto::Mosquitto;
@@ -334,8 +336,8 @@ async fn mosquitto_with_generated_passwords_and_acl_carries_the_whole_flow() -> 
 /// registered the agent sends them again at once rather than after its
 /// 30 s in-flight timeout, so the device shows online within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_sent_before_the_key_is_registered_are_sent_again_once_it_is(
-) -> anyhow::Result<()> {
+async fn messages_sent_before_the_key_is_registered_are_sent_again_once_it_is() -> anyhow::Result<()>
+{
     use anyhow::Context;
     use edgefleet_tests::proxy::Proxy;
     use edgefleet_tests::wait_for;
@@ -361,12 +363,7 @@ async fn messages_sent_before_the_key_is_registered_are_sent_again_once_it_is(
     assert_ne!(text, via_proxy, "the bundle names the server's URL");
     std::fs::write(&config, via_proxy)?;
     let agent = Agent::start_from_bundle(dir.path(), "pi-late-key", &bundle)?;
-    let device = || async {
-        server
-            .get_json("/api/v1/devices/pi-late-key")
-            .await
-            .ok()
-    };
+    let device = || async { server.get_json("/api/v1/devices/pi-late-key").await.ok() };
     // Its online status arrives signed by a key the server does not know.
     wait_for(
         "the first messages refused",

@@ -5,6 +5,8 @@
 //! elsewhere, start one with `mosquitto -p 1883` or point the variable at
 //! yours). The test fails, saying so, when the broker is unreachable.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use edgefleet_tests::{digits_model, samples, shared_broker_url, unique_suffix, Agent, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

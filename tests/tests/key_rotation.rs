@@ -6,6 +6,8 @@
 //! nothing; a chain an attacker overwrote on the broker is put back by the
 //! server.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

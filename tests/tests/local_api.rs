@@ -2,6 +2,8 @@
 //! Unix socket, and a clear 4xx for every kind of bad request, after which
 //! it keeps serving.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use http::Method;
 use serde_json::json;
 

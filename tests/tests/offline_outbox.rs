@@ -7,6 +7,8 @@
 //! from `EDGEFLEET_TEST_MQTT_URL`, default `mqtt://127.0.0.1:1883`) cut by
 //! a proxy. Plus the overflow policy under a small cap.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use anyhow::Context;

@@ -2,6 +2,8 @@
 //! record reported durable is still there or was acknowledged, nothing
 //! acknowledged comes back, and the database opens cleanly every time.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

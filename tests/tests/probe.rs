@@ -2,6 +2,8 @@
 //! child on real model files, judges them as an activation would, and its
 //! report reaches the parent as the right outcome.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::path::Path;
 
 use edgefleet_agent::activation::Failure;

@@ -2,6 +2,8 @@
 //! fleet, two real agents download, verify and serve it over their Unix
 //! sockets with correct predictions.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use edgefleet_tests::{digits_model, fleetctl, samples, Agent, Server};

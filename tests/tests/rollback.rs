@@ -7,6 +7,8 @@
 //! policies and test vectors using the server's online key, and publishes
 //! them on the server's broker.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -3,6 +3,8 @@
 //! canary wave, later waves are never asked, abort sends the canary back;
 //! a healthy version rolls out wave by wave to every device.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use edgefleet_tests::{digits_model, expect_success, wait_for, wait_for_showing, Agent, Server};

@@ -1,6 +1,8 @@
 //! A desired state re-signed by a key the root document does not name is
 //! refused: the agent reports the refusal and keeps serving what it had.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use edgefleet_shared::{DesiredState, SecretKey, Signed};

@@ -5,6 +5,8 @@
 //! authentication the embedded broker serves `mqtts://` with the same
 //! certificate, and enrolled agents use it.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

@@ -20,6 +20,8 @@
 //! client ids too, and on the shared broker two clients with one id take
 //! each other's sessions over.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

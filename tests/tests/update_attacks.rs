@@ -7,6 +7,8 @@
 //! version, are in key_rotation.rs; an unknown key in
 //! tampered_desired_state.rs.)
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::path::Path;
 use std::time::Duration;
 

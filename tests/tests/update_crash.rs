@@ -3,6 +3,8 @@
 //! After every restart it must serve a complete, correct model (the old
 //! version or the new one, never nothing) and go on to the desired one.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
 use std::time::{Duration, Instant};
 
 use edgefleet_tests::{digits_model, samples, wait_for, Agent, Server};
