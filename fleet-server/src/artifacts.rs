@@ -171,8 +171,12 @@ impl ArtifactStore {
                 return Err(e);
             }
         };
-        let final_path = self.path(&sha256).expect("hex digest is a valid name");
-        let parent = final_path.parent().expect("has a parent");
+        let final_path = self
+            .path(&sha256)
+            .expect("a hex digest is a valid artifact name");
+        let parent = final_path
+            .parent()
+            .expect("an artifact path lies inside the artifacts directory");
         tokio::fs::create_dir_all(parent)
             .await
             .map_err(io(parent))?;

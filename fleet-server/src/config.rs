@@ -62,7 +62,11 @@ impl Default for BrokerConfig {
 }
 
 fn default_embedded() -> Option<SocketAddr> {
-    Some("127.0.0.1:1883".parse().expect("valid address"))
+    Some(
+        "127.0.0.1:1883"
+            .parse()
+            .expect("a literal socket address parses"),
+    )
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,7 +131,9 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("fleet-data")
 }
 fn default_http() -> SocketAddr {
-    "127.0.0.1:8080".parse().expect("valid address")
+    "127.0.0.1:8080"
+        .parse()
+        .expect("a literal socket address parses")
 }
 fn default_prefix() -> String {
     edgefleet_shared::TopicPrefix::default().as_str().into()
@@ -147,7 +153,7 @@ fn default_max_upload() -> u64 {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        toml::from_str("").expect("defaults parse")
+        toml::from_str("").expect("an empty config parses to the defaults")
     }
 }
 

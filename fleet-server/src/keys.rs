@@ -181,7 +181,8 @@ fn werr(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
 /// current `root.json`, each with an atomic replace (public documents:
 /// mode 0644).
 fn write_root(dir: &Path, envelope: &Signed, version: u64) -> Result<(), KeyError> {
-    let json = serde_json::to_vec_pretty(envelope).expect("root serialises");
+    let json = serde_json::to_vec_pretty(envelope)
+        .expect("a root document is plain data and always serialises");
     let chain = dir.join("roots");
     fs::create_dir_all(&chain).map_err(werr(&chain))?;
     for path in [chain.join(format!("{version}.json")), dir.join("root.json")] {

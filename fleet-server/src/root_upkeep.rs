@@ -64,7 +64,8 @@ pub async fn run(fleet: Fleet, lifetime_secs: u64, keys_dir: PathBuf, shutdown: 
 /// Publishes the root chain, retained (the bridge publishes it too, each
 /// time it connects).
 async fn publish_chain(fleet: &Fleet) {
-    let chain = serde_json::to_vec(&fleet.signer.chain()).expect("roots serialize");
+    let chain = serde_json::to_vec(&fleet.signer.chain())
+        .expect("a root chain is plain data and always serialises");
     fleet.metrics.published("roots");
     if let Err(e) = fleet
         .mqtt

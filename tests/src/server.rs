@@ -2,6 +2,10 @@
 //! [`ServerBuilder`] on ports the OS assigns (`127.0.0.1:0`), which the
 //! harness learns from the server's "fleet server ready" log line and
 //! keeps for [`Server::restart`], so agents find it again where it was.
+//!
+//! Its helpers read the API through [`Server::api`], the typed client
+//! `fleetctl` uses, so they see what an operator's tools see;
+//! [`Server::get_json`] is the raw escape hatch for asserting exact JSON.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -9,6 +13,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use fleet_server::api::types::EventRecord;
+use fleetctl::client::{Answer, Client, DeviceQuery, StreamQuery};
 use serde_json::Value;
 
 use crate::{binary, expect_success, json_output, unique_suffix, wait_for, Proc};
@@ -18,6 +24,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a device may take to come online or to serve what was deployed.
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How many of a device's latest events the helpers read: the server's
+/// default page.
+const EVENTS_LIMIT: u32 = 100;
 
 /// Where a started server listens, from its "fleet server ready" line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +75,7 @@ pub struct ServerBuilder {
     dir: PathBuf,
     broker: Option<String>,
     database: Option<String>,
+    ca_cert: Option<PathBuf>,
     args: Vec<OsString>,
 }
 
@@ -80,6 +91,14 @@ impl ServerBuilder {
     /// Uses the database at `url` instead of SQLite in the data dir.
     pub fn database(mut self, url: &str) -> Self {
         self.database = Some(url.to_string());
+        self
+    }
+
+    /// Trusts the PEM CA certificate at `path` when calling the API (for a
+    /// server given a `--tls-cert` it signed): [`Server::api`],
+    /// [`Server::get`] and [`Server::ctl`] all use it.
+    pub fn ca_cert(mut self, path: &Path) -> Self {
+        self.ca_cert = Some(path.to_path_buf());
         self
     }
 
@@ -130,10 +149,21 @@ impl ServerBuilder {
             .trim()
             .to_string();
         let scheme = if ready.https { "https" } else { "http" };
+        let url = format!("{scheme}://{}", ready.http);
+        let api = Client::new(&url, Some(&token), self.ca_cert.as_deref())
+            .context("cannot build the API client")?;
+        let mut http = reqwest::Client::builder();
+        if let Some(ca) = &self.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
         Ok(Server {
+            api,
+            http: http.build()?,
+            ca_cert: self.ca_cert,
             token,
             proc,
-            url: format!("{scheme}://{}", ready.http),
+            url,
             mqtt_port: ready.mqtt_port,
             mqtt_url: match &self.broker {
                 Some(url) => url.clone(),
@@ -206,6 +236,13 @@ pub struct Server {
     pub dir: PathBuf,
     /// The admin token the server wrote on its first start.
     pub token: String,
+    /// The CA certificate the API's callers trust, if one was given.
+    pub ca_cert: Option<PathBuf>,
+    /// The typed API client, with the admin token and the CA.
+    api: Client,
+    /// For raw GETs ([`Server::get`]): trusts the CA, sends no token
+    /// unless asked.
+    http: reqwest::Client,
     /// Where it listens: the ports it got at its first start.
     listen: Listen,
     /// The `fleet-server` arguments but the listen addresses, for
@@ -227,6 +264,7 @@ impl Server {
             dir: dir.to_path_buf(),
             broker: None,
             database: None,
+            ca_cert: None,
             args: Vec::new(),
         }
     }
@@ -249,27 +287,42 @@ impl Server {
         Ok(())
     }
 
-    /// An authenticated GET of an API path (with the admin token).
+    /// The typed client of this server's API that `fleetctl` uses, with
+    /// the admin token (and the CA given to [`ServerBuilder::ca_cert`]).
+    /// Each answer holds the typed body and the JSON as sent.
+    pub fn api(&self) -> &Client {
+        &self.api
+    }
+
+    /// An authenticated GET of an API path (with the admin token), any
+    /// status: for what the typed client does not read, or a refusal a
+    /// test asserts on.
     pub async fn get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
-        Ok(reqwest::Client::new()
+        Ok(self
+            .http
             .get(format!("{}{path}", self.url))
             .bearer_auth(&self.token)
             .send()
             .await?)
     }
 
+    /// The JSON body of an authenticated GET of an API path, whatever the
+    /// status: the raw escape hatch for tests that assert the exact JSON
+    /// the server sends. Helpers read through [`Server::api`] instead.
     pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         Ok(self.get(path).await?.json().await?)
     }
 
-    /// Runs `fleetctl` against this server with its admin token.
+    /// Runs `fleetctl` against this server with its admin token (and the
+    /// CA given to [`ServerBuilder::ca_cert`]).
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(binary("fleetctl"))
-            .env("FLEETCTL_SERVER", &self.url)
-            .env("EDGEFLEET_TOKEN", &self.token)
-            .args(args)
-            .output()
-            .expect("run fleetctl")
+        let mut cmd = Command::new(binary("fleetctl"));
+        cmd.env("FLEETCTL_SERVER", &self.url)
+            .env("EDGEFLEET_TOKEN", &self.token);
+        if let Some(ca) = &self.ca_cert {
+            cmd.env("FLEETCTL_CA_CERT", ca);
+        }
+        cmd.args(args).output().expect("run fleetctl")
     }
 
     /// `fleetctl --json ARGS`: the JSON it printed, asserting success.
@@ -296,27 +349,25 @@ impl Server {
         bundle
     }
 
-    /// The device record once it reports `model` at `version` as served.
+    /// The device record (its JSON as the server sent it) once the device
+    /// is online and reports `model` at `version` as served.
     pub async fn wait_for_model(
         &self,
         device: &str,
         model: &str,
         version: u64,
     ) -> anyhow::Result<Value> {
-        let path = format!("/api/v1/devices/{device}");
         wait_for(
             &format!("{device} serving {model} v{version}"),
             DEVICE_TIMEOUT,
-            || {
-                let path = path.clone();
-                async move {
-                    let d = self.get_json(&path).await.ok()?;
-                    let serving = d["models"]
-                        .as_array()?
-                        .iter()
-                        .any(|m| m["name"] == model && m["version"] == version);
-                    (serving && d["online"] == true).then_some(d)
-                }
+            || async move {
+                let Answer { body, raw } = self.api.get_device(device).await.ok()?;
+                let serving = body
+                    .device
+                    .models
+                    .iter()
+                    .any(|m| m.name == model && m.version == version);
+                (serving && body.device.online).then_some(raw)
             },
         )
         .await
@@ -324,34 +375,56 @@ impl Server {
 
     /// Waits until the server shows `device` online.
     pub async fn wait_device_online(&self, device: &str) -> anyhow::Result<()> {
-        let path = format!("/api/v1/devices/{device}");
-        wait_for(&format!("{device} online"), DEVICE_TIMEOUT / 2, || async {
-            let d = self.get_json(&path).await.ok()?;
-            (d["online"] == true).then_some(())
-        })
+        wait_for(
+            &format!("{device} online"),
+            DEVICE_TIMEOUT / 2,
+            || async move {
+                let answer = self.api.get_device(device).await.ok()?;
+                answer.body.device.online.then_some(())
+            },
+        )
         .await
     }
 
-    /// Waits until at least `n` devices are online (`fleetctl devices
-    /// list --online`).
+    /// Waits until at least `n` devices are online (the first 1,000 the
+    /// server lists as online, as `fleetctl devices list --online` asks).
     pub async fn wait_devices_online(&self, n: usize) -> anyhow::Result<()> {
+        let online = DeviceQuery {
+            online: Some(true),
+            limit: 1000,
+            ..DeviceQuery::default()
+        };
         wait_for(&format!("{n} devices online"), DEVICE_TIMEOUT, || async {
-            let online = self.ctl_json(&["devices", "list", "--online", "--limit", "1000"]);
-            (online.as_array().map_or(0, Vec::len) >= n).then_some(())
+            let devices = self.api.list_devices(&online).await.ok()?.body;
+            (devices.iter().filter(|d| d.online).count() >= n).then_some(())
         })
         .await
     }
 
     /// The request ids of the results stored for `device`, in sequence
-    /// order (the first 5,000).
+    /// order (the first 5,000, the most one page holds); empty for a
+    /// result without one.
     pub async fn result_ids(&self, device: &str) -> anyhow::Result<Vec<String>> {
-        let v = self
-            .get_json(&format!("/api/v1/devices/{device}/results?limit=5000"))
-            .await?;
-        let results = v["results"].as_array().context("no results array")?;
+        let query = StreamQuery {
+            limit: 5000,
+            ..StreamQuery::default()
+        };
+        let results = self
+            .api
+            .device_results(device, &query)
+            .await
+            .with_context(|| format!("reading the results of {device}"))?
+            .body
+            .results;
         Ok(results
             .iter()
-            .map(|r| r["request_id"].as_str().unwrap_or("").to_string())
+            .map(|r| {
+                r.fields
+                    .get("request_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            })
             .collect())
     }
 
@@ -397,9 +470,18 @@ impl Server {
         &self,
         device: &str,
     ) -> anyhow::Result<(edgefleet_shared::Signed, edgefleet_shared::DesiredState)> {
+        // The typed client has no call for this endpoint (fleetctl never
+        // reads it); the signed envelope must be kept byte for byte anyway.
+        let url = self
+            .api
+            .url(&["api", "v1", "devices", device, "desired"], &[]);
         let bytes = self
-            .get(&format!("/api/v1/devices/{device}/desired"))
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
             .await?
+            .error_for_status()?
             .bytes()
             .await?;
         let envelope = edgefleet_shared::Signed::from_json(&bytes)?;
@@ -456,18 +538,54 @@ impl Server {
         Ok(())
     }
 
-    /// The update events the server stored for `device`, newest first
-    /// (empty if they cannot be read).
-    pub async fn events(&self, device: &str) -> Vec<Value> {
-        self.get_json(&format!("/api/v1/devices/{device}/events"))
-            .await
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
+    /// The update events the server stored for `device`, newest first:
+    /// each typed and as the server sent it (empty if they cannot be read).
+    async fn event_records(&self, device: &str) -> Vec<(EventRecord, Value)> {
+        match self.api.device_events(device, EVENTS_LIMIT).await {
+            // The client decoded `body` from `raw`, so they pair up in order.
+            Ok(Answer {
+                body,
+                raw: Value::Array(raw),
+            }) => body.into_iter().zip(raw).collect(),
+            _ => Vec::new(),
+        }
     }
 
-    /// Waits for an update event of `device` that `matches`; returns it.
-    /// On timeout the error lists the device's events.
+    /// The update events the server stored for `device`, newest first, as
+    /// the server sent them (empty if they cannot be read).
+    pub async fn events(&self, device: &str) -> Vec<Value> {
+        self.event_records(device)
+            .await
+            .into_iter()
+            .map(|(_, raw)| raw)
+            .collect()
+    }
+
+    /// Waits for an update event of `device` that `matches`; returns it as
+    /// the server sent it. On timeout the error lists the device's events.
+    async fn wait_event_where(
+        &self,
+        device: &str,
+        what: &str,
+        timeout: Duration,
+        matches: impl Fn(&EventRecord, &Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let found = wait_for(what, timeout, || async {
+            self.event_records(device)
+                .await
+                .into_iter()
+                .find(|(event, raw)| matches(event, raw))
+                .map(|(_, raw)| raw)
+        })
+        .await;
+        match found {
+            Ok(event) => Ok(event),
+            Err(e) => bail!("{e}\nevents of {device}: {:?}", self.events(device).await),
+        }
+    }
+
+    /// Waits for an update event of `device` whose JSON `matches`; returns
+    /// it. On timeout the error lists the device's events.
     pub async fn wait_event_matching(
         &self,
         device: &str,
@@ -475,14 +593,8 @@ impl Server {
         timeout: Duration,
         matches: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
-        let found = wait_for(what, timeout, || async {
-            self.events(device).await.into_iter().find(&matches)
-        })
-        .await;
-        match found {
-            Ok(event) => Ok(event),
-            Err(e) => bail!("{e}\nevents of {device}: {:?}", self.events(device).await),
-        }
+        self.wait_event_where(device, what, timeout, |_, raw| matches(raw))
+            .await
     }
 
     /// Waits for an update event of `device` with this kind and model
@@ -494,11 +606,11 @@ impl Server {
         model_version: u64,
         timeout: Duration,
     ) -> anyhow::Result<Value> {
-        self.wait_event_matching(
+        self.wait_event_where(
             device,
             &format!("{kind} event for model version {model_version}"),
             timeout,
-            |e| e["kind"] == kind && e["model_version"] == model_version,
+            |e, _| e.kind == kind && e.model_version == Some(model_version),
         )
         .await
     }

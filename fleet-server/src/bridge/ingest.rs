@@ -113,7 +113,8 @@ pub(super) async fn ingest(
                 .to_string();
             let payload = fleet.signer.seal(
                 &topic,
-                &serde_json::to_vec(&receipt).expect("receipts serialize"),
+                &serde_json::to_vec(&receipt)
+                    .expect("a receipt is plain data and always serialises"),
             );
             fleet.metrics.published("receipts");
             if let Err(e) = fleet

@@ -47,7 +47,8 @@ fn server_status(signer: &Signer, prefix: &TopicPrefix, online: bool, session: u
         at: edgefleet_shared::unix_now(),
         session,
     };
-    let msg = serde_json::to_vec(&status).expect("status serializes");
+    let msg =
+        serde_json::to_vec(&status).expect("a server status is plain data and always serialises");
     signer.seal(&prefix.server_status(), &msg)
 }
 
@@ -89,7 +90,8 @@ pub fn client(
 
 /// Publishes the root chain, retained.
 fn publish_chain(fleet: &Fleet) {
-    let chain = serde_json::to_vec(&fleet.signer.chain()).expect("roots serialize");
+    let chain = serde_json::to_vec(&fleet.signer.chain())
+        .expect("a root chain is plain data and always serialises");
     if let Err(e) = fleet
         .mqtt
         .try_publish(fleet.prefix.roots(), QoS::AtLeastOnce, true, chain)
@@ -115,7 +117,8 @@ const RESTORE_EVERY: Duration = Duration::from_secs(1);
 impl ServerTopics {
     fn check(&mut self, fleet: &Fleet, publish: &Publish, session: u64) {
         if publish.topic == fleet.prefix.roots() {
-            let ours = serde_json::to_vec(&fleet.signer.chain()).expect("roots serialize");
+            let ours = serde_json::to_vec(&fleet.signer.chain())
+                .expect("a root chain is plain data and always serialises");
             if publish.payload[..] != ours[..] {
                 tracing::warn!("the retained root chain was overwritten; publishing it again");
                 fleet.metrics.rejected("server_topic");

@@ -77,7 +77,11 @@ fn thin(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
     let mut out: Vec<(u64, f64)> = (0..MAX_POINTS)
         .map(|i| points[(i as f64 * step) as usize])
         .collect();
-    out.push(*points.last().expect("not empty"));
+    out.push(
+        *points
+            .last()
+            .expect("past the early return there are more than MAX_POINTS points"),
+    );
     out
 }
 

@@ -238,7 +238,7 @@ async fn login(
     response.headers_mut().insert(
         header::SET_COOKIE,
         HeaderValue::from_str(&session::set_cookie(&session_id, fleet.secure_cookies))
-            .expect("hex cookie"),
+            .expect("a session cookie is hex and attribute names, a valid header"),
     );
     Ok(response)
 }
@@ -267,7 +267,8 @@ async fn logout(
     let mut response = Redirect::to("/ui/login").into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_str(&session::clear_cookie(fleet.secure_cookies)).expect("ascii"),
+        HeaderValue::from_str(&session::clear_cookie(fleet.secure_cookies))
+            .expect("a clearing cookie is ASCII, a valid header"),
     );
     response
 }

@@ -300,7 +300,11 @@ impl PartialEq for Index {
 /// A device's rank: the first 8 bytes of SHA-256(rollout id, device id).
 pub fn rank(rollout: &str, device: &str) -> u64 {
     let digest = Sha256::digest(format!("{rollout}\0{device}").as_bytes());
-    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+    u64::from_be_bytes(
+        digest[..8]
+            .try_into()
+            .expect("a SHA-256 digest has at least 8 bytes"),
+    )
 }
 
 /// Cumulative wave ends (device counts) for `total` devices; the last
@@ -553,7 +557,10 @@ impl Rollout {
         *self.ends.last_mut().expect("a rollout has a wave") += 1;
         let index = &mut self.index;
         index.position.insert(device.to_string(), position);
-        index.per_wave.last_mut().expect("a wave")[kind] += 1;
+        index
+            .per_wave
+            .last_mut()
+            .expect("the index has one entry per wave, and a rollout has a wave")[kind] += 1;
         index.members[kind].insert(position);
         Some(self.advance(now))
     }
