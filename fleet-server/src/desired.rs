@@ -59,13 +59,6 @@ impl MemoryPublisher {
     pub fn published(&self) -> Vec<Published> {
         self.0.lock().map(|m| m.clone()).unwrap_or_default()
     }
-
-    /// Forgets what was published.
-    pub fn clear(&self) {
-        if let Ok(mut m) = self.0.lock() {
-            m.clear();
-        }
-    }
 }
 
 impl Publisher for MemoryPublisher {

@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use super::access::{audit, detail};
 use super::devices::{check_hardware, tag_filter};
-use super::types::{CreateRolloutRequest, ErrorBody, RolloutStatus, RolloutSummary};
+use super::types::{CreateRollout, ErrorBody, RolloutStatus, RolloutSummary};
 use super::{parse_body, ApiError, ApiResult};
 use crate::auth;
 use crate::fleet::Fleet;
 
 /// Checks that a request selects devices in exactly one way.
-fn check_selection(req: &CreateRolloutRequest) -> ApiResult<()> {
+fn check_selection(req: &CreateRollout) -> ApiResult<()> {
     let chosen = [
         req.all,
         !req.devices.is_empty(),
@@ -34,13 +34,13 @@ fn check_selection(req: &CreateRolloutRequest) -> ApiResult<()> {
 
 /// `POST /api/v1/rollouts`: creates a staged rollout (or, with
 /// `dry_run`, shows which devices fall in which wave).
-#[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts", request_body = CreateRolloutRequest, responses((status = 201, description = "the rollout's status", body = RolloutStatus), (status = 200, description = "dry run: the plan", body = RolloutStatus), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody), (status = 409, description = "conflicts with an active rollout", body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts", request_body = CreateRollout, responses((status = 201, description = "the rollout's status", body = RolloutStatus), (status = 200, description = "dry run: the plan", body = RolloutStatus), (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "not found", body = ErrorBody), (status = 409, description = "conflicts with an active rollout", body = ErrorBody)))]
 pub(super) async fn create_rollout(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<RolloutStatus>)> {
-    let req: CreateRolloutRequest = parse_body(&body, "malformed rollout")?;
+    let req: CreateRollout = parse_body(&body, "malformed rollout")?;
     check_selection(&req)?;
     let devices = if req.devices.is_empty() {
         // Every unrevoked device, or those with all the tags (and the
@@ -164,8 +164,8 @@ mod tests {
     use super::*;
     use crate::rollout::Override;
 
-    fn request() -> CreateRolloutRequest {
-        CreateRolloutRequest {
+    fn request() -> CreateRollout {
+        CreateRollout {
             id: "r1".into(),
             model: "digits".into(),
             version: 2,
@@ -175,18 +175,18 @@ mod tests {
 
     #[test]
     fn a_rollout_selects_in_exactly_one_way() {
-        let all = CreateRolloutRequest {
+        let all = CreateRollout {
             all: true,
             ..request()
         };
         assert!(check_selection(&all).is_ok());
-        let tagged_hardware = CreateRolloutRequest {
+        let tagged_hardware = CreateRollout {
             tags: [("site".to_string(), "north".to_string())].into(),
             hardware: Some("rpi4".into()),
             ..request()
         };
         assert!(check_selection(&tagged_hardware).is_ok());
-        let listed = CreateRolloutRequest {
+        let listed = CreateRollout {
             devices: vec!["cam-1".into()],
             ..request()
         };
@@ -195,7 +195,7 @@ mod tests {
             check_selection(&request()),
             Err(ApiError::BadRequest(_))
         ));
-        let both = CreateRolloutRequest {
+        let both = CreateRollout {
             all: true,
             ..listed
         };

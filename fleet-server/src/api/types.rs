@@ -295,7 +295,7 @@ pub struct CreatedToken {
 // ---- rollouts ------------------------------------------------------------------
 
 /// `POST /api/v1/rollouts`: the rollout driver's own request type.
-pub use crate::rollout::CreateRollout as CreateRolloutRequest;
+pub use crate::rollout::CreateRollout;
 
 /// A rollout in brief: what it moves, its phase (and why it paused),
 /// device counts per state in all and per wave, and its gates.
@@ -480,7 +480,7 @@ mod tests {
 
     #[test]
     fn rollout_requests_read_every_field_and_refuse_unknown_ones() {
-        let driver: CreateRolloutRequest = serde_json::from_value(json!({
+        let driver: CreateRollout = serde_json::from_value(json!({
             "id": "r2", "model": "digits", "version": 3, "hardware": "rpi4",
             "ramp": [2, 3.0], "gates": {"soak_secs": 30}, "dry_run": true
         }))
@@ -490,7 +490,7 @@ mod tests {
         assert_eq!(driver.ramp, Some((2, 3.0)));
         assert_eq!(driver.gates.map(|g| g.soak_secs), Some(30));
         assert!(driver.dry_run);
-        let unknown = serde_json::from_value::<CreateRolloutRequest>(
+        let unknown = serde_json::from_value::<CreateRollout>(
             json!({"id": "r", "model": "m", "version": 1, "wave": []}),
         );
         assert!(unknown

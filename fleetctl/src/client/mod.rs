@@ -13,7 +13,7 @@ pub use url::{encode_segment, ApiUrl, Attachment, DeviceQuery, RolloutAction, St
 use std::path::{Path, PathBuf};
 
 use fleet_server::api::types::{
-    AuditRecord, CreateRolloutRequest, CreatedToken, DeployRequest, Deployment, DeviceDetail,
+    AuditRecord, CreateRollout, CreatedToken, DeployRequest, Deployment, DeviceDetail,
     DeviceResults, DeviceTelemetry, EnrollRequest, EnrolledDevice, ErrorBody, EventRecord,
     ModelRecord, MosquittoFiles, NewTokenRequest, RolloutStatus, SetKeyRequest, Tags, Token,
 };
@@ -431,7 +431,7 @@ impl Client {
     /// plans it.
     pub async fn create_rollout(
         &self,
-        request: &CreateRolloutRequest,
+        request: &CreateRollout,
     ) -> Result<Answer<RolloutStatus>, ClientError> {
         self.with_json(Method::POST, &["api", "v1", "rollouts"], request)
             .await

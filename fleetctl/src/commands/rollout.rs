@@ -3,7 +3,7 @@
 //! `status`, the phase actions and per-device decisions print one line
 //! per rollout (the server's JSON with `--json`).
 
-use fleet_server::api::types::{CreateRolloutRequest, RolloutStatus};
+use fleet_server::api::types::{CreateRollout, RolloutStatus};
 use fleet_server::rollout::{FailureAction, Gates, Phase, WaveSize};
 
 use crate::cli::{CreateRolloutArgs, RolloutCommand};
@@ -55,7 +55,7 @@ pub async fn run(ctx: &Context, command: &RolloutCommand) -> Result<(), Failure>
 }
 
 /// The request `rollout create` sends.
-pub fn request(args: &CreateRolloutArgs) -> Result<CreateRolloutRequest, Failure> {
+pub fn request(args: &CreateRolloutArgs) -> Result<CreateRollout, Failure> {
     let waves = match &args.waves {
         Some(w) => parse_waves(w)?,
         None => Vec::new(),
@@ -85,7 +85,7 @@ pub fn request(args: &CreateRolloutArgs) -> Result<CreateRolloutRequest, Failure
         min_inferences: args.min_inferences,
         ..Gates::default()
     };
-    Ok(CreateRolloutRequest {
+    Ok(CreateRollout {
         id: args.id.clone(),
         model: args.model.clone(),
         version: args.version,

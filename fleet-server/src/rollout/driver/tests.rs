@@ -122,6 +122,19 @@ fn event(device: &str, kind: EventKind, version: u64) -> UpdateEvent {
     }
 }
 
+/// Waits (a few seconds at most) for the dispatcher task to have done
+/// what `done` checks; panics with its last complaint when it has not.
+async fn eventually<E: std::fmt::Display>(done: impl Fn() -> Result<(), E>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match done() {
+            Ok(()) => return,
+            Err(why) => assert!(tokio::time::Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 impl Fixture {
     /// The model version in each device's latest published desired state.
     fn latest_versions(&self) -> BTreeMap<String, u64> {
@@ -155,18 +168,13 @@ impl Fixture {
     /// `version` as the latest for exactly `devices`.
     async fn expect_latest(&self, want: &[(&str, u64)]) {
         let want: BTreeMap<String, u64> = want.iter().map(|(d, v)| (d.to_string(), *v)).collect();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
+        eventually(|| {
             let latest = self.latest_versions();
-            if latest == want {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "published {latest:?}, expected {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            (latest == want)
+                .then_some(())
+                .ok_or_else(|| format!("published {latest:?}, expected {want:?}"))
+        })
+        .await;
     }
 
     async fn plan(&self, id: &str) -> Rollout {
@@ -328,11 +336,12 @@ async fn a_silent_device_is_asked_again_after_its_timeout_then_failed() {
         }
     }
     assert_eq!(f.in_state("r4", "updating").await, vec![canary.clone()]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while f.publishes_to(&canary) < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "not asked again");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(|| {
+        (f.publishes_to(&canary) >= 2)
+            .then_some(())
+            .ok_or("not asked again")
+    })
+    .await;
     // Out of retries: failed, with the reason.
     f.clock.advance(30);
     f.rollouts.tick().await;
