@@ -14,14 +14,32 @@ arch_of() {
     esac
 }
 
-# The targets in dist/ that are packaged: one per Debian architecture.
-# Left out: the native aarch64 build and the ARMv6 one (cross/build --all),
-# which would clash with the arm64 and armhf packages' names, and a glibc
-# armv7 build when the static one is there.
+# The targets in dist/ that are packaged: the static build per Debian
+# architecture, and the native (glibc) builds for amd64 and arm64. Left
+# out: the ARMv6 build (cross/build --all), which would clash with the
+# armhf package's name, and a glibc armv7 build when the static one is
+# there.
 packaged_targets() {
-    (cd dist && ls -d */ | tr -d / | grep -v -e '^aarch64-unknown-linux-gnu$' -e '^arm-unknown-linux-musleabihf$' \
+    (cd dist && ls -d */ | tr -d / | grep -v -e '^arm-unknown-linux-musleabihf$' \
         | if [[ -d armv7-unknown-linux-musleabihf ]]; then grep -v '^armv7-unknown-linux-gnueabihf$'; else cat; fi)
 }
+
+# The flavour of a Rust target: native for the glibc builds of amd64 and
+# arm64 (with ONNX Runtime and LiteRT), static otherwise.
+flavour_of() {
+    case "$1" in
+        x86_64-unknown-linux-gnu|aarch64-unknown-linux-gnu) echo native ;;
+        *) echo static ;;
+    esac
+}
+
+# The Debian package a target's build goes into.
+package_of() {
+    if [[ "$(flavour_of "$1")" == native ]]; then echo edgefleet-agent-native; else echo edgefleet-agent; fi
+}
+
+# The .deb file of a target's build.
+deb_of() { echo "dist/$(package_of "$1")_${version}_$(arch_of "$1").deb"; }
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 

@@ -375,10 +375,16 @@ pub struct FlashArgs {
     /// The bundle from enrollment [default: bundles/ID].
     #[arg(long)]
     pub bundle: Option<PathBuf>,
-    /// The package [default: the one in --dist for the board's
-    /// architecture].
+    /// The package [default: the --flavour's one in --dist for the
+    /// board's architecture].
     #[arg(long)]
     pub package: Option<PathBuf>,
+    /// Which build the board gets [default: static]: `static` (musl, pure
+    /// Rust, every board) or `native` (glibc, with ONNX Runtime and
+    /// LiteRT; amd64 and arm64 boards whose glibc and libstdc++ meet the
+    /// package's floor). Each board profile in devices/ says which to use.
+    #[arg(long, value_enum)]
+    pub flavour: Option<crate::flash::Flavour>,
     /// The board's Debian architecture (arm64, armhf, amd64), for --to
     /// without --package.
     #[arg(long)]

@@ -57,6 +57,53 @@ pub fn bundle(dir: &Path, id: &str) -> anyhow::Result<Bundle> {
     })
 }
 
+/// Which build of the agent a board gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flavour {
+    /// The static (musl) build: pure-Rust runtimes, no libraries, every
+    /// architecture.
+    Static,
+    /// The glibc build with ONNX Runtime and LiteRT (amd64 and arm64).
+    Native,
+}
+
+impl Flavour {
+    /// The Debian package that carries this flavour.
+    pub fn package_name(self) -> &'static str {
+        match self {
+            Flavour::Static => "edgefleet-agent",
+            Flavour::Native => "edgefleet-agent-native",
+        }
+    }
+
+    /// The flavour of a package file (`edgefleet-agent-native_0.1.0_arm64.deb`
+    /// → native), by its package name.
+    pub fn of_package(package: &Path) -> Option<Flavour> {
+        let name = package.file_name()?.to_str()?;
+        match name.split('_').next()? {
+            "edgefleet-agent" => Some(Flavour::Static),
+            "edgefleet-agent-native" => Some(Flavour::Native),
+            _ => None,
+        }
+    }
+
+    fn architectures(self) -> &'static [&'static str] {
+        match self {
+            Flavour::Static => &["arm64", "armhf", "amd64"],
+            Flavour::Native => &["arm64", "amd64"],
+        }
+    }
+}
+
+impl std::fmt::Display for Flavour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Flavour::Static => "static",
+            Flavour::Native => "native",
+        })
+    }
+}
+
 /// The Debian architecture a package file name ends in
 /// (`edgefleet-agent_0.1.0_arm64.deb` → `arm64`).
 pub fn package_arch(package: &Path) -> Option<&str> {
@@ -64,9 +111,15 @@ pub fn package_arch(package: &Path) -> Option<&str> {
     name.strip_suffix(".deb")?.rsplit('_').next()
 }
 
-/// The package in `dist` for a Debian architecture; an error names what
-/// is there when there is not exactly one.
-pub fn find_package(dist: &Path, arch: &str) -> anyhow::Result<PathBuf> {
+/// The package in `dist` of a flavour for a Debian architecture; an error
+/// names what is there when there is not exactly one.
+pub fn find_package(dist: &Path, arch: &str, flavour: Flavour) -> anyhow::Result<PathBuf> {
+    if !flavour.architectures().contains(&arch) {
+        bail!(
+            "there is no {flavour} agent for {arch} (it is built for {}); use --flavour static",
+            flavour.architectures().join(" and ")
+        );
+    }
     let entries = std::fs::read_dir(dist).with_context(|| {
         format!(
             "cannot read {}: build the packages first (cross/build && cross/package) or pass --package",
@@ -76,20 +129,20 @@ pub fn find_package(dist: &Path, arch: &str) -> anyhow::Result<PathBuf> {
     let mut all = Vec::new();
     for entry in entries {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with("edgefleet-agent_") && name.ends_with(".deb") {
+        if Flavour::of_package(&path).is_some() && path.extension().is_some_and(|e| e == "deb") {
             all.push(path);
         }
     }
     all.sort();
     let matching: Vec<&PathBuf> = all
         .iter()
-        .filter(|p| package_arch(p) == Some(arch))
+        .filter(|p| package_arch(p) == Some(arch) && Flavour::of_package(p) == Some(flavour))
         .collect();
+    let package = flavour.package_name();
     match matching.as_slice() {
         [one] => Ok((*one).clone()),
         [] => bail!(
-            "no edgefleet-agent package for {arch} in {} (found: {}); build it (cross/build && cross/package) or pass --package",
+            "no {package} package for {arch} in {} (found: {}); build it (cross/build && cross/package) or pass --package",
             dist.display(),
             if all.is_empty() {
                 "none".to_string()
@@ -98,10 +151,35 @@ pub fn find_package(dist: &Path, arch: &str) -> anyhow::Result<PathBuf> {
             }
         ),
         several => bail!(
-            "several packages for {arch} in {}: {}; pass --package",
+            "several {package} packages for {arch} in {}: {}; pass --package",
             dist.display(),
             several.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         ),
+    }
+}
+
+/// The package to flash: `--package` as given (its name must agree with
+/// `--flavour` when both are given), or the flavour's package for `arch`
+/// from `dist`.
+pub fn choose_package(
+    package: Option<&Path>,
+    flavour: Option<Flavour>,
+    dist: &Path,
+    arch: &str,
+) -> anyhow::Result<PathBuf> {
+    match package {
+        Some(p) => {
+            if let (Some(wanted), Some(is)) = (flavour, Flavour::of_package(p)) {
+                if wanted != is {
+                    bail!(
+                        "{} is the {is} package, but --flavour {wanted} was asked for",
+                        p.display()
+                    );
+                }
+            }
+            Ok(p.to_path_buf())
+        }
+        None => find_package(dist, arch, flavour.unwrap_or(Flavour::Static)),
     }
 }
 
@@ -205,9 +283,11 @@ pub fn sh_quote(s: &str) -> String {
 /// (re)starts the agent and removes the staged files.
 pub fn install_script(dir: &str) -> String {
     let d = sh_quote(dir);
+    let check = dependency_check(&format!("{d}/edgefleet-agent.deb"));
     format!(
         "set -eu\n\
          export DEBIAN_FRONTEND=noninteractive\n\
+         {check}\
          dpkg --force-confold -i {d}/edgefleet-agent.deb\n\
          install -d -m 0755 /etc/edgefleet\n\
          install -m 0640 -o root -g edgefleet {d}/bundle/agent.toml {d}/bundle/root.json /etc/edgefleet/\n\
@@ -217,6 +297,29 @@ pub fn install_script(dir: &str) -> String {
          \x20   systemctl enable edgefleet-agent.service\n\
          \x20   systemctl restart edgefleet-agent.service\n\
          fi\n"
+    )
+}
+
+/// Shell that refuses, before anything is installed or removed, a package
+/// whose versioned dependencies the board does not meet (the native
+/// flavour's glibc and libstdc++ floor). Left to dpkg, a failed dependency
+/// would come after dpkg had already removed the other flavour it
+/// replaces, leaving the board without a working agent.
+fn dependency_check(deb: &str) -> String {
+    // Only versioned, single-package dependencies are checked (the floor);
+    // `a | b` alternatives carry no version here. The board's own
+    // architecture is asked for, as a multiarch board (a 64-bit Raspberry
+    // Pi OS) may hold libc6 for armhf as well.
+    format!(
+        "arch=\"$(dpkg --print-architecture)\"\n\
+         dpkg-deb -f {deb} Depends | tr ',' '\\n' | tr -d '()' | while read -r name op version rest; do\n\
+         \x20   case \"$op\" in '>='|'>>'|'='|'<='|'<<') ;; *) continue ;; esac\n\
+         \x20   have=\"$(dpkg-query -W -f '${{Version}}\\n' \"$name:$arch\" 2>/dev/null | head -n 1)\"\n\
+         \x20   if [ -z \"$have\" ] || ! dpkg --compare-versions \"$have\" \"$op\" \"$version\"; then\n\
+         \x20       echo \"this board has $name ${{have:-(not installed)}}; the package needs $name $op $version: flash --flavour static instead\" >&2\n\
+         \x20       exit 1\n\
+         \x20   fi\n\
+         done\n"
     )
 }
 
@@ -330,27 +433,67 @@ mod tests {
     }
 
     #[test]
-    fn packages_are_found_by_architecture() {
+    fn packages_are_found_by_architecture_and_flavour() {
         let tmp = tempfile::tempdir().unwrap();
         for name in [
             "edgefleet-agent_0.1.0_arm64.deb",
             "edgefleet-agent_0.1.0_armhf.deb",
+            "edgefleet-agent-native_0.1.0_arm64.deb",
             "notes.txt",
         ] {
             std::fs::write(tmp.path().join(name), "").unwrap();
         }
-        let arm64 = find_package(tmp.path(), "arm64").unwrap();
+        let arm64 = find_package(tmp.path(), "arm64", Flavour::Static).unwrap();
         assert_eq!(package_arch(&arm64), Some("arm64"));
-        let none = find_package(tmp.path(), "amd64").unwrap_err().to_string();
+        assert_eq!(Flavour::of_package(&arm64), Some(Flavour::Static));
+        let native = find_package(tmp.path(), "arm64", Flavour::Native).unwrap();
+        assert_eq!(
+            native.file_name().unwrap(),
+            "edgefleet-agent-native_0.1.0_arm64.deb"
+        );
+        let none = find_package(tmp.path(), "amd64", Flavour::Static)
+            .unwrap_err()
+            .to_string();
         assert!(
             none.contains("no edgefleet-agent package for amd64") && none.contains("armhf"),
             "{none}"
         );
+        let armhf = find_package(tmp.path(), "armhf", Flavour::Native)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            armhf.contains("no native agent for armhf") && armhf.contains("--flavour static"),
+            "{armhf}"
+        );
         std::fs::write(tmp.path().join("edgefleet-agent_0.2.0_arm64.deb"), "").unwrap();
-        assert!(find_package(tmp.path(), "arm64")
+        assert!(find_package(tmp.path(), "arm64", Flavour::Static)
             .unwrap_err()
             .to_string()
             .contains("several"));
+        // The native package is still found alone beside two static ones.
+        assert!(find_package(tmp.path(), "arm64", Flavour::Native).is_ok());
+    }
+
+    #[test]
+    fn a_given_package_must_be_of_the_asked_flavour() {
+        let tmp = tempfile::tempdir().unwrap();
+        let static_deb = tmp.path().join("edgefleet-agent_0.1.0_amd64.deb");
+        let err = choose_package(
+            Some(&static_deb),
+            Some(Flavour::Native),
+            tmp.path(),
+            "amd64",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("is the static package, but --flavour native was asked for"),
+            "{err}"
+        );
+        assert_eq!(
+            choose_package(Some(&static_deb), None, tmp.path(), "amd64").unwrap(),
+            static_deb
+        );
     }
 
     #[test]
@@ -472,6 +615,66 @@ mod tests {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// Runs the install script's dependency check on a real package built
+    /// with `dpkg-deb`, against this machine's own dpkg database (a Debian
+    /// machine: the test command's machines are).
+    #[test]
+    fn packages_whose_floor_the_board_misses_are_refused_before_install() {
+        if std::process::Command::new("dpkg-deb")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: no dpkg-deb on this machine (not Debian)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let build = |name: &str, depends: &str| {
+            let root = tmp.path().join(name);
+            std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+            std::fs::write(
+                root.join("DEBIAN/control"),
+                format!(
+                    "Package: {name}\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\n\
+                     Description: t\nDepends: {depends}\n"
+                ),
+            )
+            .unwrap();
+            let deb = tmp.path().join(format!("{name}.deb"));
+            let out = std::process::Command::new("dpkg-deb")
+                .args(["--root-owner-group", "--build"])
+                .arg(&root)
+                .arg(&deb)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            deb
+        };
+        let check = |deb: &Path| {
+            std::process::Command::new("sh")
+                .args(["-c", &dependency_check(deb.to_str().unwrap())])
+                .output()
+                .unwrap()
+        };
+        let met = build("met", "libc6 (>= 2.17), libgcc-s1 | libgcc1");
+        let out = check(&met);
+        assert!(out.status.success(), "{out:?}");
+        let unmet = build("unmet", "libc6 (>= 2.17), libc6 (>= 99.0)");
+        let out = check(&unmet);
+        assert!(!out.status.success());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("the package needs libc6 >= 99.0: flash --flavour static instead"),
+            "{said}"
+        );
+        let missing = build("missing", "no-such-package-here (>= 1)");
+        let said = String::from_utf8_lossy(&check(&missing).stderr).into_owned();
+        assert!(
+            said.contains("no-such-package-here (not installed)"),
+            "{said}"
+        );
     }
 
     #[test]

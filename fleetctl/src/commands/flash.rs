@@ -24,6 +24,7 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
         to,
         bundle,
         package,
+        flavour,
         arch,
         dist,
         port,
@@ -36,8 +37,12 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
     let bundle = crate::flash::bundle(&dir, id).map_err(usage)?;
     if let Some(root) = to {
         let package = match (package, arch) {
-            (Some(p), _) => p.clone(),
-            (None, Some(arch)) => crate::flash::find_package(dist, arch).map_err(usage)?,
+            (Some(p), _) => {
+                crate::flash::choose_package(Some(p), *flavour, dist, "").map_err(usage)?
+            }
+            (None, Some(arch)) => {
+                crate::flash::choose_package(None, *flavour, dist, arch).map_err(usage)?
+            }
             (None, None) => {
                 return Err(usage(anyhow::anyhow!(
                     "--to needs --package or --arch (arm64, armhf, amd64)"
@@ -66,10 +71,8 @@ pub async fn run(ctx: &Context, args: &FlashArgs) -> Result<(), Failure> {
     };
     let began = edgefleet_shared::unix_now();
     let remote_arch = ssh.run("dpkg --print-architecture")?;
-    let package = match package {
-        Some(p) => p.clone(),
-        None => crate::flash::find_package(dist, &remote_arch).map_err(usage)?,
-    };
+    let package = crate::flash::choose_package(package.as_deref(), *flavour, dist, &remote_arch)
+        .map_err(usage)?;
     if let Some(a) = crate::flash::package_arch(&package) {
         if a != remote_arch {
             return Err(usage(anyhow::anyhow!(
