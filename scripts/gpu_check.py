@@ -5,7 +5,7 @@ path) on a machine with an NVIDIA GPU.
     scripts/gpu_check.py --agent BIN --ort-lib DIR/libonnxruntime.so.X \
         --models DIR [--out DIR] [--runs 200]
 
-BIN is a native build of the agent (`--features onnxruntime,tflite`); the
+BIN is a native build of the agent (`--features onnxruntime,litert`); the
 library is a GPU build of ONNX Runtime (the onnxruntime-gpu wheel's
 `onnxruntime/capi/`, with libonnxruntime_providers_{shared,cuda}.so beside
 it). The CUDA, cuBLAS, cuRAND, cuFFT and cuDNN libraries are looked for in

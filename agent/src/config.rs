@@ -129,23 +129,63 @@ impl Default for TelemetryConfig {
 
 /// Which inference runtimes to use.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "RuntimeToml")]
 pub struct RuntimeConfig {
     /// Serve every model with this runtime instead of choosing per model
-    /// (`tract-onnx`, `tract-tflite`, `onnxruntime`, `onnxruntime-cuda`, `tflite`).
+    /// (`tract-onnx`, `tract-tflite`, `onnxruntime`, `onnxruntime-cuda`,
+    /// `litert`).
     pub pin: Option<String>,
     /// Path of `libonnxruntime.so` (native build). Default: the
-    /// `ORT_DYLIB_PATH` environment variable, then the loader's search path.
+    /// `ORT_DYLIB_PATH` environment variable, then the package's library
+    /// directory (`<executable>/../lib/edgefleet-agent/`), then the loader's
+    /// search path.
     pub onnxruntime_library: Option<PathBuf>,
-    /// Path of `libtensorflowlite_c.so` (native build). Default: the
-    /// `TFLITE_C_LIBRARY` environment variable, then the loader's search path.
-    pub tflite_library: Option<PathBuf>,
+    /// Path of `libLiteRt.so` (native build). Default: the `LITERT_LIBRARY`
+    /// environment variable, then the package's library directory
+    /// (`<executable>/../lib/edgefleet-agent/`), then the loader's search path.
+    pub litert_library: Option<PathBuf>,
     /// Hardware execution providers of ONNX Runtime to offer as runtimes of
     /// their own (`onnxruntime-cuda`), next to its CPU one; the per-model
     /// choice then times them like any other runtime. Needs a GPU build of
     /// `libonnxruntime.so` and the CUDA libraries on the loader's path.
     #[serde(default)]
     pub onnxruntime_providers: Vec<OrtProvider>,
+}
+
+/// `[runtime]` as written, with the settings that were removed, so that a
+/// config still using one fails with what replaces it instead of a bare
+/// "unknown field".
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuntimeToml {
+    pin: Option<String>,
+    onnxruntime_library: Option<PathBuf>,
+    litert_library: Option<PathBuf>,
+    #[serde(default)]
+    onnxruntime_providers: Vec<OrtProvider>,
+    /// The TensorFlow Lite 2.6 C runtime, replaced by LiteRT.
+    tflite_library: Option<PathBuf>,
+}
+
+impl TryFrom<RuntimeToml> for RuntimeConfig {
+    type Error = String;
+
+    fn try_from(t: RuntimeToml) -> Result<Self, String> {
+        if t.tflite_library.is_some() {
+            return Err(
+                "runtime.tflite_library is no longer supported: the TensorFlow Lite C \
+                        runtime was replaced by LiteRT; set runtime.litert_library to the path \
+                        of libLiteRt.so instead (or leave it unset to use the packaged one)"
+                    .into(),
+            );
+        }
+        Ok(Self {
+            pin: t.pin,
+            onnxruntime_library: t.onnxruntime_library,
+            litert_library: t.litert_library,
+            onnxruntime_providers: t.onnxruntime_providers,
+        })
+    }
 }
 
 /// An ONNX Runtime execution provider the agent can offer.
@@ -547,5 +587,22 @@ mod tests {
         assert!(err.to_string().contains("loopback"), "{err}");
         let err = AgentConfig::from_toml("device_id = \"a/b\"").unwrap_err();
         assert!(err.to_string().contains("invalid device id"), "{err}");
+    }
+
+    #[test]
+    fn the_removed_tflite_library_names_its_replacement() {
+        let text =
+            "device_id = \"d\"\n[runtime]\ntflite_library = \"/usr/lib/libtensorflowlite_c.so\"";
+        let err = AgentConfig::from_toml(text).unwrap_err();
+        assert!(err.to_string().contains("runtime.litert_library"), "{err}");
+        let text = "device_id = \"d\"\n[runtime]\nlitert_library = \"/opt/libLiteRt.so\"\npin = \"litert\"";
+        let runtime = AgentConfig::from_toml(text).unwrap().runtime;
+        assert_eq!(
+            runtime.litert_library,
+            Some(PathBuf::from("/opt/libLiteRt.so"))
+        );
+        assert_eq!(runtime.pin.as_deref(), Some("litert"));
+        let err = AgentConfig::from_toml("device_id = \"d\"\n[runtime]\nlibrary = 1").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 }

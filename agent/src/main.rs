@@ -77,9 +77,9 @@ struct RuntimeArgs {
     /// Path of libonnxruntime.so (native build).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     onnxruntime_library: Option<PathBuf>,
-    /// Path of libtensorflowlite_c.so (native build).
-    #[arg(long, env = "TFLITE_C_LIBRARY")]
-    tflite_library: Option<PathBuf>,
+    /// Path of libLiteRt.so (native build).
+    #[arg(long, env = "LITERT_LIBRARY")]
+    litert_library: Option<PathBuf>,
     /// Also offer this ONNX Runtime execution provider (native build
     /// with a GPU build of ONNX Runtime); repeatable.
     #[arg(long = "onnxruntime-provider", value_enum)]
@@ -91,7 +91,7 @@ impl From<RuntimeArgs> for RuntimeConfig {
         Self {
             pin: a.runtime,
             onnxruntime_library: a.onnxruntime_library,
-            tflite_library: a.tflite_library,
+            litert_library: a.litert_library,
             onnxruntime_providers: a.onnxruntime_providers,
         }
     }

@@ -139,8 +139,8 @@ impl Probe {
         if let Some(p) = &runtime.onnxruntime_library {
             args.extend(["--onnxruntime-library".into(), p.into()]);
         }
-        if let Some(p) = &runtime.tflite_library {
-            args.extend(["--tflite-library".into(), p.into()]);
+        if let Some(p) = &runtime.litert_library {
+            args.extend(["--litert-library".into(), p.into()]);
         }
         for provider in &runtime.onnxruntime_providers {
             if let Some(name) = clap::ValueEnum::to_possible_value(provider) {
@@ -411,7 +411,7 @@ mod tests {
         let config = RuntimeConfig {
             pin: Some("onnxruntime".into()),
             onnxruntime_library: Some(PathBuf::from("/opt/ort/libonnxruntime.so")),
-            tflite_library: None,
+            litert_library: None,
             onnxruntime_providers: vec![crate::config::OrtProvider::Cuda],
         };
         let probe = Probe::new(PathBuf::from("/usr/bin/edgefleet-agent"), &config);

@@ -6,8 +6,8 @@
 //! The models live in `$EDGEFLEET_TEST_MODELS` (default
 //! `~/.cache/edgefleet/test-models`). ONNX Runtime is tried when the agent
 //! is built with `--features onnxruntime` and `ORT_DYLIB_PATH` names the
-//! library; the TFLite C runtime with `--features tflite` and
-//! `TFLITE_C_LIBRARY` (`scripts/test` sets all of them).
+//! library; LiteRT with `--features litert` and `LITERT_LIBRARY`
+//! (`scripts/test` sets both).
 
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
@@ -76,14 +76,6 @@ fn known_failure(file: &str, runtime: &str) -> Option<&'static str> {
         // (measured: relative error ~1). Only a test vector or a second
         // runtime catches it.
         ("ppocr_cls_int8qdq.onnx", "tract-onnx") => Some("wrong result: QDQ before Softmax"),
-        // The TFLite C library the tests can get offline is TensorFlow 2.6
-        // (2021, inside the `tflitec` crate): it refuses newer op versions
-        // and MediaPipe's Convolution2DTransposeBias custom op. A current
-        // LiteRT C library on the device does not have these limits.
-        (
-            "oww_melspectrogram.tflite" | "oww_hey_jarvis.tflite" | "mp_selfie_segmentation.tflite",
-            "tflite",
-        ) => Some("TFLite 2.6 C library: op version / custom op"),
         // tract-tflite: BATCH_MATMUL between rank-4 and rank-2 operands.
         ("oww_melspectrogram.tflite", "tract-tflite") => Some("BATCH_MATMUL broadcast"),
         // tract-tflite: no DEQUANTIZE (fp16 weights) / PRELU: every MediaPipe model.
@@ -191,6 +183,17 @@ fn real_models_match_reference_runtimes() {
         match available.select(format, &bytes, &hints, Check::TestVector(&tv), None) {
             Ok(sel) => {
                 let chosen = sel.engine.runtime();
+                // The selection's own timings: every runtime measured in the
+                // same run, interleaved, so their ratios compare runtimes
+                // even on a busy machine.
+                for t in &sel.trials {
+                    let outcome = match &t.outcome {
+                        TrialOutcome::Timed { p50_us, .. } => format!("p50 {p50_us:.0} us"),
+                        TrialOutcome::Failed(r) => format!("failed: {}", first_line(r)),
+                        TrialOutcome::Incorrect(r) => format!("incorrect: {}", first_line(r)),
+                    };
+                    report.push(format!("{file:<34} {:<13} {outcome}", t.runtime));
+                }
                 if known_failure(file, chosen).is_some() {
                     failures.push(format!(
                         "{file}: selection chose {chosen}, which is known to fail"
@@ -298,7 +301,7 @@ fn test_vector(inputs: &[Tensor], expected: &[Tensor], relative: f64) -> TestVec
 fn supports(runtime: &str, format: ModelFormat) -> bool {
     match format {
         ModelFormat::Onnx => matches!(runtime, "tract-onnx" | "onnxruntime"),
-        ModelFormat::Tflite => matches!(runtime, "tract-tflite" | "tflite"),
+        ModelFormat::Tflite => matches!(runtime, "tract-tflite" | "litert"),
     }
 }
 
@@ -324,4 +327,65 @@ fn cuda_is_not_offered_by_a_cpu_only_onnxruntime() {
         "ONNX Runtime must load (set ORT_DYLIB_PATH): {names:?}"
     );
     assert!(!names.contains(&"onnxruntime-cuda"), "{names:?}");
+}
+
+/// LiteRT follows a dynamic input from request to request: the
+/// melspectrogram's `[-1, -1]` input (which LiteRT itself reports as its
+/// `[1, 1]` placeholder) is resized for a shorter clip and back, and the
+/// second answer still matches the reference. A file that is not a model
+/// is refused with LiteRT's reason, not a crash.
+#[cfg(feature = "litert")]
+#[test]
+fn litert_resizes_dynamic_inputs_and_refuses_garbage() {
+    let dir = models_dir();
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let model = manifest["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["file"] == "oww_melspectrogram.tflite")
+        .unwrap();
+    let available = runtimes::detect(&RuntimeConfig::default());
+    assert!(
+        available.names().contains(&"litert"),
+        "LiteRT must load (set LITERT_LIBRARY): {:?}",
+        available.names()
+    );
+    let bytes = std::fs::read(dir.join("oww_melspectrogram.tflite")).unwrap();
+    let engine = available
+        .select(
+            ModelFormat::Tflite,
+            &bytes,
+            &[],
+            Check::CrossCompare,
+            Some("litert"),
+        )
+        .unwrap()
+        .engine;
+    assert_eq!(engine.inputs()[0].oip_shape(), vec![-1, -1]);
+    let input = read_tensor(&dir, &model["inputs"][0]);
+    let expected = read_tensor(&dir, &model["outputs"][0]);
+    let short = Tensor {
+        name: input.name.clone(),
+        shape: vec![1, 1280],
+        data: TensorData::Fp32(vec![0.0; 1280]),
+    };
+    let out = engine::infer(engine.as_ref(), vec![short]).unwrap();
+    assert!(out[0].shape[2] < expected.shape[2], "{:?}", out[0].shape);
+    let out = engine::infer(engine.as_ref(), vec![input]).unwrap();
+    assert_eq!(out[0].shape, expected.shape);
+    assert!(relative_error(&out[0], &expected) <= 1e-5);
+
+    let err = available
+        .select(
+            ModelFormat::Tflite,
+            b"not a model",
+            &[],
+            Check::CrossCompare,
+            Some("litert"),
+        )
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("litert"), "{err}");
 }

@@ -49,11 +49,12 @@ struct RequestParameters {
 }
 
 #[derive(Deserialize)]
-struct InferRequest {
+struct InferRequest<'a> {
     id: Option<String>,
     #[serde(default)]
     parameters: Option<RequestParameters>,
-    inputs: Vec<InferInput>,
+    #[serde(borrow)]
+    inputs: Vec<InferInput<'a>>,
     #[serde(default)]
     outputs: Option<Vec<RequestedOutput>>,
 }
@@ -64,16 +65,17 @@ struct InputParameters {
 }
 
 #[derive(Deserialize)]
-struct InferInput {
+struct InferInput<'a> {
     name: String,
     shape: Vec<usize>,
     datatype: String,
     #[serde(default)]
     parameters: Option<InputParameters>,
-    /// Kept as text and decoded once the datatype is known, straight into
-    /// typed elements (no JSON tree for large tensors).
-    #[serde(default)]
-    data: Option<Box<serde_json::value::RawValue>>,
+    /// Kept as text (borrowed from the body, not copied) and decoded once
+    /// the datatype is known, straight into typed elements (no JSON tree
+    /// for large tensors).
+    #[serde(default, borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize, Default)]
@@ -116,16 +118,35 @@ pub fn decode_request(header_len: Option<usize>, body: &[u8]) -> Result<Decoded,
         Some(n) => body.split_at(n),
         None => (body, &[][..]),
     };
-    let request: InferRequest = serde_json::from_slice(json_part).map_err(RequestError::Json)?;
+    // The inputs' data arrays are cut out first (see `cut_data_arrays`);
+    // serde_json reads the rest. Should that fail, it reads the whole
+    // JSON again, so a malformed request is described as it was sent.
+    let cut = cut_data_arrays(json_part);
+    let parsed = match &cut {
+        Some(cut) => serde_json::from_slice::<InferRequest>(&cut.rest).ok(),
+        None => None,
+    };
+    let (request, arrays) = match (parsed, &cut) {
+        (Some(request), Some(cut)) => (request, cut.arrays.as_slice()),
+        _ => (
+            serde_json::from_slice::<InferRequest>(json_part).map_err(RequestError::Json)?,
+            &[][..],
+        ),
+    };
     let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in request.inputs {
+    for (ordinal, mut input) in request.inputs.into_iter().enumerate() {
+        let cut_out = arrays.get(ordinal).copied().flatten();
+        let data_text = match (cut_out, input.data.take()) {
+            (Some(text), _) => Some(text),
+            (None, data) => data.map(serde_json::value::RawValue::get),
+        };
         let bad = |reason: String| RequestError::BadInput {
             input: input.name.clone(),
             reason,
         };
         let datatype: DataType = input.datatype.parse().map_err(bad)?;
         let binary_size = input.parameters.and_then(|p| p.binary_data_size);
-        let data = match (binary_size, &input.data) {
+        let data = match (binary_size, data_text) {
             (Some(_), Some(_)) => return Err(RequestError::DataAndBinary { input: input.name }),
             (Some(size), None) => {
                 if size > binary.len() {
@@ -139,7 +160,10 @@ pub fn decode_request(header_len: Option<usize>, body: &[u8]) -> Result<Decoded,
                 binary = rest;
                 TensorData::from_le_bytes(datatype, chunk).map_err(bad)?
             }
-            (None, Some(data)) => TensorData::from_json_text(&input.name, datatype, data.get())?,
+            (None, Some(text)) => {
+                let expected = Tensor::element_count(&input.shape).unwrap_or(0);
+                TensorData::from_json_text(&input.name, datatype, text, expected)?
+            }
             (None, None) => return Err(RequestError::NoData { input: input.name }),
         };
         inputs.push(Tensor {
@@ -177,6 +201,192 @@ pub fn decode_request(header_len: Option<usize>, body: &[u8]) -> Result<Decoded,
     })
 }
 
+/// A request's JSON with its inputs' `data` arrays cut out.
+struct CutArrays<'a> {
+    /// The JSON with each cut-out array replaced by `[]`.
+    rest: Vec<u8>,
+    /// Per input, in order: the text of its `data` array, if cut out.
+    arrays: Vec<Option<&'a str>>,
+}
+
+/// Finds the `data` arrays of the request's inputs (`inputs[i].data`) and
+/// cuts them out of the JSON. serde_json would otherwise go through every
+/// number of them once just to find where they end (and again to decode
+/// them); here the end is found by jumping between brackets and quotes,
+/// and the numbers are read once, by the typed decoder, which checks
+/// them. Everything else is left to serde_json, which checks it when it
+/// reads `rest`. `None` when the JSON is not laid out as expected (or is
+/// malformed): the caller then reads it whole with serde_json.
+fn cut_data_arrays(json: &[u8]) -> Option<CutArrays<'_>> {
+    let mut w = Walker { b: json, i: 0 };
+    let mut arrays = Vec::new();
+    let mut spans = Vec::new();
+    w.object(|w, key| {
+        if key != b"inputs" {
+            return w.skip_value();
+        }
+        w.array(|w| {
+            let mut cut = None;
+            w.object(|w, key| {
+                if key == b"data" && w.peek() == Some(b'[') {
+                    let start = w.i;
+                    w.skip_value()?;
+                    cut = Some(start..w.i);
+                    Some(())
+                } else {
+                    w.skip_value()
+                }
+            })?;
+            if let Some(span) = &cut {
+                spans.push(span.clone());
+            }
+            arrays.push(cut);
+            Some(())
+        })
+    })?;
+    w.ws();
+    if w.i != json.len() {
+        return None;
+    }
+    let mut rest = Vec::with_capacity(
+        json.len() - spans.iter().map(|s| s.len()).sum::<usize>() + 2 * spans.len(),
+    );
+    let mut from = 0;
+    for span in &spans {
+        rest.extend_from_slice(&json[from..span.start]);
+        rest.extend_from_slice(b"[]");
+        from = span.end;
+    }
+    rest.extend_from_slice(&json[from..]);
+    let arrays = arrays
+        .into_iter()
+        .map(|span| match span {
+            Some(span) => std::str::from_utf8(&json[span]).ok().map(Some),
+            None => Some(None),
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(CutArrays { rest, arrays })
+}
+
+/// A cursor over JSON text that knows just enough of the grammar to find
+/// where values end; every method returns `None` on anything unexpected.
+struct Walker<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Walker<'a> {
+    fn ws(&mut self) {
+        while matches!(self.b.get(self.i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// A string; returns its text between the quotes, escapes as sent.
+    fn string(&mut self) -> Option<&'a [u8]> {
+        self.eat(b'"')?;
+        let start = self.i;
+        loop {
+            let at = self.i + memchr::memchr2(b'"', b'\\', self.b.get(self.i..)?)?;
+            if self.b[at] == b'"' {
+                self.i = at + 1;
+                return Some(&self.b[start..at]);
+            }
+            self.i = at + 2;
+        }
+    }
+
+    /// An object, calling `field` with the cursor on each value.
+    fn object(&mut self, mut field: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        if self.eat(b'}').is_some() {
+            return Some(());
+        }
+        loop {
+            let key = self.string()?;
+            self.eat(b':')?;
+            field(self, key)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// An array, calling `element` with the cursor on each element.
+    fn array(&mut self, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.eat(b'[')?;
+        if self.eat(b']').is_some() {
+            return Some(());
+        }
+        loop {
+            element(self)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b']' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Moves past one value. An array is skipped by counting square
+    /// brackets (and stepping over strings), an object by counting braces,
+    /// without looking at what lies between: in valid JSON the two kinds
+    /// nest, so either count alone finds the end, and whoever reads the
+    /// value checks it.
+    fn skip_value(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            open @ (b'[' | b'{') => {
+                let close = if open == b'[' { b']' } else { b'}' };
+                let mut depth = 0usize;
+                loop {
+                    let at = self.i + memchr::memchr3(b'"', open, close, self.b.get(self.i..)?)?;
+                    self.i = at;
+                    if self.b[at] == b'"' {
+                        self.string()?;
+                    } else if self.b[at] == open {
+                        depth += 1;
+                        self.i += 1;
+                    } else {
+                        depth = depth.checked_sub(1)?;
+                        self.i += 1;
+                        if depth == 0 {
+                            return Some(());
+                        }
+                    }
+                }
+            }
+            _ => {
+                let start = self.i;
+                while !matches!(
+                    self.b.get(self.i),
+                    None | Some(b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t')
+                ) {
+                    self.i += 1;
+                }
+                (self.i > start).then_some(())
+            }
+        }
+    }
+}
+
 /// An encoded inference answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
@@ -189,51 +399,84 @@ pub struct Encoded {
 
 /// Encodes an answer of `model` (name, version): plain JSON, or JSON
 /// followed by raw tensors when any output is returned as binary.
+///
+/// The body is written as text straight into one buffer: tensor data goes
+/// in as shortest-form numbers or, for binary outputs, as bytes appended
+/// after the JSON part, with no `serde_json::Value` or per-tensor buffer
+/// in between.
 pub fn encode_response(
     model: (&str, u64),
-    id: Option<String>,
-    outputs: Vec<(Tensor, bool)>,
+    id: Option<&str>,
+    outputs: &[(&Tensor, bool)],
 ) -> Encoded {
-    let mut binary = Vec::new();
-    let outputs: Vec<Value> = outputs
-        .into_iter()
-        .map(|(t, as_binary)| {
-            let mut out = json!({
-                "name": t.name,
-                "datatype": t.data.datatype().as_str(),
-                "shape": t.shape,
-            });
-            if as_binary {
-                let bytes = t.data.to_le_bytes();
-                out["parameters"] = json!({"binary_data_size": bytes.len()});
-                binary.extend_from_slice(&bytes);
-            } else {
-                out["data"] = t.data.to_json();
-            }
-            out
-        })
-        .collect();
-    let mut body = json!({
-        "model_name": model.0,
-        "model_version": model.1.to_string(),
-        "outputs": outputs,
-    });
+    let json_estimate: usize = outputs
+        .iter()
+        .map(|(t, binary)| 96 + t.name.len() + if *binary { 0 } else { t.data.len() * 12 })
+        .sum();
+    let binary_len: usize = outputs
+        .iter()
+        .filter(|(_, binary)| *binary)
+        .map(|(t, _)| t.data.len() * t.data.datatype().byte_size())
+        .sum();
+    let mut body = Vec::with_capacity(128 + json_estimate + binary_len);
+    body.push(b'{');
     if let Some(id) = id {
-        body["id"] = Value::String(id);
+        body.extend_from_slice(b"\"id\":");
+        write_json_string(&mut body, id);
+        body.push(b',');
     }
-    let mut bytes = to_json_bytes(&body);
-    if binary.is_empty() {
+    body.extend_from_slice(b"\"model_name\":");
+    write_json_string(&mut body, model.0);
+    body.extend_from_slice(b",\"model_version\":\"");
+    body.extend_from_slice(itoa::Buffer::new().format(model.1).as_bytes());
+    body.extend_from_slice(b"\",\"outputs\":[");
+    for (i, (t, as_binary)) in outputs.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"name\":");
+        write_json_string(&mut body, &t.name);
+        body.extend_from_slice(b",\"datatype\":\"");
+        body.extend_from_slice(t.data.datatype().as_str().as_bytes());
+        body.extend_from_slice(b"\",\"shape\":[");
+        for (j, d) in t.shape.iter().enumerate() {
+            if j > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(itoa::Buffer::new().format(*d).as_bytes());
+        }
+        body.push(b']');
+        if *as_binary {
+            let size = t.data.len() * t.data.datatype().byte_size();
+            body.extend_from_slice(b",\"parameters\":{\"binary_data_size\":");
+            body.extend_from_slice(itoa::Buffer::new().format(size).as_bytes());
+            body.push(b'}');
+        } else {
+            body.extend_from_slice(b",\"data\":");
+            t.data.write_json(&mut body);
+        }
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
+    if !outputs.iter().any(|(_, binary)| *binary) {
         return Encoded {
-            body: bytes,
+            body,
             json_len: None,
         };
     }
-    let json_len = bytes.len();
-    bytes.extend_from_slice(&binary);
+    let json_len = body.len();
+    for (t, _) in outputs.iter().filter(|(_, binary)| *binary) {
+        t.data.write_le_bytes(&mut body);
+    }
     Encoded {
-        body: bytes,
+        body,
         json_len: Some(json_len),
     }
+}
+
+/// Appends `s` as a JSON string (quoted and escaped).
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("a string always serialises into a Vec");
 }
 
 /// The bytes of a JSON value.
@@ -373,25 +616,17 @@ mod tests {
 
     #[test]
     fn binary_outputs_follow_the_json_part_whose_length_is_given() {
-        let outputs = vec![
-            (
-                Tensor {
-                    name: "y".into(),
-                    shape: vec![2],
-                    data: TensorData::Fp32(vec![1.5, -2.0]),
-                },
-                true,
-            ),
-            (
-                Tensor {
-                    name: "z".into(),
-                    shape: vec![1],
-                    data: TensorData::Int64(vec![7]),
-                },
-                false,
-            ),
-        ];
-        let encoded = encode_response(("m", 3), Some("r1".into()), outputs);
+        let y = Tensor {
+            name: "y".into(),
+            shape: vec![2],
+            data: TensorData::Fp32(vec![1.5, -2.0]),
+        };
+        let z = Tensor {
+            name: "z".into(),
+            shape: vec![1],
+            data: TensorData::Int64(vec![7]),
+        };
+        let encoded = encode_response(("m", 3), Some("r1"), &[(&y, true), (&z, false)]);
         let json_len = encoded
             .json_len
             .expect("a binary output makes a split body");
@@ -403,20 +638,106 @@ mod tests {
         assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
         assert_eq!(head["outputs"][1]["data"], json!([7]));
 
-        let plain = encode_response(
-            ("m", 3),
-            None,
-            vec![(
-                Tensor {
-                    name: "z".into(),
-                    shape: vec![1],
-                    data: TensorData::Int64(vec![7]),
-                },
-                false,
-            )],
-        );
+        let plain = encode_response(("m", 3), None, &[(&z, false)]);
         assert_eq!(plain.json_len, None);
         let body: Value = serde_json::from_slice(&plain.body).unwrap();
         assert!(body.get("id").is_none());
+    }
+
+    /// The text written directly is the JSON the protocol describes, with
+    /// names escaped and floats in their shortest form.
+    #[test]
+    fn json_answers_are_written_as_the_protocol_describes() {
+        let t = Tensor {
+            name: "prob\"s\n".into(),
+            shape: vec![1, 3],
+            data: TensorData::Fp32(vec![0.1, 1.0 / 3.0, f32::NAN]),
+        };
+        let encoded = encode_response(("m\\1", 12), Some("id\u{1}"), &[(&t, false)]);
+        assert_eq!(encoded.json_len, None);
+        let body: Value = serde_json::from_slice(&encoded.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"id": "id\u{1}", "model_name": "m\\1", "model_version": "12", "outputs": [
+                {"name": "prob\"s\n", "datatype": "FP32", "shape": [1, 3], "data": [0.1, 0.33333334, null]}
+            ]})
+        );
+        assert!(String::from_utf8(encoded.body)
+            .unwrap()
+            .contains("[0.1,0.33333334,null]"));
+    }
+
+    #[test]
+    fn json_data_is_decoded_with_the_input_named_in_errors() {
+        let body = br#"{"inputs": [{"name": "a", "shape": [2], "datatype": "FP32", "data": [0.5, 16777217]},
+            {"name": "b", "shape": [2, 2], "datatype": "INT8", "data": [[1, 2], [3, 300]]}]}"#;
+        let err = decode_request(None, body).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "element 3 of input \"b\" (300) is out of range for INT8"
+        );
+        let body = br#"{"id": "q", "inputs": [{"name": "a", "shape": [2], "datatype": "FP32", "data": [0.5, 16777217]}]}"#;
+        let d = decode_request(None, body).unwrap();
+        assert_eq!(d.id.as_deref(), Some("q"));
+        assert_eq!(d.inputs[0].data, TensorData::Fp32(vec![0.5, 16_777_216.0]));
+    }
+
+    #[test]
+    fn data_arrays_are_cut_out_and_everything_else_left_to_serde() {
+        let json = br#" {"id": "a[\"]", "inputs": [
+            {"name": "x", "data": [[1, 2], [3, 4]], "shape": [2, 2], "datatype": "FP32"},
+            {"name": "s", "shape": [], "datatype": "INT64", "data": 5},
+            {"data" : [ ], "name": "e", "shape": [0], "datatype": "FP32", "parameters": {"k": [{"]": "}"}]}}
+        ], "outputs": [{"name": "y"}]} "#;
+        let cut = cut_data_arrays(json).unwrap();
+        assert_eq!(
+            cut.arrays,
+            vec![Some("[[1, 2], [3, 4]]"), None, Some("[ ]")]
+        );
+        let rest: Value = serde_json::from_slice(&cut.rest).unwrap();
+        assert_eq!(rest["inputs"][0]["data"], json!([]));
+        assert_eq!(rest["inputs"][1]["data"], json!(5));
+        assert_eq!(rest["id"], "a[\"]");
+        let d = decode_request(None, json).unwrap();
+        assert_eq!(d.inputs[0].data, TensorData::Fp32(vec![1.0, 2.0, 3.0, 4.0]));
+        assert_eq!(d.inputs[1].data, TensorData::Int64(vec![5]));
+        assert_eq!(d.inputs[2].data, TensorData::Fp32(vec![]));
+
+        // Not laid out as a request, or malformed: left whole to serde_json.
+        for json in [
+            &b"[1]"[..],
+            b"{\"inputs\": {}}",
+            b"{\"inputs\": [{\"data\": [1, 2}]}",
+            b"{\"inputs\": [{\"data\": [1]}]} x",
+            b"{\"inputs\": [{\"data\": \"[1]",
+        ] {
+            assert!(
+                cut_data_arrays(json).is_none(),
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_described_as_sent() {
+        // The shape error is serde_json's, on the request as sent (its
+        // column, 57, counts the data array).
+        let json =
+            br#"{"inputs": [{"name": "x", "data": [1, 2, 3], "shape": "2", "datatype": "FP32"}]}"#;
+        let err = decode_request(None, json).unwrap_err().to_string();
+        assert!(
+            err.starts_with("malformed inference request JSON: invalid type"),
+            "{err}"
+        );
+        assert!(err.contains("column 57"), "{err}");
+        // Malformed inside a data array: the typed decoder names the element.
+        let json =
+            br#"{"inputs": [{"name": "x", "data": [1, 2, 3e], "shape": [3], "datatype": "FP32"}]}"#;
+        let err = decode_request(None, json).unwrap_err().to_string();
+        assert!(
+            err.starts_with("element 2 of input \"x\" is invalid JSON"),
+            "{err}"
+        );
     }
 }

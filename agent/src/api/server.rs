@@ -432,22 +432,21 @@ async fn infer(
     if let (true, Some(uploads)) = (model.upload_results, &state.uploads) {
         uploads.queue(&model, id.clone(), elapsed, &outputs);
     }
-    let selected: Vec<(Tensor, bool)> = match &wanted {
-        None => outputs
-            .into_iter()
-            .map(|t| (t, binary_by_default))
-            .collect(),
+    // The answer is encoded from references: no output is copied before
+    // its data is written into the body.
+    let selected: Vec<(&Tensor, bool)> = match &wanted {
+        None => outputs.iter().map(|t| (t, binary_by_default)).collect(),
         Some(wanted) => wanted
             .iter()
             .filter_map(|(name, binary)| {
                 outputs
                     .iter()
                     .find(|t| &t.name == name)
-                    .map(|t| (t.clone(), *binary))
+                    .map(|t| (t, *binary))
             })
             .collect(),
     };
-    let encoded = oip::encode_response((&model.name, model.version), id, selected);
+    let encoded = oip::encode_response((&model.name, model.version), id.as_deref(), &selected);
     let builder = Response::builder().status(StatusCode::OK);
     let builder = match encoded.json_len {
         None => builder.header(http::header::CONTENT_TYPE, "application/json"),

@@ -13,13 +13,13 @@
 //! (`probe.rs`) and refused if that dies, and a runtime that fails on
 //! input that passed these checks restarts the agent (systemd).
 
+#[cfg(feature = "litert")]
+pub mod litert;
 pub mod load;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
 pub mod runtimes;
 pub mod select;
-#[cfg(feature = "tflite")]
-pub mod tflite;
 pub mod tract;
 
 pub use select::{Check, Runtimes, Selection, Trial, TrialOutcome};

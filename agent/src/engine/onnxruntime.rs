@@ -21,6 +21,8 @@ use crate::config::OrtProvider;
 use crate::tensor::{DataType, Tensor, TensorData};
 
 pub const ONNXRUNTIME: &str = "onnxruntime";
+/// The library's file name, for the loader's search path and the package.
+pub const LIBRARY: &str = "libonnxruntime.so";
 /// ONNX Runtime with its CUDA execution provider: a runtime of its own, so
 /// the per-model choice weighs the GPU against the CPU (small models are
 /// often faster on the CPU than a kernel launch and two copies).
@@ -55,7 +57,8 @@ pub fn entries(
     let path: PathBuf = library
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"));
+        .or_else(|| super::runtimes::packaged_library(LIBRARY))
+        .unwrap_or_else(|| PathBuf::from(LIBRARY));
     let env = ENV
         .get_or_init(|| {
             let builder = ort::init_from(&path)

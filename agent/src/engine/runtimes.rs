@@ -1,13 +1,29 @@
 //! Which runtimes this agent offers, found once at start-up.
 //!
 //! The pure-Rust tract runtimes are always there. The native build
-//! (`--features onnxruntime,tflite`) also offers ONNX Runtime and the
-//! TensorFlow Lite C library, each loaded from a shared library at run
-//! time; when a library is missing its runtime is simply not offered, and
-//! that is logged once.
+//! (`--features onnxruntime,litert`) also offers ONNX Runtime and LiteRT,
+//! each loaded from a shared library at run time; when a library is
+//! missing its runtime is simply not offered, and that is logged once.
+
+use std::path::PathBuf;
 
 use super::select::Runtimes;
 use crate::config::RuntimeConfig;
+
+/// `file_name` in the agent package's library directory,
+/// `<executable's directory>/../lib/edgefleet-agent/`, when it is there:
+/// the native package ships the runtime libraries it was tested with
+/// there, so they are found without configuration and without touching
+/// the system's own copies.
+pub fn packaged_library(file_name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe
+        .parent()?
+        .parent()?
+        .join("lib/edgefleet-agent")
+        .join(file_name);
+    path.is_file().then_some(path)
+}
 
 /// The runtimes available with `config`.
 pub fn detect(config: &RuntimeConfig) -> Runtimes {
@@ -31,16 +47,16 @@ pub fn detect(config: &RuntimeConfig) -> Runtimes {
     if !config.onnxruntime_providers.is_empty() {
         tracing::warn!("runtime.onnxruntime_providers is set but this is the static build (no ONNX Runtime support); ignoring it");
     }
-    #[cfg(feature = "tflite")]
-    match super::tflite::entry(config.tflite_library.as_deref()) {
+    #[cfg(feature = "litert")]
+    match super::litert::entry(config.litert_library.as_deref()) {
         Ok(entry) => runtimes.prepend(entry),
         Err(reason) => {
-            tracing::warn!(%reason, "TFLite C runtime not available; serving TFLite models with tract only")
+            tracing::warn!(%reason, "LiteRT not available; serving TFLite models without it")
         }
     }
-    #[cfg(not(feature = "tflite"))]
-    if config.tflite_library.is_some() {
-        tracing::warn!("runtime.tflite_library is set but this is the static build (no TFLite C runtime); ignoring it");
+    #[cfg(not(feature = "litert"))]
+    if config.litert_library.is_some() {
+        tracing::warn!("runtime.litert_library is set but this is the static build (no LiteRT support); ignoring it");
     }
     runtimes
 }

@@ -136,10 +136,14 @@ impl Runtimes {
                     super::tract::TractEngine::load_onnx(b, hints)
                         .map(|e| Box::new(e) as Box<dyn Engine>)
                 }),
-                RuntimeEntry::new(super::tract::TRACT_TFLITE, ModelFormat::Tflite, |b, _| {
-                    super::tract::TractEngine::load_tflite(b)
-                        .map(|e| Box::new(e) as Box<dyn Engine>)
-                }),
+                RuntimeEntry::new(
+                    super::tract::TRACT_TFLITE,
+                    ModelFormat::Tflite,
+                    |b, hints| {
+                        super::tract::TractEngine::load_tflite(b, hints)
+                            .map(|e| Box::new(e) as Box<dyn Engine>)
+                    },
+                ),
             ],
         }
     }

@@ -1,12 +1,19 @@
 //! ONNX and TFLite models on tract (`tract-onnx`, `tract-tflite`), the
 //! pure-Rust runtimes of the static build.
 //!
-//! All tract calls live in this file. A model is parsed, type-checked,
-//! optimised and turned into a runnable plan once, in [`TractEngine::load_onnx`]
-//! or [`TractEngine::load_tflite`].
+//! All tract calls live in this module (this file and `plans`). A model is
+//! parsed, type-checked, optimised and turned into a runnable plan once, in
+//! [`TractEngine::load_onnx`] or [`TractEngine::load_tflite`]. A model with
+//! dynamic input dimensions also gets plans specialised to the input shapes
+//! it actually serves (`plans::ShapePlans`): tract picks its depthwise,
+//! lazy-im2col and direct convolutions, and its by-scalar binary operators,
+//! only where shapes are concrete. On a symbolic plan every convolution is
+//! an eager im2col and a matrix product, each depthwise one a product per
+//! channel.
 
 use std::io::Cursor;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tract_onnx::prelude::{
     DatumType, Fact, Framework, Graph, InferenceFact, InferenceModel, InferenceModelExt,
@@ -21,6 +28,10 @@ use edgefleet_shared::TensorSpec;
 
 use super::{Engine, EngineError, IoSpec};
 use crate::tensor::{DataType, Tensor, TensorData};
+
+mod plans;
+
+use plans::ShapePlans;
 
 /// Runtime names as reported in metadata and status.
 pub const TRACT_ONNX: &str = "tract-onnx";
@@ -50,10 +61,17 @@ pub fn configure_kernels() {
 /// A planned tract model.
 pub struct TractEngine {
     runtime: &'static str,
+    /// Runs every input shape the model accepts.
     plan: Arc<TypedRunnableModel>,
+    /// Faster plans for the shapes served, when `plan` has dynamic input
+    /// dimensions.
+    shapes: Option<ShapePlans>,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
 }
+
+/// The input shapes of one call, one list of dimensions per input.
+type Shapes = Vec<Vec<usize>>;
 
 fn load_error(runtime: &'static str) -> impl Fn(tract_onnx::prelude::TractError) -> EngineError {
     move |e| EngineError::Load {
@@ -188,15 +206,17 @@ where
 
 impl TractEngine {
     /// Parses, optimises and plans an ONNX model.
-    /// Shape hints are used only if the model does not plan without them:
-    /// fixing a dimension the model names can contradict its own
-    /// intermediate shape annotations.
+    /// Shape hints are used to plan only if the model does not plan without
+    /// them: fixing a dimension the model names can contradict its own
+    /// intermediate shape annotations. Otherwise the model stays dynamic
+    /// and the hinted shapes get specialised plans right away.
     pub fn load_onnx(bytes: &[u8], hints: &[TensorSpec]) -> Result<Self, EngineError> {
         configure_kernels();
         match Self::load_onnx_with(bytes, &[]) {
             Err(first) if hints.iter().any(|h| h.shape.iter().any(|&d| d >= 0)) => {
                 Self::load_onnx_with(bytes, hints).map_err(|_| first)
             }
+            Ok(engine) => Ok(engine.prepared_for(hints)),
             result => result,
         }
     }
@@ -209,20 +229,20 @@ impl TractEngine {
         apply_shape_hints(&mut model, hints).map_err(&err)?;
         // Names come from the parsed model: optimisation may rename nodes.
         let (input_names, output_names) = io_names(&model).map_err(&err)?;
-        let typed = model.into_optimized().map_err(&err)?;
+        let typed = model.into_typed().map_err(&err)?;
         Self::plan(TRACT_ONNX, typed, input_names, output_names)
     }
 
-    /// Parses, optimises and plans a TFLite model.
-    pub fn load_tflite(bytes: &[u8]) -> Result<Self, EngineError> {
+    /// Parses, optimises and plans a TFLite model; `hints` as for
+    /// [`TractEngine::load_onnx`].
+    pub fn load_tflite(bytes: &[u8], hints: &[TensorSpec]) -> Result<Self, EngineError> {
         configure_kernels();
         let err = load_error(TRACT_TFLITE);
         let model = tract_tflite::tflite()
             .model_for_read(&mut Cursor::new(bytes))
             .map_err(&err)?;
         let (input_names, output_names) = io_names(&model).map_err(&err)?;
-        let typed = model.into_optimized().map_err(&err)?;
-        Self::plan(TRACT_TFLITE, typed, input_names, output_names)
+        Ok(Self::plan(TRACT_TFLITE, model, input_names, output_names)?.prepared_for(hints))
     }
 
     fn plan(
@@ -232,23 +252,66 @@ impl TractEngine {
         output_names: Vec<String>,
     ) -> Result<Self, EngineError> {
         let err = load_error(runtime);
+        let started = Instant::now();
+        let decluttered = typed.into_decluttered().map_err(&err)?;
+        let mut optimized = decluttered.clone();
+        optimized.optimize().map_err(&err)?;
+        let build_cost = started.elapsed();
         let inputs = input_names
             .into_iter()
             .enumerate()
-            .map(|(i, name)| io_spec(runtime, name, typed.input_fact(i).map_err(&err)?))
+            .map(|(i, name)| io_spec(runtime, name, optimized.input_fact(i).map_err(&err)?))
             .collect::<Result<Vec<_>, _>>()?;
         let outputs = output_names
             .into_iter()
             .enumerate()
-            .map(|(i, name)| io_spec(runtime, name, typed.output_fact(i).map_err(&err)?))
+            .map(|(i, name)| io_spec(runtime, name, optimized.output_fact(i).map_err(&err)?))
             .collect::<Result<Vec<_>, _>>()?;
-        let plan = typed.into_runnable().map_err(&err)?;
+        let plan = optimized.into_runnable().map_err(&err)?;
+        let shapes = ShapePlans::new(decluttered, build_cost).map_err(&err)?;
         Ok(Self {
             runtime,
             plan,
+            shapes,
             inputs,
             outputs,
         })
+    }
+
+    /// Builds the specialised plan for the shapes `hints` declare, when
+    /// they give every input a concrete shape.
+    fn prepared_for(self, hints: &[TensorSpec]) -> Self {
+        let Some(shape_plans) = &self.shapes else {
+            return self;
+        };
+        let shapes: Option<Shapes> = self
+            .inputs
+            .iter()
+            .map(|spec| {
+                let hint = hints.iter().find(|h| h.name == spec.name)?;
+                (hint.shape.len() == spec.shape.len()).then_some(())?;
+                hint.shape
+                    .iter()
+                    .zip(&spec.shape)
+                    .map(|(&h, &fixed)| {
+                        let size = usize::try_from(h).ok()?;
+                        fixed.is_none_or(|f| f == size).then_some(size)
+                    })
+                    .collect()
+            })
+            .collect();
+        if let Some(shapes) = shapes {
+            shape_plans.build(&self.plan, &shapes);
+        }
+        self
+    }
+
+    /// The plan for these input shapes, and whether it is the generic one.
+    fn plan_for(&self, shapes: &[Vec<usize>]) -> (Arc<TypedRunnableModel>, bool) {
+        match self.shapes.as_ref().and_then(|s| s.get(shapes)) {
+            Some(plan) => (plan, false),
+            None => (self.plan.clone(), true),
+        }
     }
 }
 
@@ -318,14 +381,38 @@ impl Engine for TractEngine {
     }
 
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+        let shapes: Shapes = inputs.iter().map(|t| t.shape.clone()).collect();
+        let (plan, generic) = self.plan_for(&shapes);
         let values = inputs
             .into_iter()
             .map(|t| to_tract(self.runtime, t))
             .collect::<Result<TVec<_>, _>>()?;
-        let results = self.plan.run(values).map_err(|e| EngineError::Runtime {
+        let fail = |e: tract_onnx::prelude::TractError| EngineError::Runtime {
             runtime: self.runtime,
             reason: format!("{e:#}"),
-        })?;
+        };
+        let results = match &self.shapes {
+            None => plan.run(values).map_err(fail)?,
+            Some(shape_plans) if generic => {
+                let started = Instant::now();
+                let results = plan.run(values).map_err(fail)?;
+                if shape_plans.ran_generic(&shapes, started.elapsed()) {
+                    shape_plans.build(&self.plan, &shapes);
+                }
+                results
+            }
+            // A specialised plan that fails where the generic one works
+            // is tract's mistake: the generic plan serves this shape again.
+            Some(shape_plans) => match plan.run(values.clone()) {
+                Ok(results) => results,
+                Err(e) => {
+                    let results = self.plan.run(values).map_err(fail)?;
+                    tracing::warn!(?shapes, error = %brief(&format!("{e:#}")), "tract's specialised plan failed; the generic one serves this shape");
+                    shape_plans.forget(&shapes);
+                    results
+                }
+            },
+        };
         results
             .into_iter()
             .zip(&self.outputs)
