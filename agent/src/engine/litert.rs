@@ -29,7 +29,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::ptr::null_mut;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
@@ -106,11 +106,7 @@ impl Drop for Runtime {
 /// why LiteRT is not available.
 pub fn entry(library: Option<&Path>) -> Result<RuntimeEntry, String> {
     static RUNTIME: OnceLock<Result<Arc<Runtime>, String>> = OnceLock::new();
-    let path: PathBuf = library
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("LITERT_LIBRARY").map(PathBuf::from))
-        .or_else(|| super::runtimes::packaged_library(LIBRARY))
-        .unwrap_or_else(|| PathBuf::from(LIBRARY));
+    let path = super::runtimes::library_path(library, "LITERT_LIBRARY", LIBRARY);
     let runtime = RUNTIME
         .get_or_init(|| Api::load(&path).and_then(Runtime::start).map(Arc::new))
         .clone()?;

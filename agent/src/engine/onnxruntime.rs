@@ -5,7 +5,7 @@
 //! TensorRT execution providers, for Jetson; the `onnxruntime` wheel on
 //! PyPI ships one the tests use.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use edgefleet_shared::ModelFormat;
@@ -54,11 +54,7 @@ pub fn entries(
     providers: &[OrtProvider],
 ) -> Result<Vec<RuntimeEntry>, String> {
     static ENV: OnceLock<Result<Arc<Environment>, String>> = OnceLock::new();
-    let path: PathBuf = library
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
-        .or_else(|| super::runtimes::packaged_library(LIBRARY))
-        .unwrap_or_else(|| PathBuf::from(LIBRARY));
+    let path = super::runtimes::library_path(library, "ORT_DYLIB_PATH", LIBRARY);
     let env = ENV
         .get_or_init(|| {
             let builder = ort::init_from(&path)

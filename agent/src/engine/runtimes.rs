@@ -5,17 +5,27 @@
 //! each loaded from a shared library at run time; when a library is
 //! missing its runtime is simply not offered, and that is logged once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::select::Runtimes;
 use crate::config::RuntimeConfig;
 
-/// `file_name` in the agent package's library directory,
-/// `<executable's directory>/../lib/edgefleet-agent/`, when it is there:
-/// the native package ships the runtime libraries it was tested with
-/// there, so they are found without configuration and without touching
-/// the system's own copies.
-pub fn packaged_library(file_name: &str) -> Option<PathBuf> {
+/// Where a runtime's shared library is loaded from, in this order: the
+/// configured path, the environment variable `env`, `file_name` in the
+/// agent package's library directory
+/// (`<executable's directory>/../lib/edgefleet-agent/`) when it is there,
+/// then `file_name` for the loader's search path. The native package ships
+/// the libraries it was tested with in that directory, so they are found
+/// without configuration and without touching the system's own copies.
+pub fn library_path(configured: Option<&Path>, env: &str, file_name: &str) -> PathBuf {
+    configured
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .or_else(|| packaged_library(file_name))
+        .unwrap_or_else(|| PathBuf::from(file_name))
+}
+
+fn packaged_library(file_name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let path = exe
         .parent()?
