@@ -6,31 +6,17 @@ the agent serves the digits model (it may still be fetching it).
     python3 cross/check-digits.py SOCKET [--wait-ready SECS]
 """
 import argparse
-import http.client
 import json
-import socket
 import sys
 import time
 
-
-class Unix(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("agent", timeout=60)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
+import agent_socket
 
 
 def request(path, method, url, body=None):
-    c = Unix(path)
     headers = {"Content-Type": "application/json"} if body else {}
-    c.request(method, url, body, headers)
-    r = c.getresponse()
-    data = r.read()
-    c.close()
-    return r.status, data
+    status, _, data = agent_socket.request(path, method, url, body, headers, timeout=60)
+    return status, data
 
 
 def main():

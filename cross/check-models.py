@@ -15,34 +15,15 @@ element by element, within a thousandth of that output's largest value;
 exits 1 otherwise.
 """
 import argparse
-import http.client
 import json
-import socket
 import struct
 import sys
 import time
 from pathlib import Path
 
+from agent_socket import request
+
 FORMATS = {"FP32": "f", "INT64": "q", "INT32": "i", "UINT8": "B", "INT8": "b"}
-
-
-class Unix(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("agent", timeout=120)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
-def request(path, method, url, body=None, headers=None):
-    c = Unix(path)
-    c.request(method, url, body, headers or {})
-    r = c.getresponse()
-    data = r.read()
-    c.close()
-    return r.status, dict(r.getheaders()), data
 
 
 def model_entry(corpus, file):

@@ -14,14 +14,18 @@ arch_of() {
     esac
 }
 
-# The targets in dist/ that are packaged: the static build per Debian
-# architecture, and the native (glibc) builds for amd64 and arm64. Left
-# out: the ARMv6 build (cross/build --all), which would clash with the
-# armhf package's name, and a glibc armv7 build when the static one is
-# there.
+# The targets in dist/ that are packaged (of flavour $1 only, when
+# given): the static build per Debian architecture, and the native (glibc)
+# builds for amd64 and arm64. Left out: the ARMv6 build (cross/build
+# --all), which would clash with the armhf package's name, and a glibc
+# armv7 build when the static one is there.
 packaged_targets() {
+    local t
     (cd dist && ls -d */ | tr -d / | grep -v -e '^arm-unknown-linux-musleabihf$' \
-        | if [[ -d armv7-unknown-linux-musleabihf ]]; then grep -v '^armv7-unknown-linux-gnueabihf$'; else cat; fi)
+        | if [[ -d armv7-unknown-linux-musleabihf ]]; then grep -v '^armv7-unknown-linux-gnueabihf$'; else cat; fi) \
+        | while read -r t; do
+            if [[ -z "${1:-}" || "$(flavour_of "$t")" == "$1" ]]; then echo "$t"; fi
+        done
 }
 
 # The flavour of a Rust target: native for the glibc builds of amd64 and
@@ -63,6 +67,27 @@ start_fleet_server() {
     done
     EDGEFLEET_TOKEN="$(cat "$dir/server/admin.token")"
     export EDGEFLEET_TOKEN
+}
+
+# The board profile (devices/) a target's device is enrolled with.
+profile_of() {
+    case "$1" in
+        aarch64-*) echo devices/raspberry-pi-64/agent.toml ;;
+        armv7-*|arm-*) echo devices/raspberry-pi-32/agent.toml ;;
+        *) echo devices/agent.toml ;;
+    esac
+}
+
+# Enrolls device $2 with target $3's board profile (host fleetctl in
+# $host), its bundle in $1/bundle, and writes $1/agent.toml: the bundle's
+# config with the data dir, root document and socket moved under $1, so
+# the agent runs here as it would on the board.
+enroll_local() {
+    local dir="$1" id="$2" target="$3"
+    "$host/fleetctl" devices enroll --id "$id" --hardware smoke --out "$dir/bundle" \
+        --profile "$(profile_of "$target")" >/dev/null
+    sed -e "s#/var/lib/edgefleet#$dir/data#" -e "s#/etc/edgefleet/root.json#$dir/bundle/root.json#" \
+        -e "s#/run/edgefleet/agent.sock#$dir/agent.sock#" "$dir/bundle/agent.toml" > "$dir/agent.toml"
 }
 
 # Installs Debian packages (with sudo unless root).
