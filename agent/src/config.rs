@@ -31,6 +31,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
+    /// The file this config was read from (what a new agent release's
+    /// self-test reads).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
     /// This device's id in the fleet. Required when `mqtt` is set.
     pub device_id: Option<DeviceId>,
     /// Where models, trust state and staging files live.
@@ -348,6 +352,21 @@ pub struct UpdateConfig {
     /// Attempts per URL before giving up on a model.
     #[serde(default = "default_attempts")]
     pub download_attempts: u32,
+    /// Seconds a new agent release's self-test may take (it loads every
+    /// active model) before the release is refused.
+    #[serde(default = "default_agent_self_test_secs")]
+    pub agent_self_test_secs: u64,
+    /// Seconds from switching to a new agent release until it must have
+    /// reached the fleet server; otherwise the previous release runs again.
+    #[serde(default = "default_agent_report_deadline_secs")]
+    pub agent_report_deadline_secs: u64,
+    /// Seconds a new agent release must then run before it is confirmed.
+    #[serde(default = "default_agent_soak_secs")]
+    pub agent_soak_secs: u64,
+    /// Starts of a new agent release without its confirmation (a crash
+    /// loop) after which the previous release runs again.
+    #[serde(default = "default_agent_max_starts")]
+    pub agent_max_starts: u32,
 }
 
 impl Default for UpdateConfig {
@@ -355,8 +374,25 @@ impl Default for UpdateConfig {
         Self {
             download_stall_secs: default_stall_secs(),
             download_attempts: default_attempts(),
+            agent_self_test_secs: default_agent_self_test_secs(),
+            agent_report_deadline_secs: default_agent_report_deadline_secs(),
+            agent_soak_secs: default_agent_soak_secs(),
+            agent_max_starts: default_agent_max_starts(),
         }
     }
+}
+
+fn default_agent_self_test_secs() -> u64 {
+    120
+}
+fn default_agent_report_deadline_secs() -> u64 {
+    300
+}
+fn default_agent_soak_secs() -> u64 {
+    120
+}
+fn default_agent_max_starts() -> u32 {
+    3
 }
 
 fn default_data_dir() -> PathBuf {
@@ -407,6 +443,7 @@ impl AgentConfig {
     /// A config with every default and nothing connected.
     pub fn standalone(socket: PathBuf, data_dir: PathBuf) -> Self {
         Self {
+            file: None,
             device_id: None,
             data_dir,
             root_document: None,
@@ -442,6 +479,7 @@ impl AgentConfig {
         if let Some(base) = path.parent() {
             config.resolve_relative_to(base);
         }
+        config.file = Some(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
         Ok(config)
     }
 
@@ -479,6 +517,15 @@ impl AgentConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let update = &self.update;
+        if update.agent_max_starts == 0
+            || update.agent_report_deadline_secs == 0
+            || update.agent_self_test_secs == 0
+        {
+            return invalid(
+                "update.agent_max_starts, agent_report_deadline_secs and agent_self_test_secs must be at least 1".into(),
+            );
+        }
         if let Some(mqtt) = &self.mqtt {
             mqtt.host_port()?;
             mqtt.prefix()?;

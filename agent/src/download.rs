@@ -165,9 +165,9 @@ impl Downloader {
     /// size, then decompressed into `dest`, capped at the model's size);
     /// if that fails in any way the plain URLs are tried. Each of the two
     /// has its own deadline ([`Downloader::deadline_for`] its size).
-    pub async fn fetch(&self, slot: &ModelSlot, dest: &Path) -> Result<(), DownloadError> {
+    pub async fn fetch(&self, slot: &Artifact<'_>, dest: &Path) -> Result<(), DownloadError> {
         let client = self.client()?;
-        if let Some(z) = &slot.zstd {
+        if let Some(z) = slot.zstd {
             let packed = packed_path(dest);
             let result = self.fetch_packed(&client, slot, z, &packed, dest).await;
             let _ = tokio::fs::remove_file(&packed).await;
@@ -175,11 +175,11 @@ impl Downloader {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     let _ = tokio::fs::remove_file(dest).await;
-                    tracing::warn!(model = %slot.name, error = %e, "compressed download failed; trying the plain file");
+                    tracing::warn!(artifact = %slot.name, error = %e, "compressed download failed; trying the plain file");
                 }
             }
         }
-        self.fetch_urls(&client, &slot.urls, &Target::model(slot), dest)
+        self.fetch_urls(&client, slot.urls, &Target::model(slot), dest)
             .await
     }
 
@@ -188,7 +188,7 @@ impl Downloader {
     async fn fetch_packed(
         &self,
         client: &reqwest::Client,
-        slot: &ModelSlot,
+        slot: &Artifact<'_>,
         z: &edgefleet_shared::Compressed,
         packed: &Path,
         dest: &Path,
@@ -374,15 +374,55 @@ pub trait Fetcher: Send + Sync + std::fmt::Debug {
     /// holds exactly the signed bytes; on failure it says why.
     fn fetch<'a>(
         &'a self,
-        slot: &'a ModelSlot,
+        slot: &'a Artifact<'a>,
         dest: &'a Path,
     ) -> BoxFuture<'a, Result<(), DownloadError>>;
+}
+
+/// What a signed slot says about one file to download: a model version,
+/// or one build of an agent release.
+#[derive(Debug, Clone, Copy)]
+pub struct Artifact<'a> {
+    /// The model's name, or `edgefleet-agent` (for logs).
+    pub name: &'a str,
+    /// The model's or the release's version (for logs).
+    pub version: &'a str,
+    pub sha256: &'a str,
+    pub size: u64,
+    pub urls: &'a [String],
+    pub zstd: Option<&'a edgefleet_shared::Compressed>,
+}
+
+impl<'a> Artifact<'a> {
+    /// The model file of `slot`; `version` is the slot's version as text.
+    pub fn model(slot: &'a ModelSlot, version: &'a str) -> Self {
+        Self {
+            name: &slot.name,
+            version,
+            sha256: &slot.sha256,
+            size: slot.size,
+            urls: &slot.urls,
+            zstd: slot.zstd.as_ref(),
+        }
+    }
+
+    /// The executable of one build of agent release `release`.
+    pub fn agent(release: &'a str, build: &'a edgefleet_shared::AgentBuild) -> Self {
+        Self {
+            name: "edgefleet-agent",
+            version: release,
+            sha256: &build.sha256,
+            size: build.size,
+            urls: &build.urls,
+            zstd: build.zstd.as_ref(),
+        }
+    }
 }
 
 impl Fetcher for Downloader {
     fn fetch<'a>(
         &'a self,
-        slot: &'a ModelSlot,
+        slot: &'a Artifact<'a>,
         dest: &'a Path,
     ) -> BoxFuture<'a, Result<(), DownloadError>> {
         Box::pin(Downloader::fetch(self, slot, dest))
@@ -409,10 +449,10 @@ struct Target {
 }
 
 impl Target {
-    fn model(slot: &ModelSlot) -> Self {
+    fn model(slot: &Artifact<'_>) -> Self {
         Self {
             size: slot.size,
-            sha256: Some(slot.sha256.clone()),
+            sha256: Some(slot.sha256.to_string()),
             etag: format!("\"{}\"", slot.sha256),
         }
     }

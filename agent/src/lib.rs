@@ -6,6 +6,7 @@
 //! whose decisions come from the I/O-free [`update::decide`].
 
 pub mod activation;
+pub mod agent_update;
 pub mod api;
 pub mod clock;
 pub mod config;
@@ -115,6 +116,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let startup_rollbacks = update::serve_installed(&store, &registry, &loading).await?;
     serve_local_models(&config, &registry, &loading, child_probe.as_ref()).await;
 
+    let identity = agent_update::Identity::detect(&config.data_dir);
+    if identity.supervised {
+        tracing::info!(release = ?identity.release, slot = ?identity.slot, target = agent_update::TARGET, "agent under its supervisor");
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let mut api_state = api::ApiState::new(registry.clone(), &config.api);
     let (link_tx, link_rx) = watch::channel(uplink::LinkState::default());
@@ -173,6 +178,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         });
         let (desired_tx, desired_rx) = mpsc::channel(4);
         let (status_tx, status_rx) = watch::channel(None);
+        let reporter = Reporter::new(device.clone(), outbox.clone(), status_tx, alert_tx.clone())
+            .with_agent(identity.status());
         let mut updater = update::Updater::new(
             device.clone(),
             trust,
@@ -183,11 +190,30 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 config.update.download_attempts,
             )
             .with_ca(mqtt.fleet_ca()?),
-            Reporter::new(device.clone(), outbox.clone(), status_tx, alert_tx.clone()),
+            reporter.clone(),
             loading,
             startup_rollbacks,
         )
-        .with_probe(child_probe);
+        .with_probe(child_probe)
+        .with_local_models(config.models.iter().map(|m| m.name.clone()).collect());
+        if let Some(file) = &config.file {
+            updater = updater.with_agent_installer(agent_update::install::AgentInstaller {
+                data_dir: config.data_dir.clone(),
+                config_path: file.clone(),
+                identity: identity.clone(),
+                self_test_limit: Duration::from_secs(config.update.agent_self_test_secs),
+            });
+        }
+        if identity.supervised {
+            tasks.spawn(agent_update::watch_trial(
+                config.data_dir.clone(),
+                identity.clone(),
+                agent_update::trial_limits(&config.update),
+                reporter,
+                link_rx.clone(),
+                shutdown.clone(),
+            ));
+        }
         let server_keys = uplink::ServerKeys::default();
         updater.share_server_keys(server_keys.clone());
         let link_counters = uplink::LinkCounters::default();
@@ -245,9 +271,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         ));
     }
 
-    let unix = api::bind_unix(&config.api.socket).await?;
-    tracing::info!(socket = %config.api.socket.display(), "local API listening");
+    // Under the supervisor the socket is its: it stays open (and
+    // connections queue) while this process stops and the next starts.
+    let inherited = agent_update::inherited_listener();
+    let owns_socket = inherited.is_none();
+    let unix = match inherited {
+        Some(listener) => {
+            api::adopt_unix(listener).context("cannot serve on the socket the supervisor passed")?
+        }
+        None => api::bind_unix(&config.api.socket).await?,
+    };
+    tracing::info!(socket = %config.api.socket.display(), inherited = !owns_socket, "local API listening");
     tasks.spawn(api::serve_unix(unix, api_state.clone(), shutdown.clone()));
+    let connections = api_state.clone();
     if let Some(addr) = config.api.tcp {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
@@ -264,7 +300,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
-    systemd::notify("STOPPING=1");
+    // Under the supervisor, the service goes on while this process stops.
+    if !identity.supervised {
+        systemd::notify("STOPPING=1");
+    }
+    // Requests already accepted are answered before the process exits.
+    if !connections.drain(SHUTDOWN_GRACE).await {
+        tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -272,6 +315,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     if drained.is_err() {
         tracing::warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
     }
-    let _ = std::fs::remove_file(&config.api.socket);
+    if owns_socket {
+        let _ = std::fs::remove_file(&config.api.socket);
+    }
     Ok(())
 }

@@ -20,8 +20,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run with a config file (fleet mode when it has an [mqtt] section).
+    /// Run with a config file (fleet mode when it has an [mqtt] section):
+    /// a supervisor that holds the local API socket and runs the agent
+    /// release installed in the data dir, or this executable.
     Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check that this executable can run this device's agent: read the
+    /// config, open the data dir, verify the trust state, load every
+    /// active model; print a JSON report, exit 0 if all passed (what a new
+    /// agent release must pass before the agent switches to it).
+    #[command(name = "self-test")]
+    SelfTest {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -192,7 +203,38 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Command::Run { config } => AgentConfig::load(&config),
+        Command::SelfTest { config } => {
+            return match edgefleet_agent::agent_update::self_test::run(&config) {
+                Ok(report) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&report).expect("a self-test report is plain data")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgefleet-agent self-test: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Run { config: path } => {
+            let config = AgentConfig::load(&path);
+            if std::env::var_os(edgefleet_agent::agent_update::ENV_SUPERVISED).is_none() {
+                use edgefleet_agent::agent_update::supervisor::{self, Outcome};
+                match &config {
+                    Ok(c) => match supervisor::run(&path, c) {
+                        Outcome::Exit(code) => return code,
+                        Outcome::Unsupervised => {}
+                    },
+                    Err(e) => {
+                        eprintln!("edgefleet-agent: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            config
+        }
         Command::Serve {
             mut models,
             test_vectors,
@@ -247,6 +289,9 @@ fn main() -> ExitCode {
         edgefleet_agent::run(config, shutdown).await
     });
     match result {
+        Ok(()) if edgefleet_agent::agent_update::switch_requested() => {
+            ExitCode::from(edgefleet_agent::agent_update::EXIT_SWITCH as u8)
+        }
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edgefleet-agent: {e:#}");

@@ -6,7 +6,7 @@
 pub mod refusals;
 
 use edgefleet_shared::{
-    DeviceId, EventKind, ModelStatus, StatusMessage, UpdateEvent, SCHEMA_VERSION,
+    AgentStatus, DeviceId, EventKind, ModelStatus, StatusMessage, UpdateEvent, SCHEMA_VERSION,
 };
 use tokio::sync::watch;
 
@@ -21,6 +21,8 @@ pub struct Reporter {
     status: watch::Sender<Option<StatusMessage>>,
     /// The latest refusal or rollback, for the status display.
     alert: watch::Sender<Option<String>>,
+    /// The running agent's target triple and release.
+    agent: Option<AgentStatus>,
 }
 
 impl Reporter {
@@ -35,7 +37,25 @@ impl Reporter {
             outbox,
             status,
             alert,
+            agent: None,
         }
+    }
+
+    /// Says in every status which agent runs.
+    pub fn with_agent(mut self, agent: AgentStatus) -> Self {
+        self.agent = Some(agent);
+        self
+    }
+
+    /// Reports an event about the agent itself: release `release`.
+    pub fn agent_event(
+        &self,
+        kind: EventKind,
+        desired_version: Option<u64>,
+        release: &str,
+        reason: Option<String>,
+    ) {
+        self.push_event(kind, desired_version, None, Some(release), reason);
     }
 
     /// Reports an update event. Refusals may be dropped while they wait in
@@ -49,11 +69,23 @@ impl Reporter {
         model: Option<(&str, u64)>,
         reason: Option<String>,
     ) {
+        self.push_event(kind, desired_version, model, None, reason);
+    }
+
+    fn push_event(
+        &self,
+        kind: EventKind,
+        desired_version: Option<u64>,
+        model: Option<(&str, u64)>,
+        agent_version: Option<&str>,
+        reason: Option<String>,
+    ) {
         match kind {
             EventKind::Refused | EventKind::RolledBack | EventKind::ActivationFailed => {
-                let what = match model {
-                    Some((name, version)) => format!("{} {name} v{version}", kind.as_str()),
-                    None => kind.as_str().to_string(),
+                let what = match (model, agent_version) {
+                    (Some((name, version)), _) => format!("{} {name} v{version}", kind.as_str()),
+                    (None, Some(release)) => format!("{} agent {release}", kind.as_str()),
+                    (None, None) => kind.as_str().to_string(),
                 };
                 let text = match &reason {
                     Some(r) => format!("{what}: {r}"),
@@ -76,6 +108,7 @@ impl Reporter {
             model: model.map(|(n, _)| n.to_string()),
             model_version: model.map(|(_, v)| v),
             reason,
+            agent_version: agent_version.map(str::to_string),
         };
         let retention = match kind {
             EventKind::Refused => Retention::DropFirst,
@@ -99,6 +132,7 @@ impl Reporter {
             desired_version,
             models,
             session: None,
+            agent: self.agent.clone(),
         };
         push_status(&self.outbox, &msg);
         self.status.send_replace(Some(msg));

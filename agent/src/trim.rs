@@ -56,6 +56,53 @@ pub fn page_out_code() -> Option<u64> {
     }
 }
 
+/// Unmaps this process's clean code pages (`MADV_DONTNEED`), for a
+/// process that shares its executable with another: the agent's
+/// supervisor runs the same file as its child, and `MADV_PAGEOUT` leaves
+/// a page that two processes map resident. Once the supervisor has let go
+/// of them, the agent can page them out. Returns the bytes advised, or
+/// `None` where this is not supported.
+pub fn unmap_clean_code() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        linux::unmap_clean_code()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// The mappings [`code_ranges`] picks in a `/proc/self/smaps` text that
+/// hold no anonymous (written, copied-on-write) page: relocated read-only
+/// data (RELRO) is private and non-writable too, but its pages were
+/// written before it was protected, and dropping them would lose the
+/// relocations.
+pub fn clean_code_ranges(smaps: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let header = line
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.split_once('-'))
+            .filter(|(a, b)| {
+                !a.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_hexdigit())
+            });
+        if header.is_some() {
+            current = code_ranges(line).first().copied();
+        } else if let Some(kb) = line.strip_prefix("Anonymous:") {
+            let anonymous = kb.trim().trim_end_matches("kB").trim() != "0";
+            if let Some(range) = current.take() {
+                if !anonymous {
+                    out.push(range);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// One malloc arena for the whole process (glibc; elsewhere a no-op).
 /// glibc gives busy threads arenas of their own, and each keeps freed
 /// memory it cannot return; with one arena an idle agent serving an ONNX
@@ -117,6 +164,26 @@ mod linux {
         }
     }
 
+    pub fn unmap_clean_code() -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut advised = 0u64;
+        for (start, end) in super::clean_code_ranges(&smaps) {
+            // SAFETY: the range is a whole private, non-writable file
+            // mapping of this process (from /proc/self/smaps, page
+            // aligned) without a single anonymous page: every page is the
+            // file's content, which the next access faults back in
+            // unchanged. It cannot be written in between (read-only).
+            let rc = unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
+            };
+            if rc != 0 {
+                return None;
+            }
+            advised += (end - start) as u64;
+        }
+        Some(advised)
+    }
+
     pub fn page_out_code() -> Option<u64> {
         let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
         let mut advised = 0u64;
@@ -162,6 +229,42 @@ mod tests {
                 (0x7f0000000000, 0x7f0000100000)
             ]
         );
+    }
+
+    #[test]
+    fn mappings_with_anonymous_pages_are_not_unmapped() {
+        let smaps = "\
+55d0a0000000-55d0a0100000 r--p 00000000 08:01 123 /opt/edgefleet-agent
+Size:               1024 kB
+Anonymous:             0 kB
+55d0a0100000-55d0a0900000 r-xp 00100000 08:01 123 /opt/edgefleet-agent
+Size:               8192 kB
+Anonymous:             0 kB
+55d0a0900000-55d0a0a00000 r--p 00900000 08:01 123 /opt/edgefleet-agent
+Size:               1024 kB
+Anonymous:            48 kB
+55d0a0a00000-55d0a0b00000 rw-p 00a00000 08:01 123 /opt/edgefleet-agent
+Anonymous:             4 kB
+7f0000200000-7f0000300000 rw-p 00000000 00:00 0
+Anonymous:             0 kB
+";
+        assert_eq!(
+            clean_code_ranges(smaps),
+            vec![
+                (0x55d0a0000000, 0x55d0a0100000),
+                (0x55d0a0100000, 0x55d0a0900000)
+            ]
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn unmapping_clean_code_keeps_the_program_running() {
+        if let Some(bytes) = unmap_clean_code() {
+            assert!(bytes > 0);
+        }
+        let v: Vec<u64> = (0..1000).collect();
+        assert_eq!(v.iter().sum::<u64>(), 499_500);
     }
 
     #[cfg(target_os = "linux")]

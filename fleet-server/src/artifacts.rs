@@ -187,6 +187,25 @@ impl ArtifactStore {
     }
 }
 
+/// The lowercase hex SHA-256 and the size of a file, read in chunks
+/// (`fleetctl` checks what it is about to push with it).
+pub fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
 /// A parsed `Range` header for a single byte range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ByteRange {
@@ -292,5 +311,9 @@ mod tests {
             "no temp file left"
         );
         assert!(store.path("../../etc/passwd").is_none());
+        assert_eq!(
+            file_sha256(&store.path(&sha).unwrap()).unwrap(),
+            (sha.clone(), 11)
+        );
     }
 }

@@ -10,12 +10,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 
-use edgefleet_shared::{DesiredState, DeviceId, ModelSlot, TopicKind, TopicPrefix};
+use edgefleet_shared::{
+    AgentBuild, AgentSlot, Compressed, DesiredState, DeviceId, ModelSlot, TopicKind, TopicPrefix,
+};
 
 use crate::artifacts::ArtifactStore;
 use crate::clock::Clock;
 use crate::keys::Signer;
-use crate::store::{self, ModelRecord, Store, StoreError};
+use crate::store::{self, AssignedAgent, ModelRecord, Store, StoreError};
 
 /// A future a [`Publisher`] returns.
 pub type PublishFuture<'a> = Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send + 'a>>;
@@ -133,24 +135,53 @@ impl DesiredStates {
             format: m.format,
             sha256: m.sha256.clone(),
             size: m.size,
-            urls: vec![format!("{}/artifacts/{}", self.public_url, m.sha256)],
             inputs: m.spec.inputs.clone(),
             outputs: m.spec.outputs.clone(),
             test_vector: m.test_vector.clone(),
             soak: None,
             upload_results: false,
-            zstd: self
-                .artifacts
-                .zst_size(&m.sha256)
-                .map(|size| edgefleet_shared::Compressed {
-                    size,
-                    urls: vec![format!("{}/artifacts/{}.zst", self.public_url, m.sha256)],
-                }),
+            urls: self.urls(&m.sha256),
+            zstd: self.compressed(&m.sha256),
         }
     }
 
-    /// Signs a new desired state for `device` from its assignments, stores
-    /// it and publishes it retained. Returns the new document version, or
+    /// Where devices download the artifact with this hash.
+    fn urls(&self, sha256: &str) -> Vec<String> {
+        vec![format!("{}/artifacts/{sha256}", self.public_url)]
+    }
+
+    /// The compressed copy of an artifact, if the store has one.
+    fn compressed(&self, sha256: &str) -> Option<Compressed> {
+        self.artifacts.zst_size(sha256).map(|size| Compressed {
+            size,
+            urls: vec![format!("{}/artifacts/{sha256}.zst", self.public_url)],
+        })
+    }
+
+    /// The signed agent slot for an assigned release: every build, each
+    /// downloaded like a model file.
+    pub fn agent_slot(&self, agent: &AssignedAgent) -> AgentSlot {
+        AgentSlot {
+            version: agent.version.clone(),
+            allow_downgrade: agent.allow_downgrade,
+            builds: agent
+                .builds
+                .iter()
+                .map(|b| {
+                    let build = AgentBuild {
+                        sha256: b.sha256.clone(),
+                        size: b.size,
+                        urls: self.urls(&b.sha256),
+                        zstd: self.compressed(&b.sha256),
+                    };
+                    (b.target.clone(), build)
+                })
+                .collect(),
+        }
+    }
+
+    /// Signs a new desired state for `device` from its assignments (models
+    /// and agent release), stores it and publishes it retained. Returns the new document version, or
     /// `None` when the device has nothing assigned or is revoked.
     pub async fn publish(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
         if self.revoked.contains(device.as_str()) {
@@ -160,9 +191,11 @@ impl DesiredStates {
         let this = self.clone();
         let id = device.clone();
         let now = self.clock.now();
-        let sign: store::SignFn = Box::new(move |models, version| {
-            let slots: Vec<ModelSlot> = models.iter().map(|m| this.slot(m)).collect();
-            let doc = DesiredState::new(id, version, now, now + this.expiry_secs, slots);
+        let sign: store::SignFn = Box::new(move |content, version| {
+            let slots: Vec<ModelSlot> = content.models.iter().map(|m| this.slot(m)).collect();
+            let agent = content.agent.as_ref().map(|a| this.agent_slot(a));
+            let doc = DesiredState::new(id, version, now, now + this.expiry_secs, slots)
+                .with_agent(agent);
             this.signer.sign(&doc).to_json()
         });
         let signed = self.store.sign_desired(device.as_str(), now, sign).await?;

@@ -474,6 +474,7 @@ mod tests {
             enrolled_at: None,
             revoked_at: None,
             public_key: None,
+            agent: None,
         }
     }
 

@@ -55,12 +55,25 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
-    /// Point devices (or every device) at a model version.
+    /// Agent releases: push the builds of a release, list, delete.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Point devices (or every device) at a model version
+    /// (`--model NAME --version N`) or at an agent release (`--agent V`).
     Deploy {
-        #[arg(long)]
-        model: String,
-        #[arg(long)]
-        version: u64,
+        #[arg(long, required_unless_present = "agent", requires = "version")]
+        model: Option<String>,
+        #[arg(long, requires = "model")]
+        version: Option<u64>,
+        /// An agent release (semantic version) instead of a model.
+        #[arg(long, conflicts_with_all = ["model", "version"])]
+        agent: Option<String>,
+        /// With --agent: devices on a newer release go back to this one
+        /// (they refuse an older release otherwise).
+        #[arg(long, requires = "agent")]
+        allow_downgrade: bool,
         /// A device id; repeat for several.
         #[arg(
             long = "device",
@@ -360,6 +373,38 @@ pub enum ModelCommand {
     },
 }
 
+/// `fleetctl agent ...`.
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Upload the builds of an agent release: every executable a DIST
+    /// directory's SHA256SUMS lists (`<sha256>  ./<triple>/edgefleet-agent`,
+    /// as cross/build writes it), each checked against its listed hash
+    /// first, or single files with --file TRIPLE=PATH.
+    Push {
+        /// The directory cross/build wrote (SHA256SUMS and
+        /// <triple>/edgefleet-agent).
+        #[arg(required_unless_present = "files", conflicts_with = "files")]
+        dist: Option<PathBuf>,
+        /// The release's semantic version (MAJOR.MINOR.PATCH[-PRE]).
+        #[arg(long)]
+        version: String,
+        /// TRIPLE=PATH: one executable and the target triple it was built
+        /// for; repeat for several.
+        #[arg(long = "file")]
+        files: Vec<String>,
+        /// Free text kept with each build (what changed).
+        #[arg(long)]
+        notes: Option<String>,
+    },
+    /// List agent releases and their builds.
+    List,
+    /// Delete an agent release no deployment points at.
+    Delete {
+        #[arg(long)]
+        version: String,
+    },
+}
+
 /// Where `devices flash` puts a device's agent and bundle.
 #[derive(clap::Args)]
 pub struct FlashArgs {
@@ -408,10 +453,16 @@ pub struct FlashArgs {
 pub struct CreateRolloutArgs {
     #[arg(long)]
     pub id: String,
-    #[arg(long)]
-    pub model: String,
-    #[arg(long)]
-    pub version: u64,
+    #[arg(long, required_unless_present = "agent", requires = "version")]
+    pub model: Option<String>,
+    #[arg(long, requires = "model")]
+    pub version: Option<u64>,
+    /// Roll out an agent release (semantic version) instead of a model.
+    #[arg(long, conflicts_with_all = ["model", "version"])]
+    pub agent: Option<String>,
+    /// With --agent: devices on a newer release go back to this one.
+    #[arg(long, requires = "agent")]
+    pub allow_downgrade: bool,
     #[arg(long = "device", conflicts_with_all = ["all", "tags", "hardware"], required_unless_present_any = ["all", "tags", "hardware"])]
     pub devices: Vec<String>,
     #[arg(long, conflicts_with_all = ["tags", "hardware"])]

@@ -43,13 +43,38 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         // Key management is local: no server, no token.
         Command::Keys { command } => commands::keys::run(command, cli.json),
         Command::Model { command } => commands::models::run(&context(&cli)?, command).await,
+        Command::Agent { command } => commands::agent::run(&context(&cli)?, command).await,
         Command::Deploy {
             model,
             version,
+            agent,
+            allow_downgrade,
             devices,
             all,
             tags,
-        } => commands::deploy::run(&context(&cli)?, model, *version, devices, *all, tags).await,
+        } => {
+            let what = match (agent, model, version) {
+                (Some(release), _, _) => commands::deploy::What::Agent {
+                    release,
+                    allow_downgrade: *allow_downgrade,
+                },
+                (None, _, _) if *allow_downgrade => {
+                    return Err(failure::usage(anyhow::anyhow!(
+                    "--allow-downgrade goes with --agent VERSION: model versions only go forward"
+                )))
+                }
+                (None, Some(model), Some(version)) => commands::deploy::What::Model {
+                    model,
+                    version: *version,
+                },
+                _ => {
+                    return Err(failure::usage(anyhow::anyhow!(
+                        "give --model NAME --version N, or --agent VERSION"
+                    )))
+                }
+            };
+            commands::deploy::run(&context(&cli)?, what, devices, *all, tags).await
+        }
         Command::Devices { command } => {
             commands::devices::run(&context(&cli)?, command.as_ref()).await
         }

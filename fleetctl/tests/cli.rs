@@ -54,13 +54,14 @@ fn devices_list_as_a_table_and_as_json() -> anyhow::Result<()> {
                 "TAGS",
                 "MODELS",
                 "DESIRED",
+                "AGENT",
                 "LAST SEEN"
             ]
         );
         let row: Vec<&str> = lines[1].split_whitespace().collect();
         assert_eq!(
-            row[..6],
-            ["pi-lyon-1", "offline", "rpi4", "site=lyon", "-", "-/0"]
+            row[..7],
+            ["pi-lyon-1", "offline", "rpi4", "site=lyon", "-", "-/0", "-"]
         );
     }
     // A filter that matches nothing: the header alone.
@@ -106,8 +107,46 @@ fn an_unknown_device_exits_1_naming_it() -> anyhow::Result<()> {
 fn bad_arguments_exit_2_before_calling_the_server() {
     // Nothing listens here: a usage error must not get as far as a call.
     let server = "http://127.0.0.1:9";
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["deploy", "--model", "digits"], "--version"),
+        (
+            &["deploy", "--agent", "1.0.0", "--model", "m", "--all"],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "deploy",
+                "--model",
+                "m",
+                "--version",
+                "1",
+                "--allow-downgrade",
+                "--all",
+            ],
+            "--agent",
+        ),
+        (
+            &[
+                "agent",
+                "push",
+                "--version",
+                "1.0.0",
+                "--file",
+                "x86_64-unknown-linux-musl",
+            ],
+            "must be TRIPLE=PATH",
+        ),
+        (
+            &[
+                "agent",
+                "push",
+                "--version",
+                "v1",
+                "--file",
+                "x86_64-unknown-linux-musl=/x",
+            ],
+            "semantic version",
+        ),
         (
             &["devices", "list", "--limit", "many"],
             "invalid value 'many'",
@@ -259,5 +298,119 @@ fn a_pushed_model_is_listed() -> anyhow::Result<()> {
     assert_eq!(stdout(&out), "deleted digits v3\n");
     let out = server.ctl(&["--json", "model", "list"]);
     assert_eq!(stdout(&out).trim(), "[]");
+    Ok(())
+}
+
+#[test]
+fn an_agent_release_is_pushed_from_a_dist_listed_and_deployed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path())?;
+    // A DIST as cross/build writes it.
+    let dist = dir.path().join("dist");
+    let mut sums = String::new();
+    for (triple, content) in [
+        ("aarch64-unknown-linux-musl", "arm agent"),
+        ("x86_64-unknown-linux-musl", "x86 agent"),
+    ] {
+        let file = dist.join(triple).join("edgefleet-agent");
+        std::fs::create_dir_all(file.parent().expect("a parent"))?;
+        std::fs::write(&file, content)?;
+        let (sha, _) = fleet_server::artifacts::file_sha256(&file)?;
+        sums.push_str(&format!("{sha}  ./{triple}/edgefleet-agent\n"));
+    }
+    std::fs::write(dist.join("SHA256SUMS"), &sums)?;
+    let dist_arg = dist.to_str().expect("a UTF-8 temp path");
+
+    // A tampered file: refused before anything is sent.
+    let arm = dist.join("aarch64-unknown-linux-musl/edgefleet-agent");
+    std::fs::write(&arm, "arm agent, patched")?;
+    let out = server.ctl(&["agent", "push", dist_arg, "--version", "1.2.0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&arm.display().to_string()),
+        "{}",
+        stderr(&out)
+    );
+    let out = server.ctl(&["--json", "agent", "list"]);
+    assert_eq!(stdout(&out).trim(), "[]", "nothing was pushed");
+    std::fs::write(&arm, "arm agent")?;
+
+    let out = server.ctl(&[
+        "agent",
+        "push",
+        dist_arg,
+        "--version",
+        "1.2.0",
+        "--notes",
+        "faster",
+    ]);
+    assert_success(&out, "agent push");
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "pushed agent release 1.2.0:", "{text}");
+    assert!(lines[1].starts_with("TARGET"), "{text}");
+    let row: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(row[..2], ["aarch64-unknown-linux-musl", "9"]);
+    assert_eq!(row[2].len(), 64, "{text}");
+
+    // Single files, as --file TRIPLE=PATH.
+    let out = server.ctl(&[
+        "--json",
+        "agent",
+        "push",
+        "--version",
+        "1.3.0-rc.1",
+        "--file",
+        &format!("aarch64-unknown-linux-musl={}", arm.display()),
+    ]);
+    assert_success(&out, "agent push --file");
+    let pushed: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(pushed[0]["version"], "1.3.0-rc.1");
+
+    let out = server.ctl(&["agent", "list"]);
+    assert_success(&out, "agent list");
+    let text = stdout(&out);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().take(2).collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ["1.2.0", "aarch64-unknown-linux-musl"],
+            ["1.2.0", "x86_64-unknown-linux-musl"],
+            ["1.3.0-rc.1", "aarch64-unknown-linux-musl"],
+        ],
+        "{text}"
+    );
+
+    let out = server.ctl(&["deploy", "--agent", "1.2.0", "--device", "pi-1"]);
+    assert_success(&out, "deploy --agent");
+    assert_eq!(
+        stdout(&out),
+        "agent 1.2.0 deployed; signed desired state published to 1 device(s)\n"
+    );
+    let out = server.ctl(&["deploy", "--agent", "9.9.9", "--device", "pi-1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("404 Not Found"), "{}", stderr(&out));
+
+    let out = server.ctl(&[
+        "rollout",
+        "create",
+        "--id",
+        "agent-1.3",
+        "--agent",
+        "1.3.0-rc.1",
+        "--device",
+        "pi-1",
+        "--dry-run",
+    ]);
+    assert_success(&out, "rollout create --agent --dry-run");
+    assert!(
+        stdout(&out).contains("agent 1.3.0-rc.1"),
+        "{}",
+        stdout(&out)
+    );
     Ok(())
 }

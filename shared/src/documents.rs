@@ -10,7 +10,8 @@
 //!   allowed to sign desired state, each role with a threshold. Devices are
 //!   flashed with the first root document and only ever move forward
 //!   ([`RootDocument::walk_chain`]).
-//! * [`DesiredState`] tells one device which models to run. It is signed by
+//! * [`DesiredState`] tells one device which models to run, and which
+//!   agent release ([`crate::agent_release`]). It is signed by
 //!   the fleet server's online key and checked with [`DesiredState::verify`].
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,6 +21,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::agent_release::AgentSlot;
+pub use crate::artifact::Compressed;
 use crate::canonical::signing_input;
 use crate::crypto::{decode_signature, encode_signature, KeyId, PublicKey, SecretKey};
 use crate::ids::{validate_name, DeviceId};
@@ -64,6 +67,8 @@ pub enum VerifyError {
     RootVersion { trusted: u64, offered: u64 },
     #[error("desired state version {offered} is not newer than trusted version {trusted} (rollback or replay)")]
     Rollback { trusted: u64, offered: u64 },
+    #[error("agent release {offered} is older than release {running} this device runs (rollback); only a slot that allows a downgrade (a rollout's abort, `deploy --agent V --allow-downgrade`) may go back")]
+    AgentRollback { running: String, offered: String },
     #[error("model {model} version {offered} is older than version {serving} this device serves (rollback); publish the old model under a new version to go back")]
     ModelRollback {
         model: String,
@@ -534,15 +539,6 @@ pub struct ModelSlot {
     pub zstd: Option<Compressed>,
 }
 
-/// A compressed copy of a model artifact.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Compressed {
-    /// Exact size of the compressed file; downloads stop here.
-    pub size: u64,
-    /// Where to download it, tried in order (before the plain URLs).
-    pub urls: Vec<String>,
-}
-
 /// How long a newly activated version is watched, and what rolls it back.
 /// Limits apply once `min_requests` requests were served; the ratios
 /// compare with the previous version's last figures.
@@ -643,6 +639,9 @@ pub struct DesiredState {
     /// Unix seconds after which the device must not act on it.
     pub expires: u64,
     pub models: Vec<ModelSlot>,
+    /// The agent release to run; absent: keep the agent that runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentSlot>,
 }
 
 impl Document for DesiredState {
@@ -665,7 +664,14 @@ impl DesiredState {
             issued_at,
             expires,
             models,
+            agent: None,
         }
+    }
+
+    /// The same document with `agent` as its agent slot.
+    pub fn with_agent(mut self, agent: Option<AgentSlot>) -> Self {
+        self.agent = agent;
+        self
     }
 
     /// Verifies an envelope for `device` against the trusted `root` at time
@@ -702,6 +708,11 @@ impl DesiredState {
                     slot.name
                 )));
             }
+        }
+        if let Some(agent) = &doc.agent {
+            agent
+                .validate()
+                .map_err(|e| VerifyError::InvalidDesired(e.0))?;
         }
         Ok(doc)
     }

@@ -4,10 +4,13 @@
 //! here, once: the MQTT topic layout ([`topics`]), the JSON messages
 //! ([`messages`]) and the signatures every message carries
 //! ([`signed_message`]), the signed documents that carry trust and desired state
-//! ([`documents`]), the one canonical byte encoding those signatures cover
+//! ([`documents`]; the agent release slot in [`agent_release`]), the one
+//! canonical byte encoding those signatures cover
 //! ([`canonical`]) and the ed25519 keys that make them ([`crypto`]). Both
 //! sides write their secrets through [`secret_file`].
 
+pub mod agent_release;
+pub mod artifact;
 pub mod broker_url;
 pub mod canonical;
 pub mod crypto;
@@ -18,6 +21,7 @@ pub mod secret_file;
 pub mod signed_message;
 pub mod topics;
 
+pub use agent_release::{AgentBuild, AgentSlot, AgentStatus, ReleaseVersion};
 pub use crypto::{KeyId, PublicKey, SecretKey};
 pub use documents::{
     ChainWalk, Compressed, DesiredState, ModelFormat, ModelSlot, RoleKeys, RootDocument, Signed,

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::agent_release::AgentStatus;
 use crate::ids::DeviceId;
 use crate::SCHEMA_VERSION;
 
@@ -45,6 +46,9 @@ pub struct StatusMessage {
     /// ignores an offline message whose session is not the device's latest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<u64>,
+    /// The running agent's target triple and release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
 }
 
 impl StatusMessage {
@@ -60,6 +64,7 @@ impl StatusMessage {
             desired_version: None,
             models: Vec::new(),
             session: None,
+            agent: None,
         }
     }
 
@@ -82,7 +87,9 @@ pub fn next_session(previous: Option<u64>) -> u64 {
     previous.map_or(now, |p| now.max(p + 1))
 }
 
-/// What happened to an update.
+/// What happened to an update: of a model (`model` set) or of the agent
+/// itself (`agent_version` set; `activated` is the switch to a release
+/// that passed its self-test, `confirmed` the end of its soak).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
@@ -135,6 +142,10 @@ pub struct UpdateEvent {
     /// Human-readable reason, always set for failures and refusals.
     #[serde(default)]
     pub reason: Option<String>,
+    /// The agent release this event is about (agent updates; `model` is
+    /// then absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
 }
 
 /// Published on `telemetry` every sampling interval: the device's health,
@@ -370,6 +381,10 @@ mod tests {
                 runtime: "tract-onnx".into(),
             }],
             session: Some(7),
+            agent: Some(AgentStatus {
+                target: "aarch64-unknown-linux-musl".into(),
+                release: Some("1.2.0".into()),
+            }),
         };
         let json = serde_json::to_string(&msg).unwrap();
         assert_eq!(serde_json::from_str::<StatusMessage>(&json).unwrap(), msg);
@@ -387,6 +402,7 @@ mod tests {
             model: Some("m".into()),
             model_version: Some(1),
             reason: Some("hash mismatch".into()),
+            agent_version: None,
         };
         let json = serde_json::to_value(&ev).unwrap();
         assert_eq!(json["kind"], "download_failed");

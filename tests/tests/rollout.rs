@@ -544,6 +544,7 @@ async fn a_late_will_of_a_replaced_connection_is_ignored() -> anyhow::Result<()>
         model: None,
         model_version: None,
         reason: None,
+        agent_version: None,
     };
     server
         .publish_retained(

@@ -37,7 +37,9 @@ use tokio::sync::Semaphore;
 use crate::registry::ModelRegistry;
 
 pub use oip::HEADER_LENGTH;
-pub use server::{bind_unix, check_local_client, handle, serve_tcp, serve_unix};
+pub use server::{
+    adopt_unix, bind_unix, bind_unix_std, check_local_client, handle, serve_tcp, serve_unix,
+};
 pub use upload::Uploads;
 
 /// How long a client may take to send a request's headers. Local clients
@@ -54,6 +56,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// to `api.max_request_bytes` of memory; 30 s moves the default 16 MiB
 /// limit even over a slow local link, and cuts off a client that stopped.
 pub const BODY_READ_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long connections accepted before a shutdown (or an agent switch)
+/// keep being served before they are closed: a request already on its way
+/// is answered, not dropped.
+pub const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 
 /// Shared state of the API.
 #[derive(Clone)]
@@ -76,6 +83,9 @@ pub struct ApiState {
     pub body_read_deadline: Duration,
     /// Where results of models with `upload_results` go (fleet mode).
     pub uploads: Option<Uploads>,
+    /// Every connection being served: the agent waits for them to finish
+    /// before it exits ([`ApiState::drain`]).
+    pub connections: tokio_util::task::TaskTracker,
 }
 
 impl ApiState {
@@ -90,7 +100,17 @@ impl ApiState {
             header_read_timeout: HEADER_READ_TIMEOUT,
             body_read_deadline: BODY_READ_DEADLINE,
             uploads: None,
+            connections: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Waits up to `grace` for the connections being served to finish
+    /// (after the listeners stopped); returns whether they all did.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.connections.close();
+        tokio::time::timeout(grace, self.connections.wait())
+            .await
+            .is_ok()
     }
 }
 

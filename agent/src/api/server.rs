@@ -71,6 +71,20 @@ fn error_response(e: ApiError) -> Response<Full<Bytes>> {
 /// Binds the Unix socket: removes a stale socket file left by a crash,
 /// refuses to steal one another agent is serving on, sets mode 0660.
 pub async fn bind_unix(path: &Path) -> Result<UnixListener, BindError> {
+    let listener = bind_unix_std(path)?;
+    adopt_unix(listener).map_err(|source| BindError::Listen {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// How long a socket someone still answers on may take to go away before
+/// binding gives up on it.
+const IN_USE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// [`bind_unix`] without a runtime: the supervisor binds the socket once
+/// and hands it to each agent process it starts.
+pub fn bind_unix_std(path: &Path) -> Result<std::os::unix::net::UnixListener, BindError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| BindError::CreateDir {
             dir: dir.to_path_buf(),
@@ -78,19 +92,25 @@ pub async fn bind_unix(path: &Path) -> Result<UnixListener, BindError> {
         })?;
     }
     if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(BindError::InUse(path.to_path_buf()));
+        // A previous agent that is being killed (its supervisor was, and
+        // it follows) still answers for a moment: give it that moment.
+        let deadline = std::time::Instant::now() + IN_USE_GRACE;
+        while std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if std::time::Instant::now() >= deadline {
+                return Err(BindError::InUse(path.to_path_buf()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         std::fs::remove_file(path).map_err(|source| BindError::RemoveStale {
             path: path.to_path_buf(),
             source,
         })?;
     }
-    let listener = UnixListener::bind(path).map_err(|source| BindError::Listen {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    #[cfg(unix)]
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(|source| BindError::Listen {
+            path: path.to_path_buf(),
+            source,
+        })?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(
@@ -101,6 +121,12 @@ pub async fn bind_unix(path: &Path) -> Result<UnixListener, BindError> {
         )?;
     }
     Ok(listener)
+}
+
+/// Serves on a listening socket bound elsewhere (by the supervisor).
+pub fn adopt_unix(listener: std::os::unix::net::UnixListener) -> std::io::Result<UnixListener> {
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
 }
 
 /// Serves connections from a bound Unix listener until `shutdown`.
@@ -160,7 +186,8 @@ fn spawn_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    tokio::spawn(async move {
+    let connections = state.connections.clone();
+    connections.spawn(async move {
         let header_read_timeout = state.header_read_timeout;
         let service = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
@@ -189,8 +216,16 @@ fn spawn_connection<S>(
                 }
             }
             _ = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                // A client whose connection was accepted just before the
+                // listener closed may not have been read yet: hyper would
+                // close such an idle-looking connection at once, failing
+                // its request. Whatever arrives within the drain window is
+                // served first.
+                let served = tokio::time::timeout(super::DRAIN_WINDOW, conn.as_mut()).await;
+                if served.is_err() {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
             }
         }
     });

@@ -25,14 +25,26 @@ pub fn library_path(configured: Option<&Path>, env: &str, file_name: &str) -> Pa
         .unwrap_or_else(|| PathBuf::from(file_name))
 }
 
+/// Set by the agent's supervisor for the agent it runs: the packaged
+/// executable, beside whose package directory the native libraries are.
+pub const ENV_FACTORY_EXE: &str = "EDGEFLEET_FACTORY_EXE";
+
+/// The library beside the packaged executable: this one's, or, for an
+/// agent release running from a slot in the data dir, the one its
+/// supervisor runs from.
 fn packaged_library(file_name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let path = exe
-        .parent()?
-        .parent()?
-        .join("lib/edgefleet-agent")
-        .join(file_name);
-    path.is_file().then_some(path)
+    let exes = [
+        std::env::current_exe().ok(),
+        std::env::var_os(ENV_FACTORY_EXE).map(PathBuf::from),
+    ];
+    exes.into_iter().flatten().find_map(|exe| {
+        let path = exe
+            .parent()?
+            .parent()?
+            .join("lib/edgefleet-agent")
+            .join(file_name);
+        path.is_file().then_some(path)
+    })
 }
 
 /// The runtimes available with `config`.

@@ -98,6 +98,7 @@ fn verify_failure(e: &VerifyError) -> &'static str {
         VerifyError::RootVersion { .. } => "root version",
         VerifyError::Rollback { .. } => "rollback",
         VerifyError::ModelRollback { .. } => "model rollback",
+        VerifyError::AgentRollback { .. } => "agent rollback",
     }
 }
 

@@ -2,7 +2,9 @@
 //! desired-state message, and which steps bring the served models to it.
 //! The update task ([`super::task`]) carries the steps out.
 
-use edgefleet_shared::{DesiredState, DeviceId, ModelSlot, RootDocument, Signed, VerifyError};
+use edgefleet_shared::{
+    DesiredState, DeviceId, ModelSlot, ReleaseVersion, RootDocument, Signed, VerifyError,
+};
 use sha2::{Digest, Sha256};
 
 /// What the device trusts, as the decision needs it.
@@ -15,6 +17,10 @@ pub struct TrustView<'a> {
     pub desired_digest: Option<[u8; 32]>,
     /// What the device serves now: no model may go back in version.
     pub serving: &'a [Serving],
+    /// The agent release running (the packaged executable's version when
+    /// it runs): no agent slot may go back from it without
+    /// `allow_downgrade`.
+    pub agent_release: &'a str,
 }
 
 /// The verdict on an incoming desired-state message.
@@ -59,6 +65,23 @@ pub fn assess(payload: &[u8], trust: TrustView<'_>, now: u64) -> Verdict {
                     offered: slot.version,
                 });
             }
+        }
+    }
+    if let Some(agent) = &doc.agent {
+        let older = match (
+            agent.version.parse::<ReleaseVersion>(),
+            trust.agent_release.parse::<ReleaseVersion>(),
+        ) {
+            (Ok(offered), Ok(running)) => offered < running,
+            // The slot's version was checked by verify; a running version
+            // that is not a semantic version cannot be compared.
+            _ => false,
+        };
+        if older && !agent.allow_downgrade {
+            return Verdict::Refuse(VerifyError::AgentRollback {
+                running: trust.agent_release.to_string(),
+                offered: agent.version.clone(),
+            });
         }
     }
     Verdict::Apply(Box::new((envelope, doc)))
@@ -171,6 +194,7 @@ mod tests {
             desired_version: Some(4),
             desired_digest: None,
             serving: &[],
+            agent_release: "1.0.0",
         };
         assert!(matches!(assess(&payload, fresh, 10), Verdict::Apply(_)));
 
@@ -222,5 +246,63 @@ mod tests {
             ..fresh
         };
         assert!(matches!(assess(&payload, same, 10), Verdict::Apply(_)));
+    }
+
+    #[test]
+    fn an_older_agent_release_is_refused_unless_the_signed_slot_allows_it() {
+        let root_key = SecretKey::from_seed([1; 32]);
+        let online = SecretKey::from_seed([2; 32]);
+        let root = RootDocument::new(1, u64::MAX, &[root_key.public()], 1, &[online.public()]);
+        let device = DeviceId::new("d").unwrap();
+        let with_agent = |version: &str, allow_downgrade: bool| {
+            let agent = edgefleet_shared::AgentSlot {
+                version: version.into(),
+                allow_downgrade,
+                builds: [(
+                    "x86_64-unknown-linux-musl".to_string(),
+                    edgefleet_shared::AgentBuild {
+                        sha256: "cd".repeat(32),
+                        size: 5,
+                        urls: vec!["http://x/agent".into()],
+                        zstd: None,
+                    },
+                )]
+                .into(),
+            };
+            let doc = DesiredState::new(device.clone(), 5, 0, 1000, vec![]).with_agent(Some(agent));
+            Signed::sign(&doc, &[&online]).to_json()
+        };
+        let trust = TrustView {
+            root: &root,
+            device: &device,
+            desired_version: Some(4),
+            desired_digest: None,
+            serving: &[],
+            agent_release: "1.10.0",
+        };
+        assert!(matches!(
+            assess(&with_agent("1.10.1", false), trust, 10),
+            Verdict::Apply(_)
+        ));
+        assert!(matches!(
+            assess(&with_agent("1.10.0", false), trust, 10),
+            Verdict::Apply(_)
+        ));
+        assert_eq!(
+            assess(&with_agent("1.9.0", false), trust, 10),
+            Verdict::Refuse(VerifyError::AgentRollback {
+                running: "1.10.0".into(),
+                offered: "1.9.0".into()
+            })
+        );
+        assert!(matches!(
+            assess(&with_agent("1.9.0", true), trust, 10),
+            Verdict::Apply(_)
+        ));
+        // A slot whose version is not a semantic version never verifies.
+        assert!(matches!(
+            assess(&with_agent("latest", true), trust, 10),
+            Verdict::Refuse(VerifyError::InvalidDesired(_))
+        ));
     }
 }

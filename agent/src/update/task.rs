@@ -12,15 +12,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgefleet_shared::{DesiredState, DeviceId, EventKind, ModelSlot, SoakPolicy, VerifyError};
+use edgefleet_shared::{
+    AgentSlot, DesiredState, DeviceId, EventKind, ModelSlot, SoakPolicy, VerifyError,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::decide::{assess, envelope_digest, plan, Serving, Step, TrustView, Verdict};
 use super::{served, StartupRollback};
 use crate::activation::{judge, Failure, Input, Judgement, Phase, Window};
+use crate::agent_update::install::{AgentInstaller, AgentStep};
 use crate::clock::{Clock, SystemClock};
-use crate::download::Fetcher;
+use crate::download::{Artifact, Fetcher};
 use crate::engine::load::{load_installed, Loading};
 use crate::model_store::{ModelStore, Soaking, MAX_DIED_LOADING};
 use crate::probe::{self, Probe, Refusal, Subject};
@@ -81,6 +84,13 @@ pub struct Updater {
     server_keys: Option<ServerKeys>,
     /// Which refusals are reported, and the count of those that are not.
     refusals: RefusalCollapser,
+    /// Installs agent releases (fleet mode under the supervisor).
+    agent: Option<AgentInstaller>,
+    /// Cancelled to stop the agent for a switch to a new release.
+    shutdown: CancellationToken,
+    /// Models the config serves from local files: the fleet's desired
+    /// state neither lists nor removes them.
+    local_models: Vec<String>,
 }
 
 impl Updater {
@@ -112,7 +122,31 @@ impl Updater {
             unknown_signer: None,
             server_keys: None,
             refusals: RefusalCollapser::default(),
+            agent: None,
+            shutdown: CancellationToken::new(),
+            local_models: Vec::new(),
         }
+    }
+
+    /// Leaves the config's local models (`names`) alone: a desired state
+    /// that does not list them does not stop them.
+    pub fn with_local_models(mut self, names: Vec<String>) -> Self {
+        self.local_models = names;
+        self
+    }
+
+    /// Installs the agent releases desired states name with `installer`.
+    pub fn with_agent_installer(mut self, installer: AgentInstaller) -> Self {
+        self.agent = Some(installer);
+        self
+    }
+
+    /// The agent release running, as the downgrade rule compares it.
+    fn agent_release(&self) -> String {
+        self.agent
+            .as_ref()
+            .and_then(|a| a.identity.release.clone())
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
     }
 
     /// Loads each new version in a child process first (builds that abort
@@ -139,6 +173,7 @@ impl Updater {
         self.registry
             .all()
             .iter()
+            .filter(|m| !self.local_models.contains(&m.name))
             .map(|m| Serving {
                 name: m.name.clone(),
                 version: m.version,
@@ -154,6 +189,7 @@ impl Updater {
         mut desired_rx: mpsc::Receiver<FromFleet>,
         shutdown: CancellationToken,
     ) {
+        self.shutdown = shutdown.clone();
         self.resume().await;
         let mut next_check = self.clock.now() + SOAK_CHECK;
         loop {
@@ -278,12 +314,14 @@ impl Updater {
     /// served models to it.
     pub async fn handle(&mut self, payload: &[u8]) {
         let serving = self.serving();
+        let agent_release = self.agent_release();
         let trust = TrustView {
             root: self.trust.root(),
             device: &self.device,
             desired_version: self.trust.desired_version(),
             desired_digest: self.trust.desired().map(envelope_digest),
             serving: &serving,
+            agent_release: &agent_release,
         };
         match assess(payload, trust, self.clock.unix_now()) {
             Verdict::AlreadyApplied => {}
@@ -438,6 +476,84 @@ impl Updater {
         }
         let wanted: Vec<&str> = doc.models.iter().map(|m| m.sha256.as_str()).collect();
         self.store.clean_staging(&wanted);
+        // After the models: the new agent's self-test loads them.
+        if let Some(agent) = &doc.agent {
+            self.update_agent(agent, doc.version).await;
+        }
+    }
+
+    /// Takes the agent to the release `slot` names: download and verify
+    /// its build for this target, install it into the free slot,
+    /// self-test it, then switch (the agent stops and its supervisor
+    /// starts the new release). Any failure leaves this agent serving and
+    /// is reported; a release that failed its self-test is never tried
+    /// again.
+    async fn update_agent(&mut self, slot: &AgentSlot, desired_version: u64) {
+        let Some(installer) = self.agent.clone() else {
+            return;
+        };
+        let release = slot.version.as_str();
+        let build = match installer.decide(slot) {
+            AgentStep::Nothing => return,
+            AgentStep::Unusable(reason) => {
+                tracing::warn!(%release, %reason, "agent release not installed");
+                let kind = EventKind::ActivationFailed;
+                let reason = Some(reason);
+                self.reporter
+                    .agent_event(kind, Some(desired_version), release, reason);
+                return;
+            }
+            AgentStep::Install(build) => build,
+        };
+        let (kind, reason) = match self.switch_agent(&installer, release, build).await {
+            Ok(self_test) => (EventKind::Activated, self_test),
+            Err((kind, reason)) => {
+                tracing::error!(%release, %reason, "agent release not switched to; this agent keeps running");
+                (kind, reason)
+            }
+        };
+        self.reporter
+            .agent_event(kind, Some(desired_version), release, Some(reason));
+        if kind == EventKind::Activated {
+            crate::agent_update::request_switch(&self.shutdown);
+        }
+    }
+
+    /// Downloads, installs and self-tests `build` of `release`, then
+    /// records the switch to it; says how the self-test went, or which
+    /// failure to report and why.
+    async fn switch_agent(
+        &self,
+        installer: &AgentInstaller,
+        release: &str,
+        build: &edgefleet_shared::AgentBuild,
+    ) -> Result<String, (EventKind, String)> {
+        let failed = |reason: String| (EventKind::ActivationFailed, reason);
+        tracing::info!(%release, target = crate::agent_update::TARGET, size = build.size, "downloading agent release");
+        let staging = installer.staging_path(&build.sha256);
+        if let Some(dir) = staging.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let artifact = Artifact::agent(release, build);
+        self.fetcher
+            .fetch(&artifact, &staging)
+            .await
+            .map_err(|e| (EventKind::DownloadFailed, e.to_string()))?;
+        let (free, exe) = installer
+            .install(&staging)
+            .map_err(|e| failed(format!("cannot install the agent executable: {e}")))?;
+        let started = Instant::now();
+        let report = installer.self_test(&exe).await.map_err(|reason| {
+            installer.refuse(release, &build.sha256, &reason);
+            let _ = std::fs::remove_file(&exe);
+            failed(reason)
+        })?;
+        let millis = started.elapsed().as_millis();
+        tracing::info!(%release, self_test_ms = millis as u64, models = report.models.len(), "agent release passed its self-test; switching");
+        installer
+            .switch(free, release, &build.sha256)
+            .map_err(|e| failed(format!("cannot record the switch: {e}")))?;
+        Ok(format!("self-test passed in {millis} ms"))
     }
 
     /// Takes one version from verified to serving (or to a failure with
@@ -450,7 +566,9 @@ impl Updater {
         };
         let mut phase = step(Phase::Verified, Input::DownloadStarted);
         let staging = self.store.staging_path(&slot.sha256);
-        if let Err(e) = self.fetcher.fetch(slot, &staging).await {
+        let version = slot.version.to_string();
+        let artifact = Artifact::model(slot, &version);
+        if let Err(e) = self.fetcher.fetch(&artifact, &staging).await {
             return step(phase, Input::Failed(Failure::Download(e.to_string())));
         }
         phase = step(phase, Input::DownloadDone);

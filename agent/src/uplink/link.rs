@@ -41,6 +41,10 @@ pub struct LinkState {
     pub connected: bool,
     /// When it last connected or disconnected.
     pub since: Instant,
+    /// The fleet server stored a message sent on this connection (a
+    /// signed receipt arrived; with `delete_on = "puback"`, the broker
+    /// acknowledged one).
+    pub stored: bool,
 }
 
 impl Default for LinkState {
@@ -48,6 +52,7 @@ impl Default for LinkState {
         Self {
             connected: false,
             since: Instant::now(),
+            stored: false,
         }
     }
 }

@@ -248,7 +248,7 @@ impl Uplink {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         failures = 0;
                         connected = true;
-                        link.send_replace(LinkState { connected: true, since: Instant::now() });
+                        link.send_replace(LinkState { connected: true, since: Instant::now(), stored: false });
                         tracing::info!(session_present = ack.session_present, "connected to broker");
                         if !ack.session_present {
                             // rumqttc discards unacknowledged publishes
@@ -298,6 +298,7 @@ impl Uplink {
                                     tracing::info!("fleet server is storing (signed receipt)");
                                 }
                                 presence.receipt();
+                                link.send_if_modified(|state| !std::mem::replace(&mut state.stored, true));
                                 // Only records actually in flight leave the
                                 // outbox: a receipt names what the server
                                 // stored of what was sent, nothing else.
@@ -319,6 +320,9 @@ impl Uplink {
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => inflight.written(pkid, Instant::now()),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if mode == DeleteOn::Puback {
+                            link.send_if_modified(|state| !std::mem::replace(&mut state.stored, true));
+                        }
                         delivered.extend(inflight.acked(ack.pkid, mode, Instant::now()));
                         if delivered.len() >= ACK_BATCH {
                             delete_delivered(&outbox, &mut delivered).await;
@@ -331,7 +335,7 @@ impl Uplink {
                     Err(e) => {
                         presence.disconnected();
                         if connected {
-                            link.send_replace(LinkState { connected: false, since: Instant::now() });
+                            link.send_replace(LinkState { connected: false, since: Instant::now(), stored: false });
                         }
                         connected = false;
                         failures += 1;

@@ -14,6 +14,35 @@ use super::{ApiError, ApiResult};
 use crate::artifacts::{parse_range, ByteRange};
 use crate::fleet::Fleet;
 
+/// Refuses a push's notes longer than 1,000 characters.
+pub(super) fn check_notes(notes: Option<&str>) -> ApiResult<()> {
+    if notes.is_some_and(|n| n.chars().count() > 1000) {
+        return Err(ApiError::BadRequest(
+            "notes are at most 1,000 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Streams a pushed file (a model, an agent executable) into the artifact
+/// store, capped at `max_upload_bytes`, and stores its compressed copy;
+/// returns its sha256 and size. Without a compressed copy devices
+/// download the plain file.
+pub(super) async fn store_upload(fleet: &Fleet, body: Body) -> ApiResult<(String, u64)> {
+    let (sha256, size) = fleet
+        .artifacts
+        .put(body.into_data_stream(), fleet.max_upload_bytes)
+        .await?;
+    match fleet.artifacts.compress(&sha256).await {
+        Ok(Some(packed)) => {
+            tracing::info!(sha256 = %sha256, size, packed, "compressed copy stored")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot store a compressed copy"),
+    }
+    Ok((sha256, size))
+}
+
 /// Serves an artifact, honouring a single-range `Range` header and
 /// `If-Range` against the artifact's ETag (its sha256).
 #[utoipa::path(get, path = "/artifacts/{name}", tag = "server", security(()), params(("name" = String, Path, description = "sha256, or sha256.zst")), responses((status = 200, description = "the artifact", content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "a range of it", content_type = "application/octet-stream", body = Vec<u8>), (status = 404, description = "not found", body = ErrorBody), (status = 416, description = "unsatisfiable range", body = ErrorBody)))]

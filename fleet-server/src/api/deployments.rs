@@ -26,7 +26,17 @@ enum TargetDetail<'a> {
 
 /// Which kind of selection a request makes: exactly one is allowed.
 fn scope_of(req: &DeployRequest) -> ApiResult<DeploymentScope> {
-    match (req.all, !req.devices.is_empty(), !req.tags.is_empty()) {
+    selection_scope(req.all, &req.devices, &req.tags)
+}
+
+/// Which kind of selection `all`, `devices` and `tags` make: exactly one
+/// is allowed.
+pub(super) fn selection_scope(
+    all: bool,
+    devices: &[String],
+    tags: &std::collections::BTreeMap<String, String>,
+) -> ApiResult<DeploymentScope> {
+    match (all, !devices.is_empty(), !tags.is_empty()) {
         (true, false, false) => Ok(DeploymentScope::All),
         (false, true, false) => Ok(DeploymentScope::Devices),
         (false, false, true) => Ok(DeploymentScope::Tags),
@@ -47,33 +57,7 @@ pub(super) async fn deploy(
 ) -> ApiResult<Json<Deployment>> {
     let req: DeployRequest = parse_body(&body, "malformed deployment JSON")?;
     let scope = scope_of(&req)?;
-    let target = match scope {
-        DeploymentScope::All => store::Target::All,
-        DeploymentScope::Tags => {
-            let ids: Vec<String> = fleet
-                .store
-                .find_all_devices(&tag_filter(&req.tags)?)
-                .await?
-                .into_iter()
-                .map(|d| d.id)
-                .collect();
-            if ids.is_empty() {
-                return Err(ApiError::NotFound(format!(
-                    "no device has the tags {:?}",
-                    req.tags
-                )));
-            }
-            store::Target::Devices(ids)
-        }
-        DeploymentScope::Devices => {
-            let devices = req
-                .devices
-                .iter()
-                .map(|d| DeviceId::new(d.clone()).map_err(|e| ApiError::BadRequest(e.to_string())))
-                .collect::<ApiResult<Vec<_>>>()?;
-            store::Target::Devices(devices.iter().map(|d| d.to_string()).collect())
-        }
-    };
+    let target = resolve_target(&fleet, scope, &req.devices, &req.tags).await?;
     let targets = fleet
         .store
         .deploy(
@@ -88,14 +72,69 @@ pub(super) async fn deploy(
         &op,
         "deploy",
         format!("{}@{}", req.model, req.version),
-        detail(match &target {
-            store::Target::All => TargetDetail::All { all: true },
-            store::Target::Devices(ids) => TargetDetail::Devices { devices: ids },
-        }),
+        target_detail(&target),
     )
     .await;
+    let published = publish_all(&fleet, targets).await?;
+    Ok(Json(Deployment {
+        model: req.model,
+        version: req.version,
+        scope,
+        published,
+    }))
+}
+
+/// The devices a selection names: all (a fleet-wide assignment), those
+/// with the tags now (404 when none has them), or the listed ids (checked).
+pub(super) async fn resolve_target(
+    fleet: &Fleet,
+    scope: DeploymentScope,
+    devices: &[String],
+    tags: &std::collections::BTreeMap<String, String>,
+) -> ApiResult<store::Target> {
+    Ok(match scope {
+        DeploymentScope::All => store::Target::All,
+        DeploymentScope::Tags => {
+            let ids: Vec<String> = fleet
+                .store
+                .find_all_devices(&tag_filter(tags)?)
+                .await?
+                .into_iter()
+                .map(|d| d.id)
+                .collect();
+            if ids.is_empty() {
+                return Err(ApiError::NotFound(format!(
+                    "no device has the tags {tags:?}"
+                )));
+            }
+            store::Target::Devices(ids)
+        }
+        DeploymentScope::Devices => {
+            let devices = devices
+                .iter()
+                .map(|d| DeviceId::new(d.clone()).map_err(|e| ApiError::BadRequest(e.to_string())))
+                .collect::<ApiResult<Vec<_>>>()?;
+            store::Target::Devices(devices.iter().map(|d| d.to_string()).collect())
+        }
+    })
+}
+
+/// What the audit log keeps about a deployment's target.
+pub(super) fn target_detail(target: &store::Target) -> Option<serde_json::Value> {
+    detail(match target {
+        store::Target::All => TargetDetail::All { all: true },
+        store::Target::Devices(ids) => TargetDetail::Devices { devices: ids },
+    })
+}
+
+/// Signs and publishes the desired state of each device, in order; the
+/// ones that got a document.
+pub(super) async fn publish_all(
+    fleet: &Fleet,
+    devices: Vec<String>,
+) -> ApiResult<Vec<PublishedDesired>> {
     let mut published = Vec::new();
-    for id in targets {
+    for id in devices {
         let device = DeviceId::new(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         if let Some(v) = fleet.publish_desired(&device).await? {
             published.push(PublishedDesired {
@@ -104,12 +143,7 @@ pub(super) async fn deploy(
             });
         }
     }
-    Ok(Json(Deployment {
-        model: req.model,
-        version: req.version,
-        scope,
-        published,
-    }))
+    Ok(published)
 }
 
 #[cfg(test)]

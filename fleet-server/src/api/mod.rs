@@ -6,6 +6,7 @@
 //! bodies are the types in [`types`].
 
 mod access;
+mod agent;
 mod artifacts;
 mod deployments;
 mod devices;
@@ -33,7 +34,7 @@ use types::{ErrorBody, Health, SignedEnvelope};
 #[openapi(
     info(
         title = "edgefleet fleet server",
-        description = "Devices, models, deployments, operator tokens and the audit log of an edgefleet fleet. Every call but health, the root document and artifacts needs `Authorization: Bearer <operator token>`.",
+        description = "Devices, models, agent releases, deployments, operator tokens and the audit log of an edgefleet fleet. Every call but health, the root document and artifacts needs `Authorization: Bearer <operator token>`.",
         version = env!("CARGO_PKG_VERSION")
     ),
     paths(
@@ -41,6 +42,8 @@ use types::{ErrorBody, Health, SignedEnvelope};
         models::list_models, models::get_model, models::upload_model, models::put_spec,
         models::put_test_vector, models::delete_model,
         deployments::deploy,
+        agent::push_build, agent::list_releases, agent::get_release, agent::delete_release,
+        agent::deploy_release,
         devices::list_devices, devices::get_device, devices::put_tags, devices::device_events,
         devices::device_telemetry, devices::device_results, devices::device_desired,
         enrollment::enroll_device, enrollment::revoke_device, enrollment::set_device_key,
@@ -195,6 +198,16 @@ pub fn router(fleet: Fleet) -> Router {
             put(models::put_spec),
         )
         .route("/api/v1/deployments", post(deployments::deploy))
+        .route("/api/v1/agent/releases", get(agent::list_releases))
+        .route(
+            "/api/v1/agent/releases/{version}",
+            get(agent::get_release).delete(agent::delete_release),
+        )
+        .route(
+            "/api/v1/agent/releases/{version}/{target}",
+            put(agent::push_build),
+        )
+        .route("/api/v1/agent/deployments", post(agent::deploy_release))
         .route(
             "/api/v1/devices",
             get(devices::list_devices).post(enrollment::enroll_device),
@@ -471,6 +484,10 @@ mod tests {
             "/api/v1/models/{name}/versions/{version}/test-vector",
             "/api/v1/models/{name}/versions/{version}/spec",
             "/api/v1/deployments",
+            "/api/v1/agent/releases",
+            "/api/v1/agent/releases/{version}",
+            "/api/v1/agent/releases/{version}/{target}",
+            "/api/v1/agent/deployments",
             "/api/v1/devices",
             "/api/v1/devices/{id}/revoke",
             "/api/v1/devices/{id}/key",

@@ -66,25 +66,14 @@ pub(super) async fn upload_model(
     edgefleet_shared::ids::validate_name("model name", &name)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let version = check_version(&version)?;
-    if query
-        .notes
-        .as_ref()
-        .is_some_and(|n| n.chars().count() > 1000)
-    {
-        return Err(ApiError::BadRequest(
-            "notes are at most 1,000 characters".into(),
-        ));
-    }
+    super::artifacts::check_notes(query.notes.as_deref())?;
     let format: ModelFormat = query
         .format
         .as_deref()
         .unwrap_or("onnx")
         .parse()
         .map_err(ApiError::BadRequest)?;
-    let (sha256, size) = fleet
-        .artifacts
-        .put(body.into_data_stream(), fleet.max_upload_bytes)
-        .await?;
+    let (sha256, size) = super::artifacts::store_upload(&fleet, body).await?;
     let record = ModelRecord {
         name,
         version,
@@ -97,14 +86,6 @@ pub(super) async fn upload_model(
         pushed_by: Some(op.name.clone()),
         notes: query.notes.clone(),
     };
-    match fleet.artifacts.compress(&record.sha256).await {
-        Ok(Some(packed)) => {
-            tracing::info!(sha256 = %record.sha256, size = record.size, packed, "compressed copy stored")
-        }
-        Ok(None) => {}
-        // Devices then download the plain file.
-        Err(e) => tracing::warn!(error = %e, "cannot store a compressed copy"),
-    }
     let stored = fleet.store.add_model(&record).await?;
     audit(
         &fleet,

@@ -14,7 +14,10 @@ use crate::auth::TokenRecord;
 // every type it reads or sends here.
 pub use crate::auth::{Scope, TokenRecord as Token};
 pub use crate::rollout::{DeviceState, FailureAction, Gates, Phase, Selection, WaveSize};
-pub use crate::store::{AuditRecord, DeviceRecord, EventRecord, ModelRecord, ModelSpec};
+pub use crate::store::{
+    AgentBuildRecord, AuditRecord, DeviceRecord, EventRecord, ModelRecord, ModelSpec,
+};
+pub use edgefleet_shared::AgentStatus;
 pub use edgefleet_shared::TestVector;
 
 /// Every error answer: `{"error": "what went wrong and what to do"}`.
@@ -271,6 +274,49 @@ pub struct Deployment {
     pub published: Vec<PublishedDesired>,
 }
 
+// ---- agent releases ------------------------------------------------------------
+
+/// An agent release: its version and one build per target triple.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AgentRelease {
+    /// The release's semantic version.
+    pub version: String,
+    /// Its builds, by target triple.
+    pub builds: Vec<AgentBuildRecord>,
+}
+
+/// `POST /api/v1/agent/deployments`: an agent release for some devices.
+/// Give exactly one of `devices`, `all` or `tags`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDeployRequest {
+    /// The release's semantic version.
+    pub version: String,
+    /// These devices.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Every device, including ones that enroll later.
+    #[serde(default)]
+    pub all: bool,
+    /// The devices that have all these tags now.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Let devices that run a newer release go back to this one (they
+    /// refuse an older release otherwise).
+    #[serde(default)]
+    pub allow_downgrade: bool,
+}
+
+/// The answer to an agent deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AgentDeployment {
+    pub version: String,
+    pub allow_downgrade: bool,
+    pub scope: DeploymentScope,
+    /// The devices whose new signed desired state was published.
+    pub published: Vec<PublishedDesired>,
+}
+
 // ---- operator tokens -----------------------------------------------------------
 
 /// `POST /api/v1/tokens`: a new operator token.
@@ -302,8 +348,13 @@ pub use crate::rollout::CreateRollout;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RolloutSummary {
     pub id: String,
+    /// The model a model rollout moves (empty in an agent rollout).
     pub model: String,
+    /// The model version (0 in an agent rollout).
     pub version: u64,
+    /// The agent release an agent rollout moves devices to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
     pub created_at: u64,
     #[schema(value_type = crate::rollout::schemas::Selection)]
     pub selection: Selection,
@@ -346,6 +397,7 @@ impl RolloutSummary {
             id: record.plan.id.clone(),
             model: record.model.clone(),
             version: record.version,
+            agent: record.agent.as_ref().map(|a| a.version.clone()),
             created_at: record.created_at,
             selection: record.selection.clone(),
             phase: record.plan.phase.clone(),

@@ -198,6 +198,7 @@ impl Device {
             desired_version: desired,
             models,
             session,
+            agent: None,
         };
         self.send(
             client,
@@ -225,6 +226,7 @@ impl Device {
             model: model.map(|(m, _)| m.to_string()),
             model_version: model.map(|(_, v)| v),
             reason,
+            agent_version: None,
         };
         self.send(
             client,

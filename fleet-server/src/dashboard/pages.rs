@@ -285,7 +285,11 @@ pub fn overview(viewer: &Viewer, o: &Overview<'_>) -> Markup {
     let mut by_hw: BTreeMap<&str, BTreeMap<Compliance, usize>> = BTreeMap::new();
     let mut hw_online: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let mut versions: BTreeMap<(String, u64), (usize, usize)> = BTreeMap::new();
+    let mut releases: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for r in o.rows {
+        *releases
+            .entry((hardware_of(&r.device), agent_release(&r.device)))
+            .or_default() += 1;
         *by_state.entry(r.compliance).or_default() += 1;
         let hw = hardware_of(&r.device);
         *by_hw
@@ -366,6 +370,18 @@ pub fn overview(viewer: &Viewer, o: &Overview<'_>) -> Markup {
                                 tr { th scope="row" { (name) } td.num { (version) } td.num { a href={"/ui/devices?model=" (name) "@" (version)} { (n) } } td.num { (on) } }
                             }
                             @if versions.is_empty() { tr { td colspan="4" { "No device runs a model yet." } } }
+                        }
+                    }
+                }
+                div.table-wrap {
+                    table id="agent-releases" {
+                        caption { "Agent releases by hardware class" }
+                        thead { tr { th scope="col" { "Hardware" } th scope="col" { "Agent release" } th scope="col" { "Devices" } } }
+                        tbody {
+                            @for ((hw, release), n) in &releases {
+                                tr { th scope="row" { a href={"/ui/devices?hardware=" (hw)} { (hw) } } td { (release) } td.num { (n) } }
+                            }
+                            @if releases.is_empty() { tr { td colspan="3" { "No device yet." } } }
                         }
                     }
                 }
@@ -567,6 +583,15 @@ pub struct DevicePage<'a> {
     pub window: Window,
 }
 
+/// The agent release a device reports: its version, `factory` for the
+/// packaged executable, `–` when its agent does not say.
+fn agent_release(d: &DeviceRecord) -> &str {
+    match &d.agent {
+        Some(a) => a.release.as_deref().unwrap_or("factory"),
+        None => "–",
+    }
+}
+
 pub fn device(viewer: &Viewer, p: &DevicePage<'_>) -> Markup {
     let d = &p.row.device;
     let t = p.telemetry;
@@ -598,6 +623,7 @@ pub fn device(viewer: &Viewer, p: &DevicePage<'_>) -> Markup {
                     dt { "Hardware" } dd { (hardware_of(d)) }
                     dt { "Tags" } dd { @for (k, v) in &d.tags { span.tag { (k) "=" (v) } " " } @if d.tags.is_empty() { "–" } }
                     dt { "Agent" } dd { (if d.agent_version.is_empty() { "–" } else { &d.agent_version }) }
+                    dt { "Agent release" } dd { (agent_release(d)) @if let Some(a) = &d.agent { " (" (a.target) ")" } }
                     dt { "Last seen" } dd { (ago(p.now, d.last_seen)) }
                     dt { "First seen" } dd { (datetime(d.first_seen)) }
                     dt { "Desired state" } dd { "v" (d.desired_version) ", device reports " (opt(d.reported_desired_version, |v| format!("v{v}"))) }
@@ -673,7 +699,7 @@ pub fn device(viewer: &Viewer, p: &DevicePage<'_>) -> Markup {
                                 tr {
                                     td { (datetime(e.at)) }
                                     td { span class={"event " (e.kind)} { (e.kind.replace('_', " ")) } }
-                                    td { @if let Some(m) = &e.model { (m) @if let Some(v) = e.model_version { "@" (v) } } }
+                                    td { @if let Some(m) = &e.model { (m) @if let Some(v) = e.model_version { "@" (v) } } @if let Some(v) = &e.agent_version { "agent " (v) } }
                                     td.num { (opt(e.desired_version, |v| format!("v{v}"))) }
                                     td { (e.reason.as_deref().unwrap_or("")) }
                                 }
@@ -749,28 +775,4 @@ pub fn models(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dates_are_civil_utc() {
-        assert_eq!(datetime(0), "1970-01-01 00:00 UTC");
-        assert_eq!(datetime(951_782_400), "2000-02-29 00:00 UTC");
-        assert_eq!(
-            datetime(1_795_737_600 + 17 * 3600 + 42 * 60),
-            "2026-11-27 17:42 UTC"
-        );
-    }
-
-    #[test]
-    fn device_queries_round_trip_their_filters() {
-        let q = DeviceQuery {
-            q: "pi 1&".into(),
-            state: "failed".into(),
-            page: 2,
-            ..Default::default()
-        };
-        assert_eq!(q.with_page(3), "q=pi+1%26&state=failed&page=3");
-        assert_eq!(q.with_page(0), "q=pi+1%26&state=failed");
-    }
-}
+mod tests;

@@ -1,8 +1,12 @@
 //! Staged rollouts, driven: the [`super::planner`] plus what it needs
 //! around it: a store, the desired-state publisher and a clock, nothing
-//! else, so the driver runs in unit tests on a manual clock. Creation resolves the selection and each device's
-//! current version; operator actions, device events, telemetry, devices
-//! joining and a one-second clock go into the planner.
+//! else, so the driver runs in unit tests on a manual clock. A rollout
+//! moves devices to a model version or to an agent release; the planner
+//! is the same for both, only what counts as a device's report differs
+//! (see [`Rollouts::on_event`] and [`Rollouts::on_status`]). Creation
+//! resolves the selection and each device's current version; operator
+//! actions, device events, telemetry, devices joining and a one-second
+//! clock go into the planner.
 //!
 //! Changes are stored in rounds, not one by one: the ingest loop feeds a
 //! whole batch of device messages in, then [`Rollouts::flush`] stores each
@@ -10,29 +14,39 @@
 //! nothing a device sent), and only then hands the planner's commands to
 //! the dispatcher. The dispatcher assigns versions in one transaction per
 //! round and signs and publishes each device's desired state, apart from
-//! the lock, so device messages keep flowing while thousands of devices are
-//! asked to update. Only one active rollout may target a device.
+//! the lock (`dispatch.rs`), so device messages keep flowing while
+//! thousands of devices are asked to update. Only one active rollout may
+//! target a device.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use edgefleet_shared::{DeviceId, EventKind, StatusMessage, UpdateEvent};
-use futures_util::StreamExt;
+use edgefleet_shared::{EventKind, StatusMessage, UpdateEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Mutex};
 
+use super::dispatch::{dispatch, Assign, Dispatch};
 use super::planner::{self, Command, Gates, Override, Phase, Report, Rollout, WaveSize};
 use crate::clock::Clock;
 use crate::desired::DesiredStates;
-use crate::store::{self, DeviceRecord, Store, StoreError, Streamed};
+use crate::store::{DeviceRecord, Store, StoreError, Streamed};
 
 /// A rollout as stored: what it moves, which devices it selects, each
 /// device's version before it, and the planner's state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RolloutRecord {
+    /// The model a model rollout moves (empty in an agent rollout).
+    #[serde(default)]
     pub model: String,
+    /// The model version it moves devices to (0 in an agent rollout).
+    #[serde(default)]
     pub version: u64,
+    /// Each device's model version before the rollout.
+    #[serde(default)]
     pub previous: BTreeMap<String, Option<u64>>,
+    /// The agent release an agent rollout moves devices to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentRollout>,
     pub created_at: u64,
     #[serde(default)]
     pub selection: Selection,
@@ -80,9 +94,67 @@ impl Selection {
     }
 }
 
+/// What an agent rollout moves: a release, and each device's release
+/// before it (what an abort puts back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRollout {
+    pub version: String,
+    /// Devices on a newer release may go back to this one.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    #[serde(default)]
+    pub previous: BTreeMap<String, Option<String>>,
+}
+
 impl RolloutRecord {
     pub fn active(&self) -> bool {
         !self.plan.ended()
+    }
+
+    /// What it moves devices to, for people: `digits v2`, `agent 1.2.0`.
+    pub fn what(&self) -> String {
+        match &self.agent {
+            Some(a) => format!("agent {}", a.version),
+            None => format!("{} v{}", self.model, self.version),
+        }
+    }
+
+    /// What the dispatcher assigns to `device` for a planner command.
+    fn assignment(&self, command: Command) -> (String, Option<Assign>) {
+        match (&self.agent, command) {
+            (None, Command::Update(d)) => (
+                d,
+                Some(Assign::Model {
+                    model: self.model.clone(),
+                    version: self.version,
+                }),
+            ),
+            (None, Command::Revert(d)) => {
+                let previous = self.previous.get(&d).copied().flatten();
+                let assign = previous.map(|version| Assign::Model {
+                    model: self.model.clone(),
+                    version,
+                });
+                (d, assign)
+            }
+            (Some(a), Command::Update(d)) => (
+                d,
+                Some(Assign::Agent {
+                    version: a.version.clone(),
+                    allow_downgrade: a.allow_downgrade,
+                }),
+            ),
+            // The previous release may be older: going back must be
+            // allowed explicitly, or devices refuse it.
+            (Some(a), Command::Revert(d)) => {
+                let previous = a.previous.get(&d).cloned().flatten();
+                let assign = previous.map(|version| Assign::Agent {
+                    version,
+                    allow_downgrade: true,
+                });
+                (d, assign)
+            }
+        }
     }
 
     /// Takes the planner's commands for the next flush.
@@ -92,14 +164,25 @@ impl RolloutRecord {
     }
 }
 
-/// `POST /api/v1/rollouts`: a staged rollout. Select with exactly one of
-/// `devices`, `all`, or `tags` and/or `hardware`.
+/// `POST /api/v1/rollouts`: a staged rollout of a model version (`model`
+/// and `version`) or of an agent release (`agent`). Select with exactly
+/// one of `devices`, `all`, or `tags` and/or `hardware`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRollout {
     pub id: String,
+    /// The model to move (with `version`); not with `agent`.
+    #[serde(default)]
     pub model: String,
+    #[serde(default)]
     pub version: u64,
+    /// The agent release to move devices to (a semantic version); not
+    /// with `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// With `agent`: devices on a newer release may go back to it.
+    #[serde(default)]
+    pub allow_downgrade: bool,
     #[serde(default)]
     pub devices: Vec<String>,
     #[serde(default)]
@@ -125,9 +208,6 @@ pub struct CreateRollout {
     #[serde(default)]
     pub dry_run: bool,
 }
-
-/// One device to point at a version: model, device, version.
-type Dispatch = (String, String, u64);
 
 /// The server's rollouts, in memory and stored.
 #[derive(Clone)]
@@ -203,16 +283,46 @@ impl Rollouts {
     ) -> Result<RolloutRecord, RolloutError> {
         edgefleet_shared::ids::validate_name("rollout id", &req.id)
             .map_err(|e| RolloutError::BadRequest(e.to_string()))?;
-        if self
-            .store
-            .get_model(&req.model, req.version)
-            .await?
-            .is_none()
-        {
-            return Err(RolloutError::NotFound(format!(
-                "model {} version {} does not exist; push it first",
-                req.model, req.version
-            )));
+        match &req.agent {
+            Some(release) => {
+                if !req.model.is_empty() || req.version != 0 {
+                    return Err(RolloutError::BadRequest(
+                        "give a model and version, or an agent release, not both".into(),
+                    ));
+                }
+                release
+                    .parse::<edgefleet_shared::ReleaseVersion>()
+                    .map_err(|e| RolloutError::BadRequest(e.to_string()))?;
+                if self.store.agent_builds(Some(release)).await?.is_empty() {
+                    return Err(RolloutError::NotFound(format!(
+                        "agent release {release} does not exist; push it first (fleetctl agent push)"
+                    )));
+                }
+            }
+            None => {
+                if req.model.is_empty() || req.version == 0 {
+                    return Err(RolloutError::BadRequest(
+                        "give a model and a positive version, or an agent release".into(),
+                    ));
+                }
+                if req.allow_downgrade {
+                    return Err(RolloutError::BadRequest(
+                        "allow_downgrade is for agent releases; model versions only go forward"
+                            .into(),
+                    ));
+                }
+                if self
+                    .store
+                    .get_model(&req.model, req.version)
+                    .await?
+                    .is_none()
+                {
+                    return Err(RolloutError::NotFound(format!(
+                        "model {} version {} does not exist; push it first",
+                        req.model, req.version
+                    )));
+                }
+            }
         }
         if devices.is_empty() {
             return Err(RolloutError::BadRequest(
@@ -251,11 +361,25 @@ impl Rollouts {
             ));
         }
         let plan = Rollout::new(&req.id, devices.clone(), waves, gates);
-        let previous = self.store.assigned_versions(&req.model, &devices).await?;
+        let (previous, agent) = match &req.agent {
+            Some(release) => (
+                BTreeMap::new(),
+                Some(AgentRollout {
+                    version: release.clone(),
+                    allow_downgrade: req.allow_downgrade,
+                    previous: self.store.assigned_agent_releases(&devices).await?,
+                }),
+            ),
+            None => (
+                self.store.assigned_versions(&req.model, &devices).await?,
+                None,
+            ),
+        };
         let record = RolloutRecord {
             model: req.model.clone(),
             version: req.version,
             previous,
+            agent,
             created_at: self.clock.now(),
             selection: Selection {
                 all: req.all,
@@ -349,22 +473,48 @@ impl Rollouts {
     }
 
     /// A device's update event, for the rollouts that include it.
+    ///
+    /// Model rollouts take confirmations and failures about their model
+    /// version (or about the whole document). Agent rollouts take only
+    /// failures about their release (`agent_version`): a download or
+    /// self-test failure, a refusal, or the device going back by itself;
+    /// their successes come from status messages ([`Self::on_status`]).
+    /// A device that goes back after its status counted it as a success
+    /// fails too.
     pub async fn on_event(&self, event: &UpdateEvent) {
-        let report = match event.kind {
-            EventKind::Confirmed => Report::Healthy,
-            EventKind::ActivationFailed
-            | EventKind::DownloadFailed
-            | EventKind::RolledBack
-            | EventKind::Refused => Report::Unhealthy(format!(
+        let failed = || {
+            format!(
                 "{}: {}",
                 event.kind.as_str(),
                 event.reason.clone().unwrap_or_default()
-            )),
+            )
+        };
+        let failure = matches!(
+            event.kind,
+            EventKind::ActivationFailed
+                | EventKind::DownloadFailed
+                | EventKind::RolledBack
+                | EventKind::Refused
+        );
+        let device = event.device_id.as_str();
+        if let Some(release) = event.agent_version.as_deref() {
+            if !failure {
+                return;
+            }
+            let ours = |r: &RolloutRecord| r.agent.as_ref().is_some_and(|a| a.version == release);
+            self.feed(device, Report::Unhealthy(failed()), ours).await;
+            self.feed(device, Report::Degraded(failed()), ours).await;
+            return;
+        }
+        let report = match event.kind {
+            EventKind::Confirmed => Report::Healthy,
+            _ if failure => Report::Unhealthy(failed()),
             _ => return,
         };
-        self.feed(event.device_id.as_str(), report, |r| {
+        self.feed(device, report, |r| {
             // Reports about other models or versions are not this rollout's.
-            event.model.as_deref().is_none_or(|m| m == r.model)
+            r.agent.is_none()
+                && event.model.as_deref().is_none_or(|m| m == r.model)
                 && event.model_version.is_none_or(|v| v == r.version)
         })
         .await;
@@ -381,12 +531,20 @@ impl Rollouts {
         self.feed(device, report, |_| true).await;
         if status.online {
             self.feed(device, Report::Running, |r| {
-                status
-                    .models
-                    .iter()
-                    .any(|m| m.name == r.model && m.version == r.version)
+                r.agent.is_none()
+                    && status
+                        .models
+                        .iter()
+                        .any(|m| m.name == r.model && m.version == r.version)
             })
             .await;
+            // An agent rollout's success: the device runs its release.
+            if let Some(release) = status.agent.as_ref().and_then(|a| a.release.as_deref()) {
+                self.feed(device, Report::Healthy, |r| {
+                    r.agent.as_ref().is_some_and(|a| a.version == release)
+                })
+                .await;
+            }
         }
     }
 
@@ -396,7 +554,9 @@ impl Rollouts {
         let now = self.clock.now();
         let mut map = self.inner.lock().await;
         for record in map.values_mut() {
-            if !record.active() || !record.plan.gates.watches_telemetry() {
+            // Telemetry judges a model version; agent rollouts have none.
+            if !record.active() || !record.plan.gates.watches_telemetry() || record.agent.is_some()
+            {
                 continue;
             }
             for r in records {
@@ -445,15 +605,23 @@ impl Rollouts {
             }
             if let Some(commands) = record.plan.join(&device.id, device.online, now) {
                 tracing::info!(rollout = %record.plan.id, device = %device.id, "device joined the rollout");
-                let previous = self
-                    .store
-                    .assigned_versions(&record.model, std::slice::from_ref(&device.id))
-                    .await
-                    .map(|mut v| v.remove(&device.id).flatten());
-                match previous {
-                    Ok(previous) => {
-                        record.previous.insert(device.id.clone(), previous);
-                    }
+                let one = std::slice::from_ref(&device.id);
+                let remembered = match &mut record.agent {
+                    Some(agent) => self.store.assigned_agent_releases(one).await.map(|mut v| {
+                        let previous = v.remove(&device.id).flatten();
+                        agent.previous.insert(device.id.clone(), previous);
+                    }),
+                    None => self
+                        .store
+                        .assigned_versions(&record.model, one)
+                        .await
+                        .map(|mut v| {
+                            let previous = v.remove(&device.id).flatten();
+                            record.previous.insert(device.id.clone(), previous);
+                        }),
+                };
+                match remembered {
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::error!(device = %device.id, error = %e, "cannot read a joining device's version; an abort leaves it as it is")
                     }
@@ -535,95 +703,16 @@ impl Rollouts {
             self.save(record).await?;
             record.dirty = false;
             for command in std::mem::take(&mut record.pending) {
-                let (device, version) = match command {
-                    Command::Update(d) => (d, Some(record.version)),
-                    Command::Revert(d) => {
-                        let v = record.previous.get(&d).copied().flatten();
-                        (d, v)
-                    }
-                };
-                let Some(version) = version else {
+                let (device, assign) = record.assignment(command);
+                let Some(assign) = assign else {
                     tracing::warn!(device = %device, rollout = %record.plan.id, "no previous version to go back to; left as it is");
                     continue;
                 };
                 // The receiver lives as long as the server.
-                let _ = self.dispatch.send((record.model.clone(), device, version));
+                let _ = self.dispatch.send((device, assign));
             }
         }
         Ok(())
-    }
-}
-
-/// Most devices assigned per round.
-const DISPATCH_BATCH: usize = 4096;
-/// Desired states signed and stored at once.
-const SIGN_CONCURRENCY: usize = 8;
-
-/// Carries out the planner's commands in order: per round, the versions
-/// are assigned in one transaction per (model, version), then each
-/// device's desired state is signed and published. A device asked twice
-/// in one round gets only the later version.
-async fn dispatch(
-    store: Store,
-    desired: DesiredStates,
-    clock: Arc<dyn Clock>,
-    mut rx: mpsc::UnboundedReceiver<Dispatch>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(DISPATCH_BATCH);
-    while rx.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
-        // The latest word per (model, device): walk the round backwards.
-        let mut seen = HashSet::new();
-        let mut order: Vec<Dispatch> = batch
-            .drain(..)
-            .rev()
-            .filter(|(model, device, _)| seen.insert((model.clone(), device.clone())))
-            .collect();
-        order.reverse();
-        let mut groups: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
-        for (model, device, version) in &order {
-            groups
-                .entry((model.clone(), *version))
-                .or_default()
-                .push(device.clone());
-        }
-        let now = clock.now();
-        for ((model, version), devices) in groups {
-            let target = store::Target::Devices(devices);
-            let mut failures = 0u32;
-            while let Err(e) = store.deploy(&model, version, &target, now).await {
-                failures += 1;
-                tracing::error!(model = %model, version, error = %e, attempt = failures, "rollout cannot assign a version; retrying");
-                let wait = std::time::Duration::from_millis((100u64 << failures.min(6)).min(5_000));
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
-        // Each device once per round (one document covers all its models,
-        // even when two rollouts moved it), so documents can be signed side
-        // by side (PostgreSQL commits them on several connections) without
-        // two for one device racing to be the retained one.
-        let mut signed = HashSet::new();
-        order.retain(|(_, device, _)| signed.insert(device.clone()));
-        futures_util::stream::iter(order)
-            .for_each_concurrent(SIGN_CONCURRENCY, |(_, device, _)| {
-                let desired = &desired;
-                async move {
-                    match DeviceId::new(device.clone()) {
-                        Ok(id) => {
-                            if let Err(e) = desired.publish(&id).await {
-                                tracing::error!(device = %device, error = %e, "rollout cannot publish desired state; the device gets it when it next reports");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(device = %device, error = %e, "bad device id in a rollout")
-                        }
-                    }
-                }
-            })
-            .await;
     }
 }
 

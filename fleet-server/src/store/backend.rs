@@ -16,8 +16,9 @@ use edgefleet_shared::{StatusMessage, UpdateEvent};
 use crate::auth::TokenRecord;
 
 use super::{
-    Attachment, AuditEntry, AuditRecord, DeviceFilter, DeviceRecord, Enrollment, EventRecord,
-    KeyWrite, ModelRecord, Page, SignFn, StatusOutcome, StoreError, Streamed, Target,
+    AgentBuildRecord, AssignedAgent, Attachment, AuditEntry, AuditRecord, DeviceFilter,
+    DeviceRecord, Enrollment, EventRecord, KeyWrite, ModelRecord, Page, SignFn, StatusOutcome,
+    StoreError, Streamed, Target,
 };
 
 /// What a backend operation returns: a boxed future of its result, which
@@ -43,8 +44,9 @@ pub trait StoreBackend: Send + Sync + 'static {
     ) -> StoreFuture<'a, (Vec<StatusOutcome>, Vec<bool>)>;
 
     /// Signs and stores the next desired state of `device` from its
-    /// assignments, allocating the version and storing the document in one
-    /// transaction. `None` when nothing is assigned to it.
+    /// assignments (models and agent release), allocating the version and
+    /// storing the document in one transaction. `None` when nothing is
+    /// assigned to it.
     fn sign_desired<'a>(
         &'a self,
         device: &'a str,
@@ -209,4 +211,41 @@ pub trait StoreBackend: Send + Sync + 'static {
 
     /// Audit entries after `after_id`, oldest first, at most `limit`.
     fn list_audit(&self, after_id: u64, limit: u32) -> StoreFuture<'_, Vec<AuditRecord>>;
+
+    /// Adds a build of an agent release. Re-adding the identical file is a
+    /// no-op; a different file under an existing (version, target) is a
+    /// conflict.
+    fn add_agent_build<'a>(
+        &'a self,
+        build: &'a AgentBuildRecord,
+    ) -> StoreFuture<'a, AgentBuildRecord>;
+
+    /// The builds of one release (`Some(version)`) or of every release,
+    /// by version text then target.
+    fn agent_builds<'a>(
+        &'a self,
+        version: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<AgentBuildRecord>>;
+
+    /// Points `target` at an agent release (which must have a build);
+    /// returns the ids of the devices whose desired state changes.
+    fn deploy_agent<'a>(
+        &'a self,
+        version: &'a str,
+        allow_downgrade: bool,
+        target: &'a Target,
+        now: u64,
+    ) -> StoreFuture<'a, Vec<String>>;
+
+    /// The agent release `device` should run: its own assignment, else
+    /// the fleet-wide one; `None` when neither exists.
+    fn agent_for_device<'a>(&'a self, device: &'a str) -> StoreFuture<'a, Option<AssignedAgent>>;
+
+    /// Deletes every build of a release no assignment points at. Returns
+    /// each build and whether another build or a model still has its file
+    /// (sha256).
+    fn delete_agent_release<'a>(
+        &'a self,
+        version: &'a str,
+    ) -> StoreFuture<'a, Vec<(AgentBuildRecord, bool)>>;
 }

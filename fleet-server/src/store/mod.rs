@@ -1,7 +1,7 @@
-//! The fleet's records: devices and what they report, models,
-//! assignments (which model version a device or the whole fleet should
-//! run), signed desired state per device, update events, telemetry and
-//! uploaded results.
+//! The fleet's records: devices and what they report, models, agent
+//! releases, assignments (which model version and which agent release a
+//! device or the whole fleet should run), signed desired state per device,
+//! update events, telemetry and uploaded results.
 //!
 //! [`Store`] is a cloneable handle on one [`StoreBackend`] (`backend.rs`:
 //! one method per operation, named for what the server does, each run as
@@ -28,7 +28,8 @@ mod upgrade_tests;
 pub use backend::{StoreBackend, StoreFuture};
 
 use edgefleet_shared::{
-    InferenceResult, ModelFormat, ModelStatus, StatusMessage, TelemetryMessage, UpdateEvent,
+    AgentStatus, InferenceResult, ModelFormat, ModelStatus, StatusMessage, TelemetryMessage,
+    UpdateEvent,
 };
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +122,11 @@ pub struct DeviceRecord {
     /// be signed by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// The agent the device last reported running: its target triple and
+    /// release (no release: the packaged executable). Absent until an
+    /// agent that reports it connects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
 }
 
 impl DeviceRecord {
@@ -141,6 +147,7 @@ impl DeviceRecord {
             enrolled_at: None,
             revoked_at: None,
             public_key: None,
+            agent: None,
         }
     }
 }
@@ -194,6 +201,56 @@ pub struct EventRecord {
     pub model: Option<String>,
     pub model_version: Option<u64>,
     pub reason: Option<String>,
+    /// The agent release the event is about (agent updates; `model` is
+    /// then absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+}
+
+/// One build of an agent release: the executable for one target triple,
+/// stored in the artifact store under its sha256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentBuildRecord {
+    /// The release's semantic version (`MAJOR.MINOR.PATCH[-PRE]`).
+    pub version: String,
+    /// The target triple it was built for (`aarch64-unknown-linux-musl`).
+    pub target: String,
+    /// Lowercase hex SHA-256 of the executable.
+    pub sha256: String,
+    pub size: u64,
+    pub created_at: u64,
+    /// The operator (token name) who pushed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_by: Option<String>,
+    /// Free text from the push (`fleetctl agent push --notes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+}
+
+/// The agent release a device should run (its own assignment, else the
+/// fleet-wide one) with every build of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignedAgent {
+    pub version: String,
+    /// Whether the device may go to it from a newer release.
+    pub allow_downgrade: bool,
+    /// Every build of the release, by target.
+    pub builds: Vec<AgentBuildRecord>,
+}
+
+/// What a device's desired state is signed from: its models and its
+/// agent release.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DesiredContent {
+    pub models: Vec<ModelRecord>,
+    pub agent: Option<AssignedAgent>,
+}
+
+impl DesiredContent {
+    /// Nothing is assigned: no document to sign.
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty() && self.agent.is_none()
+    }
 }
 
 /// A record a device streams: one telemetry sample or one inference result.
@@ -278,9 +335,10 @@ pub enum Target {
     Devices(Vec<String>),
 }
 
-/// Signs a desired state: given the device's models and the document
-/// version the store allocated, returns the signed JSON to store.
-pub type SignFn = Box<dyn FnOnce(&[ModelRecord], u64) -> Vec<u8> + Send>;
+/// Signs a desired state: given what the device should run (its models
+/// and agent release) and the document version the store allocated,
+/// returns the signed JSON to store.
+pub type SignFn = Box<dyn FnOnce(&DesiredContent, u64) -> Vec<u8> + Send>;
 
 /// The fleet's database: a cheap, cloneable handle on one
 /// [`StoreBackend`]. Every backend operation is called on it directly
@@ -396,6 +454,22 @@ impl Store {
                 .into_iter()
                 .find(|m| m.name == model)
                 .map(|m| m.version);
+            out.insert(d.clone(), version);
+        }
+        Ok(out)
+    }
+}
+
+impl Store {
+    /// The agent release each device runs by assignment (its own, else
+    /// the fleet-wide one), `None` where none is assigned.
+    pub async fn assigned_agent_releases(
+        &self,
+        devices: &[String],
+    ) -> Result<BTreeMap<String, Option<String>>, StoreError> {
+        let mut out = BTreeMap::new();
+        for d in devices {
+            let version = self.agent_for_device(d).await?.map(|a| a.version);
             out.insert(d.clone(), version);
         }
         Ok(out)

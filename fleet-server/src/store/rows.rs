@@ -10,12 +10,13 @@
 
 use std::collections::BTreeMap;
 
-use edgefleet_shared::{ModelFormat, ModelStatus, StatusMessage};
+use edgefleet_shared::{AgentStatus, ModelFormat, ModelStatus, StatusMessage};
 
 use crate::auth::{Scope, TokenRecord};
 
 use super::{
-    AuditEntry, AuditRecord, DeviceRecord, EventRecord, ModelRecord, StoreError, Streamed,
+    AgentBuildRecord, AuditEntry, AuditRecord, DeviceRecord, EventRecord, ModelRecord, StoreError,
+    Streamed,
 };
 
 /// One result row's values by position, whichever driver produced it.
@@ -59,7 +60,7 @@ pub(crate) fn stored_opt(value: Option<u64>) -> Option<i64> {
 /// The columns [`device`] reads, in order.
 pub(crate) const DEVICE_COLUMNS: &str = "id, first_seen, last_seen, online, agent_version, \
      reported_desired_version, models_json, desired_version, hardware, tags, enrolled_at, \
-     revoked_at, device_key";
+     revoked_at, device_key, agent_target, agent_release";
 
 /// A device row (selected with [`DEVICE_COLUMNS`]). Unreadable JSON in
 /// the models or tags column reads as empty: only this server writes them.
@@ -78,6 +79,13 @@ pub(crate) fn device(r: &dyn Columns) -> Result<DeviceRecord, StoreError> {
         enrolled_at: r.opt_unsigned(10)?,
         revoked_at: r.opt_unsigned(11)?,
         public_key: r.opt_text(12)?,
+        agent: match r.opt_text(13)? {
+            Some(target) => Some(AgentStatus {
+                target,
+                release: r.opt_text(14)?,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -106,6 +114,10 @@ pub(crate) struct StatusUpdate {
     pub reported_desired_version: Option<i64>,
     pub models_json: String,
     pub seq: i64,
+    /// The reported agent's target triple and release (both absent when
+    /// the agent does not say).
+    pub agent_target: Option<String>,
+    pub agent_release: Option<String>,
 }
 
 /// What recording `msg` changes, given the sequence number of the last
@@ -129,6 +141,8 @@ pub(crate) fn status_change(msg: &StatusMessage, last_seq: Option<u64>) -> Statu
             reported_desired_version: stored_opt(msg.desired_version),
             models_json: models_json(&msg.models),
             seq: stored(msg.seq),
+            agent_target: msg.agent.as_ref().map(|a| a.target.clone()),
+            agent_release: msg.agent.as_ref().and_then(|a| a.release.clone()),
         })
     } else {
         StatusChange::Stale
@@ -211,7 +225,7 @@ pub(crate) fn readd_model(
 
 /// The columns [`event`] reads, in order.
 pub(crate) const EVENT_COLUMNS: &str =
-    "device_id, seq, at, kind, desired_version, model, model_version, reason";
+    "device_id, seq, at, kind, desired_version, model, model_version, reason, agent_version";
 
 /// An update event row (selected with [`EVENT_COLUMNS`]).
 pub(crate) fn event(r: &dyn Columns) -> Result<EventRecord, StoreError> {
@@ -224,7 +238,79 @@ pub(crate) fn event(r: &dyn Columns) -> Result<EventRecord, StoreError> {
         model: r.opt_text(5)?,
         model_version: r.opt_unsigned(6)?,
         reason: r.opt_text(7)?,
+        agent_version: r.opt_text(8)?,
     })
+}
+
+// ---- agent releases --------------------------------------------------------
+
+/// The columns [`agent_build`] reads, in order.
+pub(crate) const AGENT_BUILD_COLUMNS: &str =
+    "version, target, sha256, size, created_at, pushed_by, notes";
+
+/// An agent build row (selected with [`AGENT_BUILD_COLUMNS`]).
+pub(crate) fn agent_build(r: &dyn Columns) -> Result<AgentBuildRecord, StoreError> {
+    Ok(AgentBuildRecord {
+        version: r.text(0)?,
+        target: r.text(1)?,
+        sha256: r.text(2)?,
+        size: r.unsigned(3)?,
+        created_at: r.unsigned(4)?,
+        pushed_by: r.opt_text(5)?,
+        notes: r.opt_text(6)?,
+    })
+}
+
+/// What adding `new` returns when its (version, target) is stored
+/// already as `existing`: the stored record for the identical file, else
+/// a conflict.
+pub(crate) fn readd_agent_build(
+    existing: AgentBuildRecord,
+    new: &AgentBuildRecord,
+) -> Result<AgentBuildRecord, StoreError> {
+    if existing.sha256 == new.sha256 {
+        Ok(existing)
+    } else {
+        Err(StoreError::Conflict(format!(
+            "agent release {} already has a different build for {} (sha256 {}); push the new executable as a new release version",
+            new.version, new.target, existing.sha256
+        )))
+    }
+}
+
+/// The columns [`agent_assignment`] reads, in order.
+pub(crate) const AGENT_ASSIGNMENT_COLUMNS: &str = "scope, version, allow_downgrade";
+
+/// An agent assignment row (selected with [`AGENT_ASSIGNMENT_COLUMNS`]):
+/// scope, release version, whether it may go back.
+pub(crate) fn agent_assignment(r: &dyn Columns) -> Result<(String, String, bool), StoreError> {
+    Ok((r.text(0)?, r.text(1)?, r.flag(2)?))
+}
+
+/// Of a device's own assignment and the fleet-wide one (either may be
+/// missing), the one that applies: the device's own.
+pub(crate) fn applying_assignment(found: Vec<(String, String, bool)>) -> Option<(String, bool)> {
+    let (own, fleet): (Vec<_>, Vec<_>) = found
+        .into_iter()
+        .partition(|(scope, _, _)| scope != super::ALL_DEVICES);
+    own.into_iter()
+        .chain(fleet)
+        .next()
+        .map(|(_, version, allow_downgrade)| (version, allow_downgrade))
+}
+
+/// The release to deploy does not exist.
+pub(crate) fn missing_agent_release(version: &str) -> StoreError {
+    StoreError::NotFound(format!(
+        "agent release {version} does not exist; push it first (fleetctl agent push)"
+    ))
+}
+
+/// The release to delete is what some devices should run.
+pub(crate) fn deployed_agent_release(version: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "agent release {version} is deployed; deploy another release first"
+    ))
 }
 
 // ---- telemetry and results -------------------------------------------------

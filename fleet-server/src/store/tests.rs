@@ -110,6 +110,7 @@ fn status(id: &str, seq: u64, online: bool) -> StatusMessage {
         agent_version: "1".into(),
         desired_version: Some(seq),
         models: vec![],
+        agent: None,
     }
 }
 
@@ -146,14 +147,26 @@ fn names(models: &[ModelRecord]) -> Vec<(String, u64)> {
     models.iter().map(|m| (m.name.clone(), m.version)).collect()
 }
 
-/// A signer that writes the models and version it was given.
+/// A signer that writes the models, agent release and version it was
+/// given.
 fn sign_listing() -> SignFn {
-    Box::new(|models, version| {
-        let listed: Vec<String> = models
+    Box::new(|content, version| {
+        let listed: Vec<String> = content
+            .models
             .iter()
             .map(|m| format!("{}@{}", m.name, m.version))
             .collect();
-        format!("v{version}:{}", listed.join(",")).into_bytes()
+        let agent = content.agent.as_ref().map(|a| {
+            let targets: Vec<&str> = a.builds.iter().map(|b| b.target.as_str()).collect();
+            let downgrade = if a.allow_downgrade { "+downgrade" } else { "" };
+            format!(";agent {}{downgrade} [{}]", a.version, targets.join(","))
+        });
+        format!(
+            "v{version}:{}{}",
+            listed.join(","),
+            agent.unwrap_or_default()
+        )
+        .into_bytes()
     })
 }
 
@@ -328,6 +341,7 @@ async fn events_are_stored_once(f: Fixture) {
         model: None,
         model_version: None,
         reason: Some("bad signature".into()),
+        agent_version: None,
     };
     assert!(s.record_event(&e).await.unwrap());
     assert!(!s.record_event(&e).await.unwrap());
@@ -732,6 +746,10 @@ suite!(
     rollouts_and_assigned_versions_round_trip,
     device_keys_are_set_once_by_devices_and_replaced_by_operators,
 );
+
+/// Agent releases: builds, assignments, the agent slot's inputs and what
+/// devices report about their agent.
+mod agents;
 
 #[tokio::test]
 async fn sqlite_reopening_does_not_rerun_migrations() {

@@ -419,6 +419,35 @@ async fn check_upgraded(store: &Store, steps_with_tokens: bool, enrolled: bool) 
     pushed.sha256 = "cd".into();
     pushed.pushed_by = Some("ci".into());
     assert_eq!(store.add_model(&pushed).await.unwrap(), pushed);
+    let build = AgentBuildRecord {
+        version: "1.0.0".into(),
+        target: "aarch64-unknown-linux-musl".into(),
+        sha256: "ef".into(),
+        size: 3,
+        created_at: 4,
+        pushed_by: None,
+        notes: None,
+    };
+    assert_eq!(store.add_agent_build(&build).await.unwrap(), build);
+    store
+        .deploy_agent("1.0.0", false, &Target::All, 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .agent_for_device("a")
+            .await
+            .unwrap()
+            .map(|a| a.version),
+        Some("1.0.0".to_string())
+    );
+    assert!(store
+        .events_for_device("a", 10)
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.agent_version.is_none()));
+    assert_eq!(store.get_device("a").await.unwrap().unwrap().agent, None);
 }
 
 #[tokio::test]

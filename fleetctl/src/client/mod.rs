@@ -13,9 +13,10 @@ pub use url::{encode_segment, ApiUrl, Attachment, DeviceQuery, RolloutAction, St
 use std::path::{Path, PathBuf};
 
 use fleet_server::api::types::{
-    AuditRecord, CreateRollout, CreatedToken, DeployRequest, Deployment, DeviceDetail,
-    DeviceResults, DeviceTelemetry, EnrollRequest, EnrolledDevice, ErrorBody, EventRecord,
-    ModelRecord, MosquittoFiles, NewTokenRequest, RolloutStatus, SetKeyRequest, Tags, Token,
+    AgentBuildRecord, AgentDeployRequest, AgentDeployment, AgentRelease, AuditRecord,
+    CreateRollout, CreatedToken, DeployRequest, Deployment, DeviceDetail, DeviceResults,
+    DeviceTelemetry, EnrollRequest, EnrolledDevice, ErrorBody, EventRecord, ModelRecord,
+    MosquittoFiles, NewTokenRequest, RolloutStatus, SetKeyRequest, Tags, Token,
 };
 use fleet_server::auth::Scope;
 use fleet_server::store::DeviceRecord;
@@ -272,6 +273,77 @@ impl Client {
     pub async fn deploy(&self, request: &DeployRequest) -> Result<Answer<Deployment>, ClientError> {
         self.with_json(Method::POST, &["api", "v1", "deployments"], request)
             .await
+    }
+
+    /// `PUT /api/v1/agent/releases/{version}/{target}`: uploads the
+    /// executable of one build of an agent release, `size` bytes streamed
+    /// from `body`.
+    pub async fn push_agent_build(
+        &self,
+        version: &str,
+        target: &str,
+        notes: Option<&str>,
+        body: reqwest::Body,
+        size: u64,
+    ) -> Result<Answer<AgentBuildRecord>, ClientError> {
+        let query: Vec<(&str, String)> = notes
+            .map(|n| ("notes", n.to_string()))
+            .into_iter()
+            .collect();
+        let url = self.url(&["api", "v1", "agent", "releases", version, target], &query);
+        let request = self
+            .http
+            .put(&url)
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.call(request, &url).await
+    }
+
+    /// `GET /api/v1/agent/releases`: every agent release with its builds,
+    /// oldest first.
+    pub async fn list_agent_releases(&self) -> Result<Answer<Vec<AgentRelease>>, ClientError> {
+        self.simple(Method::GET, &["api", "v1", "agent", "releases"], &[])
+            .await
+    }
+
+    /// `GET /api/v1/agent/releases/{version}`.
+    pub async fn get_agent_release(
+        &self,
+        version: &str,
+    ) -> Result<Answer<AgentRelease>, ClientError> {
+        self.simple(
+            Method::GET,
+            &["api", "v1", "agent", "releases", version],
+            &[],
+        )
+        .await
+    }
+
+    /// `DELETE /api/v1/agent/releases/{version}`.
+    pub async fn delete_agent_release(
+        &self,
+        version: &str,
+    ) -> Result<Answer<AgentRelease>, ClientError> {
+        self.simple(
+            Method::DELETE,
+            &["api", "v1", "agent", "releases", version],
+            &[],
+        )
+        .await
+    }
+
+    /// `POST /api/v1/agent/deployments`.
+    pub async fn deploy_agent(
+        &self,
+        request: &AgentDeployRequest,
+    ) -> Result<Answer<AgentDeployment>, ClientError> {
+        self.with_json(
+            Method::POST,
+            &["api", "v1", "agent", "deployments"],
+            request,
+        )
+        .await
     }
 
     /// `GET /api/v1/devices`: one page of the devices `query` selects.

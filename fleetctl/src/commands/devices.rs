@@ -14,15 +14,25 @@ use crate::output::{ago, or_dash, print_json, print_table};
 use crate::Context;
 
 /// The device table's columns.
-const HEADERS: [&str; 7] = [
+const HEADERS: [&str; 8] = [
     "DEVICE",
     "STATE",
     "HARDWARE",
     "TAGS",
     "MODELS",
     "DESIRED",
+    "AGENT",
     "LAST SEEN",
 ];
+
+/// The agent release a device reports: its version, `factory` for the
+/// packaged executable, `-` when its agent does not say.
+fn agent_release(d: &DeviceRecord) -> String {
+    match &d.agent {
+        Some(a) => a.release.clone().unwrap_or_else(|| "factory".into()),
+        None => "-".into(),
+    }
+}
 
 /// Runs a `devices` command; none given lists every device.
 pub async fn run(ctx: &Context, command: Option<&DevicesCommand>) -> Result<(), Failure> {
@@ -201,6 +211,7 @@ pub fn rows(devices: &[DeviceRecord]) -> Vec<Vec<String>> {
                 or_dash(tags),
                 or_dash(models),
                 desired,
+                agent_release(d),
                 ago(d.last_seen),
             ]
         })
@@ -229,6 +240,13 @@ pub fn details(detail: &DeviceDetail) -> Vec<(&'static str, String)> {
             }),
         ),
         ("agent", d.agent_version.clone()),
+        (
+            "agent release",
+            match &d.agent {
+                Some(a) => format!("{} ({})", agent_release(d), a.target),
+                None => "-".into(),
+            },
+        ),
         ("models", or_dash(models.join(", "))),
         (
             "desired",
@@ -252,8 +270,9 @@ pub fn event_rows(events: &[EventRecord]) -> Vec<Vec<String>> {
                 ago(e.at),
                 e.kind.clone(),
                 e.desired_version.map_or("-".into(), |v| v.to_string()),
-                match (&e.model, e.model_version) {
-                    (Some(m), Some(v)) => format!("{m} v{v}"),
+                match (&e.model, e.model_version, &e.agent_version) {
+                    (Some(m), Some(v), _) => format!("{m} v{v}"),
+                    (_, _, Some(release)) => format!("agent {release}"),
                     _ => "-".into(),
                 },
                 e.reason.clone().unwrap_or_default(),
@@ -305,6 +324,7 @@ mod tests {
             "models": [{"name": "digits", "version": 2, "sha256": "ab", "runtime": "tract-onnx"},
                        {"name": "kws", "version": 1, "sha256": "cd", "runtime": "tract-onnx"}],
             "hardware": "jetson-orin", "tags": {"site": "lyon", "floor": "2"},
+            "agent": {"target": "aarch64-unknown-linux-gnu", "release": "1.2.0"},
         }));
         let revoked = device(serde_json::json!({
             "id": "pi-2", "first_seen": 0, "last_seen": now, "online": true,
@@ -323,7 +343,8 @@ mod tests {
                 "3/4"
             ]
         );
-        assert_eq!(rows[1][..6], ["pi-2", "revoked", "-", "-", "-", "-/0"]);
+        assert_eq!(rows[0][6], "1.2.0");
+        assert_eq!(rows[1][..7], ["pi-2", "revoked", "-", "-", "-", "-/0", "-"]);
     }
 
     #[test]
@@ -348,6 +369,7 @@ mod tests {
             "id": "pi-1", "first_seen": 0, "last_seen": 0, "online": false,
             "agent_version": "0.1.0", "reported_desired_version": null, "desired_version": 2,
             "models": [], "tags": {},
+            "agent": {"target": "armv7-unknown-linux-musleabihf"},
             "rejected_messages": {"count": 3, "last_reason": "bad signature", "last_at": 5},
         }))
         .expect("a device detail");
@@ -364,5 +386,9 @@ mod tests {
         assert_eq!(get("refused"), "3 message(s); last: bad signature");
         assert_eq!(get("models"), "-");
         assert_eq!(get("desired"), "2 (reported -)");
+        assert_eq!(
+            get("agent release"),
+            "factory (armv7-unknown-linux-musleabihf)"
+        );
     }
 }

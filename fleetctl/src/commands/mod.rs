@@ -2,6 +2,7 @@
 //! takes its parsed arguments and the [`crate::Context`], calls the API
 //! through the typed client and prints the answer.
 
+pub mod agent;
 pub mod audit;
 pub mod broker;
 pub mod deploy;
@@ -15,7 +16,40 @@ pub mod tokens;
 
 use std::collections::BTreeMap;
 
+use futures_util::StreamExt;
+
 use crate::failure::{usage, Failure};
+
+/// A file streamed as a request body, with a progress bar saying
+/// `message` (hidden when `hidden`, for JSON output). Call
+/// `finish_and_clear` on the bar once the request is done.
+pub fn upload_body(
+    file: tokio::fs::File,
+    size: u64,
+    message: String,
+    hidden: bool,
+) -> (reqwest::Body, indicatif::ProgressBar) {
+    let bar = if hidden {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(size)
+    };
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+    )
+    .expect("the progress bar template is a valid constant")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(message);
+    let progress = bar.clone();
+    let stream = tokio_util::io::ReaderStream::new(file).map(move |chunk| {
+        if let Ok(c) = &chunk {
+            progress.inc(c.len() as u64);
+        }
+        chunk
+    });
+    (reqwest::Body::wrap_stream(stream), bar)
+}
 
 /// KEY=VALUE arguments (`--tag`) as a map; anything without `=` is a
 /// usage error naming it.

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use fleet_server::api::types::ModelRecord;
-use futures_util::StreamExt;
 
 use crate::cli::ModelCommand;
 use crate::client::Attachment;
@@ -156,35 +155,11 @@ async fn push(
         .with_context(|| format!("cannot read the size of {}", file.display()))
         .map_err(usage)?
         .len();
-    let bar = if ctx.json {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(size)
-    };
-    let style = indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-    )
-    .expect("the progress bar template is a valid constant")
-    .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_message(format!("pushing {name} v{version}"));
-    let progress = bar.clone();
-    let stream = tokio_util::io::ReaderStream::new(handle).map(move |chunk| {
-        if let Ok(c) = &chunk {
-            progress.inc(c.len() as u64);
-        }
-        chunk
-    });
+    let (body, bar) =
+        super::upload_body(handle, size, format!("pushing {name} v{version}"), ctx.json);
     let answer = ctx
         .client
-        .push_model(
-            name,
-            version,
-            &format,
-            notes,
-            reqwest::Body::wrap_stream(stream),
-            size,
-        )
+        .push_model(name, version, &format, notes, body, size)
         .await;
     bar.finish_and_clear();
     Ok(answer?)

@@ -85,10 +85,17 @@ pub fn request(args: &CreateRolloutArgs) -> Result<CreateRollout, Failure> {
         min_inferences: args.min_inferences,
         ..Gates::default()
     };
+    if args.allow_downgrade && args.agent.is_none() {
+        return Err(usage(anyhow::anyhow!(
+            "--allow-downgrade goes with --agent VERSION: model versions only go forward"
+        )));
+    }
     Ok(CreateRollout {
         id: args.id.clone(),
-        model: args.model.clone(),
-        version: args.version,
+        model: args.model.clone().unwrap_or_default(),
+        version: args.version.unwrap_or_default(),
+        agent: args.agent.clone(),
+        allow_downgrade: args.allow_downgrade,
         devices: args.devices.clone(),
         all: args.all,
         tags: parse_tags(&args.tags)?,
@@ -146,11 +153,13 @@ pub fn line(status: &RolloutStatus) -> String {
         })
         .collect();
     let counts = serde_json::to_string(&r.counts).unwrap_or_default();
+    let moves = match &r.agent {
+        Some(release) => format!("agent {release}"),
+        None => format!("{} v{}", r.model, r.version),
+    };
     format!(
-        "{} {} v{}: {what}; confirmed per wave [{}]; {counts}",
+        "{} {moves}: {what}; confirmed per wave [{}]; {counts}",
         r.id,
-        r.model,
-        r.version,
         waves.join(", ")
     )
 }

@@ -64,12 +64,13 @@ impl FakeFetcher {
 impl Fetcher for FakeFetcher {
     fn fetch<'a>(
         &'a self,
-        slot: &'a ModelSlot,
+        slot: &'a Artifact<'a>,
         dest: &'a Path,
     ) -> BoxFuture<'a, Result<(), DownloadError>> {
         let outcome = {
             let mut state = self.lock();
-            state.fetched.push((slot.name.clone(), slot.version));
+            let version = slot.version.parse().expect("the fake fetches models");
+            state.fetched.push((slot.name.to_string(), version));
             match state.failures.pop_front() {
                 Some(e) => Err(e),
                 None => slot
@@ -89,7 +90,7 @@ impl Fetcher for FakeFetcher {
             let actual = sha256_hex(&bytes);
             if actual != slot.sha256 {
                 return Err(DownloadError::HashMismatch {
-                    expected: slot.sha256.clone(),
+                    expected: slot.sha256.to_string(),
                     actual,
                 });
             }
@@ -416,6 +417,21 @@ async fn a_model_the_desired_state_no_longer_lists_stops_serving() {
     h.updater.handle(&h.desired(2, vec![])).await;
     assert_eq!(h.serving("digits"), None);
     assert_eq!(h.updater.store.active_pointer("digits").unwrap(), None);
+    assert_eq!(h.kinds().last(), Some(&(EventKind::Accepted, None)));
+}
+
+#[tokio::test]
+async fn a_local_model_of_the_config_is_left_alone_by_the_desired_state() {
+    let fetcher = FakeFetcher::default();
+    fetcher.serve(FP32_URL, fp32());
+    let mut h = Harness::new(fetcher);
+    h.updater
+        .handle(&h.desired(1, vec![slot("digits", 1, &fp32(), FP32_URL)]))
+        .await;
+    // From here on "digits" counts as one the config serves from a file.
+    h.updater.local_models = vec!["digits".into()];
+    h.updater.handle(&h.desired(2, vec![])).await;
+    assert_eq!(h.serving("digits"), Some(1), "a local model stays");
     assert_eq!(h.kinds().last(), Some(&(EventKind::Accepted, None)));
 }
 

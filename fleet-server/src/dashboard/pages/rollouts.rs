@@ -48,6 +48,14 @@ fn phase_badge(r: &RolloutSummary) -> Markup {
     html! { span class={"badge phase " (phase)} { (phase.replace('_', " ")) } }
 }
 
+/// What a rollout moves devices to: `digits@2`, `agent 1.2.0`.
+fn moves(r: &RolloutSummary) -> String {
+    match &r.agent {
+        Some(release) => format!("agent {release}"),
+        None => format!("{}@{}", r.model, r.version),
+    }
+}
+
 fn progress(r: &RolloutSummary) -> Markup {
     let n = |k: &str| r.counts.get(k).copied().unwrap_or(0);
     let total: usize = r.counts.values().sum();
@@ -81,7 +89,7 @@ pub fn rollouts(viewer: &Viewer, p: &RolloutsPage<'_>) -> Markup {
                             @for r in p.rollouts.iter().rev() {
                                 tr {
                                     th scope="row" { a href={"/ui/rollouts/" (r.id)} { (r.id) } }
-                                    td { (r.model) "@" (r.version) }
+                                    td { (moves(r)) }
                                     td { (phase_badge(r)) }
                                     td { (progress(r)) }
                                     td { (datetime(r.created_at)) }
@@ -163,7 +171,7 @@ pub fn rollout(viewer: &Viewer, status: &RolloutStatus) -> Markup {
             section.card id="rollout-state" data-live {
                 p.phase-line {
                     (phase_badge(r)) " "
-                    (r.model) "@" (r.version) " · " (progress(r))
+                    (moves(r)) " · " (progress(r))
                     @if let Some(wave) = current_wave(&r.phase) { " · wave " (wave + 1) " of " (waves.len()) }
                 }
                 @if let Some(reason) = reason { p.alert role="note" { strong { (if phase == "paused" { "Paused: " } else { "Why: " }) } (reason) } }
@@ -259,6 +267,7 @@ mod tests {
                 id: "digits-v2".into(),
                 model: "digits".into(),
                 version: 2,
+                agent: None,
                 created_at: 0,
                 selection: Selection::default(),
                 phase: Phase::Paused {

@@ -119,6 +119,7 @@ fn event(device: &str, kind: EventKind, version: u64) -> UpdateEvent {
         model: Some(MODEL.into()),
         model_version: Some(version),
         reason: (kind != EventKind::Confirmed).then(|| "test vector failed".to_string()),
+        agent_version: None,
     }
 }
 
@@ -422,4 +423,286 @@ async fn a_restarted_driver_resumes_where_the_store_left_it() {
     assert!(matches!(err, RolloutError::NotFound(_)), "{err}");
     let err = again.act("r6", "launch").await.unwrap_err();
     assert!(err.to_string().contains("launch"), "{err}");
+}
+
+// ---- agent rollouts ---------------------------------------------------------
+
+const ARM: &str = "aarch64-unknown-linux-musl";
+
+/// The fixture with agent releases 1.0.0 and 2.0.0 pushed (one build
+/// each) and every device assigned 1.0.0.
+async fn agent_fixture() -> Fixture {
+    let f = fixture().await;
+    for (version, seed) in [("1.0.0", 0xa1u8), ("2.0.0", 0xa2)] {
+        f.store
+            .add_agent_build(&crate::store::AgentBuildRecord {
+                version: version.into(),
+                target: ARM.into(),
+                sha256: format!("{seed:02x}").repeat(32),
+                size: 4096,
+                created_at: START,
+                pushed_by: None,
+                notes: None,
+            })
+            .await
+            .unwrap();
+    }
+    f.store
+        .deploy_agent("1.0.0", false, &Target::Devices(f.devices.clone()), START)
+        .await
+        .unwrap();
+    f
+}
+
+fn agent_request(id: &str, waves: Vec<WaveSize>, gates: Gates) -> CreateRollout {
+    CreateRollout {
+        id: id.into(),
+        agent: Some("2.0.0".into()),
+        waves,
+        gates: Some(gates),
+        ..Default::default()
+    }
+}
+
+/// An online status of a device running agent `release`.
+fn agent_status(device: &str, seq: u64, release: Option<&str>) -> StatusMessage {
+    StatusMessage {
+        seq,
+        online: true,
+        agent_version: "test".into(),
+        agent: Some(edgefleet_shared::AgentStatus {
+            target: ARM.into(),
+            release: release.map(str::to_string),
+        }),
+        ..StatusMessage::offline(DeviceId::new(device).unwrap())
+    }
+}
+
+/// An event about agent release `release`.
+fn agent_event(device: &str, kind: EventKind, release: &str) -> UpdateEvent {
+    UpdateEvent {
+        model: None,
+        model_version: None,
+        agent_version: Some(release.into()),
+        reason: Some("crash loop".into()),
+        ..event(device, kind, 0)
+    }
+}
+
+impl Fixture {
+    /// The agent slot (release, allow_downgrade) of each device's latest
+    /// published desired state.
+    fn latest_agents(&self) -> BTreeMap<String, (String, bool)> {
+        let mut latest = BTreeMap::new();
+        for (_, payload) in self.published.published() {
+            let doc: DesiredState = Signed::from_json(&payload)
+                .unwrap()
+                .parse_unverified()
+                .unwrap();
+            let slot = doc.agent.expect("an agent slot");
+            let build = &slot.builds[ARM];
+            assert_eq!(
+                build.urls,
+                vec![format!("http://fleet.test/artifacts/{}", build.sha256)]
+            );
+            latest.insert(
+                doc.device_id.to_string(),
+                (slot.version, slot.allow_downgrade),
+            );
+        }
+        latest
+    }
+
+    async fn expect_agents(&self, want: &[(&str, &str, bool)]) {
+        let want: BTreeMap<String, (String, bool)> = want
+            .iter()
+            .map(|(d, v, down)| (d.to_string(), (v.to_string(), *down)))
+            .collect();
+        eventually(|| {
+            let latest = self.latest_agents();
+            (latest == want)
+                .then_some(())
+                .ok_or_else(|| format!("published {latest:?}, expected {want:?}"))
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn agent_rollouts_confirm_on_status_pause_on_failures_and_abort_back_with_a_downgrade() {
+    let f = agent_fixture().await;
+    let gates = Gates {
+        failure_pct: 10.0,
+        ..Default::default()
+    };
+    let waves = vec![WaveSize::Count(3), WaveSize::Percent(100.0)];
+    let created = f
+        .rollouts
+        .create(agent_request("a1", waves, gates), f.devices.clone())
+        .await
+        .unwrap();
+    let agent = created.agent.clone().unwrap();
+    assert_eq!(agent.version, "2.0.0");
+    assert!(agent
+        .previous
+        .values()
+        .all(|v| v.as_deref() == Some("1.0.0")));
+    f.rollouts.act("a1", "start").await.unwrap();
+    let moved = f.in_state("a1", "updating").await;
+    assert_eq!(moved.len(), 3);
+    let want: Vec<(&str, &str, bool)> =
+        moved.iter().map(|d| (d.as_str(), "2.0.0", false)).collect();
+    f.expect_agents(&want).await;
+    // The model stays where it was.
+    let models = f.latest_versions();
+    assert!(models.values().all(|v| *v == 1), "{models:?}");
+
+    // Success: the device's status says it runs the release.
+    f.rollouts
+        .on_status(&agent_status(&moved[0], 5, Some("1.0.0")))
+        .await;
+    assert_eq!(f.in_state("a1", "updating").await.len(), 3, "still 1.0.0");
+    f.rollouts
+        .on_status(&agent_status(&moved[0], 6, Some("2.0.0")))
+        .await;
+    assert_eq!(f.in_state("a1", "confirmed").await, vec![moved[0].clone()]);
+    // Reports about other releases, and model confirmations, are not
+    // this rollout's.
+    f.rollouts
+        .on_event(&agent_event(&moved[1], EventKind::RolledBack, "3.0.0"))
+        .await;
+    f.rollouts
+        .on_event(&event(&moved[1], EventKind::Confirmed, 2))
+        .await;
+    assert_eq!(f.in_state("a1", "updating").await.len(), 2);
+    // A failed self-test: the failure gate (10 %) pauses the rollout.
+    f.rollouts
+        .on_event(&agent_event(
+            &moved[1],
+            EventKind::ActivationFailed,
+            "2.0.0",
+        ))
+        .await;
+    f.rollouts.flush().await.unwrap();
+    let phase = f.plan("a1").await.phase;
+    assert!(matches!(phase, Phase::Paused { .. }), "{phase:?}");
+    assert_eq!(f.in_state("a1", "failed").await, vec![moved[1].clone()]);
+    // A device that went back by itself after its status counted fails too.
+    f.rollouts
+        .on_event(&agent_event(&moved[0], EventKind::RolledBack, "2.0.0"))
+        .await;
+    let mut failed = f.in_state("a1", "failed").await;
+    failed.sort();
+    let mut want_failed = moved[..2].to_vec();
+    want_failed.sort();
+    assert_eq!(failed, want_failed);
+
+    // Abort: the moved devices get 1.0.0 back, allowed as a downgrade.
+    f.rollouts.act("a1", "abort").await.unwrap();
+    let want: Vec<(&str, &str, bool)> = moved.iter().map(|d| (d.as_str(), "1.0.0", true)).collect();
+    f.expect_agents(&want).await;
+    for d in &moved {
+        let assigned = f.store.agent_for_device(d).await.unwrap().unwrap();
+        assert_eq!(
+            (assigned.version.as_str(), assigned.allow_downgrade),
+            ("1.0.0", true)
+        );
+    }
+    let untouched = f
+        .store
+        .agent_for_device(f.devices.iter().find(|d| !moved.contains(d)).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (untouched.version.as_str(), untouched.allow_downgrade),
+        ("1.0.0", false)
+    );
+
+    // The stored record reads back as an agent rollout.
+    let again = Rollouts::load(
+        f.store.clone(),
+        f.desired.clone(),
+        Arc::new(f.clock.clone()),
+    )
+    .await
+    .unwrap();
+    let record = again.record("a1").await.unwrap();
+    assert_eq!(record.agent, f.rollouts.record("a1").await.unwrap().agent);
+    assert_eq!(record.what(), "agent 2.0.0");
+}
+
+#[tokio::test]
+async fn agent_rollouts_complete_and_model_rollouts_ignore_agent_events() {
+    let f = agent_fixture().await;
+    f.rollouts
+        .create(
+            agent_request("a2", vec![WaveSize::Percent(100.0)], Gates::default()),
+            f.devices[..2].to_vec(),
+        )
+        .await
+        .unwrap();
+    f.rollouts
+        .create(
+            request("m2", vec![WaveSize::Percent(100.0)], Gates::default()),
+            f.devices[2..4].to_vec(),
+        )
+        .await
+        .unwrap();
+    f.rollouts.act("a2", "start").await.unwrap();
+    f.rollouts.act("m2", "start").await.unwrap();
+    for (seq, d) in f.devices[..2].iter().enumerate() {
+        f.rollouts
+            .on_status(&agent_status(d, seq as u64 + 1, Some("2.0.0")))
+            .await;
+    }
+    f.rollouts.tick().await;
+    assert_eq!(f.plan("a2").await.phase, Phase::Completed);
+    // An agent failure on a model rollout's device is not the model's.
+    f.rollouts
+        .on_event(&agent_event(&f.devices[2], EventKind::RolledBack, "2.0.0"))
+        .await;
+    assert_eq!(f.in_state("m2", "updating").await.len(), 2);
+}
+
+#[tokio::test]
+async fn agent_rollouts_need_a_pushed_release_and_one_subject() {
+    let f = agent_fixture().await;
+    let mut req = agent_request("a3", vec![WaveSize::Percent(100.0)], Gates::default());
+    req.agent = Some("9.0.0".into());
+    let err = f
+        .rollouts
+        .create(req.clone(), f.devices.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RolloutError::NotFound(_)), "{err}");
+    req.agent = Some("nine".into());
+    let err = f
+        .rollouts
+        .create(req.clone(), f.devices.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RolloutError::BadRequest(m) if m.contains("semantic version")),
+        "{err}"
+    );
+    req.agent = Some("2.0.0".into());
+    req.model = MODEL.into();
+    req.version = 2;
+    let err = f
+        .rollouts
+        .create(req.clone(), f.devices.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RolloutError::BadRequest(m) if m.contains("not both")),
+        "{err}"
+    );
+    req.agent = None;
+    req.allow_downgrade = true;
+    let err = f.rollouts.create(req, f.devices.clone()).await.unwrap_err();
+    assert!(
+        matches!(&err, RolloutError::BadRequest(m) if m.contains("allow_downgrade")),
+        "{err}"
+    );
 }

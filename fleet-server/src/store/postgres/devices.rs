@@ -10,9 +10,10 @@ use edgefleet_shared::{StatusMessage, UpdateEvent};
 use super::super::filter;
 use super::super::rows::{self, stored, StatusChange, DESIRED_COLUMNS, DEVICE_COLUMNS};
 use super::super::{
-    DeviceFilter, DeviceRecord, Enrollment, KeyWrite, SignFn, StatusOutcome, StoreError,
+    DesiredContent, DeviceFilter, DeviceRecord, Enrollment, KeyWrite, SignFn, StatusOutcome,
+    StoreError,
 };
-use super::{bound, models, query_all, query_opt, streams, Params, Postgres};
+use super::{agents, bound, models, query_all, query_opt, streams, Params, Postgres};
 
 /// Records status messages and update events in one transaction (see
 /// [`super::super::StoreBackend::record_messages`]).
@@ -81,7 +82,8 @@ async fn record_status(
         StatusChange::Online(u) => {
             tx.execute(
                 "UPDATE devices SET online = TRUE, last_seen = $2, agent_version = $3,
-                    reported_desired_version = $4, models_json = $5, last_status_seq = $6
+                    reported_desired_version = $4, models_json = $5, last_status_seq = $6,
+                    agent_target = $7, agent_release = $8
                  WHERE id = $1",
                 &[
                     &id,
@@ -90,6 +92,8 @@ async fn record_status(
                     &u.reported_desired_version,
                     &u.models_json,
                     &u.seq,
+                    &u.agent_target,
+                    &u.agent_release,
                 ],
             )
             .await?;
@@ -129,8 +133,11 @@ pub(super) async fn sign_desired(
     sign: SignFn,
 ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
     let tx = client.transaction().await?;
-    let models = models::for_device(&tx, device).await?;
-    if models.is_empty() {
+    let content = DesiredContent {
+        models: models::for_device(&tx, device).await?,
+        agent: agents::for_device(&tx, device).await?,
+    };
+    if content.is_empty() {
         return Ok(None);
     }
     ensure(&tx, device, now).await?;
@@ -143,7 +150,7 @@ pub(super) async fn sign_desired(
     .await?
     .ok_or_else(|| StoreError::NotFound(format!("unknown device {device:?}")))?;
     let version = current + 1;
-    let bytes = sign(&models, version);
+    let bytes = sign(&content, version);
     tx.execute(
         "UPDATE devices SET desired_version = $2, desired_json = $3 WHERE id = $1",
         &[&device, &stored(version), &bytes],

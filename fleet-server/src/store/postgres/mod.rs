@@ -1,6 +1,6 @@
 //! The PostgreSQL backend, for fleets that outgrow one machine or run
 //! several server processes on one database. All its SQL lives in this
-//! module, by record family (`devices.rs`, `models.rs`, `streams.rs`,
+//! module, by record family (`devices.rs`, `models.rs`, `agents.rs`, `streams.rs`,
 //! `tokens.rs`).
 //!
 //! A small pool of connections (deadpool-postgres over tokio-postgres);
@@ -9,6 +9,7 @@
 //! schema is the search path's (`?options=-csearch_path%3Dname` in the URL
 //! picks another), which is how the tests get a fresh one per run.
 
+mod agents;
 mod devices;
 mod models;
 mod streams;
@@ -27,8 +28,9 @@ use super::filter::{Dialect, SqlValue};
 use super::migrations::{self, MIGRATIONS};
 use super::rows::Columns;
 use super::{
-    Attachment, AuditEntry, AuditRecord, DeviceFilter, DeviceRecord, Enrollment, EventRecord,
-    KeyWrite, ModelRecord, Page, SignFn, StatusOutcome, StoreError, Streamed, Target,
+    AgentBuildRecord, AssignedAgent, Attachment, AuditEntry, AuditRecord, DeviceFilter,
+    DeviceRecord, Enrollment, EventRecord, KeyWrite, ModelRecord, Page, SignFn, StatusOutcome,
+    StoreError, Streamed, Target,
 };
 
 /// Any key: serialises migrations of edgefleet servers on one database.
@@ -466,6 +468,47 @@ impl StoreBackend for PgStore {
 
     fn list_audit(&self, after_id: u64, limit: u32) -> StoreFuture<'_, Vec<AuditRecord>> {
         Box::pin(async move { tokens::list_audit(&self.client().await?, after_id, limit).await })
+    }
+
+    fn add_agent_build<'a>(
+        &'a self,
+        build: &'a AgentBuildRecord,
+    ) -> StoreFuture<'a, AgentBuildRecord> {
+        Box::pin(async move { agents::add_build(&self.client().await?, build).await })
+    }
+
+    fn agent_builds<'a>(
+        &'a self,
+        version: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<AgentBuildRecord>> {
+        Box::pin(async move { agents::builds(&self.client().await?, version).await })
+    }
+
+    fn deploy_agent<'a>(
+        &'a self,
+        version: &'a str,
+        allow_downgrade: bool,
+        target: &'a Target,
+        now: u64,
+    ) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            agents::deploy(&mut client, version, allow_downgrade, target, now).await
+        })
+    }
+
+    fn agent_for_device<'a>(&'a self, device: &'a str) -> StoreFuture<'a, Option<AssignedAgent>> {
+        Box::pin(async move { agents::for_device(&self.client().await?, device).await })
+    }
+
+    fn delete_agent_release<'a>(
+        &'a self,
+        version: &'a str,
+    ) -> StoreFuture<'a, Vec<(AgentBuildRecord, bool)>> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            agents::delete_release(&mut client, version).await
+        })
     }
 }
 

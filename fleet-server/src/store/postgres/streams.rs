@@ -18,8 +18,9 @@ pub(super) async fn record_event(
 ) -> Result<bool, StoreError> {
     let n = c
         .execute(
-            "INSERT INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            "INSERT INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason,
+                 agent_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
             &[
                 &e.device_id.as_str(),
                 &stored(e.seq),
@@ -29,6 +30,7 @@ pub(super) async fn record_event(
                 &e.model,
                 &stored_opt(e.model_version),
                 &e.reason,
+                &e.agent_version,
             ],
         )
         .await?;

@@ -10,9 +10,10 @@ use edgefleet_shared::{StatusMessage, UpdateEvent};
 use super::super::filter;
 use super::super::rows::{self, stored, StatusChange, DESIRED_COLUMNS, DEVICE_COLUMNS};
 use super::super::{
-    DeviceFilter, DeviceRecord, Enrollment, KeyWrite, SignFn, StatusOutcome, StoreError,
+    DesiredContent, DeviceFilter, DeviceRecord, Enrollment, KeyWrite, SignFn, StatusOutcome,
+    StoreError,
 };
-use super::{models, query_all, query_opt, streams, Sqlite};
+use super::{agents, models, query_all, query_opt, streams, Sqlite};
 
 /// Records status messages and update events in one transaction (see
 /// [`super::super::StoreBackend::record_messages`]).
@@ -66,7 +67,8 @@ fn record_status(
         StatusChange::Online(u) => {
             tx.execute(
                 "UPDATE devices SET online = 1, last_seen = ?2, agent_version = ?3,
-                    reported_desired_version = ?4, models_json = ?5, last_status_seq = ?6
+                    reported_desired_version = ?4, models_json = ?5, last_status_seq = ?6,
+                    agent_target = ?7, agent_release = ?8
                  WHERE id = ?1",
                 params![
                     id,
@@ -74,7 +76,9 @@ fn record_status(
                     u.agent_version,
                     u.reported_desired_version,
                     u.models_json,
-                    u.seq
+                    u.seq,
+                    u.agent_target,
+                    u.agent_release
                 ],
             )?;
         }
@@ -111,8 +115,11 @@ pub(super) fn sign_desired(
     sign: SignFn,
 ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
     let tx = conn.transaction()?;
-    let models = models::for_device(&tx, device)?;
-    if models.is_empty() {
+    let content = DesiredContent {
+        models: models::for_device(&tx, device)?,
+        agent: agents::for_device(&tx, device)?,
+    };
+    if content.is_empty() {
         return Ok(None);
     }
     ensure(&tx, device, now)?;
@@ -124,7 +131,7 @@ pub(super) fn sign_desired(
     )?
     .ok_or_else(|| StoreError::NotFound(format!("unknown device {device:?}")))?;
     let version = current + 1;
-    let bytes = sign(&models, version);
+    let bytes = sign(&content, version);
     tx.execute(
         "UPDATE devices SET desired_version = ?2, desired_json = ?3 WHERE id = ?1",
         params![device, stored(version), bytes],

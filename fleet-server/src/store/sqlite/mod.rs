@@ -1,10 +1,11 @@
 //! The SQLite backend (the embedded default): one file in WAL mode. All
 //! its SQL lives in this module, by record family (`devices.rs`,
-//! `models.rs`, `streams.rs`, `tokens.rs`). rusqlite is blocking, so every
+//! `models.rs`, `agents.rs`, `streams.rs`, `tokens.rs`). rusqlite is blocking, so every
 //! operation runs on the blocking pool through [`SqliteStore::call`], one
 //! transaction each; the [`StoreBackend`] methods below copy their
 //! arguments there and call the family's function.
 
+mod agents;
 mod devices;
 mod models;
 mod streams;
@@ -25,8 +26,9 @@ use super::filter::{Dialect, SqlValue};
 use super::migrations::{self, MIGRATIONS};
 use super::rows::Columns;
 use super::{
-    Attachment, AuditEntry, AuditRecord, DeviceFilter, DeviceRecord, Enrollment, EventRecord,
-    KeyWrite, ModelRecord, Page, SignFn, StatusOutcome, StoreError, Streamed, Target,
+    AgentBuildRecord, AssignedAgent, Attachment, AuditEntry, AuditRecord, DeviceFilter,
+    DeviceRecord, Enrollment, EventRecord, KeyWrite, ModelRecord, Page, SignFn, StatusOutcome,
+    StoreError, Streamed, Target,
 };
 
 /// The SQLite database: one connection, shared by the operations in turn.
@@ -403,5 +405,47 @@ impl StoreBackend for SqliteStore {
 
     fn list_audit(&self, after_id: u64, limit: u32) -> StoreFuture<'_, Vec<AuditRecord>> {
         Box::pin(self.call(move |conn| tokens::list_audit(conn, after_id, limit)))
+    }
+
+    fn add_agent_build<'a>(
+        &'a self,
+        build: &'a AgentBuildRecord,
+    ) -> StoreFuture<'a, AgentBuildRecord> {
+        let build = build.clone();
+        Box::pin(self.call(move |conn| agents::add_build(conn, &build)))
+    }
+
+    fn agent_builds<'a>(
+        &'a self,
+        version: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<AgentBuildRecord>> {
+        let version = version.map(str::to_string);
+        Box::pin(self.call(move |conn| agents::builds(conn, version.as_deref())))
+    }
+
+    fn deploy_agent<'a>(
+        &'a self,
+        version: &'a str,
+        allow_downgrade: bool,
+        target: &'a Target,
+        now: u64,
+    ) -> StoreFuture<'a, Vec<String>> {
+        let (version, target) = (version.to_string(), target.clone());
+        Box::pin(
+            self.call(move |conn| agents::deploy(conn, &version, allow_downgrade, &target, now)),
+        )
+    }
+
+    fn agent_for_device<'a>(&'a self, device: &'a str) -> StoreFuture<'a, Option<AssignedAgent>> {
+        let id = device.to_string();
+        Box::pin(self.call(move |conn| agents::for_device(conn, &id)))
+    }
+
+    fn delete_agent_release<'a>(
+        &'a self,
+        version: &'a str,
+    ) -> StoreFuture<'a, Vec<(AgentBuildRecord, bool)>> {
+        let version = version.to_string();
+        Box::pin(self.call(move |conn| agents::delete_release(conn, &version)))
     }
 }

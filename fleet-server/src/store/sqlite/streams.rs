@@ -14,8 +14,9 @@ use super::{devices, query_all};
 /// Stores an event once; returns whether it was new.
 pub(super) fn record_event(conn: &Connection, e: &UpdateEvent) -> Result<bool, StoreError> {
     let n = conn.execute(
-        "INSERT OR IGNORE INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT OR IGNORE INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason,
+             agent_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             e.device_id.as_str(),
             stored(e.seq),
@@ -25,6 +26,7 @@ pub(super) fn record_event(conn: &Connection, e: &UpdateEvent) -> Result<bool, S
             e.model,
             stored_opt(e.model_version),
             e.reason,
+            e.agent_version,
         ],
     )?;
     Ok(n == 1)

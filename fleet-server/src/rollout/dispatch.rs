@@ -1,0 +1,134 @@
+//! The rollout driver's dispatcher: carries out what the planner
+//! commanded, in rounds. Each round assigns versions (a model version or
+//! an agent release) to devices in one transaction per assignment, then
+//! signs and publishes each device's desired state, apart from the
+//! driver's lock, so device messages keep flowing meanwhile.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use edgefleet_shared::DeviceId;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::clock::Clock;
+use crate::desired::DesiredStates;
+use crate::store::{self, Store};
+
+/// What to point one device at.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Assign {
+    Model {
+        model: String,
+        version: u64,
+    },
+    Agent {
+        version: String,
+        allow_downgrade: bool,
+    },
+}
+
+impl Assign {
+    /// What the assignment replaces on a device: one model's version
+    /// (`Some(model)`), or its agent release (`None`).
+    pub(super) fn slot(&self) -> Option<&str> {
+        match self {
+            Self::Model { model, .. } => Some(model),
+            Self::Agent { .. } => None,
+        }
+    }
+}
+
+/// One device and what to point it at.
+pub(super) type Dispatch = (String, Assign);
+
+/// Most devices assigned per round.
+const DISPATCH_BATCH: usize = 4096;
+/// Desired states signed and stored at once.
+const SIGN_CONCURRENCY: usize = 8;
+
+/// Carries out the planner's commands in order: per round, the versions
+/// are assigned in one transaction per (model, version) or agent release,
+/// then each device's desired state is signed and published. A device
+/// asked twice in one round about the same model (or its agent) gets only
+/// the later word.
+pub(super) async fn dispatch(
+    store: Store,
+    desired: DesiredStates,
+    clock: Arc<dyn Clock>,
+    mut rx: mpsc::UnboundedReceiver<Dispatch>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+    while rx.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+        // The latest word per (model or agent, device): walk the round
+        // backwards.
+        let mut seen = HashSet::new();
+        let mut order: Vec<Dispatch> = batch
+            .drain(..)
+            .rev()
+            .filter(|(device, assign)| {
+                seen.insert((assign.slot().map(str::to_string), device.clone()))
+            })
+            .collect();
+        order.reverse();
+        let mut groups: BTreeMap<Assign, Vec<String>> = BTreeMap::new();
+        for (device, assign) in &order {
+            groups
+                .entry(assign.clone())
+                .or_default()
+                .push(device.clone());
+        }
+        let now = clock.now();
+        for (assign, devices) in groups {
+            let target = store::Target::Devices(devices);
+            let mut failures = 0u32;
+            loop {
+                let assigned = match &assign {
+                    Assign::Model { model, version } => {
+                        store.deploy(model, *version, &target, now).await
+                    }
+                    Assign::Agent {
+                        version,
+                        allow_downgrade,
+                    } => {
+                        store
+                            .deploy_agent(version, *allow_downgrade, &target, now)
+                            .await
+                    }
+                };
+                let Err(e) = assigned else { break };
+                failures += 1;
+                tracing::error!(assignment = ?assign, error = %e, attempt = failures, "rollout cannot assign a version; retrying");
+                let wait = std::time::Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        // Each device once per round (one document covers all its models,
+        // even when two rollouts moved it), so documents can be signed side
+        // by side (PostgreSQL commits them on several connections) without
+        // two for one device racing to be the retained one.
+        let mut signed = HashSet::new();
+        order.retain(|(device, _)| signed.insert(device.clone()));
+        futures_util::stream::iter(order)
+            .for_each_concurrent(SIGN_CONCURRENCY, |(device, _)| {
+                let desired = &desired;
+                async move {
+                    match DeviceId::new(device.clone()) {
+                        Ok(id) => {
+                            if let Err(e) = desired.publish(&id).await {
+                                tracing::error!(device = %device, error = %e, "rollout cannot publish desired state; the device gets it when it next reports");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(device = %device, error = %e, "bad device id in a rollout")
+                        }
+                    }
+                }
+            })
+            .await;
+    }
+}
