@@ -113,6 +113,41 @@ pub struct ServerConfig {
     /// HTTP; or terminate TLS in a reverse proxy in front.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// This server is one of several replicas of one fleet, by this name
+    /// (unique among them): they share the PostgreSQL database, the
+    /// external broker (each takes its share of device messages through a
+    /// shared subscription) and the artifact storage; one at a time drives
+    /// the rollouts. Unset: the only server.
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// Where artifact bytes live: `dir` (`{data_dir}/artifacts`, the
+    /// default; one server, or a directory every replica mounts) or
+    /// `database` (in the PostgreSQL database, so every replica serves
+    /// every artifact).
+    #[serde(default)]
+    pub artifacts: ArtifactStorage,
+}
+
+/// Where artifact bytes live (see [`ServerConfig::artifacts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactStorage {
+    #[default]
+    Dir,
+    Database,
+}
+
+impl std::str::FromStr for ArtifactStorage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dir" => Ok(Self::Dir),
+            "database" => Ok(Self::Database),
+            other => Err(format!(
+                "unknown artifact storage {other:?}: say dir or database"
+            )),
+        }
+    }
 }
 
 /// PEM files of the server's certificate chain and private key.
@@ -302,6 +337,27 @@ impl ServerConfig {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(
                     "public_url {url:?} must start with http:// or https://"
+                )));
+            }
+        }
+        let postgres = self.database().starts_with("postgres://")
+            || self.database().starts_with("postgresql://");
+        if self.artifacts == ArtifactStorage::Database && !postgres {
+            return Err(ConfigError::Invalid(
+                "artifacts = \"database\" needs a PostgreSQL database (--database postgres://...)".into(),
+            ));
+        }
+        if let Some(name) = &self.replica {
+            edgefleet_shared::ids::validate_name("replica name", name)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if !postgres {
+                return Err(ConfigError::Invalid(format!(
+                    "replica {name:?}: replicas share one PostgreSQL database (--database postgres://...); SQLite is one server's"
+                )));
+            }
+            if self.broker.url.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "replica {name:?}: replicas share one external broker (--broker mqtt://...); the embedded broker is one server's"
                 )));
             }
         }

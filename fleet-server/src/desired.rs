@@ -188,6 +188,9 @@ impl DesiredStates {
             tracing::info!(device = %device, "revoked: no desired state published");
             return Ok(None);
         }
+        // The document is signed inside a store transaction, where the
+        // compressed copies' sizes are looked up without waiting.
+        self.artifacts.refresh().await;
         let this = self.clone();
         let id = device.clone();
         let now = self.clock.now();

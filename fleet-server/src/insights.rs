@@ -3,21 +3,30 @@
 //! inference volume and latency per minute over the last day.
 //!
 //! It is fed by the ingest path after a batch is stored, and rebuilt at
-//! start from the store (each device's last hour of telemetry and last
-//! update event). Every fleet server subscribes to every device's topics,
-//! so each server's copy covers the whole fleet.
+//! start from the store (each device's last day of telemetry and last
+//! update event). A lone server ingests every device's messages, so that
+//! covers the whole fleet. Replicas of one fleet each ingest only a share
+//! (the broker splits device messages between them), so each also reads
+//! what the others stored: every [`REFRESH_EVERY`] it takes in the
+//! telemetry and update events that arrived in the store since the last
+//! refresh ([`Insights::follow`]). Arrival order is the storing server's
+//! clock and transactions commit out of order, so each refresh reads the
+//! last [`REFRESH_OVERLAP_SECS`] again; a sample seen before (through this
+//! replica's own ingest or an earlier refresh) is not newer than its
+//! device's latest and is skipped, so nothing is counted twice.
 //!
 //! The rules that decide a device's compliance state and whether it needs
 //! attention are plain functions of a [`DeviceRecord`] and its
 //! [`DeviceInsight`], tested below.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use edgefleet_shared::{TelemetryMessage, UpdateEvent};
 use serde::Serialize;
 
-use crate::store::{DeviceRecord, EventRecord, Streamed};
+use crate::store::{ArrivalKey, DeviceRecord, EventRecord, Store, StoreError, Streamed};
 
 /// A sensor at or above this is "hot".
 pub const HOT_CELSIUS: f32 = 80.0;
@@ -37,6 +46,17 @@ pub const NOT_SEEN_SECS: u64 = 3600;
 pub const SERIES_SECS: u64 = 24 * 3600;
 /// Outbox depths remembered per device (to tell a growing backlog).
 const DEPTHS: usize = 4;
+/// How often a replica takes in what the others stored.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
+/// How far back in arrival time (seconds) each refresh reads again: rows
+/// whose transaction committed up to this late, or that a replica whose
+/// clock is behind stored, are still taken in.
+pub const REFRESH_OVERLAP_SECS: u64 = 5;
+/// Rows read per query when refreshing.
+const REFRESH_BATCH: u32 = 2_000;
+/// Queries per kind of row in one refresh at most; the next refresh goes
+/// on from where this one stopped.
+const REFRESH_PAGES: usize = 20;
 
 /// A device's latest health, from its newest telemetry sample.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -454,6 +474,147 @@ impl Insights {
     }
 }
 
+/// Where a replica's refreshes from the store stand, per kind of row.
+#[derive(Debug, Clone)]
+pub struct Refresh {
+    telemetry: Feed,
+    events: Feed,
+}
+
+#[derive(Debug, Clone)]
+struct Feed {
+    /// The next refresh reads what arrived from `from -`
+    /// [`REFRESH_OVERLAP_SECS`] on: the newer of the newest arrival read
+    /// and the time the last refresh began (so a quiet fleet is not read
+    /// again and again).
+    from: u64,
+    /// Where a refresh that stopped at [`REFRESH_PAGES`] left off.
+    resume: Option<ArrivalKey>,
+}
+
+impl Feed {
+    fn new(since: u64) -> Self {
+        Self {
+            from: since,
+            resume: None,
+        }
+    }
+
+    /// Reads the rows that arrived since the last time through `read`,
+    /// page by page, handing each page to `take`; returns how many rows
+    /// were read.
+    async fn read<T, F, Fut>(
+        &mut self,
+        began: u64,
+        mut read: F,
+        mut take: impl FnMut(Vec<(ArrivalKey, T)>),
+    ) -> Result<usize, StoreError>
+    where
+        F: FnMut(ArrivalKey) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<(ArrivalKey, T)>, StoreError>>,
+    {
+        let mut after = self
+            .resume
+            .take()
+            .unwrap_or_else(|| ArrivalKey::before(self.from.saturating_sub(REFRESH_OVERLAP_SECS)));
+        let mut newest = self.from.max(began);
+        let mut total = 0;
+        for _ in 0..REFRESH_PAGES {
+            let rows = read(after.clone()).await?;
+            let full = rows.len() >= REFRESH_BATCH as usize;
+            total += rows.len();
+            if let Some((last, _)) = rows.last() {
+                after = last.clone();
+                newest = newest.max(last.received_at);
+            }
+            take(rows);
+            if !full {
+                self.from = newest;
+                return Ok(total);
+            }
+        }
+        self.resume = Some(after);
+        self.from = newest;
+        Ok(total)
+    }
+}
+
+impl Refresh {
+    /// Refreshes that take in what arrived in the store from `since`
+    /// (unix seconds, less the overlap) on.
+    pub fn since(since: u64) -> Self {
+        Self {
+            telemetry: Feed::new(since),
+            events: Feed::new(since),
+        }
+    }
+}
+
+impl Insights {
+    /// Takes in the telemetry and update events that arrived in the store
+    /// since the last refresh (whoever stored them). Returns how many rows
+    /// were read (rows of the overlap included).
+    pub async fn refresh(
+        &self,
+        store: &Store,
+        refresh: &mut Refresh,
+        now: u64,
+    ) -> Result<usize, StoreError> {
+        let telemetry = refresh
+            .telemetry
+            .read(
+                now,
+                |after| async move { store.telemetry_arrived(&after, REFRESH_BATCH).await },
+                |rows| {
+                    let batch: Vec<Streamed> = rows
+                        .into_iter()
+                        .filter_map(|(_, body)| serde_json::from_str(&body).ok())
+                        .map(Streamed::Telemetry)
+                        .collect();
+                    self.observe(&batch, now);
+                },
+            )
+            .await?;
+        let events = refresh
+            .events
+            .read(
+                now,
+                |after| async move { store.events_arrived(&after, REFRESH_BATCH).await },
+                |rows| {
+                    for (_, event) in rows {
+                        self.on_stored_event(&event);
+                    }
+                },
+            )
+            .await?;
+        Ok(telemetry + events)
+    }
+
+    /// Refreshes from the store every [`REFRESH_EVERY`] until `shutdown`,
+    /// taking in what arrived from `since` on (a replica's view; see the
+    /// module docs).
+    pub async fn follow(
+        self: Arc<Self>,
+        store: Store,
+        since: u64,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut refresh = Refresh::since(since);
+        let mut tick = tokio::time::interval(REFRESH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let now = edgefleet_shared::unix_now();
+            if let Err(e) = self.refresh(&store, &mut refresh, now).await {
+                tracing::warn!(error = %e, "cannot refresh the dashboard view from the store");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -624,6 +785,117 @@ mod tests {
         // Minutes older than a day are dropped.
         insights.observe(&[], now + SERIES_SECS);
         assert!(insights.series(now + SERIES_SECS, SERIES_SECS).len() <= 1);
+    }
+
+    /// Fleet-wide inferences in the series.
+    fn inferences(insights: &Insights, now: u64) -> u64 {
+        insights
+            .series(now, SERIES_SECS)
+            .iter()
+            .map(|m| m.inferences)
+            .sum()
+    }
+
+    fn on(device: &str, mut sample: Streamed) -> Streamed {
+        if let Streamed::Telemetry(t) = &mut sample {
+            t.device_id = DeviceId::new(device).unwrap();
+        }
+        sample
+    }
+
+    /// Two replicas' views over one PostgreSQL database (each with its
+    /// own connections): what one ingests, the other takes in by
+    /// refreshing, once.
+    #[tokio::test]
+    async fn replicas_take_in_what_the_others_stored_once() {
+        let url = crate::store::tests::fresh_postgres_schema().await;
+        let (a_store, b_store) = (
+            Store::open(&url).await.unwrap(),
+            Store::open(&url).await.unwrap(),
+        );
+        let (a, b) = (Insights::default(), Insights::default());
+        let now = edgefleet_shared::unix_now();
+        let mut b_refresh = Refresh::since(now);
+
+        // Replica A ingests a sample and an update event.
+        let first = sample(1, now - 30, 10, 100, 0);
+        a_store
+            .record_streamed(std::slice::from_ref(&first), now)
+            .await
+            .unwrap();
+        a.observe(&[first], now);
+        let activated = UpdateEvent {
+            schema: 1,
+            device_id: DeviceId::new("d1").unwrap(),
+            seq: 4,
+            at: now - 20,
+            kind: edgefleet_shared::EventKind::Activated,
+            desired_version: Some(2),
+            model: Some("digits".into()),
+            model_version: Some(2),
+            reason: None,
+            agent_version: None,
+        };
+        a_store
+            .record_messages(&[], &[activated], now)
+            .await
+            .unwrap();
+        assert!(b.device("d1").is_none());
+
+        assert_eq!(
+            b.refresh(&b_store, &mut b_refresh, now + 2).await.unwrap(),
+            2
+        );
+        let d = b.device("d1").expect("taken in from the store");
+        assert_eq!((d.seq, d.temperature_c), (1, Some(85.0)));
+        assert_eq!(d.last_event.unwrap().kind, "activated");
+        assert_eq!(inferences(&b, now + 2), 100);
+
+        // The next refresh reads the overlap again without counting it twice.
+        assert!(b.refresh(&b_store, &mut b_refresh, now + 4).await.unwrap() >= 1);
+        assert_eq!(inferences(&b, now + 4), 100);
+
+        // B ingests its own share; A stores the next sample; a row that
+        // committed late (its arrival time before B's last refresh) still
+        // comes. B's own sample read back is not counted again.
+        let own = sample(2, now - 10, 10, 7, 0);
+        b_store
+            .record_streamed(std::slice::from_ref(&own), now + 5)
+            .await
+            .unwrap();
+        b.observe(&[own], now + 5);
+        a_store
+            .record_streamed(&[sample(3, now - 5, 10, 50, 0)], now + 6)
+            .await
+            .unwrap();
+        b.refresh(&b_store, &mut b_refresh, now + 8).await.unwrap();
+        a_store
+            .record_streamed(&[on("d2", sample(1, now - 5, 10, 1_000, 0))], now + 5)
+            .await
+            .unwrap();
+        b.refresh(&b_store, &mut b_refresh, now + 10).await.unwrap();
+        assert_eq!(b.device("d1").unwrap().seq, 3);
+        assert_eq!(
+            b.device("d2").unwrap().seq,
+            1,
+            "committed late, still taken in"
+        );
+        assert_eq!(inferences(&b, now + 10), 100 + 7 + 50 + 1_000);
+
+        // Quiet: once the overlap has been read again, refreshes read
+        // nothing.
+        b.refresh(&b_store, &mut b_refresh, now + 30).await.unwrap();
+        assert_eq!(
+            b.refresh(&b_store, &mut b_refresh, now + 32).await.unwrap(),
+            0
+        );
+        assert_eq!(inferences(&b, now + 32), 100 + 7 + 50 + 1_000);
+
+        // A sees B's share the same way.
+        let mut a_refresh = Refresh::since(now);
+        a.refresh(&a_store, &mut a_refresh, now + 30).await.unwrap();
+        assert_eq!(a.device("d1").unwrap().seq, 3);
+        assert_eq!(inferences(&a, now + 30), 100 + 7 + 50 + 1_000);
     }
 
     #[test]

@@ -70,12 +70,27 @@ pub async fn start(
         )
     })?;
     let root_lifetime_secs = config.root_expiry_days.saturating_mul(86_400);
-    root_upkeep::check_at_start(&signer, root_lifetime_secs, &config.keys_dir());
+    // Replicas each hold a copy of the keys directory: one renewing the
+    // root alone would fork the chain, so the root is renewed offline
+    // and copied to every replica (docs/scaling.md).
+    let renews_root = config.replica.is_none();
+    if renews_root {
+        root_upkeep::check_at_start(&signer, root_lifetime_secs, &config.keys_dir());
+    }
     let database = config.database();
     let store = store::Store::open(&database).await?;
     tracing::info!(backend = store.backend(), "fleet database open");
     bootstrap_admin_token(&store, &config.data_dir).await?;
-    let artifacts = artifacts::ArtifactStore::open(&config.data_dir.join("artifacts"))?;
+    let artifacts = match config.artifacts {
+        config::ArtifactStorage::Dir => {
+            artifacts::ArtifactStore::open(&config.data_dir.join("artifacts"))?
+        }
+        // The store's migrations (just run) created its tables.
+        config::ArtifactStorage::Database => {
+            artifacts::ArtifactStore::open_database(&database, shutdown.clone()).await?
+        }
+    };
+    tracing::info!(storage = artifacts.backend(), "artifact storage open");
     let prefix = TopicPrefix::new(config.topic_prefix.clone())?;
     // With device authentication devices reach the embedded broker on its
     // public listener (`public_mqtt`), the server on a loopback one.
@@ -168,7 +183,8 @@ pub async fn start(
         credentials,
         tls: broker_tls,
     };
-    let (mqtt, mut eventloop) = bridge::client(&login, &prefix, &signer, session);
+    let (mqtt, mut eventloop) =
+        bridge::client(&login, &prefix, &signer, session, config.replica.as_deref());
     bridge::connect(&mut eventloop, &format!("{host}:{port}")).await?;
     let bound = http.local_addr()?;
     let public_url = config.public_url(bound);
@@ -192,8 +208,13 @@ pub async fn start(
         revoked: desired::Revoked::new(revoked),
         metrics: metrics.clone(),
     };
-    let loaded_rollouts =
-        rollout::Rollouts::load(store.clone(), desired.clone(), clock.clone()).await?;
+    let loaded_rollouts = rollout::Rollouts::load_as(
+        store.clone(),
+        desired.clone(),
+        clock.clone(),
+        config.replica.as_deref().unwrap_or("server"),
+    )
+    .await?;
     let fleet = Fleet {
         store,
         artifacts,
@@ -224,9 +245,12 @@ pub async fn start(
     };
     {
         // The dashboard's view of the fleet, rebuilt in the background so
-        // the server is ready at once.
+        // the server is ready at once. A replica ingests only its share of
+        // device messages, so it then follows what the others store.
         let fleet = fleet.clone();
+        let follow = config.replica.is_some().then(|| shutdown.clone());
         tokio::spawn(async move {
+            let since = edgefleet_shared::unix_now();
             let started = std::time::Instant::now();
             match fleet.insights.rebuild(&fleet.store, 720).await {
                 Ok(()) => tracing::info!(
@@ -237,21 +261,30 @@ pub async fn start(
                     tracing::error!(error = %e, "cannot rebuild the dashboard view from the store")
                 }
             }
+            if let Some(shutdown) = follow {
+                let store = fleet.store.clone();
+                fleet.insights.clone().follow(store, since, shutdown).await;
+            }
         });
     }
     let bridge_task = tokio::spawn(bridge::run(
         fleet.clone(),
         eventloop,
         session,
+        config.replica.clone(),
         shutdown.clone(),
     ));
     tokio::spawn(fleet.rollouts.clone().run(shutdown.clone()));
-    tokio::spawn(root_upkeep::run(
-        fleet.clone(),
-        root_lifetime_secs,
-        config.keys_dir(),
-        shutdown.clone(),
-    ));
+    if renews_root {
+        tokio::spawn(root_upkeep::run(
+            fleet.clone(),
+            root_lifetime_secs,
+            config.keys_dir(),
+            shutdown.clone(),
+        ));
+    } else {
+        fleet.metrics.set_root_expires(fleet.signer.root().expires);
+    }
     tokio::spawn(prune_streamed(
         fleet.store.clone(),
         config.telemetry_retention_secs,

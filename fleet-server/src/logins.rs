@@ -5,20 +5,32 @@
 //! in a cookie (`HttpOnly`, `SameSite=Strict`, `Secure` over HTTPS) and a
 //! random CSRF token the pages carry. The session holds only the token's
 //! id: every request looks the token up again, so revoking the token ends
-//! its sessions and its scope is always current. Sessions live in memory:
-//! a server restart logs everyone out.
+//! its sessions and its scope is always current.
+//!
+//! Sessions live in the store (`dashboard_sessions`), so they survive a
+//! server restart and every replica of the fleet on one database accepts
+//! a login made through any of them. The store keeps only the SHA-256 of
+//! each session id: a copy of the database logs nobody in. A request reads
+//! its session (checking expiry); the time of last use is written at most
+//! once a minute per session, so idle expiry is that much coarse and
+//! browsing the dashboard does not write to the database on every page.
+//! Ended sessions are deleted when read and whenever someone logs in, and
+//! one token keeps at most [`PER_TOKEN`] sessions.
 //!
 //! A state-changing call made with the session cookie must carry the CSRF
 //! token in `X-CSRF-Token` (the dashboard's script sends it); a
 //! cross-site page can neither read it nor send that header without a
 //! CORS preflight, which the server never grants.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
 
 use crate::auth::TokenRecord;
-use crate::store::{Store, StoreError};
+use crate::store::{SessionRules, Store, StoreError};
+
+/// One login, as stored (its id only as a hash).
+pub use crate::store::DashboardSession as Session;
 
 /// The cookie's name.
 pub const COOKIE: &str = "edgefleet_session";
@@ -28,23 +40,24 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 pub const IDLE: Duration = Duration::from_secs(8 * 3600);
 /// A session ends this long after login, used or not.
 pub const LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// Sessions kept at most; past this the oldest go first.
-const MAX_SESSIONS: usize = 10_000;
+/// Sessions one token keeps at most; past this its least recently used
+/// go first.
+pub const PER_TOKEN: u32 = 100;
+/// A session's last use is written when the stored one is at least this
+/// old (seconds).
+const TOUCH_AFTER_SECS: u64 = 60;
 
-/// One login.
-#[derive(Debug, Clone)]
-pub struct Session {
-    pub token_id: String,
-    pub csrf: String,
-    created: Instant,
-    last_used: Instant,
-}
+/// When sessions end, as the store applies it.
+pub const RULES: SessionRules = SessionRules {
+    idle_secs: IDLE.as_secs(),
+    lifetime_secs: LIFETIME.as_secs(),
+    per_token: PER_TOKEN,
+};
 
-/// The server's sessions, by id.
+/// The server's sessions: a handle that reads and writes them in the
+/// store passed to each call.
 #[derive(Debug, Default)]
-pub struct Sessions {
-    map: Mutex<HashMap<String, Session>>,
-}
+pub struct Sessions {}
 
 fn random_hex() -> String {
     let mut bytes = [0u8; 32];
@@ -52,57 +65,50 @@ fn random_hex() -> String {
     hex::encode(bytes)
 }
 
-impl Session {
-    fn expired(&self, now: Instant) -> bool {
-        now.duration_since(self.last_used) > IDLE || now.duration_since(self.created) > LIFETIME
-    }
+/// What the store keeps of a session id.
+pub fn id_hash(id: &str) -> String {
+    hex::encode(Sha256::digest(id.as_bytes()))
 }
 
 impl Sessions {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A new session for the token; returns its id and the session.
-    pub fn create(&self, token_id: &str) -> (String, Session) {
-        let now = Instant::now();
+    /// A new session for the token; returns its id (for the cookie) and
+    /// the session.
+    pub async fn create(
+        &self,
+        store: &Store,
+        token_id: &str,
+    ) -> Result<(String, Session), StoreError> {
+        let now = edgefleet_shared::unix_now();
+        let id = random_hex();
         let session = Session {
+            id_sha256: id_hash(&id),
             token_id: token_id.to_string(),
             csrf: random_hex(),
-            created: now,
+            created_at: now,
             last_used: now,
         };
-        let id = random_hex();
-        let mut map = self.map();
-        map.retain(|_, s| !s.expired(now));
-        if map.len() >= MAX_SESSIONS {
-            if let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(id, _)| id.clone())
-            {
-                map.remove(&oldest);
-            }
-        }
-        map.insert(id.clone(), session.clone());
-        (id, session)
+        store.create_dashboard_session(&session, &RULES).await?;
+        Ok((id, session))
     }
 
-    /// The live session with this id (and marks it used).
-    pub fn get(&self, id: &str) -> Option<Session> {
-        let now = Instant::now();
-        let mut map = self.map();
-        let session = map.get_mut(id)?;
-        if session.expired(now) {
-            map.remove(id);
-            return None;
+    /// The live session with this id (marking it used, at most once a
+    /// minute).
+    pub async fn get(&self, store: &Store, id: &str) -> Result<Option<Session>, StoreError> {
+        let now = edgefleet_shared::unix_now();
+        let hash = id_hash(id);
+        let Some(mut session) = store.dashboard_session(&hash, now, &RULES).await? else {
+            return Ok(None);
+        };
+        if now >= session.last_used + TOUCH_AFTER_SECS {
+            store.touch_dashboard_session(&hash, now).await?;
+            session.last_used = now;
         }
-        session.last_used = now;
-        Some(session.clone())
+        Ok(Some(session))
     }
 
-    pub fn remove(&self, id: &str) {
-        self.map().remove(id);
+    /// Ends a session (logout).
+    pub async fn remove(&self, store: &Store, id: &str) -> Result<(), StoreError> {
+        store.delete_dashboard_session(&id_hash(id)).await
     }
 }
 
@@ -158,13 +164,13 @@ impl Sessions {
         store: &Store,
         session_id: &str,
     ) -> Result<Option<(TokenRecord, Session)>, StoreError> {
-        let Some(session) = self.get(session_id) else {
+        let Some(session) = self.get(store, session_id).await? else {
             return Ok(None);
         };
         match store.token_for_auth(&session.token_id).await? {
             Some((record, _)) if record.revoked_at.is_none() => Ok(Some((record, session))),
             _ => {
-                self.remove(session_id);
+                self.remove(store, session_id).await?;
                 Ok(None)
             }
         }
@@ -175,17 +181,31 @@ impl Sessions {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sessions_round_trip_and_end() {
+    #[tokio::test]
+    async fn sessions_round_trip_and_end_keeping_only_the_id_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("fleet.db").to_str().unwrap())
+            .await
+            .unwrap();
         let sessions = Sessions::default();
-        let (id, s) = sessions.create("tok1");
-        assert_eq!(sessions.get(&id).unwrap().token_id, "tok1");
+        let (id, s) = sessions.create(&store, "tok1").await.unwrap();
+        assert_eq!(s.id_sha256, id_hash(&id));
+        assert_ne!(s.id_sha256, id);
+        let got = sessions.get(&store, &id).await.unwrap().unwrap();
+        assert_eq!(got.token_id, "tok1");
+        assert_eq!(got.csrf, s.csrf);
         assert!(csrf_matches(&s, Some(&s.csrf)));
         assert!(!csrf_matches(&s, Some(&"0".repeat(64))));
         assert!(!csrf_matches(&s, None));
-        assert!(sessions.get(&"f".repeat(64)).is_none());
-        sessions.remove(&id);
-        assert!(sessions.get(&id).is_none());
+        // The hash itself is no session id.
+        assert!(sessions.get(&store, &s.id_sha256).await.unwrap().is_none());
+        assert!(sessions
+            .get(&store, &"f".repeat(64))
+            .await
+            .unwrap()
+            .is_none());
+        sessions.remove(&store, &id).await.unwrap();
+        assert!(sessions.get(&store, &id).await.unwrap().is_none());
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub(super) async fn delete_release(
     let mut builds = Vec::with_capacity(removed.len());
     for (build, file_still_used) in removed {
         if !file_still_used {
-            fleet.artifacts.remove(&build.sha256);
+            fleet.artifacts.remove(&build.sha256).await;
         }
         builds.push(build);
     }

@@ -1,18 +1,17 @@
 //! `GET /artifacts/{sha256}`: the content-addressed model files devices
 //! download, with a single-range `Range` (so an interrupted download
-//! resumes) and `If-Range` against the ETag (the sha256), plus the
-//! compressed copy under `{sha256}.zst`.
+//! resumes), `If-Range` and `If-None-Match` against the ETag (the name),
+//! plus the compressed copy under `{sha256}.zst`; the same from either
+//! artifact storage.
 
+use super::types::ErrorBody;
+use super::{ApiError, ApiResult};
+use crate::artifacts::{self, parse_range, ArtifactError, ByteRange, Kind};
+use crate::fleet::Fleet;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-
-use super::types::ErrorBody;
-use super::{ApiError, ApiResult};
-use crate::artifacts::{parse_range, ByteRange};
-use crate::fleet::Fleet;
 
 /// Refuses a push's notes longer than 1,000 characters.
 pub(super) fn check_notes(notes: Option<&str>) -> ApiResult<()> {
@@ -43,30 +42,47 @@ pub(super) async fn store_upload(fleet: &Fleet, body: Body) -> ApiResult<(String
     Ok((sha256, size))
 }
 
-/// Serves an artifact, honouring a single-range `Range` header and
-/// `If-Range` against the artifact's ETag (its sha256).
-#[utoipa::path(get, path = "/artifacts/{name}", tag = "server", security(()), params(("name" = String, Path, description = "sha256, or sha256.zst")), responses((status = 200, description = "the artifact", content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "a range of it", content_type = "application/octet-stream", body = Vec<u8>), (status = 404, description = "not found", body = ErrorBody), (status = 416, description = "unsatisfiable range", body = ErrorBody)))]
+/// Serves an artifact, honouring a single-range `Range` header, and
+/// `If-Range` and `If-None-Match` against the artifact's ETag (its name).
+#[utoipa::path(get, path = "/artifacts/{name}", tag = "server", security(()), params(("name" = String, Path, description = "sha256, or sha256.zst")), responses((status = 200, description = "the artifact", content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "a range of it", content_type = "application/octet-stream", body = Vec<u8>), (status = 304, description = "If-None-Match names it: unchanged"), (status = 404, description = "not found", body = ErrorBody), (status = 416, description = "unsatisfiable range", body = ErrorBody)))]
 pub(super) async fn download_artifact(
     State(fleet): State<Fleet>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let path = match name.strip_suffix(".zst") {
-        Some(sha256) => fleet.artifacts.zst_path(sha256),
-        None => fleet.artifacts.path(&name),
-    }
-    .ok_or_else(|| {
-        ApiError::BadRequest(format!(
+    let (sha256, kind) = match name.strip_suffix(".zst") {
+        Some(sha256) => (sha256, Kind::Zst),
+        None => (name.as_str(), Kind::Plain),
+    };
+    if !artifacts::valid_name(sha256) {
+        return Err(ApiError::BadRequest(format!(
             "artifact name {name:?}: artifact names are 64 lowercase hex characters, with .zst for the compressed copy"
-        ))
-    })?;
-    let mut file = tokio::fs::File::open(&path)
+        )));
+    }
+    let read_error = |e: ArtifactError| ApiError::Internal(format!("reading artifact {name}: {e}"));
+    let artifact = fleet
+        .artifacts
+        .open_artifact(sha256, kind)
         .await
-        .map_err(|_| ApiError::NotFound(format!("no artifact {name}")))?;
-    let io =
-        |e: std::io::Error| ApiError::Internal(format!("reading artifact {}: {e}", path.display()));
-    let len = file.metadata().await.map_err(io)?.len();
+        .map_err(read_error)?
+        .ok_or_else(|| ApiError::NotFound(format!("no artifact {name}")))?;
+    let len = artifact.size();
     let etag = format!("\"{name}\"");
+    // The content never changes under its name: a cached copy is current.
+    let cached = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| matches!(t.trim(), "*") || t.trim() == etag)
+        });
+    if cached {
+        return Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .header(header::ETAG, &etag)
+            .body(Body::empty())
+            .map_err(|e| ApiError::Internal(format!("answering for artifact {name}: {e}")));
+    }
     let if_range_ok = headers
         .get(header::IF_RANGE)
         .is_none_or(|v| v.to_str().map(|s| s == etag).unwrap_or(false));
@@ -83,23 +99,22 @@ pub(super) async fn download_artifact(
         None => builder
             .status(StatusCode::OK)
             .header(header::CONTENT_LENGTH, len)
-            .body(Body::from_stream(tokio_util::io::ReaderStream::new(file))),
+            .body(Body::from_stream(
+                artifact.read(0, len).await.map_err(read_error)?,
+            )),
         Some(ByteRange::Unsatisfiable) => builder
             .status(StatusCode::RANGE_NOT_SATISFIABLE)
             .header(header::CONTENT_RANGE, format!("bytes */{len}"))
             .body(Body::empty()),
         Some(ByteRange::Satisfiable { start, end }) => {
-            file.seek(std::io::SeekFrom::Start(start))
-                .await
-                .map_err(io)?;
             let count = end - start + 1;
             builder
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_LENGTH, count)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
-                .body(Body::from_stream(tokio_util::io::ReaderStream::new(
-                    file.take(count),
-                )))
+                .body(Body::from_stream(
+                    artifact.read(start, count).await.map_err(read_error)?,
+                ))
         }
     };
     response.map_err(|e| ApiError::Internal(format!("answering for artifact {name}: {e}")))

@@ -138,15 +138,15 @@ impl ApiError {
             Self::Upload(ArtifactError::Empty | ArtifactError::Interrupted(_)) => {
                 StatusCode::BAD_REQUEST
             }
-            Self::Upload(ArtifactError::Io { .. }) | Self::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::Upload(ArtifactError::Io { .. } | ArtifactError::Database(_))
+            | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
             Self::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
             Self::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Rollout(RolloutError::BadRequest(_)) => StatusCode::BAD_REQUEST,
             Self::Rollout(RolloutError::NotFound(_)) => StatusCode::NOT_FOUND,
             Self::Rollout(RolloutError::Conflict(_)) => StatusCode::CONFLICT,
+            Self::Rollout(RolloutError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Rollout(RolloutError::Store(e)) => match e {
                 StoreError::Conflict(_) => StatusCode::CONFLICT,
                 StoreError::NotFound(_) => StatusCode::NOT_FOUND,

@@ -245,7 +245,7 @@ pub(super) async fn delete_model(
 ) -> ApiResult<Json<ModelRecord>> {
     let (record, file_still_used) = fleet.store.delete_model(&name, version).await?;
     if !file_still_used {
-        fleet.artifacts.remove(&record.sha256);
+        fleet.artifacts.remove(&record.sha256).await;
     }
     audit(
         &fleet,

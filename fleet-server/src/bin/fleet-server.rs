@@ -75,6 +75,14 @@ struct ServeArgs {
     /// share one external broker.
     #[arg(long)]
     topic_prefix: Option<String>,
+    /// Run as one of several replicas of one fleet, by this unique name
+    /// (needs PostgreSQL and an external broker; see docs/scaling.md).
+    #[arg(long)]
+    replica: Option<String>,
+    /// Where artifact bytes live: dir ({data_dir}/artifacts) or database
+    /// (PostgreSQL, shared by every replica).
+    #[arg(long)]
+    artifacts: Option<fleet_server::config::ArtifactStorage>,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +178,8 @@ fn main() -> ExitCode {
                 broker_ca,
                 public_url,
                 topic_prefix,
+                replica,
+                artifacts,
             } = *args;
             init_logging("info");
             let loaded = ServerConfig::load_with_env(config.as_deref(), std::env::vars());
@@ -217,6 +227,12 @@ fn main() -> ExitCode {
                     }
                     if let Some(prefix) = topic_prefix {
                         c.topic_prefix = prefix;
+                    }
+                    if replica.is_some() {
+                        c.replica = replica;
+                    }
+                    if let Some(v) = artifacts {
+                        c.artifacts = v;
                     }
                     runtime.block_on(serve(c, shutdown))
                 }

@@ -113,6 +113,11 @@ struct Args {
     /// with where the server does not pin keys on first use.
     #[arg(long)]
     public_keys: bool,
+    /// Keep every message (status, event, telemetry) until a fleet
+    /// server's signed receipt names it, and send again what has waited
+    /// this many seconds, as an agent does (0: send once and forget).
+    #[arg(long, default_value_t = 0.0)]
+    resend_secs: f64,
 }
 
 /// The simulated devices' ids: PREFIX-00000, PREFIX-00001, ...
@@ -161,6 +166,9 @@ struct Device {
     seq: AtomicU64,
     /// Telemetry samples sent (drives the simulated health over time).
     samples: AtomicU64,
+    /// With `--resend-secs`: what no receipt has named yet, by sequence
+    /// number: when it was last sent, its topic and signed payload.
+    unreceipted: std::sync::Mutex<std::collections::BTreeMap<u64, (std::time::Instant, String, Vec<u8>)>>,
 }
 
 impl Device {
@@ -173,12 +181,55 @@ impl Device {
         edgefleet_shared::signed_message::seal(topic, msg, &self.key)
     }
 
-    async fn send(&self, client: &AsyncClient, kind: TopicKind, payload: Vec<u8>) {
+    async fn send(&self, client: &AsyncClient, kind: TopicKind, seq: u64, payload: Vec<u8>) {
         let topic = self.prefix.device(&self.id, kind).to_string();
         let payload = self.seal(&topic, &payload);
+        self.keep(seq, &topic, &payload);
         let _ = client
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await;
+    }
+
+    /// Keeps a sent message until it is receipted (with `--resend-secs`).
+    fn keep(&self, seq: u64, topic: &str, payload: &[u8]) {
+        if self.args.resend_secs > 0.0 {
+            self.unreceipted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(seq, (std::time::Instant::now(), topic.to_string(), payload.to_vec()));
+        }
+    }
+
+    /// A receipt, if the server signed it: forgets what it names.
+    fn receipt(&self, topic: &str, payload: &[u8]) {
+        let keys: Vec<_> = self.root.desired_keys().map(|(_, k)| *k).collect();
+        let Ok(msg) = edgefleet_shared::signed_message::SignedMessage::open(payload, topic, keys.iter())
+        else {
+            return;
+        };
+        let Ok(receipt) = serde_json::from_slice::<edgefleet_shared::Receipt>(msg) else {
+            return;
+        };
+        let mut kept = self.unreceipted.lock().unwrap_or_else(|p| p.into_inner());
+        for [first, last] in receipt.seqs {
+            let seqs: Vec<u64> = kept.range(first..=last).map(|(s, _)| *s).collect();
+            for s in seqs {
+                kept.remove(&s);
+            }
+        }
+    }
+
+    /// Sends again what has waited `--resend-secs` for a receipt.
+    fn resend(&self, client: &AsyncClient) {
+        let wait = Duration::from_secs_f64(self.args.resend_secs);
+        let now = std::time::Instant::now();
+        let mut kept = self.unreceipted.lock().unwrap_or_else(|p| p.into_inner());
+        for (at, topic, payload) in kept.values_mut() {
+            if now.duration_since(*at) >= wait {
+                *at = now;
+                let _ = client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone());
+            }
+        }
     }
 
     async fn status(
@@ -188,10 +239,11 @@ impl Device {
         models: Vec<ModelStatus>,
         session: Option<u64>,
     ) {
+        let seq = self.next_seq();
         let msg = StatusMessage {
             schema: SCHEMA_VERSION,
             device_id: self.id.clone(),
-            seq: self.next_seq(),
+            seq,
             online: true,
             at: edgefleet_shared::unix_now(),
             agent_version: "fleet-sim".into(),
@@ -203,6 +255,7 @@ impl Device {
         self.send(
             client,
             TopicKind::Status,
+            seq,
             serde_json::to_vec(&msg).expect("status"),
         )
         .await;
@@ -216,10 +269,11 @@ impl Device {
         model: Option<(&str, u64)>,
         reason: Option<String>,
     ) {
+        let seq = self.next_seq();
         let e = UpdateEvent {
             schema: SCHEMA_VERSION,
             device_id: self.id.clone(),
-            seq: self.next_seq(),
+            seq,
             at: edgefleet_shared::unix_now(),
             kind,
             desired_version: Some(desired),
@@ -231,6 +285,7 @@ impl Device {
         self.send(
             client,
             TopicKind::Events,
+            seq,
             serde_json::to_vec(&e).expect("event"),
         )
         .await;
@@ -360,6 +415,9 @@ impl Device {
         let interval = Duration::from_secs_f64(self.args.telemetry_secs.max(0.001));
         let mut telemetry = tokio::time::interval(interval);
         telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resend =
+            tokio::time::interval(Duration::from_secs_f64((self.args.resend_secs / 2.0).max(0.1)));
+        let receipts_topic = self.prefix.device(&self.id, TopicKind::Receipts).to_string();
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -388,20 +446,28 @@ impl Device {
                     // Never wait on the event loop from inside it.
                     let topic = self.prefix.device(&self.id, TopicKind::Telemetry).to_string();
                     let payload = self.seal(&topic, &payload);
+                    self.keep(sample.seq, &topic, &payload);
                     let _ = client.try_publish(topic, QoS::AtLeastOnce, false, payload);
+                    continue;
+                }
+                _ = resend.tick(), if self.args.resend_secs > 0.0 => {
+                    self.resend(&client);
                     continue;
                 }
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    // What an agent subscribes to (receipts are not used:
-                    // nothing here is kept to be re-sent).
+                    // What an agent subscribes to (receipts matter with
+                    // --resend-secs).
                     for kind in [TopicKind::Desired, TopicKind::Receipts] {
                         let topic = self.prefix.device(&self.id, kind).to_string();
                         let _ = client.subscribe(topic, QoS::AtLeastOnce).await;
                     }
                     self.status(&client, trusted, serving.clone(), Some(session))
                         .await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == receipts_topic => {
+                    self.receipt(&receipts_topic, &p.payload);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let Ok(envelope) = Signed::from_json(&p.payload) else {
@@ -640,6 +706,7 @@ fn main() -> std::process::ExitCode {
                 http: http.clone(),
                 seq: AtomicU64::new(edgefleet_shared::unix_now() * 1000),
                 samples: AtomicU64::new(0),
+                unreceipted: Default::default(),
             });
             tasks.push(tokio::spawn(device.run(shutdown.clone())));
             tokio::time::sleep(pause).await;

@@ -11,6 +11,16 @@
 //! for the server while it is down; and a message is acknowledged only
 //! after it is stored, so a server crash never loses one. Redelivered
 //! copies are de-duplicated by (device, sequence number) in the store.
+//!
+//! Replicas (`--replica NAME`) each connect with a client id of their own
+//! and take device messages through shared subscriptions
+//! (`$share/{group}/…`), so each message goes to one replica and is stored
+//! once. Their sessions are clean: a persistent session would keep its
+//! share of messages queued at the broker while its replica is down
+//! (Mosquitto does) instead of giving them to the live ones. What a dying
+//! replica had received but not stored is lost at the broker (it does not
+//! hand it to the group again), and devices send it again: an agent keeps
+//! every record until a server's signed receipt names it.
 
 use std::time::Duration;
 
@@ -37,6 +47,24 @@ pub fn client_id(prefix: &TopicPrefix) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
     format!("edgefleet-server-{clean}")
+}
+
+/// The MQTT client id of replica `replica` (or of the only server).
+fn replica_client_id(prefix: &TopicPrefix, replica: Option<&str>) -> String {
+    match replica {
+        Some(name) => format!("{}-{name}", client_id(prefix)),
+        None => client_id(prefix),
+    }
+}
+
+/// The topic filter the server subscribes to for device messages of
+/// `kind`: shared among replicas, plain for the only server.
+fn device_filter(prefix: &TopicPrefix, kind: TopicKind, replica: Option<&str>) -> String {
+    let topic = prefix.all_devices(kind);
+    match replica {
+        Some(_) => format!("$share/{}/{topic}", client_id(prefix)),
+        None => topic,
+    }
 }
 
 /// The server's status for connection `session`, signed, as published on
@@ -71,12 +99,13 @@ pub fn client(
     prefix: &TopicPrefix,
     signer: &Signer,
     session: u64,
+    replica: Option<&str>,
 ) -> (AsyncClient, EventLoop) {
-    let mut options = login.options(client_id(prefix));
+    let mut options = login.options(replica_client_id(prefix, replica));
     options
         .set_last_will(will(signer, prefix, session))
         .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(false)
+        .set_clean_session(replica.is_some())
         .set_manual_acks(true)
         .set_inflight(1000)
         .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
@@ -105,17 +134,23 @@ fn publish_chain(fleet: &Fleet) {
 /// which match and change nothing). At most once a second each: an
 /// overwrite inside that second is put back when it ends, so the last
 /// word is always the server's.
+///
+/// Replicas share the status topic: another replica's signed "online"
+/// stands; a replica's "offline" (its last will, when it dies) is
+/// answered by the survivors with a new connection number, so agents
+/// take the fleet as storing again.
 #[derive(Debug, Default)]
 struct ServerTopics {
     last: Option<tokio::time::Instant>,
     roots_pending: bool,
     status_pending: bool,
+    replica: bool,
 }
 
 const RESTORE_EVERY: Duration = Duration::from_secs(1);
 
 impl ServerTopics {
-    fn check(&mut self, fleet: &Fleet, publish: &Publish, session: u64) {
+    fn check(&mut self, fleet: &Fleet, publish: &Publish, session: &mut u64) {
         if publish.topic == fleet.prefix.roots() {
             let ours = serde_json::to_vec(&fleet.signer.chain())
                 .expect("a root chain is plain data and always serialises");
@@ -127,10 +162,18 @@ impl ServerTopics {
         } else {
             let topic = fleet.prefix.server_status();
             let key = fleet.signer.public_key();
-            let genuine = SignedMessage::open(&publish.payload, &topic, [key].iter())
+            let status = SignedMessage::open(&publish.payload, &topic, [key].iter())
                 .ok()
-                .and_then(|msg| serde_json::from_slice::<ServerStatus>(msg).ok())
-                .is_some_and(|s| s.session == session && s.online);
+                .and_then(|msg| serde_json::from_slice::<ServerStatus>(msg).ok());
+            let genuine = status.as_ref().is_some_and(|s| {
+                s.online && (s.session == *session || self.replica)
+            });
+            if self.replica {
+                if let Some(s) = status.as_ref().filter(|s| !s.online) {
+                    // A replica's last will: announce under a newer number.
+                    *session = edgefleet_shared::messages::next_session(Some((*session).max(s.session)));
+                }
+            }
             // An empty retained message is the broker clearing it.
             if !genuine && !publish.payload.is_empty() {
                 tracing::warn!("the retained server status was overwritten; announcing again");
@@ -139,7 +182,7 @@ impl ServerTopics {
             }
         }
         if self.due() <= tokio::time::Instant::now() {
-            self.restore(fleet, session);
+            self.restore(fleet, *session);
         }
     }
 
@@ -269,6 +312,7 @@ pub async fn run(
     fleet: Fleet,
     mut eventloop: EventLoop,
     mut session: u64,
+    replica: Option<String>,
     shutdown: CancellationToken,
 ) {
     let subscribe = |fleet: &Fleet, session: u64| {
@@ -278,10 +322,10 @@ pub async fn run(
             TopicKind::Telemetry,
             TopicKind::Results,
         ] {
-            if let Err(e) = fleet
-                .mqtt
-                .try_subscribe(fleet.prefix.all_devices(kind), QoS::AtLeastOnce)
-            {
+            if let Err(e) = fleet.mqtt.try_subscribe(
+                device_filter(&fleet.prefix, kind, replica.as_deref()),
+                QoS::AtLeastOnce,
+            ) {
                 tracing::error!(error = %e, "subscribe failed");
             }
         }
@@ -320,7 +364,10 @@ pub async fn run(
         }
     });
     let mut failures = 0u32;
-    let mut guard = ServerTopics::default();
+    let mut guard = ServerTopics {
+        replica: replica.is_some(),
+        ..Default::default()
+    };
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -340,7 +387,7 @@ pub async fn run(
                 if publish.topic == fleet.prefix.roots()
                     || publish.topic == fleet.prefix.server_status() =>
             {
-                guard.check(&fleet, &publish, session);
+                guard.check(&fleet, &publish, &mut session);
                 let _ = fleet.mqtt.try_ack(&publish);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {

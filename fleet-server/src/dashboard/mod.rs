@@ -232,7 +232,7 @@ async fn login(
         }
         _ => return refuse("Unknown or revoked operator token."),
     };
-    let (session_id, _) = fleet.logins.create(&record.id);
+    let (session_id, _) = fleet.logins.create(&fleet.store, &record.id).await?;
     tracing::info!(token = %record.id, name = %record.name, "dashboard login");
     let mut response = Redirect::to(&next).into_response();
     response.headers_mut().insert(
@@ -250,18 +250,31 @@ async fn logout(
 ) -> Response {
     let form: BTreeMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
     if let Some(id) = session::from_cookies(&headers) {
-        match fleet.logins.get(&id) {
-            Some(s) if session::csrf_matches(&s, form.get("csrf").map(String::as_str)) => {
-                fleet.logins.remove(&id);
+        // The session must be gone from the store before the browser is
+        // told it logged out: a store failure is an error to retry.
+        let unavailable = |e: StoreError| {
+            tracing::error!(error = %e, "cannot end a dashboard session");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "logout failed: the database did not answer; try again",
+            )
+                .into_response()
+        };
+        match fleet.logins.get(&fleet.store, &id).await {
+            Ok(Some(s)) if session::csrf_matches(&s, form.get("csrf").map(String::as_str)) => {
+                if let Err(e) = fleet.logins.remove(&fleet.store, &id).await {
+                    return unavailable(e);
+                }
             }
-            Some(_) => {
+            Err(e) => return unavailable(e),
+            Ok(Some(_)) => {
                 return (
                     StatusCode::FORBIDDEN,
                     "logout refused: missing or wrong CSRF token",
                 )
                     .into_response()
             }
-            None => {}
+            Ok(None) => {}
         }
     }
     let mut response = Redirect::to("/ui/login").into_response();
@@ -468,6 +481,9 @@ async fn models(State(fleet): State<Fleet>, headers: HeaderMap) -> PageResult {
     let now = edgefleet_shared::unix_now();
     Ok(html(pages::models(&viewer, now, &models, &running)))
 }
+
+#[cfg(test)]
+mod login_tests;
 
 #[cfg(test)]
 mod tests {

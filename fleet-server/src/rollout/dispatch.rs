@@ -39,8 +39,35 @@ impl Assign {
     }
 }
 
-/// One device and what to point it at.
-pub(super) type Dispatch = (String, Assign);
+/// One device and what to point it at; `again` marks a command a
+/// previous driver may already have carried out (it stored the command,
+/// then stopped): a device whose signed desired state already holds the
+/// assignment is left alone, so no step is signed twice.
+#[derive(Debug, Clone)]
+pub(super) struct Dispatch {
+    pub device: String,
+    pub assign: Assign,
+    pub again: bool,
+}
+
+/// Whether `device`'s signed desired state already points at `assign`.
+async fn holds(store: &Store, device: &str, assign: &Assign) -> bool {
+    let Ok(Some(bytes)) = store.desired_json(device).await else {
+        return false;
+    };
+    let Ok(doc) = edgefleet_shared::Signed::from_json(&bytes)
+        .and_then(|env| env.parse_unverified::<edgefleet_shared::DesiredState>())
+    else {
+        return false;
+    };
+    match assign {
+        Assign::Model { model, version } => doc
+            .models
+            .iter()
+            .any(|m| &m.name == model && m.version == *version),
+        Assign::Agent { version, .. } => doc.agent.is_some_and(|a| &a.version == version),
+    }
+}
 
 /// Most devices assigned per round.
 const DISPATCH_BATCH: usize = 4096;
@@ -64,13 +91,17 @@ pub(super) async fn dispatch(
         // The latest word per (model or agent, device): walk the round
         // backwards.
         let mut seen = HashSet::new();
-        let mut order: Vec<Dispatch> = batch
-            .drain(..)
-            .rev()
-            .filter(|(device, assign)| {
-                seen.insert((assign.slot().map(str::to_string), device.clone()))
-            })
-            .collect();
+        let mut order: Vec<(String, Assign)> = Vec::with_capacity(batch.len());
+        for d in batch.drain(..).rev() {
+            if !seen.insert((d.assign.slot().map(str::to_string), d.device.clone())) {
+                continue;
+            }
+            if d.again && holds(&store, &d.device, &d.assign).await {
+                tracing::info!(device = %d.device, assignment = ?d.assign, "already signed by the previous driver; not signed again");
+                continue;
+            }
+            order.push((d.device, d.assign));
+        }
         order.reverse();
         let mut groups: BTreeMap<Assign, Vec<String>> = BTreeMap::new();
         for (device, assign) in &order {

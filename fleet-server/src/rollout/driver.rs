@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use super::dispatch::{dispatch, Assign, Dispatch};
 use super::planner::{self, Command, Gates, Override, Phase, Report, Rollout, WaveSize};
+use super::replicas::{Input, Role};
 use crate::clock::Clock;
 use crate::desired::DesiredStates;
 use crate::store::{DeviceRecord, Store, StoreError, Streamed};
@@ -157,6 +158,11 @@ impl RolloutRecord {
         }
     }
 
+    #[cfg(test)]
+    pub(super) fn pending_mut(&mut self) -> &mut Vec<Command> {
+        &mut self.pending
+    }
+
     /// Takes the planner's commands for the next flush.
     fn changed(&mut self, commands: Vec<Command>) {
         self.dirty = true;
@@ -212,13 +218,16 @@ pub struct CreateRollout {
 /// The server's rollouts, in memory and stored.
 #[derive(Clone)]
 pub struct Rollouts {
-    inner: Arc<Mutex<BTreeMap<String, RolloutRecord>>>,
-    dispatch: mpsc::UnboundedSender<Dispatch>,
+    pub(super) inner: Arc<Mutex<BTreeMap<String, RolloutRecord>>>,
+    /// Whether this server drives the rollouts, and what it passes to
+    /// the one that does (`replicas.rs`).
+    pub(super) role: Arc<Role>,
+    pub(super) dispatch: mpsc::UnboundedSender<Dispatch>,
     /// Taken by [`Rollouts::run`], which starts the dispatcher.
-    receiver: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<Dispatch>>>>,
-    store: Store,
-    desired: DesiredStates,
-    clock: Arc<dyn Clock>,
+    pub(super) receiver: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<Dispatch>>>>,
+    pub(super) store: Store,
+    pub(super) desired: DesiredStates,
+    pub(super) clock: Arc<dyn Clock>,
 }
 
 /// Why an action on a rollout was refused.
@@ -230,6 +239,9 @@ pub enum RolloutError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// No server replica drives rollouts right now.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -242,35 +254,104 @@ impl Rollouts {
         desired: DesiredStates,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
-        let mut map = BTreeMap::new();
-        for (id, _, state) in store.list_rollouts().await? {
-            match serde_json::from_str::<RolloutRecord>(&state) {
-                Ok(record) => {
-                    map.insert(id, record);
-                }
-                Err(e) => {
-                    tracing::error!(rollout = %id, error = %e, "stored rollout unreadable; skipped")
-                }
-            }
-        }
+        Self::load_as(store, desired, clock, super::replicas::ONLY_SERVER).await
+    }
+
+    /// [`Self::load`] for the server replica named `holder`: it drives the
+    /// rollouts if it takes the driver's lease now, else it passes what it
+    /// hears to the replica that does.
+    pub async fn load_as(
+        store: Store,
+        desired: DesiredStates,
+        clock: Arc<dyn Clock>,
+        holder: &str,
+    ) -> Result<Self, StoreError> {
         let (dispatch, receiver) = mpsc::unbounded_channel();
-        Ok(Self {
-            inner: Arc::new(Mutex::new(map)),
+        let rollouts = Self {
+            inner: Arc::new(Mutex::new(BTreeMap::new())),
+            role: Arc::new(Role::new(holder)),
             dispatch,
             receiver: Arc::new(std::sync::Mutex::new(Some(receiver))),
             store,
             desired,
             clock,
-        })
+        };
+        rollouts.take_lease().await?;
+        Ok(rollouts)
+    }
+
+    /// The stored rollouts and the commands each had stored but perhaps
+    /// not carried out.
+    pub(super) async fn stored(&self) -> Result<Vec<(RolloutRecord, Vec<Command>)>, StoreError> {
+        let mut out = Vec::new();
+        for (id, _, state) in self.store.list_rollouts().await? {
+            let parsed = serde_json::from_str::<serde_json::Value>(&state).and_then(|mut v| {
+                let pending = v
+                    .as_object_mut()
+                    .and_then(|o| o.remove("pending"))
+                    .map(serde_json::from_value::<Vec<Command>>)
+                    .transpose()?
+                    .unwrap_or_default();
+                Ok((serde_json::from_value::<RolloutRecord>(v)?, pending))
+            });
+            match parsed {
+                Ok(record) => out.push(record),
+                Err(e) => {
+                    tracing::error!(rollout = %id, error = %e, "stored rollout unreadable; skipped")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes over from the stored state: this server now drives. Commands
+    /// a previous driver stored are carried out again where its devices
+    /// do not hold them yet.
+    pub(super) async fn take_over(&self) -> Result<(), StoreError> {
+        let stored = self.stored().await?;
+        let mut map = self.inner.lock().await;
+        map.clear();
+        for (record, pending) in stored {
+            for command in pending {
+                let (device, assign) = record.assignment(command);
+                if let Some(assign) = assign {
+                    let _ = self.dispatch.send(Dispatch {
+                        device,
+                        assign,
+                        again: true,
+                    });
+                }
+            }
+            map.insert(record.plan.id.clone(), record);
+        }
+        self.role.hint(map.values());
+        Ok(())
     }
 
     /// A copy of one rollout as it stands.
     pub async fn record(&self, id: &str) -> Option<RolloutRecord> {
+        if !self.role.driving() {
+            return self.records().await.into_iter().find(|r| r.plan.id == id);
+        }
         self.inner.lock().await.get(id).cloned()
     }
 
     /// A copy of every rollout as it stands, by id.
     pub async fn records(&self) -> Vec<RolloutRecord> {
+        if !self.role.driving() {
+            // The driver's last stored word.
+            return match self.stored().await {
+                Ok(stored) => {
+                    let mut records: Vec<_> = stored.into_iter().map(|(r, _)| r).collect();
+                    records.sort_by(|a, b| a.plan.id.cmp(&b.plan.id));
+                    records
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the rollouts");
+                    Vec::new()
+                }
+            };
+        }
         self.inner.lock().await.values().cloned().collect()
     }
 
@@ -394,9 +475,27 @@ impl Rollouts {
         if req.dry_run {
             return Ok(record);
         }
+        if !self.role.driving() {
+            return self
+                .forward(Input::Create {
+                    record: Box::new(record),
+                })
+                .await;
+        }
+        self.insert(record).await
+    }
+
+    /// Adds a planned rollout, unless its id is taken or one of its
+    /// devices is in another active rollout.
+    pub(super) async fn insert(
+        &self,
+        record: RolloutRecord,
+    ) -> Result<RolloutRecord, RolloutError> {
+        let devices: Vec<String> = record.plan.devices.keys().cloned().collect();
+        let id = record.plan.id.clone();
         let mut map = self.inner.lock().await;
-        if map.contains_key(&req.id) {
-            return Err(RolloutError::Conflict(format!("rollout {} exists", req.id)));
+        if map.contains_key(&id) {
+            return Err(RolloutError::Conflict(format!("rollout {id} exists")));
         }
         let busy: Vec<String> = map
             .values()
@@ -415,12 +514,21 @@ impl Rollouts {
             )));
         }
         self.save(&record).await?;
-        map.insert(req.id.clone(), record.clone());
+        map.insert(id, record.clone());
+        self.role.hint(map.values());
         Ok(record)
     }
 
     /// An operator action: start, pause, resume, approve, abort.
     pub async fn act(&self, id: &str, action: &str) -> Result<RolloutRecord, RolloutError> {
+        if !self.role.driving() {
+            return self
+                .forward(Input::Act {
+                    id: id.to_string(),
+                    action: action.to_string(),
+                })
+                .await;
+        }
         self.change(id, |plan, now| {
             match action {
                 "start" => plan.start(now),
@@ -446,6 +554,15 @@ impl Rollouts {
         device: &str,
         action: Override,
     ) -> Result<RolloutRecord, RolloutError> {
+        if !self.role.driving() {
+            return self
+                .forward(Input::Override {
+                    id: id.to_string(),
+                    device: device.to_string(),
+                    action,
+                })
+                .await;
+        }
         self.change(id, |plan, now| {
             plan.override_device(device, action, now)
                 .map_err(RolloutError::Conflict)
@@ -482,6 +599,14 @@ impl Rollouts {
     /// A device that goes back after its status counted it as a success
     /// fails too.
     pub async fn on_event(&self, event: &UpdateEvent) {
+        if self.role.heard(|| Input::Event {
+            event: event.clone(),
+        }) {
+            self.apply_event(event).await;
+        }
+    }
+
+    pub(super) async fn apply_event(&self, event: &UpdateEvent) {
         let failed = || {
             format!(
                 "{}: {}",
@@ -522,6 +647,14 @@ impl Rollouts {
 
     /// A device's status: online or offline, and which versions it runs.
     pub async fn on_status(&self, status: &StatusMessage) {
+        if self.role.heard(|| Input::Status {
+            status: status.clone(),
+        }) {
+            self.apply_status(status).await;
+        }
+    }
+
+    pub(super) async fn apply_status(&self, status: &StatusMessage) {
         let device = status.device_id.as_str();
         let report = if status.online {
             Report::Online
@@ -551,6 +684,22 @@ impl Rollouts {
     /// Telemetry: a device on a rollout's new version whose error rate or
     /// latency breaks the rollout's limits counts as failed.
     pub async fn on_telemetry(&self, records: &[Streamed]) {
+        let heard = !self.role.watches_telemetry()
+            || self.role.heard(|| Input::Telemetry {
+                telemetry: records
+                    .iter()
+                    .filter_map(|r| match r {
+                        Streamed::Telemetry(t) => Some(t.clone()),
+                        Streamed::Result(_) => None,
+                    })
+                    .collect(),
+            });
+        if heard {
+            self.apply_telemetry(records).await;
+        }
+    }
+
+    pub(super) async fn apply_telemetry(&self, records: &[Streamed]) {
         let now = self.clock.now();
         let mut map = self.inner.lock().await;
         for record in map.values_mut() {
@@ -590,6 +739,14 @@ impl Rollouts {
     /// A device that now falls in an active rollout's selection (seen for
     /// the first time, enrolled, or re-tagged) joins it.
     pub async fn on_join(&self, device: &DeviceRecord) {
+        if self.role.heard(|| Input::Join {
+            device: device.id.clone(),
+        }) {
+            self.apply_join(device).await;
+        }
+    }
+
+    pub(super) async fn apply_join(&self, device: &DeviceRecord) {
         let now = self.clock.now();
         let mut map = self.inner.lock().await;
         // Only one active rollout may hold a device.
@@ -684,12 +841,33 @@ impl Rollouts {
     /// acknowledging it.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let mut map = self.inner.lock().await;
-        self.flush_locked(&mut map).await
+        let heard = self.role.take_heard();
+        if self.role.driving() {
+            return self.flush_locked(&mut map).await;
+        }
+        // Not the driver (or no longer): what this server heard goes to
+        // the one that is, before the batch is acknowledged.
+        drop(map);
+        self.pass_on(heard).await
     }
 
+    #[cfg(test)]
+    pub(super) async fn save_for_test(&self, record: &RolloutRecord) -> Result<(), StoreError> {
+        self.save(record).await
+    }
+
+    /// Stores a rollout with the commands it has yet to hand out, so a
+    /// driver taking over carries out what this one could not.
     async fn save(&self, record: &RolloutRecord) -> Result<(), StoreError> {
-        let state = serde_json::to_string(record)
+        let mut value = serde_json::to_value(record)
             .expect("a rollout record is plain data and always serialises");
+        if let (Some(object), false) = (value.as_object_mut(), record.pending.is_empty()) {
+            object.insert(
+                "pending".into(),
+                serde_json::to_value(&record.pending).expect("commands always serialise"),
+            );
+        }
+        let state = value.to_string();
         self.store
             .save_rollout(&record.plan.id, record.active(), &state)
             .await
@@ -709,9 +887,14 @@ impl Rollouts {
                     continue;
                 };
                 // The receiver lives as long as the server.
-                let _ = self.dispatch.send((device, assign));
+                let _ = self.dispatch.send(Dispatch {
+                    device,
+                    assign,
+                    again: false,
+                });
             }
         }
+        self.role.hint(map.values());
         Ok(())
     }
 }
@@ -719,7 +902,7 @@ impl Rollouts {
 impl Rollouts {
     /// Starts the task that carries out the planner's commands (once; a
     /// second call does nothing).
-    fn spawn_dispatcher(&self, shutdown: tokio_util::sync::CancellationToken) {
+    pub(super) fn spawn_dispatcher(&self, shutdown: tokio_util::sync::CancellationToken) {
         let receiver = self.receiver.lock().ok().and_then(|mut r| r.take());
         if let Some(rx) = receiver {
             tokio::spawn(dispatch(
@@ -732,18 +915,6 @@ impl Rollouts {
         }
     }
 
-    /// Runs the rollouts' dispatcher and their clock (every second) until
-    /// `shutdown`.
-    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
-        self.spawn_dispatcher(shutdown.clone());
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => self.tick().await,
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 mod dispatch;
 pub mod driver;
 pub mod planner;
+mod replicas;
 pub mod schemas;
 
 pub use driver::{AgentRollout, CreateRollout, RolloutError, RolloutRecord, Rollouts, Selection};

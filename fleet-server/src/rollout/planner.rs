@@ -251,7 +251,8 @@ pub enum Override {
 }
 
 /// What the server must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Sign a desired state with the rollout's target version.
     Update(String),

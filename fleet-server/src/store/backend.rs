@@ -188,6 +188,43 @@ pub trait StoreBackend: Send + Sync + 'static {
     /// Every stored rollout (id, active, state), oldest first.
     fn list_rollouts(&self) -> StoreFuture<'_, Vec<(String, bool, String)>>;
 
+    /// Takes or renews lease `name` for `holder` for `ttl_ms` (timed by
+    /// the database's clock): its epoch when `holder` holds it now (one
+    /// more than before when it changed hands), `None` while another
+    /// holder's lease runs.
+    fn lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl_ms: u64,
+    ) -> StoreFuture<'a, Option<u64>>;
+
+    /// Ends `holder`'s lease `name` now (nothing if another holds it).
+    fn release_lease<'a>(&'a self, name: &'a str, holder: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Appends messages (JSON) to the rollout driver's inbox in one
+    /// transaction; returns their ids.
+    fn push_rollout_inbox<'a>(
+        &'a self,
+        bodies: &'a [String],
+        now: u64,
+    ) -> StoreFuture<'a, Vec<i64>>;
+
+    /// The oldest unanswered inbox messages (id, body), at most `limit`.
+    fn rollout_inbox(&self, limit: u32) -> StoreFuture<'_, Vec<(i64, String)>>;
+
+    /// Deletes the inbox messages `done` and answers `answers` (id,
+    /// outcome JSON), in one transaction.
+    fn settle_rollout_inbox<'a>(
+        &'a self,
+        done: &'a [i64],
+        answers: &'a [(i64, String)],
+    ) -> StoreFuture<'a, ()>;
+
+    /// The answer to inbox message `id`, once there is one (taking it
+    /// deletes the message).
+    fn take_rollout_outcome(&self, id: i64) -> StoreFuture<'_, Option<String>>;
+
     /// Deletes telemetry and results that arrived before `cutoff` (unix
     /// seconds; arrival time, since device clocks may be wrong). Returns
     /// how many rows went.
@@ -248,4 +285,46 @@ pub trait StoreBackend: Send + Sync + 'static {
         &'a self,
         version: &'a str,
     ) -> StoreFuture<'a, Vec<(AgentBuildRecord, bool)>>;
+
+    /// Stores a new dashboard session; drops ended sessions and, past
+    /// `rules.per_token`, the token's least recently used ones (the
+    /// session's `created_at` is now).
+    fn create_dashboard_session<'a>(
+        &'a self,
+        session: &'a super::DashboardSession,
+        rules: &'a super::SessionRules,
+    ) -> StoreFuture<'a, ()>;
+
+    /// The dashboard session with this id hash if it is live at `now`
+    /// (an ended one is deleted).
+    fn dashboard_session<'a>(
+        &'a self,
+        id_sha256: &'a str,
+        now: u64,
+        rules: &'a super::SessionRules,
+    ) -> StoreFuture<'a, Option<super::DashboardSession>>;
+
+    /// Marks a dashboard session used at `now`.
+    fn touch_dashboard_session<'a>(&'a self, id_sha256: &'a str, now: u64) -> StoreFuture<'a, ()>;
+
+    /// Ends a dashboard session (logout).
+    fn delete_dashboard_session<'a>(&'a self, id_sha256: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Telemetry stored after `after` in arrival order (arrival time,
+    /// device, sequence number), at most `limit` rows: each row's key and
+    /// its body as the device sent it.
+    fn telemetry_arrived<'a>(
+        &'a self,
+        after: &'a super::ArrivalKey,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<(super::ArrivalKey, String)>>;
+
+    /// Update events stored after `after` in arrival order, at most
+    /// `limit` (events stored before they carried an arrival time never
+    /// are).
+    fn events_arrived<'a>(
+        &'a self,
+        after: &'a super::ArrivalKey,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<(super::ArrivalKey, EventRecord)>>;
 }

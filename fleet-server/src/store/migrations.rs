@@ -351,6 +351,98 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ALTER TABLE events ADD COLUMN agent_version TEXT;
     "#,
     },
+    Migration {
+        purpose: "what several replicas share: leases (one rollout driver), the rollout driver's inbox, dashboard sessions, artifact bytes in the database",
+        sqlite: r#"
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL
+    );
+    CREATE TABLE rollout_inbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        body TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        outcome TEXT
+    );
+    CREATE TABLE dashboard_sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        csrf TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        last_used INTEGER NOT NULL
+    );
+    -- Capping one token's sessions looks them up by token.
+    CREATE INDEX dashboard_sessions_by_token ON dashboard_sessions (token_id);
+    CREATE TABLE artifact_blobs (
+        sha256 TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        chunk_size INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        upload TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (sha256, kind)
+    );
+    CREATE TABLE artifact_chunks (
+        upload TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (upload, idx)
+    );
+    -- Update events carry their arrival time, so each replica's dashboard
+    -- view reads the events the others stored, in arrival order (telemetry
+    -- has its arrival index already). Events stored before have none.
+    ALTER TABLE events ADD COLUMN received_at INTEGER;
+    CREATE INDEX events_by_arrival ON events (received_at);
+    "#,
+        postgres: r#"
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    );
+    CREATE TABLE rollout_inbox (
+        id BIGSERIAL PRIMARY KEY,
+        body TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        outcome TEXT
+    );
+    CREATE TABLE dashboard_sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        csrf TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        last_used BIGINT NOT NULL
+    );
+    -- Capping one token's sessions looks them up by token.
+    CREATE INDEX dashboard_sessions_by_token ON dashboard_sessions (token_id);
+    CREATE TABLE artifact_blobs (
+        sha256 TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        chunk_size BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        upload TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (sha256, kind)
+    );
+    CREATE TABLE artifact_chunks (
+        upload TEXT NOT NULL,
+        idx BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (upload, idx)
+    );
+    ALTER TABLE artifact_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+    -- Update events carry their arrival time, so each replica's dashboard
+    -- view reads the events the others stored, in arrival order (telemetry
+    -- has its arrival index already). Events stored before have none.
+    ALTER TABLE events ADD COLUMN received_at BIGINT;
+    CREATE INDEX events_by_arrival ON events (received_at);
+    "#,
+    },
 ];
 
 /// For a PostgreSQL database whose `edgefleet_schema` row is not marked

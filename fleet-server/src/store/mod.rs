@@ -19,13 +19,15 @@ mod filter;
 mod migrations;
 pub mod postgres;
 mod rows;
+mod sessions;
 pub mod sqlite;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod upgrade_tests;
 
 pub use backend::{StoreBackend, StoreFuture};
+pub use sessions::{ArrivalKey, DashboardSession, SessionRules};
 
 use edgefleet_shared::{
     AgentStatus, InferenceResult, ModelFormat, ModelStatus, StatusMessage, TelemetryMessage,

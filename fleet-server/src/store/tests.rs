@@ -751,6 +751,10 @@ suite!(
 /// devices report about their agent.
 mod agents;
 
+/// What replicas share through the database: dashboard sessions, and
+/// telemetry and events in arrival order.
+mod sessions;
+
 #[tokio::test]
 async fn sqlite_reopening_does_not_rerun_migrations() {
     let dir = tempfile::tempdir().unwrap();

@@ -40,7 +40,7 @@ pub(super) async fn record_messages(
     let mut new = Vec::with_capacity(events.len());
     for e in events {
         ensure(&tx, e.device_id.as_str(), e.at).await?;
-        new.push(streams::record_event(&tx, e).await?);
+        new.push(streams::record_event(&tx, e, now).await?);
     }
     tx.commit().await?;
     Ok((outcomes.into_iter().flatten().collect(), new))

@@ -10,8 +10,10 @@
 //! picks another), which is how the tests get a fresh one per run.
 
 mod agents;
+mod coordination;
 mod devices;
 mod models;
+mod sessions;
 mod streams;
 mod tokens;
 
@@ -77,33 +79,44 @@ fn redacted(url: &str) -> String {
     }
 }
 
+fn open_error(url: &str, reason: String) -> StoreError {
+    StoreError::Open {
+        what: redacted(url),
+        reason,
+    }
+}
+
+/// A pool of up to `max_size` connections to `url` (connecting lazily),
+/// on the schema the URL's search path names, as the store's own; the
+/// database artifact storage keeps its own pool so that long downloads do
+/// not starve the store.
+pub(crate) fn pool(url: &str, max_size: usize) -> Result<Pool, StoreError> {
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| open_error(url, format!("not a PostgreSQL URL: {e}")))?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .build()
+        .map_err(|e| open_error(url, e.to_string()))
+}
+
 impl PgStore {
     /// Connects (a pool of up to 8 connections), checks the database
     /// answers, and applies the migrations it lacks.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let open_error = |reason: String| StoreError::Open {
-            what: redacted(url),
-            reason,
-        };
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| open_error(format!("not a PostgreSQL URL: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(8)
-            .build()
-            .map_err(|e| open_error(e.to_string()))?;
+        let pool = pool(url, 8)?;
         let store = Self { pool };
         let mut client = tokio::time::timeout(std::time::Duration::from_secs(10), store.pool.get())
             .await
-            .map_err(|_| open_error("no answer within 10 s".into()))?
-            .map_err(|e| open_error(e.to_string()))?;
+            .map_err(|_| open_error(url, "no answer within 10 s".into()))?
+            .map_err(|e| open_error(url, e.to_string()))?;
         migrate(&mut client).await?;
         Ok(store)
     }
@@ -442,6 +455,50 @@ impl StoreBackend for PgStore {
         Box::pin(async move { models::list_rollouts(&self.client().await?).await })
     }
 
+    fn lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl_ms: u64,
+    ) -> StoreFuture<'a, Option<u64>> {
+        Box::pin(
+            async move { coordination::lease(&self.client().await?, name, holder, ttl_ms).await },
+        )
+    }
+
+    fn release_lease<'a>(&'a self, name: &'a str, holder: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(
+            async move { coordination::release_lease(&self.client().await?, name, holder).await },
+        )
+    }
+
+    fn push_rollout_inbox<'a>(
+        &'a self,
+        bodies: &'a [String],
+        now: u64,
+    ) -> StoreFuture<'a, Vec<i64>> {
+        Box::pin(async move { coordination::push_inbox(&self.client().await?, bodies, now).await })
+    }
+
+    fn rollout_inbox(&self, limit: u32) -> StoreFuture<'_, Vec<(i64, String)>> {
+        Box::pin(async move { coordination::inbox(&self.client().await?, limit).await })
+    }
+
+    fn settle_rollout_inbox<'a>(
+        &'a self,
+        done: &'a [i64],
+        answers: &'a [(i64, String)],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            coordination::settle_inbox(&mut client, done, answers).await
+        })
+    }
+
+    fn take_rollout_outcome(&self, id: i64) -> StoreFuture<'_, Option<String>> {
+        Box::pin(async move { coordination::take_outcome(&self.client().await?, id).await })
+    }
+
     fn prune_streamed(&self, cutoff: u64) -> StoreFuture<'_, usize> {
         Box::pin(async move { streams::prune(&self.client().await?, cutoff).await })
     }
@@ -509,6 +566,52 @@ impl StoreBackend for PgStore {
             let mut client = self.client().await?;
             agents::delete_release(&mut client, version).await
         })
+    }
+
+    fn create_dashboard_session<'a>(
+        &'a self,
+        session: &'a super::DashboardSession,
+        rules: &'a super::SessionRules,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            sessions::create(&mut client, session, rules).await
+        })
+    }
+
+    fn dashboard_session<'a>(
+        &'a self,
+        id_sha256: &'a str,
+        now: u64,
+        rules: &'a super::SessionRules,
+    ) -> StoreFuture<'a, Option<super::DashboardSession>> {
+        Box::pin(async move { sessions::get(&self.client().await?, id_sha256, now, rules).await })
+    }
+
+    fn touch_dashboard_session<'a>(&'a self, id_sha256: &'a str, now: u64) -> StoreFuture<'a, ()> {
+        Box::pin(async move { sessions::touch(&self.client().await?, id_sha256, now).await })
+    }
+
+    fn delete_dashboard_session<'a>(&'a self, id_sha256: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move { sessions::delete(&self.client().await?, id_sha256).await })
+    }
+
+    fn telemetry_arrived<'a>(
+        &'a self,
+        after: &'a super::ArrivalKey,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<(super::ArrivalKey, String)>> {
+        Box::pin(
+            async move { sessions::telemetry_arrived(&self.client().await?, after, limit).await },
+        )
+    }
+
+    fn events_arrived<'a>(
+        &'a self,
+        after: &'a super::ArrivalKey,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<(super::ArrivalKey, EventRecord)>> {
+        Box::pin(async move { sessions::events_arrived(&self.client().await?, after, limit).await })
     }
 }
 

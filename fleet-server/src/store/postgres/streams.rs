@@ -11,16 +11,17 @@ use super::super::rows::{self, stored, stored_opt, BODY_COLUMNS, EVENT_COLUMNS};
 use super::super::{EventRecord, Page, StoreError, Streamed};
 use super::{devices, query_all, Params};
 
-/// Stores an event once; returns whether it was new.
+/// Stores an event once, arriving at `now`; returns whether it was new.
 pub(super) async fn record_event(
     c: &impl GenericClient,
     e: &UpdateEvent,
+    now: u64,
 ) -> Result<bool, StoreError> {
     let n = c
         .execute(
             "INSERT INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason,
-                 agent_version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                 agent_version, received_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
             &[
                 &e.device_id.as_str(),
                 &stored(e.seq),
@@ -31,6 +32,7 @@ pub(super) async fn record_event(
                 &stored_opt(e.model_version),
                 &e.reason,
                 &e.agent_version,
+                &stored(now),
             ],
         )
         .await?;

@@ -31,7 +31,7 @@ pub(super) fn record_messages(
     let mut new = Vec::with_capacity(events.len());
     for e in events {
         ensure(&tx, e.device_id.as_str(), e.at)?;
-        new.push(streams::record_event(&tx, e)?);
+        new.push(streams::record_event(&tx, e, now)?);
     }
     tx.commit()?;
     Ok((outcomes, new))

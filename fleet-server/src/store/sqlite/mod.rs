@@ -6,8 +6,10 @@
 //! arguments there and call the family's function.
 
 mod agents;
+mod coordination;
 mod devices;
 mod models;
+mod sessions;
 mod streams;
 mod tokens;
 
@@ -375,6 +377,47 @@ impl StoreBackend for SqliteStore {
         Box::pin(self.call(|conn| models::list_rollouts(conn)))
     }
 
+    fn lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl_ms: u64,
+    ) -> StoreFuture<'a, Option<u64>> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        Box::pin(self.call(move |conn| coordination::lease(conn, &name, &holder, ttl_ms)))
+    }
+
+    fn release_lease<'a>(&'a self, name: &'a str, holder: &'a str) -> StoreFuture<'a, ()> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        Box::pin(self.call(move |conn| coordination::release_lease(conn, &name, &holder)))
+    }
+
+    fn push_rollout_inbox<'a>(
+        &'a self,
+        bodies: &'a [String],
+        now: u64,
+    ) -> StoreFuture<'a, Vec<i64>> {
+        let bodies = bodies.to_vec();
+        Box::pin(self.call(move |conn| coordination::push_inbox(conn, &bodies, now)))
+    }
+
+    fn rollout_inbox(&self, limit: u32) -> StoreFuture<'_, Vec<(i64, String)>> {
+        Box::pin(self.call(move |conn| coordination::inbox(conn, limit)))
+    }
+
+    fn settle_rollout_inbox<'a>(
+        &'a self,
+        done: &'a [i64],
+        answers: &'a [(i64, String)],
+    ) -> StoreFuture<'a, ()> {
+        let (done, answers) = (done.to_vec(), answers.to_vec());
+        Box::pin(self.call(move |conn| coordination::settle_inbox(conn, &done, &answers)))
+    }
+
+    fn take_rollout_outcome(&self, id: i64) -> StoreFuture<'_, Option<String>> {
+        Box::pin(self.call(move |conn| coordination::take_outcome(conn, id)))
+    }
+
     fn prune_streamed(&self, cutoff: u64) -> StoreFuture<'_, usize> {
         Box::pin(self.call(move |conn| streams::prune(conn, cutoff)))
     }
@@ -447,5 +490,52 @@ impl StoreBackend for SqliteStore {
     ) -> StoreFuture<'a, Vec<(AgentBuildRecord, bool)>> {
         let version = version.to_string();
         Box::pin(self.call(move |conn| agents::delete_release(conn, &version)))
+    }
+
+    fn create_dashboard_session<'a>(
+        &'a self,
+        session: &'a super::DashboardSession,
+        rules: &'a super::SessionRules,
+    ) -> StoreFuture<'a, ()> {
+        let (session, rules) = (session.clone(), *rules);
+        Box::pin(self.call(move |conn| sessions::create(conn, &session, &rules)))
+    }
+
+    fn dashboard_session<'a>(
+        &'a self,
+        id_sha256: &'a str,
+        now: u64,
+        rules: &'a super::SessionRules,
+    ) -> StoreFuture<'a, Option<super::DashboardSession>> {
+        let (id, rules) = (id_sha256.to_string(), *rules);
+        Box::pin(self.call(move |conn| sessions::get(conn, &id, now, &rules)))
+    }
+
+    fn touch_dashboard_session<'a>(&'a self, id_sha256: &'a str, now: u64) -> StoreFuture<'a, ()> {
+        let id = id_sha256.to_string();
+        Box::pin(self.call(move |conn| sessions::touch(conn, &id, now)))
+    }
+
+    fn delete_dashboard_session<'a>(&'a self, id_sha256: &'a str) -> StoreFuture<'a, ()> {
+        let id = id_sha256.to_string();
+        Box::pin(self.call(move |conn| sessions::delete(conn, &id)))
+    }
+
+    fn telemetry_arrived<'a>(
+        &'a self,
+        after: &'a super::ArrivalKey,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<(super::ArrivalKey, String)>> {
+        let after = after.clone();
+        Box::pin(self.call(move |conn| sessions::telemetry_arrived(conn, &after, limit)))
+    }
+
+    fn events_arrived<'a>(
+        &'a self,
+        after: &'a super::ArrivalKey,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<(super::ArrivalKey, EventRecord)>> {
+        let after = after.clone();
+        Box::pin(self.call(move |conn| sessions::events_arrived(conn, &after, limit)))
     }
 }

@@ -11,12 +11,16 @@ use super::super::rows::{self, stored, stored_opt, BODY_COLUMNS, EVENT_COLUMNS};
 use super::super::{EventRecord, Page, StoreError, Streamed};
 use super::{devices, query_all};
 
-/// Stores an event once; returns whether it was new.
-pub(super) fn record_event(conn: &Connection, e: &UpdateEvent) -> Result<bool, StoreError> {
+/// Stores an event once, arriving at `now`; returns whether it was new.
+pub(super) fn record_event(
+    conn: &Connection,
+    e: &UpdateEvent,
+    now: u64,
+) -> Result<bool, StoreError> {
     let n = conn.execute(
         "INSERT OR IGNORE INTO events (device_id, seq, at, kind, desired_version, model, model_version, reason,
-             agent_version)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             agent_version, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             e.device_id.as_str(),
             stored(e.seq),
@@ -27,6 +31,7 @@ pub(super) fn record_event(conn: &Connection, e: &UpdateEvent) -> Result<bool, S
             stored_opt(e.model_version),
             e.reason,
             e.agent_version,
+            stored(now),
         ],
     )?;
     Ok(n == 1)
