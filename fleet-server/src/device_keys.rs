@@ -100,6 +100,29 @@ impl DeviceKeys {
         };
     }
 
+    /// Takes what another server may have stored about a device's key
+    /// (enrollment, registration, an operator's change): the stored key
+    /// or enrollment wins over what this server holds; a device with
+    /// neither keeps what this server pinned on first use.
+    pub fn refresh(&self, device: &DeviceRecord) {
+        let stored = device.public_key.as_deref().map(str::parse::<PublicKey>);
+        let current = self
+            .known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&device.id)
+            .copied();
+        let changed = match (stored, current) {
+            (Some(Ok(key)), Some(Known::Key(k))) => key != k,
+            (Some(_), _) => true,
+            (None, current) if device.enrolled_at.is_some() => current != Some(Known::Enrolled),
+            (None, _) => false,
+        };
+        if changed {
+            self.learn(device);
+        }
+    }
+
     /// Whether a message on `topic` from `device`, signed by `key`, may be
     /// verified and used.
     pub fn check(

@@ -22,6 +22,7 @@ pub mod insights;
 pub mod keys;
 pub mod logins;
 pub mod metrics;
+pub mod replica_sync;
 pub mod rollout;
 pub mod root_upkeep;
 pub mod store;
@@ -266,6 +267,9 @@ pub async fn start(
                 fleet.insights.clone().follow(store, since, shutdown).await;
             }
         });
+    }
+    if config.replica.is_some() {
+        tokio::spawn(replica_sync::run(fleet.clone(), shutdown.clone()));
     }
     let bridge_task = tokio::spawn(bridge::run(
         fleet.clone(),

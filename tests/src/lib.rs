@@ -19,6 +19,7 @@ pub use fleet_server::unix_http;
 
 pub mod agent;
 pub mod artifact_server;
+pub mod balancer;
 pub mod mosquitto;
 pub mod process;
 pub mod proxy;

@@ -16,14 +16,16 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd` with stdout and stderr into `log` (created anew) and
-    /// debug logging on.
+    /// debug logging on, unless `cmd` sets its own `EDGEFLEET_LOG`.
     pub fn spawn(mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
         let file = std::fs::File::create(&log)?;
+        if cmd.get_envs().all(|(k, _)| k != "EDGEFLEET_LOG") {
+            cmd.env("EDGEFLEET_LOG", "debug,hyper=info,reqwest=info");
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
-            .env("EDGEFLEET_LOG", "debug,hyper=info,reqwest=info")
             .spawn()
             .with_context(|| format!("spawn {cmd:?}"))?;
         Ok(Self { child, log })

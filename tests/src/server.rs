@@ -77,9 +77,32 @@ pub struct ServerBuilder {
     database: Option<String>,
     ca_cert: Option<PathBuf>,
     args: Vec<OsString>,
+    /// Another server of the same fleet: its keys (copied), topic prefix
+    /// and admin token.
+    fleet: Option<(PathBuf, String, String)>,
+    log_level: Option<String>,
 }
 
 impl ServerBuilder {
+    /// Serves the same fleet as `first` (a replica): a copy of its keys,
+    /// its topic prefix and its admin token. Give it the same broker and
+    /// database.
+    pub fn same_fleet_as(mut self, first: &Server) -> Self {
+        self.fleet = Some((
+            first.keys_dir.clone(),
+            first.topic_prefix.clone(),
+            first.token.clone(),
+        ));
+        self
+    }
+
+    /// The server's log filter (default: debug), for runs whose debug
+    /// log would be huge.
+    pub fn log_level(mut self, filter: &str) -> Self {
+        self.log_level = Some(filter.to_string());
+        self
+    }
+
     /// Uses the external broker at `url` (`mqtt://host:port`) instead of
     /// the embedded one, under a topic prefix of its own so parallel tests
     /// and earlier runs' retained messages never meet.
@@ -114,12 +137,25 @@ impl ServerBuilder {
     pub async fn start(self) -> anyhow::Result<Server> {
         let dir = self.dir;
         let keys_dir = dir.join("keys");
-        let out = Command::new(binary("fleetctl"))
-            .args(["keys", "init", "--dir"])
-            .arg(&keys_dir)
-            .output()?;
-        if !out.status.success() {
-            bail!("keys init failed: {}", String::from_utf8_lossy(&out.stderr));
+        match &self.fleet {
+            Some((keys, _, _)) => {
+                std::fs::create_dir_all(&keys_dir)?;
+                for entry in std::fs::read_dir(keys)? {
+                    let entry = entry?;
+                    if entry.file_type()?.is_file() {
+                        std::fs::copy(entry.path(), keys_dir.join(entry.file_name()))?;
+                    }
+                }
+            }
+            None => {
+                let out = Command::new(binary("fleetctl"))
+                    .args(["keys", "init", "--dir"])
+                    .arg(&keys_dir)
+                    .output()?;
+                if !out.status.success() {
+                    bail!("keys init failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+            }
         }
         let mut args: Vec<OsString> = vec!["serve".into(), "--data-dir".into()];
         args.push(dir.join("server").into());
@@ -128,7 +164,10 @@ impl ServerBuilder {
         let (embedded, topic_prefix) = match &self.broker {
             None => (true, "edgefleet/v1".to_string()),
             Some(url) => {
-                let prefix = format!("edgefleet-test-{}/v1", unique_suffix());
+                let prefix = match &self.fleet {
+                    Some((_, prefix, _)) => prefix.clone(),
+                    None => format!("edgefleet-test-{}/v1", unique_suffix()),
+                };
                 args.extend(["--broker".into(), url.into()]);
                 args.extend(["--topic-prefix".into(), prefix.clone().into()]);
                 (false, prefix)
@@ -142,12 +181,23 @@ impl ServerBuilder {
             http: "127.0.0.1:0".into(),
             mqtt: embedded.then(|| "127.0.0.1:0".into()),
         };
-        let (proc, ready) = spawn_ready(&args, &listen, dir.join("server.log")).await?;
-        let token_file = dir.join("server").join("admin.token");
-        let token = std::fs::read_to_string(&token_file)
-            .with_context(|| format!("the server wrote no {}", token_file.display()))?
-            .trim()
-            .to_string();
+        let (proc, ready) = spawn_ready(
+            &args,
+            &listen,
+            dir.join("server.log"),
+            self.log_level.as_deref(),
+        )
+        .await?;
+        let token = match &self.fleet {
+            Some((_, _, token)) => token.clone(),
+            None => {
+                let token_file = dir.join("server").join("admin.token");
+                std::fs::read_to_string(&token_file)
+                    .with_context(|| format!("the server wrote no {}", token_file.display()))?
+                    .trim()
+                    .to_string()
+            }
+        };
         let scheme = if ready.https { "https" } else { "http" };
         let url = format!("{scheme}://{}", ready.http);
         let api = Client::new(&url, Some(&token), self.ca_cert.as_deref())
@@ -178,6 +228,7 @@ impl ServerBuilder {
             },
             args,
             starts: 1,
+            log_level: self.log_level,
         })
     }
 }
@@ -195,9 +246,13 @@ async fn spawn_ready(
     args: &[OsString],
     listen: &Listen,
     log: PathBuf,
+    log_level: Option<&str>,
 ) -> anyhow::Result<(Proc, ReadyLine)> {
     let mut cmd = Command::new(binary("fleet-server"));
     cmd.args(args).arg("--http").arg(&listen.http);
+    if let Some(filter) = log_level {
+        cmd.env("EDGEFLEET_LOG", filter);
+    }
     if let Some(mqtt) = &listen.mqtt {
         cmd.arg("--mqtt-listen").arg(mqtt);
     }
@@ -249,6 +304,7 @@ pub struct Server {
     /// [`Server::restart`].
     args: Vec<OsString>,
     starts: u32,
+    log_level: Option<String>,
 }
 
 impl Server {
@@ -266,6 +322,8 @@ impl Server {
             database: None,
             ca_cert: None,
             args: Vec::new(),
+            fleet: None,
+            log_level: None,
         }
     }
 
@@ -282,7 +340,8 @@ impl Server {
         self.kill();
         self.starts += 1;
         let log = self.dir.join(format!("server-{}.log", self.starts));
-        let (proc, _) = spawn_ready(&self.args, &self.listen, log).await?;
+        let (proc, _) =
+            spawn_ready(&self.args, &self.listen, log, self.log_level.as_deref()).await?;
         self.proc = proc;
         Ok(())
     }

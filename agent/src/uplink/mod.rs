@@ -390,13 +390,18 @@ impl Uplink {
                         Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
                     }
                 }
-                _ = self.key_registered.notified() => {
+                // While a connection is being set up only the event loop
+                // runs: dropping its poll mid-connect would drop a CONNECT
+                // the broker took, and the broker would publish this
+                // connection's last will, "offline", under the same
+                // connection number the next one says "online" with.
+                _ = self.key_registered.notified(), if connected => {
                     if connected && inflight.expire(Instant::now(), Duration::ZERO) > 0 {
                         tracing::debug!("device key registered: records in flight sent again");
                         outbox.stored().notify_one();
                     }
                 }
-                _ = tick.tick() => {
+                _ = tick.tick(), if connected => {
                     delete_delivered(&outbox, &mut delivered).await;
                     if let Some((payload, generation)) = unverified_status.take() {
                         unverified_status = if self.server_keys.generation() == generation {

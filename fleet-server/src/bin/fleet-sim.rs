@@ -118,6 +118,13 @@ struct Args {
     /// this many seconds, as an agent does (0: send once and forget).
     #[arg(long, default_value_t = 0.0)]
     resend_secs: f64,
+    /// At exit, write JSON here: per device, the sequence numbers of the
+    /// telemetry it sent and how many of its messages no receipt named.
+    /// With `--resend-secs`, an interrupted run first stops sending new
+    /// messages and keeps re-sending the rest until receipted (30 s at
+    /// most).
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 /// The simulated devices' ids: PREFIX-00000, PREFIX-00001, ...
@@ -168,8 +175,14 @@ struct Device {
     samples: AtomicU64,
     /// With `--resend-secs`: what no receipt has named yet, by sequence
     /// number: when it was last sent, its topic and signed payload.
-    unreceipted: std::sync::Mutex<std::collections::BTreeMap<u64, (std::time::Instant, String, Vec<u8>)>>,
+    unreceipted: std::sync::Mutex<std::collections::BTreeMap<u64, Kept>>,
+    /// Sequence numbers of the telemetry sent, for `--report`.
+    telemetry_sent: std::sync::Mutex<Vec<u64>>,
 }
+
+/// A sent message kept for re-sending: when it was last sent, its topic
+/// and signed payload.
+type Kept = (std::time::Instant, String, Vec<u8>);
 
 impl Device {
     fn next_seq(&self) -> u64 {
@@ -196,14 +209,22 @@ impl Device {
             self.unreceipted
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(seq, (std::time::Instant::now(), topic.to_string(), payload.to_vec()));
+                .insert(
+                    seq,
+                    (
+                        std::time::Instant::now(),
+                        topic.to_string(),
+                        payload.to_vec(),
+                    ),
+                );
         }
     }
 
     /// A receipt, if the server signed it: forgets what it names.
     fn receipt(&self, topic: &str, payload: &[u8]) {
         let keys: Vec<_> = self.root.desired_keys().map(|(_, k)| *k).collect();
-        let Ok(msg) = edgefleet_shared::signed_message::SignedMessage::open(payload, topic, keys.iter())
+        let Ok(msg) =
+            edgefleet_shared::signed_message::SignedMessage::open(payload, topic, keys.iter())
         else {
             return;
         };
@@ -415,14 +436,41 @@ impl Device {
         let interval = Duration::from_secs_f64(self.args.telemetry_secs.max(0.001));
         let mut telemetry = tokio::time::interval(interval);
         telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut resend =
-            tokio::time::interval(Duration::from_secs_f64((self.args.resend_secs / 2.0).max(0.1)));
-        let receipts_topic = self.prefix.device(&self.id, TopicKind::Receipts).to_string();
+        let mut resend = tokio::time::interval(Duration::from_secs_f64(
+            (self.args.resend_secs / 2.0).max(0.1),
+        ));
+        let receipts_topic = self
+            .prefix
+            .device(&self.id, TopicKind::Receipts)
+            .to_string();
+        // Stopping with --resend-secs: nothing new goes out, what waits
+        // for a receipt is sent again until receipted or this passes.
+        let mut draining: Option<tokio::time::Instant> = None;
+        let mut connected = false;
         loop {
+            if let Some(deadline) = draining {
+                let empty = self
+                    .unreceipted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_empty();
+                if empty || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
             let event = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled(), if draining.is_none() => {
+                    if self.args.resend_secs <= 0.0 {
+                        break;
+                    }
+                    draining = Some(tokio::time::Instant::now() + Duration::from_secs(30));
+                    continue;
+                }
                 event = eventloop.poll() => event,
-                _ = churn.tick(), if self.args.churn_secs > 0.0 => {
+                // Only the event loop runs while connecting (as in the
+                // agent): a poll dropped mid-connect makes the broker
+                // publish a last will under the next connection's number.
+                _ = churn.tick(), if connected && self.args.churn_secs > 0.0 && draining.is_none() => {
                     churns += 1;
                     if rand_unit(&format!("churn\0{}", self.id), churns) < self.args.churn_share {
                         // Dropping the event loop closes the socket with no
@@ -431,6 +479,7 @@ impl Device {
                         session = edgefleet_shared::messages::next_session(Some(session));
                         options.set_last_will(will(session));
                         (client, eventloop) = AsyncClient::new(options.clone(), 64);
+                        connected = false;
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
                             _ = tokio::time::sleep(Duration::from_secs_f64(self.args.offline_secs)) => {}
@@ -438,7 +487,7 @@ impl Device {
                     }
                     continue;
                 }
-                _ = telemetry.tick(), if self.args.telemetry_secs > 0.0 => {
+                _ = telemetry.tick(), if connected && self.args.telemetry_secs > 0.0 && draining.is_none() => {
                     // Health goes out with or without a model, as an
                     // agent's does.
                     let sample = self.telemetry(&serving, interval.as_secs_f64());
@@ -447,16 +496,20 @@ impl Device {
                     let topic = self.prefix.device(&self.id, TopicKind::Telemetry).to_string();
                     let payload = self.seal(&topic, &payload);
                     self.keep(sample.seq, &topic, &payload);
+                    if self.args.report.is_some() {
+                        self.telemetry_sent.lock().unwrap_or_else(|p| p.into_inner()).push(sample.seq);
+                    }
                     let _ = client.try_publish(topic, QoS::AtLeastOnce, false, payload);
                     continue;
                 }
-                _ = resend.tick(), if self.args.resend_secs > 0.0 => {
+                _ = resend.tick(), if connected && self.args.resend_secs > 0.0 => {
                     self.resend(&client);
                     continue;
                 }
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
                     // What an agent subscribes to (receipts matter with
                     // --resend-secs).
                     for kind in [TopicKind::Desired, TopicKind::Receipts] {
@@ -578,6 +631,7 @@ impl Device {
                 }
                 Ok(_) => {}
                 Err(_) => {
+                    connected = false;
                     session = edgefleet_shared::messages::next_session(Some(session));
                     eventloop.mqtt_options.set_last_will(will(session));
                     tokio::select! {
@@ -694,6 +748,7 @@ fn main() -> std::process::ExitCode {
         let args = Arc::new(args);
         let http = reqwest::Client::new();
         let mut tasks = Vec::new();
+        let mut devices = Vec::new();
         let pause = Duration::from_secs_f64(1.0 / f64::from(args.connect_rate.max(1)));
         for id in ids {
             let device = Arc::new(Device {
@@ -707,7 +762,9 @@ fn main() -> std::process::ExitCode {
                 seq: AtomicU64::new(edgefleet_shared::unix_now() * 1000),
                 samples: AtomicU64::new(0),
                 unreceipted: Default::default(),
+                telemetry_sent: Default::default(),
             });
+            devices.push(Arc::clone(&device));
             tasks.push(tokio::spawn(device.run(shutdown.clone())));
             tokio::time::sleep(pause).await;
         }
@@ -715,12 +772,44 @@ fn main() -> std::process::ExitCode {
         match args.duration_secs {
             Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
             None => {
-                let _ = tokio::signal::ctrl_c().await;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("a SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
             }
         }
         shutdown.cancel();
         for t in tasks {
             let _ = t.await;
+        }
+        if let Some(path) = &args.report {
+            let report: serde_json::Map<String, serde_json::Value> = devices
+                .iter()
+                .map(|d| {
+                    let sent = d
+                        .telemetry_sent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    let unreceipted = d
+                        .unreceipted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .len();
+                    (
+                        d.id.to_string(),
+                        serde_json::json!({ "telemetry": sent, "unreceipted": unreceipted }),
+                    )
+                })
+                .collect();
+            let text = serde_json::to_string(&report).expect("a report serialises");
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!("fleet-sim: cannot write {}: {e}", path.display());
+                return std::process::ExitCode::FAILURE;
+            }
         }
         std::process::ExitCode::SUCCESS
     })

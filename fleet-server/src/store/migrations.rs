@@ -396,6 +396,9 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     -- has its arrival index already). Events stored before have none.
     ALTER TABLE events ADD COLUMN received_at INTEGER;
     CREATE INDEX events_by_arrival ON events (received_at);
+    -- The connection number of the device's latest "online" status: a
+    -- last will of an older connection, stored by any replica, is stale.
+    ALTER TABLE devices ADD COLUMN session INTEGER;
     "#,
         postgres: r#"
     CREATE TABLE leases (
@@ -441,6 +444,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     -- has its arrival index already). Events stored before have none.
     ALTER TABLE events ADD COLUMN received_at BIGINT;
     CREATE INDEX events_by_arrival ON events (received_at);
+    ALTER TABLE devices ADD COLUMN session BIGINT;
     "#,
     },
 ];

@@ -118,6 +118,8 @@ pub(crate) struct StatusUpdate {
     /// the agent does not say).
     pub agent_target: Option<String>,
     pub agent_release: Option<String>,
+    /// The connection number the status names, if any.
+    pub session: Option<i64>,
 }
 
 /// What recording `msg` changes, given the sequence number of the last
@@ -143,6 +145,7 @@ pub(crate) fn status_change(msg: &StatusMessage, last_seq: Option<u64>) -> Statu
             seq: stored(msg.seq),
             agent_target: msg.agent.as_ref().map(|a| a.target.clone()),
             agent_release: msg.agent.as_ref().and_then(|a| a.release.clone()),
+            session: msg.session.map(stored),
         })
     } else {
         StatusChange::Stale

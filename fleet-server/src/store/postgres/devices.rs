@@ -73,9 +73,11 @@ async fn record_status(
     }
     match rows::status_change(msg, last_seq) {
         StatusChange::Offline => {
+            // Not the will of a connection older than the latest online.
             tx.execute(
-                "UPDATE devices SET online = FALSE, last_seen = $2 WHERE id = $1",
-                &[&id, &stored(now)],
+                "UPDATE devices SET online = FALSE, last_seen = $2
+                 WHERE id = $1 AND ($3::BIGINT IS NULL OR session IS NULL OR session <= $3)",
+                &[&id, &stored(now), &msg.session.map(stored)],
             )
             .await?;
         }
@@ -83,7 +85,7 @@ async fn record_status(
             tx.execute(
                 "UPDATE devices SET online = TRUE, last_seen = $2, agent_version = $3,
                     reported_desired_version = $4, models_json = $5, last_status_seq = $6,
-                    agent_target = $7, agent_release = $8
+                    agent_target = $7, agent_release = $8, session = COALESCE($9, session)
                  WHERE id = $1",
                 &[
                     &id,
@@ -94,6 +96,7 @@ async fn record_status(
                     &u.seq,
                     &u.agent_target,
                     &u.agent_release,
+                    &u.session,
                 ],
             )
             .await?;

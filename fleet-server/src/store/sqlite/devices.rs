@@ -59,16 +59,18 @@ fn record_status(
     }
     match rows::status_change(msg, last_seq) {
         StatusChange::Offline => {
+            // Not the will of a connection older than the latest online.
             tx.execute(
-                "UPDATE devices SET online = 0, last_seen = ?2 WHERE id = ?1",
-                params![id, stored(now)],
+                "UPDATE devices SET online = 0, last_seen = ?2
+                 WHERE id = ?1 AND (?3 IS NULL OR session IS NULL OR session <= ?3)",
+                params![id, stored(now), msg.session.map(stored)],
             )?;
         }
         StatusChange::Online(u) => {
             tx.execute(
                 "UPDATE devices SET online = 1, last_seen = ?2, agent_version = ?3,
                     reported_desired_version = ?4, models_json = ?5, last_status_seq = ?6,
-                    agent_target = ?7, agent_release = ?8
+                    agent_target = ?7, agent_release = ?8, session = COALESCE(?9, session)
                  WHERE id = ?1",
                 params![
                     id,
@@ -78,7 +80,8 @@ fn record_status(
                     u.models_json,
                     u.seq,
                     u.agent_target,
-                    u.agent_release
+                    u.agent_release,
+                    u.session
                 ],
             )?;
         }

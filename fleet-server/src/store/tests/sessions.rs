@@ -1,5 +1,6 @@
 //! The store suite's tests of what replicas share through the database,
-//! on both backends like the rest: dashboard sessions (by id hash, with
+//! on both backends like the rest: presence (a late, stale last will),
+//! dashboard sessions (by id hash, with
 //! idle and absolute expiry at injected times, a cap per token) and
 //! telemetry and update events read back in arrival order.
 
@@ -217,7 +218,33 @@ async fn telemetry_and_events_read_back_in_arrival_order(f: Fixture) {
     );
 }
 
+/// Statuses of one device reach different replicas: the last will of an
+/// older connection, stored after the newer connection's "online", leaves
+/// the device online; the will of the latest connection takes it offline.
+async fn a_stale_will_stored_late_leaves_the_device_online(f: Fixture) {
+    let s = &f.store;
+    let mut first = status("d", 1, true);
+    first.session = Some(100);
+    let mut second = status("d", 2, true);
+    second.session = Some(200);
+    let mut old_will = StatusMessage::will(DeviceId::new("d").unwrap(), 100);
+    old_will.seq = 0;
+    s.record_messages(&[first, second], &[], 10).await.unwrap();
+    s.record_messages(&[old_will], &[], 11).await.unwrap();
+    assert!(s.get_device("d").await.unwrap().unwrap().online, "a stale will");
+    let new_will = StatusMessage::will(DeviceId::new("d").unwrap(), 200);
+    s.record_messages(&[new_will], &[], 12).await.unwrap();
+    assert!(!s.get_device("d").await.unwrap().unwrap().online);
+    // An offline status naming no connection always counts.
+    let mut back = status("d", 3, true);
+    back.session = Some(300);
+    s.record_messages(&[back], &[], 13).await.unwrap();
+    s.record_messages(&[status("d", 4, false)], &[], 14).await.unwrap();
+    assert!(!s.get_device("d").await.unwrap().unwrap().online);
+}
+
 suite!(
+    a_stale_will_stored_late_leaves_the_device_online,
     dashboard_sessions_expire_idle_and_absolutely_and_end,
     dashboard_sessions_are_capped_per_token,
     telemetry_and_events_read_back_in_arrival_order,
