@@ -4,6 +4,15 @@
 //! (SQLite in `PRAGMA user_version`, PostgreSQL in the `edgefleet_schema`
 //! table); each backend's `migrate` applies the rest at start.
 //!
+//! Several servers may share one database, and during a rolling upgrade
+//! they run different releases. A database also records the oldest schema
+//! version a server must know to run on it (`min_server_schema`: the number
+//! of the newest migration that older servers cannot live with, see
+//! [`Migration::older_servers_may_run`]); a server that finds the database
+//! newer than itself runs on it when it knows at least that many, and
+//! refuses otherwise. A database without the record (written before the
+//! record existed) is refused when newer, as then every newer database was.
+//!
 //! Integers are INTEGER on SQLite and BIGINT on PostgreSQL (unix seconds,
 //! versions, sequence numbers); JSON is TEXT, stored and returned as
 //! written; true/false is INTEGER 0/1 on SQLite and BOOLEAN on PostgreSQL.
@@ -11,6 +20,7 @@
 use super::StoreError;
 
 /// One schema change, in both dialects.
+#[derive(Clone, Copy)]
 pub(crate) struct Migration {
     /// What the change is for.
     pub purpose: &'static str,
@@ -19,6 +29,14 @@ pub(crate) struct Migration {
     /// The change on PostgreSQL (run as one batch in a transaction);
     /// empty where the change needs nothing there.
     pub postgres: &'static str,
+    /// Whether servers that predate this migration may keep running on a
+    /// database that has it: true only for additive changes that older
+    /// code never notices (new tables, new nullable or defaulted columns,
+    /// new indexes) and whose absence from the older servers' behaviour
+    /// harms nothing. A migration marked false makes every older server
+    /// stop at its next start until it is upgraded, so a rolling upgrade
+    /// across it is not possible; false is the safe answer when unsure.
+    pub older_servers_may_run: bool,
 }
 
 /// A model version's test vector and spec columns (the same SQL on both).
@@ -124,6 +142,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     );
     CREATE INDEX events_by_time ON events (device_id, at);
     "#,
+        older_servers_may_run: false,
     },
     Migration {
         purpose: "telemetry and inference results, stored once per device and sequence number",
@@ -173,11 +192,13 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     );
     CREATE INDEX results_by_arrival ON results (received_at);
     "#,
+        older_servers_may_run: false,
     },
     Migration {
         purpose: "a model version's signed-along test vector and input/output spec (JSON)",
         sqlite: MODEL_ATTACHMENTS,
         postgres: MODEL_ATTACHMENTS,
+        older_servers_may_run: false,
     },
     Migration {
         purpose: "operator tokens (hashes only) and the audit log",
@@ -219,6 +240,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         detail TEXT
     );
     "#,
+        older_servers_may_run: false,
     },
     // On SQLite, telemetry and results become rowid tables with a unique
     // key: rows are ~0.5-1 KB of JSON, too large for WITHOUT ROWID tables,
@@ -260,6 +282,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     CREATE INDEX results_by_arrival ON results (received_at);
     "#,
         postgres: "",
+        older_servers_may_run: false,
     },
     Migration {
         purpose:
@@ -278,11 +301,13 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ALTER TABLE devices ADD COLUMN credential TEXT;
     ALTER TABLE devices ADD COLUMN revoked_at BIGINT;
     "#,
+        older_servers_may_run: false,
     },
     Migration {
         purpose: "who pushed a model version, and their notes",
         sqlite: MODEL_PROVENANCE,
         postgres: MODEL_PROVENANCE,
+        older_servers_may_run: true,
     },
     Migration {
         purpose: "staged rollouts (definition and planner state as JSON), in creation order",
@@ -302,11 +327,13 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         seq BIGSERIAL
     );
     "#,
+        older_servers_may_run: false,
     },
     Migration {
         purpose: "each device's message-signing public key (hex)",
         sqlite: DEVICE_KEYS,
         postgres: DEVICE_KEYS,
+        older_servers_may_run: false,
     },
     Migration {
         purpose: "agent releases (one build per target triple), their assignments, the agent each device reports and the release an event is about",
@@ -350,6 +377,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ALTER TABLE devices ADD COLUMN agent_release TEXT;
     ALTER TABLE events ADD COLUMN agent_version TEXT;
     "#,
+        older_servers_may_run: false,
     },
     Migration {
         purpose: "what several replicas share: leases (one rollout driver), the rollout driver's inbox, dashboard sessions, artifact bytes in the database",
@@ -446,6 +474,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     CREATE INDEX events_by_arrival ON events (received_at);
     ALTER TABLE devices ADD COLUMN session BIGINT;
     "#,
+        older_servers_may_run: true,
     },
 ];
 
