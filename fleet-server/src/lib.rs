@@ -92,6 +92,12 @@ pub async fn start(
         }
     };
     tracing::info!(storage = artifacts.backend(), "artifact storage open");
+    if config.replica.is_some() && config.artifacts == config::ArtifactStorage::Dir {
+        tracing::warn!(
+            dir = %config.data_dir.join("artifacts").display(),
+            "replica with artifacts in a directory: every replica must mount the same one, or use --artifacts database"
+        );
+    }
     let prefix = TopicPrefix::new(config.topic_prefix.clone())?;
     // With device authentication devices reach the embedded broker on its
     // public listener (`public_mqtt`), the server on a loopback one.

@@ -348,8 +348,16 @@ impl Rollouts {
     /// A replica that does not drive learns from the store whether any
     /// rollout needs to hear from it.
     async fn refresh_hint(&self) {
-        match self.stored().await {
-            Ok(stored) => self.role.hint(stored.iter().map(|(r, _)| r)),
+        // Only active rollouts are read whole (finished ones can be many).
+        match self.store.list_rollouts().await {
+            Ok(rows) => {
+                let active: Vec<RolloutRecord> = rows
+                    .into_iter()
+                    .filter(|(_, active, _)| *active)
+                    .filter_map(|(_, _, state)| serde_json::from_str(&state).ok())
+                    .collect();
+                self.role.hint(active.iter());
+            }
             Err(e) => tracing::warn!(error = %e, "cannot read the rollouts"),
         }
     }

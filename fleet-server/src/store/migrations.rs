@@ -142,6 +142,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     );
     CREATE INDEX events_by_time ON events (device_id, at);
     "#,
+        // Nothing runs on a database without the first tables.
         older_servers_may_run: false,
     },
     Migration {
@@ -192,12 +193,16 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     );
     CREATE INDEX results_by_arrival ON results (received_at);
     "#,
+        // Additive in form, but a server that predates it cannot keep the
+        // telemetry and results devices send.
         older_servers_may_run: false,
     },
     Migration {
         purpose: "a model version's signed-along test vector and input/output spec (JSON)",
         sqlite: MODEL_ATTACHMENTS,
         postgres: MODEL_ATTACHMENTS,
+        // Additive in form, but a server that predates it ignores the test
+        // vector and spec pushed with a model version.
         older_servers_may_run: false,
     },
     Migration {
@@ -240,6 +245,8 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         detail TEXT
     );
     "#,
+        // A server that predates operator tokens cannot authenticate
+        // operators.
         older_servers_may_run: false,
     },
     // On SQLite, telemetry and results become rowid tables with a unique
@@ -282,6 +289,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     CREATE INDEX results_by_arrival ON results (received_at);
     "#,
         postgres: "",
+        // Rebuilds tables on SQLite: not additive.
         older_servers_may_run: false,
     },
     Migration {
@@ -301,12 +309,15 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ALTER TABLE devices ADD COLUMN credential TEXT;
     ALTER TABLE devices ADD COLUMN revoked_at BIGINT;
     "#,
+        // A server that predates enrollment ignores credentials and
+        // revocation.
         older_servers_may_run: false,
     },
     Migration {
         purpose: "who pushed a model version, and their notes",
         sqlite: MODEL_PROVENANCE,
         postgres: MODEL_PROVENANCE,
+        // Provenance only: older servers neither need nor miss it.
         older_servers_may_run: true,
     },
     Migration {
@@ -327,12 +338,16 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         seq BIGSERIAL
     );
     "#,
+        // A server that predates rollouts neither drives nor respects the
+        // staged rollouts stored.
         older_servers_may_run: false,
     },
     Migration {
         purpose: "each device's message-signing public key (hex)",
         sqlite: DEVICE_KEYS,
         postgres: DEVICE_KEYS,
+        // A server that predates device keys does not check device
+        // signatures.
         older_servers_may_run: false,
     },
     Migration {
@@ -377,6 +392,8 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ALTER TABLE devices ADD COLUMN agent_release TEXT;
     ALTER TABLE events ADD COLUMN agent_version TEXT;
     "#,
+        // A server that predates agent releases leaves them out of the
+        // desired states it signs.
         older_servers_may_run: false,
     },
     Migration {
@@ -474,6 +491,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     CREATE INDEX events_by_arrival ON events (received_at);
     ALTER TABLE devices ADD COLUMN session BIGINT;
     "#,
+        // New tables, nullable columns and an index: a server that predates
+        // them neither reads nor needs them. Its update events carry no
+        // arrival time, so they stay out of the other replicas' arrival-
+        // ordered views until it is upgraded.
         older_servers_may_run: true,
     },
 ];
@@ -492,24 +513,72 @@ pub(crate) fn from_postgres_six_step(count: usize) -> Result<usize, StoreError> 
     POSTGRES_SIX_STEP_COUNTS
         .get(count)
         .copied()
-        .ok_or_else(|| newer_database(count))
+        .ok_or_else(|| newer_database(count, MIGRATIONS.len()))
 }
 
-/// The migrations a database that has run `applied` still needs, as
-/// indexes into [`MIGRATIONS`]; an error for a database newer than this
-/// server.
-pub(crate) fn pending(applied: usize) -> Result<std::ops::Range<usize>, StoreError> {
-    if applied > MIGRATIONS.len() {
-        return Err(newer_database(applied));
+/// What a server does with a database at start.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Pending {
+    /// The database is this server's version or older: these migrations
+    /// (indexes into the server's list, maybe none) bring it up to date,
+    /// after which the server records its version and
+    /// [`min_server_schema`].
+    Run(std::ops::Range<usize>),
+    /// The database is newer, but every migration this server lacks leaves
+    /// it working: it runs on the database as it is and records nothing,
+    /// since what is recorded describes the newer schema.
+    RunOnNewer,
+}
+
+/// The oldest schema version a server must know to run on a database
+/// migrated through `known`: the number of the last migration not marked
+/// [`Migration::older_servers_may_run`] (0 for none).
+pub(crate) fn min_server_schema(known: &[Migration]) -> usize {
+    known
+        .iter()
+        .rposition(|m| !m.older_servers_may_run)
+        .map_or(0, |i| i + 1)
+}
+
+/// What a server that knows the migrations `known` does with a database
+/// that has run `applied` of them and records `min_server_schema` (`None`
+/// where it has no record); an error for a database newer than the server
+/// can run on.
+pub(crate) fn pending(
+    known: &[Migration],
+    applied: usize,
+    min_server_schema: Option<usize>,
+) -> Result<Pending, StoreError> {
+    if applied <= known.len() {
+        return Ok(Pending::Run(applied..known.len()));
     }
-    Ok(applied..MIGRATIONS.len())
+    match min_server_schema {
+        Some(min) if min <= known.len() => {
+            tracing::warn!(
+                database = applied,
+                server = known.len(),
+                min_server_schema = min,
+                "database schema version {applied} is newer than this server's ({}); \
+                 running on it since every migration after {min} leaves older servers \
+                 working, but upgrade this server to the release that wrote it",
+                known.len()
+            );
+            Ok(Pending::RunOnNewer)
+        }
+        Some(min) => Err(StoreError::Conflict(format!(
+            "database schema version {applied} needs a server that knows schema version \
+             {min} or later, and this server knows {}; upgrade the server",
+            known.len()
+        ))),
+        None => Err(newer_database(applied, known.len())),
+    }
 }
 
-/// A database whose schema a newer server wrote.
-fn newer_database(version: usize) -> StoreError {
+/// A database whose schema a newer server wrote, with no record of which
+/// older servers may run on it.
+fn newer_database(version: usize, known: usize) -> StoreError {
     StoreError::Conflict(format!(
-        "database schema version {version} is newer than this server understands ({}); upgrade the server",
-        MIGRATIONS.len()
+        "database schema version {version} is newer than this server understands ({known}); upgrade the server"
     ))
 }
 
@@ -540,11 +609,64 @@ mod tests {
         assert!(from_postgres_six_step(7).is_err());
     }
 
+    /// One migration per entry of `compatible`, marked as it says.
+    fn list(compatible: &[bool]) -> Vec<Migration> {
+        compatible
+            .iter()
+            .map(|&older_servers_may_run| Migration {
+                older_servers_may_run,
+                ..MIGRATIONS[0]
+            })
+            .collect()
+    }
+
     #[test]
-    fn a_newer_database_is_refused() {
-        assert_eq!(pending(0).unwrap(), 0..MIGRATIONS.len());
-        assert_eq!(pending(MIGRATIONS.len()).unwrap().len(), 0);
-        let err = pending(MIGRATIONS.len() + 1).unwrap_err();
+    fn the_record_names_the_last_migration_older_servers_cannot_run_on() {
+        assert_eq!(min_server_schema(&[]), 0);
+        assert_eq!(min_server_schema(&list(&[true, true])), 0);
+        assert_eq!(min_server_schema(&list(&[false, true, true])), 1);
+        assert_eq!(min_server_schema(&list(&[false, true, false, true])), 3);
+        assert_eq!(min_server_schema(&list(&[false, false])), 2);
+        // The newest migration (the tables replicas share) is additive, so
+        // the release before it may run on a database that has it.
+        assert!(MIGRATIONS.last().unwrap().older_servers_may_run);
+        assert_eq!(min_server_schema(MIGRATIONS), MIGRATIONS.len() - 1);
+        // Nothing runs on a database without the first tables.
+        assert!(!MIGRATIONS[0].older_servers_may_run);
+    }
+
+    #[test]
+    fn an_older_or_current_database_is_migrated() {
+        assert_eq!(
+            pending(MIGRATIONS, 0, None).unwrap(),
+            Pending::Run(0..MIGRATIONS.len())
+        );
+        assert_eq!(
+            pending(MIGRATIONS, 3, Some(1)).unwrap(),
+            Pending::Run(3..MIGRATIONS.len())
+        );
+        assert_eq!(
+            pending(MIGRATIONS, MIGRATIONS.len(), Some(MIGRATIONS.len() - 1)).unwrap(),
+            Pending::Run(MIGRATIONS.len()..MIGRATIONS.len())
+        );
+    }
+
+    #[test]
+    fn a_newer_database_without_a_record_is_refused() {
+        let err = pending(MIGRATIONS, MIGRATIONS.len() + 1, None).unwrap_err();
         assert!(err.to_string().contains("upgrade the server"), "{err}");
+    }
+
+    #[test]
+    fn a_newer_database_runs_only_on_servers_that_know_its_minimum() {
+        let known = &MIGRATIONS[..5];
+        assert_eq!(pending(known, 7, Some(5)).unwrap(), Pending::RunOnNewer);
+        assert_eq!(pending(known, 7, Some(0)).unwrap(), Pending::RunOnNewer);
+        let err = pending(known, 7, Some(6)).unwrap_err().to_string();
+        assert!(err.contains("upgrade the server"), "{err}");
+        assert!(
+            err.contains("version 7") && err.contains("version 6") && err.contains("knows 5"),
+            "{err}"
+        );
     }
 }

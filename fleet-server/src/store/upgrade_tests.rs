@@ -9,6 +9,9 @@
 //! the shared list's nine. PostgreSQL counted six steps in
 //! `edgefleet_schema`, which map onto the shared nine through
 //! [`super::migrations::POSTGRES_SIX_STEP_COUNTS`].
+//!
+//! Then rolling upgrades: servers of the previous release and of this one
+//! opening the same database in turn (see the section's comment below).
 
 use rusqlite::Connection;
 
@@ -678,3 +681,7 @@ async fn postgres_six_step_counts_past_six_are_refused() {
     let err = Store::open(&url).await.unwrap_err().to_string();
     assert!(err.contains("upgrade the server"), "{err}");
 }
+
+/// Servers of the previous release and of this one opening the same
+/// database in turn.
+mod rolling;

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgefleet_shared::{DesiredState, DeviceId, EventKind, ModelFormat, Signed, TopicPrefix};
+use edgefleet_shared::{
+    DesiredState, DeviceId, EventKind, ModelFormat, Signed, StatusMessage, TopicPrefix, UpdateEvent,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::*;

@@ -27,7 +27,7 @@ use crate::auth::TokenRecord;
 
 use super::backend::{StoreBackend, StoreFuture};
 use super::filter::{Dialect, SqlValue};
-use super::migrations::{self, MIGRATIONS};
+use super::migrations::{self, Migration, Pending, MIGRATIONS};
 use super::rows::Columns;
 use super::{
     AgentBuildRecord, AssignedAgent, Attachment, AuditEntry, AuditRecord, DeviceFilter,
@@ -111,13 +111,23 @@ impl PgStore {
     /// Connects (a pool of up to 8 connections), checks the database
     /// answers, and applies the migrations it lacks.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_knowing(url, MIGRATIONS).await
+    }
+
+    /// Connects as a server that knows the migrations `known`:
+    /// [`MIGRATIONS`], or a prefix of it where a test plays an earlier
+    /// release.
+    pub(crate) async fn connect_knowing(
+        url: &str,
+        known: &[Migration],
+    ) -> Result<Self, StoreError> {
         let pool = pool(url, 8)?;
         let store = Self { pool };
         let mut client = tokio::time::timeout(std::time::Duration::from_secs(10), store.pool.get())
             .await
             .map_err(|_| open_error(url, "no answer within 10 s".into()))?
             .map_err(|e| open_error(url, e.to_string()))?;
-        migrate(&mut client).await?;
+        migrate(&mut client, known).await?;
         Ok(store)
     }
 
@@ -126,37 +136,57 @@ impl PgStore {
     }
 }
 
-/// Applies the migrations the database lacks, all in one transaction
-/// under the migration lock. `edgefleet_schema` holds one row: how many of
-/// [`MIGRATIONS`] ran, with `shared_numbering` set. A row without it
-/// counts the six-step PostgreSQL-only list instead and is translated
-/// (see [`migrations::POSTGRES_SIX_STEP_COUNTS`]); servers that only know
-/// that list read the version alone, find it past their six and refuse to
-/// start rather than misread the schema.
-async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), StoreError> {
+/// Applies the migrations of `known` (the server's list, [`MIGRATIONS`]
+/// but in tests that play an earlier release) the database lacks, all in
+/// one transaction under the migration lock. `edgefleet_schema` holds one
+/// row: how many of [`MIGRATIONS`] ran, with `shared_numbering` set, and
+/// the oldest schema version a server must know to run on the database
+/// (`min_server_schema`, see [`migrations`]; NULL where a release that
+/// kept no record wrote the row). A row without `shared_numbering` counts
+/// the six-step PostgreSQL-only list instead and is translated (see
+/// [`migrations::POSTGRES_SIX_STEP_COUNTS`]); servers that only know that
+/// list read the version alone, find it past their six and refuse to
+/// start rather than misread the schema. A newer database is left as it
+/// is, or refused (see [`migrations::pending`]).
+async fn migrate(
+    client: &mut deadpool_postgres::Client,
+    known: &[Migration],
+) -> Result<(), StoreError> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
+    // The columns are added here rather than by a migration because they
+    // say which migrations ran. Releases that predate `min_server_schema`
+    // rewrite the row without it (NULL, no record), so servers older than
+    // the database are then refused, as before the record existed.
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS edgefleet_schema (version BIGINT NOT NULL);
          ALTER TABLE edgefleet_schema
-             ADD COLUMN IF NOT EXISTS shared_numbering BOOLEAN NOT NULL DEFAULT FALSE",
+             ADD COLUMN IF NOT EXISTS shared_numbering BOOLEAN NOT NULL DEFAULT FALSE;
+         ALTER TABLE edgefleet_schema ADD COLUMN IF NOT EXISTS min_server_schema BIGINT",
     )
     .await?;
     let recorded = query_opt(
         &tx,
-        "SELECT version, shared_numbering FROM edgefleet_schema",
+        "SELECT version, shared_numbering, min_server_schema FROM edgefleet_schema",
         &[],
-        |r| Ok((r.int(0)? as usize, r.flag(1)?)),
+        |r| Ok((r.int(0)? as usize, r.flag(1)?, r.opt_int(2)?)),
     )
     .await?;
-    let applied = match recorded {
-        None => 0,
-        Some((version, true)) => version,
-        Some((count, false)) => migrations::from_postgres_six_step(count)?,
+    let (applied, min_server_schema) = match recorded {
+        None => (0, None),
+        Some((version, true, min)) => (version, min.map(|m| m as usize)),
+        Some((count, false, _)) => (migrations::from_postgres_six_step(count)?, None),
     };
-    for i in migrations::pending(applied)? {
-        let migration = &MIGRATIONS[i];
+    let range = match migrations::pending(known, applied, min_server_schema)? {
+        Pending::RunOnNewer => {
+            tx.commit().await?;
+            return Ok(());
+        }
+        Pending::Run(range) => range,
+    };
+    for i in range {
+        let migration = &known[i];
         tracing::info!(
             number = i + 1,
             purpose = migration.purpose,
@@ -168,8 +198,12 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), StoreErro
     }
     tx.execute("DELETE FROM edgefleet_schema", &[]).await?;
     tx.execute(
-        "INSERT INTO edgefleet_schema (version, shared_numbering) VALUES ($1, TRUE)",
-        &[&(MIGRATIONS.len() as i64)],
+        "INSERT INTO edgefleet_schema (version, shared_numbering, min_server_schema)
+         VALUES ($1, TRUE, $2)",
+        &[
+            &(known.len() as i64),
+            &(migrations::min_server_schema(known) as i64),
+        ],
     )
     .await?;
     tx.commit().await?;

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, Params, Row};
+use rusqlite::{Connection, OptionalExtension, Params, Row};
 
 use edgefleet_shared::{StatusMessage, UpdateEvent};
 
@@ -25,7 +25,7 @@ use crate::auth::TokenRecord;
 
 use super::backend::{StoreBackend, StoreFuture};
 use super::filter::{Dialect, SqlValue};
-use super::migrations::{self, MIGRATIONS};
+use super::migrations::{self, Migration, Pending, MIGRATIONS};
 use super::rows::Columns;
 use super::{
     AgentBuildRecord, AssignedAgent, Attachment, AuditEntry, AuditRecord, DeviceFilter,
@@ -45,12 +45,27 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-/// Applies the migrations the database lacks, each in its own
-/// transaction together with the new `user_version`.
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+/// Applies the migrations of `known` (the server's list, [`MIGRATIONS`]
+/// but in tests that play an earlier release) the database lacks, each in
+/// its own transaction together with the new `user_version` and the
+/// oldest schema version a server must know to run on the database (a
+/// one-row `edgefleet_schema` table; see [`migrations`]). A newer database
+/// is left as it is, or refused (see [`migrations::pending`]).
+fn migrate(conn: &mut Connection, known: &[Migration]) -> Result<(), StoreError> {
     let applied: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for i in migrations::pending(applied as usize)? {
-        let migration = &MIGRATIONS[i];
+    let recorded = min_server_schema(conn)?;
+    let range = match migrations::pending(known, applied as usize, recorded)? {
+        Pending::RunOnNewer => return Ok(()),
+        Pending::Run(range) => range,
+    };
+    // A database migrated by a release that kept no record gets one.
+    if range.is_empty() && recorded != Some(migrations::min_server_schema(known)) {
+        let tx = conn.transaction()?;
+        record_min_server_schema(&tx, known)?;
+        tx.commit()?;
+    }
+    for i in range {
+        let migration = &known[i];
         tracing::info!(
             number = i + 1,
             purpose = migration.purpose,
@@ -59,14 +74,54 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         let tx = conn.transaction()?;
         tx.execute_batch(migration.sqlite)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        record_min_server_schema(&tx, &known[..=i])?;
         tx.commit()?;
     }
+    Ok(())
+}
+
+/// The oldest schema version the database says a server must know, if it
+/// says.
+fn min_server_schema(conn: &Connection) -> Result<Option<usize>, StoreError> {
+    let has_record: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'edgefleet_schema')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_record {
+        return Ok(None);
+    }
+    let min: Option<i64> = conn
+        .query_row("SELECT min_server_schema FROM edgefleet_schema", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(min.map(|m| m as usize))
+}
+
+/// Records what a database migrated through `applied` asks of servers.
+fn record_min_server_schema(conn: &Connection, applied: &[Migration]) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS edgefleet_schema (min_server_schema INTEGER NOT NULL);
+         DELETE FROM edgefleet_schema;",
+    )?;
+    conn.execute(
+        "INSERT INTO edgefleet_schema (min_server_schema) VALUES (?1)",
+        [migrations::min_server_schema(applied) as i64],
+    )?;
     Ok(())
 }
 
 impl SqliteStore {
     /// Opens (creating and migrating) the database file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_knowing(path, MIGRATIONS)
+    }
+
+    /// Opens the database file as a server that knows the migrations
+    /// `known`: [`MIGRATIONS`], or a prefix of it where a test plays an
+    /// earlier release.
+    pub(crate) fn open_knowing(path: &Path, known: &[Migration]) -> Result<Self, StoreError> {
         let mut conn = Connection::open(path).map_err(|e| StoreError::Open {
             what: path.display().to_string(),
             reason: e.to_string(),
@@ -78,7 +133,7 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -16_000)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        migrate(&mut conn)?;
+        migrate(&mut conn, known)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
