@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
+mod common;
+
 use std::time::Duration;
 
 use fleet_server::config::ServerConfig;
@@ -33,28 +35,6 @@ impl Drop for Server {
     }
 }
 
-/// A URL whose connections use a new, empty PostgreSQL schema.
-async fn fresh_postgres_schema() -> String {
-    let url = std::env::var("EDGEFLEET_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!(
-        "edgefleet_test_{}_{}_agent",
-        std::process::id(),
-        edgefleet_shared::unix_now()
-    );
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("no PostgreSQL at {url} ({e}): start one or set EDGEFLEET_TEST_POSTGRES_URL")
-        });
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}options=-csearch_path%3D{schema}")
-}
 
 async fn start(database: Option<String>) -> Server {
     fleet_server::install_crypto_provider();
@@ -386,6 +366,6 @@ async fn agent_releases_on_sqlite() {
 
 #[tokio::test]
 async fn agent_releases_on_postgres() {
-    let url = fresh_postgres_schema().await;
+    let url = common::fresh_postgres_schema("agent").await;
     agent_releases_are_pushed_listed_deployed_and_deleted(start(Some(url)).await).await;
 }

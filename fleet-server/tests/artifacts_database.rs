@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
+mod common;
+
 use fleet_server::config::{ArtifactStorage, ServerConfig};
 use reqwest::{header, Method, StatusCode};
 use sha2::{Digest, Sha256};
@@ -26,28 +28,6 @@ impl Drop for Server {
     }
 }
 
-/// A URL whose connections use a new, empty PostgreSQL schema.
-async fn fresh_postgres_schema() -> String {
-    let url = std::env::var("EDGEFLEET_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!(
-        "edgefleet_test_{}_{}_artifacts",
-        std::process::id(),
-        edgefleet_shared::unix_now()
-    );
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("no PostgreSQL at {url} ({e}): start one or set EDGEFLEET_TEST_POSTGRES_URL")
-        });
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}options=-csearch_path%3D{schema}")
-}
 
 async fn start(database: &str) -> Server {
     fleet_server::install_crypto_provider();
@@ -81,7 +61,7 @@ async fn start(database: &str) -> Server {
 
 #[tokio::test]
 async fn replicas_serve_artifacts_from_the_database() {
-    let database = fresh_postgres_schema().await;
+    let database = common::fresh_postgres_schema("artifacts").await;
     let a = start(&database).await;
     let b = start(&database).await;
     let http = reqwest::Client::new();
