@@ -24,8 +24,41 @@ pub(super) async fn record_messages(
     now: u64,
 ) -> Result<(Vec<StatusOutcome>, Vec<bool>), StoreError> {
     let tx = client.transaction().await?;
-    // Rows locked in device order (a stable sort keeps each device's
-    // messages in arrival order), so batches cannot deadlock.
+    // Every device row the batch touches is locked (or made) first, all in
+    // device order, before any is changed: a device's status and its
+    // events may be stored by different replicas at once, and rows taken
+    // in any other order deadlock between them.
+    let mut ids: Vec<&str> = statuses
+        .iter()
+        .map(|s| s.device_id.as_str())
+        .chain(events.iter().map(|e| e.device_id.as_str()))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let existing: std::collections::HashSet<String> = tx
+        .query(
+            "SELECT id FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let fresh: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !existing.contains(*id))
+        .collect();
+    if !fresh.is_empty() {
+        tx.execute(
+            "INSERT INTO devices (id, first_seen, last_seen)
+             SELECT id, $2, $2 FROM UNNEST($1::text[]) AS u(id) ORDER BY id
+             ON CONFLICT (id) DO NOTHING",
+            &[&fresh, &stored(now)],
+        )
+        .await?;
+    }
+    // A stable sort keeps each device's statuses in arrival order.
     let mut order: Vec<usize> = (0..statuses.len()).collect();
     order.sort_by(|&a, &b| {
         statuses[a]
@@ -34,12 +67,15 @@ pub(super) async fn record_messages(
             .cmp(statuses[b].device_id.as_str())
     });
     let mut outcomes: Vec<Option<StatusOutcome>> = vec![None; statuses.len()];
+    let mut seen_new = std::collections::HashSet::new();
     for i in order {
-        outcomes[i] = Some(record_status(&tx, &statuses[i], now).await?);
+        let id = statuses[i].device_id.as_str();
+        // New to the store: the batch's first status of a device it made.
+        let is_new = !existing.contains(id) && seen_new.insert(id);
+        outcomes[i] = Some(record_status(&tx, &statuses[i], now, is_new).await?);
     }
     let mut new = Vec::with_capacity(events.len());
     for e in events {
-        ensure(&tx, e.device_id.as_str(), e.at).await?;
         new.push(streams::record_event(&tx, e, now).await?);
     }
     tx.commit().await?;
@@ -51,26 +87,18 @@ async fn record_status(
     tx: &impl GenericClient,
     msg: &StatusMessage,
     now: u64,
+    is_new: bool,
 ) -> Result<StatusOutcome, StoreError> {
     let id = msg.device_id.as_str();
-    // Lock the row (or learn it is new) so concurrent status messages of
-    // one device apply in sequence order.
+    // The row is locked already (see `record_messages`).
     let last_seq = query_opt(
         tx,
-        "SELECT last_status_seq FROM devices WHERE id = $1 FOR UPDATE",
+        "SELECT last_status_seq FROM devices WHERE id = $1",
         &[&id],
         |r| r.unsigned(0),
     )
     .await?;
-    let is_new = last_seq.is_none();
-    if is_new {
-        tx.execute(
-            "INSERT INTO devices (id, first_seen, last_seen) VALUES ($1, $2, $2)
-             ON CONFLICT (id) DO NOTHING",
-            &[&id, &stored(now)],
-        )
-        .await?;
-    }
+    let last_seq = if is_new { None } else { last_seq };
     match rows::status_change(msg, last_seq) {
         StatusChange::Offline => {
             // Not the will of a connection older than the latest online.
