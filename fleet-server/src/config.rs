@@ -344,7 +344,8 @@ impl ServerConfig {
             || self.database().starts_with("postgresql://");
         if self.artifacts == ArtifactStorage::Database && !postgres {
             return Err(ConfigError::Invalid(
-                "artifacts = \"database\" needs a PostgreSQL database (--database postgres://...)".into(),
+                "artifacts = \"database\" needs a PostgreSQL database (--database postgres://...)"
+                    .into(),
             ));
         }
         if let Some(name) = &self.replica {

@@ -35,7 +35,6 @@ impl Drop for Server {
     }
 }
 
-
 async fn start(database: Option<String>) -> Server {
     fleet_server::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();

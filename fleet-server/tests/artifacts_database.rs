@@ -28,7 +28,6 @@ impl Drop for Server {
     }
 }
 
-
 async fn start(database: &str) -> Server {
     fleet_server::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();

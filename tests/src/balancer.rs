@@ -35,8 +35,8 @@ impl Balancer {
                         for _ in 0..upstreams.len() {
                             let i = next.fetch_add(1, Ordering::Relaxed) % upstreams.len();
                             if let Ok(mut server) = TcpStream::connect(upstreams[i]).await {
-                                let _ = tokio::io::copy_bidirectional(&mut client, &mut server)
-                                    .await;
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
                                 return;
                             }
                         }

@@ -124,7 +124,9 @@ async fn three_replicas_carry_a_rollout_past_the_loss_of_its_driver() -> anyhow:
         balancer.add(server.url.trim_start_matches("http://").parse()?);
     }
     assert!(
-        r1.proc.log_text().contains("this server drives the rollouts"),
+        r1.proc
+            .log_text()
+            .contains("this server drives the rollouts"),
         "the first replica takes the driver's lease"
     );
     let db = postgres(&database).await;
@@ -254,11 +256,28 @@ async fn three_replicas_carry_a_rollout_past_the_loss_of_its_driver() -> anyhow:
                 .build()
                 .unwrap();
             while watching.load(Ordering::Relaxed) {
-                probe(&authed, &format!("{lb}/api/v1/rollouts/{id}?brief=true"), None, &tally)
-                    .await;
-                probe(&authed, &format!("{lb}/api/v1/devices?limit=5"), None, &tally).await;
+                probe(
+                    &authed,
+                    &format!("{lb}/api/v1/rollouts/{id}?brief=true"),
+                    None,
+                    &tally,
+                )
+                .await;
+                probe(
+                    &authed,
+                    &format!("{lb}/api/v1/devices?limit=5"),
+                    None,
+                    &tally,
+                )
+                .await;
                 probe(&http, &format!("{lb}/ui/"), Some(&cookie), &tally).await;
-                probe(&http, &format!("{lb}/ui/rollouts/{id}"), Some(&cookie), &tally).await;
+                probe(
+                    &http,
+                    &format!("{lb}/ui/rollouts/{id}"),
+                    Some(&cookie),
+                    &tally,
+                )
+                .await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -280,20 +299,28 @@ async fn three_replicas_carry_a_rollout_past_the_loss_of_its_driver() -> anyhow:
     };
     // The driver dies in the middle of the second wave: its devices are
     // asked, not all have answered.
-    wait_for("the second wave half done", Duration::from_secs(120), || async {
-        let s = status(&r1).await?;
-        let wave = s["phase"]["wave"].as_u64()?;
-        let confirmed = s["wave_counts"][1]["confirmed"].as_u64().unwrap_or(0);
-        (wave == 1 && confirmed < 250).then_some(())
-    })
+    wait_for(
+        "the second wave half done",
+        Duration::from_secs(120),
+        || async {
+            let s = status(&r1).await?;
+            let wave = s["phase"]["wave"].as_u64()?;
+            let confirmed = s["wave_counts"][1]["confirmed"].as_u64().unwrap_or(0);
+            (wave == 1 && confirmed < 250).then_some(())
+        },
+    )
     .await?;
     r1.kill();
     let killed = std::time::Instant::now();
 
-    wait_for("the rollout completed", Duration::from_secs(180), || async {
-        let s = status(&replicas[0]).await?;
-        (s["phase"]["phase"] == "completed").then_some(())
-    })
+    wait_for(
+        "the rollout completed",
+        Duration::from_secs(180),
+        || async {
+            let s = status(&replicas[0]).await?;
+            (s["phase"]["phase"] == "completed").then_some(())
+        },
+    )
     .await
     .map_err(|e| {
         let logs: Vec<String> = replicas.iter().map(|r| r.proc.log_text()).collect();
@@ -301,14 +328,21 @@ async fn three_replicas_carry_a_rollout_past_the_loss_of_its_driver() -> anyhow:
     })?;
     let took_over: Vec<bool> = replicas
         .iter()
-        .map(|r| r.proc.log_text().contains("this server drives the rollouts"))
+        .map(|r| {
+            r.proc
+                .log_text()
+                .contains("this server drives the rollouts")
+        })
         .collect();
     assert_eq!(
         took_over.iter().filter(|t| **t).count(),
         1,
         "exactly one survivor took over: {took_over:?}"
     );
-    eprintln!("completed {:?} after the driver was killed", killed.elapsed());
+    eprintln!(
+        "completed {:?} after the driver was killed",
+        killed.elapsed()
+    );
 
     // The agents serve the model they fetched through the balancer after
     // replica 1 was gone.
@@ -321,7 +355,9 @@ async fn three_replicas_carry_a_rollout_past_the_loss_of_its_driver() -> anyhow:
         let desired = replicas[1]
             .get_json(&format!("/api/v1/devices/{}/desired", agent.id))
             .await?;
-        let url = desired["signed"]["models"][0]["urls"][0].as_str().unwrap_or("");
+        let url = desired["signed"]["models"][0]["urls"][0]
+            .as_str()
+            .unwrap_or("");
         assert!(
             url.starts_with(&balancer.url()),
             "the agent fetched through the balancer: {desired}"

@@ -165,13 +165,14 @@ impl ServerTopics {
             let status = SignedMessage::open(&publish.payload, &topic, [key].iter())
                 .ok()
                 .and_then(|msg| serde_json::from_slice::<ServerStatus>(msg).ok());
-            let genuine = status.as_ref().is_some_and(|s| {
-                s.online && (s.session == *session || self.replica)
-            });
+            let genuine = status
+                .as_ref()
+                .is_some_and(|s| s.online && (s.session == *session || self.replica));
             if self.replica {
                 if let Some(s) = status.as_ref().filter(|s| !s.online) {
                     // A replica's last will: announce under a newer number.
-                    *session = edgefleet_shared::messages::next_session(Some((*session).max(s.session)));
+                    *session =
+                        edgefleet_shared::messages::next_session(Some((*session).max(s.session)));
                 }
             }
             // An empty retained message is the broker clearing it.

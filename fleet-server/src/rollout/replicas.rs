@@ -52,13 +52,30 @@ const FORWARD_WAIT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub(super) enum Input {
-    Event { event: UpdateEvent },
-    Status { status: StatusMessage },
-    Telemetry { telemetry: Vec<TelemetryMessage> },
-    Join { device: String },
-    Create { record: Box<RolloutRecord> },
-    Act { id: String, action: String },
-    Override { id: String, device: String, action: Override },
+    Event {
+        event: UpdateEvent,
+    },
+    Status {
+        status: StatusMessage,
+    },
+    Telemetry {
+        telemetry: Vec<TelemetryMessage>,
+    },
+    Join {
+        device: String,
+    },
+    Create {
+        record: Box<RolloutRecord>,
+    },
+    Act {
+        id: String,
+        action: String,
+    },
+    Override {
+        id: String,
+        device: String,
+        action: Override,
+    },
 }
 
 /// The driver's answer to an operator action.

@@ -95,7 +95,11 @@ fn signed(published: &MemoryPublisher, version: u64) -> BTreeMap<String, Vec<u64
             .unwrap()
             .parse_unverified()
             .unwrap();
-        if doc.models.iter().any(|m| m.name == MODEL && m.version == version) {
+        if doc
+            .models
+            .iter()
+            .any(|m| m.name == MODEL && m.version == version)
+        {
             out.entry(doc.device_id.to_string())
                 .or_default()
                 .push(doc.version);
@@ -147,7 +151,10 @@ async fn one_replica_drives_the_other_passes_on_and_takes_over_when_it_dies() {
     let f = fleet().await;
     let r1 = replica(&f.store, &f.signer, f.dir.path(), &f.clock, "r1").await;
     let r2 = replica(&f.store, &f.signer, f.dir.path(), &f.clock, "r2").await;
-    assert!(r1.rollouts.role.driving(), "the first replica takes the lease");
+    assert!(
+        r1.rollouts.role.driving(),
+        "the first replica takes the lease"
+    );
     assert!(!r2.rollouts.role.driving(), "one driver at a time");
     let (stop1, stop2) = (CancellationToken::new(), CancellationToken::new());
     let driver1 = tokio::spawn(r1.rollouts.clone().run(stop1.clone()));
@@ -205,7 +212,10 @@ async fn one_replica_drives_the_other_passes_on_and_takes_over_when_it_dies() {
     })
     .await;
     let waited = took_over.elapsed();
-    assert!(waited < Duration::from_secs(8), "took over after {waited:?}");
+    assert!(
+        waited < Duration::from_secs(8),
+        "took over after {waited:?}"
+    );
     for device in &f.devices {
         r2.rollouts.on_event(&confirmed(device)).await;
     }

@@ -231,7 +231,10 @@ async fn a_stale_will_stored_late_leaves_the_device_online(f: Fixture) {
     old_will.seq = 0;
     s.record_messages(&[first, second], &[], 10).await.unwrap();
     s.record_messages(&[old_will], &[], 11).await.unwrap();
-    assert!(s.get_device("d").await.unwrap().unwrap().online, "a stale will");
+    assert!(
+        s.get_device("d").await.unwrap().unwrap().online,
+        "a stale will"
+    );
     let new_will = StatusMessage::will(DeviceId::new("d").unwrap(), 200);
     s.record_messages(&[new_will], &[], 12).await.unwrap();
     assert!(!s.get_device("d").await.unwrap().unwrap().online);
@@ -239,7 +242,9 @@ async fn a_stale_will_stored_late_leaves_the_device_online(f: Fixture) {
     let mut back = status("d", 3, true);
     back.session = Some(300);
     s.record_messages(&[back], &[], 13).await.unwrap();
-    s.record_messages(&[status("d", 4, false)], &[], 14).await.unwrap();
+    s.record_messages(&[status("d", 4, false)], &[], 14)
+        .await
+        .unwrap();
     assert!(!s.get_device("d").await.unwrap().unwrap().online);
 }
 
