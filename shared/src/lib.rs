@@ -15,6 +15,7 @@ pub mod broker_url;
 pub mod canonical;
 pub mod crypto;
 pub mod documents;
+pub mod drift;
 pub mod ids;
 pub mod messages;
 pub mod secret_file;
