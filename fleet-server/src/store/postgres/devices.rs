@@ -35,19 +35,20 @@ pub(super) async fn record_messages(
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    let existing: std::collections::HashSet<String> = tx
+    // Each locked row's last applied status sequence number.
+    let mut last_seqs: std::collections::HashMap<String, u64> = tx
         .query(
-            "SELECT id FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+            "SELECT id, last_status_seq FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
             &[&ids],
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
         .collect();
     let fresh: Vec<&str> = ids
         .iter()
         .copied()
-        .filter(|id| !existing.contains(*id))
+        .filter(|id| !last_seqs.contains_key(*id))
         .collect();
     if !fresh.is_empty() {
         tx.execute(
@@ -58,47 +59,39 @@ pub(super) async fn record_messages(
         )
         .await?;
     }
-    // A stable sort keeps each device's statuses in arrival order.
-    let mut order: Vec<usize> = (0..statuses.len()).collect();
-    order.sort_by(|&a, &b| {
-        statuses[a]
-            .device_id
-            .as_str()
-            .cmp(statuses[b].device_id.as_str())
-    });
-    let mut outcomes: Vec<Option<StatusOutcome>> = vec![None; statuses.len()];
-    let mut seen_new = std::collections::HashSet::new();
-    for i in order {
-        let id = statuses[i].device_id.as_str();
-        // New to the store: the batch's first status of a device it made.
-        let is_new = !existing.contains(id) && seen_new.insert(id);
-        outcomes[i] = Some(record_status(&tx, &statuses[i], now, is_new).await?);
+    // In arrival order, so each device's statuses apply in sequence order.
+    let mut outcomes = Vec::with_capacity(statuses.len());
+    for msg in statuses {
+        let id = msg.device_id.as_str();
+        // `None`: new to the store (the batch's first status of a device
+        // it made).
+        let last_seq = last_seqs.get(id).copied();
+        if msg.online && msg.seq > last_seq.unwrap_or(0) {
+            last_seqs.insert(id.to_string(), msg.seq);
+        } else {
+            last_seqs.entry(id.to_string()).or_insert(0);
+        }
+        outcomes.push(record_status(&tx, msg, now, last_seq).await?);
     }
     let mut new = Vec::with_capacity(events.len());
     for e in events {
         new.push(streams::record_event(&tx, e, now).await?);
     }
     tx.commit().await?;
-    Ok((outcomes.into_iter().flatten().collect(), new))
+    Ok((outcomes, new))
 }
 
-/// Records one status message (see [`rows::status_change`]).
+/// Records one status message (see [`rows::status_change`]), given the
+/// sequence number of the last status applied to its (locked) row, `None`
+/// for a device new to the store.
 async fn record_status(
     tx: &impl GenericClient,
     msg: &StatusMessage,
     now: u64,
-    is_new: bool,
+    last_seq: Option<u64>,
 ) -> Result<StatusOutcome, StoreError> {
     let id = msg.device_id.as_str();
-    // The row is locked already (see `record_messages`).
-    let last_seq = query_opt(
-        tx,
-        "SELECT last_status_seq FROM devices WHERE id = $1",
-        &[&id],
-        |r| r.unsigned(0),
-    )
-    .await?;
-    let last_seq = if is_new { None } else { last_seq };
+    let is_new = last_seq.is_none();
     match rows::status_change(msg, last_seq) {
         StatusChange::Offline => {
             // Not the will of a connection older than the latest online.
