@@ -91,6 +91,8 @@ FP32_PATH = HERE / "digits_fp32.onnx"
 INT8_PATH = HERE / "digits_int8.onnx"
 ACCURACY_PATH = HERE / "accuracy.json"
 SAMPLES_PATH = HERE / "samples.json"
+PERTURBED_PATH = HERE / "digits_perturbed.onnx"
+TEST_SET_PATH = HERE / "test_set.json"
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -100,6 +102,12 @@ IR_VERSION = 8
 N_CALIBRATION = 200
 N_SAMPLES = 16
 PIXEL_SCALE = 1.0 / 16.0
+# Gaussian noise added to every weight of the perturbed model, in units of
+# that layer's weight standard deviation: enough to lose a clear share of
+# its agreement with the fp32 model, as a badly trained or corrupted
+# candidate would.
+PERTURB_SIGMA = 1.0
+PERTURB_SEED = 7
 # uint8 quantization of the raw input: q = x / 0.125, so pixels 0..16 -> 0..128
 # exactly; representable range 0..31.875.
 INPUT_Q_SCALE = 0.125
@@ -176,6 +184,25 @@ class DigitsReader(CalibrationDataReader):
 
     def get_next(self):
         return next(self._batches, None)
+
+
+def perturb(fp32: onnx.ModelProto) -> onnx.ModelProto:
+    """The fp32 model with seeded noise on both layers' weights: the same
+    interface, the same ops, degraded predictions."""
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    rng = np.random.default_rng(PERTURB_SEED)
+    for init in model.graph.initializer:
+        if init.name.endswith(".weight"):
+            w = numpy_helper.to_array(init)
+            noisy = w + rng.normal(0.0, PERTURB_SIGMA * float(w.std()), w.shape)
+            init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
+    model.graph.doc_string = (
+        "The digits classifier with Gaussian noise on its weights: a degraded "
+        "candidate for shadow-mode tests. Same interface as digits_fp32.onnx."
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def quantize(fp32_path: Path, x_calib: np.ndarray) -> onnx.ModelProto:
@@ -276,8 +303,12 @@ def main() -> None:
     onnx.checker.check_model(str(FP32_PATH), full_check=True)
     onnx.checker.check_model(str(INT8_PATH), full_check=True)
 
+    perturbed = perturb(fp32)
+    onnx.save(perturbed, str(PERTURBED_PATH))
+
     check_batches(FP32_PATH, x_test)
     check_batches(INT8_PATH, x_test)
+    check_batches(PERTURBED_PATH, x_test)
 
     p32 = run(FP32_PATH, x_test)
     p8 = run(INT8_PATH, x_test)
@@ -285,6 +316,9 @@ def main() -> None:
     int8_acc = float((p8.argmax(axis=1) == y_test).mean())
     max_abs_diff = float(np.abs(p32 - p8).max())
     agreement = float((p32.argmax(axis=1) == p8.argmax(axis=1)).mean())
+    pp = run(PERTURBED_PATH, x_test)
+    perturbed_acc = float((pp.argmax(axis=1) == y_test).mean())
+    perturbed_agreement = float((p32.argmax(axis=1) == pp.argmax(axis=1)).mean())
 
     report = {
         "dataset": "sklearn.datasets.load_digits, test_size=0.25, random_state=0, stratified",
@@ -296,8 +330,11 @@ def main() -> None:
         "int8_onnx_accuracy": round(int8_acc, 6),
         "fp32_int8_argmax_agreement": round(agreement, 6),
         "max_abs_prob_diff_fp32_vs_int8": round(max_abs_diff, 6),
+        "perturbed_onnx_accuracy": round(perturbed_acc, 6),
+        "fp32_perturbed_argmax_agreement": round(perturbed_agreement, 6),
         "fp32_onnx_bytes": FP32_PATH.stat().st_size,
         "int8_onnx_bytes": INT8_PATH.stat().st_size,
+        "perturbed_onnx_bytes": PERTURBED_PATH.stat().st_size,
         "versions": {
             "numpy": np.__version__,
             "onnx": onnx.__version__,
@@ -321,12 +358,25 @@ def main() -> None:
     }
     SAMPLES_PATH.write_text(dump_rows_json(samples))
 
+    test_set = {
+        "description": (
+            "Every test sample of sklearn load_digits (the same split): raw pixel "
+            "values 0..16 and labels, for tests that need in-distribution traffic "
+            "(drift references, shadow agreement)."
+        ),
+        "inputs": [[float(v) for v in row] for row in x_test],
+        "labels": [int(v) for v in y_test],
+    }
+    TEST_SET_PATH.write_text(dump_rows_json(test_set))
+
     for key in (
         "sklearn_accuracy",
         "fp32_onnx_accuracy",
         "int8_onnx_accuracy",
         "fp32_int8_argmax_agreement",
         "max_abs_prob_diff_fp32_vs_int8",
+        "perturbed_onnx_accuracy",
+        "fp32_perturbed_argmax_agreement",
         "fp32_onnx_bytes",
         "int8_onnx_bytes",
     ):

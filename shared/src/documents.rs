@@ -537,6 +537,16 @@ pub struct ModelSlot {
     /// still describe the model itself, checked after decompression.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zstd: Option<Compressed>,
+    /// A candidate version to run in shadow beside this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::quality::ShadowSpec>,
+    /// An A/B test: a share of client keys served by a second version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<crate::quality::SplitSpec>,
+    /// Input and output features to bin per telemetry interval for drift
+    /// monitoring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<crate::quality::DriftSpec>,
 }
 
 /// How long a newly activated version is watched, and what rolls it back.
@@ -584,12 +594,7 @@ impl SoakPolicy {
 impl ModelSlot {
     fn validate(&self) -> Result<(), String> {
         validate_name("model name", &self.name).map_err(|e| e.to_string())?;
-        if self.sha256.len() != 64
-            || !self
-                .sha256
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if !crate::quality::is_sha256_hex(&self.sha256) {
             return Err(format!(
                 "model {}: sha256 must be 64 lowercase hex characters",
                 self.name
@@ -612,6 +617,15 @@ impl ModelSlot {
         if let Some(soak) = &self.soak {
             soak.validate()
                 .map_err(|e| format!("model {}: {e}", self.name))?;
+        }
+        if let Some(shadow) = &self.shadow {
+            shadow.validate(&self.name)?;
+        }
+        if let Some(split) = &self.split {
+            split.validate(&self.name)?;
+        }
+        if let Some(drift) = &self.drift {
+            drift.validate(&self.name)?;
         }
         if let Some(tv) = &self.test_vector {
             if !(tv.tolerance.is_finite() && tv.tolerance >= 0.0) {

@@ -18,6 +18,7 @@ pub mod documents;
 pub mod drift;
 pub mod ids;
 pub mod messages;
+pub mod quality;
 pub mod secret_file;
 pub mod signed_message;
 pub mod topics;

@@ -108,6 +108,9 @@ pub enum EventKind {
     RolledBack,
     /// A model soaked for its whole period without a breach.
     Confirmed,
+    /// A slot's shadow candidate or A/B variant could not be downloaded or
+    /// loaded; the served version is untouched.
+    QualityFailed,
 }
 
 impl EventKind {
@@ -120,6 +123,7 @@ impl EventKind {
             Self::Activated => "activated",
             Self::RolledBack => "rolled_back",
             Self::Confirmed => "confirmed",
+            Self::QualityFailed => "quality_failed",
         }
     }
 }
@@ -268,6 +272,15 @@ pub struct ModelTelemetry {
     /// How each runtime fared when the model was activated (the choice).
     #[serde(default)]
     pub runtime_trials: Vec<serde_json::Value>,
+    /// Which side of an A/B test this entry is (absent: no test).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<crate::quality::Variant>,
+    /// The shadow candidate's agreement with this version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::quality::ShadowTelemetry>,
+    /// Input and output statistics for drift monitoring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<crate::quality::DriftTelemetry>,
 }
 
 /// The agent's outbox as it reports it.

@@ -56,6 +56,9 @@ fn slot() -> ModelSlot {
         soak: None,
         upload_results: false,
         zstd: None,
+        shadow: None,
+        split: None,
+        drift: None,
     }
 }
 
