@@ -65,6 +65,10 @@ pub struct AgentConfig {
     /// The on-device status display (off by default).
     #[serde(default)]
     pub display: crate::display::DisplayConfig,
+    /// Dynamic batching of concurrent requests to one model (off by
+    /// default; see [`crate::api::batch::BatchingConfig`] for why).
+    #[serde(default)]
+    pub batching: crate::api::batch::BatchingConfig,
 }
 
 /// The durable outbox (fleet mode).
@@ -459,6 +463,7 @@ impl AgentConfig {
             outbox: OutboxConfig::default(),
             telemetry: TelemetryConfig::default(),
             display: Default::default(),
+            batching: Default::default(),
         }
     }
 
@@ -559,6 +564,7 @@ impl AgentConfig {
             }
         }
         self.display.validate()?;
+        self.batching.validate().map_err(ConfigError::Invalid)?;
         if self.telemetry.interval_ms < 100 {
             return invalid("telemetry.interval_ms must be at least 100".into());
         }
@@ -634,6 +640,23 @@ mod tests {
         assert!(err.to_string().contains("loopback"), "{err}");
         let err = AgentConfig::from_toml("device_id = \"a/b\"").unwrap_err();
         assert!(err.to_string().contains("invalid device id"), "{err}");
+    }
+
+    #[test]
+    fn batching_is_off_unless_asked_and_its_errors_name_the_key() {
+        let c = AgentConfig::from_toml("").unwrap();
+        assert!(!c.batching.enabled);
+        let c = AgentConfig::from_toml(
+            "[batching]\nmax_batch = 4\n[batching.models.cls]\nenabled = true",
+        )
+        .unwrap();
+        assert_eq!(c.batching.policy_for("cls", 1).unwrap().max_batch, 4);
+        let err =
+            AgentConfig::from_toml("[batching.models.cls]\nmax_batch = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("batching.models.cls.max_batch"),
+            "{err}"
+        );
     }
 
     #[test]

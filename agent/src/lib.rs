@@ -18,6 +18,7 @@ pub mod engine;
 pub mod model_store;
 pub mod outbox;
 pub mod probe;
+pub mod quality;
 pub mod registry;
 pub mod report;
 pub mod stats;
@@ -122,6 +123,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     let mut tasks = tokio::task::JoinSet::new();
     let mut api_state = api::ApiState::new(registry.clone(), &config.api);
+    api_state.batching = api::batch::Batching::new(config.batching.clone());
     let (link_tx, link_rx) = watch::channel(uplink::LinkState::default());
     let (alert_tx, alert_rx) = watch::channel(None::<String>);
     let mut display_outbox = None;

@@ -7,6 +7,7 @@
 //! {data_dir}/models/{name}/rejected                versions that failed here: never installed again
 //! {data_dir}/models/{name}/loading                 {"version": V, "sha256": H, "attempts": N} while V loads
 //! {data_dir}/staging/{sha256}.part                 downloads in progress
+//! {data_dir}/candidates/{sha256}.{onnx|tflite}      shadow candidates and A/B variants
 //! ```
 //!
 //! A version directory is complete before it gets its final name (it is
@@ -14,12 +15,17 @@
 //! atomically, so after a crash at any point the store names a version
 //! whose files are all there. The previous version is kept for rollback;
 //! older ones are removed.
+//!
+//! Shadow candidates and A/B variants live apart from the versions, named
+//! by hash: they survive a restart without a new download, yet no
+//! `active` pointer can name them, so they are never served as a model's
+//! version by accident. They are removed once no slot names them.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use edgefleet_shared::ModelSlot;
+use edgefleet_shared::{ModelFormat, ModelSlot};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -173,6 +179,63 @@ impl ModelStore {
             let sha = name.to_string_lossy();
             let sha = sha.strip_suffix(".part").unwrap_or(&sha);
             let sha = sha.strip_suffix(".zst").unwrap_or(sha);
+            if !keep.contains(&sha) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    fn candidates_dir(&self) -> PathBuf {
+        self.root.join("candidates")
+    }
+
+    /// Where a verified shadow candidate or A/B variant is kept.
+    pub fn candidate_path(&self, sha256: &str, format: ModelFormat) -> PathBuf {
+        self.candidates_dir()
+            .join(format!("{sha256}.{}", format.extension()))
+    }
+
+    /// The kept file with this hash, if it is there and intact (a damaged
+    /// one is removed, to be downloaded again).
+    pub fn candidate(&self, sha256: &str, format: ModelFormat) -> Option<PathBuf> {
+        let path = self.candidate_path(sha256, format);
+        match sha256_file(&path) {
+            Ok(actual) if actual == sha256 => Some(path),
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "kept candidate file is damaged; downloading it again");
+                let _ = fs::remove_file(&path);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Moves a verified staged download into the candidates.
+    pub fn keep_candidate(
+        &self,
+        staged: &Path,
+        sha256: &str,
+        format: ModelFormat,
+    ) -> Result<PathBuf, StoreError> {
+        let dir = self.candidates_dir();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = self.candidate_path(sha256, format);
+        fs::File::open(staged)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(staged))?;
+        rename_durable(staged, &path).map_err(io_err(&path))?;
+        Ok(path)
+    }
+
+    /// Removes kept candidates whose hash `keep` does not hold.
+    pub fn clean_candidates(&self, keep: &[&str]) {
+        let Ok(entries) = fs::read_dir(self.candidates_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let sha = name.split('.').next().unwrap_or_default();
             if !keep.contains(&sha) {
                 let _ = fs::remove_file(entry.path());
             }
@@ -509,7 +572,6 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgefleet_shared::ModelFormat;
 
     fn slot(version: u64, content: &[u8]) -> ModelSlot {
         ModelSlot {
@@ -525,6 +587,9 @@ mod tests {
             soak: None,
             upload_results: false,
             zstd: None,
+            shadow: None,
+            split: None,
+            drift: None,
         }
     }
 
@@ -588,6 +653,30 @@ mod tests {
         assert!(!leftover.exists());
         assert!(store2.active_models().unwrap().is_empty());
         drop(store);
+    }
+
+    #[test]
+    fn candidates_are_kept_by_hash_apart_from_versions_and_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        let (a, b) = (b"candidate a".as_slice(), b"candidate b".as_slice());
+        let (sa, sb) = (hex::encode(Sha256::digest(a)), hex::encode(Sha256::digest(b)));
+        for (bytes, sha) in [(a, &sa), (b, &sb)] {
+            let staged = store.staging_path(sha);
+            fs::write(&staged, bytes).unwrap();
+            store.keep_candidate(&staged, sha, ModelFormat::Onnx).unwrap();
+            assert!(!staged.exists());
+        }
+        // A reopened store still has them, and serves none of them.
+        let store = ModelStore::open(dir.path()).unwrap();
+        assert_eq!(store.candidate(&sa, ModelFormat::Onnx), Some(store.candidate_path(&sa, ModelFormat::Onnx)));
+        assert!(store.active_models().unwrap().is_empty());
+        // A damaged file is not used (and goes).
+        fs::write(store.candidate_path(&sb, ModelFormat::Onnx), b"bit rot").unwrap();
+        assert_eq!(store.candidate(&sb, ModelFormat::Onnx), None);
+        assert!(!store.candidate_path(&sb, ModelFormat::Onnx).exists());
+        store.clean_candidates(&[]);
+        assert_eq!(store.candidate(&sa, ModelFormat::Onnx), None);
     }
 
     #[test]

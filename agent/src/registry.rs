@@ -26,6 +26,10 @@ pub struct ServedModel {
     pub stats: ModelStats,
     /// Queue each result for upload (the model's `upload_results`).
     pub upload_results: bool,
+    /// Shadow candidate, A/B split and drift statistics, as the slot asks.
+    pub quality: crate::quality::ModelQuality,
+    /// The queue and batch statistics of dynamic batching.
+    pub batching: crate::api::batch::ModelBatching,
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -76,6 +80,8 @@ impl ServedModel {
             trials: selection.trials,
             stats: Default::default(),
             upload_results: false,
+            quality: Default::default(),
+            batching: Default::default(),
         }
     }
 

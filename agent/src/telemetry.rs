@@ -9,8 +9,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edgefleet_shared::quality::Variant;
 use edgefleet_shared::{
     DeviceId, Health, ModelTelemetry, OutboxHealth, TelemetryMessage, Temperature, SCHEMA_VERSION,
 };
@@ -21,7 +23,7 @@ use sysinfo::{
 use tokio_util::sync::CancellationToken;
 
 use crate::outbox::{OutboxHandle, Stream};
-use crate::registry::ModelRegistry;
+use crate::registry::{ModelRegistry, ServedModel};
 use crate::stats::Counts;
 
 /// Reads health and statistics; one per agent.
@@ -141,7 +143,7 @@ impl Sampler {
     pub fn models(&mut self, registry: &ModelRegistry) -> Vec<ModelTelemetry> {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
-        for model in registry.all() {
+        for (model, variant) in with_variants(registry.all()) {
             let key = (model.name.clone(), model.version);
             let now = model.stats.counts();
             let interval = match self.previous.get(&key) {
@@ -160,6 +162,12 @@ impl Sampler {
                 p95_us: interval.percentile_us(0.95),
                 p99_us: interval.percentile_us(0.99),
                 runtime_trials: model.trials.iter().map(|t| t.to_json()).collect(),
+                variant,
+                shadow: model.quality.shadow().map(|s| s.take()),
+                // Reported whenever the slot asks for drift, even for an
+                // interval without requests: zero counts say "no traffic",
+                // which an absent entry could not tell from "not binned".
+                drift: model.quality.drift().map(|d| d.take()),
             });
             seen.insert(key, now);
         }
@@ -189,6 +197,23 @@ impl Sampler {
             link: Default::default(),
         }
     }
+}
+
+/// Every served model, each followed by its A/B split's variant: both
+/// are labelled, each with its own counts.
+fn with_variants(models: Vec<Arc<ServedModel>>) -> Vec<(Arc<ServedModel>, Option<Variant>)> {
+    let mut out = Vec::with_capacity(models.len());
+    for model in models {
+        match model.quality.split() {
+            Some(split) => {
+                let b = split.variant().clone();
+                out.push((model, Some(Variant::A)));
+                out.push((b, Some(Variant::B)));
+            }
+            None => out.push((model, None)),
+        }
+    }
+    out
 }
 
 /// Samples every `interval` and appends the result to the outbox.

@@ -126,6 +126,15 @@ pub struct ServerConfig {
     /// every artifact).
     #[serde(default)]
     pub artifacts: ArtifactStorage,
+    /// The drift score (largest feature PSI against the version's
+    /// reference) at or above which the API, the dashboard and the logs
+    /// mark a model as drifting.
+    #[serde(default = "default_drift_alert_psi")]
+    pub drift_alert_psi: f64,
+}
+
+fn default_drift_alert_psi() -> f64 {
+    crate::drift::DEFAULT_ALERT_PSI
 }
 
 /// Where artifact bytes live (see [`ServerConfig::artifacts`]).
@@ -322,6 +331,12 @@ impl ServerConfig {
         }
         edgefleet_shared::TopicPrefix::new(self.topic_prefix.clone())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if !(self.drift_alert_psi.is_finite() && self.drift_alert_psi > 0.0) {
+            return Err(ConfigError::Invalid(format!(
+                "drift_alert_psi must be a number above 0, not {}",
+                self.drift_alert_psi
+            )));
+        }
         if self.desired_expiry_secs < 60 {
             return Err(ConfigError::Invalid(
                 "desired_expiry_secs must be at least 60".into(),

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 
+use edgefleet_shared::quality::{ModelArtifact, ShadowSpec, SplitSpec};
 use edgefleet_shared::{
     AgentBuild, AgentSlot, Compressed, DesiredState, DeviceId, ModelSlot, TopicKind, TopicPrefix,
 };
@@ -17,7 +18,13 @@ use edgefleet_shared::{
 use crate::artifacts::ArtifactStore;
 use crate::clock::Clock;
 use crate::keys::Signer;
+use crate::store::quality::ResolvedQuality;
 use crate::store::{self, AssignedAgent, ModelRecord, Store, StoreError};
+
+/// Sampled requests a device keeps waiting for a shadow candidate.
+const SHADOW_QUEUE: u32 = 8;
+/// Share of one core a shadow candidate may use on a device.
+const SHADOW_CPU_BUDGET: f64 = 0.25;
 
 /// A future a [`Publisher`] returns.
 pub type PublishFuture<'a> = Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send + 'a>>;
@@ -124,6 +131,8 @@ pub struct DesiredStates {
     pub expiry_secs: u64,
     pub revoked: Revoked,
     pub metrics: crate::metrics::Metrics,
+    /// Drift references: a version's bins go into its slot.
+    pub drift: crate::drift::DriftView,
 }
 
 impl DesiredStates {
@@ -142,7 +151,48 @@ impl DesiredStates {
             upload_results: false,
             urls: self.urls(&m.sha256),
             zstd: self.compressed(&m.sha256),
+            shadow: None,
+            split: None,
+            drift: self.drift.spec(&m.name, m.version),
         }
+    }
+
+    /// A model file a slot names besides its own version.
+    fn artifact(&self, m: &ModelRecord) -> ModelArtifact {
+        ModelArtifact {
+            version: m.version,
+            format: m.format,
+            sha256: m.sha256.clone(),
+            size: m.size,
+            urls: self.urls(&m.sha256),
+            zstd: self.compressed(&m.sha256),
+        }
+    }
+
+    /// `slot` with its assignment's shadow candidate and A/B split. A
+    /// setting naming the slot's own version is left out: nothing to
+    /// compare or split.
+    fn with_quality(&self, mut slot: ModelSlot, quality: Option<&ResolvedQuality>) -> ModelSlot {
+        let Some(q) = quality else {
+            return slot;
+        };
+        if let Some((s, record)) = q.shadow.as_ref().filter(|(s, _)| s.version != slot.version) {
+            slot.shadow = Some(ShadowSpec {
+                candidate: self.artifact(record),
+                sample_rate: s.sample_rate,
+                compare: s.compare.clone(),
+                max_queue: SHADOW_QUEUE,
+                cpu_budget: SHADOW_CPU_BUDGET,
+            });
+        }
+        if let Some((s, record)) = q.split.as_ref().filter(|(s, _)| s.version != slot.version) {
+            slot.split = Some(SplitSpec {
+                variant: self.artifact(record),
+                share: s.share,
+                experiment: s.experiment.clone(),
+            });
+        }
+        slot
     }
 
     /// Where devices download the artifact with this hash.
@@ -195,7 +245,11 @@ impl DesiredStates {
         let id = device.clone();
         let now = self.clock.now();
         let sign: store::SignFn = Box::new(move |content, version| {
-            let slots: Vec<ModelSlot> = content.models.iter().map(|m| this.slot(m)).collect();
+            let slots: Vec<ModelSlot> = content
+                .models
+                .iter()
+                .map(|m| this.with_quality(this.slot(m), content.quality.get(&m.name)))
+                .collect();
             let agent = content.agent.as_ref().map(|a| this.agent_slot(a));
             let doc = DesiredState::new(id, version, now, now + this.expiry_secs, slots)
                 .with_agent(agent);

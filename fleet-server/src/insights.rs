@@ -88,6 +88,28 @@ pub struct ModelHealth {
     pub inferences: u64,
     pub errors: u64,
     pub p95_us: Option<f64>,
+    pub p50_us: Option<f64>,
+    /// Since the version was activated on the device.
+    pub total_inferences: u64,
+    pub total_errors: u64,
+    /// Its side of an A/B test.
+    pub variant: Option<edgefleet_shared::quality::Variant>,
+    /// Its shadow candidate's figures, summed over the intervals seen.
+    pub shadow: Option<ShadowTotals>,
+}
+
+/// A shadow candidate's figures on one device, summed over the telemetry
+/// intervals this server has seen (since the candidate was set or the
+/// server started).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ShadowTotals {
+    pub candidate_version: u64,
+    pub compared: u64,
+    pub agreed: u64,
+    pub errors: u64,
+    pub dropped: u64,
+    /// The latest interval's candidate p99 latency.
+    pub p99_us: Option<f64>,
 }
 
 impl ModelHealth {
@@ -295,16 +317,39 @@ impl DeviceInsight {
             self.depths.pop_front();
         }
         self.depths.push_back(self.outbox_depth);
+        let before = std::mem::take(&mut self.models);
         self.models = t
             .models
             .iter()
-            .map(|m| ModelHealth {
-                name: m.name.clone(),
-                version: m.version,
-                runtime: m.runtime.clone(),
-                inferences: m.inferences,
-                errors: m.errors,
-                p95_us: m.p95_us,
+            .map(|m| {
+                let shadow = m.shadow.as_ref().map(|s| {
+                    let mut totals = before
+                        .iter()
+                        .filter(|b| b.name == m.name && b.version == m.version)
+                        .find_map(|b| b.shadow.clone())
+                        .filter(|b| b.candidate_version == s.candidate_version)
+                        .unwrap_or_default();
+                    totals.candidate_version = s.candidate_version;
+                    totals.compared += s.compared;
+                    totals.agreed += s.agreed;
+                    totals.errors += s.errors;
+                    totals.dropped += s.dropped;
+                    totals.p99_us = s.p99_us.or(totals.p99_us);
+                    totals
+                });
+                ModelHealth {
+                    name: m.name.clone(),
+                    version: m.version,
+                    runtime: m.runtime.clone(),
+                    inferences: m.inferences,
+                    errors: m.errors,
+                    p95_us: m.p95_us,
+                    p50_us: m.p50_us,
+                    total_inferences: m.total_inferences,
+                    total_errors: m.total_errors,
+                    variant: m.variant,
+                    shadow,
+                }
             })
             .collect();
     }
@@ -320,6 +365,8 @@ struct State {
 #[derive(Default)]
 pub struct Insights {
     state: Mutex<State>,
+    /// Drift scores, fed with the same samples.
+    drift: crate::drift::DriftView,
 }
 
 impl std::fmt::Debug for Insights {
@@ -332,6 +379,19 @@ impl Insights {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind: go on.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A view that also feeds `drift` with every sample it takes in.
+    pub fn with_drift(drift: crate::drift::DriftView) -> Self {
+        Self {
+            state: Default::default(),
+            drift,
+        }
+    }
+
+    /// The drift scores fed alongside.
+    pub fn drift(&self) -> &crate::drift::DriftView {
+        &self.drift
     }
 
     /// Takes in a stored batch of telemetry (results are ignored). A
@@ -350,6 +410,7 @@ impl Insights {
                 continue;
             }
             device.apply(t);
+            self.drift.observe(t, now);
             let at = t.at.min(now);
             if at + SERIES_SECS < now {
                 continue;
@@ -427,6 +488,7 @@ impl Insights {
     /// Forgets a device (revoked or deleted).
     pub fn forget(&self, id: &str) {
         self.state().devices.remove(id);
+        self.drift.forget(id);
     }
 
     /// Per-minute fleet figures from `now - window` to `now`, oldest first;

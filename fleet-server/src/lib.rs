@@ -17,11 +17,13 @@ pub mod dashboard;
 pub mod demo;
 pub mod desired;
 pub mod device_keys;
+pub mod drift;
 pub mod fleet;
 pub mod insights;
 pub mod keys;
 pub mod logins;
 pub mod metrics;
+pub mod quality;
 pub mod replica_sync;
 pub mod rollout;
 pub mod root_upkeep;
@@ -203,6 +205,11 @@ pub async fn start(
     let clock = clock::system();
     let signer = Arc::new(signer);
     let metrics = metrics::Metrics::default();
+    // The drift references are cached before the first desired state is
+    // signed, so slots carry their bins from the start.
+    let drift = drift::DriftView::new(config.drift_alert_psi);
+    drift.load_references(&store).await?;
+    tokio::spawn(drift.clone().follow(store.clone(), shutdown.clone()));
     let desired = desired::DesiredStates {
         store: store.clone(),
         artifacts: artifacts.clone(),
@@ -214,6 +221,7 @@ pub async fn start(
         expiry_secs: config.desired_expiry_secs,
         revoked: desired::Revoked::new(revoked),
         metrics: metrics.clone(),
+        drift: drift.clone(),
     };
     let loaded_rollouts = rollout::Rollouts::load_as(
         store.clone(),
@@ -246,7 +254,7 @@ pub async fn start(
         device_keys: Arc::new(device_keys),
         sessions: Default::default(),
         rollouts: loaded_rollouts,
-        insights: Default::default(),
+        insights: Arc::new(insights::Insights::with_drift(drift)),
         logins: Default::default(),
         secure_cookies: config.tls.is_some() || public_url.starts_with("https://"),
     };

@@ -22,6 +22,14 @@
 //! - `edgefleet_root_expires_seconds`: when the current root document
 //!   expires (Unix seconds); alert well before it, devices accept no
 //!   desired state after it.
+//! - `edgefleet_model_drift_psi{model, version, scope, class}`: drift
+//!   scores (largest feature PSI against the version's reference,
+//!   [`crate::drift`]), read at each scrape: `scope="fleet"` and
+//!   `scope="class"` (one per hardware class) over the last five minutes
+//!   of intervals, `scope="device_max"` the worst device's latest
+//!   interval. Per-device series are left out on purpose: one series per
+//!   device and model version would grow with the fleet; the API has
+//!   them (`GET /api/v1/models/{name}/drift`).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -43,6 +51,14 @@ pub struct IngestResult {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct State {
     pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub model: String,
+    pub version: u64,
+    pub scope: &'static str,
+    pub class: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +90,7 @@ pub struct Metrics {
     pub root_expires: Gauge,
     pub broker_clients: Gauge,
     pub broker_messages: Family<What, Counter>,
+    pub drift_psi: Family<DriftLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -151,6 +168,12 @@ impl Default for Metrics {
             "Messages the embedded broker received, delivered, and dropped because a session's queue was full",
             broker_messages.clone(),
         );
+        let drift_psi = Family::<DriftLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "model_drift_psi",
+            "Drift score (largest feature PSI against the version's reference): fleet and per hardware class over the last five minutes, device_max the worst device's latest interval",
+            drift_psi.clone(),
+        );
         Self {
             registry: std::sync::Arc::new(registry),
             devices,
@@ -164,6 +187,7 @@ impl Default for Metrics {
             root_expires,
             broker_clients,
             broker_messages,
+            drift_psi,
         }
     }
 }
@@ -211,6 +235,22 @@ impl Metrics {
         self.devices
             .get_or_create(&State { state: "offline" })
             .set(offline as i64);
+    }
+
+    /// Replaces the drift gauges (a version no longer scored loses its
+    /// series).
+    pub fn set_drift(&self, gauges: &[crate::drift::view::Gauge]) {
+        self.drift_psi.clear();
+        for (model, version, scope, class, psi) in gauges {
+            self.drift_psi
+                .get_or_create(&DriftLabels {
+                    model: model.clone(),
+                    version: *version,
+                    scope,
+                    class: class.clone().unwrap_or_default(),
+                })
+                .set(*psi);
+        }
     }
 
     /// Records when the current root document expires.

@@ -361,15 +361,130 @@ pub enum ModelCommand {
         /// hints.
         #[arg(long)]
         spec: Option<PathBuf>,
+        /// A drift reference file (JSON: {"samples": [{"inputs": {NAME:
+        /// [numbers]}, "outputs": {NAME: [numbers]}}]}, each tensor one
+        /// sample's values, flat); the server bins its features and
+        /// devices report drift against it.
+        #[arg(long)]
+        reference: Option<PathBuf>,
     },
     /// List model versions.
     List,
+    /// Drift references: set one from a file or from a period of traffic.
+    Reference {
+        #[command(subcommand)]
+        command: ReferenceCommand,
+    },
+    /// A model's drift scores: fleet-wide, per hardware class, per device.
+    Drift { name: String },
+    /// A model's versions side by side in the field: per version and A/B
+    /// variant its inferences, errors and latency; per shadow candidate its
+    /// agreement with the version it ran beside.
+    Quality { name: String },
+    /// A/B test: on the selected devices, serve --share of client keys
+    /// with --version ("b"), the rest with the assigned version ("a").
+    Split {
+        name: String,
+        #[arg(long)]
+        version: u64,
+        /// Share of client keys (0 to 1) served by --version.
+        #[arg(long)]
+        share: f64,
+        /// Names the experiment (default NAME-vVERSION): keys hash with it.
+        #[arg(long)]
+        experiment: Option<String>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// End an A/B test on the selected devices (they keep the assigned
+    /// version).
+    SplitEnd {
+        name: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Keep one side of an A/B test: a ends it, b deploys the variant.
+    Promote {
+        name: String,
+        #[arg(long, value_parser = ["a", "b"])]
+        variant: String,
+        /// With b: the variant's version (found from the fleet's figures
+        /// when one variant b is running).
+        #[arg(long)]
+        version: Option<u64>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Run --version in shadow beside the served version on the selected
+    /// devices, on a sample of their requests, and compare the outputs.
+    Shadow {
+        name: String,
+        #[arg(long)]
+        version: u64,
+        /// Share of requests also run on the candidate.
+        #[arg(long, default_value_t = 0.1)]
+        sample_rate: f64,
+        /// OUTPUT=KIND[:X], repeatable: top1, cosine:MIN, max_abs:LIMIT,
+        /// max_rel:LIMIT (outputs not given compare top-1).
+        #[arg(long = "compare")]
+        compare: Vec<String>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Stop the shadow candidate on the selected devices.
+    ShadowEnd {
+        name: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// Delete a model version no deployment points at.
     Delete {
         #[arg(long)]
         name: String,
         #[arg(long)]
         version: u64,
+    },
+}
+
+/// Which devices a model setting applies to.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// A device id; repeat for several.
+    #[arg(
+        long = "device",
+        conflicts_with_all = ["all", "tags"],
+        required_unless_present_any = ["all", "tags"]
+    )]
+    pub devices: Vec<String>,
+    /// Every device that runs the model.
+    #[arg(long, conflicts_with = "tags")]
+    pub all: bool,
+    /// KEY=VALUE, repeatable: the devices that have all these tags now.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+}
+
+/// `fleetctl model reference ...`.
+#[derive(Subcommand)]
+pub enum ReferenceCommand {
+    /// Set NAME VERSION's drift reference from a reference file.
+    Set {
+        name: String,
+        version: u64,
+        file: PathBuf,
+    },
+    /// Make NAME VERSION's drift reference from the drift statistics its
+    /// devices reported in a period (needs a reference in force: devices
+    /// collect only in a reference's bins).
+    FromTraffic {
+        name: String,
+        version: u64,
+        /// Start of the period: unix seconds, or an age like 2h, 30m, 1d.
+        #[arg(long)]
+        since: String,
+        /// End of the period (default now): unix seconds or an age.
+        #[arg(long)]
+        until: Option<String>,
     },
 }
 
@@ -511,9 +626,29 @@ pub struct CreateRolloutArgs {
     /// Likewise for its p95 inference latency, in milliseconds.
     #[arg(long)]
     pub max_p95_ms: Option<f64>,
+    /// Likewise for its drift score (largest feature PSI of an interval
+    /// against the version's reference; needs a reference).
+    #[arg(long)]
+    pub max_drift_psi: Option<f64>,
     /// Fewest inferences in an interval to judge it by.
     #[arg(long, default_value_t = 20)]
     pub min_inferences: u64,
+    /// Shadow gate: each wave's devices first run the new version in
+    /// shadow; the wave moves once this share (0 to 1) of compared
+    /// requests agree, and the rollout takes --on-failure otherwise.
+    #[arg(long)]
+    pub min_shadow_agreement: Option<f64>,
+    /// Compared requests (summed over a wave's devices) the shadow gate
+    /// judges by.
+    #[arg(long, default_value_t = 200, requires = "min_shadow_agreement")]
+    pub min_shadow_requests: u64,
+    /// Share of requests devices also run on the new version in shadow.
+    #[arg(long, default_value_t = 0.1, requires = "min_shadow_agreement")]
+    pub shadow_sample_rate: f64,
+    /// OUTPUT=KIND[:X], repeatable: how the shadow compares an output
+    /// (top1, cosine:MIN, max_abs:LIMIT, max_rel:LIMIT; default top1).
+    #[arg(long = "shadow-compare", requires = "min_shadow_agreement")]
+    pub shadow_compare: Vec<String>,
     #[arg(long)]
     pub dry_run: bool,
 }

@@ -77,7 +77,8 @@ pub enum Comparison {
 }
 
 impl Comparison {
-    fn validate(&self) -> Result<(), String> {
+    /// Whether its figure is usable.
+    pub fn validate(&self) -> Result<(), String> {
         match *self {
             Self::Top1 => Ok(()),
             Self::MaxAbs { limit } | Self::MaxRel { limit } => {

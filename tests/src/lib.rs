@@ -136,15 +136,26 @@ pub struct Samples {
     pub labels: Vec<usize>,
 }
 
-/// The digit samples in `models/digits/samples.json`.
+/// The digit samples in `models/digits/samples.json` (16 images).
 pub fn samples() -> Samples {
-    let path = repo_root().join("models/digits/samples.json");
-    let text = std::fs::read(&path).expect("models/digits/samples.json is in the repository");
-    let v: Value = serde_json::from_slice(&text).expect("samples.json is JSON");
-    let number = |x: &Value| x.as_f64().expect("samples.json holds numbers");
+    load_samples("samples.json")
+}
+
+/// Every held-out digit image, `models/digits/test_set.json` (450): in-
+/// distribution traffic for shadow and drift tests.
+pub fn test_set() -> Samples {
+    load_samples("test_set.json")
+}
+
+/// Digit samples from a file of `models/digits/` (`inputs`, `labels`).
+fn load_samples(file: &str) -> Samples {
+    let path = repo_root().join("models/digits").join(file);
+    let text = std::fs::read(&path).expect("the digits samples are in the repository");
+    let v: Value = serde_json::from_slice(&text).expect("a digits samples file is JSON");
+    let number = |x: &Value| x.as_f64().expect("a digits samples file holds numbers");
     let inputs = v["inputs"]
         .as_array()
-        .expect("samples.json has inputs")
+        .expect("a digits samples file has inputs")
         .iter()
         .map(|row| {
             row.as_array()
@@ -156,7 +167,7 @@ pub fn samples() -> Samples {
         .collect();
     let labels = v["labels"]
         .as_array()
-        .expect("samples.json has labels")
+        .expect("a digits samples file has labels")
         .iter()
         .map(|x| number(x) as usize)
         .collect();

@@ -691,6 +691,9 @@ impl Server {
             soak: None,
             upload_results: false,
             zstd: None,
+            shadow: None,
+            split: None,
+            drift: None,
         }
     }
 }

@@ -20,6 +20,7 @@
 //! the model on the right thread; [`upload`] queues the result for the
 //! fleet when the model asks for it; [`oip`] encodes the answer.
 
+pub mod batch;
 pub mod oip;
 pub mod schedule;
 pub mod server;
@@ -83,6 +84,8 @@ pub struct ApiState {
     pub body_read_deadline: Duration,
     /// Where results of models with `upload_results` go (fleet mode).
     pub uploads: Option<Uploads>,
+    /// Which models' requests are batched, and how (`[batching]`).
+    pub batching: batch::Batching,
     /// Every connection being served: the agent waits for them to finish
     /// before it exits ([`ApiState::drain`]).
     pub connections: tokio_util::task::TaskTracker,
@@ -100,6 +103,7 @@ impl ApiState {
             header_read_timeout: HEADER_READ_TIMEOUT,
             body_read_deadline: BODY_READ_DEADLINE,
             uploads: None,
+            batching: batch::Batching::default(),
             connections: tokio_util::task::TaskTracker::new(),
         }
     }

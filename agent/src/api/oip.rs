@@ -46,6 +46,10 @@ pub enum RequestError {
 #[derive(Deserialize, Default)]
 struct RequestParameters {
     binary_data_output: Option<bool>,
+    /// Identifies the client for an A/B split when the request carries
+    /// no `X-Client-Key` header. A string, or a number taken as its
+    /// decimal text.
+    client_key: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +107,8 @@ pub struct Decoded {
     pub wanted: Option<Vec<(String, bool)>>,
     /// Whether outputs not named go back as binary.
     pub binary_by_default: bool,
+    /// The request's `client_key` parameter (A/B splits).
+    pub client_key: Option<String>,
 }
 
 /// Splits `body` per the binary tensor extension (`header_len`: the
@@ -177,10 +183,17 @@ pub fn decode_request(header_len: Option<usize>, body: &[u8]) -> Result<Decoded,
             bytes: binary.len(),
         });
     }
-    let binary_by_default = request
-        .parameters
-        .and_then(|p| p.binary_data_output)
-        .unwrap_or(false);
+    let (binary_by_default, client_key) = match request.parameters {
+        Some(p) => (
+            p.binary_data_output.unwrap_or(false),
+            p.client_key.and_then(|k| match k {
+                Value::String(s) => Some(s),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
+        ),
+        None => (false, None),
+    };
     let wanted = request.outputs.map(|outputs| {
         outputs
             .into_iter()
@@ -198,6 +211,7 @@ pub fn decode_request(header_len: Option<usize>, body: &[u8]) -> Result<Decoded,
         inputs,
         wanted,
         binary_by_default,
+        client_key,
     })
 }
 
@@ -517,8 +531,29 @@ pub fn metadata(model: &ServedModel) -> Value {
 /// Triton's statistics extension (`GET /v2/models/{m}/stats`), with the
 /// agent's latency percentiles added.
 pub fn statistics(model: &ServedModel) -> Value {
+    let mut served = model_statistics(model);
+    if let Some(shadow) = model.quality.shadow() {
+        let totals = shadow.totals();
+        let mut figures = serde_json::to_value(&totals).unwrap_or(Value::Null);
+        figures["runtime"] = shadow.runtime().into();
+        figures["agreement"] = json!(totals.agreement());
+        served["shadow"] = figures;
+    }
+    let Some(split) = model.quality.split() else {
+        return json!({"model_stats": [served]});
+    };
+    // An A/B split: one entry per variant, each with its own figures.
+    served["variant"] = "a".into();
+    let mut variant = model_statistics(split.variant());
+    variant["variant"] = "b".into();
+    variant["share"] = json!(split.spec().share);
+    variant["experiment"] = json!(split.spec().experiment);
+    json!({"model_stats": [served, variant]})
+}
+
+fn model_statistics(model: &ServedModel) -> Value {
     let s = model.stats.snapshot();
-    json!({"model_stats": [{
+    json!({
         "name": model.name,
         "version": model.version.to_string(),
         "inference_count": s.successes,
@@ -529,7 +564,8 @@ pub fn statistics(model: &ServedModel) -> Value {
         },
         "latency_us": {"p50": s.p50_us, "p90": s.p90_us, "p99": s.p99_us},
         "runtime": model.engine.runtime(),
-    }]})
+        "batches": model.batching.stats_json(),
+    })
 }
 
 #[cfg(test)]
@@ -601,6 +637,17 @@ mod tests {
         let json = json!({"inputs": [], "parameters": {"binary_data_output": true}});
         let d = decode_request(None, &serde_json::to_vec(&json).unwrap()).unwrap();
         assert!(d.binary_by_default && d.wanted.is_none());
+    }
+
+    #[test]
+    fn the_client_key_parameter_is_read_as_text() {
+        for (key, expected) in [(json!("shop-7"), Some("shop-7")), (json!(42), Some("42")), (json!([1]), None)] {
+            let json = json!({"inputs": [], "parameters": {"client_key": key}});
+            let d = decode_request(None, &serde_json::to_vec(&json).unwrap()).unwrap();
+            assert_eq!(d.client_key.as_deref(), expected);
+        }
+        let d = decode_request(None, br#"{"inputs": []}"#).unwrap();
+        assert_eq!(d.client_key, None);
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! Scheduling one inference: taking one of the `api.max_concurrent_requests`
 //! permits (only once the whole request is in hand, so a permit stands for
 //! inference work, never for waiting on a client), choosing the thread the
-//! model runs on, bounding it by `api.request_timeout_ms`, and recording
-//! the outcome in the model's statistics.
+//! model runs on (or handing it to the model's batch queue,
+//! [`super::batch`]), bounding it by `api.request_timeout_ms`, and
+//! recording the outcome in the model's statistics.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
+use super::batch::{self, Route};
 use super::{ApiError, ApiState};
-use crate::engine;
+use crate::engine::{self, EngineError};
 use crate::registry::{Placement, ServedModel};
 use crate::tensor::Tensor;
 
@@ -29,8 +31,11 @@ pub fn placement_for(placement: Placement, elements: usize) -> Placement {
     }
 }
 
-/// Runs `model` on `inputs` under a permit; returns its outputs and how
-/// long it ran. Counts a success or a failure in the model's statistics.
+/// Runs `model` on `inputs` under a permit, batched with other requests
+/// when `[batching]` enables it for the model ([`super::batch`]); returns
+/// its outputs and how long it took from taking the permit (for a batched
+/// request: its wait in the queue and its batch's run). Counts a success
+/// or a failure in the model's statistics, per request either way.
 pub async fn run(
     state: &ApiState,
     model: &Arc<ServedModel>,
@@ -46,49 +51,26 @@ pub async fn run(
         )
     })?;
     let started = Instant::now();
-    let elements: usize = inputs.iter().map(|t| t.data.len()).sum();
-    let result = match placement_for(model.placement(), elements) {
-        Placement::Direct => {
-            let result = engine::infer(model.engine.as_ref(), inputs);
-            drop(permit);
-            result
-        }
-        Placement::InPlace => {
-            // Sub-millisecond models: no thread hand-off (block_in_place
-            // lets another thread take over this worker's queue meanwhile).
-            let result =
-                tokio::task::block_in_place(|| engine::infer(model.engine.as_ref(), inputs));
-            drop(permit);
-            result
-        }
-        Placement::Pool => {
-            let worker_model = Arc::clone(model);
-            // The permit travels with the work: a request that times out
-            // still holds its slot until the runtime actually finishes.
-            let work = tokio::task::spawn_blocking(move || {
-                let result = engine::infer(worker_model.engine.as_ref(), inputs);
-                drop(permit);
-                result
-            });
-            match tokio::time::timeout(state.request_timeout, work).await {
-                Err(_) => {
-                    model.stats.record_failure();
-                    return Err(ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "inference took longer than {} ms (api.request_timeout_ms)",
-                            state.request_timeout.as_millis()
-                        ),
-                    ));
-                }
-                Ok(joined) => joined.map_err(|e| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("inference task failed: {e}"),
-                    )
-                })?,
+    let result = match batch::route(&state.batching, model, inputs, permit) {
+        Route::Alone {
+            inputs,
+            permit,
+            slot,
+        } => run_alone(state, model, inputs, (permit, slot)).await?,
+        Route::Queued(answer) => match tokio::time::timeout(state.request_timeout, answer).await {
+            Err(_) => {
+                model.stats.record_failure();
+                return Err(timed_out(state));
             }
-        }
+            Ok(answer) => answer.map_err(|_| {
+                model.stats.record_failure();
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the batched inference this request joined was abandoned",
+                )
+            })?,
+        },
+        Route::Invalid(e) => Err(e),
     };
     let elapsed = started.elapsed();
     let outputs = result.map_err(|e| {
@@ -102,6 +84,63 @@ pub async fn run(
     })?;
     model.stats.record_success(elapsed);
     Ok((outputs, elapsed))
+}
+
+fn timed_out(state: &ApiState) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "inference took longer than {} ms (api.request_timeout_ms)",
+            state.request_timeout.as_millis()
+        ),
+    )
+}
+
+/// Runs one request by itself on the thread its size calls for. `hold`
+/// (the permit, and the batching run slot) is released when the runtime
+/// finishes: a request that times out still holds its slot until then.
+async fn run_alone(
+    state: &ApiState,
+    model: &Arc<ServedModel>,
+    inputs: Vec<Tensor>,
+    hold: impl Send + 'static,
+) -> Result<Result<Vec<Tensor>, EngineError>, ApiError> {
+    let elements: usize = inputs.iter().map(|t| t.data.len()).sum();
+    Ok(match placement_for(model.placement(), elements) {
+        Placement::Direct => {
+            let result = engine::infer(model.engine.as_ref(), inputs);
+            drop(hold);
+            result
+        }
+        Placement::InPlace => {
+            // Sub-millisecond models: no thread hand-off (block_in_place
+            // lets another thread take over this worker's queue meanwhile).
+            let result =
+                tokio::task::block_in_place(|| engine::infer(model.engine.as_ref(), inputs));
+            drop(hold);
+            result
+        }
+        Placement::Pool => {
+            let worker_model = Arc::clone(model);
+            let work = tokio::task::spawn_blocking(move || {
+                let result = engine::infer(worker_model.engine.as_ref(), inputs);
+                drop(hold);
+                result
+            });
+            match tokio::time::timeout(state.request_timeout, work).await {
+                Err(_) => {
+                    model.stats.record_failure();
+                    return Err(timed_out(state));
+                }
+                Ok(joined) => joined.map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("inference task failed: {e}"),
+                    )
+                })?,
+            }
+        }
+    })
 }
 
 #[cfg(test)]

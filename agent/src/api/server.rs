@@ -342,7 +342,7 @@ async fn model_route(
             StatusCode::OK,
             &json!({"name": model.name, "version": model.version.to_string(), "ready": true}),
         )),
-        (&Method::POST, ["infer"]) => infer(state, model, req).await,
+        (&Method::POST, ["infer"]) => infer(state, model, version.is_some(), req).await,
         (&Method::GET, ["stats"]) => Ok(json_response(StatusCode::OK, &oip::statistics(&model))),
         _ => Err(ApiError::not_found(format!(
             "no route for {method} {}",
@@ -370,6 +370,12 @@ fn find_model(
     })?;
     if let Some(v) = version {
         if v != model.version.to_string() {
+            // The variant of an A/B split is served under its version too.
+            if let Some(b) = model.quality.split().map(|s| s.variant().clone()) {
+                if v == b.version.to_string() {
+                    return Ok(b);
+                }
+            }
             return Err(ApiError::not_found(format!(
                 "model {name:?} version {v} is not served (serving version {})",
                 model.version
@@ -423,11 +429,20 @@ async fn read_body(state: &ApiState, req: Request<Incoming>) -> Result<Bytes, Ap
     }
 }
 
+/// Runs one inference request on `model`, or on the variant of its A/B
+/// split that the request's client key picks (unless the request named
+/// its version: `pinned`).
 async fn infer(
     state: &ApiState,
     model: Arc<ServedModel>,
+    pinned: bool,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
+    let header_key = req
+        .headers()
+        .get(crate::quality::split::CLIENT_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let header_len = match req.headers().get(HEADER_LENGTH) {
         None => None,
         Some(v) => Some(
@@ -445,8 +460,16 @@ async fn infer(
         inputs,
         wanted,
         binary_by_default,
+        client_key,
     } = oip::decode_request(header_len, &body)?;
     drop(body);
+    let model = match model.quality.split() {
+        Some(split) if !pinned => match split.choose(header_key.or(client_key).as_deref()) {
+            edgefleet_shared::quality::Variant::B => split.variant().clone(),
+            edgefleet_shared::quality::Variant::A => model,
+        },
+        _ => model,
+    };
     if let Some(wanted) = &wanted {
         for (name, _) in wanted {
             if !model.engine.outputs().iter().any(|o| &o.name == name) {
@@ -463,7 +486,15 @@ async fn infer(
             }
         }
     }
+    let mut observed = model.quality.observe(&inputs);
     let (outputs, elapsed) = schedule::run(state, &model, inputs).await?;
+    // More than half the inference permits in use: the device is busy
+    // serving, and a shadow run would compete with it.
+    let in_use = state.max_concurrent.saturating_sub(state.permits.available_permits());
+    if 2 * in_use > state.max_concurrent {
+        observed.drop_shadow();
+    }
+    crate::quality::ModelQuality::answered(observed, &outputs);
     if let (true, Some(uploads)) = (model.upload_results, &state.uploads) {
         uploads.queue(&model, id.clone(), elapsed, &outputs);
     }

@@ -141,6 +141,9 @@ mod tests {
             soak: None,
             upload_results: false,
             zstd: None,
+            shadow: None,
+            split: None,
+            drift: None,
         }
     }
 

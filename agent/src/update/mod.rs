@@ -31,5 +31,10 @@ fn served(installed: &InstalledModel, selection: Selection) -> ServedModel {
         selection,
     );
     model.upload_results = slot.upload_results;
+    // The drift spec signed with this version, so a model served from the
+    // store bins its requests from the start, even when the stored desired
+    // state has expired while the device was offline; the current desired
+    // state's spec replaces it when one is applied.
+    model.quality.apply_drift(slot.drift.as_ref());
     model
 }

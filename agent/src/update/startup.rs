@@ -77,6 +77,15 @@ mod tests {
 
     /// Installs the repository model `file` as `version` of "digits".
     fn install(store: &ModelStore, version: u64, file: &str) {
+        install_with_drift(store, version, file, None)
+    }
+
+    fn install_with_drift(
+        store: &ModelStore,
+        version: u64,
+        file: &str,
+        drift: Option<edgefleet_shared::quality::DriftSpec>,
+    ) {
         let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let slot = ModelSlot {
@@ -92,6 +101,9 @@ mod tests {
             soak: None,
             upload_results: false,
             zstd: None,
+            shadow: None,
+            split: None,
+            drift,
         };
         let staged = store.staging_path(&sha256);
         std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
@@ -142,5 +154,42 @@ mod tests {
         let pointer = store.active_pointer("digits").unwrap().unwrap();
         assert_eq!((pointer.version, pointer.soaking), (1, None));
         assert_eq!(store.rejected("digits").unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_model_served_from_the_store_bins_drift_as_its_slot_asks() {
+        use edgefleet_shared::quality::{DriftSpec, Feature, FeatureBins};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        let spec = DriftSpec {
+            features: vec![FeatureBins {
+                tensor: "input".into(),
+                feature: Feature::Mean,
+                lo: 0.0,
+                hi: 16.0,
+                bins: 16,
+            }],
+        };
+        install_with_drift(
+            &store,
+            1,
+            "../models/digits/digits_fp32.onnx",
+            Some(spec.clone()),
+        );
+        store.activate("digits", 1, None).unwrap();
+        let loading = Loading {
+            runtimes: Runtimes::builtin(),
+            pin: None,
+        };
+        // A start with no desired state to apply (none stored, or expired).
+        let registry = ModelRegistry::default();
+        serve_installed(&store, &registry, &loading).await.unwrap();
+        let model = registry.get("digits").unwrap();
+        let collector = model
+            .quality
+            .drift()
+            .expect("drift collector attached at start");
+        assert_eq!(collector.spec(), &spec);
     }
 }

@@ -34,6 +34,7 @@ use crate::stats::Counts;
 use crate::trust::TrustStore;
 use crate::uplink::{FromFleet, ServerKeys};
 
+mod quality;
 #[cfg(test)]
 mod tests;
 
@@ -474,8 +475,13 @@ impl Updater {
                 }
             }
         }
-        let wanted: Vec<&str> = doc.models.iter().map(|m| m.sha256.as_str()).collect();
+        // A slot's quality settings may change without a new version.
+        self.apply_quality(doc).await;
+        let candidates = Self::quality_artifacts(doc);
+        let mut wanted: Vec<&str> = doc.models.iter().map(|m| m.sha256.as_str()).collect();
+        wanted.extend(&candidates);
         self.store.clean_staging(&wanted);
+        self.store.clean_candidates(&candidates);
         // After the models: the new agent's self-test loads them.
         if let Some(agent) = &doc.agent {
             self.update_agent(agent, doc.version).await;

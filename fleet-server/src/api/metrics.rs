@@ -41,6 +41,13 @@ pub(super) async fn metrics(State(fleet): State<Fleet>) -> ApiResult<Response> {
     let devices = fleet.store.list_devices().await?;
     let online = devices.iter().filter(|d| d.online).count();
     fleet.metrics.set_devices(online, devices.len() - online);
+    let classes = crate::drift::view::hardware_classes(&devices);
+    fleet.metrics.set_drift(
+        &fleet
+            .desired
+            .drift
+            .gauges(&classes, edgefleet_shared::unix_now()),
+    );
     if let Some(broker) = &fleet.broker {
         let (stats, clients) = broker.stats();
         fleet.metrics.set_broker(stats, clients);

@@ -10,9 +10,11 @@ mod agent;
 mod artifacts;
 mod deployments;
 mod devices;
+mod drift;
 mod enrollment;
 mod metrics;
 mod models;
+mod quality;
 mod rollouts;
 mod tokens;
 pub mod types;
@@ -41,6 +43,9 @@ use types::{ErrorBody, Health, SignedEnvelope};
         health, root_document, openapi_json,
         models::list_models, models::get_model, models::upload_model, models::put_spec,
         models::put_test_vector, models::delete_model,
+        drift::put_reference, drift::reference_from_traffic, drift::model_drift,
+        quality::model_quality, quality::put_split, quality::delete_split, quality::promote,
+        quality::put_shadow, quality::delete_shadow,
         deployments::deploy,
         agent::push_build, agent::list_releases, agent::get_release, agent::delete_release,
         agent::deploy_release,
@@ -196,6 +201,28 @@ pub fn router(fleet: Fleet) -> Router {
         .route(
             "/api/v1/models/{name}/versions/{version}/spec",
             put(models::put_spec),
+        )
+        .route(
+            "/api/v1/models/{name}/versions/{version}/reference",
+            put(drift::put_reference),
+        )
+        .route(
+            "/api/v1/models/{name}/versions/{version}/reference/from-traffic",
+            post(drift::reference_from_traffic),
+        )
+        .route("/api/v1/models/{name}/drift", get(drift::model_drift))
+        .route("/api/v1/models/{name}/quality", get(quality::model_quality))
+        .route(
+            "/api/v1/models/{name}/split",
+            put(quality::put_split).delete(quality::delete_split),
+        )
+        .route(
+            "/api/v1/models/{name}/split/promote",
+            post(quality::promote),
+        )
+        .route(
+            "/api/v1/models/{name}/shadow",
+            put(quality::put_shadow).delete(quality::delete_shadow),
         )
         .route("/api/v1/deployments", post(deployments::deploy))
         .route("/api/v1/agent/releases", get(agent::list_releases))

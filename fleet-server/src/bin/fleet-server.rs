@@ -83,6 +83,10 @@ struct ServeArgs {
     /// (PostgreSQL, shared by every replica).
     #[arg(long)]
     artifacts: Option<fleet_server::config::ArtifactStorage>,
+    /// The drift score (PSI) at or above which a model counts as
+    /// drifting (default 0.25).
+    #[arg(long)]
+    drift_alert_psi: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
                 topic_prefix,
                 replica,
                 artifacts,
+                drift_alert_psi,
             } = *args;
             init_logging("info");
             let loaded = ServerConfig::load_with_env(config.as_deref(), std::env::vars());
@@ -233,6 +238,9 @@ fn main() -> ExitCode {
                     }
                     if let Some(v) = artifacts {
                         c.artifacts = v;
+                    }
+                    if let Some(v) = drift_alert_psi {
+                        c.drift_alert_psi = v;
                     }
                     runtime.block_on(serve(c, shutdown))
                 }

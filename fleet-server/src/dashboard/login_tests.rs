@@ -40,6 +40,7 @@ async fn serve(store: Store, dir: &std::path::Path) -> String {
         expiry_secs: 3600,
         revoked: Revoked::default(),
         metrics: Default::default(),
+        drift: Default::default(),
     };
     let rollouts = crate::rollout::Rollouts::load(store.clone(), desired.clone(), clock)
         .await

@@ -469,7 +469,9 @@ async fn models(State(fleet): State<Fleet>, headers: HeaderMap) -> PageResult {
     let viewer = viewer(&fleet, &headers, "/ui/models").await?;
     let models = fleet.store.list_models().await?;
     let mut running: BTreeMap<(String, u64), pages::Running> = BTreeMap::new();
-    for d in fleet.store.list_devices().await? {
+    let devices = fleet.store.list_devices().await?;
+    let classes = crate::drift::view::hardware_classes(&devices);
+    for d in devices {
         let hardware = pages::hardware_of(&d);
         for m in &d.models {
             let r = running.entry((m.name.clone(), m.version)).or_default();
@@ -479,7 +481,21 @@ async fn models(State(fleet): State<Fleet>, headers: HeaderMap) -> PageResult {
         }
     }
     let now = edgefleet_shared::unix_now();
-    Ok(html(pages::models(&viewer, now, &models, &running)))
+    let view = &fleet.desired.drift;
+    let drift: Vec<_> = view
+        .models()
+        .iter()
+        .map(|m| view.model(m, &classes, now))
+        .collect();
+    let insights = fleet.insights.devices();
+    let names: std::collections::BTreeSet<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    let quality: Vec<_> = names
+        .into_iter()
+        .map(|name| crate::quality::summarize(name, &insights))
+        .collect();
+    Ok(html(pages::models(
+        &viewer, now, &models, &running, &drift, &quality,
+    )))
 }
 
 #[cfg(test)]

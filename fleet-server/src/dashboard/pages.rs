@@ -15,6 +15,8 @@ use crate::rollout::Phase;
 use crate::store::{DeviceRecord, EventRecord, ModelRecord};
 use edgefleet_shared::TelemetryMessage;
 
+mod drift;
+mod quality;
 mod rollouts;
 
 pub use self::rollouts::{rollout, rollouts, RolloutsPage};
@@ -726,6 +728,8 @@ pub fn models(
     now: u64,
     models: &[ModelRecord],
     running: &BTreeMap<(String, u64), Running>,
+    drift: &[crate::drift::view::ModelDrift],
+    quality: &[crate::quality::ModelQuality],
 ) -> Markup {
     let none = Running::default();
     layout(
@@ -770,6 +774,8 @@ pub fn models(
                     }
                 }
             }
+            (drift::card(drift))
+            (quality::card(quality))
         },
     )
 }

@@ -71,6 +71,9 @@ fn sample(seq: u64, at: u64, depth: u64, inferences: u64, errors: u64) -> Stream
             p95_us: Some(4000.0),
             p99_us: None,
             runtime_trials: vec![],
+            variant: None,
+            shadow: None,
+            drift: None,
         }],
         outbox: OutboxHealth {
             depth,

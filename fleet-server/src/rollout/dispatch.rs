@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 
 use crate::clock::Clock;
 use crate::desired::DesiredStates;
-use crate::store::{self, Store};
+use crate::store::quality::{QualityChange, ShadowSettings};
+use crate::store::{self, Store, StoreError};
 
 /// What to point one device at.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,6 +27,12 @@ pub(super) enum Assign {
         version: String,
         allow_downgrade: bool,
     },
+    /// A model's shadow candidate: its settings as JSON (kept as text so
+    /// assignments order and compare), or none to stop it.
+    Quality {
+        model: String,
+        shadow: Option<String>,
+    },
 }
 
 impl Assign {
@@ -33,7 +40,7 @@ impl Assign {
     /// (`Some(model)`), or its agent release (`None`).
     pub(super) fn slot(&self) -> Option<&str> {
         match self {
-            Self::Model { model, .. } => Some(model),
+            Self::Model { model, .. } | Self::Quality { model, .. } => Some(model),
             Self::Agent { .. } => None,
         }
     }
@@ -66,6 +73,15 @@ async fn holds(store: &Store, device: &str, assign: &Assign) -> bool {
             .iter()
             .any(|m| &m.name == model && m.version == *version),
         Assign::Agent { version, .. } => doc.agent.is_some_and(|a| &a.version == version),
+        Assign::Quality { model, shadow } => {
+            let wanted = shadow
+                .as_deref()
+                .and_then(|s| serde_json::from_str::<ShadowSettings>(s).ok())
+                .map(|s| s.version);
+            doc.models
+                .iter()
+                .any(|m| &m.name == model && m.shadow.as_ref().map(|s| s.candidate.version) == wanted)
+        }
     }
 }
 
@@ -127,7 +143,21 @@ pub(super) async fn dispatch(
                             .deploy_agent(version, *allow_downgrade, &target, now)
                             .await
                     }
+                    Assign::Quality { model, shadow } => {
+                        let settings = shadow
+                            .as_deref()
+                            .and_then(|s| serde_json::from_str::<ShadowSettings>(s).ok());
+                        store
+                            .set_quality(model, &QualityChange::Shadow(settings), &target)
+                            .await
+                    }
                 };
+                // A device that does not run the model has nothing to
+                // shadow: retrying cannot change that.
+                if let (Assign::Quality { .. }, Err(StoreError::NotFound(why))) = (&assign, &assigned) {
+                    tracing::warn!(assignment = ?assign, reason = %why, "shadow not set");
+                    break;
+                }
                 let Err(e) = assigned else { break };
                 failures += 1;
                 tracing::error!(assignment = ?assign, error = %e, attempt = failures, "rollout cannot assign a version; retrying");

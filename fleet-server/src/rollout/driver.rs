@@ -29,6 +29,7 @@ use super::planner::{self, Command, Gates, Override, Phase, Report, Rollout, Wav
 use super::replicas::{Input, Role};
 use crate::clock::Clock;
 use crate::desired::DesiredStates;
+use crate::store::quality::ShadowSettings;
 use crate::store::{DeviceRecord, Store, StoreError};
 
 /// A rollout as stored: what it moves, which devices it selects, each
@@ -137,6 +138,27 @@ impl RolloutRecord {
                 });
                 (d, assign)
             }
+            (None, Command::Shadow(d)) => {
+                let settings = ShadowSettings {
+                    version: self.version,
+                    sample_rate: self.plan.gates.shadow_sample_rate,
+                    compare: self.plan.gates.shadow_compare.clone(),
+                };
+                let assign = Assign::Quality {
+                    model: self.model.clone(),
+                    shadow: serde_json::to_string(&settings).ok(),
+                };
+                (d, Some(assign))
+            }
+            (None, Command::EndShadow(d)) => (
+                d,
+                Some(Assign::Quality {
+                    model: self.model.clone(),
+                    shadow: None,
+                }),
+            ),
+            // Agent rollouts have no shadow gate.
+            (Some(_), Command::Shadow(d) | Command::EndShadow(d)) => (d, None),
             (Some(a), Command::Update(d)) => (
                 d,
                 Some(Assign::Agent {
@@ -440,6 +462,18 @@ impl Rollouts {
                 "max_p95_ms must be a positive number of milliseconds".into(),
             ));
         }
+        if gates
+            .max_drift_psi
+            .is_some_and(|psi| !(psi > 0.0 && psi.is_finite()))
+        {
+            return Err(RolloutError::BadRequest(
+                "max_drift_psi must be a positive number".into(),
+            ));
+        }
+        if let Some(agreement) = gates.min_shadow_agreement {
+            self.check_shadow_gate(&req, &gates, agreement, &devices)
+                .await?;
+        }
         let plan = Rollout::new(&req.id, devices.clone(), waves, gates);
         let (previous, agent) = match &req.agent {
             Some(release) => (
@@ -482,6 +516,52 @@ impl Rollouts {
                 .await;
         }
         self.insert(record).await
+    }
+
+    /// A shadow gate needs a model rollout, sane figures and a version
+    /// already served on every device (the candidate runs beside it).
+    async fn check_shadow_gate(
+        &self,
+        req: &CreateRollout,
+        gates: &Gates,
+        agreement: f64,
+        devices: &[String],
+    ) -> Result<(), RolloutError> {
+        let bad = |why: String| Err(RolloutError::BadRequest(why));
+        if req.agent.is_some() {
+            return bad("the shadow gate is for model rollouts: an agent release has no outputs to compare".into());
+        }
+        if !(0.0..=1.0).contains(&agreement) {
+            return bad(format!(
+                "min_shadow_agreement is a share from 0 to 1 (0.98 = 98 %), not {agreement}"
+            ));
+        }
+        if !(gates.shadow_sample_rate > 0.0 && gates.shadow_sample_rate <= 1.0) {
+            return bad(format!(
+                "shadow_sample_rate is a share above 0 and at most 1, not {}",
+                gates.shadow_sample_rate
+            ));
+        }
+        for c in &gates.shadow_compare {
+            c.comparison
+                .validate()
+                .map_err(|e| RolloutError::BadRequest(format!("shadow_compare {}: {e}", c.output)))?;
+        }
+        let serving = self.store.assigned_versions(&req.model, devices).await?;
+        let missing: Vec<&str> = devices
+            .iter()
+            .filter(|d| serving.get(*d).copied().flatten().is_none())
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return bad(format!(
+                "the shadow gate runs the new version beside the one a device serves, and {} of the selected devices do not run model {} yet: {}",
+                missing.len(),
+                req.model,
+                missing.iter().take(5).copied().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        Ok(())
     }
 
     /// Adds a planned rollout, unless its id is taken or one of its

@@ -21,8 +21,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use edgefleet_shared::quality::OutputComparison;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+mod shadow;
+pub use shadow::WaveShadow;
 
 /// What to do when the failure threshold is crossed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,7 +67,22 @@ pub struct Gates {
     /// after it confirmed.
     pub max_error_pct: Option<f64>,
     pub max_p95_ms: Option<f64>,
+    /// Drift limit: a device on the new version whose interval drift
+    /// score (largest feature PSI against the version's reference)
+    /// exceeds it counts as failed, like the error-rate limit. Needs a
+    /// reference on the version ([`crate::drift`]).
+    pub max_drift_psi: Option<f64>,
     pub min_inferences: u64,
+    /// Shadow gate (see [`shadow`]): a wave's devices first run the new
+    /// version in shadow, and the wave moves once the agreement (a share,
+    /// 0..1) over at least `min_shadow_requests` compared requests reaches
+    /// this.
+    pub min_shadow_agreement: Option<f64>,
+    pub min_shadow_requests: u64,
+    /// Share of requests a device also runs on the candidate.
+    pub shadow_sample_rate: f64,
+    /// How outputs are compared (outputs not listed: top-1).
+    pub shadow_compare: Vec<OutputComparison>,
 }
 
 impl Default for Gates {
@@ -81,7 +100,12 @@ impl Default for Gates {
             offline_grace_secs: 900,
             max_error_pct: None,
             max_p95_ms: None,
+            max_drift_psi: None,
             min_inferences: 20,
+            min_shadow_agreement: None,
+            min_shadow_requests: 200,
+            shadow_sample_rate: 0.1,
+            shadow_compare: Vec::new(),
         }
     }
 }
@@ -111,9 +135,23 @@ impl Gates {
         }
     }
 
+    /// Judges one interval's drift score against the drift limit: why it
+    /// breaks it, if it does.
+    pub fn judge_drift(&self, psi: Option<f64>) -> Option<String> {
+        match (self.max_drift_psi, psi) {
+            (Some(limit), Some(psi)) if psi > limit => {
+                Some(format!("drift score (PSI) {psi:.3} > {limit}"))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether any telemetry limit is set.
     pub fn watches_telemetry(&self) -> bool {
-        self.max_error_pct.is_some() || self.max_p95_ms.is_some()
+        self.max_error_pct.is_some()
+            || self.max_p95_ms.is_some()
+            || self.max_drift_psi.is_some()
+            || self.min_shadow_agreement.is_some()
     }
 }
 
@@ -258,6 +296,11 @@ pub enum Command {
     Update(String),
     /// Sign a desired state with the device's previous version.
     Revert(String),
+    /// Sign a desired state that runs the target version in shadow beside
+    /// the device's own.
+    Shadow(String),
+    /// Sign a desired state without the shadow candidate.
+    EndShadow(String),
 }
 
 /// A rollout's definition and state.
@@ -274,6 +317,9 @@ pub struct Rollout {
     /// goes into the last wave.
     #[serde(default)]
     pub ends: Vec<usize>,
+    /// Per wave, its shadow run (when the shadow gate is on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow: Vec<WaveShadow>,
     /// Derived from the above, rebuilt after loading.
     #[serde(skip)]
     index: Index,
@@ -367,6 +413,7 @@ impl Rollout {
                 .collect(),
             order: devices,
             phase: Phase::Created,
+            shadow: Vec::new(),
             index: Index::default(),
         };
         rollout.build_index();
@@ -495,6 +542,7 @@ impl Rollout {
                     wave,
                     wave_started: now,
                 };
+                self.restart_shadow(wave, now);
                 Ok(self.advance(now))
             }
             _ => Err(format!("rollout {} is not paused", self.id)),
@@ -535,6 +583,7 @@ impl Rollout {
                 commands.push(Command::Revert(self.order[i].clone()));
             }
         }
+        commands.extend(self.end_shadows());
         Ok(commands)
     }
 
@@ -723,6 +772,10 @@ impl Rollout {
                 FailureAction::Abort => self.abort(&reason).unwrap_or_default(),
             };
         }
+        let mut commands = match self.shadow_gate(wave, now) {
+            shadow::Hold::Move(commands) => commands,
+            shadow::Hold::Wait(commands) => return commands,
+        };
         let scope = self.ends[wave];
         // Hand out free slots inside the current wave, in canary order:
         // devices waiting, and those whose backoff is over.
@@ -736,7 +789,6 @@ impl Rollout {
         picks.extend(self.index.members[WAITING].range(..scope).take(free));
         picks.sort_unstable();
         picks.truncate(free);
-        let mut commands = Vec::new();
         for position in picks {
             let attempt = match *self.state_at(position) {
                 DeviceState::Backoff { attempt, .. } => attempt + 1,

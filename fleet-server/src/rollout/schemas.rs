@@ -52,8 +52,23 @@ pub struct Gates {
     /// p95 latency (milliseconds) above which a device on the new version
     /// counts as failed.
     max_p95_ms: Option<f64>,
+    /// Drift score (largest feature PSI against the version's reference)
+    /// above which a device on the new version counts as failed.
+    max_drift_psi: Option<f64>,
     /// Inferences an interval needs before its telemetry is judged.
     min_inferences: u64,
+    /// Shadow gate: a wave's devices first run the new version in shadow;
+    /// the wave moves once this share (0 to 1) of compared requests agree.
+    min_shadow_agreement: Option<f64>,
+    /// Compared requests, summed over a wave's devices, before the shadow
+    /// gate judges.
+    min_shadow_requests: u64,
+    /// Share of requests a device also runs on the candidate.
+    shadow_sample_rate: f64,
+    /// Per output: `{"output": "emb", "kind": "cosine", "min": 0.99}`;
+    /// kinds `top1`, `max_abs` (`limit`), `max_rel` (`limit`), `cosine`
+    /// (`min`). Outputs not listed compare top-1.
+    shadow_compare: Vec<BTreeMap<String, serde_json::Value>>,
 }
 
 /// A rollout's phase, named by `phase`.

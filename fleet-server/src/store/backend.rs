@@ -146,6 +146,17 @@ pub trait StoreBackend: Send + Sync + 'static {
         now: u64,
     ) -> StoreFuture<'a, Vec<String>>;
 
+    /// Changes the shadow or A/B settings of `model`'s assignments for
+    /// `target` (the version a change names must exist; a device must run
+    /// the model); returns the ids of the devices whose desired state
+    /// changes.
+    fn set_quality<'a>(
+        &'a self,
+        model: &'a str,
+        change: &'a super::quality::QualityChange,
+        target: &'a Target,
+    ) -> StoreFuture<'a, Vec<String>>;
+
     /// The models `device` should run: fleet-wide assignments, overridden
     /// per model by the device's own, by model name.
     fn models_for_device<'a>(&'a self, device: &'a str) -> StoreFuture<'a, Vec<ModelRecord>>;
@@ -318,6 +329,23 @@ pub trait StoreBackend: Send + Sync + 'static {
         after: &'a super::ArrivalKey,
         limit: u32,
     ) -> StoreFuture<'a, Vec<(super::ArrivalKey, String)>>;
+
+    /// Stores `profile` (JSON) as the drift reference of a model version
+    /// that exists, replacing any.
+    fn set_reference<'a>(
+        &'a self,
+        name: &'a str,
+        version: u64,
+        profile: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, ()>;
+
+    /// A model version's drift reference (JSON), if it has one.
+    fn get_reference<'a>(&'a self, name: &'a str, version: u64)
+        -> StoreFuture<'a, Option<String>>;
+
+    /// Every drift reference: model name, version, profile (JSON).
+    fn list_references(&self) -> StoreFuture<'_, Vec<(String, u64, String)>>;
 
     /// Update events stored after `after` in arrival order, at most
     /// `limit` (events stored before they carried an arrival time never

@@ -56,6 +56,28 @@ const DEVICE_KEYS: &str = r#"
     ALTER TABLE devices ADD COLUMN device_key TEXT;
     "#;
 
+/// Drift reference profiles, one JSON document per model version.
+const MODEL_REFERENCES: &str = r#"
+    CREATE TABLE model_references (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        profile TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    "#;
+
+/// [`MODEL_REFERENCES`] on PostgreSQL.
+const MODEL_REFERENCES_POSTGRES: &str = r#"
+    CREATE TABLE model_references (
+        name TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        profile TEXT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    "#;
+
 /// Every migration, in order: migration `n` is `MIGRATIONS[n - 1]`.
 pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -497,6 +519,33 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         // ordered views until it is upgraded.
         older_servers_may_run: true,
     },
+    Migration {
+        purpose: "each model version's drift reference profile (the bins agents count with and the reference histograms)",
+        sqlite: MODEL_REFERENCES,
+        postgres: MODEL_REFERENCES_POSTGRES,
+        // A new table: a server that predates it signs slots without drift
+        // bins and scores nothing, which stops drift statistics on the
+        // devices it publishes to but breaks nothing.
+        older_servers_may_run: true,
+    },
+    Migration {
+        purpose: "quality settings on assignments: a shadow candidate and an A/B split, with the versions they name",
+        sqlite: r#"
+    ALTER TABLE assignments ADD COLUMN quality TEXT;
+    ALTER TABLE assignments ADD COLUMN shadow_version INTEGER;
+    ALTER TABLE assignments ADD COLUMN split_version INTEGER;
+    "#,
+        postgres: r#"
+    ALTER TABLE assignments ADD COLUMN quality TEXT;
+    ALTER TABLE assignments ADD COLUMN shadow_version BIGINT;
+    ALTER TABLE assignments ADD COLUMN split_version BIGINT;
+    "#,
+        // Older servers would deploy a version without clearing the
+        // assignment's settings (leaving a shadow or split meant for the
+        // version before) and could delete a version a device downloads as
+        // a candidate.
+        older_servers_may_run: false,
+    },
 ];
 
 /// For a PostgreSQL database whose `edgefleet_schema` row is not marked
@@ -627,10 +676,13 @@ mod tests {
         assert_eq!(min_server_schema(&list(&[false, true, true])), 1);
         assert_eq!(min_server_schema(&list(&[false, true, false, true])), 3);
         assert_eq!(min_server_schema(&list(&[false, false])), 2);
-        // The newest migration (the tables replicas share) is additive, so
-        // the release before it may run on a database that has it.
+        // The newest migrations (the tables replicas share, the drift
+        // references) are additive, so the releases before them may run
+        // on a database that has them.
         assert!(MIGRATIONS.last().unwrap().older_servers_may_run);
-        assert_eq!(min_server_schema(MIGRATIONS), MIGRATIONS.len() - 1);
+        assert!(MIGRATIONS
+            .iter()
+            .any(|m| m.purpose.contains("drift reference") && m.older_servers_may_run));
         // Nothing runs on a database without the first tables.
         assert!(!MIGRATIONS[0].older_servers_may_run);
     }

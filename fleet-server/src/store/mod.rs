@@ -18,6 +18,7 @@ mod backend;
 mod filter;
 mod migrations;
 pub mod postgres;
+pub mod quality;
 mod rows;
 mod sessions;
 pub mod sqlite;
@@ -246,6 +247,8 @@ pub struct AssignedAgent {
 pub struct DesiredContent {
     pub models: Vec<ModelRecord>,
     pub agent: Option<AssignedAgent>,
+    /// Shadow candidates and A/B splits, per model name.
+    pub quality: quality::DeviceQuality,
 }
 
 impl DesiredContent {

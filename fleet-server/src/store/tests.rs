@@ -751,6 +751,9 @@ suite!(
 /// devices report about their agent.
 mod agents;
 
+/// Drift reference profiles of model versions.
+mod references;
+
 /// What replicas share through the database: dashboard sessions, and
 /// telemetry and events in arrival order.
 mod sessions;

@@ -558,6 +558,86 @@ impl Client {
         )
         .await
     }
+
+    /// `PUT /api/v1/models/{name}/versions/{version}/reference`: sets the
+    /// version's drift reference from a reference file (sent as read, so
+    /// the server judges it).
+    pub async fn put_reference(
+        &self,
+        name: &str,
+        version: u64,
+        json: Vec<u8>,
+    ) -> Result<Answer<fleet_server::api::types::ReferenceSet>, ClientError> {
+        let version = version.to_string();
+        let url = self.url(
+            &["api", "v1", "models", name, "versions", &version, "reference"],
+            &[],
+        );
+        let request = self
+            .http
+            .put(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(json);
+        self.call(request, &url).await
+    }
+
+    /// `POST /api/v1/models/{name}/versions/{version}/reference/from-traffic`.
+    pub async fn reference_from_traffic(
+        &self,
+        name: &str,
+        version: u64,
+        period: &fleet_server::api::types::TrafficPeriod,
+    ) -> Result<Answer<fleet_server::api::types::ReferenceSet>, ClientError> {
+        let version = version.to_string();
+        self.with_json(
+            Method::POST,
+            &[
+                "api",
+                "v1",
+                "models",
+                name,
+                "versions",
+                &version,
+                "reference",
+                "from-traffic",
+            ],
+            period,
+        )
+        .await
+    }
+
+    /// `GET /api/v1/models/{name}/quality`: versions, variants and shadow
+    /// candidates side by side.
+    pub async fn model_quality(
+        &self,
+        name: &str,
+    ) -> Result<Answer<fleet_server::api::types::ModelQuality>, ClientError> {
+        self.simple(Method::GET, &["api", "v1", "models", name, "quality"], &[])
+            .await
+    }
+
+    /// `PUT` or `DELETE /api/v1/models/{name}/{setting}` (`split` or
+    /// `shadow`), or `POST .../split/promote`.
+    pub async fn model_setting<T: serde::Serialize>(
+        &self,
+        method: Method,
+        name: &str,
+        path: &[&str],
+        body: &T,
+    ) -> Result<Answer<fleet_server::api::types::QualityChanged>, ClientError> {
+        let mut segments = vec!["api", "v1", "models", name];
+        segments.extend_from_slice(path);
+        self.with_json(method, &segments, body).await
+    }
+
+    /// `GET /api/v1/models/{name}/drift`: the model's drift scores.
+    pub async fn model_drift(
+        &self,
+        name: &str,
+    ) -> Result<Answer<fleet_server::api::types::ModelDrift>, ClientError> {
+        self.simple(Method::GET, &["api", "v1", "models", name, "drift"], &[])
+            .await
+    }
 }
 
 /// The server's explanation of a refusal: the `error` of its JSON body,

@@ -11,6 +11,8 @@ pub mod enroll;
 pub mod flash;
 pub mod keys;
 pub mod models;
+pub mod quality;
+pub mod reference;
 pub mod rollout;
 pub mod tokens;
 

@@ -28,6 +28,7 @@ pub async fn run(ctx: &Context, command: &ModelCommand) -> Result<(), Failure> {
             notes,
             test_vector,
             spec,
+            reference,
         } => {
             // Read the attachments first: a missing file fails before
             // uploading.
@@ -38,6 +39,7 @@ pub async fn run(ctx: &Context, command: &ModelCommand) -> Result<(), Failure> {
                 ),
                 (Attachment::Spec, read_optional(spec.as_deref())?),
             ];
+            let reference = read_optional(reference.as_deref())?;
             let mut answer = push(
                 ctx,
                 file,
@@ -59,6 +61,20 @@ pub async fn run(ctx: &Context, command: &ModelCommand) -> Result<(), Failure> {
                             attachment.what()
                         ))
                     })?;
+            }
+            if let Some(body) = reference {
+                let set = ctx
+                    .client
+                    .put_reference(name, *version, body)
+                    .await
+                    .map_err(|e| {
+                        Failure::from(e).context(format!(
+                            "{name} v{version} was pushed but its drift reference was refused"
+                        ))
+                    })?;
+                if !ctx.json {
+                    println!("{}", super::reference::set_line(&set.body));
+                }
             }
             let m = &answer.body;
             ctx.report(&answer.raw, || {
@@ -82,6 +98,14 @@ pub async fn run(ctx: &Context, command: &ModelCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
+        ModelCommand::Reference { command } => super::reference::run(ctx, command).await,
+        ModelCommand::Drift { name } => super::reference::drift(ctx, name).await,
+        ModelCommand::Quality { .. }
+        | ModelCommand::Split { .. }
+        | ModelCommand::SplitEnd { .. }
+        | ModelCommand::Promote { .. }
+        | ModelCommand::Shadow { .. }
+        | ModelCommand::ShadowEnd { .. } => super::quality::run(ctx, command).await,
         ModelCommand::Delete { name, version } => {
             let answer = ctx.client.delete_model(name, *version).await?;
             ctx.report(&answer.raw, || format!("deleted {name} v{version}"));

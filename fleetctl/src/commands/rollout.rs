@@ -82,7 +82,12 @@ pub fn request(args: &CreateRolloutArgs) -> Result<CreateRollout, Failure> {
         offline_grace_secs: args.offline_grace_secs,
         max_error_pct: args.max_error_pct,
         max_p95_ms: args.max_p95_ms,
+        max_drift_psi: args.max_drift_psi,
         min_inferences: args.min_inferences,
+        min_shadow_agreement: args.min_shadow_agreement,
+        min_shadow_requests: args.min_shadow_requests,
+        shadow_sample_rate: args.shadow_sample_rate,
+        shadow_compare: super::quality::parse_compare(&args.shadow_compare)?,
         ..Gates::default()
     };
     if args.allow_downgrade && args.agent.is_none() {

@@ -25,6 +25,8 @@ use crate::report::refusals::REFUSAL_PERIOD;
 
 /// The same task with the real downloader over a real socket.
 mod downloads;
+/// Shadow candidates and A/B variants.
+mod quality;
 
 /// A fetcher that serves files from memory by URL, or fails as told. It
 /// keeps the [`Fetcher`] contract: what it leaves in `dest` is exactly
@@ -136,6 +138,9 @@ fn slot(name: &str, version: u64, bytes: &[u8], url: &str) -> ModelSlot {
         soak: None,
         upload_results: false,
         zstd: None,
+        shadow: None,
+        split: None,
+        drift: None,
     }
 }
 

@@ -207,6 +207,9 @@ impl Device {
                     p95_us: Some(p95_us),
                     p99_us: Some(p95_us * 1.2),
                     runtime_trials: Vec::new(),
+                    variant: None,
+                    shadow: None,
+                    drift: None,
                 }
             })
             .collect();

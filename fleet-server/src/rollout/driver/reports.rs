@@ -5,7 +5,7 @@
 
 use edgefleet_shared::{EventKind, StatusMessage, UpdateEvent};
 
-use super::{Input, Report, RolloutRecord, Rollouts};
+use super::{Input, Phase, Report, RolloutRecord, Rollouts};
 use crate::store::{DeviceRecord, Streamed};
 
 impl Rollouts {
@@ -133,6 +133,30 @@ impl Rollouts {
                 if !record.plan.devices.contains_key(t.device_id.as_str()) {
                     continue;
                 }
+                // The new version running in shadow beside the old one.
+                let shadow = t.models.iter().find_map(|m| {
+                    m.shadow
+                        .as_ref()
+                        .filter(|s| m.name == record.model && s.candidate_version == record.version)
+                });
+                if let Some(s) = shadow {
+                    let was = record.plan.phase.clone();
+                    let commands = record.plan.shadow_report(
+                        t.device_id.as_str(),
+                        s.compared,
+                        s.agreed,
+                        s.errors,
+                        now,
+                    );
+                    let stopped = match &record.plan.phase {
+                        Phase::Paused { reason, .. } | Phase::Aborted { reason } => Some(reason),
+                        _ => None,
+                    };
+                    if let (Some(reason), true) = (stopped, record.plan.phase != was) {
+                        tracing::warn!(rollout = %record.plan.id, reason = %reason, "shadow gate stopped the rollout");
+                    }
+                    record.changed(commands);
+                }
                 let Some(m) = t
                     .models
                     .iter()
@@ -140,7 +164,18 @@ impl Rollouts {
                 else {
                     continue;
                 };
-                if let Some(why) = record.plan.gates.judge(m.inferences, m.errors, m.p95_us) {
+                let drift = || {
+                    let psi = m.drift.as_ref().and_then(|d| {
+                        self.desired.drift.interval_score(&m.name, m.version, d)
+                    });
+                    record.plan.gates.judge_drift(psi)
+                };
+                let judged = record
+                    .plan
+                    .gates
+                    .judge(m.inferences, m.errors, m.p95_us)
+                    .or_else(drift);
+                if let Some(why) = judged {
                     let before = record.plan.devices[t.device_id.as_str()].clone();
                     let commands = record.plan.report(
                         t.device_id.as_str(),

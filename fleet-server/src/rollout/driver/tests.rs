@@ -74,6 +74,7 @@ async fn fixture() -> Fixture {
         expiry_secs: 3600,
         revoked: Revoked::default(),
         metrics: Default::default(),
+        drift: Default::default(),
     };
     store.add_model(&model(1)).await.unwrap();
     store.add_model(&model(2)).await.unwrap();

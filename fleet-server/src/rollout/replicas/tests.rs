@@ -46,6 +46,7 @@ async fn replica(
         expiry_secs: 3600,
         revoked: Revoked::default(),
         metrics: Default::default(),
+        drift: Default::default(),
     };
     let rollouts = Rollouts::load_as(store.clone(), desired, Arc::new(clock.clone()), name)
         .await

@@ -160,6 +160,7 @@ pub(super) async fn sign_desired(
     let content = DesiredContent {
         models: models::for_device(&tx, device).await?,
         agent: agents::for_device(&tx, device).await?,
+        quality: super::quality::for_device(&tx, device).await?,
     };
     if content.is_empty() {
         return Ok(None);

@@ -13,6 +13,8 @@ mod agents;
 mod coordination;
 mod devices;
 mod models;
+mod quality;
+mod references;
 mod sessions;
 mod streams;
 mod tokens;
@@ -431,6 +433,18 @@ impl StoreBackend for PgStore {
         })
     }
 
+    fn set_quality<'a>(
+        &'a self,
+        model: &'a str,
+        change: &'a super::quality::QualityChange,
+        target: &'a Target,
+    ) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            quality::set(&mut client, model, change, target).await
+        })
+    }
+
     fn models_for_device<'a>(&'a self, device: &'a str) -> StoreFuture<'a, Vec<ModelRecord>> {
         Box::pin(async move { models::for_device(&self.client().await?, device).await })
     }
@@ -638,6 +652,31 @@ impl StoreBackend for PgStore {
         Box::pin(
             async move { sessions::telemetry_arrived(&self.client().await?, after, limit).await },
         )
+    }
+
+    fn set_reference<'a>(
+        &'a self,
+        name: &'a str,
+        version: u64,
+        profile: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            references::set(&mut client, name, version, profile, now).await
+        })
+    }
+
+    fn get_reference<'a>(
+        &'a self,
+        name: &'a str,
+        version: u64,
+    ) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move { references::get(&self.client().await?, name, version).await })
+    }
+
+    fn list_references(&self) -> StoreFuture<'_, Vec<(String, u64, String)>> {
+        Box::pin(async move { references::list(&self.client().await?).await })
     }
 
     fn events_arrived<'a>(

@@ -90,7 +90,8 @@ async fn lock(
 async fn is_assigned(c: &impl GenericClient, name: &str, version: u64) -> Result<bool, StoreError> {
     Ok(query_opt(
         c,
-        "SELECT 1 FROM assignments WHERE model = $1 AND version = $2 LIMIT 1",
+        "SELECT 1 FROM assignments WHERE model = $1
+           AND (version = $2 OR shadow_version = $2 OR split_version = $2) LIMIT 1",
         &[&name, &stored(version)],
         |_| Ok(()),
     )
@@ -144,6 +145,7 @@ pub(super) async fn delete(
         &[&name, &stored(version)],
     )
     .await?;
+    super::references::delete(&tx, name, version).await?;
     let still_used = query_opt(
         &tx,
         "SELECT 1 FROM models WHERE sha256 = $1 LIMIT 1",
@@ -169,7 +171,8 @@ pub(super) async fn deploy(
         return Err(missing_model(model, version));
     }
     let assign = "INSERT INTO assignments (scope, model, version) VALUES ($1, $2, $3)
-                  ON CONFLICT (scope, model) DO UPDATE SET version = excluded.version";
+                  ON CONFLICT (scope, model) DO UPDATE SET version = excluded.version,
+                      quality = NULL, shadow_version = NULL, split_version = NULL";
     let ids = match target {
         Target::All => {
             tx.execute(assign, &[&ALL_DEVICES, &model, &stored(version)])

@@ -121,6 +121,7 @@ pub(super) fn sign_desired(
     let content = DesiredContent {
         models: models::for_device(&tx, device)?,
         agent: agents::for_device(&tx, device)?,
+        quality: super::quality::for_device(&tx, device)?,
     };
     if content.is_empty() {
         return Ok(None);

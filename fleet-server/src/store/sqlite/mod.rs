@@ -9,6 +9,8 @@ mod agents;
 mod coordination;
 mod devices;
 mod models;
+mod quality;
+mod references;
 mod sessions;
 mod streams;
 mod tokens;
@@ -377,6 +379,16 @@ impl StoreBackend for SqliteStore {
         Box::pin(self.call(move |conn| models::deploy(conn, &model, version, &target, now)))
     }
 
+    fn set_quality<'a>(
+        &'a self,
+        model: &'a str,
+        change: &'a super::quality::QualityChange,
+        target: &'a Target,
+    ) -> StoreFuture<'a, Vec<String>> {
+        let (model, change, target) = (model.to_string(), change.clone(), target.clone());
+        Box::pin(self.call(move |conn| quality::set(conn, &model, &change, &target)))
+    }
+
     fn models_for_device<'a>(&'a self, device: &'a str) -> StoreFuture<'a, Vec<ModelRecord>> {
         let id = device.to_string();
         Box::pin(self.call(move |conn| models::for_device(conn, &id)))
@@ -583,6 +595,30 @@ impl StoreBackend for SqliteStore {
     ) -> StoreFuture<'a, Vec<(super::ArrivalKey, String)>> {
         let after = after.clone();
         Box::pin(self.call(move |conn| sessions::telemetry_arrived(conn, &after, limit)))
+    }
+
+    fn set_reference<'a>(
+        &'a self,
+        name: &'a str,
+        version: u64,
+        profile: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, ()> {
+        let (name, profile) = (name.to_string(), profile.to_string());
+        Box::pin(self.call(move |conn| references::set(conn, &name, version, &profile, now)))
+    }
+
+    fn get_reference<'a>(
+        &'a self,
+        name: &'a str,
+        version: u64,
+    ) -> StoreFuture<'a, Option<String>> {
+        let name = name.to_string();
+        Box::pin(self.call(move |conn| references::get(conn, &name, version)))
+    }
+
+    fn list_references(&self) -> StoreFuture<'_, Vec<(String, u64, String)>> {
+        Box::pin(self.call(|conn| references::list(conn)))
     }
 
     fn events_arrived<'a>(

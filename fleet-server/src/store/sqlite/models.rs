@@ -61,7 +61,8 @@ pub(super) fn list(conn: &Connection) -> Result<Vec<ModelRecord>, StoreError> {
 fn is_assigned(conn: &Connection, name: &str, version: u64) -> Result<bool, StoreError> {
     Ok(query_opt(
         conn,
-        "SELECT 1 FROM assignments WHERE model = ?1 AND version = ?2 LIMIT 1",
+        "SELECT 1 FROM assignments WHERE model = ?1
+           AND (version = ?2 OR shadow_version = ?2 OR split_version = ?2) LIMIT 1",
         params![name, stored(version)],
         |_| Ok(()),
     )?
@@ -108,6 +109,7 @@ pub(super) fn delete(
         "DELETE FROM models WHERE name = ?1 AND version = ?2",
         params![name, stored(version)],
     )?;
+    super::references::delete(&tx, name, version)?;
     let still_used = query_opt(
         &tx,
         "SELECT 1 FROM models WHERE sha256 = ?1 LIMIT 1",
@@ -132,7 +134,8 @@ pub(super) fn deploy(
         return Err(missing_model(model, version));
     }
     let assign = "INSERT INTO assignments (scope, model, version) VALUES (?1, ?2, ?3)
-                  ON CONFLICT (scope, model) DO UPDATE SET version = excluded.version";
+                  ON CONFLICT (scope, model) DO UPDATE SET version = excluded.version,
+                      quality = NULL, shadow_version = NULL, split_version = NULL";
     let ids = match target {
         Target::All => {
             tx.execute(assign, params![ALL_DEVICES, model, stored(version)])?;
