@@ -8,10 +8,10 @@
 
 #[path = "quality/batching.rs"]
 mod batching;
-#[path = "quality/shadow.rs"]
-mod shadow;
 #[allow(dead_code)]
 mod common;
+#[path = "quality/shadow.rs"]
+mod shadow;
 
 fn main() {
     batching::run();

@@ -659,24 +659,29 @@ mod tests {
     fn candidates_are_kept_by_hash_apart_from_versions_and_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let store = ModelStore::open(dir.path()).unwrap();
-        let (a, b) = (b"candidate a".as_slice(), b"candidate b".as_slice());
-        let (sa, sb) = (hex::encode(Sha256::digest(a)), hex::encode(Sha256::digest(b)));
-        for (bytes, sha) in [(a, &sa), (b, &sb)] {
-            let staged = store.staging_path(sha);
-            fs::write(&staged, bytes).unwrap();
-            store.keep_candidate(&staged, sha, ModelFormat::Onnx).unwrap();
-            assert!(!staged.exists());
-        }
+        let onnx = ModelFormat::Onnx;
+        let shas: Vec<String> = [b"candidate a", b"candidate b"]
+            .iter()
+            .map(|bytes| {
+                let sha = hex::encode(Sha256::digest(bytes));
+                let staged = store.staging_path(&sha);
+                fs::write(&staged, bytes).unwrap();
+                store.keep_candidate(&staged, &sha, onnx).unwrap();
+                assert!(!staged.exists());
+                sha
+            })
+            .collect();
         // A reopened store still has them, and serves none of them.
         let store = ModelStore::open(dir.path()).unwrap();
-        assert_eq!(store.candidate(&sa, ModelFormat::Onnx), Some(store.candidate_path(&sa, ModelFormat::Onnx)));
+        let kept = store.candidate_path(&shas[0], onnx);
+        assert_eq!(store.candidate(&shas[0], onnx), Some(kept));
         assert!(store.active_models().unwrap().is_empty());
         // A damaged file is not used (and goes).
-        fs::write(store.candidate_path(&sb, ModelFormat::Onnx), b"bit rot").unwrap();
-        assert_eq!(store.candidate(&sb, ModelFormat::Onnx), None);
-        assert!(!store.candidate_path(&sb, ModelFormat::Onnx).exists());
+        fs::write(store.candidate_path(&shas[1], onnx), b"bit rot").unwrap();
+        assert_eq!(store.candidate(&shas[1], onnx), None);
+        assert!(!store.candidate_path(&shas[1], onnx).exists());
         store.clean_candidates(&[]);
-        assert_eq!(store.candidate(&sa, ModelFormat::Onnx), None);
+        assert_eq!(store.candidate(&shas[0], onnx), None);
     }
 
     #[test]

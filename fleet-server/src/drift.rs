@@ -95,7 +95,9 @@ pub enum ReferenceError {
         kind: &'static str,
         tensor: String,
     },
-    #[error("sample {sample}: {kind} {tensor:?} holds no values or a value that is not a finite number")]
+    #[error(
+        "sample {sample}: {kind} {tensor:?} holds no values or a value that is not a finite number"
+    )]
     BadValues {
         sample: usize,
         kind: &'static str,
@@ -116,14 +118,14 @@ pub enum ReferenceError {
 
 /// A reference file: input samples and, optionally, the model's outputs
 /// for them; each tensor a flat array of one sample's values.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReferenceFile {
     pub samples: Vec<ReferenceSample>,
 }
 
 /// One sample of a [`ReferenceFile`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReferenceSample {
     pub inputs: BTreeMap<String, Vec<f64>>,
@@ -301,8 +303,9 @@ impl Tensor<'_> {
         // (batch) dimension, when every other dimension is fixed.
         let want = self.declared.and_then(|t| {
             let rest = t.shape.get(1..).unwrap_or_default();
-            rest.iter()
-                .try_fold(1u64, |n, &d| u64::try_from(d).ok().and_then(|d| n.checked_mul(d)))
+            rest.iter().try_fold(1u64, |n, &d| {
+                u64::try_from(d).ok().and_then(|d| n.checked_mul(d))
+            })
         });
         let mut rows = Vec::with_capacity(samples.len());
         let mut first_len = None;
@@ -414,7 +417,9 @@ pub fn feature_value(feature: Feature, values: &[f64]) -> f64 {
         Feature::Mean => mean,
         Feature::Std => (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt(),
         Feature::Min => values.iter().copied().fold(f64::INFINITY, f64::min),
-        Feature::Max | Feature::MaxValue => values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        Feature::Max | Feature::MaxValue => {
+            values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+        }
         Feature::Argmax => {
             let mut best = 0;
             for (i, v) in values.iter().enumerate() {

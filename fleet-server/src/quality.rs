@@ -192,8 +192,16 @@ mod tests {
         insight.models = vec![shadowing];
         devices.insert("d9".into(), insight);
         let q = summarize("digits", &devices);
-        let a = q.versions.iter().find(|v| v.variant.as_deref() == Some("a")).unwrap();
-        let b = q.versions.iter().find(|v| v.variant.as_deref() == Some("b")).unwrap();
+        let a = q
+            .versions
+            .iter()
+            .find(|v| v.variant.as_deref() == Some("a"))
+            .unwrap();
+        let b = q
+            .versions
+            .iter()
+            .find(|v| v.variant.as_deref() == Some("b"))
+            .unwrap();
         assert_eq!((a.devices, a.inferences, b.inferences), (2, 1390, 610));
         assert!((b.share.unwrap() - 610.0 / 2050.0).abs() < 1e-9);
         assert_eq!(b.p50_us, Some(250.0));

@@ -84,7 +84,9 @@ impl Server {
 }
 
 fn repo(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
 }
 
 /// The digits samples as a reference file.
@@ -105,7 +107,11 @@ fn reference_file() -> Value {
 /// The drift spec in the signed desired state of `device`.
 async fn slot_drift(s: &Server, device: &str) -> (u64, Value) {
     let (status, desired) = s
-        .call(Method::GET, &format!("/api/v1/devices/{device}/desired"), None)
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/{device}/desired"),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{desired}");
     let document = &desired["signed"];
@@ -120,7 +126,11 @@ async fn references_are_set_checked_signed_and_reported() {
     let s = start().await;
     let model = std::fs::read(repo("models/digits/digits_fp32.onnx")).unwrap();
     let (status, body) = s
-        .call(Method::POST, "/api/v1/models/digits/versions/1", Some(model))
+        .call(
+            Method::POST,
+            "/api/v1/models/digits/versions/1",
+            Some(model),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let spec = json!({
@@ -156,23 +166,35 @@ async fn references_are_set_checked_signed_and_reported() {
     };
     let (status, body) = put(b"nope".to_vec()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["error"].as_str().unwrap().contains("not valid JSON"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not valid JSON"),
+        "{body}"
+    );
     let (status, body) = put(br#"{"samples": []}"#.to_vec()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["error"].as_str().unwrap().contains("no samples"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("no samples"),
+        "{body}"
+    );
     let mut unknown = reference_file();
     for sample in unknown["samples"].as_array_mut().unwrap() {
         sample["inputs"]["image"] = json!([1.0, 2.0]);
     }
     let (status, body) = put(serde_json::to_vec(&unknown).unwrap()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["error"].as_str().unwrap().contains("\"image\""), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("\"image\""),
+        "{body}"
+    );
     let mut short = reference_file();
     short["samples"][1]["inputs"]["input"] = json!([1.0, 2.0, 3.0]);
     let (status, body) = put(serde_json::to_vec(&short).unwrap()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let error = body["error"].as_str().unwrap();
-    assert!(error.contains("sample 1") && error.contains("3 values"), "{body}");
+    assert!(
+        error.contains("sample 1") && error.contains("3 values"),
+        "{body}"
+    );
     let (status, _) = s
         .call(
             Method::PUT,
@@ -190,7 +212,13 @@ async fn references_are_set_checked_signed_and_reported() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["error"].as_str().unwrap().contains("no reference in force"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no reference in force"),
+        "{body}"
+    );
 
     // A good file: four features, the device's slot re-signed with them.
     let (status, set) = put(serde_json::to_vec(&reference_file()).unwrap()).await;
@@ -198,7 +226,12 @@ async fn references_are_set_checked_signed_and_reported() {
     assert_eq!(set["reference"]["samples"], 16);
     assert_eq!(
         set["features"],
-        json!(["input/mean", "input/std", "probabilities/argmax", "probabilities/max_value"])
+        json!([
+            "input/mean",
+            "input/std",
+            "probabilities/argmax",
+            "probabilities/max_value"
+        ])
     );
     assert_eq!(set["published"][0]["device"], "pi-1");
     let (after, drift) = slot_drift(&s, "pi-1").await;
@@ -206,7 +239,10 @@ async fn references_are_set_checked_signed_and_reported() {
     let features = drift["features"].as_array().unwrap();
     assert_eq!(features.len(), 4);
     assert_eq!(features[2]["feature"], "argmax");
-    assert_eq!((features[2]["lo"].as_f64(), features[2]["bins"].as_u64()), (Some(0.0), Some(10)));
+    assert_eq!(
+        (features[2]["lo"].as_f64(), features[2]["bins"].as_u64()),
+        (Some(0.0), Some(10))
+    );
 
     // With a reference in force but no traffic in the period: refused.
     let (status, body) = s
@@ -217,15 +253,25 @@ async fn references_are_set_checked_signed_and_reported() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["error"].as_str().unwrap().contains("no drift statistics"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no drift statistics"),
+        "{body}"
+    );
 
-    let (status, drift) = s.call(Method::GET, "/api/v1/models/digits/drift", None).await;
+    let (status, drift) = s
+        .call(Method::GET, "/api/v1/models/digits/drift", None)
+        .await;
     assert_eq!(status, StatusCode::OK, "{drift}");
     assert_eq!(drift["threshold"], 0.25);
     assert_eq!(drift["drifting"], false);
     assert_eq!(drift["versions"][0]["reference"]["source"], "file");
     assert!(drift["versions"][0]["fleet"].is_null());
-    let (status, _) = s.call(Method::GET, "/api/v1/models/nothing/drift", None).await;
+    let (status, _) = s
+        .call(Method::GET, "/api/v1/models/nothing/drift", None)
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     let (_, doc) = s.call(Method::GET, "/api/v1/openapi.json", None).await;
@@ -234,7 +280,10 @@ async fn references_are_set_checked_signed_and_reported() {
         "/api/v1/models/{name}/versions/{version}/reference",
         "/api/v1/models/{name}/versions/{version}/reference/from-traffic",
     ] {
-        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
     }
     assert!(doc["components"]["schemas"]["ModelDrift"].is_object());
 }

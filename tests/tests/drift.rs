@@ -19,7 +19,10 @@ const THRESHOLD: f64 = 0.25;
 const INTERVAL_MS: u64 = 1000;
 
 /// The device's latest score and the fleet's, from the drift API.
-async fn scores(server: &Server, device: &str) -> anyhow::Result<(Option<f64>, Option<f64>, Value)> {
+async fn scores(
+    server: &Server,
+    device: &str,
+) -> anyhow::Result<(Option<f64>, Option<f64>, Value)> {
     let drift = server.get_json("/api/v1/models/digits/drift").await?;
     let v = &drift["versions"][0];
     let device_psi = v["devices"]
@@ -75,8 +78,15 @@ async fn drift_crosses_the_threshold_after_the_inputs_shift() -> anyhow::Result<
         reference_path.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("drift reference of digits v1 set from file (16 samples)"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "push: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("drift reference of digits v1 set from file (16 samples)"),
+        "{stdout}"
+    );
     server.deploy("digits", 1, "--all");
     server.wait_for_model(&agent.id, "digits", 1).await?;
     // The slot the agent got carries the reference's bins.
@@ -91,7 +101,12 @@ async fn drift_crosses_the_threshold_after_the_inputs_shift() -> anyhow::Result<
     let mut before = Vec::new();
     let phase_end = Instant::now() + Duration::from_millis(INTERVAL_MS * 5);
     while Instant::now() < phase_end {
-        send_until(&agent, &s.inputs, Instant::now() + Duration::from_millis(300)).await?;
+        send_until(
+            &agent,
+            &s.inputs,
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await?;
         let (device, fleet, _) = scores(&server, &agent.id).await?;
         before.extend(device);
         before.extend(fleet);
@@ -114,7 +129,12 @@ async fn drift_crosses_the_threshold_after_the_inputs_shift() -> anyhow::Result<
         .collect();
     let shifted_at = Instant::now();
     let (device_psi, fleet_psi, drift) = loop {
-        send_until(&agent, &inverted, Instant::now() + Duration::from_millis(300)).await?;
+        send_until(
+            &agent,
+            &inverted,
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await?;
         let (device, fleet, drift) = scores(&server, &agent.id).await?;
         if device.is_some_and(|p| p >= THRESHOLD) && fleet.is_some_and(|p| p >= THRESHOLD) {
             break (device.unwrap(), fleet.unwrap(), drift);
@@ -135,7 +155,10 @@ async fn drift_crosses_the_threshold_after_the_inputs_shift() -> anyhow::Result<
         .iter()
         .find(|f| f["tensor"] == "input" && f["feature"] == "mean")
         .unwrap();
-    assert!(input_mean["psi"].as_f64().unwrap() >= THRESHOLD, "{input_mean}");
+    assert!(
+        input_mean["psi"].as_f64().unwrap() >= THRESHOLD,
+        "{input_mean}"
+    );
     eprintln!(
         "in distribution: max score {:.4}; shifted: device {device_psi:.3}, fleet {fleet_psi:.3} after {:?}",
         before.iter().copied().fold(0.0, f64::max),

@@ -17,7 +17,11 @@ use serde_json::{json, Value};
 /// server this often.
 const TELEMETRY: &str = "[telemetry]\ninterval_ms = 500\n";
 
-async fn agents(dir: &std::path::Path, server: &Server, ids: &[&str]) -> anyhow::Result<Vec<Agent>> {
+async fn agents(
+    dir: &std::path::Path,
+    server: &Server,
+    ids: &[&str],
+) -> anyhow::Result<Vec<Agent>> {
     let mut agents = Vec::new();
     for id in ids {
         agents.push(Agent::builder(dir, id, server).config(TELEMETRY).start()?);
@@ -64,8 +68,8 @@ fn phase(server: &Server, id: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shadow_gate_stops_a_degraded_candidate_and_passes_a_faithful_one(
-) -> anyhow::Result<()> {
+async fn the_shadow_gate_stops_a_degraded_candidate_and_passes_a_faithful_one() -> anyhow::Result<()>
+{
     let dir = tempfile::tempdir()?;
     let server = Server::start(dir.path()).await?;
     let ids = ["sh-1", "sh-2", "sh-3"];
@@ -88,16 +92,38 @@ async fn the_shadow_gate_stops_a_degraded_candidate_and_passes_a_faithful_one(
         "--device-timeout-secs",
         "120",
     ];
-    let mut create = vec!["rollout", "create", "--id", "bad", "--model", "digits", "--version", "2"];
+    let mut create = vec![
+        "rollout",
+        "create",
+        "--id",
+        "bad",
+        "--model",
+        "digits",
+        "--version",
+        "2",
+    ];
     create.extend(gate);
     server.ctl_json(&create);
     server.ctl(&["rollout", "start", "bad"]);
-    let paused = traffic_until(&agents, "rollout bad paused by its shadow gate", Duration::from_secs(90), || {
-        let s = phase(&server, "bad");
-        if s["phase"]["phase"] == "paused" { Ok(s) } else { Err(s) }
-    })
+    let paused = traffic_until(
+        &agents,
+        "rollout bad paused by its shadow gate",
+        Duration::from_secs(90),
+        || {
+            let s = phase(&server, "bad");
+            if s["phase"]["phase"] == "paused" {
+                Ok(s)
+            } else {
+                Err(s)
+            }
+        },
+    )
     .await?;
-    let reason = paused["phase"]["reason"].as_str().unwrap_or_default().to_string();
+    let reason = paused["phase"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("degraded candidate: {reason}");
     assert!(reason.contains("shadow agreement"), "{paused}");
     let measured: f64 = reason
         .split_whitespace()
@@ -115,7 +141,11 @@ async fn the_shadow_gate_stops_a_degraded_candidate_and_passes_a_faithful_one(
     }
     let quality = server.ctl_json(&["model", "quality", "digits"]);
     assert!(
-        quality["versions"].as_array().unwrap().iter().all(|v| v["version"] == 1),
+        quality["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["version"] == 1),
         "{quality}"
     );
     let shadow = &quality["shadows"][0];
@@ -124,18 +154,40 @@ async fn the_shadow_gate_stops_a_degraded_candidate_and_passes_a_faithful_one(
     server.ctl(&["rollout", "abort", "bad"]);
 
     // A faithful candidate: both waves shadow it, pass and move.
-    let mut create = vec!["rollout", "create", "--id", "good", "--model", "digits", "--version", "3"];
+    let mut create = vec![
+        "rollout",
+        "create",
+        "--id",
+        "good",
+        "--model",
+        "digits",
+        "--version",
+        "3",
+    ];
     create.extend(gate);
     server.ctl_json(&create);
     server.ctl(&["rollout", "start", "good"]);
-    let done = traffic_until(&agents, "rollout good completed", Duration::from_secs(120), || {
-        let s = phase(&server, "good");
-        if s["phase"]["phase"] == "completed" { Ok(s) } else { Err(s) }
-    })
+    let done = traffic_until(
+        &agents,
+        "rollout good completed",
+        Duration::from_secs(120),
+        || {
+            let s = phase(&server, "good");
+            if s["phase"]["phase"] == "completed" {
+                Ok(s)
+            } else {
+                Err(s)
+            }
+        },
+    )
     .await?;
     for id in ids {
         server.wait_for_model(id, "digits", 3).await?;
     }
+    eprintln!(
+        "faithful candidate: {}",
+        server.ctl_json(&["model", "quality", "digits"])
+    );
     for a in &agents {
         assert_eq!(a.serving_version().await?, "3", "{done}");
     }
@@ -150,7 +202,14 @@ async fn an_ab_split_serves_its_share_sticky_per_client_key() -> anyhow::Result<
     let agent = &agents[0];
     server.push(&digits_model("int8"), "digits", 2);
     let set = server.ctl_json(&[
-        "model", "split", "digits", "--version", "2", "--share", "0.3", "--all",
+        "model",
+        "split",
+        "digits",
+        "--version",
+        "2",
+        "--share",
+        "0.3",
+        "--all",
     ]);
     assert_eq!(set["published"].as_array().unwrap().len(), 1, "{set}");
     // The agent loads the variant; until then every request is v1.
@@ -162,12 +221,21 @@ async fn an_ab_split_serves_its_share_sticky_per_client_key() -> anyhow::Result<
                 .request(http::Method::POST, "/v2/models/digits/infer", Some(&body))
                 .await?;
             anyhow::ensure!(status.is_success(), "{status} {reply}");
-            Ok::<_, anyhow::Error>(reply["model_version"].as_str().unwrap_or_default().to_string())
+            Ok::<_, anyhow::Error>(
+                reply["model_version"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
         }
     };
     wait_for_showing("the variant served", Duration::from_secs(30), || async {
         for k in 0..20 {
-            if served_by(format!("probe-{k}")).await.map_err(|e| e.to_string())? == "2" {
+            if served_by(format!("probe-{k}"))
+                .await
+                .map_err(|e| e.to_string())?
+                == "2"
+            {
                 return Ok(());
             }
         }
@@ -185,8 +253,12 @@ async fn an_ab_split_serves_its_share_sticky_per_client_key() -> anyhow::Result<
         b += usize::from(v == "2");
         by_key.entry(key).or_default().insert(v);
     }
-    assert!(by_key.values().all(|v| v.len() == 1), "a key moved between versions: {by_key:?}");
+    assert!(
+        by_key.values().all(|v| v.len() == 1),
+        "a key moved between versions: {by_key:?}"
+    );
     let share = b as f64 / 1000.0;
+    eprintln!("variant b served {b} of 1000 requests from 100 keys (share 0.3)");
     // 100 keys at 30 %: the binomial spread of 100 draws is 4.6 points.
     assert!((0.16..=0.44).contains(&share), "variant share {share}");
 
@@ -200,7 +272,11 @@ async fn an_ab_split_serves_its_share_sticky_per_client_key() -> anyhow::Result<
             .filter(|v| !v["variant"].is_null())
             .map(|v| v["inferences"].as_u64().unwrap_or(0))
             .sum();
-        if total >= 1000 { Ok(q) } else { Err(q) }
+        if total >= 1000 {
+            Ok(q)
+        } else {
+            Err(q)
+        }
     })
     .await?;
     let count = |variant: &str| {
@@ -212,7 +288,10 @@ async fn an_ab_split_serves_its_share_sticky_per_client_key() -> anyhow::Result<
             .map(|v| v["inferences"].as_u64().unwrap())
             .unwrap_or(0)
     };
-    assert!(count("b") >= b as u64 && count("a") >= (1000 - b) as u64, "{quality}");
+    assert!(
+        count("b") >= b as u64 && count("a") >= (1000 - b) as u64,
+        "{quality}"
+    );
 
     // Promoting b deploys it and ends the split.
     server.ctl_json(&["model", "promote", "digits", "--variant", "b", "--all"]);

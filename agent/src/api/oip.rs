@@ -641,7 +641,11 @@ mod tests {
 
     #[test]
     fn the_client_key_parameter_is_read_as_text() {
-        for (key, expected) in [(json!("shop-7"), Some("shop-7")), (json!(42), Some("42")), (json!([1]), None)] {
+        for (key, expected) in [
+            (json!("shop-7"), Some("shop-7")),
+            (json!(42), Some("42")),
+            (json!([1]), None),
+        ] {
             let json = json!({"inputs": [], "parameters": {"client_key": key}});
             let d = decode_request(None, &serde_json::to_vec(&json).unwrap()).unwrap();
             assert_eq!(d.client_key.as_deref(), expected);

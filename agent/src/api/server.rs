@@ -490,7 +490,9 @@ async fn infer(
     let (outputs, elapsed) = schedule::run(state, &model, inputs).await?;
     // More than half the inference permits in use: the device is busy
     // serving, and a shadow run would compete with it.
-    let in_use = state.max_concurrent.saturating_sub(state.permits.available_permits());
+    let in_use = state
+        .max_concurrent
+        .saturating_sub(state.permits.available_permits());
     if 2 * in_use > state.max_concurrent {
         observed.drop_shadow();
     }

@@ -52,7 +52,7 @@ impl From<ReferenceError> for ApiError {
 
 /// `PUT /api/v1/models/{name}/versions/{version}/reference`: computes the
 /// version's reference from a reference file and sets it.
-#[utoipa::path(put, path = "/api/v1/models/{name}/versions/{version}/reference", tag = "models", params(("name" = String, Path, description = "model name"), ("version" = u64, Path, description = "model version")), request_body(content = Object, content_type = "application/json", description = "a reference file: {\"samples\": [{\"inputs\": {NAME: [numbers]}, \"outputs\": {NAME: [numbers]}}]}, each tensor one sample's values, flat"), responses((status = 200, body = ReferenceSet), (status = 400, description = "the file is malformed or does not fit the model", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "no such model version", body = ErrorBody)))]
+#[utoipa::path(put, path = "/api/v1/models/{name}/versions/{version}/reference", tag = "models", params(("name" = String, Path, description = "model name"), ("version" = u64, Path, description = "model version")), request_body(content = crate::drift::ReferenceFile, content_type = "application/json", description = "a reference file: {\"samples\": [{\"inputs\": {NAME: [numbers]}, \"outputs\": {NAME: [numbers]}}]}, each tensor one sample's values, flat"), responses((status = 200, body = ReferenceSet), (status = 400, description = "the file is malformed or does not fit the model", body = ErrorBody), (status = 401, description = "no, a malformed, unknown or revoked operator token", body = ErrorBody), (status = 403, description = "the token's scope is too small", body = ErrorBody), (status = 404, description = "no such model version", body = ErrorBody)))]
 pub(super) async fn put_reference(
     State(fleet): State<Fleet>,
     Extension(op): Extension<auth::Operator>,
@@ -81,7 +81,10 @@ pub(super) async fn reference_from_traffic(
     Path((name, version)): Path<(String, u64)>,
     body: Bytes,
 ) -> ApiResult<Json<ReferenceSet>> {
-    let period: TrafficPeriod = parse_body(&body, "a period {\"since\": UNIX_SECS, \"until\": UNIX_SECS}")?;
+    let period: TrafficPeriod = parse_body(
+        &body,
+        "a period {\"since\": UNIX_SECS, \"until\": UNIX_SECS}",
+    )?;
     if period.since > period.until {
         return Err(ApiError::BadRequest(format!(
             "since ({}) is after until ({})",
@@ -92,7 +95,8 @@ pub(super) async fn reference_from_traffic(
         return Err(ApiError::UnknownModel { name, version });
     }
     let current = fleet.store.get_reference(&name, version).await?;
-    let Some(current) = current.and_then(|json| serde_json::from_str::<ReferenceProfile>(&json).ok())
+    let Some(current) =
+        current.and_then(|json| serde_json::from_str::<ReferenceProfile>(&json).ok())
     else {
         return Err(ApiError::BadRequest(format!(
             "{name} v{version} has no reference in force: devices collect drift statistics only in a reference's bins, so set one from a reference file first (fleetctl model reference set), let devices report, then make one from that traffic"

@@ -536,6 +536,9 @@ mod tests {
             "/metrics",
             "/api/v1/openapi.json",
             "/artifacts/{name}",
+            "/api/v1/models/{name}/versions/{version}/reference",
+            "/api/v1/models/{name}/versions/{version}/reference/from-traffic",
+            "/api/v1/models/{name}/drift",
         ];
         let doc = document();
         let mut documented: Vec<&str> = doc["paths"]

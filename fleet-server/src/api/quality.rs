@@ -181,7 +181,16 @@ pub(super) async fn delete_split(
 ) -> ApiResult<Json<QualityChanged>> {
     let target: QualityTarget = parse_body(&body, "malformed selection JSON")?;
     let what = name.clone();
-    change(&fleet, &op, &name, QualityChange::Split(None), &target, "split-end", what).await
+    change(
+        &fleet,
+        &op,
+        &name,
+        QualityChange::Split(None),
+        &target,
+        "split-end",
+        what,
+    )
+    .await
 }
 
 /// Keeps one side of an A/B test: `a` ends it, `b` deploys the variant.
@@ -196,8 +205,16 @@ pub(super) async fn promote(
     match (req.variant.as_str(), req.version) {
         ("a", None) => {
             let what = format!("{name} variant a");
-            change(&fleet, &op, &name, QualityChange::Split(None), &req.target, "promote", what)
-                .await
+            change(
+                &fleet,
+                &op,
+                &name,
+                QualityChange::Split(None),
+                &req.target,
+                "promote",
+                what,
+            )
+            .await
         }
         ("b", Some(version)) => {
             let t = &req.target;
@@ -208,7 +225,14 @@ pub(super) async fn promote(
                 .store
                 .deploy(&name, version, &target, edgefleet_shared::unix_now())
                 .await?;
-            audit(&fleet, &op, "promote", format!("{name}@{version} variant b"), detail(t)).await;
+            audit(
+                &fleet,
+                &op,
+                "promote",
+                format!("{name}@{version} variant b"),
+                detail(t),
+            )
+            .await;
             let published = publish_all(&fleet, devices).await?;
             Ok(Json(QualityChanged {
                 model: name,
@@ -270,7 +294,16 @@ pub(super) async fn delete_shadow(
 ) -> ApiResult<Json<QualityChanged>> {
     let target: QualityTarget = parse_body(&body, "malformed selection JSON")?;
     let what = name.clone();
-    change(&fleet, &op, &name, QualityChange::Shadow(None), &target, "shadow-end", what).await
+    change(
+        &fleet,
+        &op,
+        &name,
+        QualityChange::Shadow(None),
+        &target,
+        "shadow-end",
+        what,
+    )
+    .await
 }
 
 /// The model's versions, A/B variants and shadow candidates in the

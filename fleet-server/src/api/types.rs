@@ -420,6 +420,17 @@ impl RolloutStatus {
     }
 }
 
+/// Drift monitoring's bodies ([`crate::drift`]).
+pub use super::drift::{ReferenceSet, TrafficPeriod};
+pub use crate::drift::view::{
+    ClassScore, DeviceScore, FeatureScore, ModelDrift, ReferenceSummary, Score, VersionDrift,
+};
+
+pub use super::quality::{
+    PromoteRequest, QualityChanged, QualityTarget, ShadowRequest, SplitRequest,
+};
+pub use crate::quality::{ModelQuality, ShadowFigures, VersionFigures};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,14 +599,3 @@ mod tests {
         assert_eq!(edgefleet_shared::Signed::from(envelope), signed);
     }
 }
-
-/// Drift monitoring's bodies ([`crate::drift`]).
-pub use super::drift::{ReferenceSet, TrafficPeriod};
-pub use crate::drift::view::{
-    ClassScore, DeviceScore, FeatureScore, ModelDrift, ReferenceSummary, Score, VersionDrift,
-};
-
-pub use super::quality::{
-    PromoteRequest, QualityChanged, QualityTarget, ShadowRequest, SplitRequest,
-};
-pub use crate::quality::{ModelQuality, ShadowFigures, VersionFigures};

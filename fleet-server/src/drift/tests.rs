@@ -25,7 +25,11 @@ fn digits_file() -> ReferenceFile {
             .iter()
             .zip(outputs)
             .map(|(i, o)| ReferenceSample {
-                inputs: [("input".to_string(), serde_json::from_value(i.clone()).unwrap())].into(),
+                inputs: [(
+                    "input".to_string(),
+                    serde_json::from_value(i.clone()).unwrap(),
+                )]
+                .into(),
                 outputs: [(
                     "probabilities".to_string(),
                     serde_json::from_value(o.clone()).unwrap(),
@@ -105,11 +109,18 @@ fn a_reference_from_the_digits_samples_bins_inputs_and_classes() {
     let mean = profile.feature("input", Feature::Mean).unwrap();
     assert_eq!(mean.moments.count, 16);
     assert!(mean.bins.lo < mean.moments.min && mean.bins.hi > mean.moments.max);
-    assert!(mean.moments.mean > 1.0 && mean.moments.mean < 15.0, "{:?}", mean.moments);
+    assert!(
+        mean.moments.mean > 1.0 && mean.moments.mean < 15.0,
+        "{:?}",
+        mean.moments
+    );
     assert_eq!(mean.histogram.total(), 16);
     // One bin per class; the samples' labels cover several classes.
     let argmax = profile.feature("probabilities", Feature::Argmax).unwrap();
-    assert_eq!((argmax.bins.lo, argmax.bins.hi, argmax.bins.bins), (0.0, 10.0, 10));
+    assert_eq!(
+        (argmax.bins.lo, argmax.bins.hi, argmax.bins.bins),
+        (0.0, 10.0, 10)
+    );
     assert!(argmax.histogram.counts.iter().filter(|c| **c > 0).count() >= 5);
     // The spec the agents get is valid for a signed slot.
     let spec = profile.spec();
@@ -126,17 +137,30 @@ fn bad_reference_files_are_refused_naming_the_problem() {
     let mut file = digits_file();
     file.samples[3].inputs.insert("pixels".into(), vec![1.0]);
     let e = err(&bytes(&file));
-    assert!(e.contains("sample 3") && e.contains("\"pixels\" is not in sample 0"), "{e}");
+    assert!(
+        e.contains("sample 3") && e.contains("\"pixels\" is not in sample 0"),
+        "{e}"
+    );
     let mut file = digits_file();
     for s in &mut file.samples {
         s.inputs.insert("pixels".into(), vec![1.0]);
     }
     let e = err(&bytes(&file));
-    assert!(e.contains("\"pixels\"") && e.contains("declared inputs (input)"), "{e}");
+    assert!(
+        e.contains("\"pixels\"") && e.contains("declared inputs (input)"),
+        "{e}"
+    );
     let mut file = digits_file();
-    file.samples[2].inputs.get_mut("input").unwrap().truncate(60);
+    file.samples[2]
+        .inputs
+        .get_mut("input")
+        .unwrap()
+        .truncate(60);
     let e = err(&bytes(&file));
-    assert!(e.contains("sample 2") && e.contains("60 values") && e.contains("64"), "{e}");
+    assert!(
+        e.contains("sample 2") && e.contains("60 values") && e.contains("64"),
+        "{e}"
+    );
     let mut file = digits_file();
     file.samples[5].outputs.clear();
     let e = err(&bytes(&file));
@@ -231,13 +255,10 @@ fn scores_per_device_class_and_fleet_merge_the_window() {
     view.observe(&telemetry("jet-1", 1, now - 10, shifted), now);
     // Out of the window: counted for the device's latest only.
     view.observe(&telemetry("old", 1, now - WINDOW_SECS - 100, same), now);
-    let classes: HashMap<String, String> = [
-        ("pi-1", "rpi4"),
-        ("pi-2", "rpi4"),
-        ("jet-1", "jetson"),
-    ]
-    .map(|(d, c)| (d.to_string(), c.to_string()))
-    .into();
+    let classes: HashMap<String, String> =
+        [("pi-1", "rpi4"), ("pi-2", "rpi4"), ("jet-1", "jetson")]
+            .map(|(d, c)| (d.to_string(), c.to_string()))
+            .into();
     let drift = view.model("digits", &classes, now);
     assert!(drift.drifting);
     let v = &drift.versions[0];
@@ -258,7 +279,12 @@ fn scores_per_device_class_and_fleet_merge_the_window() {
         .collect();
     assert_eq!(
         devices,
-        [("jet-1", true), ("old", false), ("pi-1", false), ("pi-2", false)]
+        [
+            ("jet-1", true),
+            ("old", false),
+            ("pi-1", false),
+            ("pi-2", false)
+        ]
     );
     let input_mean = v.devices[0]
         .score
@@ -284,7 +310,8 @@ fn a_reference_from_traffic_merges_intervals_in_the_spec_bins() {
     let one = collect(&profile, &file.samples);
     let mut other_bins = one.clone();
     other_bins.features[0].histogram = Histogram::new(0.0, 1.0, 4).unwrap();
-    let traffic = ReferenceProfile::from_traffic(&profile.spec(), [&one, &one, &other_bins]).unwrap();
+    let traffic =
+        ReferenceProfile::from_traffic(&profile.spec(), [&one, &one, &other_bins]).unwrap();
     assert_eq!(traffic.source, "traffic");
     assert_eq!(traffic.samples, 48);
     // The input mean in other bins was left out of the third interval.
@@ -296,4 +323,38 @@ fn a_reference_from_traffic_merges_intervals_in_the_spec_bins() {
     )
     .unwrap();
     assert!(psi < 1e-9, "{psi}");
+}
+
+#[test]
+fn the_rollout_drift_gate_fails_an_interval_over_its_limit() {
+    use crate::rollout::Gates;
+    let file = digits_file();
+    let profile = from_file(&digits_spec(), &bytes(&file)).unwrap();
+    let view = DriftView::default();
+    view.set_reference("digits", 1, profile.clone());
+    let inverted: Vec<ReferenceSample> = file
+        .samples
+        .iter()
+        .map(|s| ReferenceSample {
+            inputs: [(
+                "input".to_string(),
+                s.inputs["input"].iter().map(|x| 16.0 - x).collect(),
+            )]
+            .into(),
+            outputs: s.outputs.clone(),
+        })
+        .collect();
+    let gates = Gates {
+        max_drift_psi: Some(0.5),
+        ..Gates::default()
+    };
+    assert!(gates.watches_telemetry());
+    let same = view.interval_score("digits", 1, &collect(&profile, &file.samples));
+    assert_eq!(gates.judge_drift(same), None);
+    let shifted = view.interval_score("digits", 1, &collect(&profile, &inverted));
+    let why = gates.judge_drift(shifted).unwrap();
+    assert!(why.contains("drift score") && why.contains("> 0.5"), "{why}");
+    // No reference, no score, nothing judged; no limit, nothing judged.
+    assert_eq!(gates.judge_drift(None), None);
+    assert_eq!(Gates::default().judge_drift(shifted), None);
 }

@@ -168,7 +168,12 @@ pub struct ModelDrift {
 pub type Gauge = (String, u64, &'static str, Option<String>, f64);
 
 /// Scores `stats` (merged already) against `reference`.
-fn score(reference: &ReferenceProfile, stats: &[FeatureStats], intervals: u64, threshold: f64) -> Score {
+fn score(
+    reference: &ReferenceProfile,
+    stats: &[FeatureStats],
+    intervals: u64,
+    threshold: f64,
+) -> Score {
     let features: Vec<FeatureScore> = reference
         .features
         .iter()
@@ -182,7 +187,9 @@ fn score(reference: &ReferenceProfile, stats: &[FeatureStats], intervals: u64, t
                 feature: r.bins.feature.as_str().to_string(),
                 psi,
                 count: current.map_or(0, |s| s.moments.count),
-                mean: current.filter(|s| s.moments.count > 0).map(|s| s.moments.mean),
+                mean: current
+                    .filter(|s| s.moments.count > 0)
+                    .map(|s| s.moments.mean),
                 reference_mean: r.moments.mean,
             }
         })
@@ -190,7 +197,9 @@ fn score(reference: &ReferenceProfile, stats: &[FeatureStats], intervals: u64, t
     let psi = features
         .iter()
         .filter_map(|f| f.psi)
-        .fold(None, |worst: Option<f64>, p| Some(worst.map_or(p, |w| w.max(p))));
+        .fold(None, |worst: Option<f64>, p| {
+            Some(worst.map_or(p, |w| w.max(p)))
+        });
     Score {
         psi,
         drifting: psi.is_some_and(|p| p >= threshold),
@@ -213,7 +222,8 @@ fn merge<'a>(
                 tensor: r.bins.tensor.clone(),
                 feature: r.bins.feature,
                 moments: Default::default(),
-                histogram: Histogram::new(r.histogram.lo, r.histogram.hi, r.bins.bins as usize).ok()?,
+                histogram: Histogram::new(r.histogram.lo, r.histogram.hi, r.bins.bins as usize)
+                    .ok()?,
             })
         })
         .collect();
@@ -431,7 +441,8 @@ impl DriftView {
             out.push(drift);
         }
         let drifting = out.iter().any(|v| {
-            v.fleet.as_ref().is_some_and(|s| s.drifting) || v.devices.iter().any(|d| d.score.drifting)
+            v.fleet.as_ref().is_some_and(|s| s.drifting)
+                || v.devices.iter().any(|d| d.score.drifting)
         });
         ModelDrift {
             model: model.to_string(),
@@ -469,7 +480,13 @@ impl DriftView {
                 }
                 for c in &v.classes {
                     if let Some(psi) = c.score.psi {
-                        out.push((model.clone(), v.version, "class", Some(c.class.clone()), psi));
+                        out.push((
+                            model.clone(),
+                            v.version,
+                            "class",
+                            Some(c.class.clone()),
+                            psi,
+                        ));
                     }
                 }
                 let worst = v

@@ -56,7 +56,9 @@ impl AssignedQuality {
         match text {
             None => Ok(Self::default()),
             Some(t) => serde_json::from_str(t).map_err(|e| {
-                StoreError::Task(format!("stored assignment quality settings unreadable: {e}"))
+                StoreError::Task(format!(
+                    "stored assignment quality settings unreadable: {e}"
+                ))
             }),
         }
     }

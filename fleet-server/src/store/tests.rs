@@ -754,6 +754,9 @@ mod agents;
 /// Drift reference profiles of model versions.
 mod references;
 
+/// Shadow candidates and A/B splits on assignments.
+mod quality;
+
 /// What replicas share through the database: dashboard sessions, and
 /// telemetry and events in arrival order.
 mod sessions;

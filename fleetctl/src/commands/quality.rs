@@ -93,7 +93,16 @@ fn print_quality(q: &ModelQuality) {
         })
         .collect();
     print_table(
-        &["VERSION", "VARIANT", "DEVICES", "INFERENCES", "SHARE", "ERRORS", "P50", "P95"],
+        &[
+            "VERSION",
+            "VARIANT",
+            "DEVICES",
+            "INFERENCES",
+            "SHARE",
+            "ERRORS",
+            "P50",
+            "P95",
+        ],
         &rows,
     );
     if q.shadows.is_empty() {
@@ -118,7 +127,14 @@ fn print_quality(q: &ModelQuality) {
         .collect();
     print_table(
         &[
-            "SERVED", "CANDIDATE", "DEVICES", "COMPARED", "AGREEMENT", "ERRORS", "DROPPED", "P99",
+            "SERVED",
+            "CANDIDATE",
+            "DEVICES",
+            "COMPARED",
+            "AGREEMENT",
+            "ERRORS",
+            "DROPPED",
+            "P99",
         ],
         &rows,
     );
@@ -157,7 +173,10 @@ pub async fn run(ctx: &Context, command: &ModelCommand) -> Result<(), Failure> {
             changed(
                 ctx,
                 &answer,
-                format!("{name}: {:.0} % of client keys to v{version}", share * 100.0),
+                format!(
+                    "{name}: {:.0} % of client keys to v{version}",
+                    share * 100.0
+                ),
             );
         }
         ModelCommand::SplitEnd { name, target: t } => {

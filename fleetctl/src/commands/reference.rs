@@ -93,7 +93,10 @@ pub async fn drift(ctx: &Context, name: &str) -> Result<(), Failure> {
     if ctx.json {
         crate::output::print_json(&answer.raw);
     } else {
-        print_table(&["VERSION", "SCOPE", "PSI", "DRIFTING", "WORST FEATURE"], &rows(&answer.body));
+        print_table(
+            &["VERSION", "SCOPE", "PSI", "DRIFTING", "WORST FEATURE"],
+            &rows(&answer.body),
+        );
     }
     Ok(())
 }
@@ -106,7 +109,11 @@ pub fn rows(drift: &ModelDrift) -> Vec<Vec<String>> {
             .features
             .iter()
             .filter(|f| f.psi.is_some())
-            .max_by(|a, b| a.psi.partial_cmp(&b.psi).unwrap_or(std::cmp::Ordering::Equal))
+            .max_by(|a, b| {
+                a.psi
+                    .partial_cmp(&b.psi)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
             .map_or_else(|| "-".into(), |f| format!("{}/{}", f.tensor, f.feature));
         vec![
             version.to_string(),

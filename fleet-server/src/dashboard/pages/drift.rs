@@ -27,7 +27,11 @@ fn psi_cell(score: Option<&Score>, threshold: f64) -> Markup {
         .into_iter()
         .flat_map(|s| &s.features)
         .filter(|f| f.psi.is_some())
-        .max_by(|a, b| a.psi.partial_cmp(&b.psi).unwrap_or(std::cmp::Ordering::Equal))
+        .max_by(|a, b| {
+            a.psi
+                .partial_cmp(&b.psi)
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
         .map(|f| format!("worst feature: {}/{}", f.tensor, f.feature))
         .unwrap_or_default();
     html! { td.num { span class=(class) title=(worst) data-psi=(format!("{psi:.4}")) { (format!("{psi:.3}")) } } }

@@ -93,9 +93,7 @@ impl Rollout {
                 s.agreed,
                 s.errors
             )
-        } else if s.devices.is_empty()
-            || now.saturating_sub(s.started.unwrap_or(now)) >= timeout
-        {
+        } else if s.devices.is_empty() || now.saturating_sub(s.started.unwrap_or(now)) >= timeout {
             format!(
                 "shadow gate: {total} of {min_requests} requests compared on wave {} within {timeout} s (too little traffic to judge the candidate)",
                 wave + 1
@@ -224,9 +222,14 @@ mod tests {
             w
         };
         assert_eq!(named(&first, shadowed), wave1);
-        assert!(named(&first, updated).is_empty(), "nobody moves before the gate");
+        assert!(
+            named(&first, updated).is_empty(),
+            "nobody moves before the gate"
+        );
         // Not enough requests yet, and reports from outside the wave do not count.
-        assert!(r.shadow_report(&r.order[5].clone(), 500, 0, 0, 1).is_empty());
+        assert!(r
+            .shadow_report(&r.order[5].clone(), 500, 0, 0, 1)
+            .is_empty());
         assert!(r.shadow_report(&wave1[0], 60, 59, 0, 2).is_empty());
         let moved = r.shadow_report(&wave1[1], 60, 58, 1, 3);
         assert_eq!(named(&moved, updated), wave1);
@@ -249,7 +252,10 @@ mod tests {
         let Phase::Paused { reason, .. } = &r.phase else {
             panic!("not paused: {:?}", r.phase)
         };
-        assert!(reason.contains("shadow agreement 0.562 < 0.95 over 160 requests"), "{reason}");
+        assert!(
+            reason.contains("shadow agreement 0.562 < 0.95 over 160 requests"),
+            "{reason}"
+        );
         // Resumed, the candidate is judged afresh.
         r.resume(10).unwrap();
         assert_eq!(r.shadow[0].total(), 0);

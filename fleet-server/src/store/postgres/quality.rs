@@ -24,7 +24,14 @@ async fn write(
           ORDER BY scope = $6 LIMIT 1
          ON CONFLICT (scope, model) DO UPDATE SET quality = excluded.quality,
              shadow_version = excluded.shadow_version, split_version = excluded.split_version",
-        &[&scope, &model, &q.to_column(), &shadow, &split, &ALL_DEVICES],
+        &[
+            &scope,
+            &model,
+            &q.to_column(),
+            &shadow,
+            &split,
+            &ALL_DEVICES,
+        ],
     )
     .await?;
     Ok(())
@@ -64,7 +71,11 @@ pub(super) async fn set(
                 q.apply(change);
                 write(&tx, &scope, model, &q).await?;
             }
-            devices::list(&tx).await?.into_iter().map(|d| d.id).collect()
+            devices::list(&tx)
+                .await?
+                .into_iter()
+                .map(|d| d.id)
+                .collect()
         }
         Target::Devices(ids) => {
             for id in ids {

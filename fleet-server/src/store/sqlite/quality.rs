@@ -16,7 +16,12 @@ fn columns(q: &AssignedQuality) -> (Option<String>, Option<i64>, Option<i64>) {
     )
 }
 
-fn write(conn: &Connection, scope: &str, model: &str, q: &AssignedQuality) -> Result<(), StoreError> {
+fn write(
+    conn: &Connection,
+    scope: &str,
+    model: &str,
+    q: &AssignedQuality,
+) -> Result<(), StoreError> {
     let (json, shadow, split) = columns(q);
     conn.execute(
         "UPDATE assignments SET quality = ?3, shadow_version = ?4, split_version = ?5
@@ -82,7 +87,10 @@ pub(super) fn set(
                 q.apply(change);
                 write(&tx, &scope, model, &q)?;
             }
-            super::devices::list(&tx)?.into_iter().map(|d| d.id).collect()
+            super::devices::list(&tx)?
+                .into_iter()
+                .map(|d| d.id)
+                .collect()
         }
         Target::Devices(ids) => {
             for id in ids {
