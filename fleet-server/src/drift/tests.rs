@@ -353,7 +353,10 @@ fn the_rollout_drift_gate_fails_an_interval_over_its_limit() {
     assert_eq!(gates.judge_drift(same), None);
     let shifted = view.interval_score("digits", 1, &collect(&profile, &inverted));
     let why = gates.judge_drift(shifted).unwrap();
-    assert!(why.contains("drift score") && why.contains("> 0.5"), "{why}");
+    assert!(
+        why.contains("drift score") && why.contains("> 0.5"),
+        "{why}"
+    );
     // No reference, no score, nothing judged; no limit, nothing judged.
     assert_eq!(gates.judge_drift(None), None);
     assert_eq!(Gates::default().judge_drift(shifted), None);
