@@ -539,6 +539,10 @@ mod tests {
             "/api/v1/models/{name}/versions/{version}/reference",
             "/api/v1/models/{name}/versions/{version}/reference/from-traffic",
             "/api/v1/models/{name}/drift",
+            "/api/v1/models/{name}/quality",
+            "/api/v1/models/{name}/split",
+            "/api/v1/models/{name}/split/promote",
+            "/api/v1/models/{name}/shadow",
         ];
         let doc = document();
         let mut documented: Vec<&str> = doc["paths"]

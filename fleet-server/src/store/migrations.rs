@@ -520,15 +520,6 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         older_servers_may_run: true,
     },
     Migration {
-        purpose: "each model version's drift reference profile (the bins agents count with and the reference histograms)",
-        sqlite: MODEL_REFERENCES,
-        postgres: MODEL_REFERENCES_POSTGRES,
-        // A new table: a server that predates it signs slots without drift
-        // bins and scores nothing, which stops drift statistics on the
-        // devices it publishes to but breaks nothing.
-        older_servers_may_run: true,
-    },
-    Migration {
         purpose: "quality settings on assignments: a shadow candidate and an A/B split, with the versions they name",
         sqlite: r#"
     ALTER TABLE assignments ADD COLUMN quality TEXT;
@@ -545,6 +536,15 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         // version before) and could delete a version a device downloads as
         // a candidate.
         older_servers_may_run: false,
+    },
+    Migration {
+        purpose: "each model version's drift reference profile (the bins agents count with and the reference histograms)",
+        sqlite: MODEL_REFERENCES,
+        postgres: MODEL_REFERENCES_POSTGRES,
+        // A new table: a server that predates it signs slots without drift
+        // bins and scores nothing, which stops drift statistics on the
+        // devices it publishes to but breaks nothing.
+        older_servers_may_run: true,
     },
 ];
 

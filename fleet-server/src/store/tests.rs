@@ -747,18 +747,14 @@ suite!(
     device_keys_are_set_once_by_devices_and_replaced_by_operators,
 );
 
-/// Agent releases: builds, assignments, the agent slot's inputs and what
-/// devices report about their agent.
+// The suite goes on, one file per part of the store: agent releases
+// (builds, assignments, the agent slot's inputs, what devices report);
+// shadow and A/B settings on assignments; drift references; what
+// replicas share (dashboard sessions, telemetry and events in arrival
+// order).
 mod agents;
-
-/// Drift reference profiles of model versions.
-mod references;
-
-/// Shadow candidates and A/B splits on assignments.
 mod quality;
-
-/// What replicas share through the database: dashboard sessions, and
-/// telemetry and events in arrival order.
+mod references;
 mod sessions;
 
 #[tokio::test]
