@@ -1,5 +1,7 @@
 //! Agent configuration: defaults, then a TOML file, validated once at start.
 
+pub mod batching;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -66,9 +68,9 @@ pub struct AgentConfig {
     #[serde(default)]
     pub display: crate::display::DisplayConfig,
     /// Dynamic batching of concurrent requests to one model (off by
-    /// default; see [`crate::api::batch::BatchingConfig`] for why).
+    /// default; see [`batching::BatchingConfig`] for why).
     #[serde(default)]
-    pub batching: crate::api::batch::BatchingConfig,
+    pub batching: batching::BatchingConfig,
 }
 
 /// The durable outbox (fleet mode).
@@ -651,8 +653,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.batching.policy_for("cls", 1).unwrap().max_batch, 4);
-        let err =
-            AgentConfig::from_toml("[batching.models.cls]\nmax_batch = 0").unwrap_err();
+        let err = AgentConfig::from_toml("[batching.models.cls]\nmax_batch = 0").unwrap_err();
         assert!(
             err.to_string().contains("batching.models.cls.max_batch"),
             "{err}"

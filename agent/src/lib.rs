@@ -18,7 +18,6 @@ pub mod engine;
 pub mod model_store;
 pub mod outbox;
 pub mod probe;
-pub mod quality;
 pub mod registry;
 pub mod report;
 pub mod stats;

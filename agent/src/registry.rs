@@ -5,6 +5,8 @@
 //! replacement under a short write lock, so serving never pauses for an
 //! update.
 
+pub mod quality;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -27,9 +29,7 @@ pub struct ServedModel {
     /// Queue each result for upload (the model's `upload_results`).
     pub upload_results: bool,
     /// Shadow candidate, A/B split and drift statistics, as the slot asks.
-    pub quality: crate::quality::ModelQuality,
-    /// The queue and batch statistics of dynamic batching.
-    pub batching: crate::api::batch::ModelBatching,
+    pub quality: quality::ModelQuality,
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -81,7 +81,6 @@ impl ServedModel {
             stats: Default::default(),
             upload_results: false,
             quality: Default::default(),
-            batching: Default::default(),
         }
     }
 

@@ -180,6 +180,7 @@ fn measure(
         },
     );
     state.batching = Batching::new(batching);
+    let batching_handle = state.batching.clone();
     let socket = tmp.join(format!("batching-{clients}.sock"));
     let shutdown = CancellationToken::new();
     let listener = server.block_on(bind_unix(&socket)).unwrap();
@@ -209,7 +210,7 @@ fn measure(
     });
     shutdown.cancel();
     let served = registry.get("m").unwrap();
-    let batches = served.batching.stats_json();
+    let batches = batching_handle.stats_json(&served);
     drop(served);
     server.shutdown_timeout(Duration::from_secs(1));
     let mut sorted = samples.clone();

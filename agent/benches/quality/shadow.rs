@@ -18,7 +18,7 @@ use bytes::Bytes;
 use edgefleet_agent::api::{bind_unix, serve_unix, ApiState};
 use edgefleet_agent::config::{ApiConfig, RuntimeConfig};
 use edgefleet_agent::engine::{runtimes, Check, Selection};
-use edgefleet_agent::quality::shadow::{Candidate, Shadow};
+use edgefleet_agent::registry::quality::shadow::{Candidate, Shadow};
 use edgefleet_agent::registry::{ModelRegistry, ServedModel};
 use edgefleet_shared::quality::{ModelArtifact, ShadowSpec};
 use edgefleet_shared::{ModelFormat, TensorSpec};

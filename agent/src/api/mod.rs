@@ -27,6 +27,8 @@ pub mod server;
 pub mod upload;
 
 #[cfg(test)]
+mod quality_tests;
+#[cfg(test)]
 mod socket_tests;
 
 use std::sync::Arc;

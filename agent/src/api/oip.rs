@@ -530,8 +530,8 @@ pub fn metadata(model: &ServedModel) -> Value {
 
 /// Triton's statistics extension (`GET /v2/models/{m}/stats`), with the
 /// agent's latency percentiles added.
-pub fn statistics(model: &ServedModel) -> Value {
-    let mut served = model_statistics(model);
+pub fn statistics(model: &ServedModel, batching: &super::batch::Batching) -> Value {
+    let mut served = model_statistics(model, batching);
     if let Some(shadow) = model.quality.shadow() {
         let totals = shadow.totals();
         let mut figures = serde_json::to_value(&totals).unwrap_or(Value::Null);
@@ -544,14 +544,14 @@ pub fn statistics(model: &ServedModel) -> Value {
     };
     // An A/B split: one entry per variant, each with its own figures.
     served["variant"] = "a".into();
-    let mut variant = model_statistics(split.variant());
+    let mut variant = model_statistics(split.variant(), batching);
     variant["variant"] = "b".into();
     variant["share"] = json!(split.spec().share);
     variant["experiment"] = json!(split.spec().experiment);
     json!({"model_stats": [served, variant]})
 }
 
-fn model_statistics(model: &ServedModel) -> Value {
+fn model_statistics(model: &ServedModel, batching: &super::batch::Batching) -> Value {
     let s = model.stats.snapshot();
     json!({
         "name": model.name,
@@ -564,7 +564,7 @@ fn model_statistics(model: &ServedModel) -> Value {
         },
         "latency_us": {"p50": s.p50_us, "p90": s.p90_us, "p99": s.p99_us},
         "runtime": model.engine.runtime(),
-        "batches": model.batching.stats_json(),
+        "batches": batching.stats_json(model),
     })
 }
 

@@ -343,7 +343,10 @@ async fn model_route(
             &json!({"name": model.name, "version": model.version.to_string(), "ready": true}),
         )),
         (&Method::POST, ["infer"]) => infer(state, model, version.is_some(), req).await,
-        (&Method::GET, ["stats"]) => Ok(json_response(StatusCode::OK, &oip::statistics(&model))),
+        (&Method::GET, ["stats"]) => Ok(json_response(
+            StatusCode::OK,
+            &oip::statistics(&model, &state.batching),
+        )),
         _ => Err(ApiError::not_found(format!(
             "no route for {method} {}",
             req.uri().path()
@@ -440,7 +443,7 @@ async fn infer(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let header_key = req
         .headers()
-        .get(crate::quality::split::CLIENT_KEY_HEADER)
+        .get(crate::registry::quality::split::CLIENT_KEY_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let header_len = match req.headers().get(HEADER_LENGTH) {
@@ -496,7 +499,7 @@ async fn infer(
     if 2 * in_use > state.max_concurrent {
         observed.drop_shadow();
     }
-    crate::quality::ModelQuality::answered(observed, &outputs);
+    crate::registry::quality::ModelQuality::answered(observed, &outputs);
     if let (true, Some(uploads)) = (model.upload_results, &state.uploads) {
         uploads.queue(&model, id.clone(), elapsed, &outputs);
     }

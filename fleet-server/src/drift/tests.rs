@@ -326,8 +326,7 @@ fn a_reference_from_traffic_merges_intervals_in_the_spec_bins() {
 }
 
 #[test]
-fn the_rollout_drift_gate_fails_an_interval_over_its_limit() {
-    use crate::rollout::Gates;
+fn interval_scores_tell_shifted_traffic_from_the_reference() {
     let file = digits_file();
     let profile = from_file(&digits_spec(), &bytes(&file)).unwrap();
     let view = DriftView::default();
@@ -344,20 +343,14 @@ fn the_rollout_drift_gate_fails_an_interval_over_its_limit() {
             outputs: s.outputs.clone(),
         })
         .collect();
-    let gates = Gates {
-        max_drift_psi: Some(0.5),
-        ..Gates::default()
-    };
-    assert!(gates.watches_telemetry());
+    // What the rollout gate (`Gates::judge_drift`) judges by.
     let same = view.interval_score("digits", 1, &collect(&profile, &file.samples));
-    assert_eq!(gates.judge_drift(same), None);
+    assert!(same.unwrap() < 0.1, "{same:?}");
     let shifted = view.interval_score("digits", 1, &collect(&profile, &inverted));
-    let why = gates.judge_drift(shifted).unwrap();
-    assert!(
-        why.contains("drift score") && why.contains("> 0.5"),
-        "{why}"
+    assert!(shifted.unwrap() > 0.5, "{shifted:?}");
+    // No reference, no score.
+    assert_eq!(
+        view.interval_score("digits", 2, &collect(&profile, &inverted)),
+        None
     );
-    // No reference, no score, nothing judged; no limit, nothing judged.
-    assert_eq!(gates.judge_drift(None), None);
-    assert_eq!(Gates::default().judge_drift(shifted), None);
 }

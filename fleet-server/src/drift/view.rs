@@ -1,7 +1,8 @@
 //! Drift scores, kept in memory as devices report, like the rest of the
-//! dashboard's view ([`crate::insights`]): the ingest path and each
-//! replica's refresh from the store feed [`DriftView::observe`] with the
-//! telemetry samples [`crate::insights::Insights`] takes in, so the scores
+//! dashboard's view (the insights, which own a [`DriftView`]): the ingest
+//! path and each replica's refresh from the store feed
+//! [`DriftView::observe`] with the telemetry samples the insights take
+//! in, so the scores
 //! see what the insights see and are rebuilt from the store at start the
 //! same way.
 //!
@@ -15,12 +16,13 @@
 //! The references are cached here too: the desired-state signer puts a
 //! reference's bins in the slot ([`DriftView::spec`]) and the rollout
 //! gate scores intervals as they arrive, both without a store round trip.
-//! The cache is refreshed from the store every
-//! [`crate::insights::REFRESH_EVERY`] (replicas learn each other's
+//! The cache is refreshed from the store every [`FOLLOW_EVERY`] (replicas
+//! learn each other's
 //! references) and updated at once by the server that sets one.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use edgefleet_shared::drift::{psi, Histogram};
 use edgefleet_shared::quality::{DriftSpec, DriftTelemetry, FeatureStats};
@@ -30,6 +32,9 @@ use serde::{Deserialize, Serialize};
 use super::{ReferenceProfile, DEFAULT_ALERT_PSI};
 use crate::store::{Store, StoreError};
 
+/// How often references are reloaded and fleet-wide scores checked: as
+/// often as the insights follow what other replicas stored.
+pub const FOLLOW_EVERY: Duration = Duration::from_secs(2);
 /// How far back (seconds of device time) the per-class and fleet-wide
 /// scores merge intervals.
 pub const WINDOW_SECS: u64 = 300;
@@ -531,9 +536,9 @@ impl DriftView {
     }
 
     /// Reloads the references from the store and checks the fleet-wide
-    /// scores every [`crate::insights::REFRESH_EVERY`] until `shutdown`.
+    /// scores every [`FOLLOW_EVERY`] until `shutdown`.
     pub async fn follow(self, store: Store, shutdown: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(crate::insights::REFRESH_EVERY);
+        let mut tick = tokio::time::interval(FOLLOW_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -78,9 +78,9 @@ async fn holds(store: &Store, device: &str, assign: &Assign) -> bool {
                 .as_deref()
                 .and_then(|s| serde_json::from_str::<ShadowSettings>(s).ok())
                 .map(|s| s.version);
-            doc.models
-                .iter()
-                .any(|m| &m.name == model && m.shadow.as_ref().map(|s| s.candidate.version) == wanted)
+            doc.models.iter().any(|m| {
+                &m.name == model && m.shadow.as_ref().map(|s| s.candidate.version) == wanted
+            })
         }
     }
 }
@@ -154,7 +154,9 @@ pub(super) async fn dispatch(
                 };
                 // A device that does not run the model has nothing to
                 // shadow: retrying cannot change that.
-                if let (Assign::Quality { .. }, Err(StoreError::NotFound(why))) = (&assign, &assigned) {
+                if let (Assign::Quality { .. }, Err(StoreError::NotFound(why))) =
+                    (&assign, &assigned)
+                {
                     tracing::warn!(assignment = ?assign, reason = %why, "shadow not set");
                     break;
                 }

@@ -529,7 +529,10 @@ impl Rollouts {
     ) -> Result<(), RolloutError> {
         let bad = |why: String| Err(RolloutError::BadRequest(why));
         if req.agent.is_some() {
-            return bad("the shadow gate is for model rollouts: an agent release has no outputs to compare".into());
+            return bad(
+                "the shadow gate is for model rollouts: an agent release has no outputs to compare"
+                    .into(),
+            );
         }
         if !(0.0..=1.0).contains(&agreement) {
             return bad(format!(
@@ -543,9 +546,9 @@ impl Rollouts {
             ));
         }
         for c in &gates.shadow_compare {
-            c.comparison
-                .validate()
-                .map_err(|e| RolloutError::BadRequest(format!("shadow_compare {}: {e}", c.output)))?;
+            c.comparison.validate().map_err(|e| {
+                RolloutError::BadRequest(format!("shadow_compare {}: {e}", c.output))
+            })?;
         }
         let serving = self.store.assigned_versions(&req.model, devices).await?;
         let missing: Vec<&str> = devices

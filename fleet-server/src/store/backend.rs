@@ -341,8 +341,7 @@ pub trait StoreBackend: Send + Sync + 'static {
     ) -> StoreFuture<'a, ()>;
 
     /// A model version's drift reference (JSON), if it has one.
-    fn get_reference<'a>(&'a self, name: &'a str, version: u64)
-        -> StoreFuture<'a, Option<String>>;
+    fn get_reference<'a>(&'a self, name: &'a str, version: u64) -> StoreFuture<'a, Option<String>>;
 
     /// Every drift reference: model name, version, profile (JSON).
     fn list_references(&self) -> StoreFuture<'_, Vec<(String, u64, String)>>;

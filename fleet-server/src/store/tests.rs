@@ -747,11 +747,8 @@ suite!(
     device_keys_are_set_once_by_devices_and_replaced_by_operators,
 );
 
-// The suite goes on, one file per part of the store: agent releases
-// (builds, assignments, the agent slot's inputs, what devices report);
-// shadow and A/B settings on assignments; drift references; what
-// replicas share (dashboard sessions, telemetry and events in arrival
-// order).
+// More of the suite, one file per part: agent releases; shadow and A/B
+// settings; drift references; what replicas share (sessions, arrivals).
 mod agents;
 mod quality;
 mod references;

@@ -570,7 +570,15 @@ impl Client {
     ) -> Result<Answer<fleet_server::api::types::ReferenceSet>, ClientError> {
         let version = version.to_string();
         let url = self.url(
-            &["api", "v1", "models", name, "versions", &version, "reference"],
+            &[
+                "api",
+                "v1",
+                "models",
+                name,
+                "versions",
+                &version,
+                "reference",
+            ],
             &[],
         );
         let request = self

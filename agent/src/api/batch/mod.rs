@@ -18,7 +18,6 @@
 //! finishes; a batch of 8 requests holds 8 permits. The limit therefore
 //! still counts requests, and a `max_batch` above it cannot fill.
 
-mod config;
 pub mod queue;
 pub mod tensors;
 #[cfg(test)]
@@ -26,13 +25,15 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Instant;
 
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 
-pub use config::{BatchingConfig, ModelBatchingConfig, MAX_BATCH_LIMIT, MAX_DELAY_LIMIT_US};
+pub use crate::config::batching::{
+    BatchingConfig, ModelBatchingConfig, MAX_BATCH_LIMIT, MAX_DELAY_LIMIT_US,
+};
 pub use queue::Policy;
 
 use crate::engine::{self, EngineError};
@@ -45,7 +46,13 @@ pub struct Batching {
     config: Arc<BatchingConfig>,
     /// Runs of one model at once for runtimes that run concurrently.
     cores: usize,
+    /// Each served model version's queue and statistics, found by the
+    /// model's address and gone once the version is no longer served.
+    models: Arc<Mutex<Vec<PerModel>>>,
 }
+
+/// A served model version and its batching state.
+type PerModel = (Weak<ServedModel>, Arc<ModelBatching>);
 
 impl Default for Batching {
     fn default() -> Self {
@@ -59,7 +66,37 @@ impl Batching {
         Self {
             config: Arc::new(config),
             cores: std::thread::available_parallelism().map_or(1, usize::from),
+            models: Default::default(),
         }
+    }
+
+    fn models(&self) -> MutexGuard<'_, Vec<PerModel>> {
+        self.models.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `model`'s batching state, made on its first batched request.
+    fn of(&self, model: &Arc<ServedModel>) -> Arc<ModelBatching> {
+        let mut models = self.models();
+        models.retain(|(m, _)| m.strong_count() > 0);
+        if let Some((_, b)) = models
+            .iter()
+            .find(|(m, _)| m.as_ptr() == Arc::as_ptr(model))
+        {
+            return Arc::clone(b);
+        }
+        let b = Arc::new(ModelBatching::default());
+        models.push((Arc::downgrade(model), Arc::clone(&b)));
+        b
+    }
+
+    /// `model`'s batch statistics, as `/stats` shows them.
+    pub fn stats_json(&self, model: &ServedModel) -> Value {
+        let found = self
+            .models()
+            .iter()
+            .find(|(m, _)| std::ptr::eq(m.as_ptr(), model))
+            .map(|(_, b)| Arc::clone(b));
+        found.unwrap_or_default().stats_json()
     }
 
     /// The policy for `model`, `None` when its requests are not batched.
@@ -95,8 +132,8 @@ struct State {
     dispatcher: bool,
 }
 
-/// One model's batching state: its queue and its batch statistics. Lives
-/// in the [`ServedModel`], so it goes when the model version does.
+/// One model's batching state: its queue and its batch statistics. Kept
+/// by [`Batching`] while the model version is served.
 pub struct ModelBatching {
     state: Mutex<State>,
     /// Wakes the dispatcher: an arrival or a finished run.
@@ -202,11 +239,11 @@ impl BatchStats {
 
 /// A run slot of a model's queue, given back when dropped (when the
 /// runtime finished, even if the client stopped waiting).
-pub struct RunSlot(Arc<ServedModel>);
+pub struct RunSlot(Arc<ServedModel>, Arc<ModelBatching>);
 
 impl Drop for RunSlot {
     fn drop(&mut self) {
-        self.0.batching.finished();
+        self.1.finished();
     }
 }
 
@@ -237,9 +274,10 @@ pub fn route(
         permit,
         slot,
     };
+    let state = batching.of(model);
     let policy = match batching.policy_for(model) {
         Some(policy)
-            if !model.batching.unbatchable.load(Ordering::Relaxed)
+            if !state.unbatchable.load(Ordering::Relaxed)
                 && tensors::model_batches(model.engine.inputs()) =>
         {
             policy
@@ -253,10 +291,15 @@ pub fn route(
     let Some((key, rows)) = tensors::key_and_rows(&inputs) else {
         return alone(inputs, permit, None);
     };
-    let mut state = model.batching.lock();
+    let batched = state;
+    let mut state = batched.lock();
     if state.queue.start_alone(&policy) {
         drop(state);
-        return alone(inputs, permit, Some(RunSlot(Arc::clone(model))));
+        return alone(
+            inputs,
+            permit,
+            Some(RunSlot(Arc::clone(model), Arc::clone(&batched))),
+        );
     }
     let (reply, answer) = oneshot::channel();
     let waiting = Waiting {
@@ -268,20 +311,20 @@ pub fn route(
     state.queue.push(key, rows, waiting, Instant::now());
     if state.dispatcher {
         drop(state);
-        model.batching.wake.notify_one();
+        batched.wake.notify_one();
     } else {
         state.dispatcher = true;
         drop(state);
-        tokio::spawn(dispatch(Arc::clone(model), policy));
+        tokio::spawn(dispatch(Arc::clone(model), batched, policy));
     }
     Route::Queued(answer)
 }
 
 /// Starts the batches `model`'s queue releases, until the queue is empty.
-async fn dispatch(model: Arc<ServedModel>, policy: Policy) {
+async fn dispatch(model: Arc<ServedModel>, batched: Arc<ModelBatching>, policy: Policy) {
     loop {
         let (batches, deadline, done) = {
-            let mut state = model.batching.lock();
+            let mut state = batched.lock();
             let now = Instant::now();
             let mut batches = Vec::new();
             while let Some(batch) = state.queue.next_batch(&policy, now) {
@@ -295,12 +338,12 @@ async fn dispatch(model: Arc<ServedModel>, policy: Policy) {
             (batches, state.queue.deadline(&policy), done)
         };
         for batch in batches {
-            start(&model, batch);
+            start(&model, &batched, batch);
         }
         if done {
             return;
         }
-        let woken = model.batching.wake.notified();
+        let woken = batched.wake.notified();
         match deadline {
             Some(deadline) => {
                 let _ = tokio::time::timeout_at(deadline.into(), woken).await;
@@ -312,14 +355,14 @@ async fn dispatch(model: Arc<ServedModel>, policy: Policy) {
 
 /// Runs one batch where the model's placement says, like a lone request
 /// of the batch's size (see [`super::schedule::placement_for`]).
-fn start(model: &Arc<ServedModel>, batch: Vec<Waiting>) {
-    model.batching.stats.runs.fetch_add(1, Ordering::Relaxed);
+fn start(model: &Arc<ServedModel>, batched: &Arc<ModelBatching>, batch: Vec<Waiting>) {
+    batched.stats.runs.fetch_add(1, Ordering::Relaxed);
     let elements: usize = batch
         .iter()
         .flat_map(|w| &w.inputs)
         .map(|t| t.data.len())
         .sum();
-    let slot = RunSlot(Arc::clone(model));
+    let slot = RunSlot(Arc::clone(model), Arc::clone(batched));
     match super::schedule::placement_for(model.placement(), elements) {
         Placement::Direct => {
             tokio::spawn(async move { execute(slot, batch) });
@@ -335,7 +378,7 @@ fn start(model: &Arc<ServedModel>, batch: Vec<Waiting>) {
 
 /// Runs `batch` on the model and answers each request.
 fn execute(slot: RunSlot, batch: Vec<Waiting>) {
-    let model = &slot.0;
+    let (model, batched) = (&slot.0, &slot.1);
     let engine = model.engine.as_ref();
     if batch.len() == 1 {
         for waiting in batch {
@@ -354,24 +397,20 @@ fn execute(slot: RunSlot, batch: Vec<Waiting>) {
             .map_err(|e| e.to_string())
             .and_then(|outputs| {
                 tensors::split(outputs, &rows).map_err(|e| {
-                    model.batching.unbatchable.store(true, Ordering::Relaxed);
+                    batched.unbatchable.store(true, Ordering::Relaxed);
                     e.to_string()
                 })
             }),
     };
     match outcome {
         Ok(answers) => {
-            model.batching.stats.merged(batch.len(), rows.iter().sum());
+            batched.stats.merged(batch.len(), rows.iter().sum());
             for (waiting, outputs) in batch.into_iter().zip(answers) {
                 let _ = waiting.reply.send(Ok(outputs));
             }
         }
         Err(reason) => {
-            model
-                .batching
-                .stats
-                .fallbacks
-                .fetch_add(1, Ordering::Relaxed);
+            batched.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(model = %model.name, version = model.version, requests = batch.len(), %reason, "a batched run failed; its requests run one by one");
             for waiting in batch {
                 let _ = waiting.reply.send(engine::infer(engine, waiting.inputs));

@@ -14,19 +14,9 @@
 //!   larger than `max_batch` by itself runs alone.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// How one model's requests are batched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    /// Most rows (first-dimension entries) in one run.
-    pub max_batch: usize,
-    /// Longest the oldest waiting request waits for companions while the
-    /// model is busy.
-    pub max_delay: Duration,
-    /// Runs of the model at once (batches and lone requests together).
-    pub concurrent_runs: usize,
-}
+pub use crate::config::batching::Policy;
 
 struct Waiting<K, T> {
     key: K,
@@ -140,6 +130,7 @@ impl<K: PartialEq, T> Queue<K, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const POLICY: Policy = Policy {
         max_batch: 4,

@@ -162,7 +162,9 @@ async fn concurrently(
 }
 
 fn stats(state: &ApiState, name: &str) -> Value {
-    crate::api::oip::statistics(&state.registry.get(name).unwrap())["model_stats"][0].clone()
+    crate::api::oip::statistics(&state.registry.get(name).unwrap(), &state.batching)["model_stats"]
+        [0]
+    .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,8 +24,8 @@ use crate::download::Artifact;
 use crate::engine::load::load_installed;
 use crate::engine::Selection;
 use crate::model_store::InstalledModel;
-use crate::quality::shadow::{Candidate, Shadow};
-use crate::quality::split::Split;
+use crate::registry::quality::shadow::{Candidate, Shadow};
+use crate::registry::quality::split::Split;
 use crate::registry::ServedModel;
 
 impl Updater {

@@ -165,9 +165,10 @@ impl Rollouts {
                     continue;
                 };
                 let drift = || {
-                    let psi = m.drift.as_ref().and_then(|d| {
-                        self.desired.drift.interval_score(&m.name, m.version, d)
-                    });
+                    let psi = m
+                        .drift
+                        .as_ref()
+                        .and_then(|d| self.desired.drift.interval_score(&m.name, m.version, d));
                     record.plan.gates.judge_drift(psi)
                 };
                 let judged = record

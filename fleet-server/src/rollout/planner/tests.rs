@@ -603,3 +603,21 @@ fn property_the_index_always_matches_the_states() {
         assert_eq!(back.wave_summary(), r.wave_summary(), "case {case}");
     }
 }
+
+#[test]
+fn the_drift_gate_fails_an_interval_over_its_limit() {
+    let gates = Gates {
+        max_drift_psi: Some(0.5),
+        ..Gates::default()
+    };
+    assert!(gates.watches_telemetry());
+    assert_eq!(gates.judge_drift(Some(0.2)), None);
+    let why = gates.judge_drift(Some(5.6)).unwrap();
+    assert!(
+        why.contains("drift score") && why.contains("> 0.5"),
+        "{why}"
+    );
+    // No reference, no score, nothing judged; no limit, nothing judged.
+    assert_eq!(gates.judge_drift(None), None);
+    assert_eq!(Gates::default().judge_drift(Some(5.6)), None);
+}

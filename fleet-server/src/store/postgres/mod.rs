@@ -667,11 +667,7 @@ impl StoreBackend for PgStore {
         })
     }
 
-    fn get_reference<'a>(
-        &'a self,
-        name: &'a str,
-        version: u64,
-    ) -> StoreFuture<'a, Option<String>> {
+    fn get_reference<'a>(&'a self, name: &'a str, version: u64) -> StoreFuture<'a, Option<String>> {
         Box::pin(async move { references::get(&self.client().await?, name, version).await })
     }
 

@@ -608,11 +608,7 @@ impl StoreBackend for SqliteStore {
         Box::pin(self.call(move |conn| references::set(conn, &name, version, &profile, now)))
     }
 
-    fn get_reference<'a>(
-        &'a self,
-        name: &'a str,
-        version: u64,
-    ) -> StoreFuture<'a, Option<String>> {
+    fn get_reference<'a>(&'a self, name: &'a str, version: u64) -> StoreFuture<'a, Option<String>> {
         let name = name.to_string();
         Box::pin(self.call(move |conn| references::get(conn, &name, version)))
     }

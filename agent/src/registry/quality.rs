@@ -16,8 +16,6 @@ pub mod drift;
 mod random;
 pub mod shadow;
 pub mod split;
-#[cfg(test)]
-mod tests;
 
 use std::sync::{Arc, PoisonError, RwLock};
 

@@ -32,7 +32,7 @@ fn tensor(name: &str, shape: &[usize], values: &[f64]) -> Tensor {
     }
 }
 
-fn stats<'a>(t: &'a DriftTelemetry, tensor: &str, feature: Feature) -> &'a FeatureStats {
+pub(crate) fn stats<'a>(t: &'a DriftTelemetry, tensor: &str, feature: Feature) -> &'a FeatureStats {
     t.features
         .iter()
         .find(|f| f.tensor == tensor && f.feature == feature)
@@ -215,7 +215,7 @@ fn concurrent_requests_all_count() {
 
 // ---- the real digits model ----
 
-fn repo_file(path: &str) -> std::path::PathBuf {
+pub(crate) fn repo_file(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
@@ -227,7 +227,7 @@ fn digits_engine() -> Box<dyn Engine> {
 }
 
 /// The 8x8 handwritten digits of models/digits/samples.json, pixels 0..16.
-fn digit_samples() -> Vec<Vec<f64>> {
+pub(crate) fn digit_samples() -> Vec<Vec<f64>> {
     let text = std::fs::read_to_string(repo_file("models/digits/samples.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     serde_json::from_value(json["inputs"].clone()).unwrap()
@@ -254,7 +254,7 @@ fn noisy(samples: &[Vec<f64>], draws: usize, seed: u64) -> Vec<Vec<f64>> {
         .collect()
 }
 
-fn digits_spec() -> DriftSpec {
+pub(crate) fn digits_spec() -> DriftSpec {
     DriftSpec {
         features: vec![
             bins("input", Feature::Mean, 0.0, 16.0, 16),
@@ -311,71 +311,4 @@ fn inverted_digits_drift_and_more_of_the_same_digits_do_not() {
     // The moments tell the same story: inverted pixels average 16 - mean.
     let mean = |t: &DriftTelemetry| stats(t, "input", Feature::Mean).moments.mean;
     assert!((mean(&reference) + mean(&shifted) - 16.0).abs() < 0.5);
-}
-
-// ---- through the local API ----
-
-#[tokio::test]
-async fn a_request_over_the_socket_is_binned_and_reported_with_telemetry() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let registry = crate::registry::ModelRegistry::default();
-    let path = repo_file("models/digits/digits_fp32.onnx");
-    let selection =
-        select_local(&Runtimes::builtin(), ModelFormat::Onnx, &path, None, None).unwrap();
-    registry.insert(crate::registry::ServedModel::new(
-        "digits".into(),
-        1,
-        "0".repeat(64),
-        ModelFormat::Onnx,
-        selection,
-    ));
-    registry
-        .get("digits")
-        .unwrap()
-        .quality
-        .apply_drift(Some(&digits_spec()));
-    let state = crate::api::ApiState::new(registry.clone(), &Default::default());
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api.sock");
-    let listener = crate::api::bind_unix(&socket).await.unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(crate::api::serve_unix(listener, state, shutdown.clone()));
-
-    // One request of two digits (labels 2 and 0).
-    let samples = digit_samples();
-    let data: Vec<f64> = samples[..2].concat();
-    let body = serde_json::json!({
-        "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": data}]
-    })
-    .to_string();
-    let request = format!(
-        "POST /v2/models/digits/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    shutdown.cancel();
-
-    let mut sampler = crate::telemetry::Sampler::new(dir.path());
-    let models = sampler.models(&registry);
-    let drift = models[0].drift.as_ref().expect("drift reported");
-    let input = stats(drift, "input", Feature::Mean);
-    assert_eq!(input.moments.count, 1);
-    let pixels = data.iter().sum::<f64>() / data.len() as f64;
-    assert!((input.moments.mean - pixels).abs() < 1e-4, "{input:?}");
-    // Each batch row is one answer: classes 2 and 0.
-    let argmax = stats(drift, "probabilities", Feature::Argmax);
-    assert_eq!(
-        argmax.histogram.counts,
-        vec![0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]
-    );
-    // The next interval had no traffic: reported, with nothing in it.
-    let models = sampler.models(&registry);
-    let drift = models[0].drift.as_ref().expect("drift reported");
-    assert!(drift.features.iter().all(|f| f.histogram.total() == 0));
-    assert_eq!(drift.features.len(), 2);
 }

@@ -6,7 +6,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::queue::Policy;
+/// How one model's requests are batched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Most rows (first-dimension entries) in one run.
+    pub max_batch: usize,
+    /// Longest the oldest waiting request waits for companions while the
+    /// model is busy.
+    pub max_delay: Duration,
+    /// Runs of the model at once (batches and lone requests together).
+    pub concurrent_runs: usize,
+}
 
 /// Largest `max_batch` accepted: a batch holds a copy of every request's
 /// inputs and outputs at once.

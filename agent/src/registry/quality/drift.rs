@@ -40,7 +40,7 @@ use crate::tensor::Tensor;
 
 mod features;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use features::{row_maxima, Needs, RowMax, Summary};
 

@@ -15,11 +15,11 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::shadow::{Candidate, Shadow};
-use super::split::Split;
 use crate::api::{serve_tcp, ApiState};
 use crate::engine::tract::TractEngine;
 use crate::engine::{Engine, Selection};
+use crate::registry::quality::shadow::{Candidate, Shadow};
+use crate::registry::quality::split::Split;
 use crate::registry::{ModelRegistry, ServedModel};
 
 fn digits_file(name: &str) -> PathBuf {
@@ -280,4 +280,76 @@ async fn an_ab_split_serves_each_client_key_from_one_version_at_the_share() {
         .collect();
     assert_eq!(variants, [&json!("a"), &json!("b")], "{stats}");
     shutdown.cancel();
+}
+
+// ---- drift statistics through the local API ----
+
+use crate::engine::load::select_local;
+use crate::engine::Runtimes;
+use crate::registry::quality::drift::tests::{digit_samples, digits_spec, repo_file, stats};
+use edgefleet_shared::quality::Feature;
+
+#[tokio::test]
+async fn a_request_over_the_socket_is_binned_and_reported_with_telemetry() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let registry = crate::registry::ModelRegistry::default();
+    let path = repo_file("models/digits/digits_fp32.onnx");
+    let selection =
+        select_local(&Runtimes::builtin(), ModelFormat::Onnx, &path, None, None).unwrap();
+    registry.insert(crate::registry::ServedModel::new(
+        "digits".into(),
+        1,
+        "0".repeat(64),
+        ModelFormat::Onnx,
+        selection,
+    ));
+    registry
+        .get("digits")
+        .unwrap()
+        .quality
+        .apply_drift(Some(&digits_spec()));
+    let state = crate::api::ApiState::new(registry.clone(), &Default::default());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let listener = crate::api::bind_unix(&socket).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::api::serve_unix(listener, state, shutdown.clone()));
+
+    // One request of two digits (labels 2 and 0).
+    let samples = digit_samples();
+    let data: Vec<f64> = samples[..2].concat();
+    let body = serde_json::json!({
+        "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": data}]
+    })
+    .to_string();
+    let request = format!(
+        "POST /v2/models/digits/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    shutdown.cancel();
+
+    let mut sampler = crate::telemetry::Sampler::new(dir.path());
+    let models = sampler.models(&registry);
+    let drift = models[0].drift.as_ref().expect("drift reported");
+    let input = stats(drift, "input", Feature::Mean);
+    assert_eq!(input.moments.count, 1);
+    let pixels = data.iter().sum::<f64>() / data.len() as f64;
+    assert!((input.moments.mean - pixels).abs() < 1e-4, "{input:?}");
+    // Each batch row is one answer: classes 2 and 0.
+    let argmax = stats(drift, "probabilities", Feature::Argmax);
+    assert_eq!(
+        argmax.histogram.counts,
+        vec![0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+    // The next interval had no traffic: reported, with nothing in it.
+    let models = sampler.models(&registry);
+    let drift = models[0].drift.as_ref().expect("drift reported");
+    assert!(drift.features.iter().all(|f| f.histogram.total() == 0));
+    assert_eq!(drift.features.len(), 2);
 }
