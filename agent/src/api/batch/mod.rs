@@ -391,12 +391,23 @@ fn execute(slot: RunSlot, batch: Vec<Waiting>) {
         let inputs: Vec<&[Tensor]> = batch.iter().map(|w| w.inputs.as_slice()).collect();
         tensors::merge(&inputs)
     };
+    // tract plans per input shape: a few padded sizes, not every size.
+    let total: usize = rows.iter().sum();
+    let padded = if engine.runtime().starts_with("tract") {
+        total.next_power_of_two()
+    } else {
+        total
+    };
     let outcome = match merged {
         None => Err("the requests' inputs do not merge".to_string()),
-        Some(merged) => engine::infer(engine, merged)
+        Some(merged) => engine::infer(engine, tensors::pad(merged, total, padded))
             .map_err(|e| e.to_string())
             .and_then(|outputs| {
-                tensors::split(outputs, &rows).map_err(|e| {
+                let mut cut = rows.clone();
+                if padded > total {
+                    cut.push(padded - total);
+                }
+                tensors::split(outputs, &cut).map_err(|e| {
                     batched.unbatchable.store(true, Ordering::Relaxed);
                     e.to_string()
                 })

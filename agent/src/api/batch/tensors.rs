@@ -131,6 +131,39 @@ pub fn merge(requests: &[&[Tensor]]) -> Option<Vec<Tensor>> {
         .collect()
 }
 
+/// `merged` (inputs of `rows` rows) grown to `to` rows with copies of its
+/// first row. tract plans a model per input shape and keeps a few plans:
+/// batches of any size would keep it planning, batches padded to a power
+/// of two come in a handful of shapes. The padding rows' outputs are cut
+/// off again (see [`split`]); they cost compute, not correctness, for a
+/// model that treats rows independently (what batching requires anyway).
+pub fn pad(merged: Vec<Tensor>, rows: usize, to: usize) -> Vec<Tensor> {
+    if to <= rows || rows == 0 {
+        return merged;
+    }
+    merged
+        .into_iter()
+        .map(|t| {
+            let per_row = t.data.len() / rows;
+            let first = cut(&t.data, &[per_row]).remove(0);
+            let mut parts = vec![&t.data];
+            parts.extend(std::iter::repeat_n(&first, to - rows));
+            match concat(&parts) {
+                Some(data) => {
+                    let mut shape = t.shape.clone();
+                    shape[0] = to;
+                    Tensor {
+                        name: t.name,
+                        shape,
+                        data,
+                    }
+                }
+                None => t,
+            }
+        })
+        .collect()
+}
+
 /// A batch's outputs cut back into each request's share: `rows[i]` rows
 /// of every output for request `i`, in order.
 pub fn split(outputs: Vec<Tensor>, rows: &[usize]) -> Result<Vec<Vec<Tensor>>, SplitError> {
@@ -220,8 +253,20 @@ mod tests {
         );
         assert_eq!(merged[1].data, TensorData::Int64(vec![7, 8, 9]));
         // The merged inputs, as a row-wise model would answer them.
-        let back = split(merged, &[1, 2]).unwrap();
-        assert_eq!(back, vec![a, b]);
+        let back = split(merged.clone(), &[1, 2]).unwrap();
+        assert_eq!(back, vec![a.clone(), b.clone()]);
+        // Padded to 4 rows with copies of the first; the padding's
+        // answers are cut off as a request of their own.
+        let padded = pad(merged.clone(), 3, 4);
+        assert_eq!(padded[0].shape, vec![4, 2]);
+        assert_eq!(
+            padded[0].data,
+            TensorData::Fp32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1.0, 2.0])
+        );
+        assert_eq!(padded[1].data, TensorData::Int64(vec![7, 8, 9, 7]));
+        let back = split(padded, &[1, 2, 1]).unwrap();
+        assert_eq!(back[..2], [a, b]);
+        assert_eq!(pad(merged.clone(), 3, 3), merged);
     }
 
     #[test]
