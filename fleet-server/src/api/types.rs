@@ -367,6 +367,11 @@ pub struct RolloutSummary {
     pub counts: BTreeMap<String, usize>,
     #[schema(value_type = crate::rollout::schemas::Gates)]
     pub gates: Gates,
+    /// Per wave, its shadow run under the shadow gate: `started`,
+    /// `devices` asked, `compared`, `agreed`, `errors`, `passed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub shadow: Vec<crate::rollout::WaveShadow>,
 }
 
 /// A rollout's status: its summary and, unless asked for in brief, the
@@ -404,6 +409,7 @@ impl RolloutSummary {
             wave_counts: record.plan.wave_summary().into_iter().map(named).collect(),
             counts: named(record.plan.summary()),
             gates: record.plan.gates.clone(),
+            shadow: record.plan.shadow.clone(),
         }
     }
 }

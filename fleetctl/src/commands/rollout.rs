@@ -143,7 +143,16 @@ pub fn line(status: &RolloutStatus) -> String {
     let r = &status.summary;
     let what = match &r.phase {
         Phase::Created => "created".to_string(),
-        Phase::Running { wave, .. } => format!("running wave {wave}"),
+        Phase::Running { wave, .. } => match r.shadow.get(*wave).filter(|s| !s.passed) {
+            Some(s) if s.started.is_some() => format!(
+                "running wave {wave}, its devices running v{} in shadow: {} of {} requests compared, agreement {}",
+                r.version,
+                s.total(),
+                r.gates.min_shadow_requests,
+                s.agreement().map_or("-".into(), |a| format!("{a:.3}"))
+            ),
+            _ => format!("running wave {wave}"),
+        },
         Phase::Paused { wave, reason } => format!("paused in wave {wave}: {reason}"),
         Phase::AwaitingApproval { next } => format!("waiting for approval of wave {next}"),
         Phase::Aborted { reason } => format!("aborted: {reason}"),

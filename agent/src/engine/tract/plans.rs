@@ -315,12 +315,18 @@ mod tests {
         let plain = TractEngine::load_onnx(&digits(), &[]).unwrap();
         // Still dynamic: the hint adds a plan, it does not fix the interface.
         assert_eq!(hinted.inputs[0].shape, vec![None, Some(64)]);
+        // The same answers up to rounding: a specialised plan may pick
+        // other kernels (another summation order) than the generic one.
         for n in [3, 1, 5, 3] {
             for _ in 0..50 {
-                assert_eq!(
+                let (a, b) = (
                     values(&hinted.run(vec![batch(n)]).unwrap()),
-                    values(&plain.run(vec![batch(n)]).unwrap())
+                    values(&plain.run(vec![batch(n)]).unwrap()),
                 );
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-3), "{a:?} vs {b:?}");
+                }
             }
         }
         let cache = hinted.shapes.as_ref().unwrap().cache();
