@@ -280,6 +280,7 @@ mod tests {
                 ],
                 counts: [("failed".to_string(), 1), ("waiting".to_string(), 1)].into(),
                 gates: Gates::default(),
+                shadow: Vec::new(),
             },
             waves: Some(vec![vec!["cam-1".into()], vec!["cam-2".into()]]),
             devices: Some(devices),
