@@ -47,8 +47,15 @@ pub struct SplitRequest {
     /// device, and a new name reshuffles them.
     #[serde(default)]
     pub experiment: Option<String>,
-    #[serde(flatten)]
-    pub target: QualityTarget,
+    /// These devices.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Every device that runs the model.
+    #[serde(default)]
+    pub all: bool,
+    /// The devices that have all these tags now.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// `PUT /api/v1/models/{name}/shadow`.
@@ -66,8 +73,15 @@ pub struct ShadowRequest {
     #[serde(default)]
     #[schema(value_type = Vec<Object>)]
     pub compare: Vec<OutputComparison>,
-    #[serde(flatten)]
-    pub target: QualityTarget,
+    /// These devices.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Every device that runs the model.
+    #[serde(default)]
+    pub all: bool,
+    /// The devices that have all these tags now.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }
 
 fn default_sample_rate() -> f64 {
@@ -85,9 +99,37 @@ pub struct PromoteRequest {
     /// With `b`: the variant's version.
     #[serde(default)]
     pub version: Option<u64>,
-    #[serde(flatten)]
-    pub target: QualityTarget,
+    /// These devices.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Every device that runs the model.
+    #[serde(default)]
+    pub all: bool,
+    /// The devices that have all these tags now.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }
+
+/// The selection of a request that carries one.
+trait Selects {
+    fn target(&self) -> QualityTarget;
+}
+
+macro_rules! selects {
+    ($($t:ty),*) => {$(
+        impl Selects for $t {
+            fn target(&self) -> QualityTarget {
+                QualityTarget {
+                    devices: self.devices.clone(),
+                    all: self.all,
+                    tags: self.tags.clone(),
+                }
+            }
+        }
+    )*};
+}
+
+selects!(SplitRequest, ShadowRequest, PromoteRequest);
 
 /// The answer to a change.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -163,7 +205,7 @@ pub(super) async fn put_split(
         &op,
         &name,
         QualityChange::Split(Some(settings)),
-        &req.target,
+        &req.target(),
         "split",
         what,
     )
@@ -210,14 +252,15 @@ pub(super) async fn promote(
                 &op,
                 &name,
                 QualityChange::Split(None),
-                &req.target,
+                &req.target(),
                 "promote",
                 what,
             )
             .await
         }
         ("b", Some(version)) => {
-            let t = &req.target;
+            let target_of = req.target();
+            let t = &target_of;
             let scope = selection_scope(t.all, &t.devices, &t.tags)?;
             let target = resolve_target(&fleet, scope, &t.devices, &t.tags).await?;
             // Deploying a version clears the assignment's split.
@@ -277,7 +320,7 @@ pub(super) async fn put_shadow(
         &op,
         &name,
         QualityChange::Shadow(Some(settings)),
-        &req.target,
+        &req.target(),
         "shadow",
         what,
     )

@@ -160,11 +160,14 @@ pub async fn run(ctx: &Context, command: &ModelCommand) -> Result<(), Failure> {
             experiment,
             target: t,
         } => {
+            let sel = target(t)?;
             let body = SplitRequest {
                 version: *version,
                 share: *share,
                 experiment: experiment.clone(),
-                target: target(t)?,
+                devices: sel.devices,
+                all: sel.all,
+                tags: sel.tags,
             };
             let answer = ctx
                 .client
@@ -196,10 +199,13 @@ pub async fn run(ctx: &Context, command: &ModelCommand) -> Result<(), Failure> {
                 ("b", None) => Some(variant_b(ctx, name).await?),
                 (_, v) => *v,
             };
+            let sel = target(t)?;
             let body = PromoteRequest {
                 variant: variant.clone(),
                 version,
-                target: target(t)?,
+                devices: sel.devices,
+                all: sel.all,
+                tags: sel.tags,
             };
             let answer = ctx
                 .client
@@ -214,11 +220,14 @@ pub async fn run(ctx: &Context, command: &ModelCommand) -> Result<(), Failure> {
             compare,
             target: t,
         } => {
+            let sel = target(t)?;
             let body = ShadowRequest {
                 version: *version,
                 sample_rate: *sample_rate,
                 compare: parse_compare(compare)?,
-                target: target(t)?,
+                devices: sel.devices,
+                all: sel.all,
+                tags: sel.tags,
             };
             let answer = ctx
                 .client
