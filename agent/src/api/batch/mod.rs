@@ -274,16 +274,17 @@ pub fn route(
         permit,
         slot,
     };
-    let state = batching.of(model);
-    let policy = match batching.policy_for(model) {
-        Some(policy)
-            if !state.unbatchable.load(Ordering::Relaxed)
-                && tensors::model_batches(model.engine.inputs()) =>
-        {
-            policy
-        }
-        _ => return alone(inputs, permit, None),
+    // Models not batched (the default) never touch the batching state.
+    let Some(policy) = batching
+        .policy_for(model)
+        .filter(|_| tensors::model_batches(model.engine.inputs()))
+    else {
+        return alone(inputs, permit, None);
     };
+    let state = batching.of(model);
+    if state.unbatchable.load(Ordering::Relaxed) {
+        return alone(inputs, permit, None);
+    }
     let inputs = match engine::validate_inputs(model.engine.inputs(), inputs) {
         Ok(inputs) => inputs,
         Err(e) => return Route::Invalid(e),
